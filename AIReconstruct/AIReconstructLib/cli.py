@@ -1,0 +1,289 @@
+"""The ``aireconstruct`` command line: every engine job without Slicer.
+
+Errors print one line (``aireconstruct: error: ...``) and exit non-zero; ``--debug`` shows the
+traceback. ``--json-progress`` prints one JSON object per line on stdout instead of a progress
+bar (``{"progress": 0.42, "message": ...}``, then ``{"done": true, ...}`` or ``{"error": ...}``),
+which is how the Slicer module follows a run. SIGTERM or Ctrl-C cancels within one window and
+leaves the output folder as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import AIReconstructError, Cancelled
+
+MESH_FORMATS = (".stl", ".obj", ".ply", ".vtp")
+
+
+class Reporter:
+    """Progress as a tqdm bar on stderr, or as JSON lines on stdout."""
+
+    def __init__(self, json_lines: bool):
+        self.json_lines = json_lines
+        self.bar = None
+        self.cancelled = False
+
+    def progress(self, fraction: float, message: str) -> None:
+        if self.json_lines:
+            print(json.dumps({"progress": round(fraction, 4), "message": message}), flush=True)
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=1000, unit="‰", bar_format="{l_bar}{bar}| {elapsed}<{remaining}", file=sys.stderr)
+        self.bar.set_description(message[:40])
+        self.bar.update(int(fraction * 1000) - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def result(self, text: str, data: dict) -> None:
+        self.close()
+        if self.json_lines:
+            print(json.dumps({"done": True, **data}), flush=True)
+        else:
+            print(text)
+
+    def cancel_requested(self) -> bool:
+        return self.cancelled
+
+
+def _suffixes(formats: list[str]) -> list[str]:
+    suffixes = ["." + f.lower().lstrip(".") for f in formats]
+    for suffix in suffixes:
+        if suffix not in MESH_FORMATS:
+            raise AIReconstructError(f"Unknown mesh format '{suffix}' (use {', '.join(MESH_FORMATS)})")
+    return suffixes
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def cmd_segment(args, reporter: Reporter) -> None:
+    from .export import export_segmentation
+    from .io import StagedOutput, read_image_for_model
+    from .modelcard import find_model
+    from .pipeline import SegmentOptions, segment
+
+    card = find_model(args.model)
+    channels = [read_image_for_model(path) for path in args.inputs]
+    options = SegmentOptions(device=args.device, fast=args.fast, tta=args.tta, postprocess=not args.no_postprocess)
+    with StagedOutput(args.output) as out:
+        result = segment(channels, card, options, reporter.progress, reporter.cancel_requested)
+        formats = _suffixes(args.surface_format) if args.surfaces else ()
+        summary = export_segmentation(result, out, _stem(Path(args.inputs[0])), formats,
+                                      args.smoothing, args.decimate, args.coordinates)
+        if reporter.cancel_requested():
+            raise Cancelled("Cancelled by the user; nothing was written")
+        written = out.commit()
+    lines = [f"{name}: {volume:.1f} mL" for name, volume in summary["volumes_ml"].items()]
+    reporter.result("\n".join(lines + [f"wrote {path}" for path in written]),
+                    {"outputs": [str(p) for p in written], "summary": summary})
+
+
+def cmd_evaluate(args, reporter: Reporter) -> None:
+    from .io import read_labelmap
+    from .metrics import evaluate
+    from .modelcard import find_model
+
+    reference = read_labelmap(args.reference)
+    prediction = read_labelmap(args.prediction, like=reference)
+    if args.model:
+        names = {label.value: label.name for label in find_model(args.model).labels}
+    else:
+        values = sorted(set(map(int, set(prediction.array.ravel()) | set(reference.array.ravel()))) - {0})
+        names = {value: f"label {value}" for value in values}
+    result = evaluate(prediction, reference, names)
+    rows = [f"{'label':<20} {'Dice':>6} {'IoU':>6} {'HD95 mm':>8} {'ASD mm':>7}"]
+    for name, s in result["labels"].items():
+        if s["present"]:
+            rows.append(f"{name:<20} {s['dice']:6.3f} {s['iou']:6.3f} {s['hd95_mm']:8.2f} {s['asd_mm']:7.2f}")
+    m = result["mean"]
+    rows.append(f"{'mean':<20} {m['dice']:6.3f} {m['iou']:6.3f} {m['hd95_mm']:8.2f} {m['asd_mm']:7.2f}")
+    rows.append(f"voxel accuracy {result['accuracy']:.4f}")
+    if args.json:
+        from .io import atomic_path
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(result, indent=2))
+    reporter.result("\n".join(rows), result)
+
+
+def cmd_surfaces(args, reporter: Reporter) -> None:
+    from .export import export_surfaces
+    from .io import StagedOutput, read_labelmap
+    from .modelcard import Label, find_model
+    from .segnrrd import read_seg_nrrd
+
+    path = Path(args.labelmap)
+    if path.name.lower().endswith(".seg.nrrd"):
+        labelmap, segments = read_seg_nrrd(path)
+        labels = [Label(int(s["LabelValue"]), s["Name"], tuple(map(float, s["Color"].split())), {}, {})
+                  for s in segments]
+    else:
+        labelmap = read_labelmap(path)
+        if args.model:
+            labels = find_model(args.model).labels
+        else:
+            values = sorted(set(map(int, set(labelmap.array.ravel()))) - {0})
+            labels = [Label(v, f"label_{v}", (1.0, 1.0, 1.0), {}, {}) for v in values]
+    with StagedOutput(args.output) as out:
+        measurements = export_surfaces(labelmap, labels, out, _suffixes(args.surface_format), args.smoothing,
+                                       args.decimate, args.coordinates, folder=".")
+        written = out.commit()
+    text = "\n".join(f"{name}: {m['volume_ml']:.1f} mL, {m['triangles']} triangles, closed={m['closed']}"
+                     for name, m in measurements.items())
+    reporter.result(text, {"outputs": [str(p) for p in written], "surfaces": measurements})
+
+
+def cmd_models(args, reporter: Reporter) -> None:
+    from .modelcard import installed_models, model_folders
+
+    cards = installed_models()
+    text = "\n".join(card.summary() for card in cards) or "no models installed"
+    text += "\nsearched: " + ", ".join(str(folder) for folder in model_folders())
+    reporter.result(text, {"models": [card.data for card in cards]})
+
+
+def cmd_demo(args, reporter: Reporter) -> None:
+    from .demo import run_demo
+
+    text, data = run_demo(Path(args.output), args.seed, args.extra_cases, args.device, reporter.progress,
+                          reporter.cancel_requested)
+    reporter.result(text, data)
+
+
+def cmd_phantoms(args, reporter: Reporter) -> None:
+    from .dataset import write_phantom_dataset
+
+    dataset = write_phantom_dataset(args.output, args.count, args.first_seed)
+    reporter.result(f"wrote {len(dataset.cases)} phantoms to {dataset.folder}", {"cases": len(dataset.cases)})
+
+
+def cmd_train(args, reporter: Reporter) -> None:
+    from .training import TrainConfig, train
+
+    config = TrainConfig(
+        dataset=args.dataset, output=args.output, name=args.name, title=args.title or "",
+        spacing=args.spacing, fast_spacing=args.fast_spacing, patch_size=args.patch_size, epochs=args.epochs,
+        iterations_per_epoch=args.iterations, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        validate_every=args.validate_every, seed=args.seed, device=args.device,
+        time_limit_minutes=args.time_limit, intended_use=args.intended_use,
+    )
+    card_path = train(config, reporter.progress, reporter.cancel_requested)
+    reporter.result(f"wrote {card_path}", {"card": str(card_path)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aireconstruct", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json-progress", action="store_true", help="progress as JSON lines on stdout")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def mesh_options(p):
+        p.add_argument("--format", "--surface-format", dest="surface_format", nargs="+", default=["stl", "vtp"],
+                       help="mesh formats: stl obj ply vtp")
+        p.add_argument("--smoothing", type=float, default=0.5, help="surface smoothing, 0 (none) to 1 (strong)")
+        p.add_argument("--decimate", type=float, default=0.0, help="fraction of triangles to remove (0-0.95)")
+        p.add_argument("--coordinates", choices=["LPS", "RAS"], default="LPS", help="mesh coordinate system")
+
+    p = sub.add_parser("segment", parents=[common], help="segment an image with a model")
+    p.add_argument("inputs", nargs="+", help="input volume(s): one per model channel (file or DICOM folder)")
+    p.add_argument("-m", "--model", required=True, help="installed model name or path of a model card")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--fast", action="store_true", help="coarser spacing, where the model allows it")
+    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
+    p.add_argument("--surfaces", action="store_true", help="also write one mesh per segment")
+    p.add_argument("--no-postprocess", action="store_true", help="skip the card's post-processing")
+    mesh_options(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("evaluate", parents=[common], help="Dice, IoU, accuracy, HD95 of a prediction")
+    p.add_argument("prediction")
+    p.add_argument("reference")
+    p.add_argument("-m", "--model", help="model whose label names to use")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("surfaces", parents=[common], help="meshes from a label map or .seg.nrrd")
+    p.add_argument("labelmap")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-m", "--model", help="model whose label names and colours to use")
+    mesh_options(p)
+    p.set_defaults(func=cmd_surfaces)
+
+    p = sub.add_parser("models", parents=[common], help="list installed model cards")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("demo", parents=[common], help="segment a synthetic CT phantom with the demo model")
+    p.add_argument("-o", "--output", default="demo-output")
+    p.add_argument("--seed", type=int, default=7, help="phantom seed (the demo model never saw seeds < 1000)")
+    p.add_argument("--extra-cases", type=int, default=2, help="further unseen phantoms for the mean Dice")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("phantoms", parents=[common], help="write synthetic CT phantoms as a data set")
+    p.add_argument("output")
+    p.add_argument("--count", type=int, default=24)
+    p.add_argument("--first-seed", type=int, default=1000)
+    p.set_defaults(func=cmd_phantoms)
+
+    p = sub.add_parser("train", parents=[common], help="train a model on a data set (nnU-Net layout)")
+    p.add_argument("dataset")
+    p.add_argument("-o", "--output", required=True, help="model folder to write (card + weights)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--title")
+    p.add_argument("--spacing", type=float, nargs=3, help="target spacing i j k (mm)")
+    p.add_argument("--fast-spacing", type=float, nargs=3, help="coarser spacing for --fast")
+    p.add_argument("--patch-size", type=int, nargs=3, help="patch size i j k (voxels)")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--iterations", type=int, default=50, help="iterations per epoch")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--learning-rate", type=float, default=2e-3)
+    p.add_argument("--validate-every", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--time-limit", type=float, help="stop after this many minutes")
+    p.add_argument("--intended-use", default="Research use only; not for clinical use")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    reporter = Reporter(args.json_progress)
+
+    def request_cancel(signum, frame):
+        reporter.cancelled = True
+
+    signal.signal(signal.SIGTERM, request_cancel)
+    signal.signal(signal.SIGINT, request_cancel)
+    try:
+        args.func(args, reporter)
+        return 0
+    except AIReconstructError as error:
+        reporter.close()
+        if args.debug:
+            raise
+        if args.json_progress:
+            print(json.dumps({"error": str(error), "cancelled": isinstance(error, Cancelled)}), flush=True)
+        print(f"aireconstruct: error: {error}", file=sys.stderr)
+        return error.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

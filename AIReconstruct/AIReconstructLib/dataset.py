@@ -1,0 +1,95 @@
+"""Training data sets in the nnU-Net v2 / Medical Segmentation Decathlon layout.
+
+``imagesTr/CASE_0000.nii.gz`` (one file per channel, ``_000N``), ``labelsTr/CASE.nii.gz`` and
+``dataset.json`` with ``channel_names`` and ``labels`` (name -> value). An optional
+``aireconstruct_labels`` list in ``dataset.json`` carries colours and SNOMED CT codes in the
+model-card label format; it is copied into the trained model's card.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+from .io import write_volume
+from .phantom import make_phantom, phantom_label_entries
+
+GENERIC_TISSUE = {"category": ["SCT", "85756007", "Tissue"], "type": ["SCT", "85756007", "Tissue"]}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One training case: an image file per channel and its label map."""
+
+    case_id: str
+    images: tuple[Path, ...]
+    label: Path
+
+
+@dataclass(frozen=True)
+class Dataset:
+    folder: Path
+    channel_names: list[str]
+    label_entries: list[dict]  # model-card label entries, background excluded
+    cases: list[Case]
+    file_ending: str
+
+
+def _default_label_entries(labels: dict) -> list[dict]:
+    entries = []
+    for index, (name, value) in enumerate(sorted(labels.items(), key=lambda item: int(item[1]))):
+        if int(value) == 0:
+            continue
+        rgb = colorsys.hsv_to_rgb((index * 0.618034) % 1.0, 0.6, 0.9)
+        entries.append({"value": int(value), "name": name.replace("_", " "), "color": [round(c, 3) for c in rgb],
+                        "terminology": GENERIC_TISSUE})
+    return entries
+
+
+def read_dataset(folder: str | Path) -> Dataset:
+    """List the cases of a data set folder and read its ``dataset.json``."""
+    folder = Path(folder)
+    meta_path = folder / "dataset.json"
+    if not meta_path.is_file():
+        raise InputError(f"{folder} is not a data set: it has no dataset.json")
+    meta = json.loads(meta_path.read_text())
+    channel_names = [meta["channel_names"][key] for key in sorted(meta["channel_names"], key=int)]
+    ending = meta.get("file_ending", ".nii.gz")
+    cases = []
+    for label in sorted((folder / "labelsTr").glob(f"*{ending}")):
+        case_id = label.name[: -len(ending)]
+        images = tuple(folder / "imagesTr" / f"{case_id}_{c:04d}{ending}" for c in range(len(channel_names)))
+        missing = [p.name for p in images if not p.is_file()]
+        if missing:
+            raise InputError(f"Case {case_id} of {folder.name} lacks its image file {missing[0]}")
+        cases.append(Case(case_id, images, label))
+    if not cases:
+        raise InputError(f"{folder} has no cases in labelsTr/")
+    entries = meta.get("aireconstruct_labels") or _default_label_entries(meta["labels"])
+    return Dataset(folder, channel_names, entries, cases, ending)
+
+
+def write_phantom_dataset(folder: str | Path, count: int, first_seed: int = 0) -> Dataset:
+    """Write ``count`` CT phantoms (seeds ``first_seed``...) as a data set folder."""
+    folder = Path(folder)
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    for seed in range(first_seed, first_seed + count):
+        phantom = make_phantom(seed)
+        write_volume(phantom.image, folder / "imagesTr" / f"phantom_{seed:04d}_0000.nii.gz")
+        write_volume(phantom.labels, folder / "labelsTr" / f"phantom_{seed:04d}.nii.gz")
+    entries = phantom_label_entries()
+    meta = {
+        "name": "AbdomenCTPhantom",
+        "description": "Synthetic abdominal CT phantoms made by AIReconstructLib.phantom",
+        "channel_names": {"0": "CT"},
+        "labels": {"background": 0, **{entry["name"]: entry["value"] for entry in entries}},
+        "numTraining": count,
+        "file_ending": ".nii.gz",
+        "aireconstruct_labels": entries,
+    }
+    (folder / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return read_dataset(folder)

@@ -1,0 +1,238 @@
+"""File I/O at the engine's edges: read and check volumes, write atomically.
+
+Everything inside the engine works on :class:`~AIReconstructLib.volume.Volume` objects; only
+this module (and the writers for segmentations and meshes) touches paths.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import struct
+import tempfile
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError, OutputError
+from .volume import Volume
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in IMAGE_SUFFIXES + (".seg.nrrd",):
+        if name.endswith(suffix):
+            return ".seg.nrrd" if name.endswith(".seg.nrrd") else suffix
+    return path.suffix
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """ITK reads a truncated NIfTI without complaint: compare its size with what the header announces."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            header = handle.read(540)
+            received = len(header) + sum(len(chunk) for chunk in iter(lambda: handle.read(1 << 22), b""))
+    except (EOFError, OSError, zlib.error):
+        raise InputError(f"Cannot read {path.name}: the file is truncated or corrupt") from None
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:  # NIfTI-1
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix, offset = struct.unpack(order + "h", header[72:74])[0], struct.unpack(order + "f", header[108:112])[0]
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:  # NIfTI-2
+            dims = struct.unpack(order + "8q", header[16:80])
+            bitpix, offset = struct.unpack(order + "h", header[14:16])[0], struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        raise InputError(f"Cannot read {path.name}: it has no NIfTI header (corrupt or not a NIfTI file)")
+    voxels = int(np.prod([max(int(d), 1) for d in dims[1 : 1 + max(0, min(int(dims[0]), 7))]]))
+    expected = int(offset) + voxels * int(bitpix) // 8
+    if received < expected:
+        raise InputError(f"Cannot read {path.name}: the file is truncated ({received} of {expected} bytes)")
+
+
+def _read_sitk(path: Path) -> sitk.Image:
+    if not path.exists():
+        raise InputError(f"Input not found: {path}")
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(path)
+    try:
+        if path.is_dir():
+            return _read_dicom_series(path)
+        return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
+        raise InputError(
+            f"Cannot read {path.name}: the file is corrupt or not a supported image "
+            f"(NIfTI, NRRD, MHA/MHD or a DICOM folder) ({first_line.strip()[:120]})"
+        ) from None
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        raise InputError(f"{folder.name} holds no DICOM image series")
+    if len(series_ids) > 1:
+        raise InputError(f"{folder.name} holds {len(series_ids)} DICOM series; give the folder of one series")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
+    return reader.Execute()
+
+
+def _squeeze_to_3d(image: sitk.Image, name: str) -> sitk.Image:
+    """Drop trailing singleton dimensions (a 4D NIfTI with one time point is a 3D volume)."""
+    while image.GetDimension() > 3 and image.GetSize()[-1] == 1:
+        size = list(image.GetSize())
+        size[-1] = 0
+        image = sitk.Extract(image, size, [0] * image.GetDimension())
+    if image.GetDimension() != 3:
+        raise InputError(
+            f"{name} is a {image.GetDimension()}D image of size {image.GetSize()}; "
+            "a single 3D volume is needed"
+        )
+    return image
+
+
+def volume_from_sitk(image: sitk.Image, name: str = "image") -> Volume:
+    """Convert a SimpleITK image to a :class:`Volume`, refusing anything but a 3D scalar image."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"{name} has {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB or vector); "
+            "a single-channel scalar volume is needed"
+        )
+    image = _squeeze_to_3d(image, name)
+    array = sitk.GetArrayFromImage(image)
+    if array.size == 0:
+        raise InputError(f"{name} is empty: it has no voxels")
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise InputError(f"{name} contains {bad} NaN or infinite voxel values")
+    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    return Volume(array, image.GetSpacing(), image.GetOrigin(), direction)
+
+
+def volume_to_sitk(volume: Volume) -> sitk.Image:
+    """Convert a :class:`Volume` to a SimpleITK image with the same geometry."""
+    image = sitk.GetImageFromArray(volume.array)
+    image.SetSpacing(volume.spacing)
+    image.SetOrigin(volume.origin)
+    image.SetDirection(tuple(volume.direction.ravel()))
+    return image
+
+
+def read_volume(path: str | os.PathLike) -> Volume:
+    """Read a 3D scalar volume (NIfTI, NRRD, MHA/MHD or a DICOM series folder)."""
+    path = Path(path)
+    return volume_from_sitk(_read_sitk(path), path.name)
+
+
+def read_image_for_model(path: str | os.PathLike) -> Volume:
+    """Read a volume to segment: like :func:`read_volume`, and it must not be blank."""
+    volume = read_volume(path)
+    low, high = float(volume.array.min()), float(volume.array.max())
+    if low == high:
+        raise InputError(f"{Path(path).name} is blank: every voxel has the value {low:g}")
+    return volume
+
+
+def read_labelmap(path: str | os.PathLike, like: Volume | None = None) -> Volume:
+    """Read an integer label map; with ``like``, require it to lie on that image's grid."""
+    path = Path(path)
+    volume = read_volume(path)
+    array = volume.array
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.all(np.equal(np.mod(array, 1), 0)):
+            raise InputError(f"{path.name} is not a label map: it has non-integer voxel values")
+    if array.min() < 0:
+        raise InputError(f"{path.name} is not a label map: it has negative voxel values")
+    volume = volume.with_array(array.astype(np.uint16 if array.max() > 255 else np.uint8))
+    if like is not None and not volume.same_grid(like):
+        raise InputError(
+            f"{path.name} does not match its image's grid (size {volume.shape_ijk} vs {like.shape_ijk}, "
+            "or different spacing, origin or direction)"
+        )
+    return volume
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
+    path = Path(path)
+    suffix = _suffix(path)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=path.parent)
+    os.close(handle)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write a volume to NIfTI/NRRD/MHA atomically; returns the path written."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            sitk.WriteImage(volume_to_sitk(volume), str(tmp), useCompression=compress)
+    except (OSError, RuntimeError) as error:
+        raise OutputError(f"Cannot write {path}: {error}") from None
+    return path
+
+
+class StagedOutput:
+    """An output folder whose new files appear all together, or not at all.
+
+    Files are written into a hidden staging folder inside ``folder``; :meth:`commit` moves
+    them into place. If the block fails (or is cancelled) the staging folder is removed and
+    ``folder`` is exactly as it was (it is removed again if this run created it).
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.created_folder = False
+        self.staging: Path | None = None
+        self.committed: list[Path] = []
+
+    def __enter__(self) -> "StagedOutput":
+        try:
+            if not self.folder.exists():
+                self.folder.mkdir(parents=True)
+                self.created_folder = True
+            self.staging = Path(tempfile.mkdtemp(prefix=".aireconstruct-partial-", dir=self.folder))
+        except OSError as error:
+            raise OutputError(f"Cannot write into {self.folder}: {error.strerror or error}") from None
+        return self
+
+    def path(self, name: str) -> Path:
+        """Where to write the output file ``name`` (inside the staging folder)."""
+        assert self.staging is not None, "use StagedOutput as a context manager"
+        target = self.staging / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def commit(self) -> list[Path]:
+        """Move every staged file into the output folder; returns the final paths."""
+        assert self.staging is not None
+        for staged in sorted(p for p in self.staging.rglob("*") if p.is_file()):
+            final = self.folder / staged.relative_to(self.staging)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, final)
+            self.committed.append(final)
+        return self.committed
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        if exc_type is not None and self.created_folder and not any(self.folder.iterdir()):
+            self.folder.rmdir()
+        return False

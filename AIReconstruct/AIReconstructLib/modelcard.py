@@ -1,0 +1,195 @@
+"""Model cards: the one place that says what a model needs and gives.
+
+A card is a JSON file (``card.json``) in a model folder beside its weights. It is validated
+against ``schemas/model_card.schema.json``; labels, normalisation, spacing, architecture and
+post-processing are read from it and never hard-coded elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+
+from .errors import ModelCardError, WeightsError
+
+CARD_FILE = "card.json"
+BUNDLED_MODELS = Path(__file__).parent / "models"
+USER_MODELS = Path.home() / ".aireconstruct" / "models"
+MODEL_PATH_ENV = "AIRECONSTRUCT_MODEL_PATH"
+
+
+@dataclass(frozen=True)
+class Label:
+    """One output label: its value in the label map, name, RGB colour (0-1) and codes."""
+
+    value: int
+    name: str
+    color: tuple[float, float, float]
+    terminology: dict
+    postprocess: dict
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A validated model card and the folder it came from."""
+
+    data: dict
+    folder: Path
+
+    @property
+    def name(self) -> str:
+        return self.data["name"]
+
+    @property
+    def labels(self) -> list[Label]:
+        return [
+            Label(
+                entry["value"], entry["name"], tuple(entry["color"]),
+                entry.get("terminology", {}), entry.get("postprocess", {}),
+            )
+            for entry in self.data["labels"]
+        ]
+
+    @property
+    def num_classes(self) -> int:
+        """Network output channels: background plus the highest label value."""
+        return max(label.value for label in self.labels) + 1
+
+    @property
+    def channels(self) -> list[dict]:
+        return self.data["channels"]
+
+    @property
+    def weights_path(self) -> Path:
+        return self.folder / self.data["weights"]["file"]
+
+    def spacing(self, fast: bool = False) -> tuple[float, float, float]:
+        """Target spacing (i, j, k) in mm; the coarser one in fast mode."""
+        if fast:
+            if "fast_spacing" not in self.data:
+                raise ModelCardError(f"Model '{self.name}' has no fast mode (its card gives no fast_spacing)")
+            return tuple(self.data["fast_spacing"])
+        return tuple(self.data["spacing"])
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        return tuple(self.data["patch_size"])
+
+    @property
+    def inference(self) -> dict:
+        return {"overlap": 0.5, "mirror_axes": [0, 1, 2], **self.data.get("inference", {})}
+
+    def summary(self) -> str:
+        """One line for listings: name, modality, labels, intended use."""
+        names = ", ".join(label.name for label in self.labels)
+        return f"{self.name} ({self.data['modality']}; {names}) — {self.data['intended_use']}"
+
+
+@lru_cache(maxsize=1)
+def _schema() -> dict:
+    text = resources.files(__package__).joinpath("schemas/model_card.schema.json").read_text()
+    return json.loads(text)
+
+
+def _field_name(path) -> str:
+    parts = []
+    for part in path:
+        parts.append(f"[{part}]" if isinstance(part, int) else (f".{part}" if parts else str(part)))
+    return "".join(parts) or "(top level)"
+
+
+def validate_card(data: dict, source: str = "model card") -> None:
+    """Raise :class:`ModelCardError` naming the first bad field, if ``data`` is not a valid card."""
+    validator = jsonschema.Draft202012Validator(_schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(data))
+    if error is not None:
+        if error.validator == "required":
+            missing = error.message.split("'")[1] if "'" in error.message else error.message
+            field = _field_name([*error.absolute_path, missing])
+            raise ModelCardError(f"{source}: required field '{field}' is missing")
+        raise ModelCardError(f"{source}: field '{_field_name(error.absolute_path)}' is invalid: {error.message}")
+    values = [entry["value"] for entry in data["labels"]]
+    if len(set(values)) != len(values):
+        raise ModelCardError(f"{source}: field 'labels' repeats a label value")
+    names = [entry["name"] for entry in data["labels"]]
+    if len(set(names)) != len(names):
+        raise ModelCardError(f"{source}: field 'labels' repeats a label name")
+
+
+def load_card(path: str | os.PathLike) -> ModelCard:
+    """Load and validate a model card from its JSON file or its model folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CARD_FILE
+    if not path.is_file():
+        raise ModelCardError(f"No model card at {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelCardError(f"Model card {path} is not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ModelCardError(f"Model card {path} is not a JSON object")
+    validate_card(data, f"Model card {path.name}")
+    return ModelCard(data, path.parent)
+
+
+def model_folders() -> list[Path]:
+    """Folders searched for installed models, in order: $AIRECONSTRUCT_MODEL_PATH, user, bundled."""
+    extra = [Path(p) for p in os.environ.get(MODEL_PATH_ENV, "").split(os.pathsep) if p]
+    return [*extra, USER_MODELS, BUNDLED_MODELS]
+
+
+def installed_models() -> list[ModelCard]:
+    """Every valid model card found in :func:`model_folders` (first one wins per name)."""
+    cards: dict[str, ModelCard] = {}
+    for root in model_folders():
+        if not root.is_dir():
+            continue
+        for card_path in sorted(root.glob(f"*/{CARD_FILE}")):
+            try:
+                card = load_card(card_path)
+            except ModelCardError:
+                continue
+            cards.setdefault(card.name, card)
+    return list(cards.values())
+
+
+def find_model(name_or_path: str | os.PathLike) -> ModelCard:
+    """Resolve an installed model's name, or the path of a card or model folder, to its card."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.exists():
+        return load_card(path)
+    for card in installed_models():
+        if card.name == str(name_or_path):
+            return card
+    known = ", ".join(card.name for card in installed_models()) or "none"
+    raise ModelCardError(f"No installed model named '{name_or_path}' (installed: {known})")
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verified_weights_path(card: ModelCard) -> Path:
+    """The weights file, after checking that it exists and matches the card's SHA-256."""
+    path = card.weights_path
+    if not path.is_file():
+        raise WeightsError(f"Weights file {path.name} of model '{card.name}' is missing from {card.folder}")
+    if sha256_of(path) != card.data["weights"]["sha256"]:
+        raise WeightsError(
+            f"Weights file {path.name} of model '{card.name}' does not match the SHA-256 in its card "
+            "(corrupt or tampered); refusing to load it"
+        )
+    return path

@@ -1,0 +1,95 @@
+"""The segmentation job: input volumes + model card -> label map on the input's grid.
+
+    channels ─► prepare (reorient, normalise, resample) ─► Predictor (sliding window)
+             ─► restore (resample logits back, undo reorientation) ─► argmax ─► postprocess
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InputError
+from .modelcard import ModelCard
+from .networks import load_network
+from .postprocess import postprocess
+from .predict import CancelCheck, Predictor, ProgressCallback
+from .preprocess import prepare, restore
+from .volume import Volume
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """How to run a model: device (auto|cpu|cuda), fast mode, mirroring TTA, post-processing."""
+
+    device: str = "auto"
+    fast: bool = False
+    tta: bool = False
+    postprocess: bool = True
+
+
+@dataclass
+class Segmentation:
+    """A label map on the input's grid, with the card it came from and per-stage timings."""
+
+    labelmap: Volume
+    card: ModelCard
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        return {label.value: label.name for label in self.card.labels}
+
+
+def check_channels(channels: list[Volume], card: ModelCard) -> None:
+    """Refuse inputs whose count or grids do not fit the model's channels."""
+    expected = [channel["name"] for channel in card.channels]
+    if len(channels) != len(expected):
+        raise InputError(
+            f"Model '{card.name}' needs {len(expected)} input volume(s) ({', '.join(expected)}), got {len(channels)}"
+        )
+    for name, channel in zip(expected[1:], channels[1:]):
+        if not channel.same_grid(channels[0]):
+            raise InputError(f"Input channel '{name}' is not on the same grid as '{expected[0]}'; resample it first")
+
+
+def segment(channels: list[Volume], card: ModelCard, options: SegmentOptions = SegmentOptions(),
+            progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> Segmentation:
+    """Segment ``channels`` (one volume per model input channel) with the model ``card``."""
+    check_channels(channels, card)
+    report = progress or (lambda fraction, message: None)
+    seconds = {}
+
+    started = time.perf_counter()
+    report(0.0, "loading model")
+    network = load_network(card)
+    seconds["load model"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    report(0.02, "preprocessing")
+    prepared = prepare(channels, card.channels, card.spacing(options.fast))
+    seconds["preprocess"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    predictor = Predictor(network, card.patch_size[::-1], card.inference["overlap"], options.device)
+    mirror_axes = card.inference["mirror_axes"] if options.tta else ()
+    logits = predictor(prepared.tensor, mirror_axes,
+                       progress=lambda f, message: report(0.05 + 0.85 * f, message), cancel=cancel)
+    seconds["predict"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    report(0.9, "resampling to the input grid")
+    labels = restore(logits, prepared).argmax(0).numpy()
+    dtype = np.uint8 if card.num_classes <= 256 else np.uint16
+    labelmap = channels[0].with_array(np.ascontiguousarray(labels.astype(dtype)))
+    seconds["resample back"] = time.perf_counter() - started
+
+    if options.postprocess:
+        started = time.perf_counter()
+        report(0.95, "post-processing")
+        labelmap = postprocess(labelmap, card.labels)
+        seconds["postprocess"] = time.perf_counter() - started
+    report(1.0, "segmentation done")
+    return Segmentation(labelmap, card, seconds)

@@ -1,0 +1,53 @@
+"""Per-label clean-up of a label map, as each label's ``postprocess`` entry in the card says.
+
+- ``keep_largest``: keep only the largest connected component (26-connectivity);
+- ``min_island_ml``: remove components smaller than this volume;
+- ``fill_holes``: fill enclosed background cavities (never overwrites another label).
+Removed voxels become background.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from .modelcard import Label
+from .volume import Volume
+
+_CONNECTIVITY = np.ones((3, 3, 3), bool)
+
+
+def _clean_mask(mask: np.ndarray, rules: dict, voxel_ml: float) -> np.ndarray:
+    components, count = ndimage.label(mask, structure=_CONNECTIVITY)
+    if count == 0:
+        return mask
+    sizes = np.bincount(components.ravel())[1:]
+    keep = np.ones(count, bool)
+    if rules.get("keep_largest"):
+        keep[:] = False
+        keep[int(np.argmax(sizes))] = True
+    min_voxels = rules.get("min_island_ml", 0) / voxel_ml
+    keep &= sizes >= min_voxels
+    return np.concatenate([[False], keep])[components]
+
+
+def postprocess(labelmap: Volume, labels: list[Label]) -> Volume:
+    """Apply every label's post-processing rules; returns a new label map."""
+    array = labelmap.array.copy()
+    for label in labels:
+        rules = label.postprocess
+        if not rules:
+            continue
+        mask = array == label.value
+        if not mask.any():
+            continue
+        if rules.get("keep_largest") or rules.get("min_island_ml", 0) > 0:
+            cleaned = _clean_mask(mask, rules, labelmap.voxel_volume_ml)
+            array[mask & ~cleaned] = 0
+            mask = cleaned
+        if rules.get("fill_holes"):
+            box = ndimage.find_objects(mask.astype(np.uint8))[0]
+            filled = ndimage.binary_fill_holes(mask[box])
+            region = array[box]
+            region[filled & (region == 0)] = label.value
+    return labelmap.with_array(array)

@@ -1,0 +1,116 @@
+"""From a :class:`Volume` to the network's input grid, and back.
+
+Inputs are reoriented by axis permutation and flips only (exactly invertible) so that array
+axes run along S, P, L (array ``[k, j, i]`` ~ z, y, x in LPS), resampled to the model's spacing
+and normalised as the model card says. Outputs (logits or probabilities) go back through the
+same steps in reverse, so a label map always lands on the input's own grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .volume import Volume
+
+
+@dataclass(frozen=True)
+class Reorientation:
+    """How an input array was permuted and flipped to reach the canonical axis order."""
+
+    permutation: tuple[int, int, int]  # canonical array axis n <- input array axis permutation[n]
+    flips: tuple[bool, bool, bool]  # canonical array axes that were reversed
+    spacing_zyx: tuple[float, float, float]  # spacing along the canonical array axes
+
+
+def reorientation_of(volume: Volume) -> Reorientation:
+    """Find the permutation and flips that bring ``volume``'s axes closest to L, P, S."""
+    direction = np.abs(volume.direction)  # rows: physical x, y, z; columns: voxel i, j, k
+    voxel_axis_of = {}
+    for flat in np.argsort(-direction.ravel(), kind="stable"):
+        physical, voxel = divmod(int(flat), 3)
+        if physical not in voxel_axis_of and voxel not in voxel_axis_of.values():
+            voxel_axis_of[physical] = voxel
+    # canonical array axis n holds physical axis 2 - n (z, y, x); voxel axis v is array axis 2 - v
+    permutation = tuple(2 - voxel_axis_of[2 - n] for n in range(3))
+    flips = tuple(bool(volume.direction[2 - n, voxel_axis_of[2 - n]] < 0) for n in range(3))
+    spacing_zyx = tuple(volume.spacing[voxel_axis_of[2 - n]] for n in range(3))
+    return Reorientation(permutation, flips, spacing_zyx)
+
+
+def to_canonical(array: np.ndarray, how: Reorientation) -> np.ndarray:
+    """Permute and flip an input-ordered array ``[k, j, i]`` to canonical order (a view)."""
+    out = np.transpose(array, how.permutation)
+    for axis, flip in enumerate(how.flips):
+        if flip:
+            out = np.flip(out, axis)
+    return out
+
+
+def from_canonical(tensor: torch.Tensor, how: Reorientation) -> torch.Tensor:
+    """Undo :func:`to_canonical` on the last three axes of a tensor ``[..., z, y, x]``."""
+    lead = tensor.ndim - 3
+    flip_dims = [lead + axis for axis, flip in enumerate(how.flips) if flip]
+    if flip_dims:
+        tensor = torch.flip(tensor, flip_dims)
+    inverse = np.argsort(how.permutation)
+    return tensor.permute(*range(lead), *(lead + int(a) for a in inverse))
+
+
+def resampled_shape(shape, spacing, target_spacing) -> tuple[int, int, int]:
+    """Grid size covering the same field of view at ``target_spacing``."""
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target_spacing))
+
+
+def resample(tensor: torch.Tensor, shape) -> torch.Tensor:
+    """Trilinear resampling of ``[C, z, y, x]`` to ``shape`` (same field of view)."""
+    if tuple(tensor.shape[1:]) == tuple(shape):
+        return tensor
+    return F.interpolate(tensor[None], size=tuple(shape), mode="trilinear", align_corners=False)[0]
+
+
+def normalise(array: np.ndarray, scheme: dict) -> np.ndarray:
+    """Intensity normalisation of one channel as a model card describes it (float32 out)."""
+    data = array.astype(np.float32, copy=True)
+    kind = scheme["scheme"]
+    if kind == "ct":
+        low, high = scheme["clip"]
+        np.clip(data, low, high, out=data)
+        return (data - scheme["mean"]) / scheme["std"]
+    if kind == "zscore_nonzero":
+        mask = data != 0
+        if mask.any():
+            values = data[mask]
+            data[mask] = (values - values.mean()) / max(float(values.std()), 1e-8)
+        return data
+    if kind == "zscore":
+        return (data - data.mean()) / max(float(data.std()), 1e-8)
+    return data
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A network-ready tensor ``[C, z, y, x]`` and what is needed to map results back."""
+
+    tensor: torch.Tensor
+    reorientation: Reorientation
+    canonical_shape: tuple[int, int, int]
+
+
+def prepare(channels: list[Volume], channel_specs: list[dict], target_spacing_ijk) -> Prepared:
+    """Reorient, normalise and resample the input channels (all on one grid) for a model."""
+    how = reorientation_of(channels[0])
+    target_zyx = tuple(target_spacing_ijk[::-1])
+    arrays = [normalise(to_canonical(ch.array, how), spec["normalisation"]) for ch, spec in zip(channels, channel_specs)]
+    tensor = torch.from_numpy(np.ascontiguousarray(np.stack(arrays)))
+    canonical_shape = tuple(tensor.shape[1:])
+    tensor = resample(tensor, resampled_shape(canonical_shape, how.spacing_zyx, target_zyx))
+    return Prepared(tensor, how, canonical_shape)
+
+
+def restore(scores: torch.Tensor, prepared: Prepared) -> torch.Tensor:
+    """Map per-class scores ``[C, z, y, x]`` on the model grid back to the input array order."""
+    return from_canonical(resample(scores, prepared.canonical_shape), prepared.reorientation)

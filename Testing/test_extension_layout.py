@@ -1,0 +1,35 @@
+"""The Slicer extension's CMake files list every file the module ships."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = ROOT / "AIReconstruct"
+
+
+def _cmake_list(name: str) -> set[str]:
+    text = (MODULE / "CMakeLists.txt").read_text()
+    block = re.search(rf"set\({name}\n(.*?)\n\s*\)", text, re.S).group(1)
+    return {line.strip() for line in block.splitlines() if line.strip()}
+
+
+def test_every_python_file_is_listed():
+    on_disk = {p.relative_to(MODULE).as_posix() for p in MODULE.rglob("*.py") if "__pycache__" not in p.parts}
+    assert _cmake_list("MODULE_PYTHON_SCRIPTS") == on_disk
+
+
+def test_every_resource_is_listed_and_exists():
+    listed = _cmake_list("MODULE_PYTHON_RESOURCES")
+    shipped = {p.relative_to(MODULE).as_posix() for p in (MODULE / "AIReconstructLib").rglob("*")
+               if p.is_file() and p.suffix in (".json", ".safetensors")}
+    assert listed == shipped
+    assert all((MODULE / item).is_file() for item in listed)
+
+
+def test_extension_metadata():
+    text = (ROOT / "CMakeLists.txt").read_text()
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        assert re.search(rf"set\({key} \".+\"\)", text), key
+    assert "find_package(Slicer REQUIRED)" in text and "add_subdirectory(AIReconstruct)" in text
+    assert (ROOT / "AIReconstruct.png").is_file()

@@ -1,0 +1,167 @@
+"""Reading and writing volumes: geometry round trips and bad inputs with one-line errors."""
+
+import gzip
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from AIReconstructLib.errors import InputError, OutputError
+from AIReconstructLib.io import (StagedOutput, read_image_for_model, read_labelmap, read_volume,
+                                 volume_to_sitk, write_volume)
+from AIReconstructLib.volume import Volume
+from conftest import oblique_direction
+
+
+def _oblique_volume(dtype=np.float32) -> Volume:
+    rng = np.random.default_rng(1)
+    array = rng.normal(size=(7, 9, 11)).astype(dtype)
+    return Volume(array, (0.7, 1.3, 3.1), (12.5, -40.25, 101.0), oblique_direction())
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_oblique_anisotropic_geometry_survives_round_trip(tmp_path, suffix):
+    volume = _oblique_volume()
+    path = write_volume(volume, tmp_path / f"image{suffix}")
+    back = read_volume(path)
+    np.testing.assert_array_equal(back.array, volume.array)
+    np.testing.assert_allclose(back.spacing, volume.spacing, atol=1e-6)
+    np.testing.assert_allclose(back.origin, volume.origin, atol=1e-5)
+    np.testing.assert_allclose(back.direction, volume.direction, atol=1e-6)
+
+
+def test_ijk_to_ras_matrix_round_trip():
+    volume = _oblique_volume()
+    again = Volume.from_ijk_to_ras(volume.array, volume.ijk_to_ras())
+    np.testing.assert_allclose(again.spacing, volume.spacing)
+    np.testing.assert_allclose(again.origin, volume.origin)
+    np.testing.assert_allclose(again.direction, volume.direction, atol=1e-12)
+    # RAS and LPS differ by the sign of x and y only
+    np.testing.assert_allclose(volume.ijk_to_ras()[:2], -volume.ijk_to_lps()[:2])
+
+
+def test_dicom_series_folder(tmp_path):
+    volume = Volume(np.arange(4 * 6 * 5, dtype=np.int16).reshape(4, 6, 5), (0.8, 0.8, 2.5), (-10.0, 20.0, 30.0))
+    image = volume_to_sitk(volume)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        slice_image = image[:, :, k]
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        for tag, value in {
+            "0008|0060": "CT", "0020|000d": "1.2.3", "0020|000e": "1.2.3.4", "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(map(str, position)), "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": "2.5",
+            "0028|0030": "0.8\\0.8",
+        }.items():
+            slice_image.SetMetaData(tag, value)
+        writer.SetFileName(str(tmp_path / f"slice{k:03d}.dcm"))
+        writer.Execute(slice_image)
+    back = read_volume(tmp_path)
+    np.testing.assert_array_equal(back.array, volume.array)
+    np.testing.assert_allclose(back.spacing, volume.spacing, atol=1e-4)
+    np.testing.assert_allclose(back.origin, volume.origin, atol=1e-4)
+
+
+def _error_of(call) -> str:
+    with pytest.raises(InputError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 300
+    return message
+
+
+def test_truncated_file(tmp_path):
+    path = write_volume(_oblique_volume(), tmp_path / "image.nii.gz")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert "corrupt" in _error_of(lambda: read_volume(path))
+
+
+def test_not_an_image(tmp_path):
+    path = tmp_path / "notes.nrrd"
+    path.write_text("hello, this is not an image")
+    assert "corrupt" in _error_of(lambda: read_volume(path))
+
+
+def test_missing_file(tmp_path):
+    assert "not found" in _error_of(lambda: read_volume(tmp_path / "nothing.nii.gz"))
+
+
+def test_2d_image(tmp_path):
+    path = tmp_path / "slice.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 8), np.float32)), str(path))
+    assert "2D" in _error_of(lambda: read_volume(path))
+
+
+def test_4d_image(tmp_path):
+    path = tmp_path / "series.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 5, 6), np.float32), isVector=False), str(path))
+    assert "4D" in _error_of(lambda: read_volume(path))
+
+
+def test_4d_with_one_time_point_is_accepted(tmp_path):
+    path = tmp_path / "single.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((1, 4, 5, 6), np.float32), isVector=False), str(path))
+    assert read_volume(path).array.shape == (4, 5, 6)
+
+
+def test_rgb_image(tmp_path):
+    path = tmp_path / "colour.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6, 3), np.uint8), isVector=True), str(path))
+    assert "components" in _error_of(lambda: read_volume(path))
+
+
+def test_blank_volume(tmp_path):
+    path = write_volume(Volume(np.zeros((4, 5, 6), np.int16)), tmp_path / "blank.nii.gz")
+    assert "blank" in _error_of(lambda: read_image_for_model(path))
+
+
+def test_nan_voxels(tmp_path):
+    array = np.ones((4, 5, 6), np.float32)
+    array[1, 2, 3] = np.nan
+    array[0, 0, 0] = np.inf
+    path = write_volume(Volume(array), tmp_path / "nan.nrrd")
+    assert "2 NaN or infinite" in _error_of(lambda: read_volume(path))
+
+
+def test_labelmap_on_another_grid(tmp_path):
+    image = Volume(np.zeros((4, 5, 6), np.int16))
+    labels = write_volume(Volume(np.zeros((4, 5, 7), np.uint8)), tmp_path / "labels.nii.gz")
+    assert "does not match" in _error_of(lambda: read_labelmap(labels, like=image))
+
+
+def test_labelmap_with_fractions(tmp_path):
+    path = write_volume(Volume(np.full((4, 5, 6), 0.5, np.float32)), tmp_path / "soft.nii.gz")
+    assert "non-integer" in _error_of(lambda: read_labelmap(path))
+
+
+def test_staged_output_leaves_folder_unchanged_on_failure(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("keep me")
+    with pytest.raises(RuntimeError):
+        with StagedOutput(tmp_path / "out") as out:
+            out.path("new.txt").write_text("half done")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["old.txt"]
+    with pytest.raises(RuntimeError):
+        with StagedOutput(tmp_path / "fresh") as out:
+            out.path("a.txt").write_text("x")
+            raise RuntimeError("boom")
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_staged_output_commits_all_files(tmp_path):
+    with StagedOutput(tmp_path / "out") as out:
+        out.path("a.txt").write_text("a")
+        out.path("sub/b.txt").write_text("b")
+        written = out.commit()
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in written) == ["a.txt", "sub/b.txt"]
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == []
+
+
+def test_unwritable_output(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OutputError):
+        with StagedOutput(blocker / "sub"):
+            pass

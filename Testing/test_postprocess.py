@@ -1,0 +1,43 @@
+"""Per-label post-processing as the card says."""
+
+import numpy as np
+
+from AIReconstructLib.modelcard import Label
+from AIReconstructLib.postprocess import postprocess
+from AIReconstructLib.volume import Volume
+
+
+def _label(value, **rules):
+    return Label(value, f"label {value}", (1, 1, 1), {}, rules)
+
+
+def test_keep_largest_component():
+    array = np.zeros((10, 10, 10), np.uint8)
+    array[1:5, 1:5, 1:5] = 1  # 64 voxels
+    array[7:9, 7:9, 7:9] = 1  # 8 voxels
+    out = postprocess(Volume(array), [_label(1, keep_largest=True)]).array
+    assert np.count_nonzero(out == 1) == 64 and out[8, 8, 8] == 0
+
+
+def test_remove_islands_below_a_volume():
+    array = np.zeros((10, 10, 10), np.uint8)
+    array[1:5, 1:5, 1:5] = 1  # 64 voxels of 8 mm³ = 0.512 mL
+    array[7:9, 7:9, 7:9] = 1  # 8 voxels = 0.064 mL
+    out = postprocess(Volume(array, (2, 2, 2)), [_label(1, min_island_ml=0.1)]).array
+    assert np.count_nonzero(out == 1) == 64
+
+
+def test_fill_holes_never_overwrites_another_label():
+    array = np.zeros((9, 9, 9), np.uint8)
+    array[1:8, 1:8, 1:8] = 1
+    array[3, 3, 3] = 0  # a hole
+    array[5, 5, 5] = 2  # a lesion inside the organ
+    out = postprocess(Volume(array), [_label(1, fill_holes=True), _label(2)]).array
+    assert out[3, 3, 3] == 1 and out[5, 5, 5] == 2
+
+
+def test_labels_without_rules_are_untouched():
+    array = np.zeros((6, 6, 6), np.uint8)
+    array[0, 0, 0] = 1
+    array[5, 5, 5] = 1
+    np.testing.assert_array_equal(postprocess(Volume(array), [_label(1)]).array, array)

@@ -1,0 +1,99 @@
+"""Preprocessing round trips and the sliding-window predictor."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from AIReconstructLib.errors import Cancelled
+from AIReconstructLib.modelcard import load_card
+from AIReconstructLib.networks import load_network
+from AIReconstructLib.predict import Predictor, mirror_sets, window_count
+from AIReconstructLib.preprocess import (from_canonical, normalise, prepare, reorientation_of, restore,
+                                         to_canonical)
+from AIReconstructLib.volume import Volume
+from conftest import oblique_direction
+
+
+def _axis_permutation_directions():
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product([1, -1], repeat=3):
+            direction = np.zeros((3, 3))
+            for column, row in enumerate(perm):
+                direction[row, column] = signs[column]
+            yield direction
+
+
+@pytest.mark.parametrize("direction", list(_axis_permutation_directions()))
+def test_reorientation_reaches_lps_and_inverts_exactly(direction):
+    array = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    volume = Volume(array, (1.0, 2.0, 3.0), (0, 0, 0), direction)
+    how = reorientation_of(volume)
+    canonical = to_canonical(array, how)
+    # canonical axis 2 (x) must now run along +L, axis 1 along +P, axis 0 along +S
+    index_of_x = {tuple(np.argwhere(array == v)[0][::-1]) for v in (canonical[0, 0, 1],)}
+    step = volume.direction @ (np.array(next(iter(index_of_x))) - np.array(np.argwhere(array == canonical[0, 0, 0])[0][::-1]))
+    assert step[0] > 0 and abs(step[1]) < 1e-9 and abs(step[2]) < 1e-9
+    back = from_canonical(torch.from_numpy(canonical.copy())[None], how)[0].numpy()
+    np.testing.assert_array_equal(back, array)
+
+
+def test_oblique_volume_uses_its_closest_axes():
+    volume = Volume(np.zeros((5, 6, 7)), (1.0, 2.0, 3.0), (0, 0, 0), oblique_direction(20))
+    how = reorientation_of(volume)
+    assert how.permutation == (0, 1, 2) and how.flips == (False, False, False)
+    assert how.spacing_zyx == (3.0, 2.0, 1.0)
+
+
+def test_prepare_and_restore_keep_the_input_grid(ct_volume):
+    spec = [{"name": "CT", "normalisation": {"scheme": "ct", "clip": [-100, 200], "mean": 50, "std": 50}}]
+    prepared = prepare([ct_volume], spec, (3.0, 3.0, 3.0))
+    assert prepared.tensor.shape[1:] == (32, 33, 32)  # 24*4/3, 40*2.5/3, 48*2/3
+    restored = restore(prepared.tensor, prepared)
+    assert restored.shape[1:] == ct_volume.array.shape
+
+
+def test_normalisation_schemes():
+    data = np.array([0, 0, 10, 20, 30], np.float32)
+    nonzero = normalise(data, {"scheme": "zscore_nonzero"})
+    assert nonzero[0] == 0 and abs(nonzero[2:].mean()) < 1e-6 and abs(nonzero[2:].std() - 1) < 1e-5
+    ct = normalise(np.array([-2000, 0, 3000]), {"scheme": "ct", "clip": [-1000, 1000], "mean": 0, "std": 500})
+    np.testing.assert_allclose(ct, [-2, 0, 2])
+
+
+def test_sliding_window_equals_direct_forward_pass(tiny_model):
+    network = load_network(load_card(tiny_model))
+    image = torch.randn(1, 32, 32, 32)
+    predictor = Predictor(network, (32, 32, 32), overlap=0.5, device="cpu")
+    with torch.no_grad():
+        direct = network(image[None])[0]
+    torch.testing.assert_close(predictor(image), direct, rtol=1e-4, atol=1e-5)
+
+
+def test_progress_counts_windows_and_cancel_stops_within_one(tiny_model):
+    network = load_network(load_card(tiny_model))
+    image = torch.randn(1, 40, 48, 56)
+    predictor = Predictor(network, (32, 32, 32), overlap=0.5, device="cpu")
+    expected = window_count(image.shape[1:], (32, 32, 32), 0.5)
+    seen = []
+    predictor(image, progress=lambda f, m: seen.append(f))
+    assert len(seen) == expected and seen[-1] == 1.0
+    calls = []
+
+    def cancel_after_two():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(Cancelled):
+        predictor(image, progress=lambda f, m: seen.append(f), cancel=cancel_after_two)
+    assert len(calls) == 3  # checked before each window; the third check stopped it
+
+
+def test_mirroring_tta_uses_every_flip(tiny_model):
+    assert len(mirror_sets([0, 1, 2])) == 8 and mirror_sets([]) == [()]
+    network = load_network(load_card(tiny_model))
+    image = torch.randn(1, 32, 32, 32)
+    counted = []
+    Predictor(network, (32, 32, 32), device="cpu")(image, (0, 1, 2), progress=lambda f, m: counted.append(f))
+    assert len(counted) == 8

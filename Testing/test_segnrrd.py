@@ -1,0 +1,53 @@
+"""The .seg.nrrd writer: Slicer's keys, terminology and the input's geometry."""
+
+import nrrd
+import numpy as np
+
+from AIReconstructLib.modelcard import load_card
+from AIReconstructLib.segnrrd import read_seg_nrrd, terminology_string, write_seg_nrrd
+from AIReconstructLib.volume import Volume
+from conftest import oblique_direction
+
+
+def _labelmap():
+    array = np.zeros((5, 6, 7), np.uint8)
+    array[1:3, 2:4, 3:6] = 1
+    array[4, 5, 6] = 2
+    return Volume(array, (0.8, 1.1, 2.7), (10.0, -20.0, 30.0), oblique_direction())
+
+
+def test_header_has_slicer_segment_fields(tmp_path, tiny_model):
+    card = load_card(tiny_model)
+    path = write_seg_nrrd(_labelmap(), card.labels, tmp_path / "case.seg.nrrd")
+    data, header = nrrd.read(str(path))
+    assert header["type"] in ("unsigned char", "uint8") and header["space"] == "left-posterior-superior"
+    assert header["Segmentation_MasterRepresentation"] == "Binary labelmap"
+    assert header["Segmentation_ReferenceImageExtentOffset"] == "0 0 0"
+    assert header["Segment0_Name"] == "organ" and header["Segment1_Name"] == "lesion"
+    assert header["Segment0_LabelValue"] == "1" and header["Segment1_LabelValue"] == "2"
+    assert header["Segment0_Layer"] == "0"
+    assert header["Segment0_Color"] == "0.8 0.2 0.2"
+    assert header["Segment0_Extent"] == "3 5 2 3 1 2"  # i range, j range, k range
+    assert header["Segment1_Extent"] == "6 6 5 5 4 4"
+    assert header["Segment0_Tags"] == (
+        "Segmentation.Status:inprogress|TerminologyEntry:Segmentation category and type - DICOM master list"
+        "~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^|")
+    assert "TerminologyEntry" not in header["Segment1_Tags"]  # the lesion label has no codes
+
+
+def test_geometry_equals_the_input(tmp_path, tiny_model):
+    labelmap = _labelmap()
+    path = write_seg_nrrd(labelmap, load_card(tiny_model).labels, tmp_path / "case.seg.nrrd")
+    data, header = nrrd.read(str(path))
+    np.testing.assert_allclose(header["space origin"], labelmap.origin)
+    np.testing.assert_allclose(np.asarray(header["space directions"]).T, labelmap.direction @ np.diag(labelmap.spacing))
+    back, segments = read_seg_nrrd(path)
+    np.testing.assert_array_equal(back.array, labelmap.array)
+    assert back.same_grid(labelmap, tolerance=1e-9)
+    assert [s["Name"] for s in segments] == ["organ", "lesion"]
+
+
+def test_terminology_with_modifier_and_region():
+    text = terminology_string({"category": ["SCT", "49755003", "Morphologically Altered Structure"],
+                               "type": ["SCT", "108369006", "Neoplasm"], "region": ["SCT", "10200004", "Liver"]})
+    assert text.endswith("~SCT^108369006^Neoplasm~^^~Anatomic codes - DICOM master list~SCT^10200004^Liver~^^")
