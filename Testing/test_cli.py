@@ -1,0 +1,98 @@
+"""The command line end to end: outputs, one-line errors, JSON progress and cancellation."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from AIReconstructLib.cli import main
+from AIReconstructLib.io import read_labelmap, read_volume, write_volume
+from AIReconstructLib.volume import Volume
+
+
+@pytest.fixture
+def ct_file(tmp_path, ct_volume):
+    return write_volume(ct_volume, tmp_path / "patient one.nii.gz")  # a space in the name on purpose
+
+
+def test_segment_writes_every_output(tmp_path, tiny_model, ct_file, capsys):
+    out = tmp_path / "out"
+    assert main(["segment", str(ct_file), "-m", str(tiny_model), "-o", str(out), "--device", "cpu",
+                 "--surfaces", "--format", "stl", "obj", "ply", "vtp"]) == 0
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"patient one.seg.nrrd", "patient one_labels.nii.gz", "patient one_summary.json"} <= names
+    labels = read_labelmap(out / "patient one_labels.nii.gz", like=read_volume(ct_file))
+    summary = json.loads((out / "patient one_summary.json").read_text())
+    assert summary["model"] == "tiny-test-model" and set(summary["volumes_ml"]) == {"organ", "lesion"}
+    for name in summary.get("surfaces", {}):
+        for suffix in (".stl", ".obj", ".ply", ".vtp"):
+            assert f"surfaces/{name}{suffix}" in names
+    assert not [n for n in names if "partial" in n]
+    assert labels.array.shape == read_volume(ct_file).array.shape
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_evaluate_and_surfaces_commands(tmp_path, capsys):
+    array = np.zeros((10, 12, 14), np.uint8)
+    array[2:8, 3:9, 4:10] = 1
+    ref = write_volume(Volume(array, (1, 1, 2)), tmp_path / "ref.nii.gz")
+    shifted = np.roll(array, 1, axis=2)
+    pred = write_volume(Volume(shifted, (1, 1, 2)), tmp_path / "pred.nii.gz")
+    assert main(["evaluate", str(pred), str(ref), "--json", str(tmp_path / "m.json")]) == 0
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["labels"]["label 1"]["dice"] == pytest.approx(2 * 180 / 432)
+    assert "Dice" in capsys.readouterr().out
+    assert main(["surfaces", str(ref), "-o", str(tmp_path / "meshes"), "--format", "stl"]) == 0
+    assert (tmp_path / "meshes" / "label_1.stl").is_file()
+
+
+def test_models_lists_the_bundled_demo_model(capsys):
+    assert main(["models"]) == 0
+    assert "demo-abdomen-ct" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make_input,expected", [
+    (lambda p: p.write_bytes(b"\x1f\x8b\x08\x00garbage"), "corrupt"),
+    (lambda p: write_volume(Volume(np.zeros((4, 5, 6), np.int16)), p), "blank"),
+])
+def test_bad_input_is_one_line_and_non_zero(tmp_path, tiny_model, capsys, make_input, expected):
+    path = tmp_path / "bad.nii.gz"
+    make_input(path)
+    code = main(["segment", str(path), "-m", str(tiny_model), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and expected in err and err.startswith("aireconstruct: error:") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_json_progress_lines(tmp_path, tiny_model, ct_file, capsys):
+    assert main(["segment", str(ct_file), "-m", str(tiny_model), "-o", str(tmp_path / "o"),
+                 "--device", "cpu", "--json-progress"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    fractions = [line["progress"] for line in lines if "progress" in line]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert lines[-1]["done"] is True and lines[-1]["outputs"]
+
+
+def test_cancel_leaves_the_output_folder_as_it_was(tmp_path, tiny_model):
+    big = Volume(np.random.default_rng(0).normal(0, 100, (96, 96, 96)).astype(np.int16), (4, 4, 4))
+    image = write_volume(big, tmp_path / "big.nii.gz")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.txt").write_text("an earlier result")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "AIReconstructLib", "segment", str(image), "-m", str(tiny_model), "-o", str(out),
+         "--device", "cpu", "--tta", "--json-progress"], stdout=subprocess.PIPE, text=True, env=env)
+    for line in process.stdout:
+        if json.loads(line).get("message", "").startswith("window"):
+            break
+    process.send_signal(signal.SIGTERM)
+    remaining = process.stdout.read()
+    assert process.wait(timeout=60) == 130
+    assert '"cancelled": true' in remaining
+    assert [p.name for p in out.iterdir()] == ["earlier.txt"]

@@ -1,0 +1,47 @@
+"""The bundled demo model: a valid, checksummed card that segments unseen phantoms well."""
+
+import json
+
+import numpy as np
+import pytest
+
+from AIReconstructLib.cli import main
+from AIReconstructLib.demo import DEMO_MODEL
+from AIReconstructLib.metrics import evaluate
+from AIReconstructLib.modelcard import find_model, sha256_of
+from AIReconstructLib.phantom import make_phantom
+from AIReconstructLib.pipeline import SegmentOptions, segment
+
+
+def test_card_is_bundled_valid_and_honest():
+    card = find_model(DEMO_MODEL)
+    assert sha256_of(card.weights_path) == card.data["weights"]["sha256"]
+    assert card.weights_path.stat().st_size < 20 * 1024 * 1024
+    assert "not for clinical use" in card.data["intended_use"]
+    assert all(label.terminology.get("type", [""])[0] == "SCT" for label in card.labels)
+
+
+@pytest.mark.parametrize("seed", [3])
+def test_unseen_phantom_mean_dice_at_least_0_90(seed):
+    card = find_model(DEMO_MODEL)
+    phantom = make_phantom(seed)
+    result = segment([phantom.image], card, SegmentOptions(device="cpu"))
+    scores = evaluate(result.labelmap, phantom.labels, result.label_names, distances=False)
+    assert scores["mean"]["dice"] >= 0.90, scores["mean"]
+    assert scores["labels"]["liver"]["dice"] >= 0.90
+
+
+def test_demo_command_writes_the_promised_files(tmp_path, capsys):
+    out = tmp_path / "demo-output"
+    assert main(["demo", "--output", str(out), "--extra-cases", "0", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "Mean Dice" in printed and str(out.resolve()) in printed
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    stem = "phantom_0007"
+    assert {f"{stem}.seg.nrrd", f"{stem}_labels.nii.gz", f"{stem}_ct.nii.gz", "summary.md",
+            f"{stem}_summary.json"} <= names
+    summary = json.loads((out / f"{stem}_summary.json").read_text())
+    for name in summary["surfaces"]:
+        assert f"surfaces/{name}.stl" in names and f"surfaces/{name}.vtp" in names
+    assert summary["mean_dice"] >= 0.90
+    assert np.isfinite(summary["seconds"]["predict"])
