@@ -50,7 +50,7 @@ def write_model(folder: Path, card: dict | None = None, seed: int = 0) -> Path:
     network = build_network(card["architecture"], len(card["channels"]), max(l["value"] for l in card["labels"]) + 1)
     save_weights(network, folder / card["weights"]["file"])
     card["weights"]["sha256"] = sha256_of(folder / card["weights"]["file"])
-    (folder / CARD_FILE).write_text(json.dumps(card, indent=2))
+    (folder / CARD_FILE).write_text(json.dumps(card, indent=2), encoding="utf-8")
     return folder / CARD_FILE
 
 

@@ -27,7 +27,7 @@ def test_segment_writes_every_output(tmp_path, tiny_model, ct_file, capsys):
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert {"patient one.seg.nrrd", "patient one_labels.nii.gz", "patient one_summary.json"} <= names
     labels = read_labelmap(out / "patient one_labels.nii.gz", like=read_volume(ct_file))
-    summary = json.loads((out / "patient one_summary.json").read_text())
+    summary = json.loads((out / "patient one_summary.json").read_text(encoding="utf-8"))
     assert summary["model"] == "tiny-test-model" and set(summary["volumes_ml"]) == {"organ", "lesion"}
     for name in summary.get("surfaces", {}):
         for suffix in (".stl", ".obj", ".ply", ".vtp"):
@@ -44,7 +44,7 @@ def test_evaluate_and_surfaces_commands(tmp_path, capsys):
     shifted = np.roll(array, 1, axis=2)
     pred = write_volume(Volume(shifted, (1, 1, 2)), tmp_path / "pred.nii.gz")
     assert main(["evaluate", str(pred), str(ref), "--json", str(tmp_path / "m.json")]) == 0
-    result = json.loads((tmp_path / "m.json").read_text())
+    result = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
     assert result["labels"]["label 1"]["dice"] == pytest.approx(2 * 180 / 432)
     assert "Dice" in capsys.readouterr().out
     assert main(["surfaces", str(ref), "-o", str(tmp_path / "meshes"), "--format", "stl"]) == 0
@@ -83,7 +83,7 @@ def test_cancel_leaves_the_output_folder_as_it_was(tmp_path, tiny_model):
     image = write_volume(big, tmp_path / "big.nii.gz")
     out = tmp_path / "out"
     out.mkdir()
-    (out / "earlier.txt").write_text("an earlier result")
+    (out / "earlier.txt").write_text("an earlier result", encoding="utf-8")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
         [sys.executable, "-m", "AIReconstructLib", "segment", str(image), "-m", str(tiny_model), "-o", str(out),

@@ -40,8 +40,10 @@ def test_demo_command_writes_the_promised_files(tmp_path, capsys):
     stem = "phantom_0007"
     assert {f"{stem}.seg.nrrd", f"{stem}_labels.nii.gz", f"{stem}_ct.nii.gz", "summary.md",
             f"{stem}_summary.json"} <= names
-    summary = json.loads((out / f"{stem}_summary.json").read_text())
+    summary = json.loads((out / f"{stem}_summary.json").read_text(encoding="utf-8"))
+    assert len(summary["surfaces"]) == 9
     for name in summary["surfaces"]:
-        assert f"surfaces/{name}.stl" in names and f"surfaces/{name}.vtp" in names
+        file_stem = "".join(c if c.isalnum() else "_" for c in name)
+        assert f"surfaces/{file_stem}.stl" in names and f"surfaces/{file_stem}.vtp" in names
     assert summary["mean_dice"] >= 0.90
     assert np.isfinite(summary["seconds"]["predict"])

@@ -8,9 +8,9 @@ MODULE = ROOT / "AIReconstruct"
 
 
 def _cmake_list(name: str) -> set[str]:
-    text = (MODULE / "CMakeLists.txt").read_text()
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     block = re.search(rf"set\({name}\n(.*?)\n\s*\)", text, re.S).group(1)
-    return {line.strip() for line in block.splitlines() if line.strip()}
+    return {line.strip().replace("${MODULE_NAME}", "AIReconstruct") for line in block.splitlines() if line.strip()}
 
 
 def test_every_python_file_is_listed():
@@ -22,14 +22,16 @@ def test_every_resource_is_listed_and_exists():
     listed = _cmake_list("MODULE_PYTHON_RESOURCES")
     shipped = {p.relative_to(MODULE).as_posix() for p in (MODULE / "AIReconstructLib").rglob("*")
                if p.is_file() and p.suffix in (".json", ".safetensors")}
+    shipped |= {p.relative_to(MODULE).as_posix() for p in (MODULE / "Resources").rglob("*") if p.is_file()}
     assert listed == shipped
     assert all((MODULE / item).is_file() for item in listed)
 
 
 def test_extension_metadata():
-    text = (ROOT / "CMakeLists.txt").read_text()
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                 "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
         assert re.search(rf"set\({key} \".+\"\)", text), key
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "find_package(Slicer REQUIRED)" in text and "add_subdirectory(AIReconstruct)" in text
     assert (ROOT / "AIReconstruct.png").is_file()

@@ -79,7 +79,7 @@ def test_truncated_file(tmp_path):
 
 def test_not_an_image(tmp_path):
     path = tmp_path / "notes.nrrd"
-    path.write_text("hello, this is not an image")
+    path.write_text("hello, this is not an image", encoding="utf-8")
     assert "corrupt" in _error_of(lambda: read_volume(path))
 
 
@@ -137,23 +137,23 @@ def test_labelmap_with_fractions(tmp_path):
 
 def test_staged_output_leaves_folder_unchanged_on_failure(tmp_path):
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "old.txt").write_text("keep me")
+    (tmp_path / "out" / "old.txt").write_text("keep me", encoding="utf-8")
     with pytest.raises(RuntimeError):
         with StagedOutput(tmp_path / "out") as out:
-            out.path("new.txt").write_text("half done")
+            out.path("new.txt").write_text("half done", encoding="utf-8")
             raise RuntimeError("boom")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["old.txt"]
     with pytest.raises(RuntimeError):
         with StagedOutput(tmp_path / "fresh") as out:
-            out.path("a.txt").write_text("x")
+            out.path("a.txt").write_text("x", encoding="utf-8")
             raise RuntimeError("boom")
     assert not (tmp_path / "fresh").exists()
 
 
 def test_staged_output_commits_all_files(tmp_path):
     with StagedOutput(tmp_path / "out") as out:
-        out.path("a.txt").write_text("a")
-        out.path("sub/b.txt").write_text("b")
+        out.path("a.txt").write_text("a", encoding="utf-8")
+        out.path("sub/b.txt").write_text("b", encoding="utf-8")
         written = out.commit()
     assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in written) == ["a.txt", "sub/b.txt"]
     assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == []
@@ -161,7 +161,7 @@ def test_staged_output_commits_all_files(tmp_path):
 
 def test_unwritable_output(tmp_path):
     blocker = tmp_path / "file"
-    blocker.write_text("")
+    blocker.write_text("", encoding="utf-8")
     with pytest.raises(OutputError):
         with StagedOutput(blocker / "sub"):
             pass

@@ -14,7 +14,7 @@ def _card_error(tmp_path, mutate) -> str:
     card = tiny_card()
     mutate(card)
     path = tmp_path / "card.json"
-    path.write_text(json.dumps(card))
+    path.write_text(json.dumps(card), encoding="utf-8")
     with pytest.raises(ModelCardError) as info:
         load_card(path)
     assert "\n" not in str(info.value)
@@ -47,7 +47,7 @@ def test_repeated_label_value(tmp_path):
 
 def test_not_json(tmp_path):
     path = tmp_path / "card.json"
-    path.write_text("{not json")
+    path.write_text("{not json", encoding="utf-8")
     with pytest.raises(ModelCardError, match="not valid JSON"):
         load_card(path)
 
@@ -78,9 +78,9 @@ def test_missing_weights_are_refused(tiny_model):
 def test_weights_of_another_network_are_refused(tmp_path):
     card = tiny_card()
     path = write_model(tmp_path / "m", card)
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     data["architecture"]["args"]["channels"] = [8, 16]
-    path.write_text(json.dumps(data))
+    path.write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(WeightsError, match="does not fit"):
         load_network(load_card(path))
 

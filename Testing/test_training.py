@@ -25,7 +25,7 @@ def test_short_training_lowers_the_loss_and_writes_a_loadable_card(tmp_path):
     assert len(rows) == 6
     assert float(rows[-1]["loss"]) < 0.8 * float(rows[0]["loss"])
     assert rows[2]["val_mean_dice"] and rows[5]["val_mean_dice"]
-    splits = json.loads((tmp_path / "model" / "splits.json").read_text())
+    splits = json.loads((tmp_path / "model" / "splits.json").read_text(encoding="utf-8"))
     assert len(splits["validation"]) == 1 and len(splits["train"]) == 2
 
     card = load_card(tmp_path / "model")

@@ -116,7 +116,7 @@ def cmd_evaluate(args, reporter: Reporter) -> None:
     if args.json:
         from .io import atomic_path
         with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(result, indent=2))
+            tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
     reporter.result("\n".join(rows), result)
 
 
@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a terminal without UTF-8 must not crash a finished run
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     reporter = Reporter(args.json_progress)
 
     def request_cancel(signum, frame):

@@ -55,7 +55,7 @@ def read_dataset(folder: str | Path) -> Dataset:
     meta_path = folder / "dataset.json"
     if not meta_path.is_file():
         raise InputError(f"{folder} is not a data set: it has no dataset.json")
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
     channel_names = [meta["channel_names"][key] for key in sorted(meta["channel_names"], key=int)]
     ending = meta.get("file_ending", ".nii.gz")
     cases = []
@@ -94,5 +94,5 @@ def write_phantom_dataset(folder: str | Path, count: int, first_seed: int = 0, s
         "file_ending": ".nii.gz",
         "aireconstruct_labels": entries,
     }
-    (folder / "dataset.json").write_text(json.dumps(meta, indent=2))
+    (folder / "dataset.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return read_dataset(folder)

@@ -30,9 +30,10 @@ def _summary_markdown(card, scores: dict, per_case: list[dict], seconds: float, 
              "| segment | volume (mL) | Dice | HD95 (mm) |", "|---|---:|---:|---:|"]
     for name, s in scores["labels"].items():
         lines.append(f"| {name} | {volumes[name]:.1f} | {s['dice']:.3f} | {s['hd95_mm']:.1f} |")
+    each = ", ".join(f"seed {c['seed']}: {c['mean_dice']:.3f}" for c in per_case)
+    overall = np.mean([c["mean_dice"] for c in per_case])
     lines += ["", f"Mean Dice on the demo phantom: {scores['mean']['dice']:.3f}; segmentation took {seconds:.1f} s.", "",
-              "Mean Dice on every unseen phantom: " + ", ".join(f"seed {c['seed']}: {c['mean_dice']:.3f}" for c in per_case),
-              f"; overall {np.mean([c['mean_dice'] for c in per_case]):.3f}."]
+              f"Mean Dice on each unseen phantom: {each}; overall {overall:.3f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -65,8 +66,8 @@ def run_demo(output: Path, seed: int = 7, extra_cases: int = 2, device: str = "a
         mean_unseen = float(np.mean([c["mean_dice"] for c in per_case]))
         summary.update(unseen_cases=per_case, mean_dice_unseen=mean_unseen)
         markdown = _summary_markdown(card, first_scores, per_case, first_seconds, summary["volumes_ml"])
-        out.path("summary.md").write_text(markdown)
-        out.path(f"phantom_{seed:04d}_summary.json").write_text(json.dumps(summary, indent=2))
+        out.path("summary.md").write_text(markdown, encoding="utf-8")
+        out.path(f"phantom_{seed:04d}_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         written = out.commit()
     text = markdown + "\nFiles written to " + str(output.resolve()) + ":\n" + "\n".join(
         f"  {path.relative_to(output)}" for path in written)

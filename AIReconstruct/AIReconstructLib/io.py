@@ -162,6 +162,13 @@ def read_labelmap(path: str | os.PathLike, like: Volume | None = None) -> Volume
     return volume
 
 
+def _file_mode() -> int:
+    """The permissions a plainly created file gets under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
@@ -172,6 +179,7 @@ def atomic_path(path: str | os.PathLike):
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, _file_mode())  # mkstemp makes it private; the result gets ordinary permissions
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -94,7 +94,7 @@ class ModelCard:
 
 @lru_cache(maxsize=1)
 def _schema() -> dict:
-    text = resources.files(__package__).joinpath("schemas/model_card.schema.json").read_text()
+    text = resources.files(__package__).joinpath("schemas/model_card.schema.json").read_text(encoding="utf-8")
     return json.loads(text)
 
 

@@ -155,8 +155,9 @@ def train(config: TrainConfig, progress=None, cancel=None) -> Path:
     order = np.random.default_rng(config.seed).permutation(len(loaded))
     n_val = max(1, int(round(config.validation_fraction * len(loaded)))) if len(loaded) > 1 else 0
     val_ids, train_ids = sorted(order[:n_val].tolist()), sorted(order[n_val:].tolist()) or sorted(order.tolist())
-    (output / "splits.json").write_text(json.dumps({
-        "train": [dataset.cases[i].case_id for i in train_ids], "validation": [dataset.cases[i].case_id for i in val_ids]}, indent=2))
+    splits = {"train": [dataset.cases[i].case_id for i in train_ids],
+              "validation": [dataset.cases[i].case_id for i in val_ids]}
+    (output / "splits.json").write_text(json.dumps(splits, indent=2), encoding="utf-8")
 
     train_items = []
     for i in train_ids:
@@ -242,7 +243,7 @@ def train(config: TrainConfig, progress=None, cancel=None) -> Path:
         card["fast_spacing"] = [float(s) for s in config.fast_spacing]
     validate_card(card, "trained model card")
     with atomic_path(output / CARD_FILE) as tmp:
-        tmp.write_text(json.dumps(card, indent=2))
+        tmp.write_text(json.dumps(card, indent=2), encoding="utf-8")
     return output / CARD_FILE
 
 

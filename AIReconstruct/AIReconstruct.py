@@ -1,0 +1,343 @@
+"""AIReconstruct: one-click AI segmentation into editable segments and 3D surfaces.
+
+A thin adapter: the Widget holds the GUI, the Logic the panel's actions (in
+``AIReconstructAdapter``, tested outside Slicer on real MRML), and the engine
+(``AIReconstructLib``) runs in a separate process so that Slicer stays responsive.
+"""
+
+import logging
+import shutil
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+from AIReconstructAdapter.requirements import REQUIREMENTS_FILE, missing_requirements
+
+MAX_INPUTS = 4
+MESH_FORMATS = [".stl", ".obj", ".ply", ".vtp"]
+
+
+class AIReconstruct(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("AI Reconstruct")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["AIReconstruct developers"]
+        self.parent.helpText = _(
+            "Segment organs, lesions and bones of a CT or MRI with a deep network, as editable segments and "
+            "smooth 3D surfaces for pre-surgical review. Pick a model and an input volume, press Apply. "
+            'See the <a href="https://github.com/AIReconstruct/SlicerAIReconstruct#readme">user guide</a>.')
+        self.parent.acknowledgementText = _(
+            "Built on 3D Slicer, PyTorch, MONAI, SimpleITK and VTK. The bundled demo model was trained on "
+            "synthetic phantoms and is not for clinical use.")
+
+
+@parameterNodeWrapper
+class AIReconstructParameterNode:
+    """The panel's state; each field is bound to a widget by its ``SlicerParameterName``."""
+
+    inputVolume0: vtkMRMLScalarVolumeNode
+    inputVolume1: vtkMRMLScalarVolumeNode
+    inputVolume2: vtkMRMLScalarVolumeNode
+    inputVolume3: vtkMRMLScalarVolumeNode
+    model: str = "demo-abdomen-ct"
+    device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    fastMode: bool = False
+    testTimeAugmentation: bool = False
+    outputSegmentation: vtkMRMLSegmentationNode
+    surfaceSmoothing: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    show3D: bool = True
+
+    def inputVolumes(self) -> list:
+        return [self.inputVolume0, self.inputVolume1, self.inputVolume2, self.inputVolume3]
+
+
+class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """GUI only: every action is a call to :class:`AIReconstructLogic`."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self.job = None
+        self.timer = qt.QTimer()
+        self.timer.setInterval(250)
+        self.timer.connect("timeout()", self.onPoll)
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/AIReconstruct.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = AIReconstructLogic()
+        self.ui.exportFormatComboBox.addItems(MESH_FORMATS)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApply)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.addModelButton.connect("clicked(bool)", self.onAddModel)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.exportFilesButton.connect("clicked(bool)", self.onExportFiles)
+        self.ui.exportModelsButton.connect("clicked(bool)", self.onExportModels)
+        self.ui.editButton.connect("clicked(bool)", self.onEdit)
+        self.initializeParameterNode()
+        self.refreshModels()
+
+    def cleanup(self) -> None:
+        self.onCancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.onCancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume0:
+            self._parameterNode.inputVolume0 = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def setParameterNode(self, parameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.updateButtons()
+
+    def refreshModels(self) -> None:
+        """List installed models; needs the engine's requirements, so it asks to install them first."""
+        if not self.logic.requirementsInstalled():
+            self.ui.modelInfoLabel.text = _("Press Apply to install the engine's Python packages first.")
+            return
+        self.ui.modelComboBox.blockSignals(True)
+        self.ui.modelComboBox.clear()
+        for card in self.logic.adapter.installedModels():
+            self.ui.modelComboBox.addItem(card.data["title"], card.name)
+        self.ui.modelComboBox.blockSignals(False)
+        index = self.ui.modelComboBox.findData(self._parameterNode.model if self._parameterNode else "")
+        self.ui.modelComboBox.setCurrentIndex(max(index, 0))
+        self.onModelChanged()
+        self.ui.deviceInfoLabel.text = self.logic.adapter.deviceDescription()
+
+    def onModelChanged(self, index=None) -> None:
+        model = self.ui.modelComboBox.currentData
+        if not model or not self._parameterNode:
+            return
+        self._parameterNode.model = model
+        card = next(c for c in self.logic.adapter.installedModels() if c.name == model)
+        self.ui.modelInfoLabel.text = card.summary()
+        channels = self.logic.adapter.modelChannelNames(model)
+        for n in range(MAX_INPUTS):
+            visible = n < len(channels)
+            getattr(self.ui, f"inputVolumeLabel{n}").visible = visible
+            getattr(self.ui, f"inputVolumeSelector{n}").visible = visible
+            if visible:
+                getattr(self.ui, f"inputVolumeLabel{n}").text = f"{channels[n]} volume:"
+        self.updateButtons()
+
+    def updateButtons(self, caller=None, event=None) -> None:
+        running = self.job is not None
+        ready = bool(self._parameterNode and self._parameterNode.inputVolume0)
+        self.ui.applyButton.enabled = ready and not running
+        self.ui.cancelButton.enabled = running
+        hasResult = bool(self._parameterNode and self._parameterNode.outputSegmentation)
+        for button in (self.ui.exportFilesButton, self.ui.exportModelsButton, self.ui.editButton):
+            button.enabled = hasResult and not running
+
+    def onApply(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Segmentation could not start."), waitCursor=True):
+            if not self.logic.requirementsInstalled():
+                self.logic.installRequirements()
+                self.refreshModels()
+            self.ui.logTextEdit.clear()
+            self.job = self.logic.process(self._parameterNode)
+            self.timer.start()
+        self.updateButtons()
+
+    def onPoll(self) -> None:
+        state = self.job.poll()
+        self.ui.progressBar.value = int(100 * state.progress)
+        self.ui.progressBar.format = state.message
+        for line in state.log[self.ui.logTextEdit.blockCount - 1:]:
+            self.ui.logTextEdit.appendPlainText(line)
+        if not state.finished:
+            return
+        self.timer.stop()
+        job, self.job = self.job, None
+        if state.status == "done":
+            self._parameterNode.outputSegmentation = job.segmentation_node
+            if self._parameterNode.show3D:
+                self.logic.adapter.showSurfaces(job.segmentation_node, self._parameterNode.surfaceSmoothing)
+            self.ui.logTextEdit.appendPlainText(_("Done."))
+        elif state.status == "failed":
+            slicer.util.errorDisplay(state.error)
+        else:
+            self.ui.logTextEdit.appendPlainText(_("Cancelled; the scene is unchanged."))
+        self.updateButtons()
+
+    def onCancel(self) -> None:
+        if self.job is not None:
+            self.job.cancel()
+
+    def onAddModel(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(None, _("Model folder (with card.json)"))
+        if folder:
+            with slicer.util.tryWithErrorDisplay(_("The model could not be added.")):
+                self.logic.adapter.addModel(folder)
+                self.refreshModels()
+
+    def onExportFiles(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(None, _("Export surfaces to folder"))
+        if folder:
+            with slicer.util.tryWithErrorDisplay(_("Surfaces could not be exported."), waitCursor=True):
+                written = self.logic.adapter.exportSurfacesToFiles(
+                    self._parameterNode.outputSegmentation, folder, self.ui.exportFormatComboBox.currentText)
+                self.ui.logTextEdit.appendPlainText(_("Wrote {count} surfaces to {folder}").format(
+                    count=len(written), folder=folder))
+
+    def onExportModels(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Surfaces could not be exported."), waitCursor=True):
+            self.logic.adapter.exportSurfacesToModels(slicer.mrmlScene, self._parameterNode.outputSegmentation)
+
+    def onEdit(self) -> None:
+        self.logic.openInSegmentEditor(self._parameterNode.outputSegmentation, self._parameterNode.inputVolume0)
+
+
+class AIReconstructLogic(ScriptedLoadableModuleLogic):
+    """The module's logic: parameter node, requirements, and the adapter's panel actions."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._adapter = None
+
+    def getParameterNode(self):
+        return AIReconstructParameterNode(super().getParameterNode())
+
+    def requirementsInstalled(self) -> bool:
+        return not missing_requirements() and self._torchInstalled()
+
+    @staticmethod
+    def _torchInstalled() -> bool:
+        import importlib.util
+        return importlib.util.find_spec("torch") is not None
+
+    def installRequirements(self) -> None:
+        """Install the engine's packages (never upgrading what Slicer ships) and PyTorch."""
+        if not self._torchInstalled():
+            try:
+                import PyTorchUtils  # the PyTorch Utils extension picks the build that fits the GPU
+            except ImportError:
+                slicer.util.pip_install("torch")
+            else:
+                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
+                    raise RuntimeError(_("PyTorch is needed; it was not installed."))
+        if hasattr(slicer, "packaging"):  # Slicer >= 5.12
+            requirements = slicer.packaging.load_requirements(str(REQUIREMENTS_FILE))
+            slicer.packaging.pip_ensure(requirements, requester="AIReconstruct")
+        else:
+            for requirement in missing_requirements():
+                slicer.util.pip_install(requirement)
+
+    @property
+    def adapter(self):
+        """The panel's actions (imported once the requirements are there)."""
+        if self._adapter is None:
+            from AIReconstructAdapter.logic import AdapterLogic
+            self._adapter = AdapterLogic()
+        return self._adapter
+
+    def process(self, parameterNode):
+        """Start segmenting with the panel's parameters; returns the running job to poll."""
+        return self.adapter.startSegmentation(
+            slicer.mrmlScene, parameterNode.inputVolumes(), parameterNode.model, parameterNode.device,
+            parameterNode.fastMode, parameterNode.testTimeAugmentation, parameterNode.outputSegmentation,
+            python=shutil.which("PythonSlicer") or None, env=slicer.util.startupEnvironment())
+
+    def openInSegmentEditor(self, segmentationNode, sourceVolumeNode) -> None:
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(segmentationNode)
+        editor.setSourceVolumeNode(sourceVolumeNode)
+
+
+class AIReconstructTest(ScriptedLoadableModuleTest):
+    """In-Slicer self-test: a phantom volume segmented end to end with the demo model."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_DemoModelOnPhantom()
+
+    def test_DemoModelOnPhantom(self):
+        import numpy as np
+
+        from AIReconstructLib.phantom import make_phantom
+
+        self.delayDisplay(_("Making a CT phantom"))
+        logic = AIReconstructLogic()
+        if not logic.requirementsInstalled():
+            logic.installRequirements()
+        phantom = make_phantom(11, spacing=(2.0, 2.0, 3.0))
+        volumeNode = slicer.util.addVolumeFromArray(phantom.image.array, name="phantom CT")
+        matrix = vtk.vtkMatrix4x4()
+        for r in range(4):
+            for c in range(4):
+                matrix.SetElement(r, c, phantom.image.ijk_to_ras()[r, c])
+        volumeNode.SetIJKToRASMatrix(matrix)
+
+        self.delayDisplay(_("Segmenting with the demo model"))
+        parameterNode = logic.getParameterNode()
+        parameterNode.inputVolume0 = volumeNode
+        parameterNode.model = "demo-abdomen-ct"
+        job = logic.process(parameterNode)
+        state = job.wait(timeout=900)
+        self.assertEqual(state.status, "done", state.error)
+
+        segmentationNode = job.segmentation_node
+        card = next(c for c in logic.adapter.installedModels() if c.name == "demo-abdomen-ct")
+        segmentation = segmentationNode.GetSegmentation()
+        names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+        self.assertIn("liver", names)
+        for label in card.labels:
+            segmentId = segmentation.GetSegmentIdBySegmentName(label.name)
+            if segmentId:
+                np.testing.assert_allclose(segmentation.GetSegment(segmentId).GetColor(), label.color, atol=1e-5)
+        liverId = segmentation.GetSegmentIdBySegmentName("liver")
+        liver = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, liverId, volumeNode)
+        truth = phantom.labels.array == 1
+        dice = 2 * np.count_nonzero(liver & truth) / (np.count_nonzero(liver) + np.count_nonzero(truth))
+        self.assertGreater(dice, 0.85)
+        logic.adapter.showSurfaces(segmentationNode, 0.5)
+        self.assertTrue(segmentation.ContainsRepresentation("Closed surface"))
+        logging.info(f"AIReconstruct self-test: liver Dice {dice:.3f}")
+        self.delayDisplay(_("Test passed"))

@@ -1,0 +1,191 @@
+"""Run the engine in a separate process and follow it through its JSON progress lines.
+
+Slicer's UI polls :meth:`SegmentationJob.poll` from a timer, so it stays responsive; Cancel
+terminates the process (the engine then removes its partial output), and a crash or an
+out-of-memory kill of the engine cannot take Slicer down. The scene changes only when a run
+succeeds: inputs are written to a temporary folder, the result is read back from it, and the
+folder is removed whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from AIReconstructLib.errors import AIReconstructError
+
+from .nodes import import_segmentation, write_volume_node
+
+ENGINE_FOLDER = Path(__file__).resolve().parents[1]  # the folder holding AIReconstructLib
+
+
+@dataclass
+class RunState:
+    """What a run is doing: ``running``, ``done``, ``failed`` or ``cancelled``."""
+
+    status: str = "running"
+    progress: float = 0.0
+    message: str = "starting"
+    error: str = ""
+    result: dict = field(default_factory=dict)
+    log: list = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.status != "running"
+
+
+def engine_environment(base: dict | None = None) -> dict:
+    """The environment for the engine process: ``base`` (default: ours) with the engine importable."""
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ENGINE_FOLDER), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class EngineProcess:
+    """``python -m AIReconstructLib <arguments> --json-progress`` in a child process."""
+
+    def __init__(self, arguments: list[str], python: str | None = None, env: dict | None = None):
+        self.command = [python or sys.executable, "-m", "AIReconstructLib", *arguments, "--json-progress"]
+        self.env = engine_environment(env)
+        self.state = RunState()
+        self._lines: queue.Queue = queue.Queue()
+        self._stderr: list[str] = []
+        self._cancel_requested = False
+        self.process = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env=self.env)
+        threading.Thread(target=self._pump, args=(self.process.stdout, self._lines.put), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.process.stderr, self._stderr.append), daemon=True).start()
+
+    @staticmethod
+    def _pump(stream, sink) -> None:
+        for line in stream:
+            sink(line.rstrip("\n"))
+
+    def poll(self) -> RunState:
+        """Read what the engine has printed so far; never blocks."""
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            self._handle(line)
+        if not self.state.finished and self.process.poll() is not None:
+            time.sleep(0.05)  # let the reader threads drain the last lines
+            while not self._lines.empty():
+                self._handle(self._lines.get_nowait())
+            if not self.state.finished:
+                self._ended_without_result()
+        return self.state
+
+    def _handle(self, line: str) -> None:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            self.state.log.append(line)
+            return
+        if "progress" in event:
+            self.state.progress, self.state.message = event["progress"], event.get("message", "")
+            self.state.log.append(f"{event['progress'] * 100:5.1f}% {self.state.message}")
+        elif event.get("done"):
+            self.state.status, self.state.progress, self.state.result = "done", 1.0, event
+        elif "error" in event:
+            self.state.status = "cancelled" if event.get("cancelled") else "failed"
+            self.state.error = event["error"]
+
+    def _ended_without_result(self) -> None:
+        code = self.process.returncode
+        if self._cancel_requested:
+            self.state.status, self.state.error = "cancelled", "Cancelled by the user"
+            return
+        last = next((line for line in reversed(self._stderr) if line.strip()), "no message")
+        self.state.status = "failed"
+        self.state.error = f"The engine stopped unexpectedly (exit code {code}): {last.strip()[:300]}"
+
+    def cancel(self, grace_seconds: float = 10.0) -> None:
+        """Ask the engine to stop (it cleans up), then kill it if it does not within the grace time."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self._cancel_requested = True
+        self.process.terminate()
+        try:
+            self.process.wait(grace_seconds)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class SegmentationJob:
+    """Segment MRML volume nodes with a model in the background; import the result on success."""
+
+    def __init__(self, scene, input_nodes: list, model: str, device: str = "auto", fast: bool = False,
+                 tta: bool = False, target_segmentation=None, python: str | None = None, env: dict | None = None):
+        self.scene = scene
+        self.input_nodes = list(input_nodes)
+        self.model = model
+        self.options = ["--device", device] + (["--fast"] if fast else []) + (["--tta"] if tta else [])
+        self.target = target_segmentation
+        self.python, self.env = python, env
+        self.workdir: Path | None = None
+        self.engine: EngineProcess | None = None
+        self.segmentation_node = None
+
+    def start(self) -> None:
+        """Write the inputs to a temporary folder and start the engine on them."""
+        self.workdir = Path(tempfile.mkdtemp(prefix="AIReconstruct-"))
+        try:  # whatever fails here, no temporary folder is left behind
+            inputs = [str(write_volume_node(node, self.workdir / f"input_{n}.nrrd"))
+                      for n, node in enumerate(self.input_nodes)]
+            self.engine = EngineProcess(["segment", *inputs, "-m", str(self.model), "-o",
+                                         str(self.workdir / "output"), *self.options], self.python, self.env)
+            self.engine.start()
+        except BaseException:
+            self._remove_workdir()
+            raise
+
+    def poll(self) -> RunState:
+        """Progress so far; on success the result is imported into the scene (once)."""
+        state = self.engine.poll()
+        if state.finished and self.workdir is not None:
+            try:
+                if state.status == "done":
+                    seg_file = next(p for p in state.result["outputs"] if p.endswith(".seg.nrrd"))
+                    name = f"{self.input_nodes[0].GetName()} {state.result['summary']['model']}"
+                    self.segmentation_node = import_segmentation(
+                        self.scene, seg_file, self.input_nodes[0], self.target, name)
+            except (AIReconstructError, OSError, KeyError, StopIteration) as error:  # unreadable result
+                state.status, state.error = "failed", str(error)
+            finally:
+                self._remove_workdir()
+        return state
+
+    def cancel(self) -> None:
+        if self.engine is not None:
+            self.engine.cancel()
+
+    def wait(self, timeout: float = 3600.0, interval: float = 0.2) -> RunState:
+        """Block until the run ends (for scripts and tests; the panel polls from a timer instead)."""
+        deadline = time.monotonic() + timeout
+        while not self.poll().finished:
+            if time.monotonic() > deadline:
+                self.cancel()
+            time.sleep(interval)
+        return self.engine.state
+
+    def _remove_workdir(self) -> None:
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None

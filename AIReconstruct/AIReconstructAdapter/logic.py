@@ -1,0 +1,71 @@
+"""Everything the module's panel does, as methods a script or test can call (no Qt).
+
+``AIReconstructLogic`` in ``AIReconstruct.py`` (Slicer's ``ScriptedLoadableModuleLogic``, with the
+parameter node) creates one :class:`AdapterLogic` once the engine's requirements are installed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from AIReconstructLib.errors import ModelCardError
+from AIReconstructLib.modelcard import USER_MODELS, find_model, installed_models, load_card, verified_weights_path
+
+from . import nodes
+from .engine_run import SegmentationJob
+
+
+class AdapterLogic:
+    """The panel's actions on a MRML scene; the scene is changed only by successful runs."""
+
+    def installedModels(self) -> list:
+        """Model cards the engine finds (bundled, user-added and on $AIRECONSTRUCT_MODEL_PATH)."""
+        return installed_models()
+
+    def modelChannelNames(self, model: str) -> list[str]:
+        """The names of a model's input channels, e.g. ``["FLAIR", "T1"]``."""
+        return [channel["name"] for channel in find_model(model).channels]
+
+    def addModel(self, path: str | Path, models_folder: Path = USER_MODELS) -> str:
+        """Check a model folder (card and weights) and copy it into the user's models; returns its name."""
+        card = load_card(path)
+        verified_weights_path(card)
+        destination = Path(models_folder) / card.name
+        if destination.exists():
+            raise ModelCardError(f"A model named '{card.name}' is already installed in {destination}")
+        shutil.copytree(card.folder, destination)
+        return card.name
+
+    def deviceDescription(self) -> str:
+        """The GPU the engine would use, with its memory, or why the CPU will be used."""
+        try:
+            import torch
+        except ImportError:
+            return "PyTorch is not installed yet"
+        if not torch.cuda.is_available():
+            return "No CUDA GPU found: the CPU will be used"
+        properties = torch.cuda.get_device_properties(0)
+        return f"{properties.name} ({properties.total_memory / 2**30:.0f} GiB)"
+
+    def startSegmentation(self, scene, input_nodes: list, model: str, device: str = "auto", fast: bool = False,
+                          tta: bool = False, target_segmentation=None, python: str | None = None,
+                          env: dict | None = None) -> SegmentationJob:
+        """Start the engine in the background on the input volume nodes; poll the returned job."""
+        expected = self.modelChannelNames(model)
+        chosen = [node for node in input_nodes if node is not None]
+        if len(chosen) != len(expected):
+            raise ModelCardError(f"Model '{model}' needs {len(expected)} input volume(s): {', '.join(expected)}")
+        job = SegmentationJob(scene, chosen, model, device, fast, tta, target_segmentation, python, env)
+        job.start()
+        return job
+
+    def showSurfaces(self, segmentation_node, smoothing: float) -> None:
+        nodes.show_3d(segmentation_node, smoothing)
+
+    def exportSurfacesToModels(self, scene, segmentation_node) -> list:
+        return nodes.export_to_models(scene, segmentation_node)
+
+    def exportSurfacesToFiles(self, segmentation_node, folder: str | Path, suffix: str = ".stl") -> list[Path]:
+        return nodes.export_to_files(segmentation_node, folder, suffix)
+

@@ -1,0 +1,156 @@
+"""MRML nodes <-> engine inputs and outputs.
+
+- a scalar volume node (with any linear parent transform) -> a file the engine reads;
+- the engine's ``.seg.nrrd`` -> segments in a segmentation node (new, or replacing segments of the
+  same name in an existing one), with names, colours and terminology, geometry from the input;
+- segments -> closed surfaces, model nodes, or mesh files.
+The scene is changed only once everything has been read successfully.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import slicer
+import vtk
+
+from AIReconstructLib.errors import InputError
+from AIReconstructLib.io import write_volume
+from AIReconstructLib.surfaces import write_mesh
+from AIReconstructLib.volume import Volume
+
+
+CONVERTER_RULES = ("vtkBinaryLabelmapToClosedSurfaceConversionRule", "vtkClosedSurfaceToBinaryLabelmapConversionRule")
+
+
+def ensure_converter_rules() -> None:
+    """Register the labelmap <-> closed-surface converters, as Slicer's Segmentations module does
+    at start-up (a no-op inside the application; needed where only the MRML libraries are loaded)."""
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    registered = {rule.GetClassName() for rule in factory.GetConverterRules()}
+    for name in CONVERTER_RULES:
+        if name not in registered:
+            factory.RegisterConverterRule(getattr(slicer, name)())
+
+
+def volume_from_node(volume_node) -> Volume:
+    """The engine's :class:`Volume` of a scalar volume node, in world coordinates."""
+    if volume_node is None or volume_node.GetImageData() is None:
+        raise InputError("No input volume is selected, or it has no image data")
+    if volume_node.GetImageData().GetNumberOfScalarComponents() != 1:
+        raise InputError(f"Volume '{volume_node.GetName()}' is not a scalar volume")
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    matrix = np.array([[ijk_to_ras.GetElement(r, c) for c in range(4)] for r in range(4)])
+    transform = volume_node.GetParentTransformNode()
+    if transform is not None:
+        if not transform.IsTransformToWorldLinear():
+            raise InputError(f"Volume '{volume_node.GetName()}' is under a non-linear transform; harden it first")
+        to_world = vtk.vtkMatrix4x4()
+        transform.GetMatrixTransformToWorld(to_world)
+        matrix = np.array([[to_world.GetElement(r, c) for c in range(4)] for r in range(4)]) @ matrix
+    array = np.array(slicer.util.arrayFromVolume(volume_node), copy=True)
+    return Volume.from_ijk_to_ras(array, matrix)
+
+
+def write_volume_node(volume_node, path: str | Path) -> Path:
+    """Write a volume node (with its world geometry) to a file the engine can read."""
+    return write_volume(volume_from_node(volume_node), path)
+
+
+def _read_segmentation(path: Path, scratch_scene):
+    """Read a ``.seg.nrrd`` into a segmentation node of a scratch scene (never the user's)."""
+    ensure_converter_rules()
+    node = scratch_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        raise InputError(f"Slicer cannot read the engine's result {path.name}")
+    return node
+
+
+def import_segmentation(scene, seg_path: str | Path, reference_volume_node, target=None, name: str | None = None):
+    """Put the segments of ``seg_path`` into ``target`` (or a new segmentation node).
+
+    Segments whose names already exist in ``target`` are replaced; other segments are kept.
+    The node's reference geometry is the input volume's. Returns the segmentation node.
+    """
+    scratch_scene = slicer.vtkMRMLScene()
+    loaded = _read_segmentation(Path(seg_path), scratch_scene).GetSegmentation()
+    if loaded.GetNumberOfSegments() == 0:
+        raise InputError("The engine's result has no segments")
+    if target is None:
+        target = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or "Segmentation")
+        target.CreateDefaultDisplayNodes()
+    target.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
+    segmentation = target.GetSegmentation()
+    modifying = target.StartModify()  # one modified event for all the segments
+    try:
+        for index in range(loaded.GetNumberOfSegments()):
+            segment_id = loaded.GetNthSegmentID(index)
+            segment_name = loaded.GetSegment(segment_id).GetName()
+            existing = segmentation.GetSegmentIdBySegmentName(segment_name)
+            if existing:
+                segmentation.RemoveSegment(existing)
+            segmentation.CopySegmentFromSegmentation(loaded, segment_id)
+    finally:
+        target.EndModify(modifying)
+    return target
+
+
+def show_3d(segmentation_node, smoothing: float = 0.5) -> None:
+    """Build the closed-surface representation with a smoothing factor (0-1) and show it."""
+    ensure_converter_rules()
+    segmentation = segmentation_node.GetSegmentation()
+    segmentation.SetConversionParameter("Smoothing factor", str(float(smoothing)))
+    segmentation_node.RemoveClosedSurfaceRepresentation()
+    segmentation_node.CreateClosedSurfaceRepresentation()
+    display = segmentation_node.GetDisplayNode()
+    if display is not None:
+        display.SetPreferredDisplayRepresentationName3D("Closed surface")
+        display.SetVisibility3D(True)
+
+
+def _closed_surfaces(segmentation_node):
+    """(segment name, colour, polydata in RAS) for every segment, building surfaces if needed."""
+    ensure_converter_rules()
+    if not segmentation_node.GetSegmentation().ContainsRepresentation("Closed surface"):
+        segmentation_node.CreateClosedSurfaceRepresentation()
+    segmentation = segmentation_node.GetSegmentation()
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(index)
+        segment = segmentation.GetSegment(segment_id)
+        polydata = vtk.vtkPolyData()
+        segmentation_node.GetClosedSurfaceRepresentation(segment_id, polydata)
+        if polydata.GetNumberOfPoints():
+            yield segment.GetName(), segment.GetColor(), polydata
+
+
+def export_to_models(scene, segmentation_node) -> list:
+    """One model node per segment (its closed surface, name and colour); returns the nodes."""
+    models = []
+    for name, color, polydata in _closed_surfaces(segmentation_node):
+        model = scene.AddNewNodeByClass("vtkMRMLModelNode", name)
+        model.SetAndObservePolyData(polydata)
+        model.CreateDefaultDisplayNodes()
+        model.GetDisplayNode().SetColor(color)
+        models.append(model)
+    return models
+
+
+def export_to_files(segmentation_node, folder: str | Path, suffix: str = ".stl") -> list[Path]:
+    """Write each segment's closed surface to ``folder`` (LPS millimetres, as Slicer reads them)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    to_lps = vtk.vtkTransform()
+    to_lps.Scale(-1, -1, 1)
+    written = []
+    for name, _, polydata in _closed_surfaces(segmentation_node):
+        flip = vtk.vtkTransformPolyDataFilter()
+        flip.SetTransform(to_lps)
+        flip.SetInputData(polydata)
+        flip.Update()
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+        written.append(write_mesh(flip.GetOutput(), folder / f"{safe}{suffix}"))
+    return written

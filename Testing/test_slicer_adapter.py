@@ -1,0 +1,175 @@
+"""The Slicer adapter's logic on Slicer's real MRML libraries (the slicer-core package)."""
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="the slicer-core package (Slicer's MRML libraries) is not installed")
+vtk = pytest.importorskip("vtk")
+
+from AIReconstructAdapter.engine_run import SegmentationJob  # noqa: E402
+from AIReconstructAdapter.nodes import (ensure_converter_rules, export_to_files, export_to_models,  # noqa: E402
+                                        import_segmentation, show_3d, volume_from_node)
+from AIReconstructLib.modelcard import load_card  # noqa: E402
+from AIReconstructLib.segnrrd import write_seg_nrrd  # noqa: E402
+from AIReconstructLib.volume import Volume  # noqa: E402
+from conftest import oblique_direction  # noqa: E402
+
+
+def _matrix(array4x4):
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(array4x4[r][c]))
+    return m
+
+
+def add_volume_node(scene, volume: Volume, name="CT"):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    slicer.util.updateVolumeFromArray(node, volume.array)
+    node.SetIJKToRASMatrix(_matrix(volume.ijk_to_ras()))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def segment_array(scene, segmentation_node, segment_id, reference_volume_node):
+    """A segment's voxels on the reference volume's grid, through Slicer's segmentations logic."""
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    try:
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentation_node, ids, labelmap, reference_volume_node)
+        return slicer.util.arrayFromVolume(labelmap) > 0
+    finally:
+        scene.RemoveNode(labelmap)
+
+
+def _segment_names(node):
+    seg = node.GetSegmentation()
+    return [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
+
+
+@pytest.fixture
+def scene(monkeypatch):
+    """A real MRML scene, installed as ``slicer.mrmlScene`` the way the application does."""
+    scene = slicer.vtkMRMLScene()
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    ensure_converter_rules()  # what the Segmentations module does when Slicer starts
+    return scene
+
+
+@pytest.fixture
+def oblique_ct(ct_volume):
+    return Volume(ct_volume.array, ct_volume.spacing, ct_volume.origin, oblique_direction(20))
+
+
+def test_volume_node_to_engine_volume_keeps_oblique_anisotropic_geometry(scene, oblique_ct):
+    node = add_volume_node(scene, oblique_ct)
+    volume = volume_from_node(node)
+    np.testing.assert_array_equal(volume.array, oblique_ct.array)
+    np.testing.assert_allclose(volume.ijk_to_lps(), oblique_ct.ijk_to_lps(), atol=1e-9)
+
+
+def test_linear_parent_transform_is_applied(scene, ct_volume):
+    node = add_volume_node(scene, ct_volume)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = np.eye(4)
+    shift[:3, 3] = [10, 20, 30]  # RAS
+    transform.SetMatrixTransformToParent(_matrix(shift))
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    moved = volume_from_node(node)
+    np.testing.assert_allclose(np.array(moved.origin) - ct_volume.origin, [-10, -20, 30])
+
+
+def test_engine_seg_nrrd_is_read_by_slicers_storage_node(tmp_path, scene, tiny_model, oblique_ct):
+    labels = np.zeros(oblique_ct.array.shape, np.uint8)
+    labels[5:15, 10:30, 10:40] = 1
+    labels[8:12, 15:20, 20:25] = 2
+    labelmap = oblique_ct.with_array(labels)
+    card = load_card(tiny_model)
+    path = write_seg_nrrd(labelmap, card.labels, tmp_path / "result.seg.nrrd")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    segmentation = node.GetSegmentation()
+    assert _segment_names(node) == ["organ", "lesion"]
+    organ = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("organ"))
+    np.testing.assert_allclose(organ.GetColor(), (0.8, 0.2, 0.2), atol=1e-6)
+    assert organ.GetLabelValue() == 1
+    terminology = vtk.reference("")
+    assert organ.GetTag("TerminologyEntry", terminology)
+    assert "SCT^10200004^Liver" in str(terminology)
+    reference = add_volume_node(scene, oblique_ct)
+    lesion = segment_array(scene, node, segmentation.GetSegmentIdBySegmentName("lesion"), reference)
+    np.testing.assert_array_equal(lesion, labels == 2)  # the same voxels, on the input's grid
+    geometry = slicer.vtkOrientedImageData()
+    node.GetBinaryLabelmapRepresentation(segmentation.GetSegmentIdBySegmentName("organ"), geometry)
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    geometry.GetImageToWorldMatrix(ijk_to_ras)
+    expected = oblique_ct.ijk_to_ras()
+    got = np.array([[ijk_to_ras.GetElement(r, c) for c in range(4)] for r in range(4)])
+    np.testing.assert_allclose(got[:3, :3], expected[:3, :3], atol=1e-6)
+
+
+def test_import_replaces_segments_of_the_same_name_and_keeps_others(tmp_path, scene, tiny_model, ct_volume):
+    volume_node = add_volume_node(scene, ct_volume)
+    existing = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Mine")
+    existing.GetSegmentation().AddEmptySegment("organ", "organ", [0, 0, 1])
+    existing.GetSegmentation().AddEmptySegment("notes", "my notes", [1, 1, 0])
+    labels = np.zeros(ct_volume.array.shape, np.uint8)
+    labels[2:10, 5:20, 5:30] = 1
+    path = write_seg_nrrd(ct_volume.with_array(labels), load_card(tiny_model).labels, tmp_path / "r.seg.nrrd")
+    node = import_segmentation(scene, path, volume_node, target=existing)
+    assert node is existing
+    assert sorted(_segment_names(node)) == ["lesion", "my notes", "organ"]
+    segmentation = node.GetSegmentation()
+    organ_id = segmentation.GetSegmentIdBySegmentName("organ")
+    np.testing.assert_allclose(segmentation.GetSegment(organ_id).GetColor(), (0.8, 0.2, 0.2), atol=1e-6)
+    np.testing.assert_array_equal(segment_array(scene, node, organ_id, volume_node), labels == 1)
+
+
+def test_background_run_creates_segments_surfaces_and_models(tmp_path, scene, tiny_model, oblique_ct):
+    volume_node = add_volume_node(scene, oblique_ct, "patient CT")
+    job = SegmentationJob(scene, [volume_node], str(tiny_model), device="cpu")
+    job.start()
+    workdir = job.workdir
+    state = job.wait(timeout=300)
+    assert state.status == "done", state.error
+    assert not workdir.exists()
+    node = job.segmentation_node
+    assert node.GetName() == "patient CT tiny-test-model"
+    assert set(_segment_names(node)) <= {"organ", "lesion"} and _segment_names(node)
+    reference = node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole())
+    assert reference is volume_node
+    show_3d(node, smoothing=0.3)
+    assert node.GetSegmentation().ContainsRepresentation("Closed surface")
+    models = export_to_models(scene, node)
+    assert [m.GetName() for m in models] == _segment_names(node)[: len(models)]
+    files = export_to_files(node, tmp_path / "meshes", ".stl")
+    assert files and all(f.stat().st_size > 0 for f in files)
+
+
+def test_failed_run_leaves_the_scene_unchanged(scene, ct_volume):
+    add_volume_node(scene, ct_volume)
+    before = [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+    job = SegmentationJob(scene, [scene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")], "no-such-model")
+    job.start()
+    state = job.wait(timeout=120)
+    assert state.status == "failed" and "No installed model named 'no-such-model'" in state.error
+    assert [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())] == before
+    assert job.segmentation_node is None and job.workdir is None
+
+
+def test_cancelled_run_leaves_the_scene_unchanged(scene, tiny_model):
+    big = Volume(np.random.default_rng(0).normal(0, 100, (120, 120, 120)).astype(np.int16), (3, 3, 3))
+    volume_node = add_volume_node(scene, big)
+    count = scene.GetNumberOfNodes()
+    job = SegmentationJob(scene, [volume_node], str(tiny_model), device="cpu", tta=True)
+    job.start()
+    while "window" not in job.poll().message:
+        assert not job.engine.state.finished, job.engine.state.error
+    job.cancel()
+    state = job.wait(timeout=60)
+    assert state.status == "cancelled"
+    assert scene.GetNumberOfNodes() == count and job.workdir is None
