@@ -72,6 +72,7 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self.job = None
+        self.logLinesShown = 0
         self.timer = qt.QTimer()
         self.timer.setInterval(250)
         self.timer.connect("timeout()", self.onPoll)
@@ -178,6 +179,7 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.logic.installRequirements()
                 self.refreshModels()
             self.ui.logTextEdit.clear()
+            self.logLinesShown = 0
             self.job = self.logic.process(self._parameterNode)
             self.timer.start()
         self.updateButtons()
@@ -186,8 +188,9 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         state = self.job.poll()
         self.ui.progressBar.value = int(100 * state.progress)
         self.ui.progressBar.format = state.message
-        for line in state.log[self.ui.logTextEdit.blockCount - 1:]:
+        for line in state.log[self.logLinesShown:]:
             self.ui.logTextEdit.appendPlainText(line)
+        self.logLinesShown = len(state.log)
         if not state.finished:
             return
         self.timer.stop()

@@ -112,6 +112,39 @@ def test_engine_seg_nrrd_is_read_by_slicers_storage_node(tmp_path, scene, tiny_m
     np.testing.assert_allclose(got[:3, :3], expected[:3, :3], atol=1e-6)
 
 
+def test_our_header_matches_the_one_slicers_storage_node_writes(tmp_path, scene, tiny_model, oblique_ct):
+    import nrrd
+    labels = np.zeros(oblique_ct.array.shape, np.uint8)
+    labels[5:15, 10:30, 10:40] = 1
+    labels[8:12, 15:20, 20:25] = 2
+    ours = write_seg_nrrd(oblique_ct.with_array(labels), load_card(tiny_model).labels, tmp_path / "ours.seg.nrrd")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(ours))
+    assert storage.ReadData(node)
+    storage.SetFileName(str(tmp_path / "slicer.seg.nrrd"))
+    assert storage.WriteData(node)
+    _, mine = nrrd.read(str(ours))
+    _, theirs = nrrd.read(str(tmp_path / "slicer.seg.nrrd"))
+    segment_keys = {key.split("_", 1)[1] for key in theirs if key.startswith("Segment0_")}
+    assert segment_keys <= {key.split("_", 1)[1] for key in mine if key.startswith("Segment0_")}
+    for index in (0, 1):
+        for field in ("ID", "Name", "LabelValue", "Layer"):
+            assert mine[f"Segment{index}_{field}"] == theirs[f"Segment{index}_{field}"], field
+        assert np.allclose([float(v) for v in mine[f"Segment{index}_Color"].split()],
+                           [float(v) for v in theirs[f"Segment{index}_Color"].split()], atol=1e-5)
+    organ_terminology = mine["Segment0_Tags"].split("TerminologyEntry:")[1].split("|")[0]
+    assert organ_terminology in theirs["Segment0_Tags"]
+    assert mine["Segmentation_MasterRepresentation"] == theirs["Segmentation_MasterRepresentation"]
+    assert mine["space"] == theirs["space"] == "left-posterior-superior"
+    np.testing.assert_allclose(mine["space directions"], theirs["space directions"], atol=1e-6)
+    # Slicer crops its file to the segments and records the shift; ours keeps the whole grid (offset 0)
+    offset = np.array([int(v) for v in theirs["Segmentation_ReferenceImageExtentOffset"].split()])
+    np.testing.assert_allclose(theirs["space origin"], mine["space origin"] + offset @ mine["space directions"], atol=1e-5)
+    union = [int(v) for v in mine["Segment0_Extent"].split()]  # the organ's extent holds the lesion's
+    assert [union[0], union[2], union[4]] == offset.tolist()
+
+
 def test_import_replaces_segments_of_the_same_name_and_keeps_others(tmp_path, scene, tiny_model, ct_volume):
     volume_node = add_volume_node(scene, ct_volume)
     existing = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Mine")

@@ -87,9 +87,9 @@ class ModelCard:
         return {"overlap": 0.5, "mirror_axes": [0, 1, 2], **self.data.get("inference", {})}
 
     def summary(self) -> str:
-        """One line for listings: name, modality, labels, intended use."""
+        """One line for listings: name, modality, labels, licence, intended use."""
         names = ", ".join(label.name for label in self.labels)
-        return f"{self.name} ({self.data['modality']}; {names}) — {self.data['intended_use']}"
+        return f"{self.name} ({self.data['modality']}; {names}; licence {self.data['licence']}) — {self.data['intended_use']}"
 
 
 @lru_cache(maxsize=1)
