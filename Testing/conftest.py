@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
+from AIReconstructLib.io import volume_to_sitk
 from AIReconstructLib.modelcard import CARD_FILE, sha256_of
 from AIReconstructLib.networks import build_network, save_weights
 from AIReconstructLib.volume import Volume
@@ -22,6 +24,38 @@ def oblique_direction(angle_deg: float = 20.0) -> np.ndarray:
     a = np.radians(angle_deg)
     k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
     return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+
+
+def write_dicom_series(folder: Path, volume: Volume, series_uid: str = "1.2.826.0.1.3680043.2.1125.1",
+                       skip_slices=(), z_offsets=None) -> Path:
+    """Write ``volume`` as one CT DICOM file per slice; ``skip_slices`` and ``z_offsets`` make bad series."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image = volume_to_sitk(volume)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        if k in skip_slices:
+            continue
+        slice_image = image[:, :, k]
+        position = list(image.TransformIndexToPhysicalPoint((0, 0, k)))
+        if z_offsets is not None:
+            position[2] += z_offsets[k]
+        tags = {"0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125", "0020|000e": series_uid,
+                "0020|0013": str(k + 1), "0020|0032": "\\".join(map(str, position)),
+                "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": str(volume.spacing[2]),
+                "0028|0030": f"{volume.spacing[1]}\\{volume.spacing[0]}"}
+        for tag, value in tags.items():
+            slice_image.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{series_uid[-4:]}_{k:03d}.dcm"))
+        writer.Execute(slice_image)
+    return folder
+
+
+def noise_ct(shape, spacing=(4, 4, 4), seed: int = 0) -> Volume:
+    """A CT-like noise volume (soft tissue with an air slab) for runs that only need many windows."""
+    array = np.random.default_rng(seed).normal(0, 100, shape).astype(np.int16)
+    array[:2] = -1000
+    return Volume(array, spacing)
 
 
 def tiny_card(name: str = "tiny-test-model") -> dict:
@@ -61,9 +95,11 @@ def tiny_model(tmp_path) -> Path:
 
 @pytest.fixture
 def ct_volume() -> Volume:
-    """A small CT-like volume: a bright ellipsoid in soft tissue, anisotropic spacing."""
+    """A small CT-like volume: a bright ellipsoid in a soft-tissue body surrounded by air, anisotropic spacing."""
     k, j, i = np.mgrid[0:24, 0:40, 0:48]
     inside = ((i - 24) / 14.0) ** 2 + ((j - 20) / 11.0) ** 2 + ((k - 12) / 7.0) ** 2 < 1
+    body = ((i - 24) / 22.0) ** 2 + ((j - 20) / 18.0) ** 2 < 1
     rng = np.random.default_rng(0)
-    array = np.where(inside, 120, 30).astype(np.int16) + rng.normal(0, 5, inside.shape).astype(np.int16)
+    array = np.where(inside, 120, np.where(body, 30, -1000)).astype(np.int16)
+    array += rng.normal(0, 5, inside.shape).astype(np.int16)
     return Volume(array, (2.0, 2.5, 4.0), (-40.0, 10.0, 5.0), np.eye(3))

@@ -13,6 +13,7 @@ import pytest
 from AIReconstructLib.cli import main
 from AIReconstructLib.io import read_labelmap, read_volume, write_volume
 from AIReconstructLib.volume import Volume
+from conftest import noise_ct
 
 
 @pytest.fixture
@@ -79,7 +80,7 @@ def test_json_progress_lines(tmp_path, tiny_model, ct_file, capsys):
 
 
 def test_cancel_leaves_the_output_folder_as_it_was(tmp_path, tiny_model):
-    big = Volume(np.random.default_rng(0).normal(0, 100, (96, 96, 96)).astype(np.int16), (4, 4, 4))
+    big = noise_ct((96, 96, 96))
     image = write_volume(big, tmp_path / "big.nii.gz")
     out = tmp_path / "out"
     out.mkdir()

@@ -10,7 +10,7 @@ from AIReconstructLib.errors import InputError, OutputError
 from AIReconstructLib.io import (StagedOutput, read_image_for_model, read_labelmap, read_volume,
                                  volume_to_sitk, write_volume)
 from AIReconstructLib.volume import Volume
-from conftest import oblique_direction
+from conftest import oblique_direction, write_dicom_series
 
 
 def _oblique_volume(dtype=np.float32) -> Volume:
@@ -42,21 +42,7 @@ def test_ijk_to_ras_matrix_round_trip():
 
 def test_dicom_series_folder(tmp_path):
     volume = Volume(np.arange(4 * 6 * 5, dtype=np.int16).reshape(4, 6, 5), (0.8, 0.8, 2.5), (-10.0, 20.0, 30.0))
-    image = volume_to_sitk(volume)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(image.GetDepth()):
-        slice_image = image[:, :, k]
-        position = image.TransformIndexToPhysicalPoint((0, 0, k))
-        for tag, value in {
-            "0008|0060": "CT", "0020|000d": "1.2.3", "0020|000e": "1.2.3.4", "0020|0013": str(k + 1),
-            "0020|0032": "\\".join(map(str, position)), "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": "2.5",
-            "0028|0030": "0.8\\0.8",
-        }.items():
-            slice_image.SetMetaData(tag, value)
-        writer.SetFileName(str(tmp_path / f"slice{k:03d}.dcm"))
-        writer.Execute(slice_image)
-    back = read_volume(tmp_path)
+    back = read_volume(write_dicom_series(tmp_path / "series", volume))
     np.testing.assert_array_equal(back.array, volume.array)
     np.testing.assert_allclose(back.spacing, volume.spacing, atol=1e-4)
     np.testing.assert_allclose(back.origin, volume.origin, atol=1e-4)

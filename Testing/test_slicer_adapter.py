@@ -12,7 +12,7 @@ from AIReconstructAdapter.nodes import (ensure_converter_rules, export_to_files,
 from AIReconstructLib.modelcard import load_card  # noqa: E402
 from AIReconstructLib.segnrrd import write_seg_nrrd  # noqa: E402
 from AIReconstructLib.volume import Volume  # noqa: E402
-from conftest import oblique_direction  # noqa: E402
+from conftest import noise_ct, oblique_direction  # noqa: E402
 
 
 def _matrix(array4x4):
@@ -195,7 +195,7 @@ def test_failed_run_leaves_the_scene_unchanged(scene, ct_volume):
 
 
 def test_cancelled_run_leaves_the_scene_unchanged(scene, tiny_model):
-    big = Volume(np.random.default_rng(0).normal(0, 100, (120, 120, 120)).astype(np.int16), (3, 3, 3))
+    big = noise_ct((120, 120, 120), spacing=(3, 3, 3))
     volume_node = add_volume_node(scene, big)
     count = scene.GetNumberOfNodes()
     job = SegmentationJob(scene, [volume_node], str(tiny_model), device="cpu", tta=True)

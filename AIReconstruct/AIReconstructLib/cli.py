@@ -179,7 +179,8 @@ def cmd_train(args, reporter: Reporter) -> None:
         spacing=args.spacing, fast_spacing=args.fast_spacing, patch_size=args.patch_size, epochs=args.epochs,
         iterations_per_epoch=args.iterations, batch_size=args.batch_size, learning_rate=args.learning_rate,
         validate_every=args.validate_every, seed=args.seed, device=args.device,
-        time_limit_minutes=args.time_limit, intended_use=args.intended_use,
+        time_limit_minutes=args.time_limit, intended_use=args.intended_use, labels_file=args.labels,
+        licence=args.licence,
     )
     card_path = train(config, reporter.progress, reporter.cancel_requested)
     reporter.result(f"wrote {card_path}", {"card": str(card_path)})
@@ -259,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--time-limit", type=float, help="stop after this many minutes")
     p.add_argument("--intended-use", default="Research use only; not for clinical use")
+    p.add_argument("--licence", default="Apache-2.0", help="licence of the trained model (and its data's terms)")
+    p.add_argument("--labels", help="JSON list of card label entries (names, colours, SNOMED CT codes)")
     p.set_defaults(func=cmd_train)
     return parser
 

@@ -66,8 +66,8 @@ def run_demo(output: Path, seed: int = 7, extra_cases: int = 2, device: str = "a
         mean_unseen = float(np.mean([c["mean_dice"] for c in per_case]))
         summary.update(unseen_cases=per_case, mean_dice_unseen=mean_unseen)
         markdown = _summary_markdown(card, first_scores, per_case, first_seconds, summary["volumes_ml"])
-        out.path("summary.md").write_text(markdown, encoding="utf-8")
-        out.path(f"phantom_{seed:04d}_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        out.write_text("summary.md", markdown)
+        out.write_text(f"phantom_{seed:04d}_summary.json", json.dumps(summary, indent=2))
         written = out.commit()
     text = markdown + "\nFiles written to " + str(output.resolve()) + ":\n" + "\n".join(
         f"  {path.relative_to(output)}" for path in written)

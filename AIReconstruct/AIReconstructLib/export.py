@@ -47,5 +47,5 @@ def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str
         summary["surface_coordinates"] = coordinates
         seconds["surfaces"] = time.perf_counter() - started
     summary["seconds"] = {key: round(value, 3) for key, value in seconds.items()}
-    out.path(f"{stem}_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    out.write_text(f"{stem}_summary.json", json.dumps(summary, indent=2))
     return summary

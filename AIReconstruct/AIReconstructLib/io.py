@@ -22,6 +22,16 @@ from .errors import InputError, OutputError
 from .volume import Volume
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+MAX_INPUT_BYTES_ENV = "AIRECONSTRUCT_MAX_INPUT_BYTES"
+
+
+def max_input_bytes() -> int:
+    """The largest input (as float32) the engine accepts: a quarter of physical memory, since a
+    run holds the image, its resampled copy and per-class scores at once (override with
+    $AIRECONSTRUCT_MAX_INPUT_BYTES)."""
+    if os.environ.get(MAX_INPUT_BYTES_ENV):
+        return int(os.environ[MAX_INPUT_BYTES_ENV])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
 
 
 def _suffix(path: Path) -> str:
@@ -66,7 +76,11 @@ def _read_sitk(path: Path) -> sitk.Image:
     try:
         if path.is_dir():
             return _read_dicom_series(path)
-        return sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        _check_size(reader.GetSize(), reader.GetNumberOfComponents(), path.name)
+        return reader.Execute()
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
         raise InputError(
@@ -75,15 +89,50 @@ def _read_sitk(path: Path) -> sitk.Image:
         ) from None
 
 
+def _check_size(size, components: int, name: str) -> None:
+    """Refuse, from the header alone, an image too large to process in this machine's memory."""
+    needed = int(np.prod(size, dtype=np.float64)) * max(components, 1) * 4
+    if needed > max_input_bytes():
+        raise InputError(
+            f"{name} is too large to process here: {' x '.join(map(str, size))} voxels need "
+            f"{needed / 2**30:.1f} GiB as float32, more than the {max_input_bytes() / 2**30:.1f} GiB allowed"
+        )
+
+
 def _read_dicom_series(folder: Path) -> sitk.Image:
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series_ids:
         raise InputError(f"{folder.name} holds no DICOM image series")
     if len(series_ids) > 1:
         raise InputError(f"{folder.name} holds {len(series_ids)} DICOM series; give the folder of one series")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
+    _check_slice_positions(files, folder.name)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
-    return reader.Execute()
+    reader.SetFileNames(files)
+    image = reader.Execute()
+    _check_size(image.GetSize(), image.GetNumberOfComponentsPerPixel(), folder.name)
+    return image
+
+
+def _check_slice_positions(files, name: str) -> None:
+    """Refuse a series whose slices are not evenly spaced (missing, duplicated or mixed slices)."""
+    positions = []
+    for file in files:
+        header = sitk.ImageFileReader()
+        header.SetFileName(file)
+        header.ReadImageInformation()
+        if not header.HasMetaDataKey("0020|0032"):
+            return  # no positions to check (a single multi-frame file, for instance)
+        positions.append([float(v) for v in header.GetMetaData("0020|0032").split("\\")])
+    if len(positions) < 3:
+        return
+    along = np.diff(np.asarray(positions), axis=0)
+    gaps = np.linalg.norm(along, axis=1)
+    if gaps.min() < 1e-3 or gaps.max() > 1.05 * np.median(gaps) or gaps.min() < 0.95 * np.median(gaps):
+        raise InputError(
+            f"{name}: slice spacing is uneven ({gaps.min():.2f} to {gaps.max():.2f} mm); "
+            "slices are missing, duplicated or from another series"
+        )
 
 
 def _squeeze_to_3d(image: sitk.Image, name: str) -> sitk.Image:
@@ -108,14 +157,18 @@ def volume_from_sitk(image: sitk.Image, name: str = "image") -> Volume:
             "a single-channel scalar volume is needed"
         )
     image = _squeeze_to_3d(image, name)
-    array = sitk.GetArrayFromImage(image)
-    if array.size == 0:
+    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise InputError(f"{name} has direction cosines that are not orthonormal (a sheared or skewed grid)")
+    if min(image.GetSize()) == 0:
         raise InputError(f"{name} is empty: it has no voxels")
+    if min(image.GetSize()) < 2:
+        raise InputError(f"{name} is only 1 voxel thick (size {image.GetSize()}); a 3D volume is needed")
+    array = sitk.GetArrayFromImage(image)
     if np.issubdtype(array.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(array)))
         if bad:
             raise InputError(f"{name} contains {bad} NaN or infinite voxel values")
-    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
     return Volume(array, image.GetSpacing(), image.GetOrigin(), direction)
 
 
@@ -197,12 +250,24 @@ def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True)
     return path
 
 
+STAGING_PREFIX = ".aireconstruct-partial-"
+
+
+def _remove_stale_staging(folder: Path) -> None:
+    """Remove staging folders left by runs that were killed (their process no longer exists)."""
+    for stale in folder.glob(f"{STAGING_PREFIX}*"):
+        pid = stale.name[len(STAGING_PREFIX):].split("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 class StagedOutput:
     """An output folder whose new files appear all together, or not at all.
 
     Files are written into a hidden staging folder inside ``folder``; :meth:`commit` moves
     them into place. If the block fails (or is cancelled) the staging folder is removed and
-    ``folder`` is exactly as it was (it is removed again if this run created it).
+    ``folder`` is exactly as it was (it is removed again if this run created it). A run killed
+    outright leaves only its hidden staging folder, which the next run there removes.
     """
 
     def __init__(self, folder: str | os.PathLike):
@@ -216,7 +281,8 @@ class StagedOutput:
             if not self.folder.exists():
                 self.folder.mkdir(parents=True)
                 self.created_folder = True
-            self.staging = Path(tempfile.mkdtemp(prefix=".aireconstruct-partial-", dir=self.folder))
+            _remove_stale_staging(self.folder)
+            self.staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=self.folder))
         except OSError as error:
             raise OutputError(f"Cannot write into {self.folder}: {error.strerror or error}") from None
         return self
@@ -228,14 +294,26 @@ class StagedOutput:
         target.parent.mkdir(parents=True, exist_ok=True)
         return target
 
+    def write_text(self, name: str, text: str) -> Path:
+        """Write a text output (UTF-8) into the staging folder."""
+        target = self.path(name)
+        try:
+            target.write_text(text, encoding="utf-8")
+        except OSError as error:
+            raise OutputError(f"Cannot write {self.folder / name}: {error.strerror or error}") from None
+        return target
+
     def commit(self) -> list[Path]:
         """Move every staged file into the output folder; returns the final paths."""
         assert self.staging is not None
-        for staged in sorted(p for p in self.staging.rglob("*") if p.is_file()):
-            final = self.folder / staged.relative_to(self.staging)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staged, final)
-            self.committed.append(final)
+        try:
+            for staged in sorted(p for p in self.staging.rglob("*") if p.is_file()):
+                final = self.folder / staged.relative_to(self.staging)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged, final)
+                self.committed.append(final)
+        except OSError as error:
+            raise OutputError(f"Cannot move the results into {self.folder}: {error.strerror or error}") from None
         return self.committed
 
     def __exit__(self, exc_type, exc, tb):
@@ -243,4 +321,6 @@ class StagedOutput:
             shutil.rmtree(self.staging, ignore_errors=True)
         if exc_type is not None and self.created_folder and not any(self.folder.iterdir()):
             self.folder.rmdir()
+        if isinstance(exc, OutputError) and self.staging is not None:  # name the real folder, not the hidden one
+            raise OutputError(str(exc).replace(str(self.staging), str(self.folder))) from None
         return False

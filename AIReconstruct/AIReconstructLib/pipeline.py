@@ -55,10 +55,22 @@ def check_channels(channels: list[Volume], card: ModelCard) -> None:
             raise InputError(f"Input channel '{name}' is not on the same grid as '{expected[0]}'; resample it first")
 
 
+def check_modality(volume: Volume, card: ModelCard) -> None:
+    """Refuse an image that plainly is not of the model's modality (a heuristic on intensities:
+    CT always holds air near -1000 HU; MR intensities never go that low)."""
+    modality = card.data["modality"]
+    lowest = float(volume.array.min())
+    if modality == "CT" and lowest > -500:
+        raise InputError(f"The image does not look like CT (no voxel below -500 HU) but model '{card.name}' is for CT")
+    if modality == "MR" and np.count_nonzero(volume.array < -500) > 0.05 * volume.array.size:
+        raise InputError(f"The image looks like CT (many voxels near air's -1000 HU) but model '{card.name}' is for MR")
+
+
 def segment(channels: list[Volume], card: ModelCard, options: SegmentOptions = SegmentOptions(),
             progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> Segmentation:
     """Segment ``channels`` (one volume per model input channel) with the model ``card``."""
     check_channels(channels, card)
+    check_modality(channels[0], card)
     report = progress or (lambda fraction, message: None)
     seconds = {}
 

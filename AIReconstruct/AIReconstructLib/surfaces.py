@@ -164,8 +164,9 @@ def write_mesh(poly: vtk.vtkPolyData, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         writer.SetFileName(str(tmp))
         writer.SetInputData(poly)
-        if not writer.Write():
-            raise OutputError(f"Cannot write {path}")
+        if not writer.Write() or writer.GetErrorCode():
+            reason = vtk.vtkErrorCode.GetStringFromErrorCode(writer.GetErrorCode())
+            raise OutputError(f"Cannot write {path}: {reason}")
     return path
 
 

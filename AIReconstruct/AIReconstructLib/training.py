@@ -24,6 +24,7 @@ from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandCro
 from monai.transforms.utils import map_classes_to_indices
 
 from .dataset import Dataset, read_dataset
+from .errors import Cancelled, InputError
 from .io import atomic_path, read_labelmap, read_volume
 from .metrics import overlap_scores
 from .modelcard import CARD_FILE, sha256_of, validate_card
@@ -57,11 +58,12 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     time_limit_minutes: float | None = None
+    labels_file: str | None = None  # model-card label entries (names, colours, codes) for the data set's values
     intended_use: str = "Research use only; not for clinical use"
     licence: str = "Apache-2.0"
 
 
-def _normalisation(dataset: Dataset, spacing_note: list) -> list[dict]:
+def _normalisation(dataset: Dataset) -> list[dict]:
     """Per-channel normalisation from the data set's intensities (nnU-Net's CT scheme for CT)."""
     specs = []
     for index, channel in enumerate(dataset.channel_names):
@@ -81,6 +83,16 @@ def _normalisation(dataset: Dataset, spacing_note: list) -> list[dict]:
         specs.append({"name": channel, "normalisation": {
             "scheme": "ct", "clip": [float(low), float(high)], "mean": float(clipped.mean()), "std": float(clipped.std())}})
     return specs
+
+
+def _label_entries(dataset: Dataset, labels_file: str | None) -> list[dict]:
+    """The data set's labels, or those of ``labels_file`` (which must give the same values)."""
+    if labels_file is None:
+        return dataset.label_entries
+    entries = json.loads(Path(labels_file).read_text(encoding="utf-8"))
+    if sorted(e["value"] for e in entries) != sorted(e["value"] for e in dataset.label_entries):
+        raise InputError(f"{labels_file} does not give the same label values as {dataset.folder.name}/dataset.json")
+    return entries
 
 
 def _median_spacing(dataset: Dataset) -> list[float]:
@@ -142,8 +154,8 @@ def train(config: TrainConfig, progress=None, cancel=None) -> Path:
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     spacing = config.spacing or _median_spacing(dataset)
-    channel_specs = _normalisation(dataset, spacing)
-    label_entries = dataset.label_entries
+    channel_specs = _normalisation(dataset)
+    label_entries = _label_entries(dataset, config.labels_file)
     num_classes = max(entry["value"] for entry in label_entries) + 1
 
     loaded = [_load_case(case, channel_specs, spacing) for case in dataset.cases]
@@ -181,7 +193,6 @@ def train(config: TrainConfig, progress=None, cancel=None) -> Path:
         losses = []
         for _ in range(config.iterations_per_epoch):
             if cancel is not None and cancel():
-                from .errors import Cancelled
                 raise Cancelled("Training cancelled by the user")
             samples = [augment(random.choice(train_items))[0] for _ in range(config.batch_size)]
             images = torch.stack([s["image"].as_tensor() if hasattr(s["image"], "as_tensor") else s["image"] for s in samples]).to(device)

@@ -1,0 +1,161 @@
+"""Reliability: out-of-memory fallback, determinism, runs killed at random moments, fuzzed readers."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from AIReconstructLib.errors import AIReconstructError
+from AIReconstructLib.io import read_volume, write_volume
+from AIReconstructLib.modelcard import load_card
+from AIReconstructLib.networks import load_network
+from AIReconstructLib.pipeline import SegmentOptions, segment
+from AIReconstructLib.predict import Predictor
+from AIReconstructLib.segnrrd import read_seg_nrrd
+from AIReconstructLib.volume import Volume
+from conftest import noise_ct, tiny_card
+
+
+class WindowLimit(torch.nn.Module):
+    """A simulated allocation limit: more than ``fits`` windows at once run out of memory."""
+
+    def __init__(self, network, fits: int):
+        super().__init__()
+        self.network, self.fits = network, fits
+
+    def forward(self, batch):
+        if batch.shape[0] > self.fits:
+            raise torch.OutOfMemoryError(f"simulated: {batch.shape[0]} windows do not fit")
+        return self.network(batch)
+
+
+def test_out_of_memory_retries_with_fewer_windows(tiny_model, caplog):
+    network = load_network(load_card(tiny_model))
+    image = torch.randn(1, 40, 48, 56)
+    expected = Predictor(network, (32, 32, 32), device="cpu", sw_batch_size=1)(image)
+    limited = Predictor(WindowLimit(network, fits=1), (32, 32, 32), device="cpu", sw_batch_size=4)
+    with caplog.at_level("WARNING"):
+        result = limited(image)
+    assert "Out of memory (4 window(s) per batch" in caplog.text
+    torch.testing.assert_close(result, expected)
+
+
+def test_out_of_memory_everywhere_is_a_clear_error(tiny_model):
+    network = WindowLimit(load_network(load_card(tiny_model)), fits=0)
+    with pytest.raises(AIReconstructError, match="Out of memory even on the CPU"):
+        Predictor(network, (32, 32, 32), device="cpu", sw_batch_size=2)(torch.randn(1, 32, 32, 32))
+
+
+def test_same_input_same_labels(tiny_model, ct_volume):
+    card = load_card(tiny_model)
+    first = segment([ct_volume], card, SegmentOptions(device="cpu", tta=True)).labelmap.array
+    second = segment([ct_volume], card, SegmentOptions(device="cpu", tta=True)).labelmap.array
+    np.testing.assert_array_equal(first, second)
+
+
+def test_runs_killed_at_random_moments_leave_no_partial_output(tmp_path, tiny_model):
+    image = write_volume(noise_ct((64, 80, 80)), tmp_path / "ct.nii.gz")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.txt").write_text("keep", encoding="utf-8")
+    command = [sys.executable, "-m", "AIReconstructLib", "segment", str(image), "-m", str(tiny_model), "-o", str(out),
+               "--device", "cpu", "--surfaces", "--tta"]
+    rng = random.Random(1)
+    outcomes = set()
+    for _ in range(4):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(1.0, 6.0))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+        if visible == ["earlier.txt"]:
+            outcomes.add("nothing")
+        else:  # the run had committed: every output is there and readable
+            assert {"ct.seg.nrrd", "ct_labels.nii.gz", "ct_summary.json", "surfaces"} <= set(visible), visible
+            read_seg_nrrd(out / "ct.seg.nrrd")
+            json.loads((out / "ct_summary.json").read_text(encoding="utf-8"))
+            outcomes.add("complete")
+    # a later run clears the hidden staging folders the killed runs left behind
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert "nothing" in outcomes
+
+
+NIFTI, NRRD, MHA = ".nii", ".nrrd", ".mha"
+
+
+@pytest.fixture(scope="module")
+def valid_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("valid")
+    volume = Volume(np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5), (1.0, 2.0, 3.0))
+    return {suffix: write_volume(volume, folder / f"image{suffix}", compress=False).read_bytes()
+            for suffix in (NIFTI, NRRD, MHA)}
+
+
+@st.composite
+def mutated(draw, original: bytes):
+    data = bytearray(original)
+    for _ in range(draw(st.integers(1, 8))):
+        action = draw(st.sampled_from(["flip", "cut", "insert"]))
+        position = draw(st.integers(0, max(len(data) - 1, 0)))
+        if action == "flip" and data:
+            data[position] = draw(st.integers(0, 255))
+        elif action == "cut":
+            del data[position: position + draw(st.integers(1, 64))]
+        else:
+            data[position:position] = draw(st.binary(min_size=1, max_size=16))
+    return bytes(data)
+
+
+FUZZ = settings(max_examples=int(os.environ.get("AIRECONSTRUCT_FUZZ_EXAMPLES", "150")), deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("suffix", [NIFTI, NRRD, MHA])
+def test_fuzzed_image_files_give_only_engine_errors(tmp_path, valid_files, suffix):
+    path = tmp_path / f"fuzz{suffix}"
+
+    @FUZZ
+    @given(data=st.data())
+    def check(data):
+        path.write_bytes(data.draw(mutated(valid_files[suffix])))
+        try:
+            read_volume(path)
+        except AIReconstructError as error:
+            assert "\n" not in str(error)
+
+    check()
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats(allow_nan=False)
+                           | st.text(max_size=8), lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=8)
+
+
+def test_fuzzed_model_cards_give_only_card_errors(tmp_path):
+    path = tmp_path / "card.json"
+
+    @FUZZ
+    @given(field=st.sampled_from(sorted(tiny_card())), value=JSON_VALUES, drop=st.booleans())
+    def check(field, value, drop):
+        card = tiny_card()
+        if drop:
+            card.pop(field)
+        else:
+            card[field] = value
+        path.write_text(json.dumps(card), encoding="utf-8")
+        try:
+            load_card(path)
+        except AIReconstructError as error:
+            assert "\n" not in str(error)
+
+    check()
