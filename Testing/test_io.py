@@ -1,14 +1,11 @@
 """Reading and writing volumes: geometry round trips and bad inputs with one-line errors."""
 
-import gzip
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from AIReconstructLib.errors import InputError, OutputError
-from AIReconstructLib.io import (StagedOutput, read_image_for_model, read_labelmap, read_volume,
-                                 volume_to_sitk, write_volume)
+from AIReconstructLib.io import StagedOutput, read_image_for_model, read_labelmap, read_volume, write_volume
 from AIReconstructLib.volume import Volume
 from conftest import oblique_direction, write_dicom_series
 

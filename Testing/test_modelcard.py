@@ -100,6 +100,7 @@ def test_find_model_by_name_on_the_model_path(tmp_path, monkeypatch):
     ("BasicUNetPlusPlus", {"features": [4, 4, 8, 16, 32, 4]}),
     ("VNet", {}),
     ("SegResNet", {"init_filters": 8}),
+    ("SwinUNETR", {"feature_size": 12}),
 ])
 def test_every_architecture_builds_from_its_card_entry(name, args):
     import torch

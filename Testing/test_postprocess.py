@@ -41,3 +41,10 @@ def test_labels_without_rules_are_untouched():
     array[0, 0, 0] = 1
     array[5, 5, 5] = 1
     np.testing.assert_array_equal(postprocess(Volume(array), [_label(1)]).array, array)
+
+
+def test_a_label_whose_islands_are_all_removed_is_left_empty():
+    array = np.zeros((6, 6, 6), np.uint8)
+    array[1, 1, 1] = 1  # 1 mm³, far below the 0.5 mL minimum
+    out = postprocess(Volume(array), [_label(1, min_island_ml=0.5, fill_holes=True)]).array
+    assert not out.any()

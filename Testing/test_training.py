@@ -2,14 +2,20 @@
 
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
-from AIReconstructLib.cli import main
+from AIReconstructLib.cli import build_parser, config_from_arguments, main
+from AIReconstructLib.errors import Cancelled
 from AIReconstructLib.dataset import read_dataset, write_phantom_dataset
 from AIReconstructLib.modelcard import load_card
 from AIReconstructLib.phantom import make_phantom
 from AIReconstructLib.pipeline import SegmentOptions, segment
+from AIReconstructLib.training import train
 
 
 def test_short_training_lowers_the_loss_and_writes_a_loadable_card(tmp_path):
@@ -26,7 +32,7 @@ def test_short_training_lowers_the_loss_and_writes_a_loadable_card(tmp_path):
     assert float(rows[-1]["loss"]) < 0.8 * float(rows[0]["loss"])
     assert rows[2]["val_mean_dice"] and rows[5]["val_mean_dice"]
     splits = json.loads((tmp_path / "model" / "splits.json").read_text(encoding="utf-8"))
-    assert len(splits["validation"]) == 1 and len(splits["train"]) == 2
+    assert len(splits["folds"][0]["validation"]) == 1 and len(splits["folds"][0]["train"]) == 2
 
     card = load_card(tmp_path / "model")
     assert card.data["modality"] == "CT" and card.data["channels"][0]["normalisation"]["scheme"] == "ct"
@@ -36,3 +42,69 @@ def test_short_training_lowers_the_loss_and_writes_a_loadable_card(tmp_path):
     result = segment([phantom.image], card, SegmentOptions(device="cpu"))
     assert result.labelmap.same_grid(phantom.image, tolerance=0)
     assert np.any(result.labelmap.array > 0)
+
+
+TINY = ["--spacing", "8", "8", "8", "--patch-size", "32", "32", "32", "--iterations", "3", "--batch-size", "1",
+        "--device", "cpu", "--architecture-args", '{"channels": [4, 8], "strides": [2], "num_res_units": 0}']
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    write_phantom_dataset(folder, count=3, first_seed=600, spacing=(6.0, 6.0, 8.0))
+    return folder
+
+
+def _log(folder):
+    with open(folder / "training_log.csv", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_resume_continues_where_an_interrupted_run_stopped(tmp_path, tiny_dataset):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["train", str(tiny_dataset), "-o", str(straight), "--name", "s", "--epochs", "4",
+                 "--validate-every", "2", *TINY]) == 0
+    arguments = build_parser().parse_args(["train", str(tiny_dataset), "-o", str(resumed), "--name", "r",
+                                           "--epochs", "4", "--validate-every", "2", *TINY])
+    checks = []
+    with pytest.raises(Cancelled):  # interrupted in the third epoch (3 iterations per epoch)
+        train(config_from_arguments(arguments), cancel=lambda: checks.append(1) or len(checks) > 7)
+    assert [row["epoch"] for row in _log(resumed)] == ["1", "2"]
+    assert main(["train", str(tiny_dataset), "-o", str(resumed), "--name", "r", "--epochs", "4",
+                 "--validate-every", "2", "--resume", *TINY]) == 0
+    rows = _log(resumed)
+    assert [row["epoch"] for row in rows] == ["1", "2", "3", "4"]
+    for a, b in zip(_log(straight), rows):  # the same patches and steps: the same losses
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-6)
+    assert json.loads((resumed / "card.json").read_text(encoding="utf-8"))["training"]["epochs_run"] == 4
+
+
+def test_adversarial_loss_is_on_only_when_asked(tmp_path, tiny_dataset):
+    assert main(["train", str(tiny_dataset), "-o", str(tmp_path / "plain"), "--name", "p", "--epochs", "2", *TINY]) == 0
+    assert "adversarial_loss" not in _log(tmp_path / "plain")[0]
+    assert main(["train", str(tiny_dataset), "-o", str(tmp_path / "gan"), "--name", "g", "--epochs", "3",
+                 "--adversarial", "--adversarial-warmup", "1", "--adversarial-weight", "0.1", *TINY]) == 0
+    rows = _log(tmp_path / "gan")
+    assert rows[0]["adversarial_loss"] == "" and rows[0]["discriminator_loss"] == ""  # warm-up epoch
+    assert float(rows[1]["adversarial_loss"]) > 0 and float(rows[2]["discriminator_loss"]) > 0
+    card = json.loads((tmp_path / "gan" / "card.json").read_text(encoding="utf-8"))
+    assert card["training"]["config"]["adversarial"] is True
+
+
+def test_k_fold_splits_cover_every_case_once(tmp_path, tiny_dataset):
+    assert main(["train", str(tiny_dataset), "-o", str(tmp_path / "f"), "--name", "f", "--epochs", "1",
+                 "--folds", "3", "--fold", "2", *TINY]) == 0
+    splits = json.loads((tmp_path / "f" / "splits.json").read_text(encoding="utf-8"))
+    held_out = [case for fold in splits["folds"] for case in fold["validation"]]
+    assert sorted(held_out) == ["phantom_0600", "phantom_0601", "phantom_0602"] and splits["fold"] == 2
+
+
+def test_two_gloo_processes_under_torchrun_keep_identical_weights(tmp_path, tiny_dataset):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+                "-m", "AIReconstructLib"]
+    result = subprocess.run(torchrun + ["train", str(tiny_dataset), "-o", str(tmp_path / "ddp"), "--name", "d",
+                                        "--epochs", "2", *TINY], capture_output=True, text=True, encoding="utf-8",
+                            timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    card = json.loads((tmp_path / "ddp" / "card.json").read_text(encoding="utf-8"))
+    assert card["training"]["processes"] == 2  # and check_in_sync found the ranks' weights identical

@@ -171,8 +171,9 @@ def cmd_phantoms(args, reporter: Reporter) -> None:
     reporter.result(f"wrote {len(dataset.cases)} phantoms to {dataset.folder}", {"cases": len(dataset.cases)})
 
 
-def cmd_train(args, reporter: Reporter) -> None:
-    from .training import TrainConfig, train
+def config_from_arguments(args):
+    """The training configuration the ``train`` command's arguments describe."""
+    from .training import TrainConfig
 
     config = TrainConfig(
         dataset=args.dataset, output=args.output, name=args.name, title=args.title or "",
@@ -180,9 +181,22 @@ def cmd_train(args, reporter: Reporter) -> None:
         iterations_per_epoch=args.iterations, batch_size=args.batch_size, learning_rate=args.learning_rate,
         validate_every=args.validate_every, seed=args.seed, device=args.device,
         time_limit_minutes=args.time_limit, intended_use=args.intended_use, labels_file=args.labels,
-        licence=args.licence,
+        licence=args.licence, architecture=args.architecture, folds=args.folds, fold=args.fold, resume=args.resume,
+        adversarial=args.adversarial, adversarial_weight=args.adversarial_weight,
+        adversarial_warmup_epochs=args.adversarial_warmup,
     )
-    card_path = train(config, reporter.progress, reporter.cancel_requested)
+    if args.architecture_args:
+        try:
+            config.architecture_args = json.loads(args.architecture_args)
+        except json.JSONDecodeError as error:
+            raise AIReconstructError(f"--architecture-args is not valid JSON ({error})") from None
+    return config
+
+
+def cmd_train(args, reporter: Reporter) -> None:
+    from .training import train
+
+    card_path = train(config_from_arguments(args), reporter.progress, reporter.cancel_requested)
     reporter.result(f"wrote {card_path}", {"card": str(card_path)})
 
 
@@ -262,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intended-use", default="Research use only; not for clinical use")
     p.add_argument("--licence", default="Apache-2.0", help="licence of the trained model (and its data's terms)")
     p.add_argument("--labels", help="JSON list of card label entries (names, colours, SNOMED CT codes)")
+    p.add_argument("--architecture", default="UNet", help="UNet, DynUNet, BasicUNetPlusPlus, VNet, SegResNet, SwinUNETR")
+    p.add_argument("--architecture-args", help="the architecture's arguments as JSON (default: a UNet's)")
+    p.add_argument("--folds", type=int, default=0, help="k-fold cross-validation splits (0: one split)")
+    p.add_argument("--fold", type=int, default=0, help="which fold to train")
+    p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
+    p.add_argument("--adversarial", action="store_true", help="add adversarial refinement (a discriminator)")
+    p.add_argument("--adversarial-weight", type=float, default=0.01)
+    p.add_argument("--adversarial-warmup", type=int, default=5, help="epochs before the adversarial loss starts")
     p.set_defaults(func=cmd_train)
     return parser
 

@@ -18,6 +18,19 @@ ARCHITECTURES = {
     "BasicUNetPlusPlus": nets.BasicUNetPlusPlus,
     "VNet": nets.VNet,
     "SegResNet": nets.SegResNet,
+    "SwinUNETR": nets.SwinUNETR,
+}
+
+
+# arguments used when a training run names an architecture but not its arguments
+DEFAULT_ARGUMENTS = {
+    "UNet": {"channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2], "num_res_units": 1},
+    "DynUNet": {"kernel_size": [3] * 5, "strides": [1, 2, 2, 2, 2], "upsample_kernel_size": [2] * 4,
+                "filters": [16, 32, 64, 128, 256]},
+    "BasicUNetPlusPlus": {"features": [16, 16, 32, 64, 128, 16]},
+    "VNet": {},
+    "SegResNet": {"init_filters": 16},
+    "SwinUNETR": {"feature_size": 24},
 }
 
 

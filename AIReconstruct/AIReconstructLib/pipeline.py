@@ -16,7 +16,7 @@ from .modelcard import ModelCard
 from .networks import load_network
 from .postprocess import postprocess
 from .predict import CancelCheck, Predictor, ProgressCallback
-from .preprocess import prepare, restore
+from .preprocess import prepare, restore_labels
 from .volume import Volume
 
 
@@ -93,9 +93,8 @@ def segment(channels: list[Volume], card: ModelCard, options: SegmentOptions = S
 
     started = time.perf_counter()
     report(0.9, "resampling to the input grid")
-    labels = restore(logits, prepared).argmax(0).numpy()
-    dtype = np.uint8 if card.num_classes <= 256 else np.uint16
-    labelmap = channels[0].with_array(np.ascontiguousarray(labels.astype(dtype)))
+    labels = restore_labels(logits, prepared)
+    labelmap = channels[0].with_array(labels if card.num_classes <= 256 else labels.astype(np.uint16))
     seconds["resample back"] = time.perf_counter() - started
 
     if options.postprocess:

@@ -45,7 +45,7 @@ def postprocess(labelmap: Volume, labels: list[Label]) -> Volume:
             cleaned = _clean_mask(mask, rules, labelmap.voxel_volume_ml)
             array[mask & ~cleaned] = 0
             mask = cleaned
-        if rules.get("fill_holes"):
+        if rules.get("fill_holes") and mask.any():
             box = ndimage.find_objects(mask.astype(np.uint8))[0]
             filled = ndimage.binary_fill_holes(mask[box])
             region = array[box]

@@ -114,3 +114,29 @@ def prepare(channels: list[Volume], channel_specs: list[dict], target_spacing_ij
 def restore(scores: torch.Tensor, prepared: Prepared) -> torch.Tensor:
     """Map per-class scores ``[C, z, y, x]`` on the model grid back to the input array order."""
     return from_canonical(resample(scores, prepared.canonical_shape), prepared.reorientation)
+
+
+def _linear_taps(n_out: int, n_in: int):
+    """Source indices and weights of linear resampling from ``n_in`` to ``n_out`` samples over the same
+    field of view (the arithmetic of ``F.interpolate(..., align_corners=False)``)."""
+    source = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    low = source.floor().long().clamp(max=n_in - 1)
+    high = (low + 1).clamp(max=n_in - 1)
+    weight_high = (source - low).float()
+    return low, high, 1 - weight_high, weight_high
+
+
+def restore_labels(scores: torch.Tensor, prepared: Prepared, slab: int = 8) -> np.ndarray:
+    """The argmax label map in the input array order, resampling the scores back a few slices at a
+    time so that full-resolution per-class scores never exist at once (memory ~ the label map)."""
+    shape = prepared.canonical_shape
+    taps = [_linear_taps(n_out, n_in) for n_out, n_in in zip(shape, scores.shape[1:])]
+    (z_low, z_high, z_w0, z_w1), (y_low, y_high, y_w0, y_w1), (x_low, x_high, x_w0, x_w1) = taps
+    labels = torch.empty(shape, dtype=torch.uint8 if scores.shape[0] <= 256 else torch.int16)
+    for start in range(0, shape[0], slab):
+        z = slice(start, min(start + slab, shape[0]))
+        block = (scores[:, z_low[z]] * z_w0[z][None, :, None, None] + scores[:, z_high[z]] * z_w1[z][None, :, None, None])
+        block = block[:, :, y_low] * y_w0[None, None, :, None] + block[:, :, y_high] * y_w1[None, None, :, None]
+        block = block[..., x_low] * x_w0 + block[..., x_high] * x_w1
+        labels[z] = block.argmax(0).to(labels.dtype)
+    return np.ascontiguousarray(from_canonical(labels, prepared.reorientation).numpy())

@@ -1,8 +1,10 @@
 """``aireconstruct train``: fit a segmentation network on a data set and write its model card.
 
-First version: one device, Dice + cross-entropy, class-balanced patch sampling, MONAI
-augmentation, poly learning rate, sliding-window validation and the best checkpoint kept.
-Spacing and intensity normalisation come from the data set's fingerprint, as nnU-Net does.
+Dice + cross-entropy on class-balanced, augmented patches, AdamW with a poly learning rate,
+sliding-window validation every N epochs keeping the best weights, a checkpoint every epoch
+(``--resume`` continues an interrupted run), optional adversarial refinement, and data-parallel
+training under ``torchrun``. Each epoch is seeded from the run's seed, so a resumed run draws the
+same patches as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -11,28 +13,27 @@ import csv
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.losses import DiceCELoss
-from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandCropByLabelClassesd,
-                              RandGaussianNoised, RandGaussianSmoothd, RandScaleIntensityd,
-                              RandShiftIntensityd, SpatialPadd)
-from monai.transforms.utils import map_classes_to_indices
 
-from .dataset import Dataset, read_dataset
+from .adversarial import AdversarialRefinement
+from .dataset import read_dataset
+from .distributed import Distributed
 from .errors import Cancelled, InputError
-from .io import atomic_path, read_labelmap, read_volume
+from .io import atomic_path
 from .metrics import overlap_scores
 from .modelcard import CARD_FILE, sha256_of, validate_card
-from .networks import build_network, save_weights
-from .predict import Predictor, choose_device
-from .preprocess import prepare, resampled_shape, to_canonical
+from .networks import DEFAULT_ARGUMENTS, build_network, save_weights
+from .predict import Predictor
+from .training_data import (PatchSampler, channel_normalisation, label_entries, load_case, make_folds,
+                            median_spacing)
 
 WEIGHTS_FILE = "model.safetensors"
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 @dataclass
@@ -44,8 +45,7 @@ class TrainConfig:
     name: str
     title: str = ""
     architecture: str = "UNet"
-    architecture_args: dict = field(default_factory=lambda: {
-        "channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2], "num_res_units": 1})
+    architecture_args: dict | None = None  # default: networks.DEFAULT_ARGUMENTS of the architecture
     patch_size: list | None = None  # i, j, k; default from the data set's median shape
     spacing: list | None = None  # i, j, k mm; default: the data set's median spacing
     fast_spacing: list | None = None
@@ -54,80 +54,142 @@ class TrainConfig:
     batch_size: int = 2
     learning_rate: float = 2e-3
     validate_every: int = 5
-    validation_fraction: float = 0.2
+    validation_fraction: float = 0.2  # with folds < 2: the share of cases held out
+    folds: int = 0  # >= 2: k-fold cross-validation splits, training on fold ``fold``
+    fold: int = 0
     seed: int = 0
     device: str = "auto"
     time_limit_minutes: float | None = None
+    resume: bool = False
+    adversarial: bool = False
+    adversarial_weight: float = 0.01
+    adversarial_warmup_epochs: int = 5
     labels_file: str | None = None  # model-card label entries (names, colours, codes) for the data set's values
     intended_use: str = "Research use only; not for clinical use"
     licence: str = "Apache-2.0"
 
 
-def _normalisation(dataset: Dataset) -> list[dict]:
-    """Per-channel normalisation from the data set's intensities (nnU-Net's CT scheme for CT)."""
-    specs = []
-    for index, channel in enumerate(dataset.channel_names):
-        if channel.upper() != "CT":
-            specs.append({"name": channel, "normalisation": {"scheme": "zscore_nonzero"}})
-            continue
-        samples = []
-        rng = np.random.default_rng(0)
-        for case in dataset.cases:
-            image = read_volume(case.images[index]).array
-            labels = read_labelmap(case.label).array
-            foreground = image[labels > 0]
-            samples.append(rng.choice(foreground, size=min(20000, foreground.size), replace=False))
-        values = np.concatenate(samples).astype(np.float64)
-        low, high = np.percentile(values, [0.5, 99.5])
-        clipped = np.clip(values, low, high)
-        specs.append({"name": channel, "normalisation": {
-            "scheme": "ct", "clip": [float(low), float(high)], "mean": float(clipped.mean()), "std": float(clipped.std())}})
-    return specs
+def train(config: TrainConfig, progress=None, cancel=None) -> Path:
+    """Train as ``config`` says; writes ``card.json``, weights and a CSV log; returns the card path."""
+    distributed = Distributed(config.device)
+    try:
+        return _train(config, distributed, progress or (lambda fraction, message: None), cancel)
+    finally:
+        distributed.close()
 
 
-def _label_entries(dataset: Dataset, labels_file: str | None) -> list[dict]:
-    """The data set's labels, or those of ``labels_file`` (which must give the same values)."""
-    if labels_file is None:
-        return dataset.label_entries
-    entries = json.loads(Path(labels_file).read_text(encoding="utf-8"))
-    if sorted(e["value"] for e in entries) != sorted(e["value"] for e in dataset.label_entries):
-        raise InputError(f"{labels_file} does not give the same label values as {dataset.folder.name}/dataset.json")
-    return entries
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
-def _median_spacing(dataset: Dataset) -> list[float]:
-    spacings = [read_volume(case.images[0]).spacing for case in dataset.cases]
-    return [float(v) for v in np.median(np.array(spacings), axis=0)]
+def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> Path:
+    start = time.time()
+    _seed(config.seed)
+    dataset = read_dataset(config.dataset)
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    spacing = config.spacing or median_spacing(dataset)
+    channel_specs = channel_normalisation(dataset)
+    labels = label_entries(dataset, config.labels_file)
+    num_classes = max(entry["value"] for entry in labels) + 1
 
+    splits = make_folds([c.case_id for c in dataset.cases], config.folds, config.validation_fraction, config.seed)
+    if not 0 <= config.fold < len(splits):
+        raise InputError(f"Fold {config.fold} does not exist; there are {len(splits)} fold(s)")
+    split = splits[config.fold]
+    if distributed.is_main:
+        (output / "splits.json").write_text(json.dumps({"fold": config.fold, "folds": splits}, indent=2),
+                                            encoding="utf-8")
+    by_id = {case.case_id: case for case in dataset.cases}
+    train_cases = [load_case(by_id[c], channel_specs, spacing) for c in split["train"] or split["validation"]]
+    val_cases = [load_case(by_id[c], channel_specs, spacing) for c in split["validation"]]
+    if config.patch_size is None:
+        median_zyx = np.median([image.shape[1:] for image, _ in train_cases], axis=0)
+        config.patch_size = [int(min(128, max(16, 16 * round(n / 16)))) for n in median_zyx[::-1]]
+    patch_zyx = tuple(config.patch_size[::-1])
+    sampler = PatchSampler(train_cases, patch_zyx, num_classes)
 
-def _load_case(case, channel_specs, spacing):
-    """A case on the model grid: image ``[C, z, y, x]`` float32 and labels ``[1, z, y, x]``."""
-    channels = [read_volume(path) for path in case.images]
-    prepared = prepare(channels, channel_specs, spacing)
-    labels = read_labelmap(case.label, like=channels[0])
-    canonical = torch.from_numpy(np.ascontiguousarray(to_canonical(labels.array, prepared.reorientation)))
-    shape = tuple(prepared.tensor.shape[1:])
-    labels_resampled = F.interpolate(canonical[None, None].float(), size=shape, mode="nearest-exact")[0]
-    return prepared.tensor, labels_resampled
+    if config.architecture_args is None:
+        config.architecture_args = DEFAULT_ARGUMENTS.get(config.architecture, {})
+    device = distributed.device
+    network = build_network({"name": config.architecture, "args": config.architecture_args},
+                            len(channel_specs), num_classes).to(device).train()
+    model = distributed.wrap(network)
+    optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-5)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    adversarial = AdversarialRefinement(len(channel_specs), num_classes, device, config.adversarial_weight,
+                                        config.adversarial_warmup_epochs,
+                                        average_gradients=distributed.average_gradients) \
+        if config.adversarial else None
 
+    state = {"epoch": 0, "step": 0, "best_dice": -1.0, "best_epoch": 0, "history": []}
+    if config.resume and (output / CHECKPOINT_FILE).is_file():
+        state = _load_checkpoint(output / CHECKPOINT_FILE, network, optimiser, adversarial, device)
+    total_steps = config.epochs * config.iterations_per_epoch
+    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        epoch_seed = config.seed * 100_003 + epoch * 101 + distributed.rank
+        _seed(epoch_seed)
+        sampler.reseed(epoch_seed, distributed.share_of(len(train_cases), epoch, config.seed))
+        losses, adversarial_losses, discriminator_losses = [], [], []
+        for _ in range(config.iterations_per_epoch):
+            if cancel is not None and cancel():
+                raise Cancelled("Training cancelled by the user; the last checkpoint can be resumed")
+            images, targets = sampler.batch(config.batch_size, device)
+            for group in optimiser.param_groups:
+                group["lr"] = config.learning_rate * (1 - state["step"] / total_steps) ** 0.9
+            optimiser.zero_grad(set_to_none=True)
+            logits = model(images)
+            loss = loss_fn(logits, targets)
+            if adversarial is not None and adversarial.active(epoch):
+                adversarial_loss = adversarial.segmenter_loss(images, logits)
+                adversarial_losses.append(adversarial_loss.item())
+                loss = loss + adversarial_loss
+            loss.backward()
+            optimiser.step()
+            if adversarial is not None and adversarial.active(epoch):
+                discriminator_losses.append(adversarial.discriminator_step(images, targets, logits))
+            losses.append(loss.item())
+            state["step"] += 1
 
-def _augmentation(patch_zyx, num_classes: int) -> Compose:
-    keys = ["image", "label"]
-    return Compose([
-        SpatialPadd(keys, spatial_size=patch_zyx, mode="constant"),
-        RandCropByLabelClassesd(keys, label_key="label", spatial_size=patch_zyx, num_classes=num_classes,
-                                num_samples=1, indices_key="indices", allow_smaller=True),
-        RandAffined(keys, prob=0.4, rotate_range=(0.26, 0.15, 0.15), scale_range=(0.15, 0.15, 0.15),
-                    mode=("bilinear", "nearest"), padding_mode="border"),
-        RandGaussianNoised("image", prob=0.15, std=0.1),
-        RandGaussianSmoothd("image", prob=0.1, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
-        RandScaleIntensityd("image", factors=0.25, prob=0.15),
-        RandShiftIntensityd("image", offsets=0.1, prob=0.15),
-        RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.15),
-    ])
+        out_of_time = distributed.agree(
+            config.time_limit_minutes is not None and time.time() - start > 60 * config.time_limit_minutes)
+        row = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": optimiser.param_groups[0]["lr"],
+               "seconds": round(time.time() - start, 1), "val_mean_dice": ""}
+        if adversarial is not None:
+            row["adversarial_loss"] = float(np.mean(adversarial_losses)) if adversarial_losses else ""
+            row["discriminator_loss"] = float(np.mean(discriminator_losses)) if discriminator_losses else ""
+        if distributed.is_main:
+            last = epoch == config.epochs or out_of_time
+            if val_cases and (epoch % config.validate_every == 0 or last):
+                dice = _validate(network, val_cases, patch_zyx, device, num_classes)
+                row["val_mean_dice"] = float(np.mean(list(dice.values())))
+                row.update({f"dice_{value}": round(d, 4) for value, d in dice.items()})
+                if row["val_mean_dice"] > state["best_dice"]:
+                    state["best_dice"], state["best_epoch"] = row["val_mean_dice"], epoch
+                    _save_weights(network, output / WEIGHTS_FILE)
+            elif not val_cases:
+                _save_weights(network, output / WEIGHTS_FILE)
+            state["history"].append(row)
+            state["epoch"] = epoch
+            _write_log(output / "training_log.csv", state["history"])
+            _save_checkpoint(output / CHECKPOINT_FILE, network, optimiser, adversarial, state)
+        distributed.barrier()
+        progress(epoch / config.epochs, f"epoch {epoch}/{config.epochs} loss {row['loss']:.4f} "
+                                        f"val Dice {row['val_mean_dice'] or '-'}")
+        if out_of_time:
+            break
+
+    distributed.check_in_sync(network)
+    if not distributed.is_main:
+        return output / CARD_FILE
+    return _write_card(config, output, dataset, channel_specs, labels, spacing, state, distributed.world_size,
+                       time.time() - start)
 
 
 def _validate(network, cases, patch_zyx, device, num_classes) -> dict[int, float]:
+    """Mean Dice per label over the validation cases, on the model grid."""
     predictor = Predictor(network, patch_zyx, overlap=0.25, device=device)
     per_label: dict[int, list[float]] = {value: [] for value in range(1, num_classes)}
     for image, labels in cases:
@@ -140,93 +202,33 @@ def _validate(network, cases, patch_zyx, device, num_classes) -> dict[int, float
     return {value: float(np.mean(scores)) for value, scores in per_label.items() if scores}
 
 
-def _poly_lr(base: float, step: int, total: int) -> float:
-    return base * (1 - step / total) ** 0.9
+def _save_weights(network, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        save_weights(network, tmp)
 
 
-def train(config: TrainConfig, progress=None, cancel=None) -> Path:
-    """Train as ``config`` says; writes ``card.json``, weights and a CSV log; returns the card path."""
-    start = time.time()
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    dataset = read_dataset(config.dataset)
-    output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
-    spacing = config.spacing or _median_spacing(dataset)
-    channel_specs = _normalisation(dataset)
-    label_entries = _label_entries(dataset, config.labels_file)
-    num_classes = max(entry["value"] for entry in label_entries) + 1
+def _save_checkpoint(path: Path, network, optimiser, adversarial, state: dict) -> None:
+    checkpoint = {"network": network.state_dict(), "optimiser": optimiser.state_dict(), **state}
+    if adversarial is not None:
+        checkpoint["adversarial"] = adversarial.state_dict()
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
 
-    loaded = [_load_case(case, channel_specs, spacing) for case in dataset.cases]
-    if config.patch_size is None:
-        median_zyx = np.median([image.shape[1:] for image, _ in loaded], axis=0)
-        config.patch_size = [int(min(128, max(16, 16 * round(n / 16)))) for n in median_zyx[::-1]]
-    patch_zyx = tuple(config.patch_size[::-1])
 
-    order = np.random.default_rng(config.seed).permutation(len(loaded))
-    n_val = max(1, int(round(config.validation_fraction * len(loaded)))) if len(loaded) > 1 else 0
-    val_ids, train_ids = sorted(order[:n_val].tolist()), sorted(order[n_val:].tolist()) or sorted(order.tolist())
-    splits = {"train": [dataset.cases[i].case_id for i in train_ids],
-              "validation": [dataset.cases[i].case_id for i in val_ids]}
-    (output / "splits.json").write_text(json.dumps(splits, indent=2), encoding="utf-8")
+def _load_checkpoint(path: Path, network, optimiser, adversarial, device) -> dict:
+    """Restore a run's weights, optimiser and progress (no pickle: tensors and plain values only)."""
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    network.load_state_dict(checkpoint.pop("network"))
+    optimiser.load_state_dict(checkpoint.pop("optimiser"))
+    adversarial_state = checkpoint.pop("adversarial", None)
+    if adversarial is not None:
+        if adversarial_state is None:
+            raise InputError(f"{path} was not trained with --adversarial; it cannot be resumed with it")
+        adversarial.load_state_dict(adversarial_state)
+    return checkpoint
 
-    train_items = []
-    for i in train_ids:
-        image, labels = loaded[i]
-        indices = map_classes_to_indices(labels, num_classes=num_classes, max_samples_per_class=20000)
-        train_items.append({"image": image, "label": labels, "indices": indices})
-    val_cases = [loaded[i] for i in val_ids]
 
-    device = choose_device(config.device)
-    network = build_network({"name": config.architecture, "args": config.architecture_args},
-                            len(channel_specs), num_classes).to(device).train()
-    optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-5)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
-    augment = _augmentation(patch_zyx, num_classes)
-    augment.set_random_state(seed=config.seed)
-
-    total_steps = config.epochs * config.iterations_per_epoch
-    best_dice, best_epoch, step, history = -1.0, 0, 0, []
-    log_path = output / "training_log.csv"
-    for epoch in range(1, config.epochs + 1):
-        losses = []
-        for _ in range(config.iterations_per_epoch):
-            if cancel is not None and cancel():
-                raise Cancelled("Training cancelled by the user")
-            samples = [augment(random.choice(train_items))[0] for _ in range(config.batch_size)]
-            images = torch.stack([s["image"].as_tensor() if hasattr(s["image"], "as_tensor") else s["image"] for s in samples]).to(device)
-            labels = torch.stack([s["label"].as_tensor() if hasattr(s["label"], "as_tensor") else s["label"] for s in samples]).to(device)
-            for group in optimiser.param_groups:
-                group["lr"] = _poly_lr(config.learning_rate, step, total_steps)
-            optimiser.zero_grad(set_to_none=True)
-            loss = loss_fn(network(images), labels)
-            loss.backward()
-            optimiser.step()
-            losses.append(loss.item())
-            step += 1
-        out_of_time = config.time_limit_minutes is not None and time.time() - start > 60 * config.time_limit_minutes
-        row = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": optimiser.param_groups[0]["lr"],
-               "seconds": round(time.time() - start, 1), "val_mean_dice": ""}
-        if val_cases and (epoch % config.validate_every == 0 or epoch == config.epochs or out_of_time):
-            dice = _validate(network, val_cases, patch_zyx, device, num_classes)
-            row["val_mean_dice"] = float(np.mean(list(dice.values())))
-            row.update({f"dice_{value}": round(d, 4) for value, d in dice.items()})
-            if row["val_mean_dice"] > best_dice:
-                best_dice, best_epoch = row["val_mean_dice"], epoch
-                with atomic_path(output / WEIGHTS_FILE) as tmp:
-                    save_weights(network, tmp)
-        elif not val_cases:
-            with atomic_path(output / WEIGHTS_FILE) as tmp:
-                save_weights(network, tmp)
-        history.append(row)
-        _write_log(log_path, history)
-        if progress is not None:
-            progress(epoch / config.epochs, f"epoch {epoch}/{config.epochs} loss {row['loss']:.4f} "
-                                            f"val Dice {row['val_mean_dice'] or '-'}")
-        if out_of_time:
-            break
-
+def _write_card(config, output, dataset, channel_specs, labels, spacing, state, world_size, seconds) -> Path:
     card = {
         "schema_version": 1,
         "name": config.name,
@@ -242,12 +244,13 @@ def train(config: TrainConfig, progress=None, cancel=None) -> Path:
         "inference": {"overlap": 0.5, "mirror_axes": [0, 1, 2]},
         "architecture": {"name": config.architecture, "args": config.architecture_args},
         "labels": [{**entry, "postprocess": entry.get("postprocess", {"keep_largest": False, "min_island_ml": 0.5,
-                                                                          "fill_holes": True})} for entry in label_entries],
+                                                                       "fill_holes": True})} for entry in labels],
         "weights": {"file": WEIGHTS_FILE, "sha256": sha256_of(output / WEIGHTS_FILE)},
         "training": {
-            "dataset": dataset.folder.name, "cases": len(dataset.cases), "best_epoch": best_epoch,
-            "validation_mean_dice": round(best_dice, 4) if best_dice >= 0 else None,
-            "minutes": round((time.time() - start) / 60, 1), "config": asdict(config),
+            "dataset": dataset.folder.name, "cases": len(dataset.cases), "best_epoch": state["best_epoch"],
+            "validation_mean_dice": round(state["best_dice"], 4) if state["best_dice"] >= 0 else None,
+            "epochs_run": state["epoch"], "processes": world_size, "minutes": round(seconds / 60, 1),
+            "config": asdict(config),
         },
     }
     if config.fast_spacing:
@@ -260,7 +263,7 @@ def train(config: TrainConfig, progress=None, cancel=None) -> Path:
 
 def _write_log(path: Path, history: list[dict]) -> None:
     columns = list(dict.fromkeys(key for row in history for key in row))
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, columns)
         writer.writeheader()
         writer.writerows(history)

@@ -1,0 +1,125 @@
+"""Training data on the model grid: the data set's fingerprint, cases, folds and patch sampling.
+
+Spacing is the data set's median spacing and CT normalisation clips to the 0.5-99.5 percentiles of
+foreground intensities and z-scores with their mean and deviation, as nnU-Net does; MR channels
+are z-scored inside non-zero voxels per image.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandCropByLabelClassesd,
+                              RandGaussianNoised, RandGaussianSmoothd, RandScaleIntensityd,
+                              RandShiftIntensityd, SpatialPadd)
+from monai.transforms.utils import map_classes_to_indices
+
+from .dataset import Dataset
+from .errors import InputError
+from .io import read_labelmap, read_volume
+from .preprocess import prepare, to_canonical
+
+
+def median_spacing(dataset: Dataset) -> list[float]:
+    """The data set's median voxel spacing (i, j, k mm)."""
+    spacings = [read_volume(case.images[0]).spacing for case in dataset.cases]
+    return [float(v) for v in np.median(np.array(spacings), axis=0)]
+
+
+def channel_normalisation(dataset: Dataset) -> list[dict]:
+    """Model-card channel entries with each channel's normalisation (nnU-Net's CT scheme for CT)."""
+    specs = []
+    for index, channel in enumerate(dataset.channel_names):
+        if channel.upper() != "CT":
+            specs.append({"name": channel, "normalisation": {"scheme": "zscore_nonzero"}})
+            continue
+        samples = []
+        rng = np.random.default_rng(0)
+        for case in dataset.cases:
+            image = read_volume(case.images[index]).array
+            foreground = image[read_labelmap(case.label).array > 0]
+            samples.append(rng.choice(foreground, size=min(20000, foreground.size), replace=False))
+        values = np.concatenate(samples).astype(np.float64)
+        low, high = np.percentile(values, [0.5, 99.5])
+        clipped = np.clip(values, low, high)
+        specs.append({"name": channel, "normalisation": {
+            "scheme": "ct", "clip": [float(low), float(high)], "mean": float(clipped.mean()), "std": float(clipped.std())}})
+    return specs
+
+
+def label_entries(dataset: Dataset, labels_file: str | None) -> list[dict]:
+    """The data set's labels, or those of ``labels_file`` (which must give the same values)."""
+    if labels_file is None:
+        return dataset.label_entries
+    entries = json.loads(Path(labels_file).read_text(encoding="utf-8"))
+    if sorted(e["value"] for e in entries) != sorted(e["value"] for e in dataset.label_entries):
+        raise InputError(f"{labels_file} does not give the same label values as {dataset.folder.name}/dataset.json")
+    return entries
+
+
+def load_case(case, channel_specs, spacing) -> tuple[torch.Tensor, torch.Tensor]:
+    """A case on the model grid: image ``[C, z, y, x]`` float32 and labels ``[1, z, y, x]``."""
+    channels = [read_volume(path) for path in case.images]
+    prepared = prepare(channels, channel_specs, spacing)
+    labels = read_labelmap(case.label, like=channels[0])
+    canonical = torch.from_numpy(np.ascontiguousarray(to_canonical(labels.array, prepared.reorientation)))
+    shape = tuple(prepared.tensor.shape[1:])
+    return prepared.tensor, F.interpolate(canonical[None, None].float(), size=shape, mode="nearest-exact")[0]
+
+
+def make_folds(case_ids: list[str], folds: int, validation_fraction: float, seed: int) -> list[dict]:
+    """Cross-validation splits (``folds`` >= 2), or one train/validation split (``folds`` = 0 or 1)."""
+    order = [case_ids[i] for i in np.random.default_rng(seed).permutation(len(case_ids))]
+    if folds >= 2:
+        if folds > len(case_ids):
+            raise InputError(f"{folds} folds need at least {folds} cases; the data set has {len(case_ids)}")
+        groups = [order[n::folds] for n in range(folds)]
+    else:
+        n_val = max(1, int(round(validation_fraction * len(order)))) if len(order) > 1 else 0
+        groups = [order[:n_val]]
+    return [{"train": sorted(c for c in case_ids if c not in group), "validation": sorted(group)} for group in groups]
+
+
+def augmentation(patch_zyx, num_classes: int) -> Compose:
+    """Class-balanced patch crops, then rotation/scaling, noise, blur, intensity and gamma changes."""
+    keys = ["image", "label"]
+    return Compose([
+        SpatialPadd(keys, spatial_size=patch_zyx, mode="constant"),
+        RandCropByLabelClassesd(keys, label_key="label", spatial_size=patch_zyx, num_classes=num_classes,
+                                num_samples=1, indices_key="indices", allow_smaller=True),
+        RandAffined(keys, prob=0.4, rotate_range=(0.26, 0.15, 0.15), scale_range=(0.15, 0.15, 0.15),
+                    mode=("bilinear", "nearest"), padding_mode="border"),
+        RandGaussianNoised("image", prob=0.15, std=0.1),
+        RandGaussianSmoothd("image", prob=0.1, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+        RandScaleIntensityd("image", factors=0.25, prob=0.15),
+        RandShiftIntensityd("image", offsets=0.1, prob=0.15),
+        RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.15),
+    ])
+
+
+class PatchSampler:
+    """Augmented, class-balanced training patches drawn from cases on the model grid."""
+
+    def __init__(self, cases: list[tuple[torch.Tensor, torch.Tensor]], patch_zyx, num_classes: int):
+        self.items = [{"image": image, "label": labels,
+                       "indices": map_classes_to_indices(labels, num_classes=num_classes, max_samples_per_class=20000)}
+                      for image, labels in cases]
+        self.transform = augmentation(patch_zyx, num_classes)
+        self.allowed = list(range(len(self.items)))
+
+    def reseed(self, seed: int, allowed: list[int] | None = None) -> None:
+        """Make the next draws reproducible; ``allowed`` limits them to some cases (one rank's share)."""
+        random.seed(seed)
+        self.transform.set_random_state(seed=seed % 2**32)
+        self.allowed = list(allowed) if allowed is not None else list(range(len(self.items)))
+
+    def batch(self, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        samples = [self.transform(self.items[random.choice(self.allowed)])[0] for _ in range(size)]
+        images = torch.stack([torch.as_tensor(s["image"]) for s in samples]).to(device)
+        labels = torch.stack([torch.as_tensor(s["label"]) for s in samples]).to(device)
+        return images.as_subclass(torch.Tensor), labels.as_subclass(torch.Tensor)

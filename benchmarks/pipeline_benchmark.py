@@ -1,0 +1,103 @@
+"""End-to-end segmentation against the bare network, and peak memory against the input's size.
+
+    python benchmarks/pipeline_benchmark.py --case ct512 [--model demo-abdomen-ct] [--fast] [--device cpu]
+
+Prints, for one realistic case measured in one run:
+- the bare network's sliding-window time on the prepared input (the baseline);
+- the engine's end-to-end time (``aireconstruct segment --surfaces`` in a fresh process: read,
+  preprocess, predict, resample back, post-process, write, surfaces) per stage, and its ratio to
+  the baseline;
+- the peak RSS of that process, of a process that only loads the model, and the difference as a
+  multiple of the input's float32 size.
+Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CASES = {  # name -> (spacing i j k mm, field of view mm): the phantom is sampled on that grid
+    "ct512": ((0.8, 0.8, 1.5), (409.6, 409.6, 450.0)),  # 512 x 512 x 300
+    "ct256": ((1.5, 1.5, 2.0), (384.0, 288.0, 300.0)),  # 256 x 192 x 150
+}
+
+
+def child_peak_rss_mib(command: list[str]) -> tuple[float, str, float]:
+    """Run a command in a fresh process; returns (seconds, stdout, its peak RSS in MiB)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", check=True)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if peak <= before:
+        raise RuntimeError("measure one child at a time: run this benchmark's steps in separate processes")
+    return seconds, result.stdout, peak / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--case", choices=sorted(CASES), default="ct512")
+    parser.add_argument("--model", default="demo-abdomen-ct")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--fast", action="store_true")
+    parser.add_argument("--seed", type=int, default=21)
+    args = parser.parse_args()
+
+    import torch
+
+    from AIReconstructLib.io import read_image_for_model, write_volume
+    from AIReconstructLib.modelcard import find_model
+    from AIReconstructLib.networks import load_network
+    from AIReconstructLib.phantom import make_phantom
+    from AIReconstructLib.predict import Predictor
+    from AIReconstructLib.preprocess import prepare
+
+    spacing, field_of_view = CASES[args.case]
+    work = Path(tempfile.mkdtemp(prefix="aireconstruct-bench-"))
+    started = time.perf_counter()
+    phantom = make_phantom(args.seed, spacing=spacing, field_of_view_mm=field_of_view)
+    image_path = write_volume(phantom.image, work / "ct.nii.gz")
+    input_mib = phantom.image.array.size * 4 / 2**20
+    print(f"case {args.case}: {' x '.join(map(str, phantom.image.shape_ijk))} voxels at {spacing} mm, "
+          f"float32 size {input_mib:.0f} MiB (phantom made in {time.perf_counter() - started:.0f} s)")
+    del phantom
+
+    engine = [sys.executable, "-m", "AIReconstructLib"]
+    options = ["--device", args.device] + (["--fast"] if args.fast else [])
+    e2e_seconds, stdout, e2e_rss = child_peak_rss_mib(
+        engine + ["segment", str(image_path), "-m", args.model, "-o", str(work / "out"), "--surfaces",
+                  "--json-progress", *options])
+    summary = json.loads(stdout.strip().splitlines()[-1])["summary"]
+    _, _, model_rss = child_peak_rss_mib([sys.executable, "-c", (
+        "from AIReconstructLib.modelcard import find_model; from AIReconstructLib.networks import load_network; "
+        f"load_network(find_model({args.model!r}))")])
+
+    card = find_model(args.model)
+    prepared = prepare([read_image_for_model(image_path)], card.channels, card.spacing(args.fast))
+    predictor = Predictor(load_network(card), card.patch_size[::-1], card.inference["overlap"], args.device)
+    started = time.perf_counter()
+    predictor(prepared.tensor)
+    bare = time.perf_counter() - started
+
+    stages = summary["seconds"]
+    print("\n| stage | seconds |\n|---|---:|")
+    for stage, seconds in stages.items():
+        print(f"| {stage} | {seconds:.2f} |")
+    print(f"| end to end (process wall time, incl. Python start-up and reading) | {e2e_seconds:.2f} |")
+    print(f"| bare network sliding window (baseline) | {bare:.2f} |")
+    print(f"\nend-to-end / bare network: {e2e_seconds / bare:.2f}x "
+          f"(in-engine stages / bare: {sum(stages.values()) / bare:.2f}x)")
+    print(f"peak RSS: segment run {e2e_rss:.0f} MiB, model alone {model_rss:.0f} MiB; "
+          f"(run - model) / input float32 = {(e2e_rss - model_rss) / input_mib:.2f}x")
+    print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}")
+
+
+if __name__ == "__main__":
+    main()
