@@ -19,6 +19,7 @@ def test_card_is_bundled_valid_and_honest():
     assert card.weights_path.stat().st_size < 20 * 1024 * 1024
     assert "not for clinical use" in card.data["intended_use"]
     assert all(label.terminology.get("type", [""])[0] == "SCT" for label in card.labels)
+    assert card.inference["mirror_axes"] == []  # mirroring would swap the right and left kidneys
 
 
 @pytest.mark.parametrize("seed", [3])

@@ -93,7 +93,9 @@ def test_adversarial_loss_is_on_only_when_asked(tmp_path, tiny_dataset):
 
 def test_k_fold_splits_cover_every_case_once(tmp_path, tiny_dataset):
     assert main(["train", str(tiny_dataset), "-o", str(tmp_path / "f"), "--name", "f", "--epochs", "1",
-                 "--folds", "3", "--fold", "2", *TINY]) == 0
+                 "--folds", "3", "--fold", "2", "--mirror-axes", "0", "1", *TINY]) == 0
+    card = json.loads((tmp_path / "f" / "card.json").read_text(encoding="utf-8"))
+    assert card["inference"]["mirror_axes"] == [0, 1]  # test-time mirroring only where training mirrored
     splits = json.loads((tmp_path / "f" / "splits.json").read_text(encoding="utf-8"))
     held_out = [case for fold in splits["folds"] for case in fold["validation"]]
     assert sorted(held_out) == ["phantom_0600", "phantom_0601", "phantom_0602"] and splits["fold"] == 2

@@ -183,7 +183,7 @@ def config_from_arguments(args):
         time_limit_minutes=args.time_limit, intended_use=args.intended_use, labels_file=args.labels,
         licence=args.licence, architecture=args.architecture, folds=args.folds, fold=args.fold, resume=args.resume,
         adversarial=args.adversarial, adversarial_weight=args.adversarial_weight,
-        adversarial_warmup_epochs=args.adversarial_warmup,
+        adversarial_warmup_epochs=args.adversarial_warmup, mirror_axes=args.mirror_axes,
     )
     if args.architecture_args:
         try:
@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adversarial", action="store_true", help="add adversarial refinement (a discriminator)")
     p.add_argument("--adversarial-weight", type=float, default=0.01)
     p.add_argument("--adversarial-warmup", type=int, default=5, help="epochs before the adversarial loss starts")
+    p.add_argument("--mirror-axes", type=int, nargs="*", default=[], choices=[0, 1, 2],
+                   help="array axes (0 slices, 1 rows, 2 columns) to mirror in augmentation and --tta; "
+                        "none for anatomy with left/right labels")
     p.set_defaults(func=cmd_train)
     return parser
 

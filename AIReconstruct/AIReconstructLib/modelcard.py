@@ -84,7 +84,7 @@ class ModelCard:
 
     @property
     def inference(self) -> dict:
-        return {"overlap": 0.5, "mirror_axes": [0, 1, 2], **self.data.get("inference", {})}
+        return {"overlap": 0.5, "mirror_axes": [], **self.data.get("inference", {})}
 
     def summary(self) -> str:
         """One line for listings: name, modality, labels, licence, intended use."""

@@ -64,6 +64,7 @@ class TrainConfig:
     adversarial: bool = False
     adversarial_weight: float = 0.01
     adversarial_warmup_epochs: int = 5
+    mirror_axes: list = ()  # array axes (0 z, 1 y, 2 x) to mirror in augmentation and test-time augmentation
     labels_file: str | None = None  # model-card label entries (names, colours, codes) for the data set's values
     intended_use: str = "Research use only; not for clinical use"
     licence: str = "Apache-2.0"
@@ -109,7 +110,7 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
         median_zyx = np.median([image.shape[1:] for image, _ in train_cases], axis=0)
         config.patch_size = [int(min(128, max(16, 16 * round(n / 16)))) for n in median_zyx[::-1]]
     patch_zyx = tuple(config.patch_size[::-1])
-    sampler = PatchSampler(train_cases, patch_zyx, num_classes)
+    sampler = PatchSampler(train_cases, patch_zyx, num_classes, config.mirror_axes)
 
     if config.architecture_args is None:
         config.architecture_args = DEFAULT_ARGUMENTS.get(config.architecture, {})
@@ -119,6 +120,8 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
     model = distributed.wrap(network)
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-5)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    amp = device.type == "cuda"  # mixed precision on GPUs
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     adversarial = AdversarialRefinement(len(channel_specs), num_classes, device, config.adversarial_weight,
                                         config.adversarial_warmup_epochs,
                                         average_gradients=distributed.average_gradients) \
@@ -140,14 +143,17 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
             for group in optimiser.param_groups:
                 group["lr"] = config.learning_rate * (1 - state["step"] / total_steps) ** 0.9
             optimiser.zero_grad(set_to_none=True)
-            logits = model(images)
-            loss = loss_fn(logits, targets)
-            if adversarial is not None and adversarial.active(epoch):
-                adversarial_loss = adversarial.segmenter_loss(images, logits)
-                adversarial_losses.append(adversarial_loss.item())
-                loss = loss + adversarial_loss
-            loss.backward()
-            optimiser.step()
+            with torch.autocast("cuda", enabled=amp):
+                logits = model(images)
+                loss = loss_fn(logits, targets)
+                if adversarial is not None and adversarial.active(epoch):
+                    adversarial_loss = adversarial.segmenter_loss(images, logits)
+                    adversarial_losses.append(adversarial_loss.item())
+                    loss = loss + adversarial_loss
+            scaler.scale(loss).backward()
+            scaler.step(optimiser)
+            scaler.update()
+            logits = logits.float()
             if adversarial is not None and adversarial.active(epoch):
                 discriminator_losses.append(adversarial.discriminator_step(images, targets, logits))
             losses.append(loss.item())
@@ -241,7 +247,7 @@ def _write_card(config, output, dataset, channel_specs, labels, spacing, state, 
         "channels": channel_specs,
         "spacing": [float(s) for s in spacing],
         "patch_size": [int(p) for p in config.patch_size],
-        "inference": {"overlap": 0.5, "mirror_axes": [0, 1, 2]},
+        "inference": {"overlap": 0.5, "mirror_axes": sorted(config.mirror_axes)},
         "architecture": {"name": config.architecture, "args": config.architecture_args},
         "labels": [{**entry, "postprocess": entry.get("postprocess", {"keep_largest": False, "min_island_ml": 0.5,
                                                                        "fill_holes": True})} for entry in labels],

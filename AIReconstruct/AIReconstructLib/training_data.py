@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandCropByLabelClassesd,
+from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandCropByLabelClassesd, RandFlipd,
                               RandGaussianNoised, RandGaussianSmoothd, RandScaleIntensityd,
                               RandShiftIntensityd, SpatialPadd)
 from monai.transforms.utils import map_classes_to_indices
@@ -85,9 +85,11 @@ def make_folds(case_ids: list[str], folds: int, validation_fraction: float, seed
     return [{"train": sorted(c for c in case_ids if c not in group), "validation": sorted(group)} for group in groups]
 
 
-def augmentation(patch_zyx, num_classes: int) -> Compose:
-    """Class-balanced patch crops, then rotation/scaling, noise, blur, intensity and gamma changes."""
+def augmentation(patch_zyx, num_classes: int, mirror_axes=()) -> Compose:
+    """Class-balanced patch crops, then rotation/scaling, noise, blur, intensity and gamma changes,
+    and mirroring along ``mirror_axes`` (only for anatomy without left/right labels)."""
     keys = ["image", "label"]
+    mirrors = [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in mirror_axes]
     return Compose([
         SpatialPadd(keys, spatial_size=patch_zyx, mode="constant"),
         RandCropByLabelClassesd(keys, label_key="label", spatial_size=patch_zyx, num_classes=num_classes,
@@ -99,17 +101,18 @@ def augmentation(patch_zyx, num_classes: int) -> Compose:
         RandScaleIntensityd("image", factors=0.25, prob=0.15),
         RandShiftIntensityd("image", offsets=0.1, prob=0.15),
         RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.15),
+        *mirrors,
     ])
 
 
 class PatchSampler:
     """Augmented, class-balanced training patches drawn from cases on the model grid."""
 
-    def __init__(self, cases: list[tuple[torch.Tensor, torch.Tensor]], patch_zyx, num_classes: int):
+    def __init__(self, cases: list[tuple[torch.Tensor, torch.Tensor]], patch_zyx, num_classes: int, mirror_axes=()):
         self.items = [{"image": image, "label": labels,
                        "indices": map_classes_to_indices(labels, num_classes=num_classes, max_samples_per_class=20000)}
                       for image, labels in cases]
-        self.transform = augmentation(patch_zyx, num_classes)
+        self.transform = augmentation(patch_zyx, num_classes, mirror_axes)
         self.allowed = list(range(len(self.items)))
 
     def reseed(self, seed: int, allowed: list[int] | None = None) -> None:
