@@ -11,6 +11,7 @@ from AIReconstructLib.metrics import evaluate
 from AIReconstructLib.modelcard import find_model, sha256_of
 from AIReconstructLib.phantom import make_phantom
 from AIReconstructLib.pipeline import SegmentOptions, segment
+from AIReconstructLib.surfaces import mesh_file_name
 
 
 def test_card_is_bundled_valid_and_honest():
@@ -44,7 +45,6 @@ def test_demo_command_writes_the_promised_files(tmp_path, capsys):
     summary = json.loads((out / f"{stem}_summary.json").read_text(encoding="utf-8"))
     assert len(summary["surfaces"]) == 9
     for name in summary["surfaces"]:
-        file_stem = "".join(c if c.isalnum() else "_" for c in name)
-        assert f"surfaces/{file_stem}.stl" in names and f"surfaces/{file_stem}.vtp" in names
+        assert f"surfaces/{mesh_file_name(name, '.stl')}" in names and f"surfaces/{mesh_file_name(name, '.vtp')}" in names
     assert summary["mean_dice"] >= 0.90
     assert np.isfinite(summary["seconds"]["predict"])

@@ -18,6 +18,8 @@ def test_overlap_by_hand():
     assert scores["dice"] == pytest.approx(2 * 2 / 6)
     assert scores["iou"] == pytest.approx(2 / 4)
     assert scores["accuracy"] == pytest.approx(1 - 2 / 64)
+    assert scores["sensitivity"] == pytest.approx(2 / 3)
+    assert scores["specificity"] == pytest.approx((61 - 1) / 61)
 
 
 def test_empty_masks():

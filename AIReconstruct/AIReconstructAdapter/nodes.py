@@ -17,7 +17,7 @@ import vtk
 
 from AIReconstructLib.errors import InputError
 from AIReconstructLib.io import write_volume
-from AIReconstructLib.surfaces import write_mesh
+from AIReconstructLib.surfaces import mesh_file_name, write_mesh
 from AIReconstructLib.volume import Volume
 
 
@@ -151,6 +151,5 @@ def export_to_files(segmentation_node, folder: str | Path, suffix: str = ".stl")
         flip.SetTransform(to_lps)
         flip.SetInputData(polydata)
         flip.Update()
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-        written.append(write_mesh(flip.GetOutput(), folder / f"{safe}{suffix}"))
+        written.append(write_mesh(flip.GetOutput(), folder / mesh_file_name(name, suffix)))
     return written

@@ -18,8 +18,6 @@ from pathlib import Path
 from . import __version__
 from .errors import AIReconstructError, Cancelled
 
-MESH_FORMATS = (".stl", ".obj", ".ply", ".vtp")
-
 
 class Reporter:
     """Progress as a tqdm bar on stderr, or as JSON lines on stdout."""
@@ -56,24 +54,18 @@ class Reporter:
 
 
 def _suffixes(formats: list[str]) -> list[str]:
+    from .surfaces import MESH_WRITERS
+
     suffixes = ["." + f.lower().lstrip(".") for f in formats]
     for suffix in suffixes:
-        if suffix not in MESH_FORMATS:
-            raise AIReconstructError(f"Unknown mesh format '{suffix}' (use {', '.join(MESH_FORMATS)})")
+        if suffix not in MESH_WRITERS:
+            raise AIReconstructError(f"Unknown mesh format '{suffix}' (use {', '.join(MESH_WRITERS)})")
     return suffixes
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def cmd_segment(args, reporter: Reporter) -> None:
     from .export import export_segmentation
-    from .io import StagedOutput, read_image_for_model
+    from .io import StagedOutput, image_stem, read_image_for_model
     from .modelcard import find_model
     from .pipeline import SegmentOptions, segment
 
@@ -83,7 +75,7 @@ def cmd_segment(args, reporter: Reporter) -> None:
     with StagedOutput(args.output) as out:
         result = segment(channels, card, options, reporter.progress, reporter.cancel_requested)
         formats = _suffixes(args.surface_format) if args.surfaces else ()
-        summary = export_segmentation(result, out, _stem(Path(args.inputs[0])), formats,
+        summary = export_segmentation(result, out, image_stem(args.inputs[0]), formats,
                                       args.smoothing, args.decimate, args.coordinates)
         if reporter.cancel_requested():
             raise Cancelled("Cancelled by the user; nothing was written")
@@ -200,6 +192,19 @@ def cmd_train(args, reporter: Reporter) -> None:
     reporter.result(f"wrote {card_path}", {"card": str(card_path)})
 
 
+def cmd_benchmark(args, reporter: Reporter) -> None:
+    from .benchmark import BenchmarkConfig, run_benchmark
+
+    config = BenchmarkConfig(
+        dataset=args.dataset, output=args.output, architectures=args.architectures,
+        adversarial_variants=[False] if args.no_adversarial else [False, True], folds=args.folds, epochs=args.epochs,
+        iterations=args.iterations, batch_size=args.batch_size, seed=args.seed, device=args.device,
+        extra_train_arguments=args.train_arguments,
+    )
+    table = run_benchmark(config, reporter.progress)
+    reporter.result(table.read_text(encoding="utf-8"), {"table": str(table)})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aireconstruct", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -288,6 +293,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="array axes (0 slices, 1 rows, 2 columns) to mirror in augmentation and --tta; "
                         "none for anatomy with left/right labels")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("benchmark", parents=[common],
+                       help="compare architectures with and without adversarial refinement by cross-validation")
+    p.add_argument("dataset")
+    p.add_argument("-o", "--output", required=True, help="folder for the models, cases.csv, table.md, dice.png")
+    p.add_argument("--architectures", nargs="+", default=["UNet", "SegResNet"])
+    p.add_argument("--no-adversarial", action="store_true", help="compare architectures only")
+    p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--train-arguments", nargs=argparse.REMAINDER, default=[],
+                   help="passed to every 'train' run (put last), e.g. --spacing 2 2 2 --patch-size 96 96 64")
+    p.set_defaults(func=cmd_benchmark)
     return parser
 
 

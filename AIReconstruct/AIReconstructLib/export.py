@@ -13,7 +13,7 @@ from .io import StagedOutput, write_volume
 from .metrics import label_volumes_ml
 from .pipeline import Segmentation
 from .segnrrd import write_seg_nrrd
-from .surfaces import extract_surfaces, mesh_measurements, surface_file_name, write_mesh
+from .surfaces import extract_surfaces, mesh_file_name, mesh_measurements, write_mesh
 
 
 def export_surfaces(segmentation_labelmap, labels, out: StagedOutput, formats, smoothing: float = 0.5,
@@ -22,7 +22,7 @@ def export_surfaces(segmentation_labelmap, labels, out: StagedOutput, formats, s
     measurements = {}
     for surface in extract_surfaces(segmentation_labelmap, labels, smoothing, decimate, coordinates):
         for suffix in formats:
-            write_mesh(surface.polydata, out.path(f"{folder}/{surface_file_name(surface, suffix)}"))
+            write_mesh(surface.polydata, out.path(f"{folder}/{mesh_file_name(surface.label.name, suffix)}"))
         measurements[surface.label.name] = mesh_measurements(surface.polydata)
     return measurements
 

@@ -6,6 +6,7 @@ this module (and the writers for segmentations and meshes) touches paths.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import os
 import shutil
@@ -36,10 +37,16 @@ def max_input_bytes() -> int:
 
 def _suffix(path: Path) -> str:
     name = path.name.lower()
-    for suffix in IMAGE_SUFFIXES + (".seg.nrrd",):
+    for suffix in (".seg.nrrd",) + IMAGE_SUFFIXES:
         if name.endswith(suffix):
-            return ".seg.nrrd" if name.endswith(".seg.nrrd") else suffix
+            return suffix
     return path.suffix
+
+
+def image_stem(path: str | os.PathLike) -> str:
+    """A file's name without its image suffix (``case 1.nii.gz`` -> ``case 1``)."""
+    path = Path(path)
+    return path.name[: len(path.name) - len(_suffix(path))] if _suffix(path) else path.name
 
 
 def _check_nifti_complete(path: Path) -> None:
@@ -237,6 +244,17 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict]) -> Path:
+    """Write rows (dicts; columns in order of first appearance) as a CSV file, atomically."""
+    path = Path(path)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Path:

@@ -1,6 +1,7 @@
 """Overlap and distance metrics between a predicted and a reference label map.
 
 Dice = 2|P∩R| / (|P|+|R|), IoU (Jaccard) = |P∩R| / |P∪R|, voxel accuracy = (TP+TN) / N,
+sensitivity = TP / (TP+FN), specificity = TN / (TN+FP),
 HD95 = 95th percentile of the symmetric surface distances and ASD = their mean, in mm
 (MONAI's implementations, given the voxel spacing). A label absent from both maps scores
 Dice = IoU = 1 and distances 0; a label present in only one scores 0 and infinite distance.
@@ -24,12 +25,15 @@ def _bounding_box(mask: np.ndarray, margin: int = 2) -> tuple[slice, ...]:
 
 
 def overlap_scores(pred: np.ndarray, ref: np.ndarray) -> dict:
-    """Dice, IoU and voxel accuracy of two boolean masks."""
+    """Dice, IoU, voxel accuracy, sensitivity and specificity of two boolean masks."""
     tp = int(np.count_nonzero(pred & ref))
     p, r = int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
+    negatives = pred.size - r
+    specificity = (negatives - (p - tp)) / negatives if negatives else 1.0
     if p + r == 0:
-        return {"dice": 1.0, "iou": 1.0, "accuracy": 1.0}
-    return {"dice": 2 * tp / (p + r), "iou": tp / (p + r - tp), "accuracy": 1.0 - (p + r - 2 * tp) / pred.size}
+        return {"dice": 1.0, "iou": 1.0, "accuracy": 1.0, "sensitivity": 1.0, "specificity": specificity}
+    return {"dice": 2 * tp / (p + r), "iou": tp / (p + r - tp), "accuracy": 1.0 - (p + r - 2 * tp) / pred.size,
+            "sensitivity": tp / r if r else 0.0, "specificity": specificity}
 
 
 def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing_zyx) -> dict:
@@ -67,7 +71,7 @@ def evaluate(pred: Volume, ref: Volume, label_names: dict[int, str], distances: 
         scores["present"] = bool(p.any() or r.any())
         per_label[name] = scores
     present = [s for s in per_label.values() if s["present"]]
-    keys = ["dice", "iou", "accuracy"] + (["hd95_mm", "asd_mm"] if distances else [])
+    keys = ["dice", "iou", "accuracy", "sensitivity", "specificity"] + (["hd95_mm", "asd_mm"] if distances else [])
     mean = {key: float(np.mean([s[key] for s in present])) if present else math.nan for key in keys}
     return {"labels": per_label, "mean": mean, "accuracy": float(np.mean(pred.array == ref.array))}
 

@@ -170,8 +170,8 @@ def write_mesh(poly: vtk.vtkPolyData, path: str | os.PathLike) -> Path:
     return path
 
 
-def surface_file_name(surface: Surface, suffix: str) -> str:
-    """A file name for a surface: its label name made safe, plus the format's suffix."""
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in surface.label.name)
+def mesh_file_name(segment_name: str, suffix: str) -> str:
+    """A file name for a segment's mesh: the name with only letters, digits, - and _, plus the suffix."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in segment_name)
     return f"{safe}{suffix}"
 

@@ -9,7 +9,6 @@ same patches as an uninterrupted one.
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 import time
@@ -24,7 +23,7 @@ from .adversarial import AdversarialRefinement
 from .dataset import read_dataset
 from .distributed import Distributed
 from .errors import Cancelled, InputError
-from .io import atomic_path
+from .io import atomic_path, write_csv
 from .metrics import overlap_scores
 from .modelcard import CARD_FILE, sha256_of, validate_card
 from .networks import DEFAULT_ARGUMENTS, build_network, save_weights
@@ -179,7 +178,7 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
                 _save_weights(network, output / WEIGHTS_FILE)
             state["history"].append(row)
             state["epoch"] = epoch
-            _write_log(output / "training_log.csv", state["history"])
+            write_csv(output / "training_log.csv", state["history"])
             _save_checkpoint(output / CHECKPOINT_FILE, network, optimiser, adversarial, state)
         distributed.barrier()
         progress(epoch / config.epochs, f"epoch {epoch}/{config.epochs} loss {row['loss']:.4f} "
@@ -265,11 +264,3 @@ def _write_card(config, output, dataset, channel_specs, labels, spacing, state, 
     with atomic_path(output / CARD_FILE) as tmp:
         tmp.write_text(json.dumps(card, indent=2), encoding="utf-8")
     return output / CARD_FILE
-
-
-def _write_log(path: Path, history: list[dict]) -> None:
-    columns = list(dict.fromkeys(key for row in history for key in row))
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, columns)
-        writer.writeheader()
-        writer.writerows(history)
