@@ -190,7 +190,7 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
     if not distributed.is_main:
         return output / CARD_FILE
     return _write_card(config, output, dataset, channel_specs, labels, spacing, state, distributed.world_size,
-                       time.time() - start)
+                       time.time() - start, split["validation"])
 
 
 def _validate(network, cases, patch_zyx, device, num_classes) -> dict[int, float]:
@@ -233,7 +233,8 @@ def _load_checkpoint(path: Path, network, optimiser, adversarial, device) -> dic
     return checkpoint
 
 
-def _write_card(config, output, dataset, channel_specs, labels, spacing, state, world_size, seconds) -> Path:
+def _write_card(config, output, dataset, channel_specs, labels, spacing, state, world_size, seconds,
+                held_out: list[str]) -> Path:
     card = {
         "schema_version": 1,
         "name": config.name,
@@ -252,7 +253,8 @@ def _write_card(config, output, dataset, channel_specs, labels, spacing, state, 
                                                                        "fill_holes": True})} for entry in labels],
         "weights": {"file": WEIGHTS_FILE, "sha256": sha256_of(output / WEIGHTS_FILE)},
         "training": {
-            "dataset": dataset.folder.name, "cases": len(dataset.cases), "best_epoch": state["best_epoch"],
+            "dataset": dataset.folder.name, "cases": len(dataset.cases), "held_out_cases": held_out,
+            "best_epoch": state["best_epoch"],
             "validation_mean_dice": round(state["best_dice"], 4) if state["best_dice"] >= 0 else None,
             "epochs_run": state["epoch"], "processes": world_size, "minutes": round(seconds / 60, 1),
             "config": asdict(config),
