@@ -7,8 +7,8 @@ Prints, for one realistic case measured in one run:
 - the engine's end-to-end time (``aireconstruct segment --surfaces`` in a fresh process: read,
   preprocess, predict, resample back, post-process, write, surfaces) per stage, and its ratio to
   the baseline;
-- the peak RSS of that process, of a process that only loads the model, and the difference as a
-  multiple of the input's float32 size.
+- the peak RSS of that process, of a process that only imports the engine and loads the model, and
+  the difference as a multiple of the input's float32 size.
 Not part of the test suite.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,15 +30,16 @@ CASES = {  # name -> (spacing i j k mm, field of view mm): the phantom is sample
 
 
 def child_peak_rss_mib(command: list[str]) -> tuple[float, str, float]:
-    """Run a command in a fresh process; returns (seconds, stdout, its peak RSS in MiB)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run a command in a fresh process; returns (seconds, stdout, that process's peak RSS in MiB)."""
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", check=True)
-    seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak <= before:
-        raise RuntimeError("measure one child at a time: run this benchmark's steps in separate processes")
-    return seconds, result.stdout, peak / 1024
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"{' '.join(command[:4])} ... failed")
+        output.seek(0)
+        return seconds, output.read(), usage.ru_maxrss / 1024
 
 
 def main() -> None:
@@ -50,24 +51,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=21)
     args = parser.parse_args()
 
-    import torch
-
-    from AIReconstructLib.io import read_image_for_model, write_volume
-    from AIReconstructLib.modelcard import find_model
-    from AIReconstructLib.networks import load_network
-    from AIReconstructLib.phantom import make_phantom
-    from AIReconstructLib.predict import Predictor
-    from AIReconstructLib.preprocess import prepare
-
     spacing, field_of_view = CASES[args.case]
     work = Path(tempfile.mkdtemp(prefix="aireconstruct-bench-"))
-    started = time.perf_counter()
-    phantom = make_phantom(args.seed, spacing=spacing, field_of_view_mm=field_of_view)
-    image_path = write_volume(phantom.image, work / "ct.nii.gz")
-    input_mib = phantom.image.array.size * 4 / 2**20
-    print(f"case {args.case}: {' x '.join(map(str, phantom.image.shape_ijk))} voxels at {spacing} mm, "
-          f"float32 size {input_mib:.0f} MiB (phantom made in {time.perf_counter() - started:.0f} s)")
-    del phantom
+    image_path = Path(tempfile.gettempdir()) / f"aireconstruct-bench-{args.case}-{args.seed}.nii.gz"  # reused
+    # made in a process of its own: a child forked from a big parent would report the parent's memory
+    seconds, _, _ = (0.0, "", 0.0) if image_path.exists() else child_peak_rss_mib([sys.executable, "-c", (
+        "from AIReconstructLib.phantom import make_phantom; from AIReconstructLib.io import write_volume; "
+        f"p = make_phantom({args.seed}, spacing={spacing}, field_of_view_mm={field_of_view}); "
+        f"write_volume(p.image, {str(image_path)!r})")])
+    shape = [int(round(f / s)) for f, s in zip(field_of_view, spacing)]
+    input_mib = shape[0] * shape[1] * shape[2] * 4 / 2**20
+    print(f"case {args.case}: {' x '.join(map(str, shape))} voxels at {spacing} mm, "
+          f"float32 size {input_mib:.0f} MiB (phantom made in {seconds:.0f} s)")
 
     engine = [sys.executable, "-m", "AIReconstructLib"]
     options = ["--device", args.device] + (["--fast"] if args.fast else [])
@@ -75,9 +70,18 @@ def main() -> None:
         engine + ["segment", str(image_path), "-m", args.model, "-o", str(work / "out"), "--surfaces",
                   "--json-progress", *options])
     summary = json.loads(stdout.strip().splitlines()[-1])["summary"]
-    _, _, model_rss = child_peak_rss_mib([sys.executable, "-c", (
+    _, _, model_rss = child_peak_rss_mib([sys.executable, "-c", (  # the libraries a run imports, and the model
+        "import AIReconstructLib.cli, AIReconstructLib.export, AIReconstructLib.pipeline; "
         "from AIReconstructLib.modelcard import find_model; from AIReconstructLib.networks import load_network; "
         f"load_network(find_model({args.model!r}))")])
+
+    import torch
+
+    from AIReconstructLib.io import read_image_for_model
+    from AIReconstructLib.modelcard import find_model
+    from AIReconstructLib.networks import load_network
+    from AIReconstructLib.predict import Predictor
+    from AIReconstructLib.preprocess import prepare
 
     card = find_model(args.model)
     prepared = prepare([read_image_for_model(image_path)], card.channels, card.spacing(args.fast))
@@ -94,7 +98,7 @@ def main() -> None:
     print(f"| bare network sliding window (baseline) | {bare:.2f} |")
     print(f"\nend-to-end / bare network: {e2e_seconds / bare:.2f}x "
           f"(in-engine stages / bare: {sum(stages.values()) / bare:.2f}x)")
-    print(f"peak RSS: segment run {e2e_rss:.0f} MiB, model alone {model_rss:.0f} MiB; "
+    print(f"peak RSS: segment run {e2e_rss:.0f} MiB, libraries + model alone {model_rss:.0f} MiB; "
           f"(run - model) / input float32 = {(e2e_rss - model_rss) / input_mib:.2f}x")
     print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}")
 

@@ -105,7 +105,8 @@ def prepare(channels: list[Volume], channel_specs: list[dict], target_spacing_ij
     how = reorientation_of(channels[0])
     target_zyx = tuple(target_spacing_ijk[::-1])
     arrays = [normalise(to_canonical(ch.array, how), spec["normalisation"]) for ch, spec in zip(channels, channel_specs)]
-    tensor = torch.from_numpy(np.ascontiguousarray(np.stack(arrays)))
+    stacked = arrays[0][None] if len(arrays) == 1 else np.stack(arrays)  # no extra copy for one channel
+    tensor = torch.from_numpy(np.ascontiguousarray(stacked))
     canonical_shape = tuple(tensor.shape[1:])
     tensor = resample(tensor, resampled_shape(canonical_shape, how.spacing_zyx, target_zyx))
     return Prepared(tensor, how, canonical_shape)
@@ -128,15 +129,17 @@ def _linear_taps(n_out: int, n_in: int):
 
 def restore_labels(scores: torch.Tensor, prepared: Prepared, slab: int = 8) -> np.ndarray:
     """The argmax label map in the input array order, resampling the scores back a few slices at a
-    time so that full-resolution per-class scores never exist at once (memory ~ the label map)."""
+    time so that full-resolution per-class scores never exist at once (memory ~ the label map).
+
+    Linear along z on the small model grid, then bilinear in-plane with ``F.interpolate``: the same
+    arithmetic as :func:`restore`'s trilinear resampling.
+    """
     shape = prepared.canonical_shape
-    taps = [_linear_taps(n_out, n_in) for n_out, n_in in zip(shape, scores.shape[1:])]
-    (z_low, z_high, z_w0, z_w1), (y_low, y_high, y_w0, y_w1), (x_low, x_high, x_w0, x_w1) = taps
+    z_low, z_high, z_w0, z_w1 = _linear_taps(shape[0], scores.shape[1])
     labels = torch.empty(shape, dtype=torch.uint8 if scores.shape[0] <= 256 else torch.int16)
     for start in range(0, shape[0], slab):
         z = slice(start, min(start + slab, shape[0]))
-        block = (scores[:, z_low[z]] * z_w0[z][None, :, None, None] + scores[:, z_high[z]] * z_w1[z][None, :, None, None])
-        block = block[:, :, y_low] * y_w0[None, None, :, None] + block[:, :, y_high] * y_w1[None, None, :, None]
-        block = block[..., x_low] * x_w0 + block[..., x_high] * x_w1
-        labels[z] = block.argmax(0).to(labels.dtype)
+        block = scores[:, z_low[z]] * z_w0[z][None, :, None, None] + scores[:, z_high[z]] * z_w1[z][None, :, None, None]
+        block = F.interpolate(block.transpose(0, 1), size=shape[1:], mode="bilinear", align_corners=False)
+        labels[z] = block.argmax(1).to(labels.dtype)
     return np.ascontiguousarray(from_canonical(labels, prepared.reorientation).numpy())
