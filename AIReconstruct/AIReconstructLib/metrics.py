@@ -10,6 +10,7 @@ Dice = IoU = 1 and distances 0; a label present in only one scores 0 and infinit
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -46,8 +47,10 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing_zyx) -> dict:
     p = torch.from_numpy(np.ascontiguousarray(pred[box]))[None, None]
     r = torch.from_numpy(np.ascontiguousarray(ref[box]))[None, None]
     spacing = [float(s) for s in spacing_zyx]
-    hd95 = compute_hausdorff_distance(p, r, percentile=95, spacing=spacing)
-    asd = compute_average_surface_distance(p, r, symmetric=True, spacing=spacing)
+    with warnings.catch_warnings():  # MONAI 1.6 warns about an argument it passes to itself
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        hd95 = compute_hausdorff_distance(p, r, percentile=95, spacing=spacing)
+        asd = compute_average_surface_distance(p, r, symmetric=True, spacing=spacing)
     return {"hd95_mm": float(hd95.item()), "asd_mm": float(asd.item())}
 
 

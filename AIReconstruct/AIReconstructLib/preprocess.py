@@ -73,21 +73,25 @@ def resample(tensor: torch.Tensor, shape) -> torch.Tensor:
 
 
 def normalise(array: np.ndarray, scheme: dict) -> np.ndarray:
-    """Intensity normalisation of one channel as a model card describes it (float32 out)."""
+    """Intensity normalisation of one channel as a model card describes it (float32 out).
+
+    Works in place on one float32 copy: no further full-size temporaries.
+    """
     data = array.astype(np.float32, copy=True)
     kind = scheme["scheme"]
     if kind == "ct":
-        low, high = scheme["clip"]
-        np.clip(data, low, high, out=data)
-        return (data - scheme["mean"]) / scheme["std"]
-    if kind == "zscore_nonzero":
+        np.clip(data, *scheme["clip"], out=data)
+        data -= scheme["mean"]
+        data /= scheme["std"]
+    elif kind == "zscore_nonzero":
         mask = data != 0
         if mask.any():
             values = data[mask]
             data[mask] = (values - values.mean()) / max(float(values.std()), 1e-8)
-        return data
-    if kind == "zscore":
-        return (data - data.mean()) / max(float(data.std()), 1e-8)
+    elif kind == "zscore":
+        mean, std = float(data.mean()), max(float(data.std()), 1e-8)
+        data -= mean
+        data /= std
     return data
 
 
