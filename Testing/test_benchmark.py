@@ -28,3 +28,8 @@ def test_benchmark_compares_architectures_with_and_without_adversarial_refinemen
     assert "- SegResNet: " in markdown and ("Wilcoxon" in markdown or "not testable" in markdown)
     assert (tmp_path / "bench" / "dice.png").stat().st_size > 1000
     assert "Architecture comparison" in capsys.readouterr().out
+    # run again: every configuration is already trained there, so it is reused and the tables rewritten
+    trained = sorted(p.stat().st_mtime for p in (tmp_path / "bench" / "models").rglob("model.safetensors"))
+    assert main(["benchmark", str(tmp_path / "data"), "-o", str(tmp_path / "bench"), "--architectures", "UNet",
+                 "--folds", "2", "--device", "cpu"]) == 0
+    assert sorted(p.stat().st_mtime for p in (tmp_path / "bench" / "models").rglob("model.safetensors")) == trained

@@ -6,7 +6,8 @@ on their original grids. Written to the output folder: ``cases.csv`` (metrics pe
 ``table.csv`` and ``table.md`` (mean ± standard deviation over folds, parameters, training time
 per epoch, inference time per volume, peak training memory), ``dice.png`` and, per architecture,
 a Wilcoxon signed-rank test over cases of adversarial vs plain Dice: a difference is claimed only
-when p < 0.05.
+when p < 0.05. A configuration already trained in the output folder (an interrupted comparison
+run again) is reused, not retrained.
 """
 
 from __future__ import annotations
@@ -50,8 +51,15 @@ class BenchmarkConfig:
     extra_train_arguments: list = field(default_factory=list)  # e.g. --spacing 2 2 2 --patch-size ...
 
 
-def _train_in_child(config: BenchmarkConfig, architecture: str, adversarial: bool, fold: int, folder: Path) -> float:
-    """Train one configuration in its own process; returns its peak resident memory in MiB."""
+RUN_RECORD = "benchmark_run.json"
+
+
+def _train_in_child(config: BenchmarkConfig, architecture: str, adversarial: bool, fold: int, folder: Path):
+    """Train one configuration in its own process (unless already trained there); returns its peak
+    resident memory in MiB, or None where an earlier run trained it without recording it."""
+    if (folder / "card.json").is_file():
+        record = folder / RUN_RECORD
+        return json.loads(record.read_text(encoding="utf-8"))["peak_rss_mib"] if record.is_file() else None
     folder.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "AIReconstructLib", "train", config.dataset, "-o", str(folder),
                "--name", f"{architecture.lower()}{'-adv' if adversarial else ''}-fold{fold}",
@@ -67,7 +75,9 @@ def _train_in_child(config: BenchmarkConfig, architecture: str, adversarial: boo
     if process.returncode != 0:
         last = (folder / "train.log").read_text(encoding="utf-8").strip().splitlines()[-1:] or ["no output"]
         raise AIReconstructError(f"Training {architecture} (fold {fold}) failed: {last[0][:300]}")
-    return usage.ru_maxrss / 1024
+    peak = usage.ru_maxrss / 1024
+    (folder / RUN_RECORD).write_text(json.dumps({"peak_rss_mib": peak}), encoding="utf-8")
+    return peak
 
 
 def _evaluate_fold(folder: Path, case_ids: list[str], dataset, device: str) -> tuple[list[dict], dict]:
@@ -107,9 +117,9 @@ def run_benchmark(config: BenchmarkConfig, progress=None) -> Path:
         rows, figures = _evaluate_fold(folder, held_out, dataset, config.device)
         for row in rows:
             case_rows.append({"architecture": architecture, "adversarial": adversarial, "fold": fold, **row})
-        entry = summary.setdefault((architecture, adversarial), {"folds": [], **figures, "peak_rss_mib": 0.0})
+        entry = summary.setdefault((architecture, adversarial), {"folds": [], **figures, "peak_rss_mib": []})
         entry["folds"].append({m: float(np.mean([r[m] for r in rows])) for m in METRICS + ["inference_s"]})
-        entry["peak_rss_mib"] = max(entry["peak_rss_mib"], peak_mib)
+        entry["peak_rss_mib"].append(peak_mib)
     report(1.0, "writing the tables")
     write_csv(output / "cases.csv", case_rows)
     table = _table_rows(summary)
@@ -128,8 +138,9 @@ def _table_rows(summary: dict) -> list[dict]:
         for metric in METRICS + ["inference_s"]:
             values = [fold[metric] for fold in entry["folds"]]
             row[f"{metric}_mean"], row[f"{metric}_sd"] = float(np.mean(values)), float(np.std(values))
+        known = [peak for peak in entry["peak_rss_mib"] if peak is not None]
         row.update(parameters=entry["parameters"], train_s_per_epoch=round(entry["train_s_per_epoch"], 1),
-                   peak_rss_mib=round(entry["peak_rss_mib"]))
+                   peak_rss_mib=round(max(known)) if known else "n/a")
         rows.append(row)
     return rows
 
