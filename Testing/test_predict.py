@@ -10,7 +10,7 @@ from AIReconstructLib.errors import Cancelled
 from AIReconstructLib.modelcard import load_card
 from AIReconstructLib.networks import load_network
 from AIReconstructLib.predict import Predictor, mirror_sets, window_count
-from AIReconstructLib.preprocess import (from_canonical, normalise, prepare, reorientation_of, restore,
+from AIReconstructLib.preprocess import (from_canonical, normalise, prepare, reorientation_of, resample,
                                          restore_labels, to_canonical)
 from AIReconstructLib.volume import Volume
 from conftest import oblique_direction
@@ -50,8 +50,8 @@ def test_prepare_and_restore_keep_the_input_grid(ct_volume):
     spec = [{"name": "CT", "normalisation": {"scheme": "ct", "clip": [-100, 200], "mean": 50, "std": 50}}]
     prepared = prepare([ct_volume], spec, (3.0, 3.0, 3.0))
     assert prepared.tensor.shape[1:] == (32, 33, 32)  # 24*4/3, 40*2.5/3, 48*2/3
-    restored = restore(prepared.tensor, prepared)
-    assert restored.shape[1:] == ct_volume.array.shape
+    restored = restore_labels(prepared.tensor, prepared)
+    assert restored.shape == ct_volume.array.shape
 
 
 @pytest.mark.parametrize("direction", [np.eye(3), np.diag([-1.0, 1.0, -1.0]), np.array([[0, 0, 1.0], [1, 0, 0], [0, 1, 0]])])
@@ -59,7 +59,7 @@ def test_slab_wise_label_restore_equals_full_resampling(direction):
     volume = Volume(np.zeros((23, 31, 37)), (1.3, 0.9, 2.6), (0, 0, 0), direction)
     prepared = prepare([volume], [{"name": "x", "normalisation": {"scheme": "none"}}], (2.0, 2.0, 2.0))
     scores = torch.randn(5, *prepared.tensor.shape[1:], generator=torch.Generator().manual_seed(0))
-    full = restore(scores, prepared)
+    full = from_canonical(resample(scores, prepared.canonical_shape), prepared.reorientation)
     labels = restore_labels(scores, prepared, slab=4)
     assert labels.shape == volume.array.shape
     top2 = full.topk(2, dim=0).values

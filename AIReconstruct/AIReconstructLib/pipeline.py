@@ -1,7 +1,7 @@
 """The segmentation job: input volumes + model card -> label map on the input's grid.
 
     channels ─► prepare (reorient, normalise, resample) ─► Predictor (sliding window)
-             ─► restore (resample logits back, undo reorientation) ─► argmax ─► postprocess
+             ─► restore_labels (resample logits back slab by slab, argmax, undo reorientation) ─► postprocess
 """
 
 from __future__ import annotations

@@ -116,11 +116,6 @@ def prepare(channels: list[Volume], channel_specs: list[dict], target_spacing_ij
     return Prepared(tensor, how, canonical_shape)
 
 
-def restore(scores: torch.Tensor, prepared: Prepared) -> torch.Tensor:
-    """Map per-class scores ``[C, z, y, x]`` on the model grid back to the input array order."""
-    return from_canonical(resample(scores, prepared.canonical_shape), prepared.reorientation)
-
-
 def _linear_taps(n_out: int, n_in: int):
     """Source indices and weights of linear resampling from ``n_in`` to ``n_out`` samples over the same
     field of view (the arithmetic of ``F.interpolate(..., align_corners=False)``)."""
@@ -136,7 +131,7 @@ def restore_labels(scores: torch.Tensor, prepared: Prepared, slab: int = 8) -> n
     time so that full-resolution per-class scores never exist at once (memory ~ the label map).
 
     Linear along z on the small model grid, then bilinear in-plane with ``F.interpolate``: the same
-    arithmetic as :func:`restore`'s trilinear resampling.
+    arithmetic as trilinear :func:`resample` of the whole score volume.
     """
     shape = prepared.canonical_shape
     z_low, z_high, z_w0, z_w1 = _linear_taps(shape[0], scores.shape[1])
