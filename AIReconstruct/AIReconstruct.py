@@ -72,6 +72,7 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self.job = None
+        self.cards = {}  # installed model cards by name, read once per refresh
         self.logLinesShown = 0
         self.timer = qt.QTimer()
         self.timer.setInterval(250)
@@ -140,7 +141,8 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.ui.modelComboBox.blockSignals(True)
         self.ui.modelComboBox.clear()
-        for card in self.logic.adapter.installedModels():
+        self.cards = {card.name: card for card in self.logic.adapter.installedModels()}
+        for card in self.cards.values():
             self.ui.modelComboBox.addItem(card.data["title"], card.name)
         self.ui.modelComboBox.blockSignals(False)
         index = self.ui.modelComboBox.findData(self._parameterNode.model if self._parameterNode else "")
@@ -153,9 +155,9 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not model or not self._parameterNode:
             return
         self._parameterNode.model = model
-        card = next(c for c in self.logic.adapter.installedModels() if c.name == model)
+        card = self.cards[model]
         self.ui.modelInfoLabel.text = card.summary()
-        channels = self.logic.adapter.modelChannelNames(model)
+        channels = [channel["name"] for channel in card.channels]
         for n in range(MAX_INPUTS):
             visible = n < len(channels)
             getattr(self.ui, f"inputVolumeLabel{n}").visible = visible

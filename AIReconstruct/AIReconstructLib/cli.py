@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--licence", default="Apache-2.0", help="licence of the trained model (and its data's terms)")
     p.add_argument("--labels", help="JSON list of card label entries (names, colours, SNOMED CT codes)")
     p.add_argument("--architecture", default="UNet", help="UNet, DynUNet, BasicUNetPlusPlus, VNet, SegResNet, SwinUNETR")
-    p.add_argument("--architecture-args", help="the architecture's arguments as JSON (default: a UNet's)")
+    p.add_argument("--architecture-args", help="the architecture's arguments as JSON (default: networks.DEFAULT_ARGUMENTS)")
     p.add_argument("--folds", type=int, default=0, help="k-fold cross-validation splits (0: one split)")
     p.add_argument("--fold", type=int, default=0, help="which fold to train")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")

@@ -46,7 +46,7 @@ def _suffix(path: Path) -> str:
 def image_stem(path: str | os.PathLike) -> str:
     """A file's name without its image suffix (``case 1.nii.gz`` -> ``case 1``)."""
     path = Path(path)
-    return path.name[: len(path.name) - len(_suffix(path))] if _suffix(path) else path.name
+    return path.name[: len(path.name) - len(_suffix(path))]
 
 
 def _check_nifti_complete(path: Path) -> None:
@@ -99,10 +99,11 @@ def _read_sitk(path: Path) -> sitk.Image:
 def _check_size(size, components: int, name: str) -> None:
     """Refuse, from the header alone, an image too large to process in this machine's memory."""
     needed = int(np.prod(size, dtype=np.float64)) * max(components, 1) * 4
-    if needed > max_input_bytes():
+    allowed = max_input_bytes()
+    if needed > allowed:
         raise InputError(
             f"{name} is too large to process here: {' x '.join(map(str, size))} voxels need "
-            f"{needed / 2**30:.1f} GiB as float32, more than the {max_input_bytes() / 2**30:.1f} GiB allowed"
+            f"{needed / 2**30:.1f} GiB as float32, more than the {allowed / 2**30:.1f} GiB allowed"
         )
 
 
@@ -317,8 +318,8 @@ class StagedOutput:
         target = self.path(name)
         try:
             target.write_text(text, encoding="utf-8")
-        except OSError as error:
-            raise OutputError(f"Cannot write {self.folder / name}: {error.strerror or error}") from None
+        except OSError as error:  # the message's staged path becomes the real one in __exit__
+            raise OutputError(f"Cannot write {target}: {error.strerror or error}") from None
         return target
 
     def commit(self) -> list[Path]:

@@ -135,6 +135,7 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
         _seed(epoch_seed)
         sampler.reseed(epoch_seed, distributed.share_of(len(train_cases), epoch, config.seed))
         losses, adversarial_losses, discriminator_losses = [], [], []
+        refining = adversarial is not None and adversarial.active(epoch)
         for _ in range(config.iterations_per_epoch):
             if cancel is not None and cancel():
                 raise Cancelled("Training cancelled by the user; the last checkpoint can be resumed")
@@ -145,7 +146,7 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
             with torch.autocast("cuda", enabled=amp):
                 logits = model(images)
                 loss = loss_fn(logits, targets)
-                if adversarial is not None and adversarial.active(epoch):
+                if refining:
                     adversarial_loss = adversarial.segmenter_loss(images, logits)
                     adversarial_losses.append(adversarial_loss.item())
                     loss = loss + adversarial_loss
@@ -153,7 +154,7 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
             scaler.step(optimiser)
             scaler.update()
             logits = logits.float()
-            if adversarial is not None and adversarial.active(epoch):
+            if refining:
                 discriminator_losses.append(adversarial.discriminator_step(images, targets, logits))
             losses.append(loss.item())
             state["step"] += 1
