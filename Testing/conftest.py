@@ -72,7 +72,7 @@ def tiny_card(name: str = "tiny-test-model") -> dict:
              "postprocess": {"keep_largest": True}},
             {"value": 2, "name": "lesion", "color": [0.2, 0.8, 0.2]},
         ],
-        "weights": {"file": "model.safetensors", "sha256": "0" * 64},
+        "weights": [{"file": "model.safetensors", "sha256": "0" * 64}],
     }
 
 
@@ -82,8 +82,9 @@ def write_model(folder: Path, card: dict | None = None, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     network = build_network(card["architecture"], len(card["channels"]), max(l["value"] for l in card["labels"]) + 1)
-    save_weights(network, folder / card["weights"]["file"])
-    card["weights"]["sha256"] = sha256_of(folder / card["weights"]["file"])
+    weights = card["weights"][0]
+    save_weights(network, folder / weights["file"])
+    weights["sha256"] = sha256_of(folder / weights["file"])
     (folder / CARD_FILE).write_text(json.dumps(card, indent=2), encoding="utf-8")
     return folder / CARD_FILE
 

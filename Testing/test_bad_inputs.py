@@ -144,7 +144,7 @@ def _truncate_and_reseal(folder):
 
 def _reseal(folder):
     card = json.loads((folder / "card.json").read_text(encoding="utf-8"))
-    card["weights"]["sha256"] = sha256_of(folder / card["weights"]["file"])
+    card["weights"][0]["sha256"] = sha256_of(folder / card["weights"][0]["file"])
     (folder / "card.json").write_text(json.dumps(card), encoding="utf-8")
 
 

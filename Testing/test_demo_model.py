@@ -16,8 +16,8 @@ from AIReconstructLib.surfaces import mesh_file_name
 
 def test_card_is_bundled_valid_and_honest():
     card = find_model(DEMO_MODEL)
-    assert sha256_of(card.weights_path) == card.data["weights"]["sha256"]
-    assert card.weights_path.stat().st_size < 20 * 1024 * 1024
+    assert sha256_of(card.weight_paths[0]) == card.data["weights"][0]["sha256"]
+    assert card.weight_paths[0].stat().st_size < 20 * 1024 * 1024
     assert "not for clinical use" in card.data["intended_use"]
     assert all(label.terminology.get("type", [""])[0] == "SCT" for label in card.labels)
     assert card.inference["mirror_axes"] == []  # mirroring would swap the right and left kidneys

@@ -38,7 +38,7 @@ def test_wrong_field_is_named(tmp_path):
     assert "labels[1].color" in _card_error(tmp_path, lambda c: c["labels"][1].update(color=[1, 2]))
     assert "channels[0].normalisation" in _card_error(
         tmp_path, lambda c: c["channels"][0]["normalisation"].pop("clip"))
-    assert "weights.sha256" in _card_error(tmp_path, lambda c: c["weights"].update(sha256="abc"))
+    assert "weights[0].sha256" in _card_error(tmp_path, lambda c: c["weights"][0].update(sha256="abc"))
 
 
 def test_repeated_label_value(tmp_path):

@@ -11,7 +11,7 @@ from AIReconstructLib.modelcard import load_card
 from AIReconstructLib.networks import load_network
 from AIReconstructLib.predict import Predictor, mirror_sets, window_count
 from AIReconstructLib.preprocess import (from_canonical, normalise, prepare, reorientation_of, resample,
-                                         restore_labels, to_canonical)
+                                         resample_argmax, restore_labels, to_canonical)
 from AIReconstructLib.volume import Volume
 from conftest import oblique_direction
 
@@ -39,6 +39,23 @@ def test_reorientation_reaches_lps_and_inverts_exactly(direction):
     np.testing.assert_array_equal(back, array)
 
 
+@pytest.mark.parametrize("axes", ["SAR", "RAS", "ILP"])
+@pytest.mark.parametrize("direction", list(_axis_permutation_directions())[::5])
+def test_reorientation_to_any_axis_codes(direction, axes):
+    volume = Volume(np.zeros((2, 3, 4)), (1.0, 2.0, 3.0), (0, 0, 0), direction)
+    how = reorientation_of(volume, axes)
+    index = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    canonical = to_canonical(index, how)
+    ijk_of = lambda flat: np.array(np.unravel_index(flat, index.shape)[::-1], float)
+    towards = {"L": [1, 0, 0], "R": [-1, 0, 0], "P": [0, 1, 0], "A": [0, -1, 0], "S": [0, 0, 1], "I": [0, 0, -1]}
+    for axis, code in enumerate(axes):
+        step = [0, 0, 0]
+        step[axis] = 1
+        move = volume.direction @ (ijk_of(canonical[tuple(step)]) - ijk_of(canonical[0, 0, 0]))
+        assert np.dot(move / np.linalg.norm(move), towards[code]) > 0.999
+    np.testing.assert_array_equal(from_canonical(torch.from_numpy(canonical.copy()), how).numpy(), index)
+
+
 def test_oblique_volume_uses_its_closest_axes():
     volume = Volume(np.zeros((5, 6, 7)), (1.0, 2.0, 3.0), (0, 0, 0), oblique_direction(20))
     how = reorientation_of(volume)
@@ -60,7 +77,7 @@ def test_slab_wise_label_restore_equals_full_resampling(direction):
     prepared = prepare([volume], [{"name": "x", "normalisation": {"scheme": "none"}}], (2.0, 2.0, 2.0))
     scores = torch.randn(5, *prepared.tensor.shape[1:], generator=torch.Generator().manual_seed(0))
     full = from_canonical(resample(scores, prepared.canonical_shape), prepared.reorientation)
-    labels = restore_labels(scores, prepared, slab=4)
+    labels = from_canonical(resample_argmax(scores, prepared.canonical_shape, slab=4), prepared.reorientation).numpy()
     assert labels.shape == volume.array.shape
     top2 = full.topk(2, dim=0).values
     decided = (top2[0] - top2[1] > 1e-4).numpy()  # ignore exact ties, where float rounding may pick either

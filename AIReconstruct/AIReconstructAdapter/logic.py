@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from AIReconstructLib.errors import ModelCardError
-from AIReconstructLib.modelcard import USER_MODELS, find_model, installed_models, load_card, verified_weights_path
+from AIReconstructLib.modelcard import USER_MODELS, find_model, installed_models, load_card, verified_weight_paths
 
 from . import nodes
 from .engine_run import SegmentationJob
@@ -30,7 +30,7 @@ class AdapterLogic:
     def addModel(self, path: str | Path, models_folder: Path = USER_MODELS) -> str:
         """Check a model folder (card and weights) and copy it into the user's models; returns its name."""
         card = load_card(path)
-        verified_weights_path(card)
+        verified_weight_paths(card)
         destination = Path(models_folder) / card.name
         if destination.exists():
             raise ModelCardError(f"A model named '{card.name}' is already installed in {destination}")

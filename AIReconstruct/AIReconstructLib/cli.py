@@ -148,6 +148,32 @@ def cmd_models(args, reporter: Reporter) -> None:
     reporter.result(text, {"models": [card.data for card in cards]})
 
 
+def cmd_import_model(args, reporter: Reporter) -> None:
+    from .modelcard import USER_MODELS, save_card
+
+    if args.kind == "totalsegmentator":
+        from .totalsegmentator import download_weights, import_totalsegmentator
+
+        if args.download:
+            download_weights(args.task, args.path)
+        card = import_totalsegmentator(args.task, args.path)
+    else:
+        from .nnunet import import_nnunet
+
+        label_info = {}
+        if args.labels:
+            try:
+                label_info = json.loads(Path(args.labels).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise AIReconstructError(f"Label file {args.labels} cannot be read as JSON ({error})") from None
+        card = import_nnunet(args.path, name=args.name, configuration=args.configuration, folds=args.folds,
+                             checkpoint=args.checkpoint, modality=args.modality, orientation=args.orientation,
+                             label_info=label_info, licence=args.licence, intended_use=args.intended_use)
+    saved = save_card(card, args.output or USER_MODELS / card["name"])
+    reporter.result(f"imported {saved.summary()}\ncard: {saved.folder / 'card.json'}",
+                    {"card": str(saved.folder / "card.json"), "name": saved.name})
+
+
 def cmd_demo(args, reporter: Reporter) -> None:
     from .demo import run_demo
 
@@ -248,6 +274,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", parents=[common], help="list installed model cards")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("import-model", parents=[common],
+                       help="write a model card for a model trained elsewhere, so it can be used like any other")
+    p.add_argument("kind", choices=["nnunet", "totalsegmentator"])
+    p.add_argument("path", help="nnunet: the trained model folder (dataset.json, plans.json, fold_N/); "
+                                "totalsegmentator: the folder that holds (or gets, with --download) its weights")
+    p.add_argument("--task", default="total-fast", help="totalsegmentator: which task's weights")
+    p.add_argument("--download", action="store_true", help="totalsegmentator: download the weights first")
+    p.add_argument("-o", "--output", help="folder for the card (default ~/.aireconstruct/models/NAME)")
+    p.add_argument("--name", help="model name (default from the data set and configuration)")
+    p.add_argument("--configuration", help="nnU-Net configuration (default: the checkpoint's)")
+    p.add_argument("--folds", nargs="+", help="nnU-Net folds to ensemble (default: all found)")
+    p.add_argument("--checkpoint", default="checkpoint_final.pth")
+    p.add_argument("--modality", choices=["CT", "MR", "PT", "US", "OTHER"])
+    p.add_argument("--orientation", help="axis codes the model was trained in (e.g. SAR for RAS-canonical NIfTI); "
+                                         "default: images as stored, as nnU-Net reads them")
+    p.add_argument("--labels", help="JSON object: label name -> {name, color, terminology} for the card")
+    p.add_argument("--licence", default="See the model's source")
+    p.add_argument("--intended-use")
+    p.set_defaults(func=cmd_import_model)
 
     p = sub.add_parser("demo", parents=[common], help="segment a synthetic CT phantom with the demo model")
     p.add_argument("-o", "--output", default="demo-output")

@@ -67,8 +67,9 @@ class ModelCard:
         return self.data["channels"]
 
     @property
-    def weights_path(self) -> Path:
-        return self.folder / self.data["weights"]["file"]
+    def weight_paths(self) -> list[Path]:
+        """The weight files (one per fold or ensemble member); relative paths are in the card's folder."""
+        return [self.folder / entry["file"] for entry in self.data["weights"]]
 
     def spacing(self, fast: bool = False) -> tuple[float, float, float]:
         """Target spacing (i, j, k) in mm; the coarser one in fast mode."""
@@ -140,6 +141,22 @@ def load_card(path: str | os.PathLike) -> ModelCard:
     return ModelCard(data, path.parent)
 
 
+def save_card(data: dict, folder: str | os.PathLike) -> ModelCard:
+    """Validate a card and write it atomically as ``folder/card.json``; weight files inside ``folder``
+    are recorded relative to it, so the folder can be moved."""
+    from .io import atomic_path
+
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {**data, "weights": [
+        {**entry, "file": str(Path(entry["file"]).relative_to(folder))} if Path(entry["file"]).is_relative_to(folder)
+        else entry for entry in data["weights"]]}
+    validate_card(data, f"Model card for {folder}")
+    with atomic_path(folder / CARD_FILE) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return ModelCard(data, folder)
+
+
 def model_folders() -> list[Path]:
     """Folders searched for installed models, in order: $AIRECONSTRUCT_MODEL_PATH, user, bundled."""
     extra = [Path(p) for p in os.environ.get(MODEL_PATH_ENV, "").split(os.pathsep) if p]
@@ -182,14 +199,14 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def verified_weights_path(card: ModelCard) -> Path:
-    """The weights file, after checking that it exists and matches the card's SHA-256."""
-    path = card.weights_path
-    if not path.is_file():
-        raise WeightsError(f"Weights file {path.name} of model '{card.name}' is missing from {card.folder}")
-    if sha256_of(path) != card.data["weights"]["sha256"]:
-        raise WeightsError(
-            f"Weights file {path.name} of model '{card.name}' does not match the SHA-256 in its card "
-            "(corrupt or tampered); refusing to load it"
-        )
-    return path
+def verified_weight_paths(card: ModelCard) -> list[Path]:
+    """The weight files, after checking that each exists and matches the card's SHA-256."""
+    for path, entry in zip(card.weight_paths, card.data["weights"]):
+        if not path.is_file():
+            raise WeightsError(f"Weights file {path.name} of model '{card.name}' is missing from {path.parent}")
+        if sha256_of(path) != entry["sha256"]:
+            raise WeightsError(
+                f"Weights file {path.name} of model '{card.name}' does not match the SHA-256 in its card "
+                "(corrupt or tampered); refusing to load it"
+            )
+    return card.weight_paths

@@ -8,7 +8,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import ModelCardError, WeightsError
-from .modelcard import ModelCard, verified_weights_path
+from .modelcard import ModelCard, verified_weight_paths
 
 # name in the card -> MONAI class; the card's "args" are passed through, plus the
 # channel counts and spatial_dims=3 that the card implies.
@@ -50,7 +50,7 @@ def build_network(architecture: dict, in_channels: int, out_channels: int) -> to
 def load_network(card: ModelCard) -> torch.nn.Module:
     """Build the card's network and load its verified weights (safetensors, no pickle)."""
     network = build_network(card.data["architecture"], len(card.channels), card.num_classes)
-    path = verified_weights_path(card)
+    path = verified_weight_paths(card)[0]
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:

@@ -2,6 +2,9 @@
 
     channels ─► prepare (reorient, normalise, resample) ─► Predictor (sliding window)
              ─► restore_labels (resample logits back slab by slab, argmax, undo reorientation) ─► postprocess
+
+Models imported from nnU-Net take their own preprocessing and export path (``nnunet.py``) around
+the same Predictor and slab-wise restore.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import nnunet
 from .errors import InputError
 from .modelcard import ModelCard
 from .networks import load_network
@@ -66,14 +70,10 @@ def check_modality(volume: Volume, card: ModelCard) -> None:
         raise InputError(f"The image looks like CT (many voxels near air's -1000 HU) but model '{card.name}' is for MR")
 
 
-def segment(channels: list[Volume], card: ModelCard, options: SegmentOptions = SegmentOptions(),
-            progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> Segmentation:
-    """Segment ``channels`` (one volume per model input channel) with the model ``card``."""
-    check_channels(channels, card)
-    check_modality(channels[0], card)
-    report = progress or (lambda fraction, message: None)
+def _predict_native(channels: list[Volume], card: ModelCard, options: SegmentOptions, report: ProgressCallback,
+                    cancel: CancelCheck | None) -> tuple[np.ndarray, dict]:
+    """Label array on the input's grid from a model trained by this engine (or imported as MONAI weights)."""
     seconds = {}
-
     started = time.perf_counter()
     report(0.0, "loading model")
     network = load_network(card)
@@ -94,8 +94,22 @@ def segment(channels: list[Volume], card: ModelCard, options: SegmentOptions = S
     started = time.perf_counter()
     report(0.9, "resampling to the input grid")
     labels = restore_labels(logits, prepared)
-    labelmap = channels[0].with_array(labels if card.num_classes <= 256 else labels.astype(np.uint16))
     seconds["resample back"] = time.perf_counter() - started
+    return labels, seconds
+
+
+def segment(channels: list[Volume], card: ModelCard, options: SegmentOptions = SegmentOptions(),
+            progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> Segmentation:
+    """Segment ``channels`` (one volume per model input channel) with the model ``card``."""
+    check_channels(channels, card)
+    check_modality(channels[0], card)
+    card.spacing(options.fast)  # a fast mode the model lacks is an error before any work
+    report = progress or (lambda fraction, message: None)
+    if card.data["architecture"]["name"] == nnunet.ARCHITECTURE_NAME:
+        labels, seconds = nnunet.predict_labels(channels, card, options.device, options.tta, report, cancel)
+    else:
+        labels, seconds = _predict_native(channels, card, options, report, cancel)
+    labelmap = channels[0].with_array(labels if card.num_classes <= 256 else labels.astype(np.uint16))
 
     if options.postprocess:
         started = time.perf_counter()

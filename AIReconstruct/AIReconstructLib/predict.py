@@ -1,14 +1,22 @@
-"""Sliding-window prediction with Gaussian blending, mirroring TTA, AMP, progress and cancel."""
+"""Sliding-window prediction with Gaussian blending, mirroring TTA, AMP, progress and cancel.
+
+The windows are placed as nnU-Net places them (evenly spaced, at most ``patch × (1 - overlap)``
+apart, the first at 0 and the last at the far edge) and blended with the same Gaussian importance
+map, so a model imported from nnU-Net predicts what nnU-Net's own predictor does.
+"""
 
 from __future__ import annotations
 
 import itertools
 import logging
 import math
+from functools import lru_cache
 from typing import Callable
 
+import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
 
 from .errors import AIReconstructError, Cancelled, InputError
 
@@ -31,20 +39,53 @@ def choose_device(requested: "str | torch.device" = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Start indices of the windows along one axis: evenly spaced, no further apart than
+    ``patch × (1 - overlap)``, the first at 0 and the last ending at ``size``."""
+    if size <= patch:
+        return [0]
+    count = math.ceil((size - patch) / (patch * (1 - overlap))) + 1
+    step = (size - patch) / (count - 1)
+    return [int(round(step * n)) for n in range(count)]
+
+
+def window_positions(shape, patch, overlap: float) -> list[tuple[slice, ...]]:
+    """Every window of ``patch`` over an image of ``shape`` (at least the patch size), as slices."""
+    starts = [window_starts(size, roi, overlap) for size, roi in zip(shape, patch)]
+    return [tuple(slice(s, s + roi) for s, roi in zip(corner, patch)) for corner in itertools.product(*starts)]
+
+
 def window_count(shape, patch, overlap: float) -> int:
-    """How many windows MONAI's sliding window visits for an image of ``shape``."""
-    total = 1
-    for size, roi in zip(shape, patch):
-        if size <= roi:
-            continue
-        interval = max(int(roi * (1 - overlap)), 1)
-        total *= math.ceil((size - roi) / interval) + 1
-    return total
+    """How many windows cover an image of ``shape``."""
+    return math.prod(len(window_starts(max(size, roi), roi, overlap)) for size, roi in zip(shape, patch))
+
+
+@lru_cache(maxsize=4)
+def gaussian_importance(patch: tuple[int, ...]) -> torch.Tensor:
+    """Blending weights of one window: a Gaussian with sigma patch/8 around the centre voxel,
+    peak 1, no zeros (the weight map of nnU-Net and MONAI's "gaussian" mode)."""
+    delta = np.zeros(patch)
+    delta[tuple(size // 2 for size in patch)] = 1
+    weights = gaussian_filter(delta, [size / 8 for size in patch], 0, mode="constant", cval=0)
+    weights /= weights.max()
+    weights[weights == 0] = weights[weights > 0].min()
+    return torch.from_numpy(weights.astype(np.float32))
 
 
 def mirror_sets(axes) -> list[tuple[int, ...]]:
     """Every subset of the mirror axes (the identity first), as nnU-Net's mirroring uses."""
     return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(sorted(axes), r)]
+
+
+def _pad_to_patch(image: torch.Tensor, patch) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Zero-pad ``[C, z, y, x]`` evenly to at least the patch size; the slices that undo it."""
+    below = [max(roi - size, 0) // 2 for size, roi in zip(image.shape[1:], patch)]
+    above = [max(roi - size, 0) - b for size, roi, b in zip(image.shape[1:], patch, below)]
+    if not any(below) and not any(above):
+        return image, (slice(None),) * 3
+    padding = [amount for b, a in zip(reversed(below), reversed(above)) for amount in (b, a)]
+    unpad = tuple(slice(b, b + size) for b, size in zip(below, image.shape[1:]))
+    return F.pad(image, padding), unpad
 
 
 class Predictor:
@@ -71,7 +112,7 @@ class Predictor:
 
     def __call__(self, image: torch.Tensor, mirror_axes=(), progress: ProgressCallback | None = None,
                  cancel: CancelCheck | None = None) -> torch.Tensor:
-        """Logits ``[classes, z, y, x]`` (float32, on the CPU), averaged over mirrored copies."""
+        """Logits ``[classes, z, y, x]`` (float32, on the CPU), each window averaged over its mirrored copies."""
         plan = self.attempts()
         for number, (batch, window_device, output_device) in enumerate(plan):
             try:
@@ -88,30 +129,33 @@ class Predictor:
     def _run(self, image, mirror_axes, progress, cancel, batch_size, window_device, output_device):
         network = self.network.to(window_device)
         mirrors = mirror_sets(mirror_axes)
-        total = window_count(image.shape[1:], self.patch_zyx, self.overlap) * len(mirrors)
-        done = 0
-
-        def run_windows(batch: torch.Tensor) -> torch.Tensor:
-            nonlocal done
-            if cancel is not None and cancel():
-                raise Cancelled("Cancelled by the user; nothing was written")
-            with torch.autocast("cuda", dtype=torch.float16, enabled=window_device.type == "cuda"):
-                out = network(batch)
-            done += batch.shape[0]
-            if progress is not None:
-                progress(min(done / total, 1.0), f"window {done}/{total}")
-            return out.float()
-
-        summed = None
+        padded, unpad = _pad_to_patch(image.to(output_device, torch.float32), self.patch_zyx)
+        windows = window_positions(padded.shape[1:], self.patch_zyx, self.overlap)
+        weights = gaussian_importance(self.patch_zyx).to(output_device)
+        total, done = len(windows) * len(mirrors), 0
+        logits = weight_sum = None
         with torch.inference_mode():
-            batch = image[None].to(output_device, torch.float32)
-            for axes in mirrors:
-                dims = [2 + a for a in axes]
-                flipped = torch.flip(batch, dims) if dims else batch
-                logits = sliding_window_inference(
-                    flipped, self.patch_zyx, batch_size, run_windows,
-                    overlap=self.overlap, mode="gaussian", sw_device=window_device, device=output_device,
-                )
-                logits = torch.flip(logits, dims) if dims else logits
-                summed = logits if summed is None else summed + logits
-        return (summed / len(mirrors))[0].float().cpu()
+            for first in range(0, len(windows), batch_size):
+                group = windows[first:first + batch_size]
+                batch = torch.stack([padded[(slice(None), *window)] for window in group]).to(window_device)
+                predicted = 0
+                for axes in mirrors:
+                    if cancel is not None and cancel():
+                        raise Cancelled("Cancelled by the user; nothing was written")
+                    dims = [2 + a for a in axes]
+                    flipped = torch.flip(batch, dims) if dims else batch
+                    with torch.autocast("cuda", dtype=torch.float16, enabled=window_device.type == "cuda"):
+                        out = network(flipped).float()
+                    predicted = predicted + (torch.flip(out, dims) if dims else out)
+                    done += len(group)
+                    if progress is not None:
+                        progress(done / total, f"window {done}/{total}")
+                predicted = predicted.to(output_device) / len(mirrors)
+                if logits is None:
+                    logits = torch.zeros((predicted.shape[1], *padded.shape[1:]), device=output_device)
+                    weight_sum = torch.zeros(padded.shape[1:], device=output_device)
+                for window, window_logits in zip(group, predicted):
+                    logits[(slice(None), *window)] += window_logits * weights
+                    weight_sum[window] += weights
+            logits /= weight_sum
+        return logits[(slice(None), *unpad)].cpu()

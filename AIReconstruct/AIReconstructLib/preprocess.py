@@ -26,18 +26,25 @@ class Reorientation:
     spacing_zyx: tuple[float, float, float]  # spacing along the canonical array axes
 
 
-def reorientation_of(volume: Volume) -> Reorientation:
-    """Find the permutation and flips that bring ``volume``'s axes closest to L, P, S."""
+AXIS_CODES = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}  # LPS axis, sign
+
+
+def reorientation_of(volume: Volume, axes: str = "SPL") -> Reorientation:
+    """Find the permutation and flips that make array axis n run toward ``axes[n]`` (default S, P, L:
+    the engine's canonical order; ``"SAR"`` is a RAS-canonical NIfTI read the same way)."""
+    if sorted(AXIS_CODES[code][0] for code in axes) != [0, 1, 2]:
+        raise ValueError(f"Orientation '{axes}' does not name each of L/R, P/A and S/I once")
     direction = np.abs(volume.direction)  # rows: physical x, y, z; columns: voxel i, j, k
     voxel_axis_of = {}
     for flat in np.argsort(-direction.ravel(), kind="stable"):
         physical, voxel = divmod(int(flat), 3)
         if physical not in voxel_axis_of and voxel not in voxel_axis_of.values():
             voxel_axis_of[physical] = voxel
-    # canonical array axis n holds physical axis 2 - n (z, y, x); voxel axis v is array axis 2 - v
-    permutation = tuple(2 - voxel_axis_of[2 - n] for n in range(3))
-    flips = tuple(bool(volume.direction[2 - n, voxel_axis_of[2 - n]] < 0) for n in range(3))
-    spacing_zyx = tuple(volume.spacing[voxel_axis_of[2 - n]] for n in range(3))
+    # array axis a holds voxel axis 2 - a
+    physical_sign = [AXIS_CODES[code] for code in axes]
+    permutation = tuple(2 - voxel_axis_of[p] for p, _ in physical_sign)
+    flips = tuple(bool(volume.direction[p, voxel_axis_of[p]] * sign < 0) for p, sign in physical_sign)
+    spacing_zyx = tuple(volume.spacing[voxel_axis_of[p]] for p, _ in physical_sign)
     return Reorientation(permutation, flips, spacing_zyx)
 
 
@@ -126,19 +133,33 @@ def _linear_taps(n_out: int, n_in: int):
     return low, high, 1 - weight_high, weight_high
 
 
-def restore_labels(scores: torch.Tensor, prepared: Prepared, slab: int = 8) -> np.ndarray:
-    """The argmax label map in the input array order, resampling the scores back a few slices at a
-    time so that full-resolution per-class scores never exist at once (memory ~ the label map).
+def resample_argmax(scores: torch.Tensor, shape, nearest_first_axis: bool = False, slab: int = 8) -> torch.Tensor:
+    """The argmax labels of ``scores [C, z, y, x]`` resampled to ``shape`` (same field of view), a few
+    slices at a time so that full-resolution per-class scores never exist at once (memory ~ the labels).
 
-    Linear along z on the small model grid, then bilinear in-plane with ``F.interpolate``: the same
+    Linear along z on the small grid (nearest when ``nearest_first_axis``, as nnU-Net does along the
+    coarse axis of anisotropic images), then bilinear in-plane with ``F.interpolate``: the same
     arithmetic as trilinear :func:`resample` of the whole score volume.
     """
-    shape = prepared.canonical_shape
     z_low, z_high, z_w0, z_w1 = _linear_taps(shape[0], scores.shape[1])
-    labels = torch.empty(shape, dtype=torch.uint8 if scores.shape[0] <= 256 else torch.int16)
+    if nearest_first_axis:
+        z_low = z_high = _nearest_taps(shape[0], scores.shape[1])
+    labels = torch.empty(tuple(shape), dtype=torch.uint8 if scores.shape[0] <= 256 else torch.int16)
     for start in range(0, shape[0], slab):
         z = slice(start, min(start + slab, shape[0]))
         block = scores[:, z_low[z]] * z_w0[z][None, :, None, None] + scores[:, z_high[z]] * z_w1[z][None, :, None, None]
-        block = F.interpolate(block.transpose(0, 1), size=shape[1:], mode="bilinear", align_corners=False)
+        block = F.interpolate(block.transpose(0, 1), size=tuple(shape[1:]), mode="bilinear", align_corners=False)
         labels[z] = block.argmax(1).to(labels.dtype)
+    return labels
+
+
+def _nearest_taps(n_out: int, n_in: int) -> torch.Tensor:
+    """Source index of nearest-neighbour resampling from ``n_in`` to ``n_out`` samples (same field of view)."""
+    source = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5
+    return torch.floor(source + 0.5).long().clamp(0, n_in - 1)
+
+
+def restore_labels(scores: torch.Tensor, prepared: Prepared) -> np.ndarray:
+    """The argmax label map on the input's grid, in the input array order."""
+    labels = resample_argmax(scores, prepared.canonical_shape)
     return np.ascontiguousarray(from_canonical(labels, prepared.reorientation).numpy())

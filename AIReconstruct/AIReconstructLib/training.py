@@ -252,7 +252,7 @@ def _write_card(config, output, dataset, channel_specs, labels, spacing, state, 
         "architecture": {"name": config.architecture, "args": config.architecture_args},
         "labels": [{**entry, "postprocess": entry.get("postprocess", {"keep_largest": False, "min_island_ml": 0.5,
                                                                        "fill_holes": True})} for entry in labels],
-        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_of(output / WEIGHTS_FILE)},
+        "weights": [{"file": WEIGHTS_FILE, "sha256": sha256_of(output / WEIGHTS_FILE)}],
         "training": {
             "dataset": dataset.folder.name, "cases": len(dataset.cases), "held_out_cases": held_out,
             "best_epoch": state["best_epoch"],

@@ -1,0 +1,127 @@
+"""TotalSegmentator's CT models: download their nnU-Net v2 folders, import them with TotalSegmentator's
+label names mapped to SNOMED CT codes and colours, and run them like any other model.
+
+TotalSegmentator reorients every image to RAS before its nnU-Net models see it and reads it with
+SimpleITK, so the network's array axes run toward S, A, R: imported cards say orientation "SAR"
+and the engine reorients (exactly, by axis flips and permutation) before and after prediction.
+The label codes come from the mapping that the ``TotalSegmentator`` package ships; without that
+package the labels keep their names with generated colours and no codes.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from importlib import resources
+from pathlib import Path
+
+from .errors import AIReconstructError, ModelCardError
+from .nnunet import import_nnunet
+
+log = logging.getLogger(__name__)
+
+RELEASES = "https://github.com/wasserth/TotalSegmentator/releases/download"
+# task -> the release and data-set folders of its weights (TotalSegmentator v2 "total" task)
+TASKS = {
+    "total-fast": {"release": "v2.0.0-weights", "datasets": ["Dataset297_TotalSegmentator_total_3mm_1559subj"]},
+}
+ORIENTATION = "SAR"
+LICENCE = "Apache-2.0 (TotalSegmentator code and weights, github.com/wasserth/TotalSegmentator); cite Wasserthal et al. 2023"
+INTENDED_USE = "Research use only, not for clinical use: 117 anatomical structures on CT (TotalSegmentator 'total' task)"
+
+
+def _unpack(archive: Path, destination: Path) -> None:
+    """Extract a zip into ``destination``, refusing members that would land outside it."""
+    root = destination.resolve()
+    with zipfile.ZipFile(archive) as bundle:
+        for member in bundle.namelist():
+            if not (root / member).resolve().is_relative_to(root):
+                raise AIReconstructError(f"Refusing the weights archive {archive.name}: member '{member}' "
+                                         "points outside its folder")
+        bundle.extractall(root)
+
+
+def download_weights(task: str, destination: str | Path, base_url: str = RELEASES) -> list[Path]:
+    """Download and unpack the weights of a TotalSegmentator task into ``destination`` (skipping data
+    sets already there); returns the data-set folders. Each archive is unpacked into a hidden staging
+    folder and moved into place only when complete."""
+    if task not in TASKS:
+        raise AIReconstructError(f"Unknown TotalSegmentator task '{task}' (known: {', '.join(TASKS)})")
+    destination = Path(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    folders = []
+    for dataset in TASKS[task]["datasets"]:
+        target = destination / dataset
+        if not target.is_dir():
+            url = f"{base_url}/{TASKS[task]['release']}/{dataset}.zip"
+            with tempfile.TemporaryDirectory(prefix=".download-", dir=destination) as staging:
+                archive = Path(staging) / "weights.zip"
+                log.info("downloading %s", url)
+                try:
+                    with urllib.request.urlopen(url) as response, open(archive, "wb") as handle:
+                        shutil.copyfileobj(response, handle, 1 << 20)
+                except OSError as error:
+                    raise AIReconstructError(f"Cannot download {url}: {error}") from None
+                try:
+                    _unpack(archive, Path(staging) / "unpacked")
+                except zipfile.BadZipFile:
+                    raise AIReconstructError(f"The download of {dataset} is not a zip archive") from None
+                unpacked = Path(staging) / "unpacked" / dataset
+                if not unpacked.is_dir():
+                    raise AIReconstructError(f"The archive of {dataset} does not hold a folder {dataset}")
+                unpacked.rename(target)
+        folders.append(target)
+    return folders
+
+
+def label_info() -> dict[str, dict]:
+    """TotalSegmentator structure name -> card label fields (colour and SNOMED CT codes), from the
+    mapping the TotalSegmentator package ships; empty (with a warning) if it is not installed."""
+    try:
+        table = resources.files("totalsegmentator").joinpath("resources/totalsegmentator_snomed_mapping.csv")
+        text = table.read_text(encoding="utf-8")
+    except (ModuleNotFoundError, FileNotFoundError):
+        log.warning("The TotalSegmentator package is not installed: labels get names but no SNOMED CT codes")
+        return {}
+    fields = {"category": "SegmentedPropertyCategoryCodeSequence", "type": "SegmentedPropertyTypeCodeSequence",
+              "type_modifier": "SegmentedPropertyTypeModifierCodeSequence", "region": "AnatomicRegionSequence",
+              "region_modifier": "AnatomicRegionModifierSequence"}
+    info = {}
+    for row in csv.DictReader(text.splitlines()):
+        terminology = {}
+        for key, prefix in fields.items():
+            code = [row.get(f"{prefix}.{part}", "") for part in ("CodingSchemeDesignator", "CodeValue", "CodeMeaning")]
+            if all(code):
+                terminology[key] = code
+        entry = {"terminology": terminology} if {"category", "type"} <= terminology.keys() else {}
+        if row.get("DicomRGBColor"):
+            entry["color"] = [round(int(c) / 255, 4) for c in row["DicomRGBColor"].split(",")]
+        info[row["Structure"]] = entry
+    return info
+
+
+def trained_model_folder(dataset_folder: Path) -> Path:
+    """The nnU-Net trained-model folder (``Trainer__Plans__configuration``) inside a data-set folder."""
+    found = sorted(path.parent for path in Path(dataset_folder).glob("*/plans.json"))
+    if len(found) != 1:
+        raise ModelCardError(f"Expected one trained nnU-Net model folder in {dataset_folder}, found {len(found)}")
+    return found[0]
+
+
+def import_totalsegmentator(task: str, weights_folder: str | Path) -> dict:
+    """A model card for a downloaded TotalSegmentator task (``weights_folder`` holds its data-set
+    folders, as :func:`download_weights` leaves them)."""
+    if task not in TASKS:
+        raise ModelCardError(f"Unknown TotalSegmentator task '{task}' (known: {', '.join(TASKS)})")
+    dataset = Path(weights_folder) / TASKS[task]["datasets"][0]
+    if not dataset.is_dir():
+        raise ModelCardError(f"No {dataset.name} in {weights_folder}: download the weights first "
+                             "(aireconstruct import-model totalsegmentator --download)")
+    card = import_nnunet(trained_model_folder(dataset), name=f"totalsegmentator-{task}", modality="CT",
+                         orientation=ORIENTATION, label_info=label_info(), licence=LICENCE, intended_use=INTENDED_USE)
+    card["title"] = f"TotalSegmentator {task} (117 CT structures)"
+    return card

@@ -1,0 +1,175 @@
+"""Models trained with nnU-Net v2: import to a card, safe checkpoint loading, and the same labels as
+nnU-Net's own ``nnUNetPredictor`` on the same model folder and image.
+
+The model folder is made by nnU-Net itself (``nnunet_reference.py``: its fingerprint, planner,
+preprocessing, trainer and checkpoint writer, two folds of a few training iterations on phantoms).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from AIReconstructLib import nnunet
+from AIReconstructLib.cli import main
+from AIReconstructLib.errors import ModelCardError, WeightsError
+from AIReconstructLib.io import read_volume, volume_to_sitk
+from AIReconstructLib.modelcard import load_card, verified_weight_paths
+from AIReconstructLib.phantom import make_phantom
+from AIReconstructLib.pipeline import SegmentOptions, segment
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("nnunetv2") is None,
+                                reason="nnunetv2 is not installed (pip install -e '.[test]' installs it)")
+
+REFERENCE = Path(__file__).with_name("nnunet_reference.py")
+LABELS = ["liver", "liver tumour", "spleen", "right kidney", "left kidney", "aorta", "vertebrae", "pelvis", "lungs"]
+
+
+def _reference(*arguments) -> str:
+    done = subprocess.run([sys.executable, str(REFERENCE), *map(str, arguments)], capture_output=True, encoding="utf-8", errors="replace")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def nnunet_model(tmp_path_factory) -> Path:
+    return Path(_reference("make-model", tmp_path_factory.mktemp("nnunet")))
+
+
+@pytest.fixture(scope="module")
+def imported(nnunet_model, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("imported")
+    assert main(["import-model", "nnunet", str(nnunet_model), "-o", str(folder)]) == 0
+    return folder
+
+
+def test_import_writes_a_card_from_the_plans(nnunet_model, imported):
+    card = load_card(imported)
+    plans = json.loads((nnunet_model / "plans.json").read_text())["configurations"]["3d_fullres"]
+    assert [label.name for label in card.labels] == LABELS and [label.value for label in card.labels] == list(range(1, 10))
+    assert card.spacing() == tuple(reversed(plans["spacing"])) and card.patch_size == tuple(reversed(plans["patch_size"]))
+    assert card.inference["mirror_axes"] == [0, 1, 2] and card.data["modality"] == "CT"
+    assert card.channels[0]["normalisation"]["scheme"] == "ct"
+    assert [path.parent.name for path in verified_weight_paths(card)] == ["fold_0", "fold_1"]
+    assert all(Path(entry["file"]).is_absolute() for entry in card.data["weights"])  # outside the card's folder
+
+
+def test_card_inside_the_model_folder_records_relative_paths(nnunet_model, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(nnunet_model, copy)
+    assert main(["import-model", "nnunet", str(copy), "-o", str(copy), "--folds", "0"]) == 0
+    moved = tmp_path / "moved"
+    copy.rename(moved)
+    card = load_card(moved)
+    assert card.data["weights"][0]["file"] == "fold_0/checkpoint_final.pth" and verified_weight_paths(card)
+
+
+def test_same_labels_as_nnunet_predictor(nnunet_model, imported, tmp_path, record_property):
+    """Same folds, mirroring, step and Gaussian as nnU-Net. nnU-Net sums the blended logits in float16:
+    where every window covering a voxel gives it a Gaussian weight below float16's normal range (the
+    outer few voxels of the image) its sum is off by up to 0.5 (tested against a direct forward pass
+    in the engine's own tests), so the interior is where the two must agree to 99.9 %."""
+    # spacing unlike the plans' (resampling both ways), two windows per fold along x
+    phantom = make_phantom(11, spacing=(4.0, 4.5, 5.0), field_of_view_mm=(400.0, 240.0, 300.0))
+    image_path = tmp_path / "case_0000.nii.gz"
+    sitk.WriteImage(volume_to_sitk(phantom.image), str(image_path))
+    _reference("predict", nnunet_model, image_path, tmp_path / "nnunet.nii.gz", 0, 1)
+    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "nnunet.nii.gz")))
+
+    ours = segment([read_volume(image_path)], load_card(imported),
+                   SegmentOptions(device="cpu", tta=True, postprocess=False)).labelmap.array
+    assert ours.shape == theirs.shape
+    equal = ours == theirs
+    interior = equal[4:-4, 4:-4, 4:-4]
+    record_property("voxel agreement with nnUNetPredictor", float(equal.mean()))
+    record_property("voxel agreement 4+ voxels inside the border", float(interior.mean()))
+    print(f"voxel agreement with nnUNetPredictor: {equal.mean():.5f} overall, {interior.mean():.5f} inside")
+    assert interior.mean() >= 0.999 and equal.mean() >= 0.99
+    assert len(np.unique(ours)) > 3  # a real prediction, not one label everywhere
+
+
+class _Exploit:
+    """Unpickling this writes a file: the proof that a loader ran a pickle."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def _fake_model_folder(nnunet_model: Path, folder: Path, checkpoint: dict) -> Path:
+    (folder / "fold_0").mkdir(parents=True)
+    for name in ("plans.json", "dataset.json"):
+        shutil.copy(nnunet_model / name, folder / name)
+    with open(folder / "fold_0" / "checkpoint_final.pth", "wb") as handle:
+        pickle.dump(checkpoint, handle)
+    return folder
+
+
+def test_malicious_checkpoint_is_refused_and_never_run(nnunet_model, tmp_path, capsys):
+    marker = tmp_path / "PWNED"
+    folder = _fake_model_folder(nnunet_model, tmp_path / "model", {"network_weights": _Exploit(str(marker))})
+    assert main(["import-model", "nnunet", str(folder), "-o", str(tmp_path / "card")]) != 0
+    error = capsys.readouterr().err
+    assert "refusing to load it" in error and len(error.strip().splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "card").exists()
+
+
+@pytest.mark.parametrize("payload", [np.array([1, 2], dtype=object), {"counter": __import__("collections").Counter()}])
+def test_checkpoint_with_other_objects_is_refused(nnunet_model, tmp_path, payload):
+    folder = _fake_model_folder(nnunet_model, tmp_path / "model", {"network_weights": {}, "logging": payload})
+    with pytest.raises(WeightsError, match="objects other than weights"):
+        nnunet.load_checkpoint(folder / "fold_0" / "checkpoint_final.pth")
+
+
+def test_numpy_numbers_in_the_log_load_but_object_scalars_do_not():
+    assert nnunet._numeric_scalar(np.dtype("float64"), np.float64(2.5).tobytes()) == 2.5
+    with pytest.raises(pickle.UnpicklingError):
+        nnunet._numeric_scalar(np.dtype("O"), b"\0" * 8)
+
+
+def test_tampered_checkpoint_after_import_is_refused(nnunet_model, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(nnunet_model, copy)
+    assert main(["import-model", "nnunet", str(copy), "-o", str(copy)]) == 0
+    checkpoint = torch.load(copy / "fold_1" / "checkpoint_final.pth", weights_only=False)
+    torch.save(checkpoint, copy / "fold_1" / "checkpoint_final.pth", _use_new_zipfile_serialization=False)
+    with pytest.raises(WeightsError, match="does not match the SHA-256"):
+        verified_weight_paths(load_card(copy))
+
+
+def test_plans_may_only_name_network_classes(imported):
+    args = json.loads((imported / "card.json").read_text())["architecture"]["args"]
+    with pytest.raises(ModelCardError, match="outside the known network packages"):
+        nnunet.build_network({**args, "network_class": "os.system"}, 1, 10)
+    with pytest.raises(ModelCardError, match="outside the known network packages"):
+        nnunet.build_network({**args, "network_args": {**args["network_args"], "nonlin": "subprocess.Popen"}}, 1, 10)
+
+
+def test_old_style_plans_give_the_same_network_as_nnunet_reads_them(nnunet_model):
+    os.environ.setdefault("nnUNet_raw", "unused")
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+
+    config = json.loads((nnunet_model / "plans.json").read_text())["configurations"]["3d_fullres"]
+    kwargs = config["architecture"]["arch_kwargs"]
+    old = {key: value for key, value in config.items() if key != "architecture"}
+    old.update(UNet_class_name="PlainConvUNet", UNet_base_num_features=kwargs["features_per_stage"][0],
+               unet_max_num_features=kwargs["features_per_stage"][-1], n_conv_per_stage_encoder=kwargs["n_conv_per_stage"],
+               n_conv_per_stage_decoder=kwargs["n_conv_per_stage_decoder"], conv_kernel_sizes=kwargs["kernel_sizes"],
+               pool_op_kernel_sizes=kwargs["strides"], num_pool_per_axis=[3, 3, 3])
+    theirs = ConfigurationManager(json.loads(json.dumps(old))).configuration["architecture"]
+    ours = nnunet._architecture(json.loads(json.dumps(old)))
+    assert ours["network_class"] == theirs["network_class_name"]
+    assert json.loads(json.dumps(ours["network_args"])) == json.loads(json.dumps(theirs["arch_kwargs"]))
