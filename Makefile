@@ -15,6 +15,8 @@ $(VENV)/.installed-engine: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# TotalSegmentator only for its label -> SNOMED CT table; its own dependencies would downgrade vtk
+	$(BIN)/python -m pip install --quiet --no-deps totalsegmentator==2.18.0
 	touch $@ $(VENV)/.installed-engine
 
 demo: $(VENV)/.installed-engine

@@ -57,13 +57,8 @@ def release(trained, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def imported(release, tmp_path_factory) -> Path:
     weights, card = tmp_path_factory.mktemp("weights"), tmp_path_factory.mktemp("card")
-    import AIReconstructLib.totalsegmentator as totalsegmentator
-    original = totalsegmentator.RELEASES
-    totalsegmentator.RELEASES = release.as_uri()
-    try:
-        assert main(["import-model", "totalsegmentator", str(weights), "--download", "-o", str(card)]) == 0
-    finally:
-        totalsegmentator.RELEASES = original
+    assert main(["import-model", "totalsegmentator", str(weights), "--download", "--url", release.as_uri(),
+                 "-o", str(card)]) == 0
     assert (weights / DATASET).is_dir() and [p.name for p in weights.iterdir()] == [DATASET]  # no staging left
     return card
 
@@ -97,22 +92,26 @@ def test_labels_keep_totalsegmentator_ids_names_and_snomed_codes(imported):
 
 
 def test_geometry_end_to_end_on_a_reoriented_ct(imported, trained, tmp_path, record_property):
-    """The CT stored with other axis order and directions must get the same labels, in the same
-    physical places, as TotalSegmentator's way (RAS-canonical image into nnU-Net's predictor)."""
-    model = next(trained.glob(f"nnUNet_results/{DATASET}/*__3d_fullres"))
-    _reference("predict", model, EXAMPLE / "ct.nii.gz", tmp_path / "nnunet.nii.gz", 0)
-    reference = sitk.ReadImage(str(tmp_path / "nnunet.nii.gz"))
-
-    stored = sitk.DICOMOrient(sitk.ReadImage(str(EXAMPLE / "ct.nii.gz")), "PSL")  # another array layout
-    sitk.WriteImage(stored, str(tmp_path / "stored.nii.gz"))
-    assert main(["segment", "-m", str(imported), "-o", str(tmp_path / "out"), "--device", "cpu", "--no-postprocess",
-                 str(tmp_path / "stored.nii.gz")]) == 0
-    ours = sitk.ReadImage(str(tmp_path / "out" / "stored_labels.nii.gz"))
+    """The CT stored with another axis order and other directions gets exactly the labels of the
+    RAS-stored CT, in the same physical places, and the labels of TotalSegmentator's way (the RAS image
+    into nnU-Net's predictor). The network has nnU-Net's initial weights, so its 118 logits are close
+    to each other and nnU-Net's float16 sums flip some near-ties: agreement with it is about 99.7 %."""
+    for name, image in (("original", sitk.ReadImage(str(EXAMPLE / "ct.nii.gz"))),
+                        ("stored", sitk.DICOMOrient(sitk.ReadImage(str(EXAMPLE / "ct.nii.gz")), "PSL"))):
+        sitk.WriteImage(image, str(tmp_path / f"{name}.nii.gz"))
+        assert main(["segment", "-m", str(imported), "-o", str(tmp_path / name), "--device", "cpu",
+                     "--no-postprocess", str(tmp_path / f"{name}.nii.gz")]) == 0
+    stored = sitk.ReadImage(str(tmp_path / "stored.nii.gz"))
+    ours = sitk.ReadImage(str(tmp_path / "stored" / "stored_labels.nii.gz"))
     assert ours.GetSize() == stored.GetSize() and np.allclose(ours.GetSpacing(), stored.GetSpacing())
     assert np.allclose(ours.GetOrigin(), stored.GetOrigin()) and np.allclose(ours.GetDirection(), stored.GetDirection())
+    original = sitk.ReadImage(str(tmp_path / "original" / "original_labels.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(sitk.DICOMOrient(original, "PSL")))
 
-    expected = sitk.GetArrayFromImage(sitk.DICOMOrient(reference, "PSL"))
-    equal = sitk.GetArrayFromImage(ours) == expected
-    record_property("voxel agreement with nnUNetPredictor on the RAS image", float(equal.mean()))
-    print(f"voxel agreement with nnUNetPredictor: {equal.mean():.5f} overall, {equal[4:-4, 4:-4, 4:-4].mean():.5f} inside")
-    assert equal[4:-4, 4:-4, 4:-4].mean() >= 0.999 and equal.mean() >= 0.99
+    model = next(trained.glob(f"nnUNet_results/{DATASET}/*__3d_fullres"))
+    _reference("predict", model, EXAMPLE / "ct.nii.gz", tmp_path / "nnunet.nii.gz", 0)
+    expected = sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(tmp_path / "nnunet.nii.gz")), "PSL"))
+    agreement = float(np.mean(sitk.GetArrayFromImage(ours) == expected))
+    record_property("voxel agreement with nnUNetPredictor on the RAS image", agreement)
+    print(f"voxel agreement with nnUNetPredictor (initial weights, 118 classes): {agreement:.5f}")
+    assert agreement >= 0.99 and len(np.unique(expected)) > 50

@@ -155,7 +155,7 @@ def cmd_import_model(args, reporter: Reporter) -> None:
         from .totalsegmentator import download_weights, import_totalsegmentator
 
         if args.download:
-            download_weights(args.task, args.path)
+            download_weights(args.task, args.path, args.url)
         card = import_totalsegmentator(args.task, args.path)
     else:
         from .nnunet import import_nnunet
@@ -282,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "totalsegmentator: the folder that holds (or gets, with --download) its weights")
     p.add_argument("--task", default="total-fast", help="totalsegmentator: which task's weights")
     p.add_argument("--download", action="store_true", help="totalsegmentator: download the weights first")
+    p.add_argument("--url", help="totalsegmentator: a mirror of its GitHub release archives, laid out the same way")
     p.add_argument("-o", "--output", help="folder for the card (default ~/.aireconstruct/models/NAME)")
     p.add_argument("--name", help="model name (default from the data set and configuration)")
     p.add_argument("--configuration", help="nnU-Net configuration (default: the checkpoint's)")

@@ -45,12 +45,14 @@ def _unpack(archive: Path, destination: Path) -> None:
         bundle.extractall(root)
 
 
-def download_weights(task: str, destination: str | Path, base_url: str = RELEASES) -> list[Path]:
+def download_weights(task: str, destination: str | Path, base_url: str | None = None) -> list[Path]:
     """Download and unpack the weights of a TotalSegmentator task into ``destination`` (skipping data
-    sets already there); returns the data-set folders. Each archive is unpacked into a hidden staging
-    folder and moved into place only when complete."""
+    sets already there) from its GitHub releases or a mirror laid out the same way (``base_url``);
+    returns the data-set folders. Each archive is unpacked into a hidden staging folder and moved
+    into place only when complete."""
     if task not in TASKS:
         raise AIReconstructError(f"Unknown TotalSegmentator task '{task}' (known: {', '.join(TASKS)})")
+    base_url = base_url or RELEASES
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
     folders = []
