@@ -81,11 +81,12 @@ def main() -> None:
     from AIReconstructLib.modelcard import find_model
     from AIReconstructLib.networks import load_network
     from AIReconstructLib.predict import Predictor
-    from AIReconstructLib.preprocess import prepare
+    from AIReconstructLib.preprocess import in_array_order, prepare
 
     card = find_model(args.model)
-    prepared = prepare([read_image_for_model(image_path)], card.channels, card.spacing(args.fast))
-    predictor = Predictor(load_network(card), card.patch_size[::-1], card.inference["overlap"], args.device)
+    prepared = prepare([read_image_for_model(image_path)], card.channels, card.spacing(args.fast), card.orientation)
+    predictor = Predictor(load_network(card), in_array_order(card.patch_size, card.orientation),
+                          card.inference["overlap"], args.device)
     started = time.perf_counter()
     predictor(prepared.tensor)
     bare = time.perf_counter() - started

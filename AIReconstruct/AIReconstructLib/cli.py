@@ -148,10 +148,25 @@ def cmd_models(args, reporter: Reporter) -> None:
     reporter.result(text, {"models": [card.data for card in cards]})
 
 
+def _read_json_file(path: str, what: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AIReconstructError(f"{what} {path} cannot be read as JSON ({error})") from None
+
+
 def cmd_import_model(args, reporter: Reporter) -> None:
     from .modelcard import USER_MODELS, save_card
 
-    if args.kind == "totalsegmentator":
+    if args.kind in ("torchscript", "onnx"):
+        from .networks import import_exported
+
+        if not args.card:
+            raise AIReconstructError(f"import-model {args.kind} needs --card: a hand-written card (labels, channels, "
+                                     "spacing, patch size, licence ...) for the network")
+        card = import_exported(args.path, _read_json_file(args.card, "Card"), {"torchscript": "TorchScript",
+                                                                               "onnx": "ONNX"}[args.kind])
+    elif args.kind == "totalsegmentator":
         from .totalsegmentator import download_weights, import_totalsegmentator
 
         if args.download:
@@ -160,12 +175,7 @@ def cmd_import_model(args, reporter: Reporter) -> None:
     else:
         from .nnunet import import_nnunet
 
-        label_info = {}
-        if args.labels:
-            try:
-                label_info = json.loads(Path(args.labels).read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise AIReconstructError(f"Label file {args.labels} cannot be read as JSON ({error})") from None
+        label_info = _read_json_file(args.labels, "Label file") if args.labels else {}
         card = import_nnunet(args.path, name=args.name, configuration=args.configuration, folds=args.folds,
                              checkpoint=args.checkpoint, modality=args.modality, orientation=args.orientation,
                              label_info=label_info, licence=args.licence, intended_use=args.intended_use)
@@ -277,9 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import-model", parents=[common],
                        help="write a model card for a model trained elsewhere, so it can be used like any other")
-    p.add_argument("kind", choices=["nnunet", "totalsegmentator"])
+    p.add_argument("kind", choices=["nnunet", "totalsegmentator", "torchscript", "onnx"])
     p.add_argument("path", help="nnunet: the trained model folder (dataset.json, plans.json, fold_N/); "
-                                "totalsegmentator: the folder that holds (or gets, with --download) its weights")
+                                "totalsegmentator: the folder that holds (or gets, with --download) its weights; "
+                                "torchscript, onnx: the network file")
+    p.add_argument("--card", help="torchscript, onnx: hand-written card JSON (all but architecture and weights)")
     p.add_argument("--task", default="total-fast", help="totalsegmentator: which task's weights")
     p.add_argument("--download", action="store_true", help="totalsegmentator: download the weights first")
     p.add_argument("--url", help="totalsegmentator: a mirror of its GitHub release archives, laid out the same way")

@@ -84,6 +84,11 @@ class ModelCard:
         return tuple(self.data["patch_size"])
 
     @property
+    def orientation(self) -> str:
+        """Where the network's array axes point (``"SPL"``: the engine's own; ``"RAS"``: MONAI's)."""
+        return self.data.get("orientation", "SPL")
+
+    @property
     def inference(self) -> dict:
         return {"overlap": 0.5, "mirror_axes": [], **self.data.get("inference", {})}
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from monai.networks import nets
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import ModelCardError, WeightsError
-from .modelcard import ModelCard, verified_weight_paths
+from .modelcard import ModelCard, sha256_of, validate_card, verified_weight_paths
+from .preprocess import in_array_order
 
 # name in the card -> MONAI class; the card's "args" are passed through, plus the
 # channel counts and spatial_dims=3 that the card implies.
@@ -47,10 +50,64 @@ def build_network(architecture: dict, in_channels: int, out_channels: int) -> to
         raise ModelCardError(f"Architecture '{name}' cannot be built from the card's args: {error}") from None
 
 
+class OnnxNetwork(torch.nn.Module):
+    """An ONNX model run by ONNX Runtime on the CPU, callable like a network on ``[B, C, z, y, x]``."""
+
+    def __init__(self, path):
+        super().__init__()
+        try:
+            import onnxruntime
+        except ModuleNotFoundError:
+            raise ModelCardError("ONNX models need ONNX Runtime: pip install onnxruntime") from None
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as error:  # ONNX Runtime raises its own exception types
+            raise WeightsError(f"{Path(path).name} cannot be read as an ONNX model: {str(error).splitlines()[0]}") from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        output = self.session.run(None, {self.input_name: batch.detach().float().cpu().numpy()})[0]
+        return torch.from_numpy(output).to(batch.device)
+
+
+def _load_torchscript(path) -> torch.nn.Module:
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError) as error:
+        raise WeightsError(f"{Path(path).name} cannot be read as TorchScript: {str(error).splitlines()[0]}") from None
+
+
+# exported networks: the weights file is the whole network, no architecture arguments
+EXPORTED = {"TorchScript": _load_torchscript, "ONNX": OnnxNetwork}
+
+
+def import_exported(path, card: dict, kind: str) -> dict:
+    """A model card for an exported network (``kind`` TorchScript or ONNX) from a hand-written card that
+    gives everything but the architecture and weights; the network is loaded and run once on one
+    patch, so a file that is not such a network, or whose outputs do not fit the labels, is refused."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ModelCardError(f"No network file at {path}")
+    card = {**card, "architecture": {"name": kind}, "weights": [{"file": str(path), "sha256": sha256_of(path)}]}
+    validate_card(card, f"Card for {path.name}")
+    imported = ModelCard(card, path.parent)
+    patch = in_array_order(imported.patch_size, imported.orientation)
+    with torch.inference_mode():
+        output = EXPORTED[kind](path).eval()(torch.zeros(1, len(imported.channels), *patch))
+    if output.ndim != 5 or output.shape[1] != imported.num_classes:
+        raise ModelCardError(f"{path.name} gives outputs of shape {tuple(output.shape)} for one patch; the card "
+                             f"needs [1, {imported.num_classes}, {', '.join(map(str, patch))}] (background + labels)")
+    return card
+
+
 def load_network(card: ModelCard) -> torch.nn.Module:
-    """Build the card's network and load its verified weights (safetensors, no pickle)."""
-    network = build_network(card.data["architecture"], len(card.channels), card.num_classes)
+    """The card's network with its verified weights: built from MONAI and loaded from safetensors (no
+    pickle), or an exported TorchScript / ONNX network."""
     path = verified_weight_paths(card)[0]
+    name = card.data["architecture"]["name"]
+    if name in EXPORTED:
+        return EXPORTED[name](path).eval()
+    network = build_network(card.data["architecture"], len(card.channels), card.num_classes)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:

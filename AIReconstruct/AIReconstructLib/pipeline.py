@@ -20,7 +20,7 @@ from .modelcard import ModelCard
 from .networks import load_network
 from .postprocess import postprocess
 from .predict import CancelCheck, Predictor, ProgressCallback
-from .preprocess import prepare, restore_labels
+from .preprocess import in_array_order, prepare, restore_labels
 from .volume import Volume
 
 
@@ -81,11 +81,12 @@ def _predict_native(channels: list[Volume], card: ModelCard, options: SegmentOpt
 
     started = time.perf_counter()
     report(0.02, "preprocessing")
-    prepared = prepare(channels, card.channels, card.spacing(options.fast))
+    prepared = prepare(channels, card.channels, card.spacing(options.fast), card.orientation)
     seconds["preprocess"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    predictor = Predictor(network, card.patch_size[::-1], card.inference["overlap"], options.device)
+    predictor = Predictor(network, in_array_order(card.patch_size, card.orientation), card.inference["overlap"],
+                          options.device)
     mirror_axes = card.inference["mirror_axes"] if options.tta else ()
     logits = predictor(prepared.tensor, mirror_axes,
                        progress=lambda f, message: report(0.05 + 0.85 * f, message), cancel=cancel)

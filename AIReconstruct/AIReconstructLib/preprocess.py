@@ -111,15 +111,21 @@ class Prepared:
     canonical_shape: tuple[int, int, int]
 
 
-def prepare(channels: list[Volume], channel_specs: list[dict], target_spacing_ijk) -> Prepared:
-    """Reorient, normalise and resample the input channels (all on one grid) for a model."""
-    how = reorientation_of(channels[0])
-    target_zyx = tuple(target_spacing_ijk[::-1])
+def in_array_order(values_xyz, axes: str = "SPL") -> tuple:
+    """Per-axis values given along physical x, y, z (a card's spacing or patch size) in the order of
+    the array axes that ``axes`` names (``"SPL"``: z, y, x)."""
+    return tuple(values_xyz[AXIS_CODES[code][0]] for code in axes)
+
+
+def prepare(channels: list[Volume], channel_specs: list[dict], target_spacing_xyz, axes: str = "SPL") -> Prepared:
+    """Reorient (array axes toward ``axes``), normalise and resample the input channels (all on one
+    grid) for a model."""
+    how = reorientation_of(channels[0], axes)
     arrays = [normalise(to_canonical(ch.array, how), spec["normalisation"]) for ch, spec in zip(channels, channel_specs)]
     stacked = arrays[0][None] if len(arrays) == 1 else np.stack(arrays)  # no extra copy for one channel
     tensor = torch.from_numpy(np.ascontiguousarray(stacked))
     canonical_shape = tuple(tensor.shape[1:])
-    tensor = resample(tensor, resampled_shape(canonical_shape, how.spacing_zyx, target_zyx))
+    tensor = resample(tensor, resampled_shape(canonical_shape, how.spacing_zyx, in_array_order(target_spacing_xyz, axes)))
     return Prepared(tensor, how, canonical_shape)
 
 
