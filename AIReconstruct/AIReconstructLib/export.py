@@ -13,12 +13,13 @@ from .io import StagedOutput, write_volume
 from .metrics import label_volumes_ml
 from .pipeline import Segmentation
 from .segnrrd import write_seg_nrrd
-from .surfaces import extract_surfaces, mesh_file_name, mesh_measurements, write_mesh
 
 
 def export_surfaces(segmentation_labelmap, labels, out: StagedOutput, formats, smoothing: float = 0.5,
                     decimate: float = 0.0, coordinates: str = "LPS", folder: str = "surfaces") -> dict:
     """Build every label's surface in one pass and write it in each format; returns measurements."""
+    from .surfaces import extract_surfaces, mesh_file_name, mesh_measurements, write_mesh  # VTK: only for meshes
+
     measurements = {}
     for surface in extract_surfaces(segmentation_labelmap, labels, smoothing, decimate, coordinates):
         for suffix in formats:

@@ -14,7 +14,6 @@ import warnings
 
 import numpy as np
 import torch
-from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 
 from .errors import InputError
 from .volume import Volume
@@ -39,6 +38,8 @@ def overlap_scores(pred: np.ndarray, ref: np.ndarray) -> dict:
 
 def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing_zyx) -> dict:
     """HD95 and average symmetric surface distance (mm) of two boolean masks."""
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance  # heavy, only here
+
     if not pred.any() and not ref.any():
         return {"hd95_mm": 0.0, "asd_mm": 0.0}
     if not pred.any() or not ref.any():

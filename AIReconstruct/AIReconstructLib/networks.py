@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from monai.networks import nets
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -13,16 +12,9 @@ from .errors import ModelCardError, WeightsError
 from .modelcard import ModelCard, sha256_of, validate_card, verified_weight_paths
 from .preprocess import in_array_order
 
-# name in the card -> MONAI class; the card's "args" are passed through, plus the
-# channel counts and spatial_dims=3 that the card implies.
-ARCHITECTURES = {
-    "UNet": nets.UNet,
-    "DynUNet": nets.DynUNet,
-    "BasicUNetPlusPlus": nets.BasicUNetPlusPlus,
-    "VNet": nets.VNet,
-    "SegResNet": nets.SegResNet,
-    "SwinUNETR": nets.SwinUNETR,
-}
+# MONAI network classes a card may name; the card's "args" are passed through, plus the channel
+# counts and spatial_dims=3 that the card implies.
+ARCHITECTURES = ("UNet", "DynUNet", "BasicUNetPlusPlus", "VNet", "SegResNet", "SwinUNETR")
 
 
 # arguments used when a training run names an architecture but not its arguments
@@ -42,8 +34,10 @@ def build_network(architecture: dict, in_channels: int, out_channels: int) -> to
     name = architecture.get("name")
     if name not in ARCHITECTURES:
         raise ModelCardError(f"Unknown architecture '{name}' (known: {', '.join(ARCHITECTURES)})")
+    from monai.networks import nets  # here, not at the top: ~250 MB that imported models never need
+
     try:
-        return ARCHITECTURES[name](
+        return getattr(nets, name)(
             spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **architecture.get("args", {})
         )
     except (TypeError, ValueError, AssertionError) as error:
