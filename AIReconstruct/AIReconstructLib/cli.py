@@ -166,6 +166,11 @@ def cmd_import_model(args, reporter: Reporter) -> None:
                                      "spacing, patch size, licence ...) for the network")
         card = import_exported(args.path, _read_json_file(args.card, "Card"), {"torchscript": "TorchScript",
                                                                                "onnx": "ONNX"}[args.kind])
+    elif args.kind == "monai-bundle":
+        from .monai_bundle import default_name, import_bundle
+
+        args.output = args.output or USER_MODELS / (args.name or default_name(args.path))
+        card = import_bundle(args.path, args.output, args.name)
     elif args.kind == "totalsegmentator":
         from .totalsegmentator import download_weights, import_totalsegmentator
 
@@ -287,10 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import-model", parents=[common],
                        help="write a model card for a model trained elsewhere, so it can be used like any other")
-    p.add_argument("kind", choices=["nnunet", "totalsegmentator", "torchscript", "onnx"])
+    p.add_argument("kind", choices=["nnunet", "totalsegmentator", "monai-bundle", "torchscript", "onnx"])
     p.add_argument("path", help="nnunet: the trained model folder (dataset.json, plans.json, fold_N/); "
                                 "totalsegmentator: the folder that holds (or gets, with --download) its weights; "
-                                "torchscript, onnx: the network file")
+                                "monai-bundle: the bundle folder (configs/, models/); torchscript, onnx: the network file")
     p.add_argument("--card", help="torchscript, onnx: hand-written card JSON (all but architecture and weights)")
     p.add_argument("--task", default="total-fast", help="totalsegmentator: which task's weights")
     p.add_argument("--download", action="store_true", help="totalsegmentator: download the weights first")

@@ -7,6 +7,7 @@ post-processing are read from it and never hard-coded elsewhere.
 
 from __future__ import annotations
 
+import colorsys
 import hashlib
 import json
 import os
@@ -144,6 +145,12 @@ def load_card(path: str | os.PathLike) -> ModelCard:
         raise ModelCardError(f"Model card {path} is not a JSON object")
     validate_card(data, f"Model card {path.name}")
     return ModelCard(data, path.parent)
+
+
+def label_colour(index: int) -> list[float]:
+    """A distinct, stable colour for the ``index``-th label of a model that gives none (golden-ratio hues)."""
+    hue = (0.08 + index * 0.618034) % 1.0
+    return [round(c, 3) for c in colorsys.hsv_to_rgb(hue, 0.65, 0.9)]
 
 
 def save_card(data: dict, folder: str | os.PathLike) -> ModelCard:

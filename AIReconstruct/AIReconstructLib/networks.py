@@ -30,16 +30,18 @@ DEFAULT_ARGUMENTS = {
 
 
 def build_network(architecture: dict, in_channels: int, out_channels: int) -> torch.nn.Module:
-    """Build the network an architecture entry ``{"name": ..., "args": {...}}`` describes."""
-    name = architecture.get("name")
-    if name not in ARCHITECTURES:
-        raise ModelCardError(f"Unknown architecture '{name}' (known: {', '.join(ARCHITECTURES)})")
+    """Build the MONAI network an architecture entry ``{"name": ..., "args": {...}}`` describes (any
+    class of ``monai.networks.nets``: those in ``ARCHITECTURES`` are the ones training offers)."""
     from monai.networks import nets  # here, not at the top: ~250 MB that imported models never need
 
+    name = architecture.get("name")
+    network_class = getattr(nets, str(name), None) if str(name).isidentifier() else None
+    if not (isinstance(network_class, type) and issubclass(network_class, torch.nn.Module)):
+        raise ModelCardError(f"Unknown architecture '{name}' (known: {', '.join(ARCHITECTURES)} or another "
+                             "class of monai.networks.nets)")
     try:
-        return getattr(nets, name)(
-            spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **architecture.get("args", {})
-        )
+        return network_class(spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
+                             **architecture.get("args", {}))
     except (TypeError, ValueError, AssertionError) as error:
         raise ModelCardError(f"Architecture '{name}' cannot be built from the card's args: {error}") from None
 

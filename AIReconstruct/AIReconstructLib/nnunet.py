@@ -13,7 +13,6 @@ their SHA-256 and verified at every load.
 
 from __future__ import annotations
 
-import colorsys
 import importlib
 import json
 import pickle
@@ -26,7 +25,7 @@ import torch
 from scipy import ndimage
 
 from .errors import InputError, ModelCardError, WeightsError
-from .modelcard import ModelCard, sha256_of, validate_card, verified_weight_paths
+from .modelcard import ModelCard, label_colour, sha256_of, validate_card, verified_weight_paths
 from .predict import CancelCheck, Predictor, ProgressCallback
 from .preprocess import from_canonical, normalise, reorientation_of, resample_argmax, to_canonical
 
@@ -172,12 +171,6 @@ def _channel(index: int, name: str, plans: dict, configuration: dict) -> dict:
     elif scheme == "ZScoreNormalization" and configuration["use_mask_for_norm"][index]:
         normalisation["scheme"] = "zscore_nonzero"
     return {"name": name, "normalisation": normalisation}
-
-
-def label_colour(index: int) -> list[float]:
-    """A distinct, stable colour for the ``index``-th label (golden-ratio hues)."""
-    hue = (0.08 + index * 0.618034) % 1.0
-    return [round(c, 3) for c in colorsys.hsv_to_rgb(hue, 0.65, 0.9)]
 
 
 def _labels(dataset: dict, label_info: dict) -> list[dict]:

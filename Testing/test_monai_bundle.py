@@ -1,0 +1,144 @@
+"""MONAI bundles: the importer reads the bundle's configs as data, and the engine's labels match the
+bundle's own ``ConfigWorkflow`` inference on the same image."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from AIReconstructLib.cli import main
+from AIReconstructLib.errors import ModelCardError, WeightsError
+from AIReconstructLib.io import read_volume, write_volume
+from AIReconstructLib.modelcard import load_card
+from AIReconstructLib.monai_bundle import import_bundle
+from AIReconstructLib.phantom import make_phantom
+from AIReconstructLib.pipeline import SegmentOptions, segment
+
+NETWORK = {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [8, 16, 32],
+           "strides": [2, 2], "num_res_units": 1}
+
+
+def make_bundle(root: Path, network=NETWORK, extra_transform=None) -> Path:
+    """A small segmentation bundle laid out as MONAI's model zoo bundles are (random, seeded weights)."""
+    (root / "configs").mkdir(parents=True)
+    (root / "models").mkdir()
+    transforms = [
+        {"_target_": "LoadImaged", "keys": "image"},
+        {"_target_": "EnsureChannelFirstd", "keys": "image"},
+        {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
+        {"_target_": "Spacingd", "keys": "image", "pixdim": "@pixdim", "mode": "bilinear"},
+        {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -200, "a_max": 300, "b_min": 0.0, "b_max": 1.0,
+         "clip": True},
+        {"_target_": "EnsureTyped", "keys": "image"},
+    ] + ([extra_transform] if extra_transform else [])
+    inference = {
+        "imports": ["$import glob"], "bundle_root": str(root), "output_dir": str(root / "eval"),
+        "device": "$torch.device('cpu')", "pixdim": [2.0, 2.0, 2.5],
+        "network_def": network, "network": "$@network_def.to(@device)", "datalist": [],
+        "preprocessing": {"_target_": "Compose", "transforms": transforms},
+        "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False, "num_workers": 0},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [64, 64, 48], "sw_batch_size": 1, "overlap": 0.5,
+                    "mode": "gaussian"},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+             "nearest_interp": False, "to_tensor": True},
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
+             "resample": False, "separate_folder": False}]},
+        "handlers": [{"_target_": "CheckpointLoader", "load_path": "$@bundle_root + '/models/model.pt'",
+                      "load_dict": {"model": "@network"}}],
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
+                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
+                      "val_handlers": "@handlers"},
+        "initialize": ["$monai.utils.set_determinism(seed=123)"], "run": ["$@evaluator.run()"],
+    }
+    (root / "configs" / "inference.json").write_text(json.dumps(inference, indent=1))
+    metadata = {
+        "version": "0.1.0", "name": "Test organs CT", "description": "a test bundle", "license": "Apache-2.0",
+        "network_data_format": {
+            "inputs": {"image": {"type": "image", "modality": "CT", "num_channels": 1, "channel_def": {"0": "image"}}},
+            "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": 3,
+                                 "channel_def": {"0": "background", "1": "liver", "2": "spleen"}}}}}
+    (root / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=1))
+    from monai.networks import nets
+
+    torch.manual_seed(0)
+    network_class = getattr(nets, NETWORK["_target_"])
+    torch.save(network_class(**{k: v for k, v in NETWORK.items() if k != "_target_"}).state_dict(),
+               root / "models" / "model.pt")
+    return root
+
+
+def test_import_reads_network_preprocessing_and_labels(tmp_path):
+    card_folder = tmp_path / "card"
+    assert main(["import-model", "monai-bundle", str(make_bundle(tmp_path / "bundle")), "-o", str(card_folder)]) == 0
+    card = load_card(card_folder)
+    assert [(label.value, label.name) for label in card.labels] == [(1, "liver"), (2, "spleen")]
+    assert card.orientation == "RAS" and card.spacing() == (2.0, 2.0, 2.5) and card.patch_size == (64, 64, 48)
+    assert card.data["architecture"] == {"name": "UNet", "args": {"channels": [8, 16, 32], "strides": [2, 2],
+                                                                  "num_res_units": 1}}
+    assert card.channels[0]["normalisation"] == {"scheme": "ct", "clip": [-200.0, 300.0], "mean": -200.0, "std": 500.0}
+    assert card.data["weights"][0]["file"] == "model.safetensors" and card.data["modality"] == "CT"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ignite") is None, reason="pytorch-ignite is not installed (test extra)")
+def test_same_labels_as_the_bundles_own_inference(tmp_path, record_property):
+    """The CT is stored LPS (the bundle reorients it to RAS) at the bundle's spacing and fits one
+    window: MONAI's Spacingd keeps the first voxel's centre where the engine keeps the field of view
+    (grids up to half a voxel apart on resampled inputs), which random weights would turn into noise."""
+    from monai.bundle import ConfigWorkflow
+
+    bundle = make_bundle(tmp_path / "bundle")
+    image = tmp_path / "case.nii.gz"
+    write_volume(make_phantom(3, spacing=(2.0, 2.0, 2.5), field_of_view_mm=(124.0, 100.0, 110.0)).image, image)
+    workflow = ConfigWorkflow(config_file=str(bundle / "configs" / "inference.json"), workflow_type="infer",
+                              meta_file=str(bundle / "configs" / "metadata.json"), datalist=[{"image": str(image)}])
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(bundle / "eval" / "case_seg.nii.gz")))
+
+    assert main(["import-model", "monai-bundle", str(bundle), "-o", str(tmp_path / "card")]) == 0
+    ours = segment([read_volume(image)], load_card(tmp_path / "card"),
+                   SegmentOptions(device="cpu", postprocess=False)).labelmap.array
+    agreement = float(np.mean(ours == theirs))
+    record_property("voxel agreement with the bundle's ConfigWorkflow", agreement)
+    print(f"voxel agreement with the bundle's ConfigWorkflow: {agreement:.5f}")
+    assert ours.shape == theirs.shape and len(np.unique(theirs)) == 3
+    assert agreement >= 0.99
+
+
+def test_expressions_and_unknown_transforms_are_refused(tmp_path):
+    bundle = make_bundle(tmp_path / "expression", network={**NETWORK, "channels": "$[8, 16, 32]"})
+    with pytest.raises(ModelCardError, match="is an expression"):
+        import_bundle(bundle, tmp_path / "out1")
+    bundle = make_bundle(tmp_path / "crop", extra_transform={"_target_": "CropForegroundd", "keys": "image"})
+    with pytest.raises(ModelCardError, match="CropForegroundd' is not supported"):
+        import_bundle(bundle, tmp_path / "out2")
+
+
+class _Exploit:
+    """Unpickling this writes a file: the proof that a loader ran a pickle."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_weights_that_are_not_a_plain_state_dict_are_refused(tmp_path):
+    bundle = make_bundle(tmp_path / "bundle")
+    torch.save({"model": {"weight": torch.zeros(1)}, "extra": _Exploit(str(tmp_path / "PWNED"))},
+               bundle / "models" / "model.pt")
+    with pytest.raises(WeightsError, match="objects other than weights"):
+        import_bundle(bundle, tmp_path / "out")
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "out").exists()
