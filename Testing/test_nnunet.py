@@ -25,7 +25,7 @@ from AIReconstructLib import nnunet
 from AIReconstructLib.cli import main
 from AIReconstructLib.errors import ModelCardError, WeightsError
 from AIReconstructLib.io import read_volume, volume_to_sitk
-from AIReconstructLib.modelcard import load_card, verified_weight_paths
+from AIReconstructLib.modelcard import load_card, save_card, verified_weight_paths
 from AIReconstructLib.phantom import make_phantom
 from AIReconstructLib.pipeline import SegmentOptions, segment
 
@@ -173,3 +173,26 @@ def test_old_style_plans_give_the_same_network_as_nnunet_reads_them(nnunet_model
     ours = nnunet._architecture(json.loads(json.dumps(old)))
     assert ours["network_class"] == theirs["network_class_name"]
     assert json.loads(json.dumps(ours["network_args"])) == json.loads(json.dumps(theirs["arch_kwargs"]))
+
+
+def test_parts_run_in_turn_with_labels_numbered_on(nnunet_model, imported, tmp_path):
+    """Two models combined as TotalSegmentator combines its five "total" parts: the second part's
+    labels come after the first's, and where both find something the second wins."""
+    first = nnunet.import_nnunet(nnunet_model, folds=["0"])
+    second = nnunet.import_nnunet(nnunet_model, folds=["1"], label_info={name: {"name": f"{name} (part 2)"}
+                                                                         for name in LABELS})
+    save_card(nnunet.combine_parts([first, second], "two-parts", "Two parts"), tmp_path / "combined")
+    combined = load_card(tmp_path / "combined")
+    assert [label.value for label in combined.labels] == list(range(1, 19))
+    assert combined.labels[9].name == "liver (part 2)" and len(combined.weight_paths) == 2
+
+    image = make_phantom(12, spacing=(5.0, 5.0, 6.0), field_of_view_mm=(300.0, 230.0, 280.0)).image
+    options = SegmentOptions(device="cpu", postprocess=False)
+    merged = segment([image], combined, options).labelmap.array
+    separately = []
+    for card, folder in ((first, "first"), (second, "second")):
+        save_card(card, tmp_path / folder)
+        separately.append(segment([image], load_card(tmp_path / folder), options).labelmap.array)
+    expected = np.where(separately[1] > 0, separately[1] + 9, separately[0])
+    np.testing.assert_array_equal(merged, expected)
+    assert (merged > 9).any() and ((merged > 0) & (merged <= 9)).any()

@@ -1,6 +1,7 @@
 """The engine against nnU-Net's own predictor on the same nnU-Net model folder and image.
 
     python benchmarks/nnunet_benchmark.py [--work /tmp/aireconstruct-nnunet-bench] [--case ct256] [--no-mirroring]
+                                          [--cpu-bfloat16]
 
 Makes (once, in --work) a small nnU-Net v2 model folder with nnU-Net's own planner and trainer
 (Testing/nnunet_reference.py: two folds, a few training iterations on phantoms), imports it with
@@ -10,6 +11,7 @@ process from this light parent, file in -> label file out:
   mirroring unless --no-mirroring), on the CPU;
 - the engine: ``aireconstruct segment --tta --no-postprocess`` (same folds, mirroring, step), on the CPU;
 and prints both wall times, their ratio, both peak RSS, and the voxel agreement of the label maps.
+``--cpu-bfloat16`` runs the engine's network in bfloat16 (``segment --cpu-bfloat16``).
 Needs the test extra (nnunetv2). Not part of the test suite.
 """
 
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "aireconstruct-nnunet-bench"))
     parser.add_argument("--case", choices=sorted(CASES), default="ct256")
     parser.add_argument("--no-mirroring", action="store_true")
+    parser.add_argument("--cpu-bfloat16", action="store_true", help="the engine's network in bfloat16")
     parser.add_argument("--seed", type=int, default=21)
     args = parser.parse_args()
     work = Path(args.work)
@@ -72,7 +75,8 @@ def main() -> None:
     nnunet_seconds, nnunet_rss = timed_child([python, str(REFERENCE), "predict", str(model), str(image), str(theirs),
                                               "0", "1"] + (["--no-mirroring"] if args.no_mirroring else []))
     engine_command = [python, "-m", "AIReconstructLib", "segment", "-m", str(card), "-o", str(ours), "--device", "cpu",
-                      "--no-postprocess", "--json-progress", str(image)] + ([] if args.no_mirroring else ["--tta"])
+                      "--no-postprocess", "--json-progress", str(image)] + ([] if args.no_mirroring else ["--tta"]) \
+        + (["--cpu-bfloat16"] if args.cpu_bfloat16 else [])
     engine_seconds, engine_rss = timed_child(engine_command)
 
     import numpy as np
@@ -82,7 +86,7 @@ def main() -> None:
     b = sitk.GetArrayFromImage(sitk.ReadImage(str(ours / image.name.replace("_0000.nii.gz", "_0000_labels.nii.gz"))))
     size = sitk.ReadImage(str(image)).GetSize()
     print(f"case {args.case} {size[0]}x{size[1]}x{size[2]}, 2 folds, mirroring {'off' if args.no_mirroring else 'on'}, "
-          f"CPU threads {os.cpu_count()}")
+          f"CPU threads {os.cpu_count()}, engine network in {'bfloat16' if args.cpu_bfloat16 else 'float32'}")
     print("| | nnU-Net predictor | engine | nnU-Net / engine |")
     print("|---|---|---|---|")
     print(f"| end to end (s) | {nnunet_seconds:.1f} | {engine_seconds:.1f} | {nnunet_seconds / engine_seconds:.2f}x |")

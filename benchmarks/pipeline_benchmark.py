@@ -1,6 +1,7 @@
 """End-to-end segmentation against the bare network, and peak memory against the input's size.
 
     python benchmarks/pipeline_benchmark.py --case ct512 [--model demo-abdomen-ct] [--fast] [--device cpu]
+    python benchmarks/pipeline_benchmark.py --case mri240 --model brain-tumour-flair   # a real BraTS FLAIR
 
 Prints, for one realistic case measured in one run:
 - the bare network's sliding-window time on the prepared input (the baseline);
@@ -27,6 +28,9 @@ CASES = {  # name -> (spacing i j k mm, field of view mm): the phantom is sample
     "ct512": ((0.8, 0.8, 1.5), (409.6, 409.6, 450.0)),  # 512 x 512 x 300
     "ct256": ((1.5, 1.5, 2.0), (384.0, 288.0, 300.0)),  # 256 x 192 x 150
 }
+# name -> a real image in ../shared/data (use with --model brain-tumour-flair)
+REAL_CASES = {"mri240": Path(__file__).resolve().parents[2] / "shared" / "data" / "Dataset001_BrainTumourFLAIR"
+              / "imagesTr" / "BRATS_004_0000.nii.gz"}  # 240 x 240 x 155 FLAIR
 
 
 def child_peak_rss_mib(command: list[str]) -> tuple[float, str, float]:
@@ -44,25 +48,36 @@ def child_peak_rss_mib(command: list[str]) -> tuple[float, str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--case", choices=sorted(CASES), default="ct512")
+    parser.add_argument("--case", choices=sorted(CASES) + sorted(REAL_CASES), default="ct512")
     parser.add_argument("--model", default="demo-abdomen-ct")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--fast", action="store_true")
     parser.add_argument("--seed", type=int, default=21)
     args = parser.parse_args()
 
-    spacing, field_of_view = CASES[args.case]
     work = Path(tempfile.mkdtemp(prefix="aireconstruct-bench-"))
-    image_path = Path(tempfile.gettempdir()) / f"aireconstruct-bench-{args.case}-{args.seed}.nii.gz"  # reused
-    # made in a process of its own: a child forked from a big parent would report the parent's memory
-    seconds, _, _ = (0.0, "", 0.0) if image_path.exists() else child_peak_rss_mib([sys.executable, "-c", (
-        "from AIReconstructLib.phantom import make_phantom; from AIReconstructLib.io import write_volume; "
-        f"p = make_phantom({args.seed}, spacing={spacing}, field_of_view_mm={field_of_view}); "
-        f"write_volume(p.image, {str(image_path)!r})")])
-    shape = [int(round(f / s)) for f, s in zip(field_of_view, spacing)]
+    if args.case in REAL_CASES:
+        image_path = REAL_CASES[args.case]
+        if not image_path.exists():
+            raise SystemExit(f"{image_path} is absent (the shared data folder is not beside the checkout)")
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(image_path))
+        reader.ReadImageInformation()
+        shape, spacing, seconds = list(reader.GetSize()), reader.GetSpacing(), 0.0
+    else:
+        spacing, field_of_view = CASES[args.case]
+        image_path = Path(tempfile.gettempdir()) / f"aireconstruct-bench-{args.case}-{args.seed}.nii.gz"  # reused
+        # made in a process of its own: a child forked from a big parent would report the parent's memory
+        seconds, _, _ = (0.0, "", 0.0) if image_path.exists() else child_peak_rss_mib([sys.executable, "-c", (
+            "from AIReconstructLib.phantom import make_phantom; from AIReconstructLib.io import write_volume; "
+            f"p = make_phantom({args.seed}, spacing={spacing}, field_of_view_mm={field_of_view}); "
+            f"write_volume(p.image, {str(image_path)!r})")])
+        shape = [int(round(f / s)) for f, s in zip(field_of_view, spacing)]
     input_mib = shape[0] * shape[1] * shape[2] * 4 / 2**20
-    print(f"case {args.case}: {' x '.join(map(str, shape))} voxels at {spacing} mm, "
-          f"float32 size {input_mib:.0f} MiB (phantom made in {seconds:.0f} s)")
+    print(f"case {args.case}: {' x '.join(map(str, shape))} voxels at {tuple(spacing)} mm, "
+          f"float32 size {input_mib:.0f} MiB (image made in {seconds:.0f} s)")
 
     engine = [sys.executable, "-m", "AIReconstructLib"]
     options = ["--device", args.device] + (["--fast"] if args.fast else [])

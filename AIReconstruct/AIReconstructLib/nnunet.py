@@ -83,8 +83,9 @@ def _locate(dotted: str):
         return getattr(importlib.import_module(module_name), attribute)
     except ModuleNotFoundError as error:
         if error.name and error.name.startswith("dynamic_network_architectures"):
-            raise ModelCardError("nnU-Net models need the package dynamic-network-architectures: "
-                                 "pip install 'aireconstructlib[nnunet]'") from None
+            raise ModelCardError("nnU-Net models need the Python package dynamic-network-architectures "
+                                 "(pip install 'dynamic-network-architectures>=0.4.4,<0.5'; in Slicer: "
+                                 "slicer.util.pip_install)") from None
         raise ModelCardError(f"Class '{dotted}' named in the plans cannot be imported ({error})") from None
     except AttributeError:
         raise ModelCardError(f"Class '{dotted}' named in the plans does not exist") from None
@@ -318,19 +319,63 @@ def _nonzero_box(arrays: list[np.ndarray]) -> tuple[tuple[slice, ...], np.ndarra
     return box, body[box]
 
 
-def predict_labels(channels, card: ModelCard, device: str = "auto", tta: bool = False,
-                   progress: ProgressCallback | None = None, cancel: CancelCheck | None = None):
-    """The label map ``[k, j, i]`` of an imported nnU-Net model on the input's grid, and stage times."""
+def combine_parts(cards: list[dict], name: str, title: str) -> dict:
+    """One card that runs several imported nnU-Net models in turn on the same image and merges their
+    label maps, numbering each part's labels on from the previous part's (TotalSegmentator's "total"
+    task: five part models, 117 labels); where parts overlap, the later part wins."""
+    labels, weights, parts, offset = [], [], [], 0
+    for card in cards:
+        highest = max(label["value"] for label in card["labels"])
+        labels += [{**label, "value": label["value"] + offset} for label in card["labels"]]
+        parts.append({**card["architecture"]["args"], "weights": list(range(len(weights), len(weights) + len(card["weights"]))),
+                      "label_offset": offset, "classes": highest + 1})
+        weights += card["weights"]
+        offset += highest
+    combined = {**cards[0], "name": name, "title": title, "labels": labels, "weights": weights,
+                "description": f"{len(cards)} nnU-Net models run in turn: " + "; ".join(c["description"] for c in cards),
+                "architecture": {"name": ARCHITECTURE_NAME, "args": {"parts": parts}}}
+    validate_card(combined, f"Combined card {name}")
+    return combined
+
+
+def predict_labels(channels, card: ModelCard, options, progress: ProgressCallback | None = None,
+                   cancel: CancelCheck | None = None):
+    """The label map ``[k, j, i]`` of an imported nnU-Net model (or of several, see
+    :func:`combine_parts`) on the input's grid, and stage times (``options``: the pipeline's
+    SegmentOptions: device, tta, cpu_bfloat16)."""
     args = card.data["architecture"]["args"]
     report = progress or (lambda fraction, message: None)
-    seconds = {}
+    paths = verified_weight_paths(card)
+    parts = args.get("parts") or [{**args, "weights": list(range(len(paths))), "label_offset": 0,
+                                    "classes": card.num_classes}]
+    seconds, merged = {}, None
+    for number, part in enumerate(parts):
+        def part_report(fraction, message, n=number):
+            prefix = f"part {n + 1}/{len(parts)}: " if len(parts) > 1 else ""
+            report((n + fraction) / len(parts), prefix + message)
+
+        labels = _predict_part(channels, card, part, [paths[i] for i in part["weights"]], options, part_report,
+                               cancel, seconds)
+        if len(parts) == 1:
+            return labels, seconds
+        if merged is None:
+            merged = np.zeros(labels.shape, np.uint8 if card.num_classes <= 256 else np.uint16)
+        found = labels > 0
+        merged[found] = labels[found].astype(merged.dtype) + part["label_offset"]
+    return merged, seconds
+
+
+def _predict_part(channels, card: ModelCard, args: dict, paths: list[Path], options, report: ProgressCallback,
+                  cancel: CancelCheck | None, seconds: dict) -> np.ndarray:
+    """One nnU-Net model (its folds ensembled) on the input's grid; adds its stage times to ``seconds``."""
+    def timed(stage, started):
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - started
 
     started = time.perf_counter()
     report(0.0, "loading model")
-    paths = verified_weight_paths(card)
-    network = build_network(args, len(card.channels), card.num_classes)
+    network = build_network(args, len(card.channels), args["classes"])
     states = [load_checkpoint(path)["network_weights"] for path in paths]
-    seconds["load model"] = time.perf_counter() - started
+    timed("load model", started)
 
     started = time.perf_counter()
     report(0.02, "preprocessing")
@@ -351,11 +396,12 @@ def predict_labels(channels, card: ModelCard, device: str = "auto", tta: bool = 
         _resample_data(_normalise(array[box], spec["normalisation"], body), shape, axis)
         for array, spec in zip(arrays, card.channels)])
     del arrays
-    seconds["preprocess"] = time.perf_counter() - started
+    timed("preprocess", started)
 
     started = time.perf_counter()
-    predictor = Predictor(network, args["patch_size"], card.inference["overlap"], device)
-    mirror_axes = card.inference["mirror_axes"] if tta else ()
+    predictor = Predictor(network, args["patch_size"], card.inference["overlap"], options.device,
+                          cpu_bfloat16=options.cpu_bfloat16)
+    mirror_axes = card.inference["mirror_axes"] if options.tta else ()
     image = torch.from_numpy(network_input)
     logits = None
     for number, state in enumerate(states):
@@ -370,7 +416,7 @@ def predict_labels(channels, card: ModelCard, device: str = "auto", tta: bool = 
             logits = fold_logits if logits is None else logits.add_(fold_logits)
     with torch.inference_mode():
         logits /= len(states)
-    seconds["predict"] = time.perf_counter() - started
+    timed("predict", started)
 
     started = time.perf_counter()
     report(0.9, "resampling to the input grid")
@@ -387,6 +433,5 @@ def predict_labels(channels, card: ModelCard, device: str = "auto", tta: bool = 
     full[box] = labels
     full = full.permute(*np.argsort(transpose))
     result = from_canonical(full, how) if how else full
-    seconds["resample back"] = time.perf_counter() - started
-    return np.ascontiguousarray(result.numpy()), seconds
-
+    timed("resample back", started)
+    return np.ascontiguousarray(result.numpy())

@@ -26,12 +26,14 @@ from .volume import Volume
 
 @dataclass(frozen=True)
 class SegmentOptions:
-    """How to run a model: device (auto|cpu|cuda), fast mode, mirroring TTA, post-processing."""
+    """How to run a model: device (auto|cpu|cuda), fast mode, mirroring TTA, post-processing, and
+    bfloat16 on the CPU (faster where the CPU has BF16 instructions; labels may differ at near-ties)."""
 
     device: str = "auto"
     fast: bool = False
     tta: bool = False
     postprocess: bool = True
+    cpu_bfloat16: bool = False
 
 
 @dataclass
@@ -86,7 +88,7 @@ def _predict_native(channels: list[Volume], card: ModelCard, options: SegmentOpt
 
     started = time.perf_counter()
     predictor = Predictor(network, in_array_order(card.patch_size, card.orientation), card.inference["overlap"],
-                          options.device)
+                          options.device, cpu_bfloat16=options.cpu_bfloat16)
     mirror_axes = card.inference["mirror_axes"] if options.tta else ()
     logits = predictor(prepared.tensor, mirror_axes,
                        progress=lambda f, message: report(0.05 + 0.85 * f, message), cancel=cancel)
@@ -107,7 +109,7 @@ def segment(channels: list[Volume], card: ModelCard, options: SegmentOptions = S
     card.spacing(options.fast)  # a fast mode the model lacks is an error before any work
     report = progress or (lambda fraction, message: None)
     if card.data["architecture"]["name"] == nnunet.ARCHITECTURE_NAME:
-        labels, seconds = nnunet.predict_labels(channels, card, options.device, options.tta, report, cancel)
+        labels, seconds = nnunet.predict_labels(channels, card, options, report, cancel)
     else:
         labels, seconds = _predict_native(channels, card, options, report, cancel)
     labelmap = channels[0].with_array(labels if card.num_classes <= 256 else labels.astype(np.uint16))

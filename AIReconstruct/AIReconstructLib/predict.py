@@ -92,12 +92,16 @@ class Predictor:
     """Runs a network over a whole image ``[C, z, y, x]`` and returns blended logits.
 
     On out-of-memory it retries with one window at a time, then with the blended output kept in
-    host memory (windows still on the GPU), then entirely on the CPU, logging each step.
+    host memory (windows still on the GPU), then entirely on the CPU, logging each step. On CUDA the
+    network runs under float16 autocast; on the CPU in float32, or bfloat16 autocast when
+    ``cpu_bfloat16`` (about twice as fast on CPUs with AVX-512 BF16 or AMX, labels may differ at
+    near-ties). Blending is always float32.
     """
 
     def __init__(self, network: torch.nn.Module, patch_zyx, overlap: float = 0.5, device: str = "auto",
-                 sw_batch_size: int | None = None):
+                 sw_batch_size: int | None = None, cpu_bfloat16: bool = False):
         self.device = choose_device(device)
+        self.cpu_bfloat16 = cpu_bfloat16
         self.network = network.to(self.device).eval()
         self.patch_zyx = tuple(int(p) for p in patch_zyx)
         self.overlap = overlap
@@ -126,6 +130,11 @@ class Predictor:
                 log.warning("Out of memory (%d window(s) per batch on %s, output on %s); retrying with "
                             "%d on %s, output on %s", batch, window_device, output_device, *following)
 
+    def _autocast(self, device: torch.device):
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cpu_bfloat16)
+
     def _run(self, image, mirror_axes, progress, cancel, batch_size, window_device, output_device):
         network = self.network.to(window_device)
         mirrors = mirror_sets(mirror_axes)
@@ -144,7 +153,7 @@ class Predictor:
                         raise Cancelled("Cancelled by the user; nothing was written")
                     dims = [2 + a for a in axes]
                     flipped = torch.flip(batch, dims) if dims else batch
-                    with torch.autocast("cuda", dtype=torch.float16, enabled=window_device.type == "cuda"):
+                    with self._autocast(window_device):
                         out = network(flipped).float()
                     predicted = predicted + (torch.flip(out, dims) if dims else out)
                     done += len(group)

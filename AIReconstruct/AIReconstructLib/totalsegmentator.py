@@ -20,13 +20,19 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import AIReconstructError, ModelCardError
-from .nnunet import import_nnunet
+from .nnunet import combine_parts, import_nnunet
 
 log = logging.getLogger(__name__)
 
 RELEASES = "https://github.com/wasserth/TotalSegmentator/releases/download"
-# task -> the release and data-set folders of its weights (TotalSegmentator v2 "total" task)
+# task -> the release and data-set folders of its weights (TotalSegmentator v2 "total" task: five
+# part models at 1.5 mm whose labels, numbered on part after part, are the 117 "total" labels; or one
+# model at 3 mm for all of them)
 TASKS = {
+    "total": {"release": "v2.0.0-weights", "datasets": [
+        "Dataset291_TotalSegmentator_part1_organs_1559subj", "Dataset292_TotalSegmentator_part2_vertebrae_1532subj",
+        "Dataset293_TotalSegmentator_part3_cardiac_1559subj", "Dataset294_TotalSegmentator_part4_muscles_1559subj",
+        "Dataset295_TotalSegmentator_part5_ribs_1559subj"]},
     "total-fast": {"release": "v2.0.0-weights", "datasets": ["Dataset297_TotalSegmentator_total_3mm_1559subj"]},
 }
 ORIENTATION = "SAR"
@@ -116,14 +122,20 @@ def trained_model_folder(dataset_folder: Path) -> Path:
 
 def import_totalsegmentator(task: str, weights_folder: str | Path) -> dict:
     """A model card for a downloaded TotalSegmentator task (``weights_folder`` holds its data-set
-    folders, as :func:`download_weights` leaves them)."""
+    folders, as :func:`download_weights` leaves them); a task of several part models gets one card
+    that runs them in turn and merges their labels as TotalSegmentator does."""
     if task not in TASKS:
         raise ModelCardError(f"Unknown TotalSegmentator task '{task}' (known: {', '.join(TASKS)})")
-    dataset = Path(weights_folder) / TASKS[task]["datasets"][0]
-    if not dataset.is_dir():
-        raise ModelCardError(f"No {dataset.name} in {weights_folder}: download the weights first "
-                             "(aireconstruct import-model totalsegmentator --download)")
-    card = import_nnunet(trained_model_folder(dataset), name=f"totalsegmentator-{task}", modality="CT",
-                         orientation=ORIENTATION, label_info=label_info(), licence=LICENCE, intended_use=INTENDED_USE)
-    card["title"] = f"TotalSegmentator {task} (117 CT structures)"
-    return card
+    info, cards = label_info(), []
+    for dataset in TASKS[task]["datasets"]:
+        folder = Path(weights_folder) / dataset
+        if not folder.is_dir():
+            raise ModelCardError(f"No {dataset} in {weights_folder}: download the weights first "
+                                 "(aireconstruct import-model totalsegmentator --download)")
+        cards.append(import_nnunet(trained_model_folder(folder), name=f"totalsegmentator-{task}", modality="CT",
+                                   orientation=ORIENTATION, label_info=info, licence=LICENCE,
+                                   intended_use=INTENDED_USE))
+    title = f"TotalSegmentator {task} (117 CT structures)"
+    if len(cards) > 1:
+        return combine_parts(cards, f"totalsegmentator-{task}", title)
+    return {**cards[0], "title": title}
