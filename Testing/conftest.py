@@ -18,6 +18,16 @@ from AIReconstructLib.volume import Volume
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+class PickleExploit:
+    """Unpickling this writes a file: the proof that a loader ran a pickle."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
 def oblique_direction(angle_deg: float = 20.0) -> np.ndarray:
     """A rotation about an oblique axis: every voxel axis is tilted against L, P and S."""
     axis = np.array([1.0, 2.0, 3.0]) / np.sqrt(14.0)

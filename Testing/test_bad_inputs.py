@@ -21,7 +21,7 @@ from AIReconstructLib.cli import main
 from AIReconstructLib.io import write_volume
 from AIReconstructLib.modelcard import sha256_of
 from AIReconstructLib.volume import Volume
-from conftest import oblique_direction, tiny_card, write_dicom_series, write_model
+from conftest import PickleExploit, oblique_direction, tiny_card, write_dicom_series, write_model
 
 CT = Volume(np.where(np.indices((12, 16, 20)).sum(0) % 7 == 0, -1000, 40).astype(np.int16), (2.0, 2.0, 3.0))
 
@@ -148,18 +148,8 @@ def _reseal(folder):
     (folder / "card.json").write_text(json.dumps(card), encoding="utf-8")
 
 
-class _Exploit:
-    """Unpickling this writes a file: the proof that a loader ran a pickle."""
-
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
-
-
 def _malicious_pickle(folder):
-    (folder / "model.safetensors").write_bytes(pickle.dumps({"state_dict": _Exploit(str(folder / "PWNED"))}))
+    (folder / "model.safetensors").write_bytes(pickle.dumps({"state_dict": PickleExploit(str(folder / "PWNED"))}))
     _reseal(folder)
 
 

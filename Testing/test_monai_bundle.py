@@ -19,6 +19,7 @@ from AIReconstructLib.modelcard import load_card
 from AIReconstructLib.monai_bundle import import_bundle
 from AIReconstructLib.phantom import make_phantom
 from AIReconstructLib.pipeline import SegmentOptions, segment
+from conftest import PickleExploit
 
 NETWORK = {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [8, 16, 32],
            "strides": [2, 2], "num_res_units": 1}
@@ -125,19 +126,9 @@ def test_expressions_and_unknown_transforms_are_refused(tmp_path):
         import_bundle(bundle, tmp_path / "out2")
 
 
-class _Exploit:
-    """Unpickling this writes a file: the proof that a loader ran a pickle."""
-
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
-
-
 def test_weights_that_are_not_a_plain_state_dict_are_refused(tmp_path):
     bundle = make_bundle(tmp_path / "bundle")
-    torch.save({"model": {"weight": torch.zeros(1)}, "extra": _Exploit(str(tmp_path / "PWNED"))},
+    torch.save({"model": {"weight": torch.zeros(1)}, "extra": PickleExploit(str(tmp_path / "PWNED"))},
                bundle / "models" / "model.pt")
     with pytest.raises(WeightsError, match="objects other than weights"):
         import_bundle(bundle, tmp_path / "out")

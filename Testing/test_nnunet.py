@@ -28,6 +28,7 @@ from AIReconstructLib.io import read_volume, volume_to_sitk
 from AIReconstructLib.modelcard import load_card, save_card, verified_weight_paths
 from AIReconstructLib.phantom import make_phantom
 from AIReconstructLib.pipeline import SegmentOptions, segment
+from conftest import PickleExploit
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("nnunetv2") is None,
                                 reason="nnunetv2 is not installed (pip install -e '.[test]' installs it)")
@@ -99,16 +100,6 @@ def test_same_labels_as_nnunet_predictor(nnunet_model, imported, tmp_path, recor
     assert len(np.unique(ours)) > 3  # a real prediction, not one label everywhere
 
 
-class _Exploit:
-    """Unpickling this writes a file: the proof that a loader ran a pickle."""
-
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
-
-
 def _fake_model_folder(nnunet_model: Path, folder: Path, checkpoint: dict) -> Path:
     (folder / "fold_0").mkdir(parents=True)
     for name in ("plans.json", "dataset.json"):
@@ -120,7 +111,7 @@ def _fake_model_folder(nnunet_model: Path, folder: Path, checkpoint: dict) -> Pa
 
 def test_malicious_checkpoint_is_refused_and_never_run(nnunet_model, tmp_path, capsys):
     marker = tmp_path / "PWNED"
-    folder = _fake_model_folder(nnunet_model, tmp_path / "model", {"network_weights": _Exploit(str(marker))})
+    folder = _fake_model_folder(nnunet_model, tmp_path / "model", {"network_weights": PickleExploit(str(marker))})
     assert main(["import-model", "nnunet", str(folder), "-o", str(tmp_path / "card")]) != 0
     error = capsys.readouterr().err
     assert "refusing to load it" in error and len(error.strip().splitlines()) == 1
