@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from AIReconstructLib.errors import Cancelled
 from AIReconstructLib.modelcard import load_card
@@ -128,3 +129,23 @@ def test_mirroring_tta_uses_every_flip(tiny_model):
     counted = []
     Predictor(network, (32, 32, 32), device="cpu")(image, (0, 1, 2), progress=lambda f, m: counted.append(f))
     assert len(counted) == 8
+
+
+@pytest.mark.parametrize("nearest_first_axis", [False, True])
+def test_label_restore_shortcut_equals_full_resampling(nearest_first_axis):
+    """Smooth scores (few label boundaries): most voxels take the shortcut, the rest are interpolated."""
+    z, y, x = torch.meshgrid(torch.linspace(-1, 1, 24), torch.linspace(-1, 1, 28), torch.linspace(-1, 1, 32),
+                             indexing="ij")
+    scores = torch.stack([0.5 - (z**2 + y**2 + x**2), x + 0.3 * y, -x + 0.2 * z])
+    shape = (53, 61, 70)
+    if nearest_first_axis:
+        source = ((torch.arange(shape[0]) + 0.5) * (24 / shape[0]) - 0.5 + 0.5).floor().long().clamp(0, 23)
+        full = F.interpolate(scores[:, source].transpose(0, 1), size=shape[1:], mode="bilinear",
+                             align_corners=False).transpose(0, 1)
+    else:
+        full = F.interpolate(scores[None], size=shape, mode="trilinear", align_corners=False)[0]
+    labels = resample_argmax(scores, shape, nearest_first_axis=nearest_first_axis, slab=5)
+    top2 = full.topk(2, dim=0).values
+    decided = top2[0] - top2[1] > 1e-5
+    assert torch.equal(labels[decided], full.argmax(0).to(labels.dtype)[decided]) and decided.float().mean() > 0.999
+    assert len(torch.unique(labels)) == 3

@@ -86,7 +86,7 @@ def main() -> None:
                   "--json-progress", *options])
     summary = json.loads(stdout.strip().splitlines()[-1])["summary"]
     _, _, model_rss = child_peak_rss_mib([sys.executable, "-c", (  # the libraries a run imports, and the model
-        "import AIReconstructLib.cli, AIReconstructLib.export, AIReconstructLib.pipeline; "
+        "import AIReconstructLib.cli, AIReconstructLib.export, AIReconstructLib.pipeline, AIReconstructLib.surfaces; "
         "from AIReconstructLib.modelcard import find_model; from AIReconstructLib.networks import load_network; "
         f"load_network(find_model({args.model!r}))")])
 

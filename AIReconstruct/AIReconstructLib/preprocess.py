@@ -139,23 +139,48 @@ def _linear_taps(n_out: int, n_in: int):
     return low, high, 1 - weight_high, weight_high
 
 
-def resample_argmax(scores: torch.Tensor, shape, nearest_first_axis: bool = False, slab: int = 8) -> torch.Tensor:
-    """The argmax labels of ``scores [C, z, y, x]`` resampled to ``shape`` (same field of view), a few
-    slices at a time so that full-resolution per-class scores never exist at once (memory ~ the labels).
+def resample_argmax(scores: torch.Tensor, shape, nearest_first_axis: bool = False, slab: int = 16) -> torch.Tensor:
+    """The argmax labels of ``scores [C, z, y, x]`` resampled to ``shape`` (same field of view):
+    trilinear, as ``F.interpolate(..., align_corners=False)``, or nearest along z when
+    ``nearest_first_axis`` (as nnU-Net does along the coarse axis of anisotropic images).
 
-    Linear along z on the small grid (nearest when ``nearest_first_axis``, as nnU-Net does along the
-    coarse axis of anisotropic images), then bilinear in-plane with ``F.interpolate``: the same
-    arithmetic as trilinear :func:`resample` of the whole score volume.
+    Exact shortcut: a voxel whose (up to 8) source grid points all have the same argmax gets that
+    label, because a convex combination of score vectors keeps a class that is largest at every
+    point the largest. Only voxels near label boundaries are interpolated (whole slabs where
+    boundaries are everywhere), a slab at a time, so full-resolution scores never exist.
     """
-    z_low, z_high, z_w0, z_w1 = _linear_taps(shape[0], scores.shape[1])
+    dtype = torch.uint8 if scores.shape[0] <= 256 else torch.int16
+    (z_low, z_high, z_w0, z_w1), (y_low, y_high, y_w0, y_w1), (x_low, x_high, x_w0, x_w1) = [
+        _linear_taps(n_out, n_in) for n_out, n_in in zip(shape, scores.shape[1:])]
     if nearest_first_axis:
         z_low = z_high = _nearest_taps(shape[0], scores.shape[1])
-    labels = torch.empty(tuple(shape), dtype=torch.uint8 if scores.shape[0] <= 256 else torch.int16)
+    coarse = scores.argmax(0).to(dtype)
+    flat = scores.reshape(scores.shape[0], -1)
+    # the label where the corners agree, agreeing along x, then y (z per slab below)
+    low, high = coarse[:, :, x_low], coarse[:, :, x_high]
+    agree = low == high
+    agree = agree[:, y_low] & agree[:, y_high] & (low[:, y_low] == low[:, y_high])
+    label = low[:, y_low]
+    labels = torch.empty(tuple(shape), dtype=dtype)
     for start in range(0, shape[0], slab):
         z = slice(start, min(start + slab, shape[0]))
-        block = scores[:, z_low[z]] * z_w0[z][None, :, None, None] + scores[:, z_high[z]] * z_w1[z][None, :, None, None]
-        block = F.interpolate(block.transpose(0, 1), size=tuple(shape[1:]), mode="bilinear", align_corners=False)
-        labels[z] = block.argmax(1).to(labels.dtype)
+        first, second = label[z_low[z]], label[z_high[z]]
+        uniform = agree[z_low[z]] & agree[z_high[z]] & (first == second)
+        block = first
+        kz, ky, kx = torch.nonzero(~uniform, as_tuple=True)
+        if len(kz) > uniform.numel() // 8:  # boundaries everywhere: interpolating the whole slab is cheaper
+            dense = scores[:, z_low[z]] * z_w0[z][None, :, None, None] + scores[:, z_high[z]] * z_w1[z][None, :, None, None]
+            dense = F.interpolate(dense.transpose(0, 1), size=tuple(shape[1:]), mode="bilinear", align_corners=False)
+            block = dense.argmax(1).to(dtype)
+        elif len(kz):
+            mixed = 0
+            for zi, zw in ((z_low[z][kz], z_w0[z][kz]), (z_high[z][kz], z_w1[z][kz])):
+                for yi, yw in ((y_low[ky], y_w0[ky]), (y_high[ky], y_w1[ky])):
+                    for xi, xw in ((x_low[kx], x_w0[kx]), (x_high[kx], x_w1[kx])):
+                        corner = flat.index_select(1, (zi * scores.shape[2] + yi) * scores.shape[3] + xi)
+                        mixed = mixed + corner * (zw * yw * xw)
+            block[kz, ky, kx] = mixed.argmax(0).to(dtype)
+        labels[z] = block
     return labels
 
 
