@@ -156,17 +156,18 @@ def resample_argmax(scores: torch.Tensor, shape, nearest_first_axis: bool = Fals
         z_low = z_high = _nearest_taps(shape[0], scores.shape[1])
     coarse = scores.argmax(0).to(dtype)
     flat = scores.reshape(scores.shape[0], -1)
-    # the label where the corners agree, agreeing along x, then y (z per slab below)
-    low, high = coarse[:, :, x_low], coarse[:, :, x_high]
-    agree = low == high
-    agree = agree[:, y_low] & agree[:, y_high] & (low[:, y_low] == low[:, y_high])
-    label = low[:, y_low]
+
+    def in_plane(rows):
+        """For coarse label rows [n, y, x]: per output pixel, whether its 4 in-plane corners agree, and their label."""
+        low, high = rows[:, :, x_low], rows[:, :, x_high]
+        agree = low == high
+        return agree[:, y_low] & agree[:, y_high] & (low[:, y_low] == low[:, y_high]), low[:, y_low]
+
     labels = torch.empty(tuple(shape), dtype=dtype)
     for start in range(0, shape[0], slab):
         z = slice(start, min(start + slab, shape[0]))
-        first, second = label[z_low[z]], label[z_high[z]]
-        uniform = agree[z_low[z]] & agree[z_high[z]] & (first == second)
-        block = first
+        (agree_low, block), (agree_high, second) = in_plane(coarse[z_low[z]]), in_plane(coarse[z_high[z]])
+        uniform = agree_low & agree_high & (block == second)
         kz, ky, kx = torch.nonzero(~uniform, as_tuple=True)
         if len(kz) > uniform.numel() // 8:  # boundaries everywhere: interpolating the whole slab is cheaper
             dense = scores[:, z_low[z]] * z_w0[z][None, :, None, None] + scores[:, z_high[z]] * z_w1[z][None, :, None, None]
