@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from AIReconstructLib.errors import Cancelled
 from AIReconstructLib.modelcard import load_card
 from AIReconstructLib.networks import load_network
-from AIReconstructLib.predict import Predictor, mirror_sets, window_count
+from AIReconstructLib.predict import Predictor, mirror_sets, window_positions
 from AIReconstructLib.preprocess import (from_canonical, normalise, prepare, reorientation_of, resample,
                                          resample_argmax, restore_labels, to_canonical)
 from AIReconstructLib.volume import Volume
@@ -107,7 +107,7 @@ def test_progress_counts_windows_and_cancel_stops_within_one(tiny_model):
     network = load_network(load_card(tiny_model))
     image = torch.randn(1, 40, 48, 56)
     predictor = Predictor(network, (32, 32, 32), overlap=0.5, device="cpu")
-    expected = window_count(image.shape[1:], (32, 32, 32), 0.5)
+    expected = len(window_positions(image.shape[1:], (32, 32, 32), 0.5))
     seen = []
     predictor(image, progress=lambda f, m: seen.append(f))
     assert len(seen) == expected and seen[-1] == 1.0

@@ -149,15 +149,8 @@ def cmd_models(args, reporter: Reporter) -> None:
     reporter.result(text, {"models": [card.data for card in cards]})
 
 
-def _read_json_file(path: str, what: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AIReconstructError(f"{what} {path} cannot be read as JSON ({error})") from None
-
-
 def cmd_import_model(args, reporter: Reporter) -> None:
-    from .modelcard import USER_MODELS, save_card
+    from .modelcard import USER_MODELS, read_json, save_card
 
     if args.kind in ("torchscript", "onnx"):
         from .networks import import_exported
@@ -165,7 +158,7 @@ def cmd_import_model(args, reporter: Reporter) -> None:
         if not args.card:
             raise AIReconstructError(f"import-model {args.kind} needs --card: a hand-written card (labels, channels, "
                                      "spacing, patch size, licence ...) for the network")
-        card = import_exported(args.path, _read_json_file(args.card, "Card"), {"torchscript": "TorchScript",
+        card = import_exported(args.path, read_json(args.card, "Hand-written card"), {"torchscript": "TorchScript",
                                                                                "onnx": "ONNX"}[args.kind])
     elif args.kind == "monai-bundle":
         from .monai_bundle import default_name, import_bundle
@@ -181,7 +174,7 @@ def cmd_import_model(args, reporter: Reporter) -> None:
     else:
         from .nnunet import import_nnunet
 
-        label_info = _read_json_file(args.labels, "Label file") if args.labels else {}
+        label_info = read_json(args.labels, "Label file") if args.labels else {}
         card = import_nnunet(args.path, name=args.name, configuration=args.configuration, folds=args.folds,
                              checkpoint=args.checkpoint, modality=args.modality, orientation=args.orientation,
                              label_info=label_info, licence=args.licence, intended_use=args.intended_use)

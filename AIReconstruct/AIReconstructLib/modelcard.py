@@ -11,6 +11,7 @@ import colorsys
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -145,6 +146,23 @@ def load_card(path: str | os.PathLike) -> ModelCard:
         raise ModelCardError(f"Model card {path} is not a JSON object")
     validate_card(data, f"Model card {path.name}")
     return ModelCard(data, path.parent)
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    """A JSON file that describes a model; :class:`ModelCardError` naming ``what`` if it is missing
+    or not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelCardError(f"{what}: {path.name} is missing from {path.parent}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelCardError(f"{what}: {path} cannot be read as JSON ({error})") from None
+
+
+def model_name(text: str) -> str:
+    """A valid model name made from free text (a data set or folder name)."""
+    return re.sub(r"[^a-z0-9_.-]+", "-", text.lower()).strip("-")
 
 
 def label_colour(index: int) -> list[float]:

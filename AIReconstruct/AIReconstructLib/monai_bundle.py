@@ -11,29 +11,17 @@ and type conversions; outputs must be softmax/argmax label maps.
 
 from __future__ import annotations
 
-import json
-import pickle
 from pathlib import Path
 
 import torch
 
 from .errors import ModelCardError, WeightsError
-from .modelcard import label_colour, sha256_of, validate_card
-from .networks import import_exported, save_weights
+from .modelcard import label_colour, model_name, read_json, sha256_of, validate_card
+from .networks import import_exported, load_pickled_weights, save_weights
 
 NETWORK_ARGUMENTS_FROM_CARD = ("spatial_dims", "in_channels", "out_channels")
 PASS_THROUGH = {"LoadImage", "EnsureChannelFirst", "AddChannel", "EnsureType", "CastToType", "ToTensor",
                 "ToDevice", "SaveImage", "Identity"}
-
-
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelCardError(f"Not a MONAI bundle: {path.relative_to(path.parents[1])} is missing "
-                             "(only JSON configs are read)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelCardError(f"{path} is not valid JSON ({error})") from None
 
 
 def _value(config: dict, value, where: str):
@@ -117,13 +105,7 @@ def _labels(metadata: dict) -> tuple[list[dict], str]:
 
 
 def _state_dict(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise WeightsError(f"{path.name} holds objects other than weights; refusing to load it "
-                           f"({str(error).splitlines()[0][:200]})") from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise WeightsError(f"{path.name} cannot be read: {str(error).splitlines()[0]}") from None
+    state = load_pickled_weights(path)
     for key in ("model", "state_dict", "network"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -134,7 +116,7 @@ def _state_dict(path: Path) -> dict:
 
 def default_name(bundle: str | Path) -> str:
     """A model name from the bundle's folder name."""
-    return "".join(c if c.isalnum() or c in "_.-" else "-" for c in Path(bundle).resolve().name.lower()).strip("-")
+    return model_name(Path(bundle).resolve().name)
 
 
 def import_bundle(bundle: str | Path, output: str | Path, name: str | None = None) -> dict:
@@ -143,8 +125,9 @@ def import_bundle(bundle: str | Path, output: str | Path, name: str | None = Non
     from .networks import build_network
 
     bundle, output = Path(bundle).resolve(), Path(output).resolve()
-    metadata = _read(bundle / "configs" / "metadata.json")
-    config = _read(bundle / "configs" / "inference.json")
+    what = "Not a MONAI bundle with JSON configs"
+    metadata = read_json(bundle / "configs" / "metadata.json", what)
+    config = read_json(bundle / "configs" / "inference.json", what)
     labels, modality = _labels(metadata)
     inputs = next(iter(metadata["network_data_format"]["inputs"].values()), {})
     channels = int(inputs.get("num_channels", 1))

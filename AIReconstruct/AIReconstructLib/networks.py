@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -114,6 +115,20 @@ def load_network(card: ModelCard) -> torch.nn.Module:
         first = str(error).splitlines()[0]
         raise WeightsError(f"Weights file {path.name} does not fit the card's network: {first}") from None
     return network.eval()
+
+
+def load_pickled_weights(path: Path, allowed_globals=()):
+    """A torch pickle (checkpoint or state dict) unpickled with ``weights_only=True`` and only the
+    extra types in ``allowed_globals``; anything else in it is refused before it is built."""
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0][:200]
+        raise WeightsError(f"{path.name} holds objects other than weights and plain data; "
+                           f"refusing to load it ({reason})") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise WeightsError(f"{path.name} cannot be read: {str(error).splitlines()[0]}") from None
 
 
 def save_weights(network: torch.nn.Module, path) -> None:

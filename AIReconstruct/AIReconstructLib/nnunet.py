@@ -14,7 +14,6 @@ their SHA-256 and verified at every load.
 from __future__ import annotations
 
 import importlib
-import json
 import pickle
 import re
 import time
@@ -25,7 +24,9 @@ import torch
 from scipy import ndimage
 
 from .errors import InputError, ModelCardError, WeightsError
-from .modelcard import ModelCard, label_colour, sha256_of, validate_card, verified_weight_paths
+from .modelcard import (ModelCard, label_colour, model_name, read_json, sha256_of, validate_card,
+                        verified_weight_paths)
+from .networks import load_pickled_weights
 from .predict import CancelCheck, Predictor, ProgressCallback
 from .preprocess import from_canonical, normalise, reorientation_of, resample_argmax, to_canonical
 
@@ -58,15 +59,7 @@ def _safe_globals() -> list:
 def load_checkpoint(path: Path) -> dict:
     """An nnU-Net checkpoint, unpickled with ``weights_only=True`` and an explicit allow-list; any
     other object in it is refused before it is built."""
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0][:200]
-        raise WeightsError(f"Checkpoint {path.name} holds objects other than weights and plain data; "
-                           f"refusing to load it ({reason})") from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise WeightsError(f"Checkpoint {path.name} cannot be read: {str(error).splitlines()[0]}") from None
+    checkpoint = load_pickled_weights(path, _safe_globals())
     if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
         raise WeightsError(f"Checkpoint {path.name} is not an nnU-Net checkpoint (no 'network_weights')")
     return checkpoint
@@ -105,15 +98,6 @@ def build_network(args: dict, in_channels: int, out_channels: int) -> torch.nn.M
 
 
 # ---- import ---------------------------------------------------------------------------------------
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelCardError(f"Not an nnU-Net model folder: {path.name} is missing from {path.parent}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelCardError(f"{path} is not valid JSON ({error})") from None
-
 
 def _configuration(plans: dict, name: str) -> dict:
     """A configuration of the plans with its ``inherits_from`` chain resolved."""
@@ -210,8 +194,8 @@ def import_nnunet(folder: str | Path, name: str | None = None,
     the card's folder relative). ``orientation`` (e.g. ``"SAR"``) reorients inputs first, for models
     trained on reoriented images (TotalSegmentator: RAS, i.e. array axes S, A, R)."""
     folder = Path(folder).resolve()
-    dataset = _read_json(folder / "dataset.json")
-    plans = _read_json(folder / "plans.json")
+    dataset = read_json(folder / "dataset.json", "Not an nnU-Net model folder")
+    plans = read_json(folder / "plans.json", "Not an nnU-Net model folder")
     checkpoints = _find_checkpoints(folder, folds, checkpoint)
     first = load_checkpoint(checkpoints[0])
     configuration = configuration or first.get("init_args", {}).get("configuration") \
@@ -224,7 +208,7 @@ def import_nnunet(folder: str | Path, name: str | None = None,
     channels = [_channel(i, channel, plans, config) for i, channel in enumerate(channel_names)]
     mirror_axes = first.get("inference_allowed_mirroring_axes") or []
     dataset_name = plans.get("dataset_name", folder.parent.name)
-    name = name or re.sub(r"[^a-z0-9_.-]+", "-", f"{dataset_name}-{configuration}".lower()).strip("-")
+    name = name or model_name(f"{dataset_name}-{configuration}")
     files = [{"file": str(path), "sha256": sha256_of(path)} for path in checkpoints]
     spacing_xyz = list(reversed([float(s) for s in config["spacing"]]))  # plans are in array order
     card = {
@@ -294,17 +278,6 @@ def _resample_data(channel: np.ndarray, shape, axis: int | None) -> np.ndarray:
     source = (np.arange(shape[axis]) + 0.5) * (moved.shape[0] / shape[axis]) - 0.5
     index = np.clip(np.floor(source + 0.5).astype(int), 0, moved.shape[0] - 1)
     return np.moveaxis(resized[index], 0, axis).astype(np.float32)
-
-
-def _normalise(channel: np.ndarray, scheme: dict, body: np.ndarray) -> np.ndarray:
-    """nnU-Net's per-channel normalisation; ``zscore_nonzero`` uses its filled non-zero mask ``body``."""
-    if scheme["scheme"] != "zscore_nonzero":
-        return normalise(channel, scheme)
-    data = channel.astype(np.float32, copy=True)
-    values = data[body]
-    if values.size:
-        data[body] = (values - values.mean()) / max(float(values.std()), 1e-8)
-    return data
 
 
 def _nonzero_box(arrays: list[np.ndarray]) -> tuple[tuple[slice, ...], np.ndarray]:
@@ -393,7 +366,7 @@ def _predict_part(channels, card: ModelCard, args: dict, paths: list[Path], opti
     data_rules = args["resampling"]["data"]
     axis = _separate_axis(spacing, target, data_rules.get("force_separate_z"))
     network_input = np.stack([
-        _resample_data(_normalise(array[box], spec["normalisation"], body), shape, axis)
+        _resample_data(normalise(array[box], spec["normalisation"], mask=body), shape, axis)
         for array, spec in zip(arrays, card.channels)])
     del arrays
     timed("preprocess", started)

@@ -55,11 +55,6 @@ def window_positions(shape, patch, overlap: float) -> list[tuple[slice, ...]]:
     return [tuple(slice(s, s + roi) for s, roi in zip(corner, patch)) for corner in itertools.product(*starts)]
 
 
-def window_count(shape, patch, overlap: float) -> int:
-    """How many windows cover an image of ``shape``."""
-    return math.prod(len(window_starts(max(size, roi), roi, overlap)) for size, roi in zip(shape, patch))
-
-
 @lru_cache(maxsize=4)
 def gaussian_importance(patch: tuple[int, ...]) -> torch.Tensor:
     """Blending weights of one window: a Gaussian with sigma patch/8 around the centre voxel,

@@ -79,8 +79,10 @@ def resample(tensor: torch.Tensor, shape) -> torch.Tensor:
     return F.interpolate(tensor[None], size=tuple(shape), mode="trilinear", align_corners=False)[0]
 
 
-def normalise(array: np.ndarray, scheme: dict) -> np.ndarray:
-    """Intensity normalisation of one channel as a model card describes it (float32 out).
+def normalise(array: np.ndarray, scheme: dict, mask: np.ndarray | None = None) -> np.ndarray:
+    """Intensity normalisation of one channel as a model card describes it (float32 out);
+    ``zscore_nonzero`` uses ``mask`` where given (nnU-Net's filled non-zero region), else the
+    non-zero voxels.
 
     Works in place on one float32 copy: no further full-size temporaries.
     """
@@ -91,7 +93,7 @@ def normalise(array: np.ndarray, scheme: dict) -> np.ndarray:
         data -= scheme["mean"]
         data /= scheme["std"]
     elif kind == "zscore_nonzero":
-        mask = data != 0
+        mask = data != 0 if mask is None else mask
         if mask.any():
             values = data[mask]
             data[mask] = (values - values.mean()) / max(float(values.std()), 1e-8)
