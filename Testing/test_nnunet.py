@@ -21,7 +21,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from AIReconstructLib import nnunet
+from AIReconstructLib import nnunet, nnunet_import
 from AIReconstructLib.cli import main
 from AIReconstructLib.errors import ModelCardError, WeightsError
 from AIReconstructLib.io import read_volume, volume_to_sitk
@@ -161,7 +161,7 @@ def test_old_style_plans_give_the_same_network_as_nnunet_reads_them(nnunet_model
                n_conv_per_stage_decoder=kwargs["n_conv_per_stage_decoder"], conv_kernel_sizes=kwargs["kernel_sizes"],
                pool_op_kernel_sizes=kwargs["strides"], num_pool_per_axis=[3, 3, 3])
     theirs = ConfigurationManager(json.loads(json.dumps(old))).configuration["architecture"]
-    ours = nnunet._architecture(json.loads(json.dumps(old)))
+    ours = nnunet_import._architecture(json.loads(json.dumps(old)))
     assert ours["network_class"] == theirs["network_class_name"]
     assert json.loads(json.dumps(ours["network_args"])) == json.loads(json.dumps(theirs["arch_kwargs"]))
 
@@ -169,10 +169,10 @@ def test_old_style_plans_give_the_same_network_as_nnunet_reads_them(nnunet_model
 def test_parts_run_in_turn_with_labels_numbered_on(nnunet_model, imported, tmp_path):
     """Two models combined as TotalSegmentator combines its five "total" parts: the second part's
     labels come after the first's, and where both find something the second wins."""
-    first = nnunet.import_nnunet(nnunet_model, folds=["0"])
-    second = nnunet.import_nnunet(nnunet_model, folds=["1"], label_info={name: {"name": f"{name} (part 2)"}
+    first = nnunet_import.import_nnunet(nnunet_model, folds=["0"])
+    second = nnunet_import.import_nnunet(nnunet_model, folds=["1"], label_info={name: {"name": f"{name} (part 2)"}
                                                                          for name in LABELS})
-    save_card(nnunet.combine_parts([first, second], "two-parts", "Two parts"), tmp_path / "combined")
+    save_card(nnunet_import.combine_parts([first, second], "two-parts", "Two parts"), tmp_path / "combined")
     combined = load_card(tmp_path / "combined")
     assert [label.value for label in combined.labels] == list(range(1, 19))
     assert combined.labels[9].name == "liver (part 2)" and len(combined.weight_paths) == 2

@@ -150,35 +150,12 @@ def cmd_models(args, reporter: Reporter) -> None:
 
 
 def cmd_import_model(args, reporter: Reporter) -> None:
-    from .modelcard import USER_MODELS, read_json, save_card
+    from .importers import import_model
 
-    if args.kind in ("torchscript", "onnx"):
-        from .networks import import_exported
-
-        if not args.card:
-            raise AIReconstructError(f"import-model {args.kind} needs --card: a hand-written card (labels, channels, "
-                                     "spacing, patch size, licence ...) for the network")
-        card = import_exported(args.path, read_json(args.card, "Hand-written card"), {"torchscript": "TorchScript",
-                                                                               "onnx": "ONNX"}[args.kind])
-    elif args.kind == "monai-bundle":
-        from .monai_bundle import default_name, import_bundle
-
-        args.output = args.output or USER_MODELS / (args.name or default_name(args.path))
-        card = import_bundle(args.path, args.output, args.name)
-    elif args.kind == "totalsegmentator":
-        from .totalsegmentator import download_weights, import_totalsegmentator
-
-        if args.download:
-            download_weights(args.task, args.path, args.url)
-        card = import_totalsegmentator(args.task, args.path)
-    else:
-        from .nnunet import import_nnunet
-
-        label_info = read_json(args.labels, "Label file") if args.labels else {}
-        card = import_nnunet(args.path, name=args.name, configuration=args.configuration, folds=args.folds,
-                             checkpoint=args.checkpoint, modality=args.modality, orientation=args.orientation,
-                             label_info=label_info, licence=args.licence, intended_use=args.intended_use)
-    saved = save_card(card, args.output or USER_MODELS / card["name"])
+    saved = import_model(args.kind, args.path, args.output, name=args.name, card=args.card, labels=args.labels,
+                         task=args.task, download=args.download, url=args.url, configuration=args.configuration,
+                         folds=args.folds, checkpoint=args.checkpoint, modality=args.modality,
+                         orientation=args.orientation, licence=args.licence, intended_use=args.intended_use)
     reporter.result(f"imported {saved.summary()}\ncard: {saved.folder / 'card.json'}",
                     {"card": str(saved.folder / "card.json"), "name": saved.name})
 
@@ -241,6 +218,8 @@ def cmd_benchmark(args, reporter: Reporter) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .importers import KINDS
+
     parser = argparse.ArgumentParser(prog="aireconstruct", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     common = argparse.ArgumentParser(add_help=False)
@@ -289,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import-model", parents=[common],
                        help="write a model card for a model trained elsewhere, so it can be used like any other")
-    p.add_argument("kind", choices=["nnunet", "totalsegmentator", "monai-bundle", "torchscript", "onnx"])
+    p.add_argument("kind", choices=KINDS)
     p.add_argument("path", help="nnunet: the trained model folder (dataset.json, plans.json, fold_N/); "
                                 "totalsegmentator: the folder that holds (or gets, with --download) its weights; "
                                 "monai-bundle: the bundle folder (configs/, models/); torchscript, onnx: the network file")

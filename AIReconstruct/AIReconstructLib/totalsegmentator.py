@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import AIReconstructError, ModelCardError
-from .nnunet import combine_parts, import_nnunet
+from .nnunet_import import combine_parts, import_nnunet
 
 log = logging.getLogger(__name__)
 
