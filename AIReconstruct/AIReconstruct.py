@@ -23,7 +23,7 @@ from slicer.util import VTKObservationMixin
 from AIReconstructAdapter.requirements import REQUIREMENTS_FILE, missing_requirements
 
 MAX_INPUTS = 4
-MESH_FORMATS = [".stl", ".obj", ".ply", ".vtp"]
+MESH_FORMATS = [".stl", ".ply", ".vtp", ".obj", ".glb"]  # as AIReconstructLib.surfaces.MESH_FORMATS
 
 
 class AIReconstruct(ScriptedLoadableModule):

@@ -181,6 +181,8 @@ def test_background_run_creates_segments_surfaces_and_models(tmp_path, scene, ti
     assert [m.GetName() for m in models] == _segment_names(node)[: len(models)]
     files = export_to_files(node, tmp_path / "meshes", ".stl")
     assert files and all(f.stat().st_size > 0 for f in files)
+    scene_files = export_to_files(node, tmp_path / "meshes", ".glb")
+    assert [f.name for f in scene_files] == ["patient_CT_tiny-test-model.glb"] and scene_files[0].read_bytes()[:4] == b"glTF"
 
 
 def test_failed_run_leaves_the_scene_unchanged(scene, ct_volume):

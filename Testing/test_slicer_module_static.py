@@ -63,3 +63,10 @@ def test_the_engine_never_imports_slicer():
         imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         assert not imported & {"slicer", "qt", "ctk", "AIReconstructAdapter"}, path
+
+
+def test_the_export_menu_offers_the_engine_formats():
+    from AIReconstructLib.surfaces import MESH_FORMATS
+
+    assignment = next(node for node in TREE.body if isinstance(node, ast.Assign) and node.targets[0].id == "MESH_FORMATS")
+    assert ast.literal_eval(assignment.value) == list(MESH_FORMATS)

@@ -5,8 +5,11 @@ import pytest
 import vtk
 from vtk.util import numpy_support
 
+from AIReconstructLib.errors import OutputError
 from AIReconstructLib.modelcard import Label
-from AIReconstructLib.surfaces import extract_surfaces, mesh_measurements, write_mesh
+from AIReconstructLib.phantom import make_phantom, phantom_label_entries
+from AIReconstructLib.scene import write_scene
+from AIReconstructLib.surfaces import _polydata, extract_surfaces, mesh_checks, mesh_measurements, write_mesh
 from AIReconstructLib.volume import Volume
 from conftest import oblique_direction
 
@@ -68,13 +71,13 @@ def test_ras_coordinates_flip_x_and_y():
 def test_decimation_reduces_triangles_and_keeps_the_mesh_closed():
     volume, _ = _two_spheres()
     full = extract_surfaces(volume, LABELS[:1])[0].polydata
-    reduced = extract_surfaces(volume, LABELS[:1], decimate=0.7)[0].polydata
+    reduced = extract_surfaces(volume, LABELS[:1], decimate_fraction=0.7)[0].polydata
     assert reduced.GetNumberOfPolys() < 0.4 * full.GetNumberOfPolys()
     assert mesh_measurements(reduced)["closed"]
 
 
-@pytest.mark.parametrize("suffix,reader", [(".stl", vtk.vtkSTLReader), (".obj", vtk.vtkOBJReader),
-                                           (".ply", vtk.vtkPLYReader), (".vtp", vtk.vtkXMLPolyDataReader)])
+@pytest.mark.parametrize("suffix,reader", [(".stl", vtk.vtkSTLReader), (".ply", vtk.vtkPLYReader),
+                                           (".vtp", vtk.vtkXMLPolyDataReader)])
 def test_every_format_is_written_and_reads_back(tmp_path, suffix, reader):
     volume, _ = _two_spheres()
     poly = extract_surfaces(volume, LABELS[:1])[0].polydata
@@ -88,3 +91,67 @@ def test_every_format_is_written_and_reads_back(tmp_path, suffix, reader):
 
 def test_absent_labels_give_no_surface():
     assert extract_surfaces(Volume(np.zeros((4, 4, 4), np.uint8)), LABELS) == []
+
+
+def test_meshes_pass_the_checks_and_decimation_keeps_neighbours_sealed():
+    volume, _ = _two_spheres()
+    surfaces = {s.label.name: s.polydata for s in extract_surfaces(volume, LABELS, max_triangles=1500)}
+    for poly in surfaces.values():
+        checks = mesh_checks(poly)
+        assert checks == {"closed": True, "consistent_orientation": True, "non_manifold_edges": 0,
+                          "degenerate_triangles": 0}
+    assert surfaces["ball"].GetNumberOfPolys() <= 1700
+    ball_points = {tuple(p) for p in _points(surfaces["ball"])}
+    shell_points = {tuple(p) for p in _points(surfaces["shell"])}
+    assert ball_points <= shell_points  # the decimated ball is still exactly the shell's cavity
+
+
+def test_checks_find_open_flipped_and_degenerate_meshes():
+    volume, _ = _two_spheres()
+    poly = extract_surfaces(volume, LABELS[:1])[0].polydata
+    points = _points(poly).astype(float)
+    triangles = numpy_support.vtk_to_numpy(poly.GetPolys().GetConnectivityArray()).reshape(-1, 3)
+    flipped = triangles.copy()
+    flipped[0] = flipped[0, ::-1]
+    degenerate = np.vstack([triangles, [[0, 0, 1]]])
+    assert not mesh_checks(_polydata(points, triangles[1:]))["closed"]
+    assert not mesh_checks(_polydata(points, flipped))["consistent_orientation"]
+    assert mesh_checks(_polydata(points, degenerate))["degenerate_triangles"] == 1
+
+
+def test_mesh_volumes_match_voxel_volumes_on_a_phantom_at_1mm():
+    phantom = make_phantom(3, spacing=(1.0, 1.0, 1.0), direction=np.eye(3), field_of_view_mm=(200.0, 160.0, 160.0))
+    labels = [Label(e["value"], e["name"], tuple(e["color"]), {}, {}) for e in phantom_label_entries()]
+    counts = np.bincount(phantom.labels.array.ravel(), minlength=len(labels) + 1)
+    surfaces = extract_surfaces(phantom.labels, labels, smoothing=0.5)
+    assert len(surfaces) >= 5
+    for surface in surfaces:
+        measured = mesh_measurements(surface.polydata)
+        assert measured["closed"] and measured["consistent_orientation"], surface.label.name
+        assert measured["degenerate_triangles"] == 0 and measured["non_manifold_edges"] < 10
+        voxel_ml = counts[surface.label.value] * phantom.labels.voxel_volume_ml
+        assert measured["volume_ml"] == pytest.approx(voxel_ml, rel=0.03), surface.label.name
+
+
+def test_scene_files_hold_every_segment_named_and_coloured(tmp_path):
+    trimesh = pytest.importorskip("trimesh")
+    volume, _ = _two_spheres()
+    surfaces = extract_surfaces(volume, LABELS)
+    assert write_scene(surfaces, tmp_path / "scene.glb") == [tmp_path / "scene.glb"]
+    scene = trimesh.load(tmp_path / "scene.glb", force="scene")
+    meshes = {name: scene.geometry[name] for name in scene.geometry}
+    assert set(meshes) == {"ball", "shell"}
+    ball = meshes["ball"]
+    assert ball.is_watertight and ball.is_winding_consistent and ball.volume > 0  # outward in glTF axes too
+    assert ball.volume * 1e6 == pytest.approx(mesh_measurements(surfaces[0].polydata)["volume_ml"], rel=1e-4)  # m³ to mL
+    colour = ball.visual.material.baseColorFactor[:3] / 255.0
+    np.testing.assert_allclose(colour, LABELS[0].color, atol=0.01)
+
+    written = write_scene(surfaces, tmp_path / "scene.obj")
+    assert [p.name for p in written] == ["scene.obj", "scene.mtl"]
+    obj = trimesh.load(tmp_path / "scene.obj", force="scene", group_material=False, split_object=True)
+    assert len(obj.geometry) == 2
+    materials = (tmp_path / "scene.mtl").read_text()
+    assert "newmtl ball\n" in materials and "Kd 1.0000 0.0000 0.0000" in materials
+    with pytest.raises(OutputError, match="scene format"):
+        write_scene(surfaces, tmp_path / "scene.fbx")

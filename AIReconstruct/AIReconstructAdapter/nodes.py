@@ -17,7 +17,9 @@ import vtk
 
 from AIReconstructLib.errors import InputError
 from AIReconstructLib.io import write_volume
-from AIReconstructLib.surfaces import mesh_file_name, write_mesh
+from AIReconstructLib.modelcard import Label
+from AIReconstructLib.scene import write_scene
+from AIReconstructLib.surfaces import SCENE_FORMATS, Surface, mesh_file_name, write_mesh
 from AIReconstructLib.volume import Volume
 
 
@@ -140,16 +142,20 @@ def export_to_models(scene, segmentation_node) -> list:
 
 
 def export_to_files(segmentation_node, folder: str | Path, suffix: str = ".stl") -> list[Path]:
-    """Write each segment's closed surface to ``folder`` (LPS millimetres, as Slicer reads them)."""
+    """Write the segments' closed surfaces to ``folder`` in LPS millimetres (as Slicer reads them):
+    one file per segment (.stl, .ply, .vtp) or one scene named after the node (.obj + .mtl, .glb)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     to_lps = vtk.vtkTransform()
     to_lps.Scale(-1, -1, 1)
-    written = []
-    for name, _, polydata in _closed_surfaces(segmentation_node):
+    surfaces = []
+    for value, (name, color, polydata) in enumerate(_closed_surfaces(segmentation_node), start=1):
         flip = vtk.vtkTransformPolyDataFilter()
         flip.SetTransform(to_lps)
         flip.SetInputData(polydata)
         flip.Update()
-        written.append(write_mesh(flip.GetOutput(), folder / mesh_file_name(name, suffix)))
-    return written
+        surfaces.append(Surface(Label(value, name, tuple(color), {}, {}), flip.GetOutput(), "LPS"))
+    if suffix in SCENE_FORMATS:
+        return write_scene(surfaces, folder / mesh_file_name(segmentation_node.GetName(), suffix))
+    return [write_mesh(s.polydata, folder / mesh_file_name(s.label.name, suffix)) for s in surfaces]
+

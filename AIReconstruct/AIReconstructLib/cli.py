@@ -54,12 +54,12 @@ class Reporter:
 
 
 def _suffixes(formats: list[str]) -> list[str]:
-    from .surfaces import MESH_WRITERS
+    from .surfaces import MESH_FORMATS
 
     suffixes = ["." + f.lower().lstrip(".") for f in formats]
     for suffix in suffixes:
-        if suffix not in MESH_WRITERS:
-            raise AIReconstructError(f"Unknown mesh format '{suffix}' (use {', '.join(MESH_WRITERS)})")
+        if suffix not in MESH_FORMATS:
+            raise AIReconstructError(f"Unknown mesh format '{suffix}' (use {', '.join(MESH_FORMATS)})")
     return suffixes
 
 
@@ -77,7 +77,7 @@ def cmd_segment(args, reporter: Reporter) -> None:
         result = segment(channels, card, options, reporter.progress, reporter.cancel_requested)
         formats = _suffixes(args.surface_format) if args.surfaces else ()
         summary = export_segmentation(result, out, image_stem(args.inputs[0]), formats,
-                                      args.smoothing, args.decimate, args.coordinates)
+                                      args.smoothing, args.decimate, args.coordinates, args.max_triangles)
         if reporter.cancel_requested():
             raise Cancelled("Cancelled by the user; nothing was written")
         written = out.commit()
@@ -133,7 +133,7 @@ def cmd_surfaces(args, reporter: Reporter) -> None:
             labels = [Label(v, f"label_{v}", (1.0, 1.0, 1.0), {}, {}) for v in values]
     with StagedOutput(args.output) as out:
         measurements = export_surfaces(labelmap, labels, out, _suffixes(args.surface_format), args.smoothing,
-                                       args.decimate, args.coordinates, folder=".")
+                                       args.decimate, args.coordinates, folder=".", max_triangles=args.max_triangles)
         written = out.commit()
     text = "\n".join(f"{name}: {m['volume_ml']:.1f} mL, {m['triangles']} triangles, closed={m['closed']}"
                      for name, m in measurements.items())
@@ -229,9 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def mesh_options(p):
         p.add_argument("--format", "--surface-format", dest="surface_format", nargs="+", default=["stl", "vtp"],
-                       help="mesh formats: stl obj ply vtp")
+                       help="mesh formats: stl ply vtp (a file per segment), obj glb (one scene of all segments)")
         p.add_argument("--smoothing", type=float, default=0.5, help="surface smoothing, 0 (none) to 1 (strong)")
         p.add_argument("--decimate", type=float, default=0.0, help="fraction of triangles to remove (0-0.95)")
+        p.add_argument("--max-triangles", type=int, help="at most about this many triangles per segment")
         p.add_argument("--coordinates", choices=["LPS", "RAS"], default="LPS", help="mesh coordinate system")
 
     p = sub.add_parser("segment", parents=[common], help="segment an image with a model")

@@ -16,20 +16,26 @@ from .segnrrd import write_seg_nrrd
 
 
 def export_surfaces(segmentation_labelmap, labels, out: StagedOutput, formats, smoothing: float = 0.5,
-                    decimate: float = 0.0, coordinates: str = "LPS", folder: str = "surfaces") -> dict:
-    """Build every label's surface in one pass and write it in each format; returns measurements."""
-    from .surfaces import extract_surfaces, mesh_file_name, mesh_measurements, write_mesh  # VTK: only for meshes
+                    decimate: float = 0.0, coordinates: str = "LPS", folder: str = "surfaces",
+                    stem: str = "surfaces", max_triangles: int | None = None) -> dict:
+    """Build every label's surface in one pass and write it in each format: STL, PLY, VTP one file
+    per segment, OBJ and GLB one scene ``<folder>/<stem>.obj|.glb``; returns the mesh measurements."""
+    from .scene import write_scene  # VTK: only for meshes
+    from .surfaces import SCENE_FORMATS, extract_surfaces, mesh_file_name, mesh_measurements, write_mesh
 
-    measurements = {}
-    for surface in extract_surfaces(segmentation_labelmap, labels, smoothing, decimate, coordinates):
-        for suffix in formats:
-            write_mesh(surface.polydata, out.path(f"{folder}/{mesh_file_name(surface.label.name, suffix)}"))
-        measurements[surface.label.name] = mesh_measurements(surface.polydata)
-    return measurements
+    surfaces = extract_surfaces(segmentation_labelmap, labels, smoothing, decimate, coordinates, max_triangles)
+    for suffix in formats:
+        if suffix in SCENE_FORMATS:
+            write_scene(surfaces, out.path(f"{folder}/{stem}{suffix}"))
+        else:
+            for surface in surfaces:
+                write_mesh(surface.polydata, out.path(f"{folder}/{mesh_file_name(surface.label.name, suffix)}"))
+    return {surface.label.name: mesh_measurements(surface.polydata) for surface in surfaces}
 
 
 def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str, surface_formats=(),
-                        smoothing: float = 0.5, decimate: float = 0.0, coordinates: str = "LPS") -> dict:
+                        smoothing: float = 0.5, decimate: float = 0.0, coordinates: str = "LPS",
+                        max_triangles: int | None = None) -> dict:
     """Write the label map, the ``.seg.nrrd``, meshes (if formats are given) and a summary."""
     labels = segmentation.card.labels
     started = time.perf_counter()
@@ -44,7 +50,7 @@ def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str
     if surface_formats:
         started = time.perf_counter()
         summary["surfaces"] = export_surfaces(segmentation.labelmap, labels, out, surface_formats,
-                                              smoothing, decimate, coordinates)
+                                              smoothing, decimate, coordinates, stem=stem, max_triangles=max_triangles)
         summary["surface_coordinates"] = coordinates
         seconds["surfaces"] = time.perf_counter() - started
     summary["seconds"] = {key: round(value, 3) for key, value in seconds.items()}

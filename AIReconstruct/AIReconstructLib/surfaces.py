@@ -3,13 +3,15 @@
 ``vtkSurfaceNets3D`` builds one mesh of all label boundaries at once; it is moved to patient
 coordinates (LPS or RAS mm) and smoothed as a whole with a windowed-sinc filter, which does not
 shrink (volumes stay within a fraction of a percent) and keeps the faces that touching organs
-share in common: no gaps, no overlaps. Each label's closed surface is then cut out of that
-shared mesh, oriented outwards and optionally decimated.
+share in common: no gaps, no overlaps. Decimation works on that shared mesh too, one patch per
+pair of touching labels with the patch borders fixed, so neighbours stay sealed. Each label's
+closed surface is then cut out of the shared mesh and oriented outwards.
 """
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +24,9 @@ from .io import atomic_path
 from .modelcard import Label
 from .volume import Volume
 
-MESH_WRITERS = {".stl": vtk.vtkSTLWriter, ".obj": vtk.vtkOBJWriter, ".ply": vtk.vtkPLYWriter,
-                ".vtp": vtk.vtkXMLPolyDataWriter}
+SEGMENT_WRITERS = {".stl": vtk.vtkSTLWriter, ".ply": vtk.vtkPLYWriter, ".vtp": vtk.vtkXMLPolyDataWriter}
+SCENE_FORMATS = (".obj", ".glb")  # one file holding every segment, named and coloured (scene.py)
+MESH_FORMATS = (*SEGMENT_WRITERS, *SCENE_FORMATS)
 
 
 @dataclass
@@ -35,15 +38,35 @@ class Surface:
     coordinates: str  # "LPS" or "RAS"
 
 
-def _image_data(labelmap: Volume) -> vtk.vtkImageData:
-    """The label map, padded by one background voxel so that surfaces close at the border,
-    as vtkImageData in index space with its origin at index (-1, -1, -1)."""
+@dataclass
+class SharedMesh:
+    """Every label boundary as one triangle mesh: ``pairs[n]`` are the labels on either side of
+    triangle ``n``, which is wound outward from ``pairs[n, 0]`` (inward for ``pairs[n, 1]``)."""
+
+    points: np.ndarray  # (P, 3) patient mm
+    triangles: np.ndarray  # (T, 3) point indices
+    pairs: np.ndarray  # (T, 2) label values
+
+
+def _threads() -> int:
+    """Let VTK's multi-threaded filters use every core (unless the host, e.g. Slicer, chose a backend)."""
+    if vtk.vtkSMPTools.GetBackend() == "Sequential":
+        vtk.vtkSMPTools.SetBackend("STDThread")
+    return os.cpu_count() or 1
+
+
+def _image_data(array: np.ndarray) -> vtk.vtkImageData:
+    """The label map cropped to its labelled box and padded by one background voxel (so that
+    surfaces close at the border), as vtkImageData in index space."""
+    box = [np.flatnonzero(np.any(array, axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
+    low = [int(b[0]) for b in box]
+    cropped = array[tuple(slice(b[0], b[-1] + 1) for b in box)]
+    dtype, vtk_type = (np.uint8, vtk.VTK_UNSIGNED_CHAR) if array.max() < 256 else (np.uint16, vtk.VTK_UNSIGNED_SHORT)
+    padded = np.pad(cropped.astype(dtype, copy=False), 1)
     image = vtk.vtkImageData()
-    image.SetDimensions(*(n + 2 for n in labelmap.shape_ijk))
-    image.SetOrigin(-1.0, -1.0, -1.0)
-    array = np.pad(labelmap.array.astype(np.uint16, copy=False), 1)
-    scalars = numpy_support.numpy_to_vtk(array.ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_SHORT)
-    image.GetPointData().SetScalars(scalars)
+    image.SetDimensions(*padded.shape[::-1])
+    image.SetOrigin(low[2] - 1.0, low[1] - 1.0, low[0] - 1.0)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(padded.ravel(), deep=True, array_type=vtk_type))
     return image
 
 
@@ -59,6 +82,11 @@ def _polydata(points: np.ndarray, triangles: np.ndarray) -> vtk.vtkPolyData:
     return poly
 
 
+def _arrays(poly: vtk.vtkPolyData) -> tuple[np.ndarray, np.ndarray]:
+    points = numpy_support.vtk_to_numpy(poly.GetPoints().GetData()).astype(np.float64)
+    return points, numpy_support.vtk_to_numpy(poly.GetPolys().GetConnectivityArray()).reshape(-1, 3)
+
+
 def _outward(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     """Flip every triangle if the mesh's signed volume is negative (normals point inwards)."""
     a, b, c = (points[triangles[:, n]] for n in range(3))
@@ -66,14 +94,7 @@ def _outward(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     return triangles if signed_volume >= 0 else triangles[:, ::-1]
 
 
-def _finish(poly: vtk.vtkPolyData, decimate: float) -> vtk.vtkPolyData:
-    if decimate > 0:
-        decimator = vtk.vtkQuadricDecimation()
-        decimator.SetInputData(poly)
-        decimator.SetTargetReduction(decimate)
-        decimator.VolumePreservationOn()
-        decimator.Update()
-        poly = decimator.GetOutput()
+def _with_normals(poly: vtk.vtkPolyData) -> vtk.vtkPolyData:
     normals = vtk.vtkPolyDataNormals()
     normals.SetInputData(poly)
     normals.ConsistencyOff()
@@ -98,20 +119,14 @@ def _smooth(mesh: vtk.vtkPolyData, smoothing: float) -> vtk.vtkPolyData:
     return sinc.GetOutput()
 
 
-def extract_surfaces(labelmap: Volume, labels: list[Label], smoothing: float = 0.5,
-                     decimate: float = 0.0, coordinates: str = "LPS") -> list[Surface]:
-    """Closed surfaces of every label present, built in one pass over the label map.
-
-    ``smoothing`` is 0 (none) to 1 (strong); ``decimate`` is the fraction of triangles to
-    remove (0 to <1). Points are in ``coordinates`` ("LPS" or "RAS") millimetres.
-    """
-    present = [label for label in labels if np.any(labelmap.array == label.value)]
-    if not present:
-        return []
+def shared_mesh(labelmap: Volume, values: list[int], smoothing: float = 0.5, coordinates: str = "LPS") -> SharedMesh:
+    """The boundaries of the given labels (all others count as background) as one mesh, in one pass:
+    surface nets on the label map, moved to patient millimetres and smoothed as a whole."""
+    _threads()
     nets = vtk.vtkSurfaceNets3D()
-    nets.SetInputData(_image_data(labelmap))
-    for index, label in enumerate(present):
-        nets.SetValue(index, label.value)
+    nets.SetInputData(_image_data(labelmap.array))
+    for index, value in enumerate(values):
+        nets.SetValue(index, value)
     nets.SetBackgroundLabel(0)
     nets.SetOutputMeshTypeToTriangles()
     nets.SetSmoothing(False)
@@ -121,44 +136,130 @@ def extract_surfaces(labelmap: Volume, labels: list[Label], smoothing: float = 0
     matrix = labelmap.ijk_to_lps() if coordinates == "LPS" else labelmap.ijk_to_ras()
     mesh.GetPoints().SetData(numpy_support.numpy_to_vtk(ijk @ matrix[:3, :3].T + matrix[:3, 3], deep=True))
     mesh = _smooth(mesh, smoothing)
+    points, triangles = _arrays(mesh)
+    pairs = numpy_support.vtk_to_numpy(mesh.GetCellData().GetArray("BoundaryLabels")).reshape(-1, 2).astype(np.int64)
+    return SharedMesh(points, triangles, pairs)
 
-    points = numpy_support.vtk_to_numpy(mesh.GetPoints().GetData()).astype(np.float64)
-    triangles = numpy_support.vtk_to_numpy(mesh.GetPolys().GetConnectivityArray()).reshape(-1, 3)
-    boundary = numpy_support.vtk_to_numpy(mesh.GetCellData().GetArray("BoundaryLabels")).reshape(-1, 2)
 
-    surfaces = []
-    for label in present:
-        # a face between labels (a, b) is wound one way for a and the other way for b
-        first, second = boundary[:, 0] == label.value, boundary[:, 1] == label.value
-        if first.any() or second.any():
-            faces = _outward(points, np.concatenate([triangles[first], triangles[second][:, ::-1]]))
-            surfaces.append(Surface(label, _finish(_polydata(points, faces), decimate), coordinates))
-    return surfaces
+def _patches(mesh: SharedMesh):
+    """Split the mesh into patches, one per pair of touching labels (low, high), wound outward from low."""
+    low, high = mesh.pairs.min(axis=1), mesh.pairs.max(axis=1)
+    triangles = np.where((mesh.pairs[:, 0] == low)[:, None], mesh.triangles, mesh.triangles[:, ::-1])
+    key = low * (int(high.max()) + 1) + high
+    order = np.argsort(key, kind="stable")
+    starts = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1]])
+    for begin, end in zip(starts, np.r_[starts[1:], len(order)]):
+        chosen = order[begin:end]
+        yield (int(low[chosen[0]]), int(high[chosen[0]])), triangles[chosen]
+
+
+def decimate(mesh: SharedMesh, reduction: dict[int, float]) -> SharedMesh:
+    """Remove about ``reduction[label]`` of each label's triangles while keeping touching labels
+    sealed: each patch between two labels is decimated once, with its border vertices fixed, so both
+    sides keep sharing exactly the same faces. Vertices are removed, never moved."""
+    def one_patch(item):
+        (low, high), triangles = item
+        fraction = max(reduction.get(low, 0.0), reduction.get(high, 0.0))
+        poly = _polydata(mesh.points, triangles)
+        if fraction > 0:
+            pro = vtk.vtkDecimatePro()
+            pro.SetInputData(poly)
+            pro.SetTargetReduction(min(fraction, 0.99))
+            pro.PreserveTopologyOn()
+            pro.BoundaryVertexDeletionOff()
+            pro.SplittingOff()
+            pro.Update()
+            poly = pro.GetOutput()
+        points, faces = _arrays(poly)
+        return points, faces.copy(), (low, high)
+
+    with ThreadPoolExecutor(_threads()) as pool:  # VTK filters release the GIL
+        results = list(pool.map(one_patch, _patches(mesh)))
+    offsets = np.cumsum([0] + [len(points) for points, _, _ in results])
+    points = np.concatenate([points for points, _, _ in results])
+    merged, index = np.unique(points.view([("", points.dtype)] * 3).ravel(), return_inverse=True)
+    triangles = np.concatenate([faces + offset for (_, faces, _), offset in zip(results, offsets)])
+    pairs = np.concatenate([np.tile(pair, (len(faces), 1)) for _, faces, pair in results])
+    return SharedMesh(merged.view(points.dtype).reshape(-1, 3), index.reshape(-1)[triangles], pairs)
+
+
+def triangle_counts(mesh: SharedMesh) -> dict[int, int]:
+    """Triangles of each label's closed surface (a shared face counts for both sides)."""
+    values, counts = np.unique(mesh.pairs, return_counts=True)
+    return dict(zip(values.tolist(), counts.tolist()))
+
+
+def extract_surfaces(labelmap: Volume, labels: list[Label], smoothing: float = 0.5, decimate_fraction: float = 0.0,
+                     coordinates: str = "LPS", max_triangles: int | None = None) -> list[Surface]:
+    """Closed surfaces of every label present, built in one pass over the label map.
+
+    ``smoothing`` is 0 (none) to 1 (strong); ``decimate_fraction`` is the fraction of triangles to
+    remove (0 to <1) and ``max_triangles`` a cap per surface (whichever removes more). Points are in
+    ``coordinates`` ("LPS" or "RAS") millimetres; neighbours share their faces exactly.
+    """
+    by_value = {label.value: label for label in labels}
+    if not labelmap.array.any():
+        return []
+    mesh = shared_mesh(labelmap, list(by_value), smoothing, coordinates)
+    counts = triangle_counts(mesh)
+    reduction = {value: max(decimate_fraction, 1.0 - max_triangles / n if max_triangles else 0.0)
+                 for value, n in counts.items() if value in by_value}
+    if any(fraction > 0 for fraction in reduction.values()):
+        mesh = decimate(mesh, reduction)
+    return surfaces_of(mesh, [by_value[v] for v in sorted(by_value) if v in counts], coordinates)
+
+
+def surfaces_of(mesh: SharedMesh, labels: list[Label], coordinates: str) -> list[Surface]:
+    """Cut each label's closed, outward-facing surface (with normals) out of a shared mesh."""
+    owner = np.concatenate([mesh.pairs[:, 0], mesh.pairs[:, 1]])
+    faces = np.concatenate([mesh.triangles, mesh.triangles[:, ::-1]])
+    order = np.argsort(owner, kind="stable")
+    bounds = np.searchsorted(owner[order], [[label.value, label.value + 1] for label in labels])
+
+    def one_label(item):
+        label, (begin, end) = item
+        triangles = _outward(mesh.points, faces[order[begin:end]])
+        return Surface(label, _with_normals(_polydata(mesh.points, triangles)), coordinates)
+
+    with ThreadPoolExecutor(_threads()) as pool:
+        return list(pool.map(one_label, zip(labels, bounds)))
+
+
+def mesh_checks(poly: vtk.vtkPolyData) -> dict:
+    """Whether a triangle mesh is closed (watertight: no edge on a border, i.e. used an odd number of
+    times) and consistently oriented (each edge run as often one way as the other by its triangles);
+    how many edges are non-manifold (used by more than two triangles: voxels of a label touching
+    only along an edge) and how many triangles are degenerate (a repeated vertex or no area)."""
+    points, triangles = _arrays(poly)
+    edges = np.concatenate([triangles[:, [0, 1]], triangles[:, [1, 2]], triangles[:, [2, 0]]]).astype(np.int64)
+    low, high = edges.min(axis=1), edges.max(axis=1)
+    _, edge, uses = np.unique(low * max(len(points), 1) + high, return_inverse=True, return_counts=True)
+    balance = np.bincount(edge.ravel(), weights=np.where(edges[:, 0] < edges[:, 1], 1.0, -1.0), minlength=len(uses))
+    a, b, c = (points[triangles[:, k]] for k in range(3))
+    area = 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=1)
+    repeated = (triangles[:, 0] == triangles[:, 1]) | (triangles[:, 1] == triangles[:, 2]) | (triangles[:, 0] == triangles[:, 2])
+    return {"closed": bool(len(triangles)) and bool(np.all(uses % 2 == 0)),
+            "consistent_orientation": bool(np.all(balance == 0)),
+            "non_manifold_edges": int(np.count_nonzero(uses > 2)),
+            "degenerate_triangles": int(np.count_nonzero(repeated | (area <= 1e-12 * max(area.max(initial=0), 1.0))))}
 
 
 def mesh_measurements(poly: vtk.vtkPolyData) -> dict:
-    """Enclosed volume (mL), surface area (cm²), triangle count and whether the mesh is closed."""
-    edges = vtk.vtkFeatureEdges()
-    edges.SetInputData(poly)
-    edges.BoundaryEdgesOn()
-    edges.NonManifoldEdgesOn()
-    edges.FeatureEdgesOff()
-    edges.ManifoldEdgesOff()
-    edges.Update()
+    """Enclosed volume (mL), surface area (cm²), triangle count and the checks of :func:`mesh_checks`."""
     mass = vtk.vtkMassProperties()
     mass.SetInputData(poly)
     mass.Update()
     return {"volume_ml": mass.GetVolume() / 1000.0, "area_cm2": mass.GetSurfaceArea() / 100.0,
-            "triangles": poly.GetNumberOfPolys(), "closed": edges.GetOutput().GetNumberOfCells() == 0}
+            "triangles": poly.GetNumberOfPolys(), **mesh_checks(poly)}
 
 
 def write_mesh(poly: vtk.vtkPolyData, path: str | os.PathLike) -> Path:
-    """Write a mesh as STL, OBJ, PLY or VTP (chosen by the suffix), atomically."""
+    """Write one mesh as STL, PLY or VTP (chosen by the suffix), atomically."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in MESH_WRITERS:
-        raise OutputError(f"Unknown mesh format '{suffix}' (use {', '.join(MESH_WRITERS)})")
-    writer = MESH_WRITERS[suffix]()
+    if suffix not in SEGMENT_WRITERS:
+        raise OutputError(f"Unknown mesh format '{suffix}' (use {', '.join(SEGMENT_WRITERS)})")
+    writer = SEGMENT_WRITERS[suffix]()
     if suffix == ".stl":
         writer.SetFileTypeToBinary()
     with atomic_path(path) as tmp:

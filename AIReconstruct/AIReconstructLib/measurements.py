@@ -1,0 +1,123 @@
+"""Surgical measurements from a label map (formulas in docs/measurements.md).
+
+Per segment: volume (voxel count x voxel volume), surface area and largest diameter (of the smoothed
+closed surface), centroid (mean voxel centre) in patient coordinates. Per lesion (a label whose
+terminology category is SNOMED CT 49755003, "Morphologically Altered Structure"): the smallest
+distance from its surface to every other segment's surface; the organ it lies in (the label that
+holds most of the voxels touching it); the distance to that organ's capsule (the outer surface of
+organ and lesion together); and a remnant estimate: the organ's volume with the lesion, the volume
+removed with a safety margin around the lesion, and what remains.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import ConvexHull, cKDTree
+
+from .modelcard import Label
+from .surfaces import SharedMesh, mesh_measurements, shared_mesh, surfaces_of
+from .volume import Volume
+
+LESION_CATEGORY = "49755003"  # SNOMED CT "Morphologically Altered Structure"
+
+
+def is_lesion(label: Label) -> bool:
+    """Whether a label is a lesion by its terminology category (the Slicer / DICOM convention)."""
+    category = label.terminology.get("category") or ()
+    return len(category) > 1 and str(category[1]) == LESION_CATEGORY
+
+
+def largest_diameter(points: np.ndarray) -> float:
+    """The largest distance between two points (on the convex hull, compared in blocks)."""
+    if len(points) < 2:
+        return 0.0
+    try:
+        points = points[ConvexHull(points).vertices]
+    except Exception:  # flat or tiny point sets: compare all points
+        pass
+    best = 0.0
+    for start in range(0, len(points), 1024):
+        block = points[start:start + 1024]
+        best = max(best, float(np.sqrt(((block[:, None, :] - points[None, :, :]) ** 2).sum(-1).max())))
+    return best
+
+
+def _vertices(mesh: SharedMesh, faces: np.ndarray) -> np.ndarray:
+    return mesh.points[np.unique(mesh.triangles[faces])]
+
+
+def _organ_of(labelmap: Volume, box, value: int, lesions: set[int]) -> int | None:
+    """The non-lesion label that holds at least half of the voxels touching the lesion, if any."""
+    grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+    crop = labelmap.array[grown]
+    inside = crop == value
+    neighbours = crop[ndimage.binary_dilation(inside) & ~inside]
+    candidates = neighbours[(neighbours != 0) & ~np.isin(neighbours, list(lesions))]
+    if candidates.size == 0:
+        return None
+    values, counts = np.unique(candidates, return_counts=True)
+    best = int(np.argmax(counts))
+    return int(values[best]) if counts[best] >= 0.5 * neighbours.size else None
+
+
+def _resection_ml(labelmap: Volume, box, value: int, organ: int, margin_mm: float) -> float:
+    """Volume of the organ and lesion voxels within ``margin_mm`` of the lesion's surface: voxel
+    centres within margin + half the mean voxel size of a lesion voxel centre (the surface lies about
+    half a voxel beyond the lesion's outer voxel centres; this errs toward removing more)."""
+    spacing_kji = np.array(labelmap.spacing[::-1])
+    reach_mm = margin_mm + 0.5 * float(spacing_kji.mean())
+    reach = np.ceil(reach_mm / spacing_kji).astype(int) + 1
+    grown = tuple(slice(max(s.start - r, 0), s.stop + r) for s, r in zip(box, reach))
+    crop = labelmap.array[grown]
+    distance = ndimage.distance_transform_edt(crop != value, sampling=spacing_kji)
+    removed = (distance <= reach_mm) & ((crop == value) | (crop == organ))
+    return float(np.count_nonzero(removed)) * labelmap.voxel_volume_ml
+
+
+def measure(labelmap: Volume, labels: list[Label], margin_mm: float = 10.0, smoothing: float = 0.5,
+            coordinates: str = "LPS") -> dict:
+    """Measurements of every present segment and every lesion (see the module's docstring)."""
+    boxes = ndimage.find_objects(labelmap.array)
+    present = [label for label in labels if 0 < label.value <= len(boxes) and boxes[label.value - 1] is not None]
+    if not present:
+        return {"coordinates": coordinates, "margin_mm": margin_mm, "segments": [], "lesions": []}
+    mesh = shared_mesh(labelmap, [label.value for label in present], smoothing, coordinates)
+    surfaces = {s.label.value: s for s in surfaces_of(mesh, present, coordinates)}
+    matrix = labelmap.ijk_to_lps() if coordinates == "LPS" else labelmap.ijk_to_ras()
+    segments, volumes = [], {}
+    for label in present:
+        box = boxes[label.value - 1]
+        kji = np.argwhere(labelmap.array[box] == label.value) + [s.start for s in box]
+        volumes[label.value] = len(kji) * labelmap.voxel_volume_ml
+        centroid = matrix[:3, :3] @ kji.mean(axis=0)[::-1] + matrix[:3, 3]
+        on_surface = np.flatnonzero((mesh.pairs == label.value).any(axis=1))
+        surface = mesh_measurements(surfaces[label.value].polydata)
+        segments.append({"name": label.name, "value": label.value, "lesion": is_lesion(label),
+                         "volume_ml": volumes[label.value], "surface_area_cm2": surface["area_cm2"],
+                         "largest_diameter_mm": largest_diameter(_vertices(mesh, on_surface)),
+                         "centroid_mm": [round(float(c), 2) for c in centroid]})
+
+    lesion_values = {label.value for label in present if is_lesion(label)}
+    names = {label.value: label.name for label in present}
+    trees = {label.value: cKDTree(_vertices(mesh, np.flatnonzero((mesh.pairs == label.value).any(axis=1))))
+             for label in present}
+    lesions = []
+    for value in sorted(lesion_values):
+        box = boxes[value - 1]
+        lesion_points = trees[value].data
+        organ = _organ_of(labelmap, box, value, lesion_values)
+        distances = {names[other]: float(trees[other].query(lesion_points)[0].min())
+                     for other in trees if other not in (value, organ)}
+        entry = {"name": names[value], "organ": names.get(organ), "distances_mm": distances}
+        if organ is not None:
+            union = {organ, value}
+            capsule = np.isin(mesh.pairs, list(union)).sum(axis=1) == 1  # one side in, the other out
+            capsule_points = _vertices(mesh, np.flatnonzero(capsule))
+            entry["capsule_distance_mm"] = float(cKDTree(capsule_points).query(lesion_points)[0].min())
+            with_lesion = volumes[organ] + volumes[value]
+            resection = _resection_ml(labelmap, box, value, organ, margin_mm)
+            entry.update(organ_volume_ml=volumes[organ], organ_with_lesion_ml=with_lesion, resection_ml=resection,
+                         remnant_ml=with_lesion - resection, remnant_percent=100.0 * (with_lesion - resection) / with_lesion)
+        lesions.append(entry)
+    return {"coordinates": coordinates, "margin_mm": margin_mm, "segments": segments, "lesions": lesions}

@@ -1,0 +1,86 @@
+"""Surgical measurements on a phantom whose answers are known: an organ (ball of radius 40 mm) with
+a lesion (radius 10 mm) inside, and a vessel (a tube) at a known gap, on an oblique, anisotropic grid."""
+
+import numpy as np
+import pytest
+
+from AIReconstructLib.measurements import is_lesion, largest_diameter, measure
+from AIReconstructLib.modelcard import Label
+from AIReconstructLib.volume import Volume
+from conftest import oblique_direction
+
+LESION_TERMS = {"category": ["SCT", "49755003", "Morphologically Altered Structure"]}
+ORGAN_TERMS = {"category": ["SCT", "123037004", "Anatomical Structure"]}
+LABELS = [Label(1, "organ", (0.8, 0.4, 0.3), ORGAN_TERMS, {}), Label(2, "lesion", (1.0, 1.0, 0.2), LESION_TERMS, {}),
+          Label(3, "vessel", (0.8, 0.1, 0.1), ORGAN_TERMS, {}), Label(4, "absent", (0, 0, 1), ORGAN_TERMS, {})]
+SPACING = (0.8, 0.9, 1.2)
+ORGAN_RADIUS, LESION_RADIUS, LESION_OFFSET, VESSEL_RADIUS, VESSEL_X = 40.0, 10.0, 15.0, 4.0, 60.0
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    """Physical positions (mm, relative to the grid's centre along its own axes) decide each voxel."""
+    shape_ijk = (150, 120, 80)
+    k, j, i = np.mgrid[0:shape_ijk[2], 0:shape_ijk[1], 0:shape_ijk[0]]
+    centre = (np.array(shape_ijk) - 1) / 2 * SPACING
+    x, y, z = (i * SPACING[0] - centre[0], j * SPACING[1] - centre[1], k * SPACING[2] - centre[2])
+    array = np.zeros(x.shape, np.uint8)
+    array[x ** 2 + y ** 2 + z ** 2 < ORGAN_RADIUS ** 2] = 1
+    array[(x - LESION_OFFSET) ** 2 + y ** 2 + z ** 2 < LESION_RADIUS ** 2] = 2
+    array[(x - VESSEL_X) ** 2 + y ** 2 < VESSEL_RADIUS ** 2] = 3
+    direction = oblique_direction(20)
+    origin = np.array([10.0, -20.0, 5.0])
+    lesion_centre = origin + direction @ (centre + [LESION_OFFSET, 0, 0])
+    return Volume(array, SPACING, origin, direction), lesion_centre
+
+
+def test_segments_have_volume_area_diameter_and_centroid(phantom):
+    volume, lesion_centre = phantom
+    result = measure(volume, LABELS)
+    segments = {s["name"]: s for s in result["segments"]}
+    assert set(segments) == {"organ", "lesion", "vessel"}  # absent labels are left out
+    lesion = segments["lesion"]
+    assert lesion["lesion"] and not segments["organ"]["lesion"]
+    assert lesion["volume_ml"] == pytest.approx(np.count_nonzero(volume.array == 2) * volume.voxel_volume_ml)
+    assert lesion["volume_ml"] == pytest.approx(4 / 3 * np.pi * LESION_RADIUS ** 3 / 1000, rel=0.03)
+    assert lesion["surface_area_cm2"] == pytest.approx(4 * np.pi * LESION_RADIUS ** 2 / 100, rel=0.05)
+    assert lesion["largest_diameter_mm"] == pytest.approx(2 * LESION_RADIUS, abs=1.0)
+    assert segments["organ"]["largest_diameter_mm"] == pytest.approx(2 * ORGAN_RADIUS, abs=1.0)
+    np.testing.assert_allclose(lesion["centroid_mm"], lesion_centre, atol=0.3)
+    ras = measure(volume, LABELS, coordinates="RAS")["segments"][1]["centroid_mm"]
+    np.testing.assert_allclose(ras, lesion_centre * [-1, -1, 1], atol=0.3)
+
+
+def test_lesion_distances_organ_and_remnant(phantom):
+    volume, _ = phantom
+    (lesion,) = measure(volume, LABELS, margin_mm=10.0)["lesions"]
+    assert lesion["name"] == "lesion" and lesion["organ"] == "organ"
+    gap_to_vessel = VESSEL_X - VESSEL_RADIUS - (LESION_OFFSET + LESION_RADIUS)
+    assert lesion["distances_mm"]["vessel"] == pytest.approx(gap_to_vessel, abs=1.0)
+    assert "organ" not in lesion["distances_mm"]
+    assert lesion["capsule_distance_mm"] == pytest.approx(ORGAN_RADIUS - LESION_OFFSET - LESION_RADIUS, abs=1.0)
+    count = {v: np.count_nonzero(volume.array == v) * volume.voxel_volume_ml for v in (1, 2)}
+    assert lesion["organ_volume_ml"] == pytest.approx(count[1])
+    assert lesion["organ_with_lesion_ml"] == pytest.approx(count[1] + count[2])
+    resection = 4 / 3 * np.pi * (LESION_RADIUS + 10.0) ** 3 / 1000  # the margin stays inside the organ here
+    assert resection <= lesion["resection_ml"] <= 1.06 * resection  # errs toward removing more
+    assert lesion["remnant_ml"] == pytest.approx(count[1] + count[2] - lesion["resection_ml"])
+    assert lesion["remnant_percent"] == pytest.approx(100 * lesion["remnant_ml"] / lesion["organ_with_lesion_ml"])
+
+
+def test_a_lesion_outside_any_organ_has_distances_but_no_remnant():
+    array = np.zeros((30, 40, 40), np.uint8)
+    array[10:20, 10:20, 5:15] = 2
+    array[10:20, 10:20, 25:35] = 3
+    (lesion,) = measure(Volume(array, (1.0, 1.0, 1.0)), LABELS)["lesions"]
+    assert lesion["organ"] is None and "remnant_ml" not in lesion
+    assert lesion["distances_mm"]["vessel"] == pytest.approx(10.0, abs=1.0)
+
+
+def test_lesions_are_told_by_their_terminology_and_diameters_are_exact_on_points():
+    assert is_lesion(LABELS[1]) and not is_lesion(LABELS[0]) and not is_lesion(Label(1, "x", (1, 1, 1), {}, {}))
+    points = np.random.default_rng(0).normal(size=(5000, 3))
+    brute = max(np.linalg.norm(points[:, None] - points[None, :2500], axis=-1).max(),
+                np.linalg.norm(points[:, None] - points[None, 2500:], axis=-1).max())
+    assert largest_diameter(points) == pytest.approx(brute)
+    assert measure(Volume(np.zeros((4, 4, 4), np.uint8)), LABELS)["segments"] == []
