@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test clean
+.PHONY: demo test browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,13 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed-engine
 	$(BIN)/aireconstruct demo --output demo-output
 
-test: $(VENV)/.installed-test
+# Debian's Chromium, for the test that opens the HTML report in a real browser (skipped without it)
+browser:
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "Chromium could not be installed: the report's browser test will be skipped"
+
+test: $(VENV)/.installed-test browser
 	$(BIN)/python -m pytest
 
 clean:

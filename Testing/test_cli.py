@@ -23,12 +23,14 @@ def ct_file(tmp_path, ct_volume):
 def test_segment_writes_every_output(tmp_path, tiny_model, ct_file, capsys):
     out = tmp_path / "out"
     assert main(["segment", str(ct_file), "-m", str(tiny_model), "-o", str(out), "--device", "cpu",
-                 "--surfaces", "--format", "stl", "obj", "ply", "vtp", "glb"]) == 0
+                 "--surfaces", "--format", "stl", "obj", "ply", "vtp", "glb", "--report"]) == 0
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert {"patient one.seg.nrrd", "patient one_labels.nii.gz", "patient one_summary.json"} <= names
+    assert {"patient one.seg.nrrd", "patient one_labels.nii.gz", "patient one_summary.json",
+            "patient one_report.html"} <= names
     labels = read_labelmap(out / "patient one_labels.nii.gz", like=read_volume(ct_file))
     summary = json.loads((out / "patient one_summary.json").read_text(encoding="utf-8"))
     assert summary["model"] == "tiny-test-model" and set(summary["volumes_ml"]) == {"organ", "lesion"}
+    assert {s["name"] for s in summary["measurements"]["segments"]} <= {"organ", "lesion"}
     for name in summary.get("surfaces", {}):
         for suffix in (".stl", ".ply", ".vtp"):
             assert f"surfaces/{name}{suffix}" in names

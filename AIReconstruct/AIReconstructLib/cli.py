@@ -77,7 +77,8 @@ def cmd_segment(args, reporter: Reporter) -> None:
         result = segment(channels, card, options, reporter.progress, reporter.cancel_requested)
         formats = _suffixes(args.surface_format) if args.surfaces else ()
         summary = export_segmentation(result, out, image_stem(args.inputs[0]), formats,
-                                      args.smoothing, args.decimate, args.coordinates, args.max_triangles)
+                                      args.smoothing, args.decimate, args.coordinates, args.max_triangles,
+                                      report_image=channels[0] if args.report else None, margin_mm=args.margin)
         if reporter.cancel_requested():
             raise Cancelled("Cancelled by the user; nothing was written")
         written = out.commit()
@@ -113,24 +114,38 @@ def cmd_evaluate(args, reporter: Reporter) -> None:
     reporter.result("\n".join(rows), result)
 
 
-def cmd_surfaces(args, reporter: Reporter) -> None:
-    from .export import export_surfaces
-    from .io import StagedOutput, read_labelmap
-    from .modelcard import Label, find_model
+def _labelmap_and_labels(path: str, model: str | None, like=None):
+    """A label map (NIfTI, NRRD or .seg.nrrd) and its labels: from the .seg.nrrd's segments, the
+    model's card, or numbered; returns (labelmap, labels, model card data or None)."""
+    import numpy as np
+
+    from .io import read_labelmap
+    from .modelcard import Label, find_model, label_colour
     from .segnrrd import read_seg_nrrd
 
-    path = Path(args.labelmap)
-    if path.name.lower().endswith(".seg.nrrd"):
+    card = find_model(model) if model else None
+    if Path(path).name.lower().endswith(".seg.nrrd"):
         labelmap, segments = read_seg_nrrd(path)
         labels = [Label(int(s["LabelValue"]), s["Name"], tuple(map(float, s["Color"].split())), {}, {})
                   for s in segments]
+        if card is not None:  # the card knows the terminology (which labels are lesions)
+            by_name = {label.name: label for label in card.labels}
+            labels = [by_name.get(label.name, label) for label in labels]
     else:
-        labelmap = read_labelmap(path)
-        if args.model:
-            labels = find_model(args.model).labels
+        labelmap = read_labelmap(path, like=like)
+        if card is not None:
+            labels = card.labels
         else:
-            values = sorted(set(map(int, set(labelmap.array.ravel()))) - {0})
-            labels = [Label(v, f"label_{v}", (1.0, 1.0, 1.0), {}, {}) for v in values]
+            values = sorted(set(map(int, np.unique(labelmap.array))) - {0})
+            labels = [Label(v, f"label_{v}", tuple(label_colour(v)), {}, {}) for v in values]
+    return labelmap, labels, card.data if card is not None else None
+
+
+def cmd_surfaces(args, reporter: Reporter) -> None:
+    from .export import export_surfaces
+    from .io import StagedOutput
+
+    labelmap, labels, _ = _labelmap_and_labels(args.labelmap, args.model)
     with StagedOutput(args.output) as out:
         measurements = export_surfaces(labelmap, labels, out, _suffixes(args.surface_format), args.smoothing,
                                        args.decimate, args.coordinates, folder=".", max_triangles=args.max_triangles)
@@ -138,6 +153,21 @@ def cmd_surfaces(args, reporter: Reporter) -> None:
     text = "\n".join(f"{name}: {m['volume_ml']:.1f} mL, {m['triangles']} triangles, closed={m['closed']}"
                      for name, m in measurements.items())
     reporter.result(text, {"outputs": [str(p) for p in written], "surfaces": measurements})
+
+
+def cmd_report(args, reporter: Reporter) -> None:
+    from .io import read_volume
+    from .report import build_report, write_report
+
+    image = read_volume(args.image)
+    labelmap, labels, card = _labelmap_and_labels(args.labelmap, args.model, like=image)
+    reference = _labelmap_and_labels(args.reference, None, like=image)[0] if args.reference else None
+    model = card or {"name": Path(args.labelmap).name, "intended_use": "Segmentation read from a file; not for clinical use"}
+    page, measured = build_report(image, labelmap, labels, model, reference, args.margin, args.coordinates)
+    path = write_report(page, args.output)
+    lines = [f"{s['name']}: {s['volume_ml']:.1f} mL, largest diameter {s['largest_diameter_mm']:.1f} mm"
+             for s in measured["segments"]]
+    reporter.result("\n".join(lines + [f"wrote {path}"]), {"outputs": [str(path)], "measurements": measured})
 
 
 def cmd_models(args, reporter: Reporter) -> None:
@@ -247,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "labels may differ at near-ties (docs/benchmarks.md)")
     p.add_argument("--surfaces", action="store_true", help="also write one mesh per segment")
     p.add_argument("--no-postprocess", action="store_true", help="skip the card's post-processing")
+    p.add_argument("--report", action="store_true",
+                   help="also write <name>_report.html: measurements, slices through lesions, 3D view")
+    p.add_argument("--margin", type=float, default=10.0, help="safety margin around lesions for the remnant, mm")
     mesh_options(p)
     p.set_defaults(func=cmd_segment)
 
@@ -263,6 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", help="model whose label names and colours to use")
     mesh_options(p)
     p.set_defaults(func=cmd_surfaces)
+
+    p = sub.add_parser("report", parents=[common], help="HTML report: measurements, slices, 3D view")
+    p.add_argument("image", help="the image the label map belongs to")
+    p.add_argument("labelmap", help="label map (NIfTI, NRRD) or .seg.nrrd")
+    p.add_argument("-o", "--output", required=True, help="the report's file (.html)")
+    p.add_argument("-m", "--model", help="model whose label names, colours and lesion labels to use")
+    p.add_argument("--reference", help="a reference label map: adds Dice, IoU and HD95 to the report")
+    p.add_argument("--margin", type=float, default=10.0, help="safety margin around lesions for the remnant, mm")
+    p.add_argument("--coordinates", choices=["LPS", "RAS"], default="LPS", help="coordinates of centroids and 3D view")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("models", parents=[common], help="list installed model cards")
     p.set_defaults(func=cmd_models)

@@ -1,7 +1,8 @@
 """Write a segmentation's result set into a staged output folder.
 
 ``<stem>.seg.nrrd`` (Slicer), ``<stem>_labels.nii.gz`` (NIfTI label map), optional meshes under
-``surfaces/`` and ``<stem>_summary.json`` (per-segment volumes, mesh measurements, timings).
+``surfaces/``, an optional ``<stem>_report.html`` and ``<stem>_summary.json`` (per-segment volumes,
+mesh and surgical measurements, timings).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def export_surfaces(segmentation_labelmap, labels, out: StagedOutput, formats, s
 
 def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str, surface_formats=(),
                         smoothing: float = 0.5, decimate: float = 0.0, coordinates: str = "LPS",
-                        max_triangles: int | None = None) -> dict:
-    """Write the label map, the ``.seg.nrrd``, meshes (if formats are given) and a summary."""
+                        max_triangles: int | None = None, report_image=None, margin_mm: float = 10.0) -> dict:
+    """Write the label map, the ``.seg.nrrd``, meshes (if formats are given), the HTML report (if
+    ``report_image``, the input, is given; its measurements go into the summary) and a summary."""
     labels = segmentation.card.labels
     started = time.perf_counter()
     write_seg_nrrd(segmentation.labelmap, labels, out.path(f"{stem}.seg.nrrd"))
@@ -53,6 +55,14 @@ def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str
                                               smoothing, decimate, coordinates, stem=stem, max_triangles=max_triangles)
         summary["surface_coordinates"] = coordinates
         seconds["surfaces"] = time.perf_counter() - started
+    if report_image is not None:
+        from .report import build_report, write_report
+
+        started = time.perf_counter()
+        page, summary["measurements"] = build_report(report_image, segmentation.labelmap, labels,
+                                                     segmentation.card.data, margin_mm=margin_mm, coordinates=coordinates)
+        write_report(page, out.path(f"{stem}_report.html"))
+        seconds["report"] = time.perf_counter() - started
     summary["seconds"] = {key: round(value, 3) for key, value in seconds.items()}
     out.write_text(f"{stem}_summary.json", json.dumps(summary, indent=2))
     return summary

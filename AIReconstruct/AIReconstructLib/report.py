@@ -1,0 +1,202 @@
+"""A self-contained HTML report for pre-surgical review (opens without a network connection).
+
+Sections: a header without patient data (image size and spacing, model and intended use, date),
+the surgical measurements (measurements.py), metrics against a reference when one is given,
+axial / coronal / sagittal slices through each lesion (or the largest segment) with coloured
+overlays, and an interactive 3D view of every surface (plotly's Mesh3d; its JavaScript is embedded).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .io import atomic_path
+from .measurements import is_lesion, measure
+from .metrics import evaluate
+from .modelcard import Label
+from .preprocess import reorientation_of, to_canonical
+from .volume import Volume
+
+SLICE_WIDTH_PX = 280
+REPORT_TRIANGLES = 20000  # per segment in the 3D view, to keep the file small
+# Errors of any script on the page are collected before anything else runs; the 3D view marks itself drawn.
+WATCH_ERRORS = """<script>window.reportErrors = [];
+window.addEventListener("error", function (e) { window.reportErrors.push(String(e.message));
+  document.documentElement.dataset.errors = window.reportErrors.join(" | "); });</script>"""
+MARK_DRAWN = """var box = document.getElementById('{plot_id}').getBoundingClientRect();
+document.documentElement.dataset.view3d = [box.left, box.top, box.width, box.height].map(Math.round).join(',');"""
+
+
+def png_data_uri(rgb: np.ndarray) -> str:
+    """An RGB uint8 image (rows, columns, 3) as a PNG data URI (zlib only, no imaging library)."""
+    height, width, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[row].tobytes() for row in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _overlay(gray: np.ndarray, labels: np.ndarray, colours: dict[int, np.ndarray]) -> np.ndarray:
+    """Grey image with every label filled at 40 % and outlined at full colour."""
+    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
+    edge = np.zeros(labels.shape, bool)
+    edge[1:, :] |= labels[1:, :] != labels[:-1, :]
+    edge[:-1, :] |= labels[1:, :] != labels[:-1, :]
+    edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    edge[:, :-1] |= labels[:, 1:] != labels[:, :-1]
+    for value, colour in colours.items():
+        inside = labels == value
+        rgb[inside] = 0.6 * rgb[inside] + 0.4 * colour
+        rgb[inside & edge] = colour
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def slice_views(image: Volume, labelmap: Volume, labels: list[Label], value: int) -> list[dict]:
+    """Axial, coronal and sagittal slices through the centre of label ``value``, in radiological
+    display (patient right on the left of the axial and coronal views, anterior on the left of the
+    sagittal view, superior up); each as {"plane", "uri", "width", "height"} in CSS pixels."""
+    how = reorientation_of(image, "SPL")
+    grey = to_canonical(image.array, how).astype(np.float32)
+    lab = to_canonical(labelmap.array, how)
+    low, high = np.percentile(grey[::2, ::2, ::2], [1, 99.5])
+    grey = np.clip((grey - low) / max(high - low, 1e-6) * 255, 0, 255)
+    colours = {label.value: np.array(label.color, np.float32) * 255 for label in labels}
+    s, p, l_ = np.round(np.argwhere(lab == value).mean(axis=0)).astype(int)
+    dz, dy, dx = how.spacing_zyx
+    planes = [("axial", grey[s], lab[s], (dy, dx)),
+              ("coronal", grey[:, p][::-1], lab[:, p][::-1], (dz, dx)),
+              ("sagittal", grey[:, :, l_][::-1], lab[:, :, l_][::-1], (dz, dy))]
+    views = []
+    for plane, picture, labels_2d, (row_mm, column_mm) in planes:
+        rows, columns = picture.shape
+        height = SLICE_WIDTH_PX * rows * row_mm / (columns * column_mm)
+        views.append({"plane": plane, "uri": png_data_uri(_overlay(picture, labels_2d, colours)),
+                      "width": SLICE_WIDTH_PX, "height": round(height)})
+    return views
+
+
+def view_3d(surfaces) -> str:
+    """The surfaces as one interactive plotly figure (a div with plotly.js embedded), seen from the
+    patient's front; organs are see-through where there are lesions to show inside them."""
+    import plotly.graph_objects as go
+    from vtk.util import numpy_support
+
+    figure = go.Figure()
+    any_lesion = any(is_lesion(surface.label) for surface in surfaces)
+    for surface in surfaces:
+        points = numpy_support.vtk_to_numpy(surface.polydata.GetPoints().GetData())
+        faces = numpy_support.vtk_to_numpy(surface.polydata.GetPolys().GetConnectivityArray()).reshape(-1, 3)
+        r, g, b = (int(255 * c) for c in surface.label.color)
+        opacity = 1.0 if is_lesion(surface.label) or not any_lesion else 0.4
+        figure.add_trace(go.Mesh3d(x=points[:, 0].round(1), y=points[:, 1].round(1), z=points[:, 2].round(1),
+                                   i=faces[:, 0], j=faces[:, 1], k=faces[:, 2], color=f"rgb({r},{g},{b})",
+                                   name=surface.label.name, showlegend=True, opacity=opacity, flatshading=False))
+    coordinates = surfaces[0].coordinates
+    axes = {f"{name}axis": dict(title=f"{code} (mm)", showbackground=False) for name, code in zip("xyz", coordinates)}
+    front = -2.0 if coordinates == "LPS" else 2.0  # the patient's anterior is -y in LPS, +y in RAS
+    camera = dict(eye=dict(x=0.0, y=front, z=0.4), up=dict(x=0, y=0, z=1))
+    figure.update_layout(height=560, margin=dict(l=0, r=0, t=0, b=0),
+                         scene=dict(aspectmode="data", camera=camera, **axes))
+    return figure.to_html(full_html=False, include_plotlyjs=True, div_id="view3d", post_script=MARK_DRAWN,
+                          config={"displaylogo": False})
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _swatch(label: Label | None, name: str) -> str:
+    colour = "#%02x%02x%02x" % tuple(int(255 * c) for c in label.color) if label else "#999"
+    return f'<span class="swatch" style="background:{colour}"></span>{html.escape(name)}'
+
+
+def _sections(image, labelmap, labels, measured, metrics, surfaces) -> list[str]:
+    by_name = {label.name: label for label in labels}
+    parts = ["<h2>Measurements</h2>", _table(
+        ["Segment", "Volume (mL)", "Surface area (cm²)", "Largest diameter (mm)", f"Centroid {measured['coordinates']} (mm)"],
+        [[_swatch(by_name.get(s["name"]), s["name"]), f"{s['volume_ml']:.2f}", f"{s['surface_area_cm2']:.1f}",
+          f"{s['largest_diameter_mm']:.1f}", ", ".join(f"{c:.1f}" for c in s["centroid_mm"])] for s in measured["segments"]])]
+    if measured["lesions"]:
+        rows = []
+        for lesion in measured["lesions"]:
+            nearest = sorted(lesion["distances_mm"].items(), key=lambda item: item[1])[:4]
+            rows.append([_swatch(by_name.get(lesion["name"]), lesion["name"]), html.escape(lesion["organ"] or "—"),
+                         f"{lesion['capsule_distance_mm']:.1f}" if "capsule_distance_mm" in lesion else "—",
+                         "<br>".join(f"{html.escape(n)}: {d:.1f}" for n, d in nearest) or "—",
+                         f"{lesion['organ_with_lesion_ml']:.1f}" if "remnant_ml" in lesion else "—",
+                         f"{lesion['resection_ml']:.1f}" if "remnant_ml" in lesion else "—",
+                         f"{lesion['remnant_ml']:.1f} ({lesion['remnant_percent']:.0f} %)" if "remnant_ml" in lesion else "—"])
+        parts += [f"<h2>Lesions (safety margin {measured['margin_mm']:g} mm)</h2>", _table(
+            ["Lesion", "In organ", "To capsule (mm)", "Nearest structures (mm)", "Organ + lesion (mL)",
+             "Resection (mL)", "Remnant (mL)"], rows)]
+    if metrics is not None:
+        rows = [[html.escape(name), f"{s['dice']:.3f}", f"{s['iou']:.3f}", f"{s['hd95_mm']:.2f}"]
+                for name, s in metrics["labels"].items() if s["present"]]
+        parts += ["<h2>Agreement with the reference</h2>",
+                  _table(["Segment", "Dice", "IoU", "HD95 (mm)"], rows),
+                  f"<p>Voxel accuracy {metrics['accuracy']:.4f}</p>"]
+    focus = [s for s in measured["segments"] if s["lesion"]] or sorted(measured["segments"], key=lambda s: -s["volume_ml"])[:1]
+    for segment in focus:
+        views = slice_views(image, labelmap, labels, segment["value"])
+        images = "".join(f'<figure><img alt="{v["plane"]}" src="{v["uri"]}" width="{v["width"]}" height="{v["height"]}">'
+                         f'<figcaption>{v["plane"]}</figcaption></figure>' for v in views)
+        parts.append(f'<h2>Slices through {html.escape(segment["name"])}</h2><div class="slices">{images}</div>')
+    parts += ["<h2>3D view</h2>", view_3d(surfaces) if surfaces else "<p>No segment to show.</p>"]
+    return parts
+
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1100px}
+table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+td:first-child,th:first-child{text-align:left}th{background:#f2f2f2}.swatch{display:inline-block;width:12px;
+height:12px;margin-right:6px;border:1px solid #555;vertical-align:middle}.slices{display:flex;gap:12px;flex-wrap:wrap}
+figure{margin:0}figcaption{text-align:center;font-size:90%}.use{background:#fff4d6;padding:6px 10px}"""
+
+
+def build_report(image: Volume, labelmap: Volume, labels: list[Label], model: dict, reference: Volume | None = None,
+                 margin_mm: float = 10.0, coordinates: str = "LPS") -> tuple[str, dict]:
+    """The report's HTML and the measurements it shows. ``model`` gives the card's ``name``,
+    ``title`` and ``intended_use``; ``reference`` (a label map on the same grid) adds metrics."""
+    from .surfaces import extract_surfaces
+
+    if not labelmap.same_grid(image):
+        raise InputError("The label map does not match its image (size, spacing, origin or direction differ)")
+    measured = measure(labelmap, labels, margin_mm, coordinates=coordinates)
+    metrics = None
+    if reference is not None:
+        if not reference.same_grid(image):
+            raise InputError("The reference label map does not match the image (size, spacing, origin or direction differ)")
+        metrics = evaluate(labelmap, reference, {label.value: label.name for label in labels})
+    surfaces = extract_surfaces(labelmap, labels, coordinates=coordinates, max_triangles=REPORT_TRIANGLES)
+    spacing = " × ".join(f"{s:.3g}" for s in image.spacing)
+    header = (f"<h1>AIReconstruct report</h1><p>Image {' × '.join(map(str, image.shape_ijk))} voxels, spacing "
+              f"{spacing} mm. Model <b>{html.escape(model.get('title') or model['name'])}</b> ({html.escape(model['name'])}). "
+              f"Generated {datetime.date.today().isoformat()}.</p>"
+              f'<p class="use">{html.escape(model.get("intended_use", ""))}</p>')
+    body = "\n".join([header, *_sections(image, labelmap, labels, measured, metrics, surfaces)])
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>AIReconstruct report</title>'
+            f"<style>{STYLE}</style>{WATCH_ERRORS}</head><body>{body}</body></html>")
+    return page, measured
+
+
+def write_report(page: str, path: str | os.PathLike) -> Path:
+    """Write the report atomically (creating its folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return path

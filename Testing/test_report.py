@@ -1,0 +1,99 @@
+"""The HTML report: self-contained, shows the measurements, and renders (3D view included) in a
+real headless Chromium without JavaScript errors."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from AIReconstructLib.cli import main
+from AIReconstructLib.errors import InputError
+from AIReconstructLib.io import write_volume
+from AIReconstructLib.modelcard import find_model
+from AIReconstructLib.phantom import make_phantom
+from AIReconstructLib.report import build_report, png_data_uri, write_report
+from AIReconstructLib.volume import Volume
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+                  "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--hide-scrollbars", "--virtual-time-budget=30000"]
+
+
+@pytest.fixture(scope="module")
+def phantom_report(tmp_path_factory):
+    phantom = make_phantom(11, field_of_view_mm=(300.0, 220.0, 260.0))
+    card = find_model("demo-abdomen-ct")
+    prediction = phantom.labels.with_array(np.where(phantom.labels.array == 9, 0, phantom.labels.array).astype(np.uint8))
+    page, measured = build_report(phantom.image, prediction, card.labels, card.data, reference=phantom.labels)
+    path = write_report(page, tmp_path_factory.mktemp("report") / "report.html")
+    return path, page, measured
+
+
+def test_report_is_self_contained_and_shows_the_measurements(phantom_report):
+    _, page, measured = phantom_report
+    markup = re.sub(r"<script[^>]*>.*?</script>", "<script></script>", page, flags=re.S)
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", markup)  # nothing fetched from a network
+    assert "<script src" not in markup and "<link" not in markup
+    assert "Plotly.newPlot" in page and markup.count("data:image/png;base64,") == 3  # slices through the one lesion
+    names = [s["name"] for s in measured["segments"]]
+    assert "liver tumour" in names and "lungs" not in names  # the prediction left the lungs out
+    liver = next(s for s in measured["segments"] if s["name"] == "liver")
+    assert f"{liver['volume_ml']:.2f}" in page and f"{liver['largest_diameter_mm']:.1f}" in page
+    assert "Agreement with the reference" in page and "Research" not in page
+    assert "Demo model trained on synthetic phantoms, not for clinical use" in page
+    (lesion,) = measured["lesions"]
+    assert f"{lesion['remnant_ml']:.1f}" in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make test installs Debian's chromium as root)")
+def test_report_renders_in_headless_chromium(phantom_report, tmp_path):
+    path, _, _ = phantom_report
+    common = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1150,2600"]
+    dom = subprocess.run([*common, "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=180).stdout
+    root = re.search(r"<html[^>]*>", dom).group(0)
+    assert "data-errors" not in root, root  # no script raised an error
+    drawn = re.search(r'data-view3d="(\d+),(\d+),(\d+),(\d+)"', root)
+    assert drawn, "the 3D view never finished drawing"
+    assert dom.count("<table>") == 3 and "gl-container" in dom
+
+    shot = tmp_path / "report.png"
+    subprocess.run([*common, f"--screenshot={shot}", path.as_uri()], capture_output=True, timeout=180, check=True)
+    matplotlib_image = pytest.importorskip("matplotlib.image")
+    pixels = (matplotlib_image.imread(shot)[..., :3] * 255).astype(int)
+    left, top, width, height = map(int, drawn.groups())
+    view = pixels[top:top + height, left:left + width]
+    assert view.size, "the 3D view lies outside the screenshot"
+    coloured = np.abs(view - view.mean(axis=-1, keepdims=True)).max(axis=-1) > 25  # not white, grey or black
+    assert coloured.mean() > 0.03, "the 3D view shows no coloured surfaces"
+
+
+def test_report_command_and_mismatched_label_maps(tmp_path, capsys):
+    phantom = make_phantom(12, field_of_view_mm=(200.0, 160.0, 160.0))
+    image = write_volume(phantom.image, tmp_path / "ct.nii.gz")
+    labels = write_volume(phantom.labels, tmp_path / "labels.nii.gz")
+    out = tmp_path / "out" / "report.html"
+    assert main(["report", str(image), str(labels), "-m", "demo-abdomen-ct", "-o", str(out), "--json-progress"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["outputs"] == [str(out)] and out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert result["measurements"]["lesions"][0]["organ"] == "liver"
+
+    other = write_volume(make_phantom(13, field_of_view_mm=(180.0, 160.0, 160.0)).labels, tmp_path / "other.nii.gz")
+    assert main(["report", str(image), str(other), "-o", str(tmp_path / "bad.html")]) != 0
+    assert "does not match its image" in capsys.readouterr().err
+    assert not (tmp_path / "bad.html").exists()
+    with pytest.raises(InputError, match="does not match its image"):
+        cut = phantom.labels
+        build_report(phantom.image, Volume(cut.array[:, :, :-1], cut.spacing, cut.origin, cut.direction), [], {"name": "x"})
+
+
+def test_png_encoder_writes_a_valid_png(tmp_path):
+    matplotlib_image = pytest.importorskip("matplotlib.image")
+    rgb = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    import base64
+
+    (tmp_path / "x.png").write_bytes(base64.b64decode(png_data_uri(rgb).split(",", 1)[1]))
+    np.testing.assert_array_equal((matplotlib_image.imread(tmp_path / "x.png")[..., :3] * 255).round(), rgb)
