@@ -53,7 +53,7 @@ def test_report_is_self_contained_and_shows_the_measurements(phantom_report):
 def test_report_renders_in_headless_chromium(phantom_report, tmp_path):
     path, _, _ = phantom_report
     common = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1150,2600"]
-    dom = subprocess.run([*common, "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=180).stdout
+    dom = subprocess.run([*common, "--dump-dom", path.as_uri()], capture_output=True, encoding="utf-8", timeout=180).stdout
     root = re.search(r"<html[^>]*>", dom).group(0)
     assert "data-errors" not in root, root  # no script raised an error
     drawn = re.search(r'data-view3d="(\d+),(\d+),(\d+),(\d+)"', root)

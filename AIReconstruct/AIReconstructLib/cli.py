@@ -114,38 +114,13 @@ def cmd_evaluate(args, reporter: Reporter) -> None:
     reporter.result("\n".join(rows), result)
 
 
-def _labelmap_and_labels(path: str, model: str | None, like=None):
-    """A label map (NIfTI, NRRD or .seg.nrrd) and its labels: from the .seg.nrrd's segments, the
-    model's card, or numbered; returns (labelmap, labels, model card data or None)."""
-    import numpy as np
-
-    from .io import read_labelmap
-    from .modelcard import Label, find_model, label_colour
-    from .segnrrd import read_seg_nrrd
-
-    card = find_model(model) if model else None
-    if Path(path).name.lower().endswith(".seg.nrrd"):
-        labelmap, segments = read_seg_nrrd(path)
-        labels = [Label(int(s["LabelValue"]), s["Name"], tuple(map(float, s["Color"].split())), {}, {})
-                  for s in segments]
-        if card is not None:  # the card knows the terminology (which labels are lesions)
-            by_name = {label.name: label for label in card.labels}
-            labels = [by_name.get(label.name, label) for label in labels]
-    else:
-        labelmap = read_labelmap(path, like=like)
-        if card is not None:
-            labels = card.labels
-        else:
-            values = sorted(set(map(int, np.unique(labelmap.array))) - {0})
-            labels = [Label(v, f"label_{v}", tuple(label_colour(v)), {}, {}) for v in values]
-    return labelmap, labels, card.data if card is not None else None
-
-
 def cmd_surfaces(args, reporter: Reporter) -> None:
     from .export import export_surfaces
     from .io import StagedOutput
+    from .modelcard import find_model
+    from .segnrrd import read_segmentation
 
-    labelmap, labels, _ = _labelmap_and_labels(args.labelmap, args.model)
+    labelmap, labels = read_segmentation(args.labelmap, find_model(args.model) if args.model else None)
     with StagedOutput(args.output) as out:
         measurements = export_surfaces(labelmap, labels, out, _suffixes(args.surface_format), args.smoothing,
                                        args.decimate, args.coordinates, folder=".", max_triangles=args.max_triangles)
@@ -157,12 +132,16 @@ def cmd_surfaces(args, reporter: Reporter) -> None:
 
 def cmd_report(args, reporter: Reporter) -> None:
     from .io import read_volume
+    from .modelcard import find_model
     from .report import build_report, write_report
+    from .segnrrd import read_segmentation
 
     image = read_volume(args.image)
-    labelmap, labels, card = _labelmap_and_labels(args.labelmap, args.model, like=image)
-    reference = _labelmap_and_labels(args.reference, None, like=image)[0] if args.reference else None
-    model = card or {"name": Path(args.labelmap).name, "intended_use": "Segmentation read from a file; not for clinical use"}
+    card = find_model(args.model) if args.model else None
+    labelmap, labels = read_segmentation(args.labelmap, card, like=image)
+    reference = read_segmentation(args.reference, like=image)[0] if args.reference else None
+    model = card.data if card else {"name": Path(args.labelmap).name,
+                                    "intended_use": "Segmentation read from a file; not for clinical use"}
     page, measured = build_report(image, labelmap, labels, model, reference, args.margin, args.coordinates)
     path = write_report(page, args.output)
     lines = [f"{s['name']}: {s['volume_ml']:.1f} mL, largest diameter {s['largest_diameter_mm']:.1f} mm"

@@ -17,8 +17,8 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import InputError, OutputError
-from .io import atomic_path
-from .modelcard import Label
+from .io import atomic_path, read_labelmap
+from .modelcard import Label, ModelCard, label_colour
 from .volume import Volume
 
 TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
@@ -119,3 +119,22 @@ def read_seg_nrrd(path: str | os.PathLike) -> tuple[Volume, list[dict]]:
         segments.append(fields)
         index += 1
     return volume, segments
+
+
+def read_segmentation(path: str | os.PathLike, card: ModelCard | None = None,
+                      like: Volume | None = None) -> tuple[Volume, list[Label]]:
+    """A label map (NIfTI, NRRD or .seg.nrrd) and its labels: the .seg.nrrd's segments (with the
+    card's terminology where names match), else the card's labels, else numbered ones. With
+    ``like``, the label map must lie on that image's grid."""
+    if Path(path).name.lower().endswith(".seg.nrrd"):
+        labelmap, segments = read_seg_nrrd(path)
+        if like is not None and not labelmap.same_grid(like):
+            raise InputError(f"{Path(path).name} does not match its image's grid")
+        terminology = {label.name: label.terminology for label in card.labels} if card else {}
+        return labelmap, [Label(int(s["LabelValue"]), s["Name"], tuple(map(float, s["Color"].split())),
+                                terminology.get(s["Name"], {}), {}) for s in segments]
+    labelmap = read_labelmap(path, like=like)
+    if card is not None:
+        return labelmap, card.labels
+    values = sorted(set(map(int, np.unique(labelmap.array))) - {0})
+    return labelmap, [Label(v, f"label_{v}", tuple(label_colour(v)), {}, {}) for v in values]
