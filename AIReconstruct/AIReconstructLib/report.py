@@ -108,7 +108,7 @@ def view_3d(surfaces) -> str:
     axes = {f"{name}axis": dict(title=f"{code} (mm)", showbackground=False) for name, code in zip("xyz", coordinates)}
     front = -2.0 if coordinates == "LPS" else 2.0  # the patient's anterior is -y in LPS, +y in RAS
     camera = dict(eye=dict(x=0.0, y=front, z=0.4), up=dict(x=0, y=0, z=1))
-    figure.update_layout(height=560, margin=dict(l=0, r=0, t=0, b=0),
+    figure.update_layout(height=560, margin=dict(l=0, r=0, t=0, b=0), legend=dict(x=0.0, y=1.0),
                          scene=dict(aspectmode="data", camera=camera, **axes))
     return figure.to_html(full_html=False, include_plotlyjs=True, div_id="view3d", post_script=MARK_DRAWN,
                           config={"displaylogo": False})
