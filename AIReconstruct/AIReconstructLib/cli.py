@@ -72,7 +72,7 @@ def cmd_segment(args, reporter: Reporter) -> None:
     card = find_model(args.model)
     channels = [read_image_for_model(path) for path in args.inputs]
     options = SegmentOptions(device=args.device, fast=args.fast, tta=args.tta, postprocess=not args.no_postprocess,
-                             cpu_bfloat16=args.cpu_bfloat16)
+                             cpu_bfloat16=args.cpu_bfloat16, uncertainty=args.uncertainty)
     with StagedOutput(args.output) as out:
         result = segment(channels, card, options, reporter.progress, reporter.cancel_requested)
         formats = _suffixes(args.surface_format) if args.surfaces else ()
@@ -83,6 +83,9 @@ def cmd_segment(args, reporter: Reporter) -> None:
             raise Cancelled("Cancelled by the user; nothing was written")
         written = out.commit()
     lines = [f"{name}: {volume:.1f} mL" for name, volume in summary["volumes_ml"].items()]
+    lines += [f"check: {r['size_ml']:.2f} mL of uncertainty {r['mean_uncertainty']:.2f} around "
+              f"({', '.join(f'{c:.1f}' for c in r['centre_mm'])}) mm {args.coordinates}"
+              for r in summary.get("flagged_regions", [])]
     reporter.result("\n".join(lines + [f"wrote {path}" for path in written]),
                     {"outputs": [str(p) for p in written], "summary": summary})
 
@@ -100,6 +103,14 @@ def cmd_evaluate(args, reporter: Reporter) -> None:
         values = sorted(set(map(int, set(prediction.array.ravel()) | set(reference.array.ravel()))) - {0})
         names = {value: f"label {value}" for value in values}
     result = evaluate(prediction, reference, names)
+    if args.uncertainty:
+        from .io import read_volume
+        from .uncertainty import error_detection_auc
+
+        uncertainty = read_volume(args.uncertainty)
+        if not uncertainty.same_grid(reference):
+            raise AIReconstructError(f"{Path(args.uncertainty).name} does not match the reference's grid")
+        result["uncertainty_error_auc"] = error_detection_auc(uncertainty.array, prediction.array, reference.array)
     rows = [f"{'label':<20} {'Dice':>6} {'IoU':>6} {'HD95 mm':>8} {'ASD mm':>7}"]
     for name, s in result["labels"].items():
         if s["present"]:
@@ -107,6 +118,8 @@ def cmd_evaluate(args, reporter: Reporter) -> None:
     m = result["mean"]
     rows.append(f"{'mean':<20} {m['dice']:6.3f} {m['iou']:6.3f} {m['hd95_mm']:8.2f} {m['asd_mm']:7.2f}")
     rows.append(f"voxel accuracy {result['accuracy']:.4f}")
+    if result.get("uncertainty_error_auc") is not None:
+        rows.append(f"uncertainty finds wrong voxels with AUC {result['uncertainty_error_auc']:.3f}")
     if args.json:
         from .io import atomic_path
         with atomic_path(args.json) as tmp:
@@ -256,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "labels may differ at near-ties (docs/benchmarks.md)")
     p.add_argument("--surfaces", action="store_true", help="also write one mesh per segment")
     p.add_argument("--no-postprocess", action="store_true", help="skip the card's post-processing")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write <name>_uncertainty.nii.gz (0-1), per-segment confidence and the regions to check")
     p.add_argument("--report", action="store_true",
                    help="also write <name>_report.html: measurements, slices through lesions, 3D view")
     p.add_argument("--margin", type=float, default=10.0, help="safety margin around lesions for the remnant, mm")
@@ -267,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("reference")
     p.add_argument("-m", "--model", help="model whose label names to use")
     p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--uncertainty", help="an uncertainty map (segment --uncertainty): how well it finds wrong voxels (AUC)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("surfaces", parents=[common], help="meshes from a label map or .seg.nrrd")

@@ -1,8 +1,9 @@
 """Write a segmentation's result set into a staged output folder.
 
 ``<stem>.seg.nrrd`` (Slicer), ``<stem>_labels.nii.gz`` (NIfTI label map), optional meshes under
-``surfaces/``, an optional ``<stem>_report.html`` and ``<stem>_summary.json`` (per-segment volumes,
-mesh and surgical measurements, timings).
+``surfaces/``, an optional ``<stem>_uncertainty.nii.gz``, an optional ``<stem>_report.html`` and
+``<stem>_summary.json`` (per-segment volumes, confidence, flagged regions, mesh and surgical
+measurements, timings).
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str
         "intended_use": segmentation.card.data["intended_use"],
         "volumes_ml": label_volumes_ml(segmentation.labelmap, segmentation.label_names),
     }
+    if segmentation.uncertainty is not None:
+        from .uncertainty import flagged_regions
+
+        write_volume(segmentation.uncertainty, out.path(f"{stem}_uncertainty.nii.gz"))
+        summary["confidence"] = segmentation.confidence
+        summary["flagged_regions"] = flagged_regions(segmentation.uncertainty, coordinates=coordinates)
     if surface_formats:
         started = time.perf_counter()
         summary["surfaces"] = export_surfaces(segmentation.labelmap, labels, out, surface_formats,

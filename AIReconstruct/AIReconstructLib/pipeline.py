@@ -20,7 +20,8 @@ from .modelcard import ModelCard
 from .networks import load_network
 from .postprocess import postprocess
 from .predict import CancelCheck, Predictor, ProgressCallback
-from .preprocess import in_array_order, prepare, restore_labels
+from .preprocess import in_array_order, prepare, restore_labels, restore_scalar
+from .uncertainty import member_agreement, normalised_entropy, segment_confidence
 from .volume import Volume
 
 
@@ -34,6 +35,7 @@ class SegmentOptions:
     tta: bool = False
     postprocess: bool = True
     cpu_bfloat16: bool = False
+    uncertainty: bool = False  # also an uncertainty map and per-segment confidence (implies TTA)
 
 
 @dataclass
@@ -43,6 +45,8 @@ class Segmentation:
     labelmap: Volume
     card: ModelCard
     seconds: dict = field(default_factory=dict)
+    uncertainty: Volume | None = None  # 0 (certain) to 1, on the input's grid (uncertainty.py)
+    confidence: dict = field(default_factory=dict)  # per segment: boundary uncertainty, member Dice
 
     @property
     def label_names(self) -> dict[int, str]:
@@ -73,8 +77,10 @@ def check_modality(volume: Volume, card: ModelCard) -> None:
 
 
 def _predict_native(channels: list[Volume], card: ModelCard, options: SegmentOptions, report: ProgressCallback,
-                    cancel: CancelCheck | None) -> tuple[np.ndarray, dict]:
-    """Label array on the input's grid from a model trained by this engine (or imported as MONAI weights)."""
+                    cancel: CancelCheck | None) -> tuple[np.ndarray, dict, np.ndarray | None, dict]:
+    """Label array on the input's grid from a model trained by this engine (or imported as MONAI
+    weights), timings, and with ``options.uncertainty`` the uncertainty map on the input's grid and
+    the members' agreement per label value."""
     seconds = {}
     started = time.perf_counter()
     report(0.0, "loading model")
@@ -89,16 +95,22 @@ def _predict_native(channels: list[Volume], card: ModelCard, options: SegmentOpt
     started = time.perf_counter()
     predictor = Predictor(network, in_array_order(card.patch_size, card.orientation), card.inference["overlap"],
                           options.device, cpu_bfloat16=options.cpu_bfloat16)
-    mirror_axes = card.inference["mirror_axes"] if options.tta else ()
-    logits = predictor(prepared.tensor, mirror_axes,
-                       progress=lambda f, message: report(0.05 + 0.85 * f, message), cancel=cancel)
+    mirror_axes = card.inference["mirror_axes"] if options.tta or options.uncertainty else ()
+    logits = predictor(prepared.tensor, mirror_axes, progress=lambda f, message: report(0.05 + 0.85 * f, message),
+                       cancel=cancel, members=options.uncertainty)
+    uncertainty, agreement = None, {}
+    if options.uncertainty:
+        uncertainty, agreement = normalised_entropy(logits), member_agreement(logits)
+        logits = logits.mean(dim=0)
     seconds["predict"] = time.perf_counter() - started
 
     started = time.perf_counter()
     report(0.9, "resampling to the input grid")
     labels = restore_labels(logits, prepared)
+    if uncertainty is not None:
+        uncertainty = restore_scalar(uncertainty, prepared)
     seconds["resample back"] = time.perf_counter() - started
-    return labels, seconds
+    return labels, seconds, uncertainty, agreement
 
 
 def segment(channels: list[Volume], card: ModelCard, options: SegmentOptions = SegmentOptions(),
@@ -109,9 +121,12 @@ def segment(channels: list[Volume], card: ModelCard, options: SegmentOptions = S
     card.spacing(options.fast)  # a fast mode the model lacks is an error before any work
     report = progress or (lambda fraction, message: None)
     if card.data["architecture"]["name"] == nnunet.ARCHITECTURE_NAME:
+        if options.uncertainty:
+            raise InputError(f"Uncertainty maps are not available yet for imported nnU-Net models such as '{card.name}'")
         labels, seconds = nnunet.predict_labels(channels, card, options, report, cancel)
+        uncertainty, agreement = None, {}
     else:
-        labels, seconds = _predict_native(channels, card, options, report, cancel)
+        labels, seconds, uncertainty, agreement = _predict_native(channels, card, options, report, cancel)
     labelmap = channels[0].with_array(labels if card.num_classes <= 256 else labels.astype(np.uint16))
 
     if options.postprocess:
@@ -119,5 +134,9 @@ def segment(channels: list[Volume], card: ModelCard, options: SegmentOptions = S
         report(0.95, "post-processing")
         labelmap = postprocess(labelmap, card.labels)
         seconds["postprocess"] = time.perf_counter() - started
+    result = Segmentation(labelmap, card, seconds)
+    if uncertainty is not None:
+        result.uncertainty = channels[0].with_array(uncertainty.astype(np.float32, copy=False))
+        result.confidence = segment_confidence(labelmap, uncertainty, card.labels, agreement)
     report(1.0, "segmentation done")
-    return Segmentation(labelmap, card, seconds)
+    return result

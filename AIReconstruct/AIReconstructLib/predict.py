@@ -110,12 +110,13 @@ class Predictor:
         return list(dict.fromkeys(plan))
 
     def __call__(self, image: torch.Tensor, mirror_axes=(), progress: ProgressCallback | None = None,
-                 cancel: CancelCheck | None = None) -> torch.Tensor:
-        """Logits ``[classes, z, y, x]`` (float32, on the CPU), each window averaged over its mirrored copies."""
+                 cancel: CancelCheck | None = None, members: bool = False) -> torch.Tensor:
+        """Logits ``[classes, z, y, x]`` (float32, on the CPU), each window averaged over its mirrored
+        copies; with ``members``, each mirrored copy's blended logits ``[mirrors, classes, z, y, x]``."""
         plan = self.attempts()
         for number, (batch, window_device, output_device) in enumerate(plan):
             try:
-                return self._run(image, mirror_axes, progress, cancel, batch, window_device, output_device)
+                return self._run(image, mirror_axes, progress, cancel, batch, window_device, output_device, members)
             except torch.OutOfMemoryError:
                 if number == len(plan) - 1:
                     raise AIReconstructError("Out of memory even on the CPU; try --fast or a smaller image") from None
@@ -130,7 +131,7 @@ class Predictor:
             return torch.autocast("cuda", dtype=torch.float16)
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cpu_bfloat16)
 
-    def _run(self, image, mirror_axes, progress, cancel, batch_size, window_device, output_device):
+    def _run(self, image, mirror_axes, progress, cancel, batch_size, window_device, output_device, members):
         network = self.network.to(window_device)
         mirrors = mirror_sets(mirror_axes)
         padded, unpad = _pad_to_patch(image.to(output_device, torch.float32), self.patch_zyx)
@@ -142,7 +143,7 @@ class Predictor:
             for first in range(0, len(windows), batch_size):
                 group = windows[first:first + batch_size]
                 batch = torch.stack([padded[(slice(None), *window)] for window in group]).to(window_device)
-                predicted = 0
+                predicted = []
                 for axes in mirrors:
                     if cancel is not None and cancel():
                         raise Cancelled("Cancelled by the user; nothing was written")
@@ -150,16 +151,19 @@ class Predictor:
                     flipped = torch.flip(batch, dims) if dims else batch
                     with self._autocast(window_device):
                         out = network(flipped).float()
-                    predicted = predicted + (torch.flip(out, dims) if dims else out)
+                    predicted.append(torch.flip(out, dims) if dims else out)
                     done += len(group)
                     if progress is not None:
                         progress(done / total, f"window {done}/{total}")
-                predicted = predicted.to(output_device) / len(mirrors)
+                # [members, batch, classes, z, y, x]: each mirrored copy, or their mean
+                predicted = torch.stack(predicted) if members else (sum(predicted) / len(predicted))[None]
+                predicted = predicted.to(output_device)
                 if logits is None:
-                    logits = torch.zeros((predicted.shape[1], *padded.shape[1:]), device=output_device)
+                    logits = torch.zeros((len(predicted), predicted.shape[2], *padded.shape[1:]), device=output_device)
                     weight_sum = torch.zeros(padded.shape[1:], device=output_device)
-                for window, window_logits in zip(group, predicted):
-                    logits[(slice(None), *window)] += window_logits * weights
+                for index, window in enumerate(group):
+                    logits[(slice(None), slice(None), *window)] += predicted[:, index] * weights
                     weight_sum[window] += weights
             logits /= weight_sum
-        return logits[(slice(None), *unpad)].cpu()
+        logits = logits[(slice(None), slice(None), *unpad)].cpu()
+        return logits if members else logits[0]

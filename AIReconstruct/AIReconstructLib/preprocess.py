@@ -193,6 +193,12 @@ def _nearest_taps(n_out: int, n_in: int) -> torch.Tensor:
     return torch.floor(source + 0.5).long().clamp(0, n_in - 1)
 
 
+def restore_scalar(values: torch.Tensor, prepared: Prepared) -> np.ndarray:
+    """A scalar map ``[z, y, x]`` on the model's grid, resampled (trilinear) to the input's grid and order."""
+    restored = resample(values[None].float(), prepared.canonical_shape)[0]
+    return np.ascontiguousarray(from_canonical(restored, prepared.reorientation).numpy())
+
+
 def restore_labels(scores: torch.Tensor, prepared: Prepared) -> np.ndarray:
     """The argmax label map on the input's grid, in the input array order."""
     labels = resample_argmax(scores, prepared.canonical_shape)

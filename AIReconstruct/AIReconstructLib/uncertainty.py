@@ -1,0 +1,100 @@
+"""How sure the model is: a per-voxel uncertainty map, a confidence score per segment, the regions
+to check first, and how well the uncertainty finds the model's errors (docs/uncertainty.md).
+
+- Uncertainty: the entropy of the mean softmax over the test-time-augmentation members (each
+  mirrored copy the card allows; one member when it allows none), divided by log(classes) so that
+  it runs from 0 (certain) to 1 (all classes equally likely).
+- Per segment: the mean uncertainty in the segment's boundary band (the voxels within one voxel of
+  its surface, inside or out) and the agreement of the members with the result as mean Dice.
+- Flagged regions: connected regions where the uncertainty exceeds a threshold, largest first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+from scipy.stats import rankdata
+
+from .modelcard import Label
+from .volume import Volume
+
+
+def normalised_entropy(member_logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the members' mean softmax / log(classes), for logits ``[members, classes, z, y, x]``."""
+    classes = member_logits.shape[1]
+    probabilities = torch.softmax(member_logits, dim=1).mean(dim=0)
+    entropy = -(probabilities * torch.log(probabilities.clamp_min(1e-12))).sum(dim=0)
+    return (entropy / np.log(classes)).clamp(0.0, 1.0)
+
+
+def member_agreement(member_logits: torch.Tensor) -> dict[int, float]:
+    """Mean Dice, per label value, between each member's argmax and the argmax of the mean logits."""
+    final = member_logits.mean(dim=0).argmax(dim=0)
+    members = member_logits.argmax(dim=1)
+    agreement = {}
+    for value in torch.unique(final).tolist():
+        if value == 0:
+            continue
+        inside = final == value
+        dice = [2.0 * (inside & (m == value)).sum().item() / (inside.sum().item() + (m == value).sum().item())
+                for m in members]
+        agreement[value] = float(np.mean(dice))
+    return agreement
+
+
+def boundary_band(mask: np.ndarray) -> np.ndarray:
+    """Voxels within one voxel (26-neighbourhood) of the mask's surface, on both sides."""
+    structure = np.ones((3, 3, 3), bool)
+    return ndimage.binary_dilation(mask, structure) & ~ndimage.binary_erosion(mask, structure, border_value=1)
+
+
+def segment_confidence(labelmap: Volume, uncertainty: np.ndarray, labels: list[Label],
+                       agreement: dict[int, float]) -> dict[str, dict]:
+    """Per present segment: mean boundary-band uncertainty and the members' agreement (Dice)."""
+    confidence = {}
+    for label, box in zip(labels, _boxes(labelmap.array, labels)):
+        if box is None:
+            continue
+        grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+        band = boundary_band(labelmap.array[grown] == label.value)
+        confidence[label.name] = {"boundary_uncertainty": round(float(uncertainty[grown][band].mean()), 4),
+                                  "member_dice": round(agreement.get(label.value, 0.0), 4)}
+    return confidence
+
+
+def _boxes(array: np.ndarray, labels: list[Label]) -> list:
+    boxes = ndimage.find_objects(array)
+    return [boxes[label.value - 1] if 0 < label.value <= len(boxes) else None for label in labels]
+
+
+def flagged_regions(uncertainty: Volume, threshold: float = 0.5, min_ml: float = 0.05, limit: int = 10,
+                    coordinates: str = "LPS") -> list[dict]:
+    """Connected regions with uncertainty above ``threshold`` and at least ``min_ml``, largest first:
+    centre (patient mm), size (mL) and mean uncertainty."""
+    components, count = ndimage.label(uncertainty.array > threshold)
+    if count == 0:
+        return []
+    sizes = np.bincount(components.ravel())[1:]
+    matrix = uncertainty.ijk_to_lps() if coordinates == "LPS" else uncertainty.ijk_to_ras()
+    regions = []
+    for index in np.argsort(-sizes)[:limit]:
+        size_ml = float(sizes[index]) * uncertainty.voxel_volume_ml
+        if size_ml < min_ml:
+            break
+        kji = np.argwhere(components == index + 1)
+        centre = matrix[:3, :3] @ kji.mean(axis=0)[::-1] + matrix[:3, 3]
+        regions.append({"centre_mm": [round(float(c), 1) for c in centre], "size_ml": round(size_ml, 3),
+                        "mean_uncertainty": round(float(uncertainty.array[tuple(kji.T)].mean()), 3)})
+    return regions
+
+
+def error_detection_auc(uncertainty: np.ndarray, prediction: np.ndarray, reference: np.ndarray) -> float | None:
+    """Area under the ROC curve of the uncertainty as a detector of wrong voxels (0.5: no better than
+    chance, 1: every wrong voxel more uncertain than every right one); None if none or all are wrong."""
+    wrong = (prediction != reference).ravel()
+    positives, total = int(wrong.sum()), wrong.size
+    if positives in (0, total):
+        return None
+    order = rankdata(uncertainty.ravel())  # ties share their mean rank
+    return float((order[wrong].sum() - positives * (positives + 1) / 2) / (positives * (total - positives)))
