@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from AIReconstructLib.calibration import Reliability
 from AIReconstructLib.cli import main
+from AIReconstructLib.dataset import write_phantom_dataset
 from AIReconstructLib.modelcard import load_card
 from AIReconstructLib.pipeline import SegmentOptions, segment
 from AIReconstructLib.uncertainty import (error_detection_auc, flagged_regions, member_agreement,
@@ -77,8 +79,11 @@ def test_uncertainty_leaves_the_tta_labels_unchanged(tiny_model, ct_volume):
 def test_uncertainty_finds_the_brain_models_errors_on_a_held_out_case(tmp_path, capsys):
     image, reference = BRATS / "imagesTr" / "BRATS_004_0000.nii.gz", BRATS / "labelsTr" / "BRATS_004.nii.gz"
     out = tmp_path / "out"
-    assert main(["segment", str(image), "-m", "brain-tumour-flair", "-o", str(out), "--uncertainty", "--device", "cpu"]) == 0
+    assert main(["segment", str(image), "-m", "brain-tumour-flair", "-o", str(out), "--uncertainty", "--device", "cpu",
+                 "--report"]) == 0
     assert "check:" in capsys.readouterr().out
+    page = (out / "BRATS_004_0000_report.html").read_text(encoding="utf-8")
+    assert "Regions to check" in page and "Agreement of the TTA members" in page
     summary = json.loads((out / "BRATS_004_0000_summary.json").read_text(encoding="utf-8"))
     assert summary["confidence"]["whole tumour"]["member_dice"] > 0.9
     assert summary["flagged_regions"] and summary["flagged_regions"][0]["size_ml"] > 1.0
@@ -86,3 +91,26 @@ def test_uncertainty_finds_the_brain_models_errors_on_a_held_out_case(tmp_path, 
                  str(out / "BRATS_004_0000_uncertainty.nii.gz"), "--json", str(tmp_path / "metrics.json")]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["uncertainty_error_auc"] > 0.9  # measured 0.951
+
+
+def test_ece_is_zero_when_calibrated_and_the_gap_when_overconfident():
+    rng = np.random.default_rng(3)
+    confidence = rng.uniform(0.5, 1.0, 200_000)
+    honest = Reliability()
+    honest.add(confidence, rng.random(confidence.size) < confidence)  # right as often as it claims
+    assert honest.ece() < 0.01
+    overconfident = Reliability()
+    overconfident.add(confidence, rng.random(confidence.size) < confidence - 0.2)
+    assert overconfident.ece() == pytest.approx(0.2, abs=0.01)
+    assert sum(row["voxels"] for row in overconfident.table()) == confidence.size
+
+
+def test_calibrate_command_writes_its_table_and_diagram(tmp_path, tiny_model, capsys):
+    write_phantom_dataset(tmp_path / "data", count=2, first_seed=500, spacing=(4.0, 4.0, 4.0))
+    out = tmp_path / "calibration"
+    assert main(["calibrate", str(tmp_path / "data"), "-m", str(tiny_model), "-o", str(out), "--device", "cpu"]) == 0
+    assert "ECE (region of interest)" in capsys.readouterr().out
+    data = json.loads((out / "calibration.json").read_text(encoding="utf-8"))
+    assert set(data["cases"]) == {"phantom_0500", "phantom_0501"} and 0 <= data["ece"]["whole image"] <= 1
+    assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["calibrate", str(tmp_path / "data"), "-m", str(tiny_model), "-o", str(out), "--cases", "nope"]) != 0

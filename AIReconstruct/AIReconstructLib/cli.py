@@ -162,6 +162,14 @@ def cmd_report(args, reporter: Reporter) -> None:
     reporter.result("\n".join(lines + [f"wrote {path}"]), {"outputs": [str(path)], "measurements": measured})
 
 
+def cmd_calibrate(args, reporter: Reporter) -> None:
+    from .calibration import run_calibration
+
+    text, data = run_calibration(args.dataset, args.model, args.output, args.cases, args.device,
+                                 reporter.progress, reporter.cancel_requested)
+    reporter.result(text, data)
+
+
 def cmd_models(args, reporter: Reporter) -> None:
     from .modelcard import installed_models, model_folders
 
@@ -301,6 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=10.0, help="safety margin around lesions for the remnant, mm")
     p.add_argument("--coordinates", choices=["LPS", "RAS"], default="LPS", help="coordinates of centroids and 3D view")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("calibrate", parents=[common],
+                       help="calibration (ECE, reliability diagram) and error detection of the uncertainty on a data set")
+    p.add_argument("dataset", help="a labelled data set folder (dataset.json, imagesTr/, labelsTr/)")
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("-o", "--output", required=True, help="folder for calibration.json, .md and reliability.png")
+    p.add_argument("--cases", nargs="+", help="only these case ids (e.g. cases the model never saw)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("models", parents=[common], help="list installed model cards")
     p.set_defaults(func=cmd_models)

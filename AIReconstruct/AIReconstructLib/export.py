@@ -67,7 +67,9 @@ def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str
 
         started = time.perf_counter()
         page, summary["measurements"] = build_report(report_image, segmentation.labelmap, labels,
-                                                     segmentation.card.data, margin_mm=margin_mm, coordinates=coordinates)
+                                                     segmentation.card.data, margin_mm=margin_mm, coordinates=coordinates,
+                                                     uncertainty=segmentation.uncertainty,
+                                                     confidence=segmentation.confidence)
         write_report(page, out.path(f"{stem}_report.html"))
         seconds["report"] = time.perf_counter() - started
     summary["seconds"] = {key: round(value, 3) for key, value in seconds.items()}

@@ -21,7 +21,7 @@ from .networks import load_network
 from .postprocess import postprocess
 from .predict import CancelCheck, Predictor, ProgressCallback
 from .preprocess import in_array_order, prepare, restore_labels, restore_scalar
-from .uncertainty import member_agreement, normalised_entropy, segment_confidence
+from .uncertainty import chosen_probability, member_agreement, normalised_entropy, segment_confidence
 from .volume import Volume
 
 
@@ -46,6 +46,7 @@ class Segmentation:
     card: ModelCard
     seconds: dict = field(default_factory=dict)
     uncertainty: Volume | None = None  # 0 (certain) to 1, on the input's grid (uncertainty.py)
+    probability: Volume | None = None  # mean softmax probability of the chosen label (calibration.py)
     confidence: dict = field(default_factory=dict)  # per segment: boundary uncertainty, member Dice
 
     @property
@@ -77,10 +78,10 @@ def check_modality(volume: Volume, card: ModelCard) -> None:
 
 
 def _predict_native(channels: list[Volume], card: ModelCard, options: SegmentOptions, report: ProgressCallback,
-                    cancel: CancelCheck | None) -> tuple[np.ndarray, dict, np.ndarray | None, dict]:
+                    cancel: CancelCheck | None) -> tuple[np.ndarray, dict, dict]:
     """Label array on the input's grid from a model trained by this engine (or imported as MONAI
-    weights), timings, and with ``options.uncertainty`` the uncertainty map on the input's grid and
-    the members' agreement per label value."""
+    weights), timings, and with ``options.uncertainty`` the uncertainty and chosen-label probability
+    maps on the input's grid and the members' agreement per label value (else an empty dict)."""
     seconds = {}
     started = time.perf_counter()
     report(0.0, "loading model")
@@ -98,19 +99,21 @@ def _predict_native(channels: list[Volume], card: ModelCard, options: SegmentOpt
     mirror_axes = card.inference["mirror_axes"] if options.tta or options.uncertainty else ()
     logits = predictor(prepared.tensor, mirror_axes, progress=lambda f, message: report(0.05 + 0.85 * f, message),
                        cancel=cancel, members=options.uncertainty)
-    uncertainty, agreement = None, {}
+    maps = {}
     if options.uncertainty:
-        uncertainty, agreement = normalised_entropy(logits), member_agreement(logits)
+        maps = {"uncertainty": normalised_entropy(logits), "probability": chosen_probability(logits),
+                "agreement": member_agreement(logits)}
         logits = logits.mean(dim=0)
     seconds["predict"] = time.perf_counter() - started
 
     started = time.perf_counter()
     report(0.9, "resampling to the input grid")
     labels = restore_labels(logits, prepared)
-    if uncertainty is not None:
-        uncertainty = restore_scalar(uncertainty, prepared)
+    for name in ("uncertainty", "probability"):
+        if name in maps:
+            maps[name] = restore_scalar(maps[name], prepared)
     seconds["resample back"] = time.perf_counter() - started
-    return labels, seconds, uncertainty, agreement
+    return labels, seconds, maps
 
 
 def segment(channels: list[Volume], card: ModelCard, options: SegmentOptions = SegmentOptions(),
@@ -124,9 +127,9 @@ def segment(channels: list[Volume], card: ModelCard, options: SegmentOptions = S
         if options.uncertainty:
             raise InputError(f"Uncertainty maps are not available yet for imported nnU-Net models such as '{card.name}'")
         labels, seconds = nnunet.predict_labels(channels, card, options, report, cancel)
-        uncertainty, agreement = None, {}
+        maps = {}
     else:
-        labels, seconds, uncertainty, agreement = _predict_native(channels, card, options, report, cancel)
+        labels, seconds, maps = _predict_native(channels, card, options, report, cancel)
     labelmap = channels[0].with_array(labels if card.num_classes <= 256 else labels.astype(np.uint16))
 
     if options.postprocess:
@@ -135,8 +138,9 @@ def segment(channels: list[Volume], card: ModelCard, options: SegmentOptions = S
         labelmap = postprocess(labelmap, card.labels)
         seconds["postprocess"] = time.perf_counter() - started
     result = Segmentation(labelmap, card, seconds)
-    if uncertainty is not None:
-        result.uncertainty = channels[0].with_array(uncertainty.astype(np.float32, copy=False))
-        result.confidence = segment_confidence(labelmap, uncertainty, card.labels, agreement)
+    if maps:
+        result.uncertainty = channels[0].with_array(maps["uncertainty"].astype(np.float32, copy=False))
+        result.probability = channels[0].with_array(maps["probability"].astype(np.float32, copy=False))
+        result.confidence = segment_confidence(labelmap, maps["uncertainty"], card.labels, maps["agreement"])
     report(1.0, "segmentation done")
     return result

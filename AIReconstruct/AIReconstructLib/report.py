@@ -64,28 +64,42 @@ def _overlay(gray: np.ndarray, labels: np.ndarray, colours: dict[int, np.ndarray
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
-def slice_views(image: Volume, labelmap: Volume, labels: list[Label], value: int) -> list[dict]:
-    """Axial, coronal and sagittal slices through the centre of label ``value``, in radiological
-    display (patient right on the left of the axial and coronal views, anterior on the left of the
-    sagittal view, superior up); each as {"plane", "uri", "width", "height"} in CSS pixels."""
+def slice_views(image: Volume, labelmap: Volume, labels: list[Label], through: np.ndarray,
+                heat: Volume | None = None) -> list[dict]:
+    """Axial, coronal and sagittal slices through the centre of the voxels ``through`` (a mask on the
+    image's grid), in radiological display (patient right on the left of the axial and coronal views,
+    anterior on the left of the sagittal view, superior up), with the labels' colours or, given
+    ``heat`` (0-1, e.g. the uncertainty), a red heat overlay; each as {"plane", "uri", "width", "height"}."""
     how = reorientation_of(image, "SPL")
     grey = to_canonical(image.array, how).astype(np.float32)
     lab = to_canonical(labelmap.array, how)
+    hot = to_canonical(heat.array, how) if heat is not None else None
     low, high = np.percentile(grey[::2, ::2, ::2], [1, 99.5])
     grey = np.clip((grey - low) / max(high - low, 1e-6) * 255, 0, 255)
     colours = {label.value: np.array(label.color, np.float32) * 255 for label in labels}
-    s, p, l_ = np.round(np.argwhere(lab == value).mean(axis=0)).astype(int)
+    s, p, l_ = np.round(np.argwhere(to_canonical(through, how)).mean(axis=0)).astype(int)
     dz, dy, dx = how.spacing_zyx
-    planes = [("axial", grey[s], lab[s], (dy, dx)),
-              ("coronal", grey[:, p][::-1], lab[:, p][::-1], (dz, dx)),
-              ("sagittal", grey[:, :, l_][::-1], lab[:, :, l_][::-1], (dz, dy))]
+    cuts = [("axial", np.s_[s], (dy, dx), False), ("coronal", np.s_[:, p], (dz, dx), True),
+            ("sagittal", np.s_[:, :, l_], (dz, dy), True)]
     views = []
-    for plane, picture, labels_2d, (row_mm, column_mm) in planes:
+    for plane, cut, (row_mm, column_mm), superior_up in cuts:
+        flip = np.s_[::-1] if superior_up else np.s_[:]
+        picture = grey[cut][flip]
+        if hot is None:
+            rgb = _overlay(picture, lab[cut][flip], colours)
+        else:
+            alpha = np.clip(hot[cut][flip], 0, 1)[..., None] * 0.8
+            rgb = (np.repeat(picture[..., None], 3, axis=2) * (1 - alpha) + np.array([255, 40, 0]) * alpha).astype(np.uint8)
         rows, columns = picture.shape
-        height = SLICE_WIDTH_PX * rows * row_mm / (columns * column_mm)
-        views.append({"plane": plane, "uri": png_data_uri(_overlay(picture, labels_2d, colours)),
-                      "width": SLICE_WIDTH_PX, "height": round(height)})
+        views.append({"plane": plane, "uri": png_data_uri(rgb), "width": SLICE_WIDTH_PX,
+                      "height": round(SLICE_WIDTH_PX * rows * row_mm / (columns * column_mm))})
     return views
+
+
+def _figures(views: list[dict]) -> str:
+    return '<div class="slices">' + "".join(
+        f'<figure><img alt="{v["plane"]}" src="{v["uri"]}" width="{v["width"]}" height="{v["height"]}">'
+        f'<figcaption>{v["plane"]}</figcaption></figure>' for v in views) + "</div>"
 
 
 def view_3d(surfaces) -> str:
@@ -125,6 +139,31 @@ def _swatch(label: Label | None, name: str) -> str:
     return f'<span class="swatch" style="background:{colour}"></span>{html.escape(name)}'
 
 
+def _confidence_sections(image, labelmap, labels, uncertainty: Volume, confidence: dict, coordinates: str) -> list[str]:
+    """Per-segment confidence, the regions to check and slices through the largest, with the uncertainty."""
+    from .uncertainty import flagged_regions
+
+    parts = ["<h2>Confidence</h2>", _table(
+        ["Segment", "Boundary uncertainty (0-1)", "Agreement of the TTA members (Dice)"],
+        [[html.escape(name), f"{c['boundary_uncertainty']:.3f}", f"{c['member_dice']:.3f}"] for name, c in confidence.items()])]
+    regions = flagged_regions(uncertainty, coordinates=coordinates)
+    if regions:
+        parts += ["<h2>Regions to check (uncertainty above 0.5)</h2>", _table(
+            [f"Centre {coordinates} (mm)", "Size (mL)", "Mean uncertainty"],
+            [[", ".join(f"{c:.1f}" for c in r["centre_mm"]), f"{r['size_ml']:.2f}", f"{r['mean_uncertainty']:.2f}"]
+             for r in regions]),
+            "<h3>Uncertainty through the largest region</h3>",
+            _figures(slice_views(image, labelmap, labels, _largest_region(uncertainty.array > 0.5), heat=uncertainty))]
+    return parts
+
+
+def _largest_region(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    components, _ = ndimage.label(mask)
+    return components == np.argmax(np.bincount(components.ravel())[1:]) + 1
+
+
 def _sections(image, labelmap, labels, measured, metrics, surfaces) -> list[str]:
     by_name = {label.name: label for label in labels}
     parts = ["<h2>Measurements</h2>", _table(
@@ -152,10 +191,8 @@ def _sections(image, labelmap, labels, measured, metrics, surfaces) -> list[str]
                   f"<p>Voxel accuracy {metrics['accuracy']:.4f}</p>"]
     focus = [s for s in measured["segments"] if s["lesion"]] or sorted(measured["segments"], key=lambda s: -s["volume_ml"])[:1]
     for segment in focus:
-        views = slice_views(image, labelmap, labels, segment["value"])
-        images = "".join(f'<figure><img alt="{v["plane"]}" src="{v["uri"]}" width="{v["width"]}" height="{v["height"]}">'
-                         f'<figcaption>{v["plane"]}</figcaption></figure>' for v in views)
-        parts.append(f'<h2>Slices through {html.escape(segment["name"])}</h2><div class="slices">{images}</div>')
+        views = slice_views(image, labelmap, labels, labelmap.array == segment["value"])
+        parts.append(f'<h2>Slices through {html.escape(segment["name"])}</h2>{_figures(views)}')
     parts += ["<h2>3D view</h2>", view_3d(surfaces) if surfaces else "<p>No segment to show.</p>"]
     return parts
 
@@ -168,9 +205,11 @@ figure{margin:0}figcaption{text-align:center;font-size:90%}.use{background:#fff4
 
 
 def build_report(image: Volume, labelmap: Volume, labels: list[Label], model: dict, reference: Volume | None = None,
-                 margin_mm: float = 10.0, coordinates: str = "LPS") -> tuple[str, dict]:
+                 margin_mm: float = 10.0, coordinates: str = "LPS", uncertainty: Volume | None = None,
+                 confidence: dict | None = None) -> tuple[str, dict]:
     """The report's HTML and the measurements it shows. ``model`` gives the card's ``name``,
-    ``title`` and ``intended_use``; ``reference`` (a label map on the same grid) adds metrics."""
+    ``title`` and ``intended_use``; ``reference`` (a label map on the same grid) adds metrics;
+    ``uncertainty`` and ``confidence`` (from ``segment`` with uncertainty) add the confidence sections."""
     from .surfaces import extract_surfaces
 
     if not labelmap.same_grid(image):
@@ -187,7 +226,10 @@ def build_report(image: Volume, labelmap: Volume, labels: list[Label], model: di
               f"{spacing} mm. Model <b>{html.escape(model.get('title') or model['name'])}</b> ({html.escape(model['name'])}). "
               f"Generated {datetime.date.today().isoformat()}.</p>"
               f'<p class="use">{html.escape(model.get("intended_use", ""))}</p>')
-    body = "\n".join([header, *_sections(image, labelmap, labels, measured, metrics, surfaces)])
+    sections = _sections(image, labelmap, labels, measured, metrics, surfaces)
+    if uncertainty is not None:
+        sections[-2:-2] = _confidence_sections(image, labelmap, labels, uncertainty, confidence or {}, coordinates)
+    body = "\n".join([header, *sections])
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>AIReconstruct report</title>'
             f"<style>{STYLE}</style>{WATCH_ERRORS}</head><body>{body}</body></html>")
     return page, measured

@@ -28,6 +28,13 @@ def normalised_entropy(member_logits: torch.Tensor) -> torch.Tensor:
     return (entropy / np.log(classes)).clamp(0.0, 1.0)
 
 
+def chosen_probability(member_logits: torch.Tensor) -> torch.Tensor:
+    """The members' mean softmax probability of the label chosen from their mean logits: the model's
+    confidence in its own answer, per voxel."""
+    chosen = member_logits.mean(dim=0).argmax(dim=0)
+    return torch.softmax(member_logits, dim=1).mean(dim=0).gather(0, chosen[None])[0]
+
+
 def member_agreement(member_logits: torch.Tensor) -> dict[int, float]:
     """Mean Dice, per label value, between each member's argmax and the argmax of the mean logits."""
     final = member_logits.mean(dim=0).argmax(dim=0)
