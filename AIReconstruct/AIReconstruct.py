@@ -54,6 +54,7 @@ class AIReconstructParameterNode:
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     fastMode: bool = False
     testTimeAugmentation: bool = False
+    uncertainty: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
     surfaceSmoothing: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     show3D: bool = True
@@ -201,12 +202,28 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.outputSegmentation = job.segmentation_node
             if self._parameterNode.show3D:
                 self.logic.adapter.showSurfaces(job.segmentation_node, self._parameterNode.surfaceSmoothing)
+            if job.uncertainty_node is not None:
+                self.showUncertainty(job)
             self.ui.logTextEdit.appendPlainText(_("Done."))
         elif state.status == "failed":
             slicer.util.errorDisplay(state.error)
         else:
             self.ui.logTextEdit.appendPlainText(_("Cancelled; the scene is unchanged."))
         self.updateButtons()
+
+    def showUncertainty(self, job) -> None:
+        """The uncertainty over the slices (red: unsure) and the regions to check in the log."""
+        display = job.uncertainty_node.GetDisplayNode()
+        display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeRed")
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevelMinMax(0.0, 1.0)
+        slicer.util.setSliceViewerLayers(foreground=job.uncertainty_node, foregroundOpacity=0.4)
+        points = job.check_points
+        count = points.GetNumberOfControlPoints() if points is not None else 0
+        self.ui.logTextEdit.appendPlainText(_("Regions to check: {count} (Markups module: '{name}')").format(
+            count=count, name=points.GetName() if points is not None else "-"))
+        for index in range(count):
+            self.ui.logTextEdit.appendPlainText("  " + points.GetNthControlPointLabel(index))
 
     def onCancel(self) -> None:
         if self.job is not None:
@@ -284,7 +301,8 @@ class AIReconstructLogic(ScriptedLoadableModuleLogic):
         return self.adapter.startSegmentation(
             slicer.mrmlScene, parameterNode.inputVolumes(), parameterNode.model, parameterNode.device,
             parameterNode.fastMode, parameterNode.testTimeAugmentation, parameterNode.outputSegmentation,
-            python=shutil.which("PythonSlicer") or None, env=slicer.util.startupEnvironment())
+            python=shutil.which("PythonSlicer") or None, env=slicer.util.startupEnvironment(),
+            uncertainty=parameterNode.uncertainty)
 
     def openInSegmentEditor(self, segmentationNode, sourceVolumeNode) -> None:
         slicer.util.selectModule("SegmentEditor")

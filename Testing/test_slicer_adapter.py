@@ -7,8 +7,8 @@ slicer = pytest.importorskip("slicer", reason="the slicer-core package (Slicer's
 vtk = pytest.importorskip("vtk")
 
 from AIReconstructAdapter.engine_run import SegmentationJob  # noqa: E402
-from AIReconstructAdapter.nodes import (ensure_converter_rules, export_to_files, export_to_models,  # noqa: E402
-                                        import_segmentation, show_3d, volume_from_node)
+from AIReconstructAdapter.nodes import (add_volume_node, ensure_converter_rules, export_to_files,  # noqa: E402
+                                        export_to_models, import_segmentation, show_3d, volume_from_node)
 from AIReconstructLib.modelcard import load_card  # noqa: E402
 from AIReconstructLib.segnrrd import write_seg_nrrd  # noqa: E402
 from AIReconstructLib.volume import Volume  # noqa: E402
@@ -21,14 +21,6 @@ def _matrix(array4x4):
         for c in range(4):
             m.SetElement(r, c, float(array4x4[r][c]))
     return m
-
-
-def add_volume_node(scene, volume: Volume, name="CT"):
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    slicer.util.updateVolumeFromArray(node, volume.array)
-    node.SetIJKToRASMatrix(_matrix(volume.ijk_to_ras()))
-    node.CreateDefaultDisplayNodes()
-    return node
 
 
 def segment_array(scene, segmentation_node, segment_id, reference_volume_node):
@@ -183,6 +175,25 @@ def test_background_run_creates_segments_surfaces_and_models(tmp_path, scene, ti
     assert files and all(f.stat().st_size > 0 for f in files)
     scene_files = export_to_files(node, tmp_path / "meshes", ".glb")
     assert [f.name for f in scene_files] == ["patient_CT_tiny-test-model.glb"] and scene_files[0].read_bytes()[:4] == b"glTF"
+
+
+def test_background_run_with_uncertainty_adds_the_map_and_the_regions_to_check(scene, tiny_model, oblique_ct):
+    volume_node = add_volume_node(scene, oblique_ct, "patient CT")
+    job = SegmentationJob(scene, [volume_node], str(tiny_model), device="cpu", uncertainty=True)
+    job.start()
+    state = job.wait(timeout=300)
+    assert state.status == "done", state.error
+    uncertainty = volume_from_node(job.uncertainty_node)
+    assert job.uncertainty_node.GetName() == "patient CT tiny-test-model uncertainty"
+    assert uncertainty.same_grid(oblique_ct) and 0 <= uncertainty.array.min() and uncertainty.array.max() <= 1
+    regions = state.result["summary"]["flagged_regions"]
+    assert regions  # an untrained network is unsure nearly everywhere
+    points = job.check_points
+    assert points.GetNumberOfControlPoints() == len(regions)
+    ras = [0.0, 0.0, 0.0]
+    points.GetNthControlPointPosition(0, ras)
+    np.testing.assert_allclose(ras, np.array(regions[0]["centre_mm"]) * [-1, -1, 1], atol=1e-3)
+    assert points.GetNthControlPointLabel(0).startswith("check 1:")
 
 
 def test_failed_run_leaves_the_scene_unchanged(scene, ct_volume):

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from AIReconstructLib.errors import AIReconstructError
+from AIReconstructLib.io import read_volume
 
-from .nodes import import_segmentation, write_volume_node
+from .nodes import add_check_points, add_volume_node, import_segmentation, write_volume_node
 
 ENGINE_FOLDER = Path(__file__).resolve().parents[1]  # the folder holding AIReconstructLib
 
@@ -132,16 +133,20 @@ class SegmentationJob:
     """Segment MRML volume nodes with a model in the background; import the result on success."""
 
     def __init__(self, scene, input_nodes: list, model: str, device: str = "auto", fast: bool = False,
-                 tta: bool = False, target_segmentation=None, python: str | None = None, env: dict | None = None):
+                 tta: bool = False, target_segmentation=None, python: str | None = None, env: dict | None = None,
+                 uncertainty: bool = False):
         self.scene = scene
         self.input_nodes = list(input_nodes)
         self.model = model
-        self.options = ["--device", device] + (["--fast"] if fast else []) + (["--tta"] if tta else [])
+        self.options = (["--device", device] + (["--fast"] if fast else []) + (["--tta"] if tta else [])
+                        + (["--uncertainty"] if uncertainty else []))
         self.target = target_segmentation
         self.python, self.env = python, env
         self.workdir: Path | None = None
         self.engine: EngineProcess | None = None
         self.segmentation_node = None
+        self.uncertainty_node = None  # with uncertainty: the 0-1 map as a volume node
+        self.check_points = None  # and a point list of the regions to check
 
     def start(self) -> None:
         """Write the inputs to a temporary folder and start the engine on them."""
@@ -162,15 +167,24 @@ class SegmentationJob:
         if state.finished and self.workdir is not None:
             try:
                 if state.status == "done":
-                    seg_file = next(p for p in state.result["outputs"] if p.endswith(".seg.nrrd"))
-                    name = f"{self.input_nodes[0].GetName()} {state.result['summary']['model']}"
-                    self.segmentation_node = import_segmentation(
-                        self.scene, seg_file, self.input_nodes[0], self.target, name)
+                    self._import(state.result)
             except (AIReconstructError, OSError, KeyError, StopIteration) as error:  # unreadable result
                 state.status, state.error = "failed", str(error)
             finally:
                 self._remove_workdir()
         return state
+
+    def _import(self, result: dict) -> None:
+        """Read every result file first, then change the scene: segmentation, uncertainty, points."""
+        seg_file = next(p for p in result["outputs"] if p.endswith(".seg.nrrd"))
+        uncertainty_file = next((p for p in result["outputs"] if p.endswith("_uncertainty.nii.gz")), None)
+        uncertainty = read_volume(uncertainty_file) if uncertainty_file else None
+        name = f"{self.input_nodes[0].GetName()} {result['summary']['model']}"
+        self.segmentation_node = import_segmentation(self.scene, seg_file, self.input_nodes[0], self.target, name)
+        if uncertainty is not None:
+            self.uncertainty_node = add_volume_node(self.scene, uncertainty, f"{name} uncertainty")
+            self.check_points = add_check_points(self.scene, result["summary"].get("flagged_regions", []),
+                                                 f"{name} regions to check")
 
     def cancel(self) -> None:
         if self.engine is not None:

@@ -50,13 +50,14 @@ class AdapterLogic:
 
     def startSegmentation(self, scene, input_nodes: list, model: str, device: str = "auto", fast: bool = False,
                           tta: bool = False, target_segmentation=None, python: str | None = None,
-                          env: dict | None = None) -> SegmentationJob:
-        """Start the engine in the background on the input volume nodes; poll the returned job."""
+                          env: dict | None = None, uncertainty: bool = False) -> SegmentationJob:
+        """Start the engine in the background on the input volume nodes; poll the returned job. With
+        ``uncertainty`` the job also adds the uncertainty map and the regions to check to the scene."""
         expected = self.modelChannelNames(model)
         chosen = [node for node in input_nodes if node is not None]
         if len(chosen) != len(expected):
             raise ModelCardError(f"Model '{model}' needs {len(expected)} input volume(s): {', '.join(expected)}")
-        job = SegmentationJob(scene, chosen, model, device, fast, tta, target_segmentation, python, env)
+        job = SegmentationJob(scene, chosen, model, device, fast, tta, target_segmentation, python, env, uncertainty)
         job.start()
         return job
 

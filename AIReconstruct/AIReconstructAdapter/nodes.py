@@ -56,6 +56,33 @@ def volume_from_node(volume_node) -> Volume:
     return Volume.from_ijk_to_ras(array, matrix)
 
 
+def add_volume_node(scene, volume: Volume, name: str = "Volume"):
+    """A new scalar volume node holding ``volume`` (voxels and geometry)."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    slicer.util.updateVolumeFromArray(node, volume.array)
+    matrix = vtk.vtkMatrix4x4()
+    for row, values in enumerate(volume.ijk_to_ras()):
+        for column, value in enumerate(values):
+            matrix.SetElement(row, column, float(value))
+    node.SetIJKToRASMatrix(matrix)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def add_check_points(scene, regions: list[dict], name: str, coordinates: str = "LPS"):
+    """A point list with one point per region to check (largest first, named by size), so that the
+    Markups module's list can jump the slice views to each; ``None`` if there are no regions."""
+    if not regions:
+        return None
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+    flip = (-1.0, -1.0, 1.0) if coordinates == "LPS" else (1.0, 1.0, 1.0)  # Slicer's points are RAS
+    for number, region in enumerate(regions, start=1):
+        ras = [c * f for c, f in zip(region["centre_mm"], flip)]
+        index = points.AddControlPoint(vtk.vtkVector3d(*ras), f"check {number}: {region['size_ml']:.2f} mL")
+        points.SetNthControlPointLocked(index, True)
+    return points
+
+
 def write_volume_node(volume_node, path: str | Path) -> Path:
     """Write a volume node (with its world geometry) to a file the engine can read."""
     return write_volume(volume_from_node(volume_node), path)
