@@ -162,6 +162,17 @@ def cmd_report(args, reporter: Reporter) -> None:
     reporter.result("\n".join(lines + [f"wrote {path}"]), {"outputs": [str(path)], "measurements": measured})
 
 
+def cmd_saliency(args, reporter: Reporter) -> None:
+    from .io import read_image_for_model, write_volume
+    from .modelcard import find_model
+    from .saliency import saliency
+
+    channels = [read_image_for_model(path) for path in args.inputs]
+    device = "cuda" if args.device == "cuda" else "cpu"
+    path = write_volume(saliency(channels, find_model(args.model), args.segment, device), args.output)
+    reporter.result(f"wrote {path}", {"outputs": [str(path)]})
+
+
 def cmd_calibrate(args, reporter: Reporter) -> None:
     from .calibration import run_calibration
 
@@ -309,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=10.0, help="safety margin around lesions for the remnant, mm")
     p.add_argument("--coordinates", choices=["LPS", "RAS"], default="LPS", help="coordinates of centroids and 3D view")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("saliency", parents=[common], help="which image voxels drove a segment (0-1 map)")
+    p.add_argument("inputs", nargs="+", help="input volume(s), as for segment")
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("--segment", required=True, help="the segment's name in the model card")
+    p.add_argument("-o", "--output", required=True, help="the saliency map's file (.nii.gz, .nrrd)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=cmd_saliency)
 
     p = sub.add_parser("calibrate", parents=[common],
                        help="calibration (ECE, reliability diagram) and error detection of the uncertainty on a data set")

@@ -72,7 +72,7 @@ def mirror_sets(axes) -> list[tuple[int, ...]]:
     return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(sorted(axes), r)]
 
 
-def _pad_to_patch(image: torch.Tensor, patch) -> tuple[torch.Tensor, tuple[slice, ...]]:
+def pad_to_patch(image: torch.Tensor, patch) -> tuple[torch.Tensor, tuple[slice, ...]]:
     """Zero-pad ``[C, z, y, x]`` evenly to at least the patch size; the slices that undo it."""
     below = [max(roi - size, 0) // 2 for size, roi in zip(image.shape[1:], patch)]
     above = [max(roi - size, 0) - b for size, roi, b in zip(image.shape[1:], patch, below)]
@@ -134,7 +134,7 @@ class Predictor:
     def _run(self, image, mirror_axes, progress, cancel, batch_size, window_device, output_device, members):
         network = self.network.to(window_device)
         mirrors = mirror_sets(mirror_axes)
-        padded, unpad = _pad_to_patch(image.to(output_device, torch.float32), self.patch_zyx)
+        padded, unpad = pad_to_patch(image.to(output_device, torch.float32), self.patch_zyx)
         windows = window_positions(padded.shape[1:], self.patch_zyx, self.overlap)
         weights = gaussian_importance(self.patch_zyx).to(output_device)
         total, done = len(windows) * len(mirrors), 0
