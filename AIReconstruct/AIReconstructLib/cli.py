@@ -162,6 +162,27 @@ def cmd_report(args, reporter: Reporter) -> None:
     reporter.result("\n".join(lines + [f"wrote {path}"]), {"outputs": [str(path)], "measurements": measured})
 
 
+def cmd_refine(args, reporter: Reporter) -> None:
+    from .interaction import refine_labelmap
+    from .io import read_volume, write_volume
+    from .modelcard import find_model
+    from .segnrrd import read_segmentation, write_seg_nrrd
+
+    image = read_volume(args.image)
+    labelmap, labels = read_segmentation(args.labelmap, find_model(args.model) if args.model else None, like=image)
+    by_name = {label.name: label.value for label in labels}
+    value = by_name.get(args.label) or (int(args.label) if args.label.isdigit() else None)
+    if value is None:
+        raise AIReconstructError(f"No segment '{args.label}' in {Path(args.labelmap).name} (it has: {', '.join(by_name)})")
+    box = [args.box[:3], args.box[3:]] if args.box else None
+    refined = refine_labelmap(image, labelmap, value, args.include or [], args.exclude or [], box, args.coordinates)
+    output = Path(args.output)
+    path = (write_seg_nrrd(refined, labels, output) if output.name.lower().endswith(".seg.nrrd")
+            else write_volume(refined, output))
+    change = int((refined.array != labelmap.array).sum())
+    reporter.result(f"{change} voxels changed; wrote {path}", {"outputs": [str(path)], "changed_voxels": change})
+
+
 def cmd_saliency(args, reporter: Reporter) -> None:
     from .io import read_image_for_model, write_volume
     from .modelcard import find_model
@@ -320,6 +341,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=10.0, help="safety margin around lesions for the remnant, mm")
     p.add_argument("--coordinates", choices=["LPS", "RAS"], default="LPS", help="coordinates of centroids and 3D view")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("refine", parents=[common], help="correct one segment with include/exclude points or a box")
+    p.add_argument("image")
+    p.add_argument("labelmap", help="label map (NIfTI, NRRD) or .seg.nrrd")
+    p.add_argument("--label", required=True, help="the segment's name or label value")
+    p.add_argument("--include", nargs=3, type=float, action="append", metavar=("X", "Y", "Z"),
+                   help="a point (mm) that belongs to the segment; repeat for more")
+    p.add_argument("--exclude", nargs=3, type=float, action="append", metavar=("X", "Y", "Z"),
+                   help="a point (mm) that does not; repeat for more")
+    p.add_argument("--box", nargs=6, type=float, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
+                   help="two opposite corners (mm) of a box the segment lies in")
+    p.add_argument("--coordinates", choices=["LPS", "RAS"], default="LPS", help="coordinates of the points")
+    p.add_argument("-m", "--model", help="model whose label names to use for a NIfTI label map")
+    p.add_argument("-o", "--output", required=True, help="the corrected label map (.nii.gz, .nrrd, .seg.nrrd)")
+    p.set_defaults(func=cmd_refine)
 
     p = sub.add_parser("saliency", parents=[common], help="which image voxels drove a segment (0-1 map)")
     p.add_argument("inputs", nargs="+", help="input volume(s), as for segment")

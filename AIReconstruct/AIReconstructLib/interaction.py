@@ -1,0 +1,183 @@
+"""Interactive correction of one segment with include / exclude points and an optional box, and the
+click protocol used to measure it (docs/interaction.md).
+
+``refine`` changes only voxels within ``reach_mm`` of a point, working in a box around the segment
+and the points, so each interaction stays fast on large images and leaves the rest of the segment
+as it was. Its method is marker-controlled watershed (scipy's image foresting transform) on the
+smoothed gradient magnitude: away from the points the current segment and background are the
+seeds, include points seed the segment and exclude points the background, and the voxels near
+the points go to whichever seed the image's edges let reach them first. This is the non-learned
+method; a model trained with clicks (nnInteractive, DeepEdit style) is not shipped yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import InputError
+from .volume import Volume
+
+CLICK_RADIUS_MM = 3.0
+
+
+@dataclass(frozen=True)
+class Click:
+    """A point on the array grid ``(k, j, i)``: include (positive) or exclude."""
+
+    kji: tuple[int, int, int]
+    positive: bool
+
+
+def _distance_to(points: list[tuple[int, int, int]], shape, spacing_kji) -> np.ndarray:
+    """Distance (mm) from every voxel of ``shape`` to the nearest of ``points`` (inf without points)."""
+    if not points:
+        return np.full(shape, np.inf)
+    seeds = np.ones(shape, bool)
+    for point in points:
+        seeds[point] = False
+    return ndimage.distance_transform_edt(seeds, sampling=spacing_kji)
+
+
+def refine(volume: Volume, mask: np.ndarray, clicks: list[Click], box: tuple | None = None,
+           reach_mm: float = 20.0) -> np.ndarray:
+    """The segment ``mask`` (boolean, on ``volume``'s grid) corrected by ``clicks``; only voxels
+    within ``reach_mm`` of a click change. ``box`` ((k0, j0, i0), (k1, j1, i1)), if given, bounds
+    the segment: nothing outside it belongs to the segment afterwards."""
+    if mask.shape != volume.array.shape:
+        raise InputError(f"The mask's shape {mask.shape} does not match the image's {volume.array.shape}")
+    for click in clicks:
+        if not all(0 <= c < n for c, n in zip(click.kji, mask.shape)):
+            raise InputError(f"Point {click.kji} lies outside the image (size {mask.shape})")
+    spacing = np.array(volume.spacing[::-1])
+    margin = np.ceil(reach_mm / spacing).astype(int)
+    corners = [np.array(c.kji) for c in clicks] + ([np.array(b) for b in box] if box else [])
+    if not corners:
+        return mask.copy()
+    low = np.maximum(np.min(corners, axis=0) - margin, 0)
+    high = np.minimum(np.max(corners, axis=0) + margin + 1, mask.shape)
+    region = tuple(slice(a, b) for a, b in zip(low, high))
+    local = [Click(tuple(np.array(c.kji) - low), c.positive) for c in clicks]
+
+    image = volume.array[region].astype(np.float32)
+    low_value, high_value = np.percentile(image, [0.5, 99.5])
+    image = np.clip((image - low_value) / max(high_value - low_value, 1e-6), 0, 1)
+    sigma = 1.0 / (spacing / spacing.min())  # one voxel of the finest axis, in each axis' voxels
+    gradient = ndimage.gaussian_gradient_magnitude(image, sigma)
+    landscape = np.round(65535 * gradient / max(gradient.max(), 1e-6)).astype(np.uint16)
+
+    inside = mask[region]
+    near_include = _distance_to([c.kji for c in local if c.positive], inside.shape, spacing)
+    near_exclude = _distance_to([c.kji for c in local if not c.positive], inside.shape, spacing)
+    markers = np.where(inside, 1, 2).astype(np.int16)  # away from the points, the segment stays as it is
+    markers[np.minimum(near_include, near_exclude) < reach_mm] = 0  # near them, the image's edges decide
+    if box is not None:  # inside the box the edges decide, from the segment's interior or the box's centre
+        in_box = np.zeros(inside.shape, bool)
+        in_box[tuple(slice(max(a - b, 0), c - b + 1) for a, c, b in zip(box[0], box[1], low))] = True
+        markers[in_box] = 0
+        markers[in_box & ndimage.binary_erosion(inside, iterations=2)] = 1
+        markers[~in_box] = 2
+        if not (markers == 1).any() and not any(c.positive for c in local):
+            centre = tuple(int(round((a + c) / 2)) - b for a, c, b in zip(box[0], box[1], low))
+            markers[_distance_to([centre], inside.shape, spacing) <= CLICK_RADIUS_MM] = 1
+    markers[near_include <= CLICK_RADIUS_MM] = 1
+    markers[near_exclude <= CLICK_RADIUS_MM] = 2
+    if not (markers == 1).any():
+        corrected_region = np.zeros(inside.shape, bool)
+    else:
+        corrected_region = _settle_edges(ndimage.watershed_ift(landscape, markers) == 1, image, markers == 0)
+    corrected = mask.copy()
+    corrected[region] = corrected_region
+    return corrected
+
+
+def _settle_edges(segment: np.ndarray, image: np.ndarray, free: np.ndarray) -> np.ndarray:
+    """The watershed line falls on the voxels of highest gradient, which lie on both sides of an
+    edge; each free voxel on the segment's border goes to the side whose median intensity it is
+    closer to (the medians of the free voxels just inside and just outside)."""
+    outer = ndimage.binary_dilation(segment) & ~segment & free
+    inner = segment & ~ndimage.binary_erosion(segment) & free
+    core, around = segment & free & ~inner, ~segment & free & ~outer
+    if not core.any() or not around.any():
+        return segment
+    inside_level, outside_level = np.median(image[core]), np.median(image[around])
+    closer_inside = np.abs(image - inside_level) < np.abs(image - outside_level)
+    return (segment & ~(inner & ~closer_inside)) | (outer & closer_inside)
+
+
+def next_click(prediction: np.ndarray, truth: np.ndarray, spacing_kji) -> Click | None:
+    """The standard simulated user: click inside the largest error region (missed or wrong voxels),
+    at its point farthest from the region's border; include if it was missed. None if no error."""
+    best = None
+    for errors, positive in ((truth & ~prediction, True), (prediction & ~truth, False)):
+        components, count = ndimage.label(errors)
+        if count:
+            sizes = np.bincount(components.ravel())[1:]
+            largest = int(np.argmax(sizes))
+            if best is None or sizes[largest] > best[0]:
+                best = (sizes[largest], components == largest + 1, positive)
+    if best is None:
+        return None
+    _, region, positive = best
+    depth = ndimage.distance_transform_edt(np.pad(region, 1), sampling=spacing_kji)[1:-1, 1:-1, 1:-1]
+    return Click(tuple(int(v) for v in np.unravel_index(np.argmax(depth), region.shape)), positive)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks (1 when both are empty)."""
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2.0 * (a & b).sum() / total)
+
+
+def simulate(volume: Volume, start: np.ndarray, truth: np.ndarray, clicks: int = 10, target: float = 0.90,
+             reach_mm: float = 20.0):
+    """Correct ``start`` toward ``truth`` with simulated clicks; returns (Dice after each click, the
+    first click count reaching ``target`` Dice or None)."""
+    mask, given, scores, reached = start.copy(), [], [], None
+    for number in range(1, clicks + 1):
+        click = next_click(mask, truth, volume.spacing[::-1])
+        if click is None:
+            scores.append(1.0)
+            reached = reached or number - 1
+            continue
+        given.append(click)
+        mask = refine(volume, mask, given, reach_mm=reach_mm)
+        scores.append(dice(mask, truth))
+        if reached is None and scores[-1] >= target:
+            reached = number
+    return scores, (0 if dice(start, truth) >= target else reached)
+
+
+def to_voxel(volume: Volume, point_mm, coordinates: str = "LPS") -> tuple[int, int, int]:
+    """The voxel ``(k, j, i)`` nearest to a point in patient millimetres (LPS or RAS)."""
+    matrix = volume.ijk_to_lps() if coordinates == "LPS" else volume.ijk_to_ras()
+    ijk = np.linalg.solve(matrix[:3, :3], np.asarray(point_mm, float) - matrix[:3, 3])
+    kji = tuple(int(round(v)) for v in ijk[::-1])
+    if not all(0 <= c < n for c, n in zip(kji, volume.array.shape)):
+        raise InputError(f"Point {tuple(point_mm)} mm ({coordinates}) lies outside the image")
+    return kji
+
+
+def refine_labelmap(image: Volume, labelmap: Volume, value: int, include_mm=(), exclude_mm=(), box_mm=None,
+                    coordinates: str = "LPS", reach_mm: float = 20.0) -> Volume:
+    """The label map with segment ``value`` corrected by points (and a box: two opposite corners) in
+    patient millimetres. Added voxels take the label only where there was background, so other
+    segments are never overwritten; removed voxels become background."""
+    if not labelmap.same_grid(image):
+        raise InputError("The label map does not match its image (size, spacing, origin or direction differ)")
+    clicks = [Click(to_voxel(image, p, coordinates), True) for p in include_mm]
+    clicks += [Click(to_voxel(image, p, coordinates), False) for p in exclude_mm]
+    box = None
+    if box_mm is not None:
+        corners = np.array([to_voxel(image, corner, coordinates) for corner in box_mm])
+        box = (tuple(corners.min(axis=0)), tuple(corners.max(axis=0)))
+    if not clicks and box is None:
+        raise InputError("Give at least one include or exclude point, or a box")
+    before = labelmap.array == value
+    after = refine(image, before, clicks, box, reach_mm)
+    array = labelmap.array.copy()
+    array[before & ~after] = 0
+    array[after & (array == 0)] = value
+    return labelmap.with_array(array)
