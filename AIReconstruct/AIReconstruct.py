@@ -73,6 +73,7 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self.job = None
+        self.correction = None  # the SegmentCorrection of the segment being corrected with points
         self.cards = {}  # installed model cards by name, read once per refresh
         self.logLinesShown = 0
         self.timer = qt.QTimer()
@@ -96,6 +97,9 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportFilesButton.connect("clicked(bool)", self.onExportFiles)
         self.ui.exportModelsButton.connect("clicked(bool)", self.onExportModels)
         self.ui.editButton.connect("clicked(bool)", self.onEdit)
+        self.ui.includePointsButton.connect("clicked(bool)", lambda: self.onPlacePoints(True))
+        self.ui.excludePointsButton.connect("clicked(bool)", lambda: self.onPlacePoints(False))
+        self.ui.undoCorrectionButton.connect("clicked(bool)", self.onUndoCorrection)
         self.initializeParameterNode()
         self.refreshModels()
 
@@ -173,8 +177,40 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = ready and not running
         self.ui.cancelButton.enabled = running
         hasResult = bool(self._parameterNode and self._parameterNode.outputSegmentation)
-        for button in (self.ui.exportFilesButton, self.ui.exportModelsButton, self.ui.editButton):
+        for button in (self.ui.exportFilesButton, self.ui.exportModelsButton, self.ui.editButton,
+                       self.ui.includePointsButton, self.ui.excludePointsButton, self.ui.undoCorrectionButton):
             button.enabled = hasResult and not running
+        self.refreshCorrectionSegments()
+
+    def refreshCorrectionSegments(self) -> None:
+        node = self._parameterNode.outputSegmentation if self._parameterNode else None
+        names = []
+        if node is not None:
+            segmentation = node.GetSegmentation()
+            names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+        if names != [self.ui.correctionSegmentComboBox.itemText(i) for i in range(self.ui.correctionSegmentComboBox.count)]:
+            self.ui.correctionSegmentComboBox.clear()
+            self.ui.correctionSegmentComboBox.addItems(names)
+
+    def onPlacePoints(self, include: bool) -> None:
+        """Place include or exclude points on the selected segment; each one re-segments near it."""
+        segmentationNode = self._parameterNode.outputSegmentation
+        segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(
+            self.ui.correctionSegmentComboBox.currentText)
+        with slicer.util.tryWithErrorDisplay(_("Points cannot be placed."), waitCursor=True):
+            current = self.correction
+            if current is None or current.segmentation_node is not segmentationNode or current.segment_id != segmentId:
+                self.correction = self.logic.adapter.startCorrection(
+                    slicer.mrmlScene, segmentationNode, segmentId, self._parameterNode.inputVolume0)
+            points = self.correction.points[include]
+            slicer.modules.markups.logic().SetActiveListID(points)
+            interaction = slicer.app.applicationLogic().GetInteractionNode()
+            interaction.SetPlaceModePersistence(1)
+            interaction.SetCurrentInteractionMode(interaction.Place)
+
+    def onUndoCorrection(self) -> None:
+        if self.correction is not None and not self.correction.undo():
+            self.ui.logTextEdit.appendPlainText(_("Nothing to undo."))
 
     def onApply(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Segmentation could not start."), waitCursor=True):

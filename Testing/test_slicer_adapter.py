@@ -8,7 +8,8 @@ vtk = pytest.importorskip("vtk")
 
 from AIReconstructAdapter.engine_run import SegmentationJob  # noqa: E402
 from AIReconstructAdapter.nodes import (add_volume_node, ensure_converter_rules, export_to_files,  # noqa: E402
-                                        export_to_models, import_segmentation, show_3d, volume_from_node)
+                                        export_to_models, import_segmentation, segment_mask, show_3d,
+                                        volume_from_node)
 from AIReconstructLib.modelcard import load_card  # noqa: E402
 from AIReconstructLib.segnrrd import write_seg_nrrd  # noqa: E402
 from AIReconstructLib.volume import Volume  # noqa: E402
@@ -21,19 +22,6 @@ def _matrix(array4x4):
         for c in range(4):
             m.SetElement(r, c, float(array4x4[r][c]))
     return m
-
-
-def segment_array(scene, segmentation_node, segment_id, reference_volume_node):
-    """A segment's voxels on the reference volume's grid, through Slicer's segmentations logic."""
-    ids = vtk.vtkStringArray()
-    ids.InsertNextValue(segment_id)
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-    try:
-        assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-            segmentation_node, ids, labelmap, reference_volume_node)
-        return slicer.util.arrayFromVolume(labelmap) > 0
-    finally:
-        scene.RemoveNode(labelmap)
 
 
 def _segment_names(node):
@@ -93,7 +81,7 @@ def test_engine_seg_nrrd_is_read_by_slicers_storage_node(tmp_path, scene, tiny_m
     assert organ.GetTag("TerminologyEntry", terminology)
     assert "SCT^10200004^Liver" in str(terminology)
     reference = add_volume_node(scene, oblique_ct)
-    lesion = segment_array(scene, node, segmentation.GetSegmentIdBySegmentName("lesion"), reference)
+    lesion = segment_mask(node, segmentation.GetSegmentIdBySegmentName("lesion"), reference)
     np.testing.assert_array_equal(lesion, labels == 2)  # the same voxels, on the input's grid
     geometry = slicer.vtkOrientedImageData()
     node.GetBinaryLabelmapRepresentation(segmentation.GetSegmentIdBySegmentName("organ"), geometry)
@@ -151,7 +139,7 @@ def test_import_replaces_segments_of_the_same_name_and_keeps_others(tmp_path, sc
     segmentation = node.GetSegmentation()
     organ_id = segmentation.GetSegmentIdBySegmentName("organ")
     np.testing.assert_allclose(segmentation.GetSegment(organ_id).GetColor(), (0.8, 0.2, 0.2), atol=1e-6)
-    np.testing.assert_array_equal(segment_array(scene, node, organ_id, volume_node), labels == 1)
+    np.testing.assert_array_equal(segment_mask(node, organ_id, volume_node), labels == 1)
 
 
 def test_background_run_creates_segments_surfaces_and_models(tmp_path, scene, tiny_model, oblique_ct):
@@ -219,3 +207,38 @@ def test_cancelled_run_leaves_the_scene_unchanged(scene, tiny_model):
     state = job.wait(timeout=60)
     assert state.status == "cancelled"
     assert scene.GetNumberOfNodes() == count and job.workdir is None
+
+
+def test_points_correct_a_segment_in_place_and_undo_restores_it(scene):
+    from AIReconstructAdapter.correction import SegmentCorrection
+    from AIReconstructLib.interaction import dice
+
+    k, j, i = np.mgrid[0:32, 0:60, 0:70]
+    ball = (i - 30) ** 2 + ((j - 30) * 1.2) ** 2 + ((k - 15) * 2.0) ** 2 < 12 ** 2
+    image = np.where(ball, 300.0, 0.0) + np.random.default_rng(0).normal(0, 10, ball.shape)
+    volume = Volume(image.astype(np.float32), (1.0, 1.2, 2.0), (4.0, -7.0, 11.0), oblique_direction(15))
+    volume_node = add_volume_node(scene, volume, "FLAIR")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("tumour")
+    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
+    correction.observe()  # as the panel does: placing a point re-segments
+
+    centre_ras = volume.ijk_to_ras() @ [30, 30, 15, 1]
+    correction.points[True].AddControlPoint(vtk.vtkVector3d(*centre_ras[:3]))
+    assert len(correction.clicks) == 1 and not correction.update()  # done on placing, once per point
+    first = segment_mask(segmentation, segment_id, volume_node)
+    assert dice(first, ball) > 0.9
+
+    wrong_ras = volume.ijk_to_ras() @ [30, 35, 15, 1]  # inside the ball: excluding it removes a part
+    correction.points[False].AddControlPoint(vtk.vtkVector3d(*wrong_ras[:3]))
+    assert len(correction.clicks) == 2
+    second = segment_mask(segmentation, segment_id, volume_node)
+    assert second.sum() < first.sum()
+
+    assert correction.undo()
+    restored = segment_mask(segmentation, segment_id, volume_node)
+    np.testing.assert_array_equal(restored, first)
+    assert correction.points[False].GetNumberOfControlPoints() == 0
+    correction.remove(scene)
+    assert scene.GetFirstNodeByName("tumour include") is None

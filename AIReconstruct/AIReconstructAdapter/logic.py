@@ -13,6 +13,7 @@ from AIReconstructLib.errors import ModelCardError
 from AIReconstructLib.modelcard import USER_MODELS, find_model, installed_models, load_card, verified_weight_paths
 
 from . import nodes
+from .correction import SegmentCorrection
 from .engine_run import SegmentationJob
 
 
@@ -60,6 +61,12 @@ class AdapterLogic:
         job = SegmentationJob(scene, chosen, model, device, fast, tta, target_segmentation, python, env, uncertainty)
         job.start()
         return job
+
+    def startCorrection(self, scene, segmentation_node, segment_id: str, volume_node) -> SegmentCorrection:
+        """Include / exclude point lists for one segment; each placed point re-segments near it."""
+        correction = SegmentCorrection(scene, segmentation_node, segment_id, volume_node)
+        correction.observe()
+        return correction
 
     def showSurfaces(self, segmentation_node, smoothing: float) -> None:
         nodes.show_3d(segmentation_node, smoothing)

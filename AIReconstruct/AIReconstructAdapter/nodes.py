@@ -69,6 +69,36 @@ def add_volume_node(scene, volume: Volume, name: str = "Volume"):
     return node
 
 
+def segment_mask(segmentation_node, segment_id: str, reference_volume_node) -> np.ndarray:
+    """A segment's voxels on a volume node's grid (boolean ``[k, j, i]``), through the Segmentations logic."""
+    scene = segmentation_node.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "AIReconstruct temporary")
+    try:
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segment_id)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentation_node, ids, labelmap, reference_volume_node):
+            raise InputError(f"Segment '{segment_id}' cannot be read on the grid of '{reference_volume_node.GetName()}'")
+        return slicer.util.arrayFromVolume(labelmap) > 0
+    finally:
+        scene.RemoveNode(labelmap)
+
+
+def set_segment_mask(segmentation_node, segment_id: str, reference_volume_node, mask: np.ndarray) -> None:
+    """Replace a segment's voxels with ``mask`` (boolean, on the volume node's grid)."""
+    scene = segmentation_node.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "AIReconstruct temporary")
+    try:
+        labelmap.CopyOrientation(reference_volume_node)
+        slicer.util.updateVolumeFromArray(labelmap, mask.astype(np.uint8))
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segment_id)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node, ids):
+            raise InputError(f"Segment '{segment_id}' cannot be updated")
+    finally:
+        scene.RemoveNode(labelmap)
+
+
 def add_check_points(scene, regions: list[dict], name: str, coordinates: str = "LPS"):
     """A point list with one point per region to check (largest first, named by size), so that the
     Markups module's list can jump the slice views to each; ``None`` if there are no regions."""
