@@ -175,12 +175,26 @@ def cmd_refine(args, reporter: Reporter) -> None:
     if value is None:
         raise AIReconstructError(f"No segment '{args.label}' in {Path(args.labelmap).name} (it has: {', '.join(by_name)})")
     box = [args.box[:3], args.box[3:]] if args.box else None
-    refined = refine_labelmap(image, labelmap, value, args.include or [], args.exclude or [], box, args.coordinates)
+    method = None
+    if args.guided:
+        from .guided import GuidedRefiner
+        method = GuidedRefiner(find_model(args.guided))
+    refined = refine_labelmap(image, labelmap, value, args.include or [], args.exclude or [], box, args.coordinates,
+                              method=method)
     output = Path(args.output)
     path = (write_seg_nrrd(refined, labels, output) if output.name.lower().endswith(".seg.nrrd")
             else write_volume(refined, output))
     change = int((refined.array != labelmap.array).sum())
     reporter.result(f"{change} voxels changed; wrote {path}", {"outputs": [str(path)], "changed_voxels": change})
+
+
+def cmd_train_guided(args, reporter: Reporter) -> None:
+    from .guided import train_guided
+    from .modelcard import find_model
+
+    card = train_guided(args.dataset, find_model(args.base), args.output, args.minutes, args.cases, args.seed,
+                        progress=reporter.progress)
+    reporter.result(f"wrote {card}", {"outputs": [str(card)]})
 
 
 def cmd_saliency(args, reporter: Reporter) -> None:
@@ -354,8 +368,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="two opposite corners (mm) of a box the segment lies in")
     p.add_argument("--coordinates", choices=["LPS", "RAS"], default="LPS", help="coordinates of the points")
     p.add_argument("-m", "--model", help="model whose label names to use for a NIfTI label map")
+    p.add_argument("--guided", help="a guided model (trained with points) to correct with, instead of the watershed")
     p.add_argument("-o", "--output", required=True, help="the corrected label map (.nii.gz, .nrrd, .seg.nrrd)")
     p.set_defaults(func=cmd_refine)
+
+    p = sub.add_parser("train-guided", parents=[common],
+                       help="train a guided model (image + include/exclude points + current segment) for refine --guided")
+    p.add_argument("dataset", help="a labelled data set folder (dataset.json, imagesTr/, labelsTr/)")
+    p.add_argument("--base", required=True, help="the model whose channels, spacing, patch size and architecture to use")
+    p.add_argument("-o", "--output", required=True, help="the guided model's folder")
+    p.add_argument("--minutes", type=float, default=20.0, help="training time")
+    p.add_argument("--cases", nargs="+", help="train on these case ids only (leave test cases out)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_guided)
 
     p = sub.add_parser("saliency", parents=[common], help="which image voxels drove a segment (0-1 map)")
     p.add_argument("inputs", nargs="+", help="input volume(s), as for segment")

@@ -132,9 +132,11 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def simulate(volume: Volume, start: np.ndarray, truth: np.ndarray, clicks: int = 10, target: float = 0.90,
-             reach_mm: float = 20.0):
-    """Correct ``start`` toward ``truth`` with simulated clicks; returns (Dice after each click, the
-    first click count reaching ``target`` Dice or None)."""
+             reach_mm: float = 20.0, method=None):
+    """Correct ``start`` toward ``truth`` with simulated clicks, by ``method`` (``refine`` or a
+    guided model's refiner); returns (Dice after each click, the first click count reaching
+    ``target`` Dice or None)."""
+    method = method or refine
     mask, given, scores, reached = start.copy(), [], [], None
     for number in range(1, clicks + 1):
         click = next_click(mask, truth, volume.spacing[::-1])
@@ -143,7 +145,7 @@ def simulate(volume: Volume, start: np.ndarray, truth: np.ndarray, clicks: int =
             reached = reached or number - 1
             continue
         given.append(click)
-        mask = refine(volume, mask, given, reach_mm=reach_mm)
+        mask = method(volume, mask, given, reach_mm=reach_mm)
         scores.append(dice(mask, truth))
         if reached is None and scores[-1] >= target:
             reached = number
@@ -161,10 +163,11 @@ def to_voxel(volume: Volume, point_mm, coordinates: str = "LPS") -> tuple[int, i
 
 
 def refine_labelmap(image: Volume, labelmap: Volume, value: int, include_mm=(), exclude_mm=(), box_mm=None,
-                    coordinates: str = "LPS", reach_mm: float = 20.0) -> Volume:
+                    coordinates: str = "LPS", reach_mm: float = 20.0, method=None) -> Volume:
     """The label map with segment ``value`` corrected by points (and a box: two opposite corners) in
-    patient millimetres. Added voxels take the label only where there was background, so other
-    segments are never overwritten; removed voxels become background."""
+    patient millimetres, by ``method`` (``refine``, or a guided model's refiner). Added voxels take
+    the label only where there was background, so other segments are never overwritten; removed
+    voxels become background."""
     if not labelmap.same_grid(image):
         raise InputError("The label map does not match its image (size, spacing, origin or direction differ)")
     clicks = [Click(to_voxel(image, p, coordinates), True) for p in include_mm]
@@ -176,7 +179,7 @@ def refine_labelmap(image: Volume, labelmap: Volume, value: int, include_mm=(), 
     if not clicks and box is None:
         raise InputError("Give at least one include or exclude point, or a box")
     before = labelmap.array == value
-    after = refine(image, before, clicks, box, reach_mm)
+    after = (method or refine)(image, before, clicks, box, reach_mm=reach_mm)
     array = labelmap.array.copy()
     array[before & ~after] = 0
     array[after & (array == 0)] = value

@@ -1,0 +1,172 @@
+"""A guided model: a network that sees the image plus include points, exclude points and the current
+segment as three more channels, and returns the corrected segment (docs/interaction.md).
+
+Its card lists the image channels first, then the three guidance channels (normalisation "none"),
+and ``"guidance": {"radius_mm": R}``: points are drawn as balls of radius R. Training simulates
+users: the current segment is the truth damaged (eroded, dilated, a part cut out or a false part
+added, or empty) and the points are placed, one after the other, in the largest error left.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .dataset import read_dataset
+from .errors import InputError
+from .interaction import Click, next_click
+from .io import write_csv
+from .modelcard import CARD_FILE, ModelCard, save_card, sha256_of
+from .networks import build_network, load_network, save_weights
+from .predict import Predictor
+from .preprocess import in_array_order, prepare, restore_labels
+from .training_data import PatchSampler, load_case
+from .volume import Volume
+
+GUIDANCE = ("include points", "exclude points", "current segment")
+
+
+def guidance_maps(shape, clicks: list[Click], mask: np.ndarray, spacing_kji, radius_mm: float) -> list[np.ndarray]:
+    """Include balls, exclude balls and the current segment as float32 arrays of ``shape``."""
+    spacing = np.asarray(spacing_kji, float)
+    reach = np.ceil(radius_mm / spacing).astype(int)
+    maps = [np.zeros(shape, np.float32), np.zeros(shape, np.float32)]
+    for click in clicks:
+        low = np.maximum(np.array(click.kji) - reach, 0)
+        high = np.minimum(np.array(click.kji) + reach + 1, shape)
+        grid = np.ogrid[tuple(slice(a, b) for a, b in zip(low, high))]
+        distance = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, click.kji, spacing))
+        target = maps[0 if click.positive else 1][tuple(slice(a, b) for a, b in zip(low, high))]
+        target[distance <= radius_mm ** 2] = 1.0
+    return maps + [mask.astype(np.float32)]
+
+
+def simulated_guidance(truth: np.ndarray, rng: np.random.Generator, spacing_kji) -> tuple[np.ndarray, list[Click]]:
+    """A damaged segment and 1-5 simulated points that correct it (see the module docstring)."""
+    mask = truth.copy()
+    choice = rng.random()
+    if choice < 0.25 or not truth.any():
+        mask[:] = False
+    else:
+        steps = int(rng.integers(1, 4))
+        mask = ndimage.binary_erosion(mask, iterations=steps) if rng.random() < 0.5 else \
+            ndimage.binary_dilation(mask, iterations=steps)
+        if rng.random() < 0.5:  # cut out or add a ball
+            centre = np.argwhere(truth)[rng.integers(truth.sum())] + rng.integers(-6, 7, 3)
+            grid = np.ogrid[tuple(slice(0, n) for n in truth.shape)]
+            ball = sum((g - c) ** 2 for g, c in zip(grid, centre)) < rng.integers(3, 9) ** 2
+            mask = mask & ~ball if rng.random() < 0.5 else mask | ball
+    clicks, virtual = [], mask.copy()
+    for _ in range(int(rng.integers(1, 6))):
+        click = next_click(virtual, truth, spacing_kji)
+        if click is None:
+            break
+        clicks.append(click)
+        errors = virtual != truth
+        component = ndimage.label(errors)[0]
+        virtual[component == component[click.kji]] = truth[component == component[click.kji]]
+    return mask, clicks
+
+
+def _guided_batch(sampler: PatchSampler, size: int, rng, spacing_kji, radius_mm: float, device):
+    images, labels = sampler.batch(size, "cpu")
+    inputs = []
+    for image, label in zip(images, labels):
+        truth = label[0].numpy() > 0
+        mask, clicks = simulated_guidance(truth, rng, spacing_kji)
+        maps = guidance_maps(truth.shape, clicks, mask, spacing_kji, radius_mm)
+        inputs.append(torch.cat([image, torch.from_numpy(np.stack(maps))]))
+    return torch.stack(inputs).to(device), (labels > 0).long().to(device)
+
+
+def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=None, seed: int = 0,
+                 radius_mm: float = 3.0, batch_size: int = 2, learning_rate: float = 2e-3, progress=None) -> Path:
+    """Train a guided model for ``minutes`` on a data set's cases (all, or ``cases``), with the image
+    channels, spacing, patch size and architecture of the ``base`` model; returns the card's path."""
+    from monai.losses import DiceCELoss
+
+    started = time.time()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    dataset = read_dataset(dataset_folder)
+    chosen = [case for case in dataset.cases if not cases or case.case_id in cases]
+    if not chosen:
+        raise InputError(f"No training cases chosen from {dataset.folder.name}")
+    spacing_kji = in_array_order(base.spacing(), base.orientation)
+    patch = in_array_order(base.patch_size, base.orientation)
+    sampler = PatchSampler([load_case(case, base.channels, base.spacing()) for case in chosen], patch, 2)
+    network = build_network(base.data["architecture"], len(base.channels) + len(GUIDANCE), 2).train()
+    optimiser = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=1e-5)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    history, step = [], 0
+    while time.time() - started < 60 * minutes:
+        images, targets = _guided_batch(sampler, batch_size, rng, spacing_kji, radius_mm, "cpu")
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate * max(1 - (time.time() - started) / (60 * minutes), 0.02) ** 0.9
+        optimiser.zero_grad(set_to_none=True)
+        loss = loss_fn(network(images), targets)
+        loss.backward()
+        optimiser.step()
+        step += 1
+        history.append({"step": step, "loss": round(loss.item(), 5), "seconds": round(time.time() - started, 1)})
+        if progress is not None and step % 10 == 0:
+            progress(min((time.time() - started) / (60 * minutes), 1.0), f"step {step} loss {loss.item():.4f}")
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    save_weights(network, output / "model.safetensors")
+    write_csv(output / "training_log.csv", history)
+    data = json.loads(json.dumps(base.data))
+    data.update(name=f"{base.name}-guided", title=f"{base.data['title']}: corrected with points",
+                description="Guided model: image + include points + exclude points + current segment -> segment",
+                channels=[*base.channels, *({"name": name, "normalisation": {"scheme": "none"}} for name in GUIDANCE)],
+                guidance={"radius_mm": radius_mm}, labels=[{**base.data["labels"][0], "value": 1, "name": "segment"}],
+                weights=[{"file": "model.safetensors", "sha256": sha256_of(output / "model.safetensors")}],
+                training={"dataset": dataset.folder.name, "cases": [c.case_id for c in chosen], "steps": step,
+                          "minutes": round((time.time() - started) / 60, 1), "seed": seed, "base_model": base.name})
+    data["inference"] = {**base.data["inference"], "mirror_axes": []}
+    save_card(data, output)
+    return output / CARD_FILE
+
+
+class GuidedRefiner:
+    """``refine`` with a guided model: in a box around the segment and the points, grown by
+    ``reach_mm``, the network's answer replaces the segment (the network pads the box with zeros,
+    the value of normalised background, where it is smaller than a patch)."""
+
+    def __init__(self, card: ModelCard, device: str = "cpu"):
+        if "guidance" not in card.data:
+            raise InputError(f"Model '{card.name}' is not a guided model (its card has no 'guidance')")
+        self.card, self.network = card, load_network(card)
+        self.predictor = Predictor(self.network, in_array_order(card.patch_size, card.orientation),
+                                   card.inference["overlap"], device)
+
+    def __call__(self, volume: Volume, mask: np.ndarray, clicks: list[Click], box=None, reach_mm: float = 20.0):
+        spacing = np.array(volume.spacing[::-1])
+        points = [np.array(c.kji) for c in clicks]
+        if mask.any():
+            filled = np.argwhere(mask)
+            points += [filled.min(axis=0), filled.max(axis=0)]
+        if not points:
+            return mask.copy()
+        centre = (np.min(points, axis=0) + np.max(points, axis=0)) / 2
+        half = (np.max(points, axis=0) - np.min(points, axis=0)) / 2 + reach_mm / spacing
+        low = np.maximum(np.floor(centre - half).astype(int), 0)
+        high = np.minimum(np.ceil(centre + half).astype(int) + 1, mask.shape)
+        region = tuple(slice(a, b) for a, b in zip(low, high))
+        origin = volume.ijk_to_lps()[:3, :3] @ low[::-1] + volume.ijk_to_lps()[:3, 3]
+        crop = Volume(volume.array[region], volume.spacing, origin, volume.direction)
+        local = [Click(tuple(np.array(c.kji) - low), c.positive) for c in clicks]
+        maps = guidance_maps(crop.array.shape, local, mask[region], spacing, self.card.data["guidance"]["radius_mm"])
+        channels = [crop] + [crop.with_array(m) for m in maps]
+        prepared = prepare(channels, self.card.channels, self.card.spacing(), self.card.orientation)
+        labels = restore_labels(self.predictor(prepared.tensor), prepared)
+        corrected = mask.copy()
+        corrected[region] = labels == 1
+        return corrected
