@@ -7,7 +7,8 @@ simulated user then clicks in the largest error region each time (include where 
 missed, exclude where it was wrongly added), and ``refine`` corrects the segment. Prints the Dice
 after 1, 3, 5 and 10 clicks, the number of clicks to reach Dice 0.90 (NoC@90; the click budget
 plus one when never reached) and the time per interaction, for each method measured in this run:
-the non-learned marker-controlled watershed of ``AIReconstructLib.interaction``. Not a test.
+the non-learned marker-controlled watershed of ``AIReconstructLib.interaction`` and, with
+``--guided CARD``, a guided model. Not a test.
 """
 
 from __future__ import annotations
@@ -24,17 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "AIReconstruct"))
 from AIReconstructLib import interaction  # noqa: E402
 from AIReconstructLib.io import read_image_for_model, read_labelmap  # noqa: E402
 from AIReconstructLib.modelcard import find_model  # noqa: E402
+from AIReconstructLib.guided import GuidedRefiner  # noqa: E402
+from AIReconstructLib.modelcard import load_card  # noqa: E402
 from AIReconstructLib.pipeline import SegmentOptions, segment  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "Dataset001_BrainTumourFLAIR"
 
 
-def timed_refine(seconds: list[float]):
-    original = interaction.refine
-
+def timed(method, seconds: list[float]):
     def wrapper(*args, **kwargs):
         started = time.perf_counter()
-        result = original(*args, **kwargs)
+        result = method(*args, **kwargs)
         seconds.append(time.perf_counter() - started)
         return result
     return wrapper
@@ -46,10 +47,13 @@ def main() -> None:
     parser.add_argument("--clicks", type=int, default=10)
     parser.add_argument("--start", choices=["model", "empty"], default="model")
     parser.add_argument("--reach", type=float, default=20.0, help="mm around each point that may change")
+    parser.add_argument("--guided", help="also a guided model (its card), measured in the same run")
     args = parser.parse_args()
 
-    seconds: list[float] = []
-    interaction.refine = timed_refine(seconds)
+    methods = {"watershed (non-learned)": interaction.refine}
+    if args.guided:
+        methods[f"guided model ({load_card(args.guided).name})"] = GuidedRefiner(load_card(args.guided))
+    seconds = {name: [] for name in methods}
     card = find_model("brain-tumour-flair")
     rows = []
     for case in args.cases:
@@ -57,19 +61,23 @@ def main() -> None:
         truth = read_labelmap(DATA / "labelsTr" / f"{case}.nii.gz", like=image).array > 0
         start = (segment([image], card, SegmentOptions(device="cpu")).labelmap.array > 0
                  if args.start == "model" else np.zeros_like(truth))
-        scores, reached = interaction.simulate(image, start, truth, args.clicks, reach_mm=args.reach)
-        rows.append((case, interaction.dice(start, truth), scores, reached if reached is not None else args.clicks + 1))
-        print(f"{case}: image {image.shape_ijk}, start Dice {rows[-1][1]:.3f}, "
-              f"after each click {' '.join(f'{s:.3f}' for s in scores)}", flush=True)
-    print(f"\nstart: {args.start}; reach {args.reach:g} mm; {os.cpu_count()} CPU cores; "
-          "method: marker-controlled watershed (non-learned)")
-    print("| case | start | 1 click | 3 clicks | 5 clicks | 10 clicks | NoC@90 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for case, first, scores, reached in rows:
+        for name, method in methods.items():
+            scores, reached = interaction.simulate(image, start, truth, args.clicks, reach_mm=args.reach,
+                                                   method=timed(method, seconds[name]))
+            rows.append((name, case, interaction.dice(start, truth), scores,
+                         reached if reached is not None else args.clicks + 1))
+            print(f"{case}, {name}: start Dice {rows[-1][2]:.3f}, after each click "
+                  f"{' '.join(f'{s:.3f}' for s in scores)}", flush=True)
+    print(f"\nstart: {args.start}; reach {args.reach:g} mm; {os.cpu_count()} CPU cores")
+    print("| method | case | start | 1 click | 3 clicks | 5 clicks | 10 clicks | NoC@90 |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for name, case, first, scores, reached in rows:
         at = [scores[n - 1] if n <= len(scores) else float("nan") for n in (1, 3, 5, 10)]
-        print(f"| {case} | {first:.3f} | " + " | ".join(f"{s:.3f}" for s in at) + f" | {reached} |")
-    print(f"mean NoC@90: {np.mean([r[3] for r in rows]):.1f}; time per interaction: mean {np.mean(seconds):.2f} s, "
-          f"max {np.max(seconds):.2f} s over {len(seconds)} interactions")
+        print(f"| {name} | {case} | {first:.3f} | " + " | ".join(f"{s:.3f}" for s in at) + f" | {reached} |")
+    for name in methods:
+        noc = np.mean([r[4] for r in rows if r[0] == name])
+        print(f"{name}: mean NoC@90 {noc:.1f}; time per interaction: mean {np.mean(seconds[name]):.2f} s, "
+              f"max {np.max(seconds[name]):.2f} s over {len(seconds[name])} interactions")
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ def _guided_batch(sampler: PatchSampler, size: int, rng, spacing_kji, radius_mm:
 def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=None, seed: int = 0,
                  radius_mm: float = 3.0, batch_size: int = 2, learning_rate: float = 2e-3, progress=None) -> Path:
     """Train a guided model for ``minutes`` on a data set's cases (all, or ``cases``), with the image
-    channels, spacing, patch size and architecture of the ``base`` model; returns the card's path."""
+    channels, spacing, patch size and architecture of the ``base`` model, for the base's first label
+    (the others count as background); returns the card's path."""
     from monai.losses import DiceCELoss
 
     started = time.time()
@@ -101,7 +102,9 @@ def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=
         raise InputError(f"No training cases chosen from {dataset.folder.name}")
     spacing_kji = in_array_order(base.spacing(), base.orientation)
     patch = in_array_order(base.patch_size, base.orientation)
-    sampler = PatchSampler([load_case(case, base.channels, base.spacing()) for case in chosen], patch, 2)
+    value = base.labels[0].value
+    loaded = [load_case(case, base.channels, base.spacing()) for case in chosen]
+    sampler = PatchSampler([(image, (labels == value).float()) for image, labels in loaded], patch, 2)
     network = build_network(base.data["architecture"], len(base.channels) + len(GUIDANCE), 2).train()
     optimiser = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=1e-5)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)

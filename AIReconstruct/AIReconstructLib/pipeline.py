@@ -119,6 +119,8 @@ def _predict_native(channels: list[Volume], card: ModelCard, options: SegmentOpt
 def segment(channels: list[Volume], card: ModelCard, options: SegmentOptions = SegmentOptions(),
             progress: ProgressCallback | None = None, cancel: CancelCheck | None = None) -> Segmentation:
     """Segment ``channels`` (one volume per model input channel) with the model ``card``."""
+    if "guidance" in card.data:
+        raise InputError(f"Model '{card.name}' corrects segments with points (refine --guided); it does not segment")
     check_channels(channels, card)
     check_modality(channels[0], card)
     card.spacing(options.fast)  # a fast mode the model lacks is an error before any work

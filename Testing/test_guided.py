@@ -1,0 +1,79 @@
+"""The guided model: its input channels, the simulated users it is trained with, a short training
+run, and refine --guided on the command line."""
+
+import json
+
+import numpy as np
+import pytest
+
+from AIReconstructLib.cli import main
+from AIReconstructLib.dataset import write_phantom_dataset
+from AIReconstructLib.errors import InputError
+from AIReconstructLib.guided import GuidedRefiner, guidance_maps, simulated_guidance, train_guided
+from AIReconstructLib.interaction import Click
+from AIReconstructLib.io import read_labelmap, write_volume
+from AIReconstructLib.modelcard import load_card
+from AIReconstructLib.phantom import make_phantom
+from AIReconstructLib.pipeline import SegmentOptions, segment
+
+
+def test_guidance_maps_are_balls_around_the_points_and_the_segment():
+    mask = np.zeros((10, 12, 14), bool)
+    mask[2:4, 2:4, 2:4] = True
+    include, exclude, segment_map = guidance_maps(mask.shape, [Click((5, 6, 7), True), Click((1, 1, 12), False)],
+                                                  mask, (2.0, 1.0, 1.0), radius_mm=2.0)
+    assert include[5, 6, 7] == 1 and include[5, 6, 9] == 1 and include[5, 6, 10] == 0
+    assert include[6, 6, 7] == 1 and include[7, 6, 7] == 0  # 2 mm: one slice of 2 mm
+    assert exclude[1, 1, 12] == 1 and exclude.sum() < include.sum()  # clipped at the border
+    np.testing.assert_array_equal(segment_map, mask)
+
+
+def test_simulated_users_click_where_the_damaged_segment_is_wrong():
+    truth = np.zeros((24, 24, 24), bool)
+    truth[6:18, 6:18, 6:18] = True
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        damaged, clicks = simulated_guidance(truth, rng, (1.0, 1.0, 1.0))
+        assert 1 <= len(clicks) <= 5 or (damaged == truth).all()
+        for click in clicks:
+            assert damaged[click.kji] != truth[click.kji] and click.positive == truth[click.kji]
+
+
+@pytest.fixture(scope="module")
+def guided_model(tmp_path_factory):
+    from conftest import write_model
+
+    work = tmp_path_factory.mktemp("guided")
+    base = load_card(write_model(work / "base"))
+    write_phantom_dataset(work / "data", count=2, first_seed=600, spacing=(4.0, 4.0, 4.0))
+    card_path = train_guided(work / "data", base, work / "guided", minutes=0.05, seed=1)
+    return work, base, card_path
+
+
+def test_a_short_training_run_writes_a_guided_card(guided_model):
+    _, base, card_path = guided_model
+    card = load_card(card_path)  # validated, checksum checked
+    assert card.name == "tiny-test-model-guided" and card.data["guidance"]["radius_mm"] == 3.0
+    assert [c["name"] for c in card.channels] == ["CT", "include points", "exclude points", "current segment"]
+    assert card.data["training"]["steps"] >= 1 and (card_path.parent / "training_log.csv").is_file()
+    with pytest.raises(InputError, match="corrects segments with points"):
+        segment([make_phantom(3, spacing=(4.0, 4.0, 4.0)).image], card, SegmentOptions(device="cpu"))
+    with pytest.raises(InputError, match="not a guided model"):
+        GuidedRefiner(base)
+
+
+def test_refine_with_the_guided_model_on_the_command_line(guided_model, tmp_path, capsys):
+    _, _, card_path = guided_model
+    phantom = make_phantom(7, spacing=(4.0, 4.0, 4.0))
+    image = write_volume(phantom.image, tmp_path / "ct.nii.gz")
+    labels = write_volume(phantom.labels, tmp_path / "labels.nii.gz")
+    liver = np.argwhere(phantom.labels.array == 1).mean(axis=0)
+    point = phantom.image.ijk_to_lps()[:3, :3] @ liver[::-1] + phantom.image.ijk_to_lps()[:3, 3]
+    out = tmp_path / "refined.nii.gz"
+    assert main(["refine", str(image), str(labels), "--label", "1", "--include", *map(str, point),
+                 "--guided", str(card_path), "-o", str(out), "--json-progress"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    refined = read_labelmap(out, like=phantom.image)
+    assert result["outputs"] == [str(out)] and refined.array.shape == phantom.labels.array.shape
+    others = (phantom.labels.array > 1)
+    np.testing.assert_array_equal(refined.array[others], phantom.labels.array[others])  # other segments kept
