@@ -139,9 +139,9 @@ def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=
 
 
 class GuidedRefiner:
-    """``refine`` with a guided model: in a box around the segment and the points, grown by
-    ``reach_mm``, the network's answer replaces the segment (the network pads the box with zeros,
-    the value of normalised background, where it is smaller than a patch)."""
+    """``refine`` with a guided model: the network sees a box around the segment and the points,
+    grown by ``reach_mm`` (zero-padded to a patch: the value of normalised background), and its
+    answer replaces the segment within ``reach_mm`` of the points, as the watershed's does."""
 
     def __init__(self, card: ModelCard, device: str = "cpu"):
         if "guidance" not in card.data:
@@ -170,6 +170,10 @@ class GuidedRefiner:
         channels = [crop] + [crop.with_array(m) for m in maps]
         prepared = prepare(channels, self.card.channels, self.card.spacing(), self.card.orientation)
         labels = restore_labels(self.predictor(prepared.tensor), prepared)
+        near = np.zeros(crop.array.shape, bool)  # only voxels within reach of a point change
+        for click in local:
+            near[click.kji] = True
+        near = ndimage.distance_transform_edt(~near, sampling=spacing) < reach_mm if local else near
         corrected = mask.copy()
-        corrected[region] = labels == 1
+        corrected[region] = np.where(near, labels == 1, mask[region])
         return corrected
