@@ -220,8 +220,9 @@ def test_points_correct_a_segment_in_place_and_undo_restores_it(scene):
     volume_node = add_volume_node(scene, volume, "FLAIR")
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    segment_id = segmentation.GetSegmentation().AddEmptySegment("tumour")
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "tumour")
     correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
+    assert correction.points[True].GetName() == "tumour include"
     correction.observe()  # as the panel does: placing a point re-segments
 
     centre_ras = volume.ijk_to_ras() @ [30, 30, 15, 1]
@@ -242,3 +243,32 @@ def test_points_correct_a_segment_in_place_and_undo_restores_it(scene):
     assert correction.points[False].GetNumberOfControlPoints() == 0
     correction.remove(scene)
     assert scene.GetFirstNodeByName("tumour include") is None
+
+
+def test_save_for_training_adds_a_case_the_trainer_reads(scene, tmp_path, tiny_model, ct_volume):
+    from AIReconstructAdapter.nodes import save_for_training, set_segment_mask
+    from AIReconstructLib.dataset import read_dataset
+    from AIReconstructLib.errors import InputError
+    from AIReconstructLib.io import read_labelmap
+
+    card = load_card(tiny_model)
+    volume_node = add_volume_node(scene, ct_volume, "CT")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    organ = np.zeros(ct_volume.array.shape, bool)
+    organ[5:15, 10:30, 10:30] = True
+    lesion = np.zeros_like(organ)
+    lesion[8:11, 15:20, 15:20] = True
+    notes = np.zeros_like(organ)
+    notes[18:22, 2:6, 2:6] = True  # a segment of the user's own, not one of the model's labels
+    for name, mask in (("organ", organ & ~lesion), ("lesion", lesion), ("my notes", notes)):
+        set_segment_mask(segmentation, segmentation.GetSegmentation().AddEmptySegment("", name), volume_node, mask)
+    dataset = save_for_training(segmentation, [volume_node], card, tmp_path / "corrections", "case_001")
+    assert [c.case_id for c in dataset.cases] == ["case_001"] and dataset.channel_names == ["CT"]
+    saved = read_labelmap(dataset.cases[0].label)
+    np.testing.assert_array_equal(saved.array, np.where(lesion, 2, np.where(organ, 1, 0)))  # "my notes" left out
+    save_for_training(segmentation, [volume_node], card, tmp_path / "corrections", "case_002")
+    assert len(read_dataset(tmp_path / "corrections").cases) == 2
+    other = dict(card.data, labels=card.data["labels"][:1])
+    with pytest.raises(InputError, match="other channels or labels"):
+        save_for_training(segmentation, [volume_node], type(card)(other, card.folder), tmp_path / "corrections", "x")

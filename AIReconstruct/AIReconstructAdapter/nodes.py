@@ -15,6 +15,7 @@ import numpy as np
 import slicer
 import vtk
 
+from AIReconstructLib.dataset import save_case
 from AIReconstructLib.errors import InputError
 from AIReconstructLib.io import write_volume
 from AIReconstructLib.modelcard import Label
@@ -97,6 +98,19 @@ def set_segment_mask(segmentation_node, segment_id: str, reference_volume_node, 
             raise InputError(f"Segment '{segment_id}' cannot be updated")
     finally:
         scene.RemoveNode(labelmap)
+
+
+def save_for_training(segmentation_node, volume_nodes: list, card, folder: str | Path, case_id: str):
+    """Store the input volume(s) and the (corrected) segments named as the card's labels as one case
+    of a training data set folder (nnU-Net layout), for fine-tuning later; returns the data set."""
+    channels = [volume_from_node(node) for node in volume_nodes]
+    array = np.zeros(channels[0].array.shape, np.uint16 if card.num_classes > 256 else np.uint8)
+    segmentation = segmentation_node.GetSegmentation()
+    for label in card.labels:
+        segment_id = segmentation.GetSegmentIdBySegmentName(label.name)
+        if segment_id:
+            array[segment_mask(segmentation_node, segment_id, volume_nodes[0]) & (array == 0)] = label.value
+    return save_case(folder, case_id, channels, channels[0].with_array(array), card)
 
 
 def add_check_points(scene, regions: list[dict], name: str, coordinates: str = "LPS"):

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
-from .io import write_volume
+from .io import atomic_path, write_volume
+from .modelcard import ModelCard
 from .phantom import make_phantom, phantom_label_entries
+from .volume import Volume
 
 GENERIC_TISSUE = {"category": ["SCT", "85756007", "Tissue"], "type": ["SCT", "85756007", "Tissue"]}
 
@@ -95,4 +97,36 @@ def write_phantom_dataset(folder: str | Path, count: int, first_seed: int = 0, s
         "aireconstruct_labels": entries,
     }
     (folder / "dataset.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return read_dataset(folder)
+
+
+def save_case(folder: str | Path, case_id: str, channels: list[Volume], labelmap: Volume, card: ModelCard) -> Dataset:
+    """Add (or replace) one corrected case in a data set folder in the nnU-Net layout, made for
+    ``card``'s channels and labels (created on first use; refused if it was made for others)."""
+    folder = Path(folder)
+    if not all(c.isalnum() or c in "-_" for c in case_id) or not case_id:
+        raise InputError(f"Case id '{case_id}' may hold only letters, digits, - and _")
+    if len(channels) != len(card.channels) or any(not ch.same_grid(labelmap) for ch in channels):
+        raise InputError(f"Saving for training needs {len(card.channels)} image(s) on the segmentation's grid")
+    entries = card.data["labels"]
+    meta_path = folder / "dataset.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        same = [meta["channel_names"][key] for key in sorted(meta["channel_names"], key=int)] == \
+            [c["name"] for c in card.channels] and meta["labels"] == {"background": 0, **{e["name"]: e["value"] for e in entries}}
+        if not same:
+            raise InputError(f"{folder.name} holds cases for other channels or labels than model '{card.name}'")
+    else:
+        meta = {"name": folder.name, "description": f"Corrected segmentations of model {card.name}",
+                "channel_names": {str(n): c["name"] for n, c in enumerate(card.channels)},
+                "labels": {"background": 0, **{e["name"]: e["value"] for e in entries}},
+                "file_ending": ".nii.gz", "aireconstruct_labels": entries}
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    for number, channel in enumerate(channels):
+        write_volume(channel, folder / "imagesTr" / f"{case_id}_{number:04d}.nii.gz")
+    write_volume(labelmap, folder / "labelsTr" / f"{case_id}.nii.gz")
+    meta["numTraining"] = len(list((folder / "labelsTr").glob("*.nii.gz")))
+    with atomic_path(meta_path) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return read_dataset(folder)
