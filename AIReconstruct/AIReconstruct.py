@@ -58,6 +58,7 @@ class AIReconstructParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     surfaceSmoothing: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     show3D: bool = True
+    freezeEncoder: bool = True
 
     def inputVolumes(self) -> list:
         return [self.inputVolume0, self.inputVolume1, self.inputVolume2, self.inputVolume3]
@@ -73,6 +74,7 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self.job = None
+        self.onJobDone = None  # what to do when the background job succeeds
         self.correction = None  # the SegmentCorrection of the segment being corrected with points
         self.cards = {}  # installed model cards by name, read once per refresh
         self.logLinesShown = 0
@@ -100,6 +102,8 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.includePointsButton.connect("clicked(bool)", lambda: self.onPlacePoints(True))
         self.ui.excludePointsButton.connect("clicked(bool)", lambda: self.onPlacePoints(False))
         self.ui.undoCorrectionButton.connect("clicked(bool)", self.onUndoCorrection)
+        self.ui.saveForTrainingButton.connect("clicked(bool)", self.onSaveForTraining)
+        self.ui.fineTuneButton.connect("clicked(bool)", self.onFineTune)
         self.initializeParameterNode()
         self.refreshModels()
 
@@ -176,9 +180,11 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ready = bool(self._parameterNode and self._parameterNode.inputVolume0)
         self.ui.applyButton.enabled = ready and not running
         self.ui.cancelButton.enabled = running
+        self.ui.fineTuneButton.enabled = not running
         hasResult = bool(self._parameterNode and self._parameterNode.outputSegmentation)
         for button in (self.ui.exportFilesButton, self.ui.exportModelsButton, self.ui.editButton,
-                       self.ui.includePointsButton, self.ui.excludePointsButton, self.ui.undoCorrectionButton):
+                       self.ui.includePointsButton, self.ui.excludePointsButton, self.ui.undoCorrectionButton,
+                       self.ui.saveForTrainingButton):
             button.enabled = hasResult and not running
         self.refreshCorrectionSegments()
 
@@ -217,11 +223,15 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.requirementsInstalled():
                 self.logic.installRequirements()
                 self.refreshModels()
-            self.ui.logTextEdit.clear()
-            self.logLinesShown = 0
-            self.job = self.logic.process(self._parameterNode)
-            self.timer.start()
+            self.startJob(self.logic.process(self._parameterNode), self.onSegmentationDone)
         self.updateButtons()
+
+    def startJob(self, job, onDone) -> None:
+        """Follow a background job in the log and the progress bar; ``onDone(job)`` when it succeeds."""
+        self.ui.logTextEdit.clear()
+        self.logLinesShown = 0
+        self.job, self.onJobDone = job, onDone
+        self.timer.start()
 
     def onPoll(self) -> None:
         state = self.job.poll()
@@ -235,17 +245,41 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.stop()
         job, self.job = self.job, None
         if state.status == "done":
-            self._parameterNode.outputSegmentation = job.segmentation_node
-            if self._parameterNode.show3D:
-                self.logic.adapter.showSurfaces(job.segmentation_node, self._parameterNode.surfaceSmoothing)
-            if job.uncertainty_node is not None:
-                self.showUncertainty(job)
+            self.onJobDone(job)
             self.ui.logTextEdit.appendPlainText(_("Done."))
         elif state.status == "failed":
             slicer.util.errorDisplay(state.error)
         else:
-            self.ui.logTextEdit.appendPlainText(_("Cancelled; the scene is unchanged."))
+            self.ui.logTextEdit.appendPlainText(_("Cancelled; nothing was changed."))
         self.updateButtons()
+
+    def onSegmentationDone(self, job) -> None:
+        self._parameterNode.outputSegmentation = job.segmentation_node
+        if self._parameterNode.show3D:
+            self.logic.adapter.showSurfaces(job.segmentation_node, self._parameterNode.surfaceSmoothing)
+        if job.uncertainty_node is not None:
+            self.showUncertainty(job)
+
+    def onSaveForTraining(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("The case could not be saved for training."), waitCursor=True):
+            dataset = self.logic.adapter.saveForTraining(
+                self._parameterNode.outputSegmentation, [v for v in self._parameterNode.inputVolumes() if v],
+                self._parameterNode.model)
+            self.ui.logTextEdit.appendPlainText(_("Saved for training: {folder} now holds {count} case(s).").format(
+                folder=dataset.folder, count=len(dataset.cases)))
+
+    def onFineTune(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Fine-tuning could not start."), waitCursor=True):
+            job = self.logic.adapter.startFineTuning(
+                self._parameterNode.model, freeze_encoder=self._parameterNode.freezeEncoder,
+                device=self._parameterNode.device, python=shutil.which("PythonSlicer") or None,
+                env=slicer.util.startupEnvironment())
+            self.startJob(job, self.onFineTuningDone)
+        self.updateButtons()
+
+    def onFineTuningDone(self, job) -> None:
+        self.refreshModels()
+        self.ui.logTextEdit.appendPlainText(_("New model version installed in {folder}").format(folder=job.model_folder))
 
     def showUncertainty(self, job) -> None:
         """The uncertainty over the slices (red: unsure) and the regions to check in the log."""

@@ -1,6 +1,7 @@
 """Model cards: schema validation with errors naming the field, and weights checks."""
 
 import json
+import os
 
 import pytest
 
@@ -92,6 +93,19 @@ def test_find_model_by_name_on_the_model_path(tmp_path, monkeypatch):
     assert "tiny-test-model" in [card.name for card in installed_models()]
     with pytest.raises(ModelCardError, match="No installed model named 'nope'"):
         find_model("nope")
+
+
+def test_the_highest_version_of_a_name_wins_and_equal_versions_go_by_folder_order(tmp_path, monkeypatch):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for root, version in ((first, "1.0.0"), (second, "1.10.0")):
+        folder = write_model(root / "tiny").parent
+        card = json.loads((folder / "card.json").read_text())
+        (folder / "card.json").write_text(json.dumps({**card, "version": version}))
+    write_model(second / "tiny-copy")  # 1.0.0 again, in the later folder
+    monkeypatch.setenv("AIRECONSTRUCT_MODEL_PATH", f"{first}{os.pathsep}{second}")
+    assert find_model("tiny-test-model").folder == second / "tiny"
+    (second / "tiny" / "card.json").unlink()
+    assert find_model("tiny-test-model").folder == first / "tiny"
 
 
 @pytest.mark.parametrize("name,args", [

@@ -272,3 +272,36 @@ def test_save_for_training_adds_a_case_the_trainer_reads(scene, tmp_path, tiny_m
     other = dict(card.data, labels=card.data["labels"][:1])
     with pytest.raises(InputError, match="other channels or labels"):
         save_for_training(segmentation, [volume_node], type(card)(other, card.folder), tmp_path / "corrections", "x")
+
+
+def test_saved_corrections_fine_tune_the_model_into_a_new_installed_version(scene, tmp_path, tiny_model, ct_volume):
+    from AIReconstructAdapter.logic import AdapterLogic
+    from AIReconstructAdapter.nodes import set_segment_mask
+    from AIReconstructLib.modelcard import version_key
+
+    logic = AdapterLogic()
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    organ = ct_volume.array > 100
+    for name in ("First CT", "Second CT (arterial)"):
+        volume_node = add_volume_node(scene, ct_volume, name)
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        segment_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName("organ") or \
+            segmentation.GetSegmentation().AddEmptySegment("", "organ")
+        set_segment_mask(segmentation, segment_id, volume_node, organ)
+        dataset = logic.saveForTraining(segmentation, [volume_node], str(tiny_model), tmp_path / "corrections")
+    assert [case.case_id for case in dataset.cases] == ["First_CT", "Second_CT_arterial"]
+
+    models = tmp_path / "models"
+    failed = logic.startFineTuning("brain-tumour-flair", tmp_path / "corrections", device="cpu",
+                                   models_folder=models).wait(timeout=300)
+    assert failed.status == "failed" and "is not label 1 of model 'brain-tumour-flair'" in failed.error
+    assert list(models.iterdir()) == []  # nothing installed, no partial folder left
+
+    job = logic.startFineTuning(str(tiny_model), tmp_path / "corrections", device="cpu", models_folder=models)
+    state = job.wait(timeout=300)
+    assert state.status == "done", state.error
+    assert [p.name for p in models.iterdir()] == ["tiny-test-model-0.1.0"] == [job.model_folder.name]
+    tuned = load_card(job.model_folder / "card.json")
+    assert version_key(tuned) > version_key(load_card(tiny_model))
+    assert tuned.data["training"]["fine_tuned_from"]["encoder_frozen"] is True
+    assert not (job.model_folder / "checkpoint.pt").exists()

@@ -129,7 +129,49 @@ class EngineProcess:
             self.process.wait()
 
 
-class SegmentationJob:
+class BackgroundJob:
+    """An engine run on files in a temporary folder (``workdir``), which is removed whatever happens
+    once the run ends; subclasses start the engine and take the result in ``_on_success``."""
+
+    workdir: Path | None = None
+    engine: EngineProcess | None = None
+
+    def poll(self) -> RunState:
+        """Progress so far; on success the result is taken (once)."""
+        state = self.engine.poll()
+        if state.finished and self.workdir is not None:
+            try:
+                if state.status == "done":
+                    self._on_success(state.result)
+            except (AIReconstructError, OSError, KeyError, StopIteration) as error:  # unreadable result
+                state.status, state.error = "failed", str(error)
+            finally:
+                self._remove_workdir()
+        return state
+
+    def _on_success(self, result: dict) -> None:
+        raise NotImplementedError
+
+    def cancel(self) -> None:
+        if self.engine is not None:
+            self.engine.cancel()
+
+    def wait(self, timeout: float = 3600.0, interval: float = 0.2) -> RunState:
+        """Block until the run ends (for scripts and tests; the panel polls from a timer instead)."""
+        deadline = time.monotonic() + timeout
+        while not self.poll().finished:
+            if time.monotonic() > deadline:
+                self.cancel()
+            time.sleep(interval)
+        return self.engine.state
+
+    def _remove_workdir(self) -> None:
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+
+class SegmentationJob(BackgroundJob):
     """Segment MRML volume nodes with a model in the background; import the result on success."""
 
     def __init__(self, scene, input_nodes: list, model: str, device: str = "auto", fast: bool = False,
@@ -161,20 +203,7 @@ class SegmentationJob:
             self._remove_workdir()
             raise
 
-    def poll(self) -> RunState:
-        """Progress so far; on success the result is imported into the scene (once)."""
-        state = self.engine.poll()
-        if state.finished and self.workdir is not None:
-            try:
-                if state.status == "done":
-                    self._import(state.result)
-            except (AIReconstructError, OSError, KeyError, StopIteration) as error:  # unreadable result
-                state.status, state.error = "failed", str(error)
-            finally:
-                self._remove_workdir()
-        return state
-
-    def _import(self, result: dict) -> None:
+    def _on_success(self, result: dict) -> None:
         """Read every result file first, then change the scene: segmentation, uncertainty, points."""
         seg_file = next(p for p in result["outputs"] if p.endswith(".seg.nrrd"))
         uncertainty_file = next((p for p in result["outputs"] if p.endswith("_uncertainty.nii.gz")), None)
@@ -186,20 +215,39 @@ class SegmentationJob:
             self.check_points = add_check_points(self.scene, result["summary"].get("flagged_regions", []),
                                                  f"{name} regions to check")
 
-    def cancel(self) -> None:
-        if self.engine is not None:
-            self.engine.cancel()
 
-    def wait(self, timeout: float = 3600.0, interval: float = 0.2) -> RunState:
-        """Block until the run ends (for scripts and tests; the panel polls from a timer instead)."""
-        deadline = time.monotonic() + timeout
-        while not self.poll().finished:
-            if time.monotonic() > deadline:
-                self.cancel()
-            time.sleep(interval)
-        return self.engine.state
+class FineTuningJob(BackgroundJob):
+    """Fine-tune a model on a folder of corrected cases in the background. The new version is
+    written to a hidden folder among the user's models and moved into place (``NAME-VERSION``) only
+    when training succeeds; then it supersedes the base model (the highest version of a name wins).
+    A cancelled or failed run leaves the installed models as they were."""
 
-    def _remove_workdir(self) -> None:
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
+    def __init__(self, model: str, dataset_folder: str | Path, models_folder: Path, freeze_encoder: bool = True,
+                 device: str = "auto", python: str | None = None, env: dict | None = None):
+        self.model, self.dataset_folder, self.models_folder = model, Path(dataset_folder), Path(models_folder)
+        self.options = ["--device", device] + (["--freeze-encoder"] if freeze_encoder else [])
+        self.python, self.env = python, env
+        self.workdir: Path | None = None
+        self.engine: EngineProcess | None = None
+        self.model_folder: Path | None = None  # where the new version was installed
+
+    def start(self) -> None:
+        self.models_folder.mkdir(parents=True, exist_ok=True)
+        self.workdir = Path(tempfile.mkdtemp(prefix=".fine-tuning-", dir=self.models_folder))
+        self.engine = EngineProcess(["finetune", self.model, str(self.dataset_folder), "-o", str(self.workdir),
+                                     *self.options], self.python, self.env)
+        try:
+            self.engine.start()
+        except BaseException:
+            self._remove_workdir()
+            raise
+
+    def _on_success(self, result: dict) -> None:
+        """Move the new version among the installed models."""
+        card = json.loads((self.workdir / "card.json").read_text(encoding="utf-8"))
+        destination = self.models_folder / f"{card['name']}-{card['version']}"
+        if destination.exists():
+            raise OSError(f"{destination} already exists; remove it or fine-tune into another version")
+        (self.workdir / "checkpoint.pt").unlink(missing_ok=True)  # resuming is for the command line
+        self.workdir.rename(destination)
+        self.workdir, self.model_folder = None, destination

@@ -6,6 +6,7 @@ parameter node) creates one :class:`AdapterLogic` once the engine's requirements
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from AIReconstructLib.modelcard import USER_MODELS, find_model, installed_models
 
 from . import nodes
 from .correction import SegmentCorrection
-from .engine_run import SegmentationJob
+from .engine_run import FineTuningJob, SegmentationJob
+
+CORRECTIONS = USER_MODELS.parent / "corrections"  # a data set folder per model, for fine-tuning
 
 
 class AdapterLogic:
@@ -77,3 +80,24 @@ class AdapterLogic:
     def exportSurfacesToFiles(self, segmentation_node, folder: str | Path, suffix: str = ".stl") -> list[Path]:
         return nodes.export_to_files(segmentation_node, folder, suffix)
 
+
+    def correctionsFolder(self, model: str) -> Path:
+        """Where corrected cases of a model are saved for training unless the user picks a folder."""
+        return CORRECTIONS / find_model(model).name
+
+    def saveForTraining(self, segmentation_node, volume_nodes: list, model: str, folder: str | Path | None = None):
+        """Save the input volume(s) and the corrected segments as a training case named after the
+        first volume (saving it again replaces it); returns the data set."""
+        case_id = re.sub(r"[^A-Za-z0-9_-]+", "_", volume_nodes[0].GetName()).strip("_") or "case"
+        return nodes.save_for_training(segmentation_node, volume_nodes, find_model(model),
+                                       folder or self.correctionsFolder(model), case_id)
+
+    def startFineTuning(self, model: str, folder: str | Path | None = None, freeze_encoder: bool = True,
+                        device: str = "auto", python: str | None = None, env: dict | None = None,
+                        models_folder: Path = USER_MODELS) -> FineTuningJob:
+        """Fine-tune a model on its saved corrections in the background; on success the new version is
+        installed among the user's models and supersedes the old one. Poll the returned job."""
+        job = FineTuningJob(model, folder or self.correctionsFolder(model), models_folder, freeze_encoder, device,
+                            python, env)
+        job.start()
+        return job

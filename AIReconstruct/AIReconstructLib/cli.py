@@ -247,7 +247,7 @@ def cmd_demo(args, reporter: Reporter) -> None:
 def cmd_phantoms(args, reporter: Reporter) -> None:
     from .dataset import write_phantom_dataset
 
-    dataset = write_phantom_dataset(args.output, args.count, args.first_seed)
+    dataset = write_phantom_dataset(args.output, args.count, args.first_seed, args.spacing, args.tumour_hu)
     reporter.result(f"wrote {len(dataset.cases)} phantoms to {dataset.folder}", {"cases": len(dataset.cases)})
 
 
@@ -278,6 +278,22 @@ def cmd_train(args, reporter: Reporter) -> None:
 
     card_path = train(config_from_arguments(args), reporter.progress, reporter.cancel_requested)
     reporter.result(f"wrote {card_path}", {"card": str(card_path)})
+
+
+def cmd_finetune(args, reporter: Reporter) -> None:
+    from .modelcard import find_model
+    from .training import TrainConfig, train
+
+    base = find_model(args.model)
+    config = TrainConfig(
+        dataset=args.dataset, output=args.output, name=args.name or base.name, base_model=args.model,
+        freeze_encoder=args.freeze_encoder, epochs=args.epochs, iterations_per_epoch=args.iterations,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, validate_every=args.validate_every,
+        seed=args.seed, device=args.device, time_limit_minutes=args.time_limit, resume=args.resume)
+    card_path = train(config, reporter.progress, reporter.cancel_requested)
+    lineage = json.loads(card_path.read_text(encoding="utf-8"))["training"]["fine_tuned_from"]
+    reporter.result(f"wrote {card_path} (validation Dice {lineage['validation_mean_dice']} before fine-tuning)",
+                    {"card": str(card_path), "fine_tuned_from": lineage})
 
 
 def cmd_benchmark(args, reporter: Reporter) -> None:
@@ -437,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("--count", type=int, default=24)
     p.add_argument("--first-seed", type=int, default=1000)
+    p.add_argument("--spacing", type=float, nargs=3, help="voxel size i j k in mm (default: each seed its own)")
+    p.add_argument("--tumour-hu", type=float, default=45.0,
+                   help="liver tumour attenuation (45: hypodense as the demo model learnt; 170: enhancing, a new kind)")
     p.set_defaults(func=cmd_phantoms)
 
     p = sub.add_parser("train", parents=[common], help="train a model on a data set (nnU-Net layout)")
@@ -470,6 +489,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="array axes (0 slices, 1 rows, 2 columns) to mirror in augmentation and --tta; "
                         "none for anatomy with left/right labels")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", parents=[common],
+                       help="fine-tune a model on corrected cases (a data set saved for training)")
+    p.add_argument("model", help="installed model name or path of a model card")
+    p.add_argument("dataset", help="data set folder in the nnU-Net layout, made for the model's labels")
+    p.add_argument("-o", "--output", required=True, help="folder for the new model version (card + weights)")
+    p.add_argument("--name", help="name of the new model (default: the base model's; its version goes up)")
+    p.add_argument("--freeze-encoder", action="store_true", help="train only the decoder")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--iterations", type=int, default=10, help="iterations per epoch")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--validate-every", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--time-limit", type=float, help="stop after this many minutes")
+    p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("benchmark", parents=[common],
                        help="compare architectures with and without adversarial refinement by cross-validation")

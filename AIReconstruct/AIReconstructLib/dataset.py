@@ -74,16 +74,18 @@ def read_dataset(folder: str | Path) -> Dataset:
     return Dataset(folder, channel_names, entries, cases, ending)
 
 
-def write_phantom_dataset(folder: str | Path, count: int, first_seed: int = 0, spacing=None) -> Dataset:
+def write_phantom_dataset(folder: str | Path, count: int, first_seed: int = 0, spacing=None,
+                          tumour_hu: float = 45.0) -> Dataset:
     """Write ``count`` CT phantoms (seeds ``first_seed``...) as a data set folder.
 
-    ``spacing`` (i, j, k mm) fixes the voxel size; by default each seed picks its own.
+    ``spacing`` (i, j, k mm) fixes the voxel size; by default each seed picks its own. ``tumour_hu``:
+    see :func:`phantom.make_phantom`.
     """
     folder = Path(folder)
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
     for seed in range(first_seed, first_seed + count):
-        phantom = make_phantom(seed, spacing)
+        phantom = make_phantom(seed, spacing, tumour_hu=tumour_hu)
         write_volume(phantom.image, folder / "imagesTr" / f"phantom_{seed:04d}_0000.nii.gz")
         write_volume(phantom.labels, folder / "labelsTr" / f"phantom_{seed:04d}.nii.gz")
     entries = phantom_label_entries()

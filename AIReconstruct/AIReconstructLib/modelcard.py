@@ -194,7 +194,8 @@ def model_folders() -> list[Path]:
 
 
 def installed_models() -> list[ModelCard]:
-    """Every valid model card found in :func:`model_folders` (first one wins per name)."""
+    """Every valid model card found in :func:`model_folders`: per name the highest version (a
+    fine-tuned version supersedes its base), and of equal versions the one in the earlier folder."""
     cards: dict[str, ModelCard] = {}
     for root in model_folders():
         if not root.is_dir():
@@ -204,8 +205,14 @@ def installed_models() -> list[ModelCard]:
                 card = load_card(card_path)
             except ModelCardError:
                 continue
-            cards.setdefault(card.name, card)
+            if card.name not in cards or version_key(card) > version_key(cards[card.name]):
+                cards[card.name] = card
     return list(cards.values())
+
+
+def version_key(card: ModelCard) -> tuple[int, ...]:
+    """A card's version ("1.2.0") as numbers that sort in release order."""
+    return tuple(int(part) if part.isdigit() else 0 for part in str(card.data.get("version", "0")).split("."))
 
 
 def find_model(name_or_path: str | os.PathLike) -> ModelCard:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -28,6 +29,31 @@ DEFAULT_ARGUMENTS = {
     "SegResNet": {"init_filters": 16},
     "SwinUNETR": {"feature_size": 24},
 }
+
+
+# the parameters of each architecture's encoder (the contracting path and the bottleneck), which
+# fine-tuning can freeze: a pattern on the parameter names of MONAI's implementation
+ENCODER_PARAMETERS = {
+    "UNet": r"^model(\.1\.submodule)*\.0\.|^model(\.1\.submodule)+\.(conv|residual)",
+    "DynUNet": r"^(input_block|downsamples|bottleneck)\.",
+    "BasicUNetPlusPlus": r"^conv_\d_0\.",
+    "VNet": r"^(in_tr|down_tr)",
+    "SegResNet": r"^(convInit|down_layers)\.",
+    "SwinUNETR": r"^(swinViT|encoder\d+)\.",
+}
+
+
+def freeze_encoder(network: torch.nn.Module, architecture: str) -> int:
+    """Stop training the encoder of a network built by :func:`build_network`; returns how many
+    parameter tensors were frozen."""
+    if architecture not in ENCODER_PARAMETERS:
+        raise ModelCardError(f"The encoder of architecture '{architecture}' is not known; fine-tune it "
+                             f"without freezing (known: {', '.join(ENCODER_PARAMETERS)})")
+    pattern = re.compile(ENCODER_PARAMETERS[architecture])
+    frozen = [parameter for name, parameter in network.named_parameters() if pattern.search(name)]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    return len(frozen)
 
 
 def build_network(architecture: dict, in_channels: int, out_channels: int) -> torch.nn.Module:

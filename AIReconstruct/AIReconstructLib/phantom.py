@@ -97,8 +97,13 @@ def _random_spacing(rng: np.random.Generator) -> tuple[float, float, float]:
     return (in_plane, in_plane, float(rng.choice([2.0, 2.5, 3.0, 3.5])))
 
 
-def make_phantom(seed: int, spacing=None, direction=None, field_of_view_mm=(320.0, 240.0, 300.0)) -> Phantom:
-    """Make one abdominal CT phantom; ``spacing``/``direction`` default to the seed's own."""
+def make_phantom(seed: int, spacing=None, direction=None, field_of_view_mm=(320.0, 240.0, 300.0),
+                 tumour_hu: float = 45.0) -> Phantom:
+    """Make one abdominal CT phantom; ``spacing``/``direction`` default to the seed's own.
+
+    Liver tumours are hypodense (45 HU against the liver's 100) unless ``tumour_hu`` says otherwise,
+    for example 170 for tumours that enhance in the arterial phase: a kind the demo model never saw.
+    """
     rng = np.random.default_rng(seed)
     spacing = tuple(spacing) if spacing is not None else _random_spacing(rng)
     direction = np.eye(3) if direction is None else np.asarray(direction, float)
@@ -143,7 +148,7 @@ def make_phantom(seed: int, spacing=None, direction=None, field_of_view_mm=(320.
         offset = offset / np.linalg.norm(offset) * rng.uniform(0, 25)
         centre = tuple(np.asarray(liver_centre) + offset)
         tumour = a.blob(centre, (radius, radius * rng.uniform(0.8, 1.2), radius * rng.uniform(0.8, 1.2)), 0.12) & liver
-        image[tumour] = 45 + a.jitter(8)
+        image[tumour] = tumour_hu + a.jitter(8)
         labels[tumour] = 2
 
     spleen = a.blob((85 + a.jitter(5), 40 + a.jitter(5), dome - 35 + a.jitter(5)), (28, 45, 50 + a.jitter(4)), 0.1)

@@ -5,6 +5,11 @@ sliding-window validation every N epochs keeping the best weights, a checkpoint 
 (``--resume`` continues an interrupted run), optional adversarial refinement, and data-parallel
 training under ``torchrun``. Each epoch is seeded from the run's seed, so a resumed run draws the
 same patches as an uninterrupted one.
+
+``aireconstruct finetune`` is the same loop started from a trained model (``base_model``): its
+channels, spacing, patch size, labels and weights are kept, the encoder can be frozen, and the new
+card is the next version of the base model; the base model's own validation Dice is the score to
+beat, so a fine-tuned model never ships weights that validate worse than those it started from.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ from .distributed import Distributed
 from .errors import Cancelled, InputError
 from .io import atomic_path, write_csv
 from .metrics import overlap_scores
-from .modelcard import CARD_FILE, sha256_of, validate_card
-from .networks import DEFAULT_ARGUMENTS, build_network, save_weights
+from .modelcard import CARD_FILE, ModelCard, find_model, sha256_of, validate_card
+from .networks import DEFAULT_ARGUMENTS, ENCODER_PARAMETERS, build_network, freeze_encoder, load_network, save_weights
 from .predict import Predictor
 from .training_data import (PatchSampler, channel_normalisation, label_entries, load_case, make_folds,
                             median_spacing)
@@ -67,6 +72,8 @@ class TrainConfig:
     labels_file: str | None = None  # model-card label entries (names, colours, codes) for the data set's values
     intended_use: str = "Research use only; not for clinical use"
     licence: str = "Apache-2.0"
+    base_model: str | None = None  # fine-tune this model (name or card path) instead of training from scratch
+    freeze_encoder: bool = False  # with base_model: train only the decoder
 
 
 def train(config: TrainConfig, progress=None, cancel=None) -> Path:
@@ -90,9 +97,13 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
     dataset = read_dataset(config.dataset)
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
-    spacing = config.spacing or median_spacing(dataset)
-    channel_specs = channel_normalisation(dataset)
-    labels = label_entries(dataset, config.labels_file)
+    base = _fine_tuning_base(config, dataset) if config.base_model else None
+    if base is not None:
+        spacing, channel_specs, labels = list(base.spacing()), base.channels, base.data["labels"]
+    else:
+        spacing = config.spacing or median_spacing(dataset)
+        channel_specs = channel_normalisation(dataset)
+        labels = label_entries(dataset, config.labels_file)
     num_classes = max(entry["value"] for entry in labels) + 1
 
     splits = make_folds([c.case_id for c in dataset.cases], config.folds, config.validation_fraction, config.seed)
@@ -115,9 +126,15 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
         config.architecture_args = DEFAULT_ARGUMENTS.get(config.architecture, {})
     device = distributed.device
     network = build_network({"name": config.architecture, "args": config.architecture_args},
-                            len(channel_specs), num_classes).to(device).train()
+                            len(channel_specs), num_classes)
+    if base is not None:
+        network.load_state_dict(load_network(base).state_dict())
+        if config.freeze_encoder:
+            freeze_encoder(network, config.architecture)
+    network = network.to(device).train()
     model = distributed.wrap(network)
-    optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-5)
+    trainable = [parameter for parameter in network.parameters() if parameter.requires_grad]
+    optimiser = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=1e-5)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     amp = device.type == "cuda"  # mixed precision on GPUs
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
@@ -129,6 +146,10 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
     state = {"epoch": 0, "step": 0, "best_dice": -1.0, "best_epoch": 0, "history": []}
     if config.resume and (output / CHECKPOINT_FILE).is_file():
         state = _load_checkpoint(output / CHECKPOINT_FILE, network, optimiser, adversarial, device)
+    elif base is not None and distributed.is_main:  # the base model's score is the one to beat
+        state["base_dice"] = state["best_dice"] = _mean_dice(_validate(network, val_cases, patch_zyx, device,
+                                                                       num_classes)) if val_cases else -1.0
+        _save_weights(network, output / WEIGHTS_FILE)
     total_steps = config.epochs * config.iterations_per_epoch
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         epoch_seed = config.seed * 100_003 + epoch * 101 + distributed.rank
@@ -170,7 +191,7 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
             last = epoch == config.epochs or out_of_time
             if val_cases and (epoch % config.validate_every == 0 or last):
                 dice = _validate(network, val_cases, patch_zyx, device, num_classes)
-                row["val_mean_dice"] = float(np.mean(list(dice.values())))
+                row["val_mean_dice"] = _mean_dice(dice)
                 row.update({f"dice_{value}": round(d, 4) for value, d in dice.items()})
                 if row["val_mean_dice"] > state["best_dice"]:
                     state["best_dice"], state["best_epoch"] = row["val_mean_dice"], epoch
@@ -191,7 +212,36 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
     if not distributed.is_main:
         return output / CARD_FILE
     return _write_card(config, output, dataset, channel_specs, labels, spacing, state, distributed.world_size,
-                       time.time() - start, split["validation"])
+                       time.time() - start, split["validation"], base)
+
+
+def _fine_tuning_base(config: TrainConfig, dataset) -> ModelCard:
+    """The model to fine-tune, after checking that the data set is made for its channels and labels;
+    the configuration takes the base model's architecture, patch size and mirroring."""
+    base = find_model(config.base_model)
+    architecture = base.data["architecture"]
+    if len(base.weight_paths) != 1 or base.weight_paths[0].suffix != ".safetensors" \
+            or base.data.get("orientation", "LPS") != "LPS":
+        raise InputError(f"Model '{base.name}' was not trained by aireconstruct (one safetensors weights file); "
+                         "only such models can be fine-tuned")
+    if len(dataset.channel_names) != len(base.channels):
+        raise InputError(f"{dataset.folder.name} has {len(dataset.channel_names)} image channel(s); model "
+                         f"'{base.name}' takes {len(base.channels)}")
+    names = {entry["value"]: entry["name"].lower() for entry in base.data["labels"]}
+    for entry in dataset.label_entries:
+        if names.get(entry["value"]) != entry["name"].lower():
+            raise InputError(f"Label {entry['value']} '{entry['name']}' of {dataset.folder.name} is not label "
+                             f"{entry['value']} of model '{base.name}' ({names.get(entry['value'], 'absent')})")
+    if config.freeze_encoder and architecture["name"] not in ENCODER_PARAMETERS:
+        raise InputError(f"The encoder of '{architecture['name']}' cannot be frozen; fine-tune without --freeze-encoder")
+    config.architecture, config.architecture_args = architecture["name"], architecture.get("args", {})
+    config.patch_size = list(base.data["patch_size"])
+    config.mirror_axes = list(base.inference.get("mirror_axes", []))
+    return base
+
+
+def _mean_dice(dice: dict[int, float]) -> float:
+    return float(np.mean(list(dice.values()))) if dice else 0.0
 
 
 def _validate(network, cases, patch_zyx, device, num_classes) -> dict[int, float]:
@@ -235,7 +285,7 @@ def _load_checkpoint(path: Path, network, optimiser, adversarial, device) -> dic
 
 
 def _write_card(config, output, dataset, channel_specs, labels, spacing, state, world_size, seconds,
-                held_out: list[str]) -> Path:
+                held_out: list[str], base: ModelCard | None = None) -> Path:
     card = {
         "schema_version": 1,
         "name": config.name,
@@ -263,6 +313,14 @@ def _write_card(config, output, dataset, channel_specs, labels, spacing, state, 
     }
     if config.fast_spacing:
         card["fast_spacing"] = [float(s) for s in config.fast_spacing]
+    if base is not None:  # the next version of the base model: its description, use and labels kept
+        major, minor = (base.data.get("version", "1.0.0").split(".") + ["0"])[:2]
+        card = {**base.data, "name": config.name, "version": f"{major}.{int(minor) + 1}.0",
+                "weights": card["weights"], "training": card["training"]}
+        card["training"]["fine_tuned_from"] = {
+            "name": base.name, "version": base.data.get("version"), "sha256": base.data["weights"][0]["sha256"],
+            "validation_mean_dice": round(state["base_dice"], 4) if state.get("base_dice", -1) >= 0 else None,
+            "encoder_frozen": config.freeze_encoder}
     validate_card(card, "trained model card")
     with atomic_path(output / CARD_FILE) as tmp:
         tmp.write_text(json.dumps(card, indent=2), encoding="utf-8")

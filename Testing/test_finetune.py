@@ -1,0 +1,89 @@
+"""Fine-tuning from corrected cases: phantoms of a kind the demo model never saw (liver tumours that
+enhance, 170 HU, where it learnt dark ones), saved for training as the Slicer module saves corrected
+segmentations, teach the demo model to find them on held-out phantoms of that kind."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from AIReconstructLib.cli import main
+from AIReconstructLib.dataset import save_case, write_phantom_dataset
+from AIReconstructLib.errors import InputError
+from AIReconstructLib.metrics import overlap_scores
+from AIReconstructLib.modelcard import find_model, load_card
+from AIReconstructLib.networks import ENCODER_PARAMETERS, build_network, freeze_encoder
+from AIReconstructLib.phantom import make_phantom
+from AIReconstructLib.pipeline import SegmentOptions, segment
+from AIReconstructLib.training import TrainConfig, train
+
+SPACING = (3.0, 3.0, 3.0)
+ENHANCING = 170.0  # tumour HU of the new kind
+LIVER, TUMOUR = 1, 2
+
+
+def _dice(card, phantoms) -> dict[int, float]:
+    scores = {LIVER: [], TUMOUR: []}
+    for phantom in phantoms:
+        labels = segment([phantom.image], card, SegmentOptions(device="cpu")).labelmap.array
+        for value in scores:
+            scores[value].append(overlap_scores(labels == value, phantom.labels.array == value)["dice"])
+    return {value: float(np.mean(s)) for value, s in scores.items()}
+
+
+def test_fine_tuning_on_corrected_cases_of_a_new_kind_improves_held_out_dice(tmp_path):
+    base = find_model("demo-abdomen-ct")
+    for seed in range(5000, 5004):  # the radiologist's corrected cases, saved for training
+        phantom = make_phantom(seed, SPACING, tumour_hu=ENHANCING)
+        save_case(tmp_path / "corrected", f"case_{seed}", [phantom.image], phantom.labels, base)
+    held_out = [make_phantom(seed, SPACING, tumour_hu=ENHANCING) for seed in (5100, 5101)]
+    before = _dice(base, held_out)
+
+    assert main(["finetune", "demo-abdomen-ct", str(tmp_path / "corrected"), "-o", str(tmp_path / "tuned"),
+                 "--freeze-encoder", "--epochs", "3", "--iterations", "10", "--device", "cpu"]) == 0
+    tuned = load_card(tmp_path / "tuned" / "card.json")  # validated, checksum checked
+    after = _dice(tuned, held_out)
+    print(f"held-out Dice before/after fine-tuning: liver {before[LIVER]:.3f}/{after[LIVER]:.3f}, "
+          f"enhancing tumour {before[TUMOUR]:.3f}/{after[TUMOUR]:.3f}")
+    assert before[TUMOUR] < 0.2 and after[TUMOUR] > before[TUMOUR] + 0.3
+    assert after[LIVER] > 0.9
+
+    # the next version of the same model, with its lineage; the frozen encoder is the base model's
+    assert tuned.name == base.name and tuned.data["version"] == "1.1.0"
+    assert tuned.data["labels"] == base.data["labels"] and tuned.data["intended_use"] == base.data["intended_use"]
+    lineage = tuned.data["training"]["fine_tuned_from"]
+    assert lineage["version"] == "1.0.0" and lineage["sha256"] == base.data["weights"][0]["sha256"]
+    assert lineage["encoder_frozen"] and tuned.data["training"]["validation_mean_dice"] > lineage["validation_mean_dice"]
+    old, new = load_file(str(base.weight_paths[0])), load_file(str(tuned.weight_paths[0]))
+    network = build_network(base.data["architecture"], 1, base.num_classes)
+    freeze_encoder(network, "UNet")
+    frozen = {name for name, parameter in network.named_parameters() if not parameter.requires_grad}
+    assert all(np.array_equal(old[name], new[name]) for name in frozen)
+    assert not all(np.array_equal(old[name], new[name]) for name in old if name not in frozen)
+
+
+@pytest.mark.parametrize("architecture", sorted(ENCODER_PARAMETERS))
+def test_every_architecture_has_an_encoder_to_freeze_and_a_decoder_to_train(architecture):
+    from AIReconstructLib.networks import DEFAULT_ARGUMENTS
+
+    network = build_network({"name": architecture, "args": DEFAULT_ARGUMENTS[architecture]}, 1, 3)
+    parameters = list(network.parameters())
+    assert 0 < freeze_encoder(network, architecture) < len(parameters)
+    assert any(p.requires_grad for p in parameters) and not all(p.requires_grad for p in parameters)
+
+
+def test_a_data_set_for_other_labels_or_channels_is_refused(tmp_path):
+    write_phantom_dataset(tmp_path / "ct", count=1, first_seed=5200, spacing=(6.0, 6.0, 6.0))
+    with pytest.raises(InputError, match="Label 1 'liver' of ct is not label 1 of model 'brain-tumour-flair'"):
+        train(TrainConfig(dataset=str(tmp_path / "ct"), output=str(tmp_path / "out"), name="x",
+                          base_model="brain-tumour-flair", device="cpu"))
+    meta = json.loads((tmp_path / "ct" / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "CT", "1": "CT arterial"}
+    (tmp_path / "ct" / "dataset.json").write_text(json.dumps(meta))
+    images = tmp_path / "ct" / "imagesTr"
+    (images / "phantom_5200_0001.nii.gz").write_bytes((images / "phantom_5200_0000.nii.gz").read_bytes())
+    with pytest.raises(InputError, match="ct has 2 image channel.s.; model 'demo-abdomen-ct' takes 1"):
+        train(TrainConfig(dataset=str(tmp_path / "ct"), output=str(tmp_path / "out"), name="x",
+                          base_model="demo-abdomen-ct", device="cpu"))
+    assert not (tmp_path / "out" / "card.json").exists()
