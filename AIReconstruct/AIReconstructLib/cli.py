@@ -265,12 +265,18 @@ def config_from_arguments(args):
         adversarial=args.adversarial, adversarial_weight=args.adversarial_weight,
         adversarial_warmup_epochs=args.adversarial_warmup, mirror_axes=args.mirror_axes,
     )
-    if args.architecture_args:
-        try:
-            config.architecture_args = json.loads(args.architecture_args)
-        except json.JSONDecodeError as error:
-            raise AIReconstructError(f"--architecture-args is not valid JSON ({error})") from None
+    config.architecture_args = architecture_arguments(args)
     return config
+
+
+def architecture_arguments(args) -> dict | None:
+    """The ``--architecture-args`` JSON of a training command, if given."""
+    if not args.architecture_args:
+        return None
+    try:
+        return json.loads(args.architecture_args)
+    except json.JSONDecodeError as error:
+        raise AIReconstructError(f"--architecture-args is not valid JSON ({error})") from None
 
 
 def cmd_train(args, reporter: Reporter) -> None:
@@ -294,6 +300,23 @@ def cmd_finetune(args, reporter: Reporter) -> None:
     lineage = json.loads(card_path.read_text(encoding="utf-8"))["training"]["fine_tuned_from"]
     reporter.result(f"wrote {card_path} (validation Dice {lineage['validation_mean_dice']} before fine-tuning)",
                     {"card": str(card_path), "fine_tuned_from": lineage})
+
+
+def cmd_federated(args, reporter: Reporter) -> None:
+    from .federated import FederatedConfig, simulate
+
+    config = FederatedConfig(
+        sites=args.sites, output=args.output, name=args.name, title=args.title or "", strategy=args.strategy,
+        proximal_mu=args.proximal_mu, rounds=args.rounds, local_iterations=args.local_iterations,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, architecture=args.architecture,
+        architecture_args=architecture_arguments(args), spacing=args.spacing, patch_size=args.patch_size,
+        mirror_axes=args.mirror_axes, validation=args.validation,
+        validate_every=args.validate_every, seed=args.seed, device=args.device, intended_use=args.intended_use,
+        licence=args.licence)
+    card_path = simulate(config, reporter.progress)
+    training = json.loads(card_path.read_text(encoding="utf-8"))["training"]
+    reporter.result(f"wrote {card_path} (validation Dice {training['validation_mean_dice']})",
+                    {"card": str(card_path), "validation_mean_dice": training["validation_mean_dice"]})
 
 
 def cmd_benchmark(args, reporter: Reporter) -> None:
@@ -507,6 +530,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, help="stop after this many minutes")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("federated", parents=[common],
+                       help="federated training simulated on this machine: one site per data set folder (Flower)")
+    p.add_argument("sites", nargs="+", help="one data set folder (nnU-Net layout) per site")
+    p.add_argument("-o", "--output", required=True, help="model folder to write (card + weights)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--title")
+    p.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg")
+    p.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx's proximal term weight")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--local-iterations", type=int, default=20, help="training steps per site and round")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--learning-rate", type=float, default=2e-3)
+    p.add_argument("--architecture", default="UNet")
+    p.add_argument("--architecture-args", help="the architecture's arguments as JSON (default: networks.DEFAULT_ARGUMENTS)")
+    p.add_argument("--spacing", type=float, nargs=3, help="target spacing i j k (mm); default from the sites")
+    p.add_argument("--patch-size", type=int, nargs=3, help="patch size i j k (voxels); default from the sites")
+    p.add_argument("--mirror-axes", type=int, nargs="*", default=[], choices=[0, 1, 2])
+    p.add_argument("--validation", help="data set the server scores the global model on (simulation only)")
+    p.add_argument("--validate-every", type=int, default=1, help="rounds between scorings")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--intended-use", default="Research use only; not for clinical use")
+    p.add_argument("--licence", default="Apache-2.0")
+    p.set_defaults(func=cmd_federated)
 
     p = sub.add_parser("benchmark", parents=[common],
                        help="compare architectures with and without adversarial refinement by cross-validation")

@@ -286,12 +286,35 @@ def _load_checkpoint(path: Path, network, optimiser, adversarial, device) -> dic
 
 def _write_card(config, output, dataset, channel_specs, labels, spacing, state, world_size, seconds,
                 held_out: list[str], base: ModelCard | None = None) -> Path:
+    training = {
+        "dataset": dataset.folder.name, "cases": len(dataset.cases), "held_out_cases": held_out,
+        "best_epoch": state["best_epoch"],
+        "validation_mean_dice": round(state["best_dice"], 4) if state["best_dice"] >= 0 else None,
+        "epochs_run": state["epoch"], "processes": world_size, "minutes": round(seconds / 60, 1),
+        "config": asdict(config),
+    }
+    card = trained_card(config, output, channel_specs, labels, spacing,
+                        f"{config.architecture} trained by aireconstruct train on {dataset.folder.name}", training)
+    if base is not None:  # the next version of the base model: its description, use and labels kept
+        major, minor = (base.data.get("version", "1.0.0").split(".") + ["0"])[:2]
+        card = {**base.data, "name": config.name, "version": f"{major}.{int(minor) + 1}.0",
+                "weights": card["weights"], "training": training}
+        training["fine_tuned_from"] = {
+            "name": base.name, "version": base.data.get("version"), "sha256": base.data["weights"][0]["sha256"],
+            "validation_mean_dice": round(state["base_dice"], 4) if state.get("base_dice", -1) >= 0 else None,
+            "encoder_frozen": config.freeze_encoder}
+    return write_card(card, output)
+
+
+def trained_card(config, output: Path, channel_specs, labels, spacing, description: str, training: dict) -> dict:
+    """The model card of weights this project trained (``WEIGHTS_FILE`` in ``output``); ``config`` gives
+    the name, title, use, licence, architecture, patch size, mirroring and the optional fast spacing."""
     card = {
         "schema_version": 1,
         "name": config.name,
         "title": config.title or config.name,
         "version": "1.0.0",
-        "description": f"{config.architecture} trained by aireconstruct train on {dataset.folder.name}",
+        "description": description,
         "intended_use": config.intended_use,
         "licence": config.licence,
         "modality": "CT" if channel_specs[0]["normalisation"]["scheme"] == "ct" else "MR",
@@ -303,24 +326,15 @@ def _write_card(config, output, dataset, channel_specs, labels, spacing, state, 
         "labels": [{**entry, "postprocess": entry.get("postprocess", {"keep_largest": False, "min_island_ml": 0.5,
                                                                        "fill_holes": True})} for entry in labels],
         "weights": [{"file": WEIGHTS_FILE, "sha256": sha256_of(output / WEIGHTS_FILE)}],
-        "training": {
-            "dataset": dataset.folder.name, "cases": len(dataset.cases), "held_out_cases": held_out,
-            "best_epoch": state["best_epoch"],
-            "validation_mean_dice": round(state["best_dice"], 4) if state["best_dice"] >= 0 else None,
-            "epochs_run": state["epoch"], "processes": world_size, "minutes": round(seconds / 60, 1),
-            "config": asdict(config),
-        },
+        "training": training,
     }
     if config.fast_spacing:
         card["fast_spacing"] = [float(s) for s in config.fast_spacing]
-    if base is not None:  # the next version of the base model: its description, use and labels kept
-        major, minor = (base.data.get("version", "1.0.0").split(".") + ["0"])[:2]
-        card = {**base.data, "name": config.name, "version": f"{major}.{int(minor) + 1}.0",
-                "weights": card["weights"], "training": card["training"]}
-        card["training"]["fine_tuned_from"] = {
-            "name": base.name, "version": base.data.get("version"), "sha256": base.data["weights"][0]["sha256"],
-            "validation_mean_dice": round(state["base_dice"], 4) if state.get("base_dice", -1) >= 0 else None,
-            "encoder_frozen": config.freeze_encoder}
+    return card
+
+
+def write_card(card: dict, output: Path) -> Path:
+    """Validate a trained model's card and write it atomically into ``output``; returns its path."""
     validate_card(card, "trained model card")
     with atomic_path(output / CARD_FILE) as tmp:
         tmp.write_text(json.dumps(card, indent=2), encoding="utf-8")

@@ -1,0 +1,309 @@
+"""``aireconstruct federated``: train one model across sites (hospitals) without moving images.
+
+Built on Flower (``flwr``): each site runs a Flower *ClientApp* next to its own data set folder and
+the coordinating server runs a *ServerApp*; only aggregate statistics and weights travel. The same
+two apps run in Flower's simulation runtime on one machine (:func:`simulate`, one virtual site per
+data set folder) and in a real deployment (SuperLink and SuperNodes with TLS; docs/federated.md).
+
+The run, from the server's side:
+
+1. *fingerprint* (a query message): each site reports its case count, median spacing and extent,
+   channel normalisation and labels; the server checks that the sites agree on channels and labels
+   and fixes the plan for everyone (spacing, patch size, normalisation; CT statistics are the
+   case-weighted mean of the sites').
+2. *rounds* (FedAvg or FedProx): the global weights go to every site, which trains them for
+   ``local_iterations`` steps on its own patches (Dice + cross-entropy, AdamW, a poly learning rate
+   over all rounds; FedProx adds the proximal term mu/2 ||w - w_global||^2) and sends them back;
+   the server averages them weighted by the sites' case counts.
+3. after each round the server may score the global weights on a validation data set (simulation
+   and benchmarks only: a real server holds no images); the last weights become a model card.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+
+from .dataset import read_dataset
+from .errors import InputError
+from .io import read_volume, write_csv
+from .training import WEIGHTS_FILE, _save_weights, _validate, trained_card, write_card
+from .networks import DEFAULT_ARGUMENTS, build_network
+from .training_data import PatchSampler, channel_normalisation, load_case, median_spacing
+
+STRATEGIES = ("fedavg", "fedprox")
+DATA_FOLDER_KEY = "data-folder"  # the SuperNode's --node-config entry naming its data set folder
+
+
+@dataclass
+class FederatedConfig:
+    """A federated training run, as the server sees it; recorded in the model card."""
+
+    sites: list  # simulation: one data set folder per virtual site; deployment: the site names
+    output: str
+    name: str
+    title: str = ""
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01  # FedProx only
+    rounds: int = 10
+    local_iterations: int = 20  # optimisation steps per site and round
+    batch_size: int = 2
+    learning_rate: float = 2e-3
+    architecture: str = "UNet"
+    architecture_args: dict | None = None
+    spacing: list | None = None  # i, j, k mm; default: the median of the sites' median spacings
+    patch_size: list | None = None  # i, j, k voxels; default: from the sites' median extent
+    fast_spacing: list | None = None
+    mirror_axes: list = field(default_factory=list)
+    validation: str | None = None  # a data set the server scores the global weights on
+    validate_every: int = 1  # rounds between scorings (the last round is always scored)
+    seed: int = 0
+    device: str = "cpu"
+    intended_use: str = "Research use only; not for clinical use"
+    licence: str = "Apache-2.0"
+
+
+# ---------------------------------------------------------------- the site (ClientApp) side
+
+def site_fingerprint(folder: str | Path) -> dict:
+    """What a site tells the server about its data set: no images, only aggregate statistics."""
+    dataset = read_dataset(folder)
+    extents = [np.asarray(read_volume(case.images[0]).spacing) * read_volume(case.images[0]).array.shape[::-1]
+               for case in dataset.cases]
+    return {"site": Path(folder).name, "cases": len(dataset.cases), "spacing": median_spacing(dataset),
+            "extent_mm": [float(v) for v in np.median(extents, axis=0)],
+            "channels": channel_normalisation(dataset), "labels": dataset.label_entries}
+
+
+@lru_cache(maxsize=4)
+def _site_cases(folder: str, plan_json: str) -> tuple:
+    """A site's cases on the plan's grid, loaded once per process (sites keep their actor between rounds)."""
+    plan = json.loads(plan_json)
+    dataset = read_dataset(folder)
+    return tuple(load_case(case, plan["channels"], plan["spacing"]) for case in dataset.cases)
+
+
+def _network(plan: dict) -> torch.nn.Module:
+    return build_network(plan["architecture"], len(plan["channels"]), plan["num_classes"])
+
+
+def train_at_site(folder: str | Path, plan: dict, weights: dict, server_round: int, proximal_mu: float = 0.0,
+                  device: str = "cpu") -> tuple[dict, dict]:
+    """Train the global ``weights`` for ``plan["local_iterations"]`` steps on the site's cases;
+    returns the new weights and the metrics to report (case count, mean loss)."""
+    cases = _site_cases(str(folder), json.dumps(plan, sort_keys=True))
+    seed = plan["seed"] * 100_003 + server_round * 101 + zlib.crc32(Path(folder).name.encode())
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    patch_zyx = tuple(plan["patch_size"][::-1])
+    sampler = PatchSampler(list(cases), patch_zyx, plan["num_classes"], plan["mirror_axes"])
+    sampler.reseed(seed)
+    network = _network(plan)
+    network.load_state_dict(weights)
+    network = network.to(device).train()
+    anchor = [p.detach().clone() for p in network.parameters()] if proximal_mu > 0 else None
+    optimiser = torch.optim.AdamW(network.parameters(), lr=plan["learning_rate"], weight_decay=1e-5)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    steps, total = plan["local_iterations"], plan["local_iterations"] * plan["rounds"]
+    losses = []
+    for step in range((server_round - 1) * steps, server_round * steps):
+        for group in optimiser.param_groups:
+            group["lr"] = plan["learning_rate"] * (1 - step / total) ** 0.9
+        images, targets = sampler.batch(plan["batch_size"], device)
+        optimiser.zero_grad(set_to_none=True)
+        loss = loss_fn(network(images), targets)
+        if anchor is not None:  # FedProx: stay near the global weights
+            loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(network.parameters(), anchor))
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    state = {key: value.detach().cpu() for key, value in network.state_dict().items()}
+    return state, {"num-examples": len(cases), "train-loss": float(np.mean(losses))}
+
+
+def client_app(sites: list[str] | None = None):
+    """The Flower ClientApp of a site. Its data set folder is the SuperNode's ``data-folder`` node
+    setting, or in a simulation ``sites[partition-id]``."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    def folder_of(context) -> str:
+        if DATA_FOLDER_KEY in context.node_config:
+            return str(context.node_config[DATA_FOLDER_KEY])
+        return sites[int(context.node_config["partition-id"])]
+
+    @app.query()
+    def fingerprint(message: Message, context) -> Message:
+        record = ConfigRecord({"fingerprint": json.dumps(site_fingerprint(folder_of(context)))})
+        return Message(RecordDict({"fingerprint": record}), reply_to=message)
+
+    @app.train()
+    def train(message: Message, context) -> Message:
+        config = message.content["config"]
+        plan = json.loads(str(config["plan"]))
+        torch.set_num_threads(max(1, int(plan.get("threads", 1))))
+        weights = message.content["arrays"].to_torch_state_dict()
+        state, metrics = train_at_site(folder_of(context), plan, weights, int(config["server-round"]),
+                                       float(config.get("proximal-mu", 0.0)), plan["device"])
+        content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
+        return Message(content, reply_to=message)
+
+    return app
+
+
+# ---------------------------------------------------------------- the server (ServerApp) side
+
+def make_plan(config: FederatedConfig, fingerprints: list[dict]) -> dict:
+    """The training plan every site follows, from the sites' fingerprints and the configuration."""
+    first = fingerprints[0]
+    for other in fingerprints[1:]:
+        if [c["name"] for c in other["channels"]] != [c["name"] for c in first["channels"]]:
+            raise InputError("The sites' data sets have different image channels: "
+                             f"{[c['name'] for c in first['channels']]} and {[c['name'] for c in other['channels']]}")
+        if {e["value"]: e["name"] for e in other["labels"]} != {e["value"]: e["name"] for e in first["labels"]}:
+            raise InputError("The sites' data sets name their labels differently; every site needs the same labels")
+    weights = np.array([f["cases"] for f in fingerprints], float)
+    channels = []
+    for index, channel in enumerate(first["channels"]):
+        scheme = channel["normalisation"]
+        if scheme["scheme"] == "ct":  # the case-weighted mean of the sites' CT statistics
+            per_site = [f["channels"][index]["normalisation"] for f in fingerprints]
+            scheme = {"scheme": "ct", "clip": [float(np.average([s["clip"][n] for s in per_site], weights=weights))
+                                               for n in (0, 1)],
+                      **{key: float(np.average([s[key] for s in per_site], weights=weights)) for key in ("mean", "std")}}
+        channels.append({"name": channel["name"], "normalisation": scheme})
+    spacing = config.spacing or [float(v) for v in np.median([f["spacing"] for f in fingerprints], axis=0)]
+    extent = np.median([f["extent_mm"] for f in fingerprints], axis=0)
+    patch = config.patch_size or [int(min(128, max(16, 16 * round(e / s / 16)))) for e, s in zip(extent, spacing)]
+    labels = first["labels"]
+    return {"channels": channels, "spacing": spacing, "patch_size": patch, "labels": labels,
+            "num_classes": max(e["value"] for e in labels) + 1,
+            "architecture": {"name": config.architecture,
+                             "args": config.architecture_args or DEFAULT_ARGUMENTS.get(config.architecture, {})},
+            "mirror_axes": list(config.mirror_axes), "local_iterations": config.local_iterations,
+            "rounds": config.rounds, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
+            "seed": config.seed, "device": config.device}
+
+
+def run_server(grid, config: FederatedConfig, progress=None) -> Path:
+    """The server's whole run on a Flower ``Grid``: fingerprint, rounds, model card; returns the card."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedAvg, FedProx
+
+    if config.strategy not in STRATEGIES:
+        raise InputError(f"Unknown strategy '{config.strategy}' (known: {', '.join(STRATEGIES)})")
+    progress = progress or (lambda fraction, message: None)
+    started = time.time()
+    nodes = _wait_for_sites(grid, len(config.sites))
+    replies = list(grid.send_and_receive([Message(RecordDict(), node, "query") for node in nodes]))
+    failed = [reply.error.reason for reply in replies if reply.has_error()]
+    if failed or len(replies) != len(nodes):
+        raise InputError(f"A site could not report its data set: {failed[0] if failed else 'no reply'}")
+    fingerprints = [json.loads(str(reply.content["fingerprint"]["fingerprint"])) for reply in replies]
+    plan = make_plan(config, fingerprints)
+    plan["threads"] = int(os.environ.get("AIRECONSTRUCT_SITE_THREADS", torch.get_num_threads()))
+    progress(0.0, f"{len(nodes)} sites, {sum(f['cases'] for f in fingerprints)} cases; "
+                  f"spacing {plan['spacing']}, patch {plan['patch_size']}")
+
+    torch.manual_seed(config.seed)
+    network = _network(plan)
+    validation = _validation_cases(config.validation, plan)
+    history = []
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+
+    def evaluate(server_round: int, arrays) -> MetricRecord:
+        row = {"round": server_round, "seconds": round(time.time() - started, 1)}
+        if validation and (server_round % config.validate_every == 0 or server_round == config.rounds):
+            network.load_state_dict(arrays.to_torch_state_dict())
+            dice = _validate(network, validation, tuple(plan["patch_size"][::-1]), torch.device("cpu"),
+                             plan["num_classes"])
+            row["val_mean_dice"] = float(np.mean(list(dice.values()))) if dice else 0.0
+        history.append(row)
+        write_csv(output / "federated_log.csv", history)
+        progress(server_round / config.rounds, f"round {server_round}/{config.rounds} "
+                                                f"val Dice {row.get('val_mean_dice', '-')}")
+        return MetricRecord({key: value for key, value in row.items() if key != "round"})
+
+    strategy_class = FedProx if config.strategy == "fedprox" else FedAvg
+    options = {"proximal_mu": config.proximal_mu} if config.strategy == "fedprox" else {}
+    strategy = strategy_class(fraction_evaluate=0.0, min_train_nodes=len(nodes), min_available_nodes=len(nodes),
+                              **options)
+    result = strategy.start(grid, ArrayRecord(network.state_dict()), num_rounds=config.rounds,
+                            train_config=ConfigRecord({"plan": json.dumps(plan)}), evaluate_fn=evaluate)
+    if len(history) != config.rounds + 1:
+        raise InputError("Federated training stopped early: a site failed (see the log above)")
+    network.load_state_dict(result.arrays.to_torch_state_dict())
+    _save_weights(network, output / WEIGHTS_FILE)
+    config.patch_size, config.architecture_args = plan["patch_size"], plan["architecture"]["args"]
+    training = {"federated": {"framework": "Flower", "strategy": config.strategy, "sites": len(nodes),
+                              "cases_per_site": {f["site"]: f["cases"] for f in fingerprints}, "rounds": config.rounds,
+                              "local_iterations": config.local_iterations},
+                "validation_mean_dice": history[-1].get("val_mean_dice"),
+                "minutes": round((time.time() - started) / 60, 1), "config": asdict(config)}
+    card = trained_card(config, output, plan["channels"], plan["labels"], plan["spacing"],
+                        f"{config.architecture} trained by aireconstruct federated across {len(nodes)} sites",
+                        training)
+    return write_card(card, output)
+
+
+def _wait_for_sites(grid, count: int, timeout: float = 600.0) -> list[int]:
+    """The node ids of the ``count`` sites, once all have connected."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < count:
+        if time.monotonic() > deadline:
+            raise InputError(f"Only {len(nodes)} of {count} sites connected within {timeout:.0f} s")
+        time.sleep(0.5)
+    return nodes
+
+
+def _validation_cases(folder: str | None, plan: dict) -> list:
+    if not folder:
+        return []
+    return list(_site_cases(str(folder), json.dumps(plan, sort_keys=True)))
+
+
+def server_app(config: FederatedConfig, progress=None):
+    """The Flower ServerApp that runs :func:`run_server` with ``config``."""
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context) -> None:
+        run_server(grid, config, progress)
+
+    return app
+
+
+def simulate(config: FederatedConfig, progress=None) -> Path:
+    """Run federated training in Flower's simulation runtime on this machine, one virtual site per
+    data set folder in ``config.sites``, one site training at a time; returns the model card."""
+    from flwr.simulation import run_simulation
+
+    for folder in config.sites:
+        read_dataset(folder)  # a missing or empty site fails here, before Ray starts
+    output = Path(config.output)
+    (output / "card.json").unlink(missing_ok=True)
+    cpus = os.cpu_count() or 1
+    os.environ.setdefault("AIRECONSTRUCT_SITE_THREADS", str(cpus))
+    backend = {"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+               "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True}}
+    run_simulation(server_app(config, progress), client_app([str(Path(s).resolve()) for s in config.sites]),
+                   num_supernodes=len(config.sites), backend_config=backend)
+    if not (output / "card.json").is_file():
+        raise InputError("Federated training did not finish; see the Flower log above")
+    return output / "card.json"
