@@ -15,7 +15,7 @@ from AIReconstructLib.cli import main  # noqa: E402
 from AIReconstructLib.dataset import write_phantom_dataset  # noqa: E402
 from AIReconstructLib.errors import InputError  # noqa: E402
 from AIReconstructLib.federated import (FederatedConfig, _network, make_plan, simulate,  # noqa: E402
-                                        site_fingerprint, train_at_site)
+                                        privacy_spent, site_fingerprint, train_at_site)
 from AIReconstructLib.modelcard import load_card  # noqa: E402
 
 TINY_UNET = {"channels": [4, 8], "strides": [2], "num_res_units": 0}
@@ -101,3 +101,19 @@ def test_a_site_without_a_data_set_stops_the_run_before_any_training(sites, tmp_
     with pytest.raises(InputError, match="missing is not a data set"):
         simulate(_config(tmp_path, [folders[0], str(tmp_path / "missing")]))
     assert not (tmp_path / "out").exists()
+
+
+def test_differential_privacy_reports_each_sites_budget(sites, tmp_path):
+    _, folders, _ = sites
+    config = _config(tmp_path, folders, dp_noise_multiplier=1.0, dp_max_grad_norm=1.0, batch_size=1)
+    card = load_card(simulate(config))
+    privacy = card.data["training"]["privacy"]
+    assert privacy["unit"] == "patient" and privacy["delta"] == 1e-5
+    spent = privacy["epsilon_per_site"]
+    steps = config.rounds * config.local_iterations
+    assert spent["site_1"] == pytest.approx(privacy_spent(privacy, 2, config.batch_size, steps), abs=1e-3)
+    assert spent["site_1"] < spent["site_0"] == spent["site_2"]  # more patients, less spent each
+    epsilons = [float(row.split(",")[-1]) for row in (tmp_path / "out" / "federated_log.csv").read_text().split()[2:]]
+    assert len(epsilons) == 2 and epsilons[0] < epsilons[1] == pytest.approx(max(spent.values()), abs=1e-3)
+    with pytest.raises(InputError, match="use FedAvg with differential privacy"):
+        simulate(_config(tmp_path, folders, dp_noise_multiplier=1.0, strategy="fedprox"))

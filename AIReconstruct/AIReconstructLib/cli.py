@@ -310,8 +310,8 @@ def cmd_federated(args, reporter: Reporter) -> None:
         proximal_mu=args.proximal_mu, rounds=args.rounds, local_iterations=args.local_iterations,
         batch_size=args.batch_size, learning_rate=args.learning_rate, architecture=args.architecture,
         architecture_args=architecture_arguments(args), spacing=args.spacing, patch_size=args.patch_size,
-        mirror_axes=args.mirror_axes, validation=args.validation,
-        validate_every=args.validate_every, seed=args.seed, device=args.device, intended_use=args.intended_use,
+        mirror_axes=args.mirror_axes, validation=args.validation, dp_noise_multiplier=args.dp_noise_multiplier,
+        dp_max_grad_norm=args.dp_max_grad_norm, dp_delta=args.dp_delta, validate_every=args.validate_every, seed=args.seed, device=args.device, intended_use=args.intended_use,
         licence=args.licence)
     card_path = simulate(config, reporter.progress)
     training = json.loads(card_path.read_text(encoding="utf-8"))["training"]
@@ -548,6 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, nargs=3, help="target spacing i j k (mm); default from the sites")
     p.add_argument("--patch-size", type=int, nargs=3, help="patch size i j k (voxels); default from the sites")
     p.add_argument("--mirror-axes", type=int, nargs="*", default=[], choices=[0, 1, 2])
+    p.add_argument("--dp-noise-multiplier", type=float,
+                   help="differential privacy: DP-SGD at every site with this noise multiplier (Opacus)")
+    p.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="DP-SGD's per-patient gradient clipping")
+    p.add_argument("--dp-delta", type=float, default=1e-5, help="the delta of the reported (epsilon, delta)")
     p.add_argument("--validation", help="data set the server scores the global model on (simulation only)")
     p.add_argument("--validate-every", type=int, default=1, help="rounds between scorings")
     p.add_argument("--seed", type=int, default=0)

@@ -14,7 +14,10 @@ The run, from the server's side:
 2. *rounds* (FedAvg or FedProx): the global weights go to every site, which trains them for
    ``local_iterations`` steps on its own patches (Dice + cross-entropy, AdamW, a poly learning rate
    over all rounds; FedProx adds the proximal term mu/2 ||w - w_global||^2) and sends them back;
-   the server averages them weighted by the sites' case counts.
+   the server averages them weighted by the sites' case counts. With differential privacy each site
+   trains by DP-SGD (Opacus): patients are drawn by Poisson sampling, each patient's gradient is
+   clipped and Gaussian noise is added, and the server reports every site's privacy budget
+   (epsilon at delta, RDP accounting over all its steps; the unit of privacy is one patient).
 3. after each round the server may score the global weights on a validation data set (simulation
    and benchmarks only: a real server holds no images); the last weights become a model card.
 """
@@ -65,6 +68,9 @@ class FederatedConfig:
     patch_size: list | None = None  # i, j, k voxels; default: from the sites' median extent
     fast_spacing: list | None = None
     mirror_axes: list = field(default_factory=list)
+    dp_noise_multiplier: float | None = None  # differential privacy (DP-SGD at every site) when set
+    dp_max_grad_norm: float = 1.0  # per-patient gradient clipping
+    dp_delta: float = 1e-5
     validation: str | None = None  # a data set the server scores the global weights on
     validate_every: int = 1  # rounds between scorings (the last round is always scored)
     seed: int = 0
@@ -114,22 +120,64 @@ def train_at_site(folder: str | Path, plan: dict, weights: dict, server_round: i
     network = network.to(device).train()
     anchor = [p.detach().clone() for p in network.parameters()] if proximal_mu > 0 else None
     optimiser = torch.optim.AdamW(network.parameters(), lr=plan["learning_rate"], weight_decay=1e-5)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    privacy = plan.get("privacy")
+    if privacy:
+        trained, optimiser = _private(network, optimiser, privacy, plan["batch_size"])
+        rate, rng = sampling_rate(plan["batch_size"], len(cases)), np.random.default_rng(seed)
+    else:
+        trained = network
+    # with privacy the loss is a mean of per-patient terms, as DP-SGD's per-sample gradients need
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=not privacy)
     steps, total = plan["local_iterations"], plan["local_iterations"] * plan["rounds"]
     losses = []
     for step in range((server_round - 1) * steps, server_round * steps):
         for group in optimiser.param_groups:
             group["lr"] = plan["learning_rate"] * (1 - step / total) ** 0.9
-        images, targets = sampler.batch(plan["batch_size"], device)
         optimiser.zero_grad(set_to_none=True)
-        loss = loss_fn(network(images), targets)
+        if privacy:
+            chosen = np.flatnonzero(rng.random(len(cases)) < rate).tolist()  # Poisson sampling of patients
+            if not chosen:  # nobody drawn: the step is noise only
+                for parameter in trained.parameters():
+                    parameter.grad_sample = torch.zeros((0, *parameter.shape), device=parameter.device)
+                optimiser.step()
+                continue
+            images, targets = sampler.patches(chosen, device)
+        else:
+            images, targets = sampler.batch(plan["batch_size"], device)
+        loss = loss_fn(trained(images), targets)
         if anchor is not None:  # FedProx: stay near the global weights
             loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(network.parameters(), anchor))
         loss.backward()
         optimiser.step()
         losses.append(loss.item())
     state = {key: value.detach().cpu() for key, value in network.state_dict().items()}
-    return state, {"num-examples": len(cases), "train-loss": float(np.mean(losses))}
+    return state, {"num-examples": len(cases), "train-loss": float(np.mean(losses)) if losses else 0.0}
+
+
+def sampling_rate(batch_size: int, cases: int) -> float:
+    """The chance that a patient is in one DP-SGD step (Poisson sampling, ``batch_size`` expected)."""
+    return min(1.0, batch_size / cases)
+
+
+def _private(network, optimiser, privacy: dict, batch_size: int):
+    """Opacus's per-patient gradients and DP-SGD optimiser around a network and its optimiser."""
+    try:
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+    except ModuleNotFoundError:
+        raise InputError("Differential privacy needs Opacus: pip install opacus") from None
+    return GradSampleModule(network), DPOptimizer(optimiser, noise_multiplier=privacy["noise_multiplier"],
+                                                  max_grad_norm=privacy["max_grad_norm"],
+                                                  expected_batch_size=batch_size)
+
+
+def privacy_spent(privacy: dict, cases: int, batch_size: int, steps: int) -> float:
+    """A site's epsilon (at ``privacy["delta"]``) after ``steps`` DP-SGD steps, by RDP accounting."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(privacy["noise_multiplier"], sampling_rate(batch_size, cases), steps)]
+    return float(accountant.get_epsilon(privacy["delta"]))
 
 
 def client_app(sites: list[str] | None = None):
@@ -195,7 +243,9 @@ def make_plan(config: FederatedConfig, fingerprints: list[dict]) -> dict:
                              "args": config.architecture_args or DEFAULT_ARGUMENTS.get(config.architecture, {})},
             "mirror_axes": list(config.mirror_axes), "local_iterations": config.local_iterations,
             "rounds": config.rounds, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
-            "seed": config.seed, "device": config.device}
+            "seed": config.seed, "device": config.device,
+            "privacy": {"noise_multiplier": config.dp_noise_multiplier, "max_grad_norm": config.dp_max_grad_norm,
+                        "delta": config.dp_delta} if config.dp_noise_multiplier else None}
 
 
 def run_server(grid, config: FederatedConfig, progress=None) -> Path:
@@ -205,6 +255,9 @@ def run_server(grid, config: FederatedConfig, progress=None) -> Path:
 
     if config.strategy not in STRATEGIES:
         raise InputError(f"Unknown strategy '{config.strategy}' (known: {', '.join(STRATEGIES)})")
+    if config.dp_noise_multiplier and config.strategy == "fedprox":
+        raise InputError("FedProx's proximal term is not part of DP-SGD's per-patient gradients: use FedAvg "
+                         "with differential privacy")
     progress = progress or (lambda fraction, message: None)
     started = time.time()
     nodes = _wait_for_sites(grid, len(config.sites))
@@ -227,6 +280,9 @@ def run_server(grid, config: FederatedConfig, progress=None) -> Path:
 
     def evaluate(server_round: int, arrays) -> MetricRecord:
         row = {"round": server_round, "seconds": round(time.time() - started, 1)}
+        if plan["privacy"]:  # the largest privacy budget any site has spent so far
+            row["epsilon"] = max(privacy_spent(plan["privacy"], f["cases"], config.batch_size,
+                                               server_round * config.local_iterations) for f in fingerprints)
         if validation and (server_round % config.validate_every == 0 or server_round == config.rounds):
             network.load_state_dict(arrays.to_torch_state_dict())
             dice = _validate(network, validation, tuple(plan["patch_size"][::-1]), torch.device("cpu"),
@@ -253,6 +309,11 @@ def run_server(grid, config: FederatedConfig, progress=None) -> Path:
                               "cases_per_site": {f["site"]: f["cases"] for f in fingerprints}, "rounds": config.rounds,
                               "local_iterations": config.local_iterations},
                 "validation_mean_dice": history[-1].get("val_mean_dice"),
+                "privacy": plan["privacy"] and {
+                    **plan["privacy"], "unit": "patient", "accounting": "RDP (Opacus)",
+                    "epsilon_per_site": {f["site"]: round(privacy_spent(plan["privacy"], f["cases"], config.batch_size,
+                                                                        config.rounds * config.local_iterations), 3)
+                                         for f in fingerprints}},
                 "minutes": round((time.time() - started) / 60, 1), "config": asdict(config)}
     card = trained_card(config, output, plan["channels"], plan["labels"], plan["spacing"],
                         f"{config.architecture} trained by aireconstruct federated across {len(nodes)} sites",

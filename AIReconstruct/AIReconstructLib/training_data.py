@@ -122,7 +122,12 @@ class PatchSampler:
         self.allowed = list(allowed) if allowed is not None else list(range(len(self.items)))
 
     def batch(self, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        samples = [self.transform(self.items[random.choice(self.allowed)])[0] for _ in range(size)]
+        """``size`` augmented patches of cases drawn at random (with replacement)."""
+        return self.patches([random.choice(self.allowed) for _ in range(size)], device)
+
+    def patches(self, indices: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """One augmented patch of each case in ``indices``: images and labels batched on ``device``."""
+        samples = [self.transform(self.items[index])[0] for index in indices]
         images = torch.stack([torch.as_tensor(s["image"]) for s in samples]).to(device)
         labels = torch.stack([torch.as_tensor(s["label"]) for s in samples]).to(device)
         return images.as_subclass(torch.Tensor), labels.as_subclass(torch.Tensor)
