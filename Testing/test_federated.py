@@ -3,6 +3,12 @@ proximal term, and a whole simulated run of three sites whose first round is che
 FedAvg computed by hand from each site's own training."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,3 +123,56 @@ def test_differential_privacy_reports_each_sites_budget(sites, tmp_path):
     assert len(epsilons) == 2 and epsilons[0] < epsilons[1] == pytest.approx(max(spent.values()), abs=1e-3)
     with pytest.raises(InputError, match="use FedAvg with differential privacy"):
         simulate(_config(tmp_path, folders, dp_noise_multiplier=1.0, strategy="fedprox"))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for_port(port: int, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+def test_the_flower_app_runs_on_a_real_superlink_with_three_supernodes(sites, tmp_path):
+    """The deployment path of docs/federated.md on one machine: a SuperLink, one SuperNode process per
+    site naming its data folder, and ``flwr run`` of the project's Flower App (without TLS here)."""
+    _, folders, _ = sites
+    bin_folder = Path(sys.executable).parent
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "PATH": f"{bin_folder}{os.pathsep}{os.environ['PATH']}"}
+    link = _free_port()
+    (tmp_path / "flwr").mkdir()
+    (tmp_path / "flwr" / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+    processes = [subprocess.Popen([bin_folder / "flower-superlink", "--insecure", "--port", str(link),
+                                   "--disable-runtime-dependency-installation"], env=env, cwd=tmp_path,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        _wait_for_port(link)
+        for folder in folders:
+            processes.append(subprocess.Popen(
+                [bin_folder / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
+                 "--port", str(_free_port()), "--node-config", f'data-folder="{folder}"'],
+                env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        output = tmp_path / "model"
+        run = subprocess.run(
+            [bin_folder / "flwr", "run", str(Path(__file__).parents[1] / "federation"), "test", "--stream",
+             "--run-config", f'sites=3 rounds=1 local-iterations=1 output="{output}" name="deployed" '
+                             'patch-size="32 32 32" spacing="8 8 8"'],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert (output / "card.json").is_file(), run.stdout[-3000:] + run.stderr[-3000:]
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
+    card = load_card(output / "card.json")
+    assert card.name == "deployed" and card.data["training"]["federated"]["cases_per_site"] == \
+        {"site_0": 1, "site_1": 2, "site_2": 1}

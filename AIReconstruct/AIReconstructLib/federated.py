@@ -350,6 +350,29 @@ def server_app(config: FederatedConfig, progress=None):
     return app
 
 
+LIST_SETTINGS = ("spacing", "patch_size", "fast_spacing", "mirror_axes")  # "2 2 2" in a Flower run config
+
+
+def deployment_server_app():
+    """The ServerApp of a real deployment (``flwr run``): its settings come from the Flower App's run
+    config (``[tool.flwr.app.config]``, keys as :class:`FederatedConfig`'s with dashes), where
+    ``sites`` is the number of sites to wait for; lists are written as "2 2 2"."""
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context) -> None:
+        settings = {key.replace("-", "_"): value for key, value in context.run_config.items()}
+        for key in LIST_SETTINGS:
+            if key in settings:
+                settings[key] = [float(v) if key.endswith("spacing") else int(v) for v in str(settings[key]).split()]
+        sites = [f"site {n}" for n in range(int(settings.pop("sites")))]
+        run_server(grid, FederatedConfig(sites=sites, **settings))
+
+    return app
+
+
 def simulate(config: FederatedConfig, progress=None) -> Path:
     """Run federated training in Flower's simulation runtime on this machine, one virtual site per
     data set folder in ``config.sites``, one site training at a time; returns the model card."""
