@@ -23,7 +23,7 @@ import torch
 
 from AIReconstructLib import nnunet, nnunet_import
 from AIReconstructLib.cli import main
-from AIReconstructLib.errors import ModelCardError, WeightsError
+from AIReconstructLib.errors import InputError, ModelCardError, WeightsError
 from AIReconstructLib.io import read_volume, volume_to_sitk
 from AIReconstructLib.modelcard import load_card, save_card, verified_weight_paths
 from AIReconstructLib.phantom import make_phantom
@@ -187,3 +187,33 @@ def test_parts_run_in_turn_with_labels_numbered_on(nnunet_model, imported, tmp_p
     expected = np.where(separately[1] > 0, separately[1] + 9, separately[0])
     np.testing.assert_array_equal(merged, expected)
     assert (merged > 9).any() and ((merged > 0) & (merged <= 9)).any()
+
+
+def test_uncertainty_over_the_folds_ensemble(nnunet_model, imported, tmp_path):
+    """Every fold's mirrored copies are the members, so the labels are the ensemble's and, the
+    entropy being concave, the map is nowhere below the mean of the folds' own maps (and above it
+    where the folds differ)."""
+    image = make_phantom(12, spacing=(5.0, 5.0, 6.0), field_of_view_mm=(300.0, 230.0, 280.0)).image
+    card = load_card(imported)
+    plain = segment([image], card, SegmentOptions(device="cpu", tta=True, postprocess=False))
+    result = segment([image], card, SegmentOptions(device="cpu", uncertainty=True, postprocess=False))
+    assert np.mean(result.labelmap.array == plain.labelmap.array) > 0.9999
+    uncertainty = result.uncertainty.array
+    assert result.uncertainty.same_grid(image) and 0 <= uncertainty.min() and uncertainty.max() <= 1
+    assert 0 <= result.probability.array.min() and result.probability.array.max() <= 1
+    assert result.confidence and all(0 <= c["member_dice"] <= 1 for c in result.confidence.values())
+
+    folds = []
+    for fold in ("0", "1"):
+        save_card(nnunet_import.import_nnunet(nnunet_model, folds=[fold]), tmp_path / fold)
+        folds.append(segment([image], load_card(tmp_path / fold),
+                             SegmentOptions(device="cpu", uncertainty=True, postprocess=False)).uncertainty.array)
+    mean_of_folds = (folds[0] + folds[1]) / 2
+    assert (uncertainty >= mean_of_folds - 1e-4).all() and (uncertainty > mean_of_folds + 1e-3).mean() > 0.1
+
+    first = nnunet_import.import_nnunet(nnunet_model, folds=["0"])
+    second = nnunet_import.import_nnunet(nnunet_model, folds=["1"], label_info={name: {"name": f"{name} (part 2)"}
+                                                                         for name in LABELS})
+    save_card(nnunet_import.combine_parts([first, second], "two-parts", "Two parts"), tmp_path / "combined")
+    with pytest.raises(InputError, match="not available for models combined from several nnU-Net models"):
+        segment([image], load_card(tmp_path / "combined"), SegmentOptions(device="cpu", uncertainty=True))

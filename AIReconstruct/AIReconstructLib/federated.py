@@ -40,8 +40,8 @@ from monai.losses import DiceCELoss
 from .dataset import read_dataset
 from .errors import InputError
 from .io import read_volume, write_csv
-from .training import WEIGHTS_FILE, _save_weights, _validate, trained_card, write_card
 from .networks import DEFAULT_ARGUMENTS, build_network
+from .training import WEIGHTS_FILE, trained_card, validation_dice, write_card, write_weights
 from .training_data import PatchSampler, channel_normalisation, load_case, median_spacing
 
 STRATEGIES = ("fedavg", "fedprox")
@@ -84,8 +84,8 @@ class FederatedConfig:
 def site_fingerprint(folder: str | Path) -> dict:
     """What a site tells the server about its data set: no images, only aggregate statistics."""
     dataset = read_dataset(folder)
-    extents = [np.asarray(read_volume(case.images[0]).spacing) * read_volume(case.images[0]).array.shape[::-1]
-               for case in dataset.cases]
+    images = [read_volume(case.images[0]) for case in dataset.cases]
+    extents = [np.asarray(image.spacing) * image.array.shape[::-1] for image in images]  # i, j, k mm
     return {"site": Path(folder).name, "cases": len(dataset.cases), "spacing": median_spacing(dataset),
             "extent_mm": [float(v) for v in np.median(extents, axis=0)],
             "channels": channel_normalisation(dataset), "labels": dataset.label_entries}
@@ -285,7 +285,7 @@ def run_server(grid, config: FederatedConfig, progress=None) -> Path:
                                                server_round * config.local_iterations) for f in fingerprints)
         if validation and (server_round % config.validate_every == 0 or server_round == config.rounds):
             network.load_state_dict(arrays.to_torch_state_dict())
-            dice = _validate(network, validation, tuple(plan["patch_size"][::-1]), torch.device("cpu"),
+            dice = validation_dice(network, validation, tuple(plan["patch_size"][::-1]), torch.device("cpu"),
                              plan["num_classes"])
             row["val_mean_dice"] = float(np.mean(list(dice.values()))) if dice else 0.0
         history.append(row)
@@ -303,7 +303,7 @@ def run_server(grid, config: FederatedConfig, progress=None) -> Path:
     if len(history) != config.rounds + 1:
         raise InputError("Federated training stopped early: a site failed (see the log above)")
     network.load_state_dict(result.arrays.to_torch_state_dict())
-    _save_weights(network, output / WEIGHTS_FILE)
+    write_weights(network, output / WEIGHTS_FILE)
     config.patch_size, config.architecture_args = plan["patch_size"], plan["architecture"]["args"]
     training = {"federated": {"framework": "Flower", "strategy": config.strategy, "sites": len(nodes),
                               "cases_per_site": {f["site"]: f["cases"] for f in fingerprints}, "rounds": config.rounds,

@@ -27,7 +27,8 @@ from .errors import InputError, ModelCardError, WeightsError
 from .modelcard import ModelCard, verified_weight_paths
 from .networks import load_pickled_weights
 from .predict import CancelCheck, Predictor, ProgressCallback
-from .preprocess import from_canonical, normalise, reorientation_of, resample_argmax, to_canonical
+from .preprocess import from_canonical, normalise, reorientation_of, resample, resample_argmax, to_canonical
+from .uncertainty import chosen_probability, member_agreement, normalised_entropy
 
 ARCHITECTURE_NAME = "nnUNet"
 ANISOTROPY_THRESHOLD = 3  # nnU-Net resamples the coarse axis separately beyond this spacing ratio
@@ -154,33 +155,38 @@ def _nonzero_box(arrays: list[np.ndarray]) -> tuple[tuple[slice, ...], np.ndarra
 def predict_labels(channels, card: ModelCard, options, progress: ProgressCallback | None = None,
                    cancel: CancelCheck | None = None):
     """The label map ``[k, j, i]`` of an imported nnU-Net model (or of several, see
-    :func:`combine_parts`) on the input's grid, and stage times (``options``: the pipeline's
-    SegmentOptions: device, tta, cpu_bfloat16)."""
+    :func:`combine_parts`) on the input's grid, stage times, and with ``options.uncertainty`` the
+    uncertainty maps over the folds' ensemble (as the pipeline's, else an empty dict). ``options``:
+    the pipeline's SegmentOptions (device, tta, uncertainty, cpu_bfloat16)."""
     args = card.data["architecture"]["args"]
     report = progress or (lambda fraction, message: None)
     paths = verified_weight_paths(card)
     parts = args.get("parts") or [{**args, "weights": list(range(len(paths))), "label_offset": 0,
                                     "classes": card.num_classes}]
+    if options.uncertainty and len(parts) > 1:
+        raise InputError(f"Uncertainty maps are not available for models combined from several nnU-Net models "
+                         f"such as '{card.name}'")
     seconds, merged = {}, None
     for number, part in enumerate(parts):
         def part_report(fraction, message, n=number):
             prefix = f"part {n + 1}/{len(parts)}: " if len(parts) > 1 else ""
             report((n + fraction) / len(parts), prefix + message)
 
-        labels = _predict_part(channels, card, part, [paths[i] for i in part["weights"]], options, part_report,
-                               cancel, seconds)
+        labels, maps = _predict_part(channels, card, part, [paths[i] for i in part["weights"]], options,
+                                     part_report, cancel, seconds)
         if len(parts) == 1:
-            return labels, seconds
+            return labels, seconds, maps
         if merged is None:
             merged = np.zeros(labels.shape, np.uint8 if card.num_classes <= 256 else np.uint16)
         found = labels > 0
         merged[found] = labels[found].astype(merged.dtype) + part["label_offset"]
-    return merged, seconds
+    return merged, seconds, {}
 
 
 def _predict_part(channels, card: ModelCard, args: dict, paths: list[Path], options, report: ProgressCallback,
-                  cancel: CancelCheck | None, seconds: dict) -> np.ndarray:
-    """One nnU-Net model (its folds ensembled) on the input's grid; adds its stage times to ``seconds``."""
+                  cancel: CancelCheck | None, seconds: dict) -> tuple[np.ndarray, dict]:
+    """One nnU-Net model (its folds ensembled) on the input's grid, and with ``options.uncertainty``
+    the uncertainty maps whose members are every fold's mirrored copies; adds stage times to ``seconds``."""
     def timed(stage, started):
         seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - started
 
@@ -214,21 +220,34 @@ def _predict_part(channels, card: ModelCard, args: dict, paths: list[Path], opti
     started = time.perf_counter()
     predictor = Predictor(network, args["patch_size"], card.inference["overlap"], options.device,
                           cpu_bfloat16=options.cpu_bfloat16)
-    mirror_axes = card.inference["mirror_axes"] if options.tta else ()
+    members = options.uncertainty
+    mirror_axes = card.inference["mirror_axes"] if options.tta or members else ()
     image = torch.from_numpy(network_input)
-    logits = None
+    logits, fold_members = None, []
     for number, state in enumerate(states):
         try:
             network.load_state_dict(state, strict=True)
         except RuntimeError as error:
             raise WeightsError(f"Checkpoint {paths[number].name} does not fit the plans' network: "
                                f"{str(error).splitlines()[0]}") from None
-        fold_logits = predictor(image, mirror_axes, cancel=cancel, progress=lambda f, message, n=number: report(
-            0.05 + 0.85 * (n + f) / len(states), f"fold {n + 1}/{len(states)}: {message}"))
+        fold_logits = predictor(image, mirror_axes, cancel=cancel, members=members, progress=lambda f, message,
+                                n=number: report(0.05 + 0.85 * (n + f) / len(states), f"fold {n + 1}/{len(states)}: {message}"))
+        if members:
+            fold_members.append(fold_logits)
+            continue
         with torch.inference_mode():  # the Predictor's outputs are inference tensors
             logits = fold_logits if logits is None else logits.add_(fold_logits)
+    maps = {}
     with torch.inference_mode():
-        logits /= len(states)
+        if members:  # [folds x mirrors, classes, z, y, x]
+            ensemble = torch.cat(fold_members)
+            del fold_members
+            maps = {"uncertainty": normalised_entropy(ensemble), "probability": chosen_probability(ensemble),
+                    "agreement": member_agreement(ensemble)}
+            logits = ensemble.mean(dim=0)
+            del ensemble
+        else:
+            logits /= len(states)
     timed("predict", started)
 
     started = time.perf_counter()
@@ -242,9 +261,17 @@ def _predict_part(channels, card: ModelCard, args: dict, paths: list[Path], opti
     labels = resample_argmax(logits.permute(0, *(1 + a for a in moved)), [cropped_shape[a] for a in moved],
                              nearest_first_axis=axis is not None)
     labels = labels.permute(*np.argsort(moved))
-    full = torch.zeros(full_shape, dtype=labels.dtype)
-    full[box] = labels
-    full = full.permute(*np.argsort(transpose))
-    result = from_canonical(full, how) if how else full
+
+    def to_input_grid(values: torch.Tensor, outside) -> np.ndarray:
+        """Paste a map of the cropped box into the whole image and undo the transpose and reorientation."""
+        full = torch.full(full_shape, outside, dtype=values.dtype)
+        full[box] = values
+        full = full.permute(*np.argsort(transpose))
+        return np.ascontiguousarray((from_canonical(full, how) if how else full).numpy())
+
+    result = to_input_grid(labels, 0)
+    for name, outside in (("uncertainty", 0.0), ("probability", 1.0)):  # outside the crop: background, sure
+        if name in maps:
+            maps[name] = to_input_grid(resample(maps[name][None].float(), cropped_shape)[0], outside)
     timed("resample back", started)
-    return np.ascontiguousarray(result.numpy())
+    return result, maps

@@ -126,10 +126,7 @@ def segment(channels: list[Volume], card: ModelCard, options: SegmentOptions = S
     card.spacing(options.fast)  # a fast mode the model lacks is an error before any work
     report = progress or (lambda fraction, message: None)
     if card.data["architecture"]["name"] == nnunet.ARCHITECTURE_NAME:
-        if options.uncertainty:
-            raise InputError(f"Uncertainty maps are not available yet for imported nnU-Net models such as '{card.name}'")
-        labels, seconds = nnunet.predict_labels(channels, card, options, report, cancel)
-        maps = {}
+        labels, seconds, maps = nnunet.predict_labels(channels, card, options, report, cancel)
     else:
         labels, seconds, maps = _predict_native(channels, card, options, report, cancel)
     labelmap = channels[0].with_array(labels if card.num_classes <= 256 else labels.astype(np.uint16))

@@ -147,9 +147,9 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
     if config.resume and (output / CHECKPOINT_FILE).is_file():
         state = _load_checkpoint(output / CHECKPOINT_FILE, network, optimiser, adversarial, device)
     elif base is not None and distributed.is_main:  # the base model's score is the one to beat
-        state["base_dice"] = state["best_dice"] = _mean_dice(_validate(network, val_cases, patch_zyx, device,
+        state["base_dice"] = state["best_dice"] = _mean_dice(validation_dice(network, val_cases, patch_zyx, device,
                                                                        num_classes)) if val_cases else -1.0
-        _save_weights(network, output / WEIGHTS_FILE)
+        write_weights(network, output / WEIGHTS_FILE)
     total_steps = config.epochs * config.iterations_per_epoch
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         epoch_seed = config.seed * 100_003 + epoch * 101 + distributed.rank
@@ -190,14 +190,14 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
         if distributed.is_main:
             last = epoch == config.epochs or out_of_time
             if val_cases and (epoch % config.validate_every == 0 or last):
-                dice = _validate(network, val_cases, patch_zyx, device, num_classes)
+                dice = validation_dice(network, val_cases, patch_zyx, device, num_classes)
                 row["val_mean_dice"] = _mean_dice(dice)
                 row.update({f"dice_{value}": round(d, 4) for value, d in dice.items()})
                 if row["val_mean_dice"] > state["best_dice"]:
                     state["best_dice"], state["best_epoch"] = row["val_mean_dice"], epoch
-                    _save_weights(network, output / WEIGHTS_FILE)
+                    write_weights(network, output / WEIGHTS_FILE)
             elif not val_cases:
-                _save_weights(network, output / WEIGHTS_FILE)
+                write_weights(network, output / WEIGHTS_FILE)
             state["history"].append(row)
             state["epoch"] = epoch
             write_csv(output / "training_log.csv", state["history"])
@@ -244,8 +244,8 @@ def _mean_dice(dice: dict[int, float]) -> float:
     return float(np.mean(list(dice.values()))) if dice else 0.0
 
 
-def _validate(network, cases, patch_zyx, device, num_classes) -> dict[int, float]:
-    """Mean Dice per label over the validation cases, on the model grid."""
+def validation_dice(network, cases, patch_zyx, device, num_classes) -> dict[int, float]:
+    """Mean Dice per label over validation cases (image, labels on the model grid), by sliding window."""
     predictor = Predictor(network, patch_zyx, overlap=0.25, device=device)
     per_label: dict[int, list[float]] = {value: [] for value in range(1, num_classes)}
     for image, labels in cases:
@@ -258,7 +258,8 @@ def _validate(network, cases, patch_zyx, device, num_classes) -> dict[int, float
     return {value: float(np.mean(scores)) for value, scores in per_label.items() if scores}
 
 
-def _save_weights(network, path: Path) -> None:
+def write_weights(network, path: Path) -> None:
+    """A network's weights as safetensors, written atomically."""
     with atomic_path(path) as tmp:
         save_weights(network, tmp)
 
