@@ -78,6 +78,27 @@ def test_uncertainty_leaves_the_tta_labels_unchanged(tiny_model, ct_volume):
     assert segment([ct_volume], card, SegmentOptions(device="cpu")).uncertainty is None
 
 
+def test_networks_with_dropout_add_monte_carlo_dropout_samples_to_the_members(tmp_path, ct_volume):
+    from conftest import tiny_card, write_model
+
+    card_data = tiny_card()
+    card_data["inference"] = {"overlap": 0.25, "mirror_axes": [], "dropout_samples": 6}  # no mirroring
+    without = load_card(write_model(tmp_path / "plain", json.loads(json.dumps(card_data))))
+    card_data["architecture"]["args"]["dropout"] = 0.3
+    with_dropout = load_card(write_model(tmp_path / "dropout", card_data))
+    options = SegmentOptions(device="cpu", uncertainty=True, postprocess=False)
+    single = segment([ct_volume], without, options)  # one member: it agrees with itself
+    assert single.confidence and all(c["member_dice"] == 1.0 for c in single.confidence.values())
+    sampled = segment([ct_volume], with_dropout, options)
+    assert any(c["member_dice"] < 1.0 for c in sampled.confidence.values())  # the samples differ
+    again = segment([ct_volume], with_dropout, options)
+    np.testing.assert_array_equal(again.uncertainty.array, sampled.uncertainty.array)  # reproducible
+    plain = segment([ct_volume], with_dropout, SegmentOptions(device="cpu", postprocess=False))
+    assert plain.uncertainty is None  # without --uncertainty, dropout stays off: the labels are deterministic
+    np.testing.assert_array_equal(plain.labelmap.array,
+                                  segment([ct_volume], with_dropout, SegmentOptions(device="cpu", postprocess=False)).labelmap.array)
+
+
 @pytest.mark.skipif(not BRATS.is_dir(), reason="../shared/data/Dataset001_BrainTumourFLAIR (real BraTS cases) is absent")
 def test_uncertainty_finds_the_brain_models_errors_on_a_held_out_case(tmp_path, capsys):
     image, reference = BRATS / "imagesTr" / "BRATS_004_0000.nii.gz", BRATS / "labelsTr" / "BRATS_004.nii.gz"

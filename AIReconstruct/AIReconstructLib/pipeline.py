@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from . import nnunet
 from .errors import InputError
@@ -21,7 +22,8 @@ from .networks import load_network
 from .postprocess import postprocess
 from .predict import CancelCheck, Predictor, ProgressCallback
 from .preprocess import in_array_order, prepare, restore_labels, restore_scalar
-from .uncertainty import chosen_probability, member_agreement, normalised_entropy, segment_confidence
+from .uncertainty import (DROPOUT_SAMPLES, chosen_probability, enable_dropout, member_agreement, normalised_entropy,
+                          segment_confidence)
 from .volume import Volume
 
 
@@ -97,8 +99,15 @@ def _predict_native(channels: list[Volume], card: ModelCard, options: SegmentOpt
     predictor = Predictor(network, in_array_order(card.patch_size, card.orientation), card.inference["overlap"],
                           options.device, cpu_bfloat16=options.cpu_bfloat16)
     mirror_axes = card.inference["mirror_axes"] if options.tta or options.uncertainty else ()
-    logits = predictor(prepared.tensor, mirror_axes, progress=lambda f, message: report(0.05 + 0.85 * f, message),
-                       cancel=cancel, members=options.uncertainty)
+    samples = 1
+    if options.uncertainty and enable_dropout(predictor.network):  # Monte-Carlo dropout
+        samples = card.inference.get("dropout_samples", DROPOUT_SAMPLES)
+        torch.manual_seed(0)  # the same map for the same input
+    runs = [predictor(prepared.tensor, mirror_axes, cancel=cancel, members=options.uncertainty,
+                      progress=lambda f, message, n=n: report(0.05 + 0.85 * (n + f) / samples, message))
+            for n in range(samples)]
+    logits = runs[0] if samples == 1 else torch.cat(runs)  # with several samples: [samples x mirrors, ...]
+    del runs
     maps = {}
     if options.uncertainty:
         maps = {"uncertainty": normalised_entropy(logits), "probability": chosen_probability(logits),

@@ -1,9 +1,10 @@
 """How sure the model is: a per-voxel uncertainty map, a confidence score per segment, the regions
 to check first, and how well the uncertainty finds the model's errors (docs/uncertainty.md).
 
-- Uncertainty: the entropy of the mean softmax over the test-time-augmentation members (each
-  mirrored copy the card allows; one member when it allows none), divided by log(classes) so that
-  it runs from 0 (certain) to 1 (all classes equally likely).
+- Uncertainty: the entropy of the mean softmax over the members (each mirrored copy the card
+  allows; for networks with dropout, each of several Monte-Carlo dropout samples of them; for
+  imported nnU-Net models, every fold's), divided by log(classes) so that it runs from 0 (certain)
+  to 1 (all classes equally likely).
 - Per segment: the mean uncertainty in the segment's boundary band (the voxels within one voxel of
   its surface, inside or out) and the agreement of the members with the result as mean Dice.
 - Flagged regions: connected regions where the uncertainty exceeds a threshold, largest first.
@@ -18,6 +19,18 @@ from scipy.stats import rankdata
 
 from .modelcard import Label
 from .volume import Volume
+
+
+DROPOUT_SAMPLES = 8  # Monte-Carlo dropout samples unless the card's inference.dropout_samples says otherwise
+
+
+def enable_dropout(network: torch.nn.Module) -> bool:
+    """Switch on the dropout layers of a network in evaluation mode (Monte-Carlo dropout); returns
+    whether it has any that drop something."""
+    layers = [m for m in network.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
+    for layer in layers:
+        layer.train()
+    return bool(layers)
 
 
 def normalised_entropy(member_logits: torch.Tensor) -> torch.Tensor:
