@@ -110,3 +110,32 @@ def test_two_gloo_processes_under_torchrun_keep_identical_weights(tmp_path, tiny
     assert result.returncode == 0, result.stderr[-2000:]
     card = json.loads((tmp_path / "ddp" / "card.json").read_text(encoding="utf-8"))
     assert card["training"]["processes"] == 2  # and check_in_sync found the ranks' weights identical
+
+
+def test_deep_supervision_weighs_every_head_and_the_card_predicts_with_the_main_one(tmp_path, tiny_dataset):
+    import torch
+
+    from AIReconstructLib.networks import DEFAULT_ARGUMENTS, build_network
+    from AIReconstructLib.training import main_output, segmentation_loss
+
+    args = {"kernel_size": [3, 3, 3, 3], "strides": [1, 2, 2, 2], "upsample_kernel_size": [2, 2, 2],
+            "filters": [4, 8, 16, 32], "deep_supervision": True, "deep_supr_num": 2}
+    network = build_network({"name": "DynUNet", "args": args}, 1, 3).train()
+    torch.manual_seed(0)
+    images, targets = torch.randn(2, 1, 32, 32, 32), torch.randint(0, 3, (2, 1, 32, 32, 32))
+    heads = network(images)
+    assert heads.shape == (2, 3, 3, 32, 32, 32)  # the full-resolution head and two deeper ones
+    plain = segmentation_loss(None)
+    expected = sum(w * plain(heads[:, n], targets) for n, w in enumerate((1.0, 0.5, 0.25))) / 1.75
+    assert torch.isclose(segmentation_loss(args)(heads, targets), expected)
+    assert torch.equal(main_output(heads), heads[:, 0]) and network.eval()(images).shape == (2, 3, 32, 32, 32)
+    assert DEFAULT_ARGUMENTS["DynUNet"]["deep_supervision"]
+
+    tiny = [a if a != '{"channels": [4, 8], "strides": [2], "num_res_units": 0}' else json.dumps(args) for a in TINY]
+    assert main(["train", str(tiny_dataset), "-o", str(tmp_path / "model"), "--name", "deep", "--epochs", "2",
+                 "--architecture", "DynUNet", *tiny]) == 0
+    rows = _log(tmp_path / "model")
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    result = segment([make_phantom(9, spacing=(6.0, 6.0, 8.0)).image], load_card(tmp_path / "model"),
+                     SegmentOptions(device="cpu"))
+    assert result.labelmap.array.shape == (38, 40, 53)

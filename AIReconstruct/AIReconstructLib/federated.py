@@ -35,13 +35,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
 
 from .dataset import read_dataset
 from .errors import InputError
 from .io import read_volume, write_csv
 from .networks import DEFAULT_ARGUMENTS, build_network
-from .training import WEIGHTS_FILE, trained_card, validation_dice, write_card, write_weights
+from .training import WEIGHTS_FILE, segmentation_loss, trained_card, validation_dice, write_card, write_weights
 from .training_data import PatchSampler, channel_normalisation, load_case, median_spacing
 
 STRATEGIES = ("fedavg", "fedprox")
@@ -127,7 +126,7 @@ def train_at_site(folder: str | Path, plan: dict, weights: dict, server_round: i
     else:
         trained = network
     # with privacy the loss is a mean of per-patient terms, as DP-SGD's per-sample gradients need
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=not privacy)
+    loss_fn = segmentation_loss(plan["architecture"]["args"], batch=not privacy)
     steps, total = plan["local_iterations"], plan["local_iterations"] * plan["rounds"]
     losses = []
     for step in range((server_round - 1) * steps, server_round * steps):

@@ -90,7 +90,7 @@ def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=
     """Train a guided model for ``minutes`` on a data set's cases (all, or ``cases``), with the image
     channels, spacing, patch size and architecture of the ``base`` model, for the base's first label
     (the others count as background); returns the card's path."""
-    from monai.losses import DiceCELoss
+    from .training import segmentation_loss
 
     started = time.time()
     random.seed(seed)
@@ -107,7 +107,7 @@ def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=
     sampler = PatchSampler([(image, (labels == value).float()) for image, labels in loaded], patch, 2)
     network = build_network(base.data["architecture"], len(base.channels) + len(GUIDANCE), 2).train()
     optimiser = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=1e-5)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    loss_fn = segmentation_loss(base.data["architecture"].get("args"))
     history, step = [], 0
     while time.time() - started < 60 * minutes:
         images, targets = _guided_batch(sampler, batch_size, rng, spacing_kji, radius_mm, "cpu")

@@ -23,7 +23,7 @@ ARCHITECTURES = ("UNet", "DynUNet", "BasicUNetPlusPlus", "VNet", "SegResNet", "S
 DEFAULT_ARGUMENTS = {
     "UNet": {"channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2], "num_res_units": 1},
     "DynUNet": {"kernel_size": [3] * 5, "strides": [1, 2, 2, 2, 2], "upsample_kernel_size": [2] * 4,
-                "filters": [16, 32, 64, 128, 256]},
+                "filters": [16, 32, 64, 128, 256], "deep_supervision": True, "deep_supr_num": 2},
     "BasicUNetPlusPlus": {"features": [16, 16, 32, 64, 128, 16]},
     "VNet": {},
     "SegResNet": {"init_filters": 16},
@@ -135,8 +135,13 @@ def load_network(card: ModelCard) -> torch.nn.Module:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise WeightsError(f"Weights file {path.name} cannot be read as safetensors: {error}") from None
+    expected = set(unique_state(network))
+    if set(state) != expected:
+        stray = sorted(set(state) ^ expected)
+        raise WeightsError(f"Weights file {path.name} does not fit the card's network: {len(stray)} tensor "
+                           f"name(s) differ, e.g. '{stray[0]}'")
     try:
-        network.load_state_dict(state, strict=True)
+        network.load_state_dict(state, strict=False)  # the names left out share their tensors with loaded ones
     except RuntimeError as error:
         first = str(error).splitlines()[0]
         raise WeightsError(f"Weights file {path.name} does not fit the card's network: {first}") from None
@@ -157,7 +162,18 @@ def load_pickled_weights(path: Path, allowed_globals=()):
         raise WeightsError(f"{path.name} cannot be read: {str(error).splitlines()[0]}") from None
 
 
+def unique_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The network's state dict without the names that alias a tensor already listed (MONAI's
+    DynUNet reaches its layers by two paths)."""
+    state, seen = {}, set()
+    for key, value in network.state_dict().items():
+        where = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        if value.numel() == 0 or where not in seen:
+            seen.add(where)
+            state[key] = value
+    return state
+
+
 def save_weights(network: torch.nn.Module, path) -> None:
-    """Write a network's weights as safetensors (contiguous CPU tensors)."""
-    state = {key: value.detach().cpu().contiguous() for key, value in network.state_dict().items()}
-    save_file(state, str(path))
+    """Write a network's weights as safetensors (contiguous CPU tensors, each shared tensor once)."""
+    save_file({key: value.detach().cpu().contiguous() for key, value in unique_state(network).items()}, str(path))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DeepSupervisionLoss, DiceCELoss
 
 from .adversarial import AdversarialRefinement
 from .dataset import read_dataset
@@ -135,7 +135,7 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
     model = distributed.wrap(network)
     trainable = [parameter for parameter in network.parameters() if parameter.requires_grad]
     optimiser = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=1e-5)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    loss_fn = segmentation_loss(config.architecture_args)
     amp = device.type == "cuda"  # mixed precision on GPUs
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     adversarial = AdversarialRefinement(len(channel_specs), num_classes, device, config.adversarial_weight,
@@ -167,6 +167,7 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
             with torch.autocast("cuda", enabled=amp):
                 logits = model(images)
                 loss = loss_fn(logits, targets)
+                logits = main_output(logits)
                 if refining:
                     adversarial_loss = adversarial.segmenter_loss(images, logits)
                     adversarial_losses.append(adversarial_loss.item())
@@ -213,6 +214,27 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
         return output / CARD_FILE
     return _write_card(config, output, dataset, channel_specs, labels, spacing, state, distributed.world_size,
                        time.time() - start, split["validation"], base)
+
+
+def segmentation_loss(architecture_args: dict | None, batch: bool = True):
+    """Dice + cross-entropy (``batch``: Dice over the whole batch, else a mean of per-case terms);
+    for networks with deep supervision (DynUNet's ``deep_supervision``), summed over the output
+    heads with weights halving from the full-resolution head down (nnU-Net's scheme)."""
+    loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=batch)
+    if not (architecture_args or {}).get("deep_supervision"):
+        return loss
+    deep = DeepSupervisionLoss(loss, weight_mode="exp")
+
+    def weighted(heads: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # normalised to one head's scale
+        return deep(list(torch.unbind(heads, dim=1)), targets) / sum(deep.get_weights(heads.shape[1]))
+
+    return weighted
+
+
+def main_output(logits: torch.Tensor) -> torch.Tensor:
+    """The full-resolution head of a deeply supervised network's training output ``[B, heads, C, ...]``
+    (its evaluation output is that head alone), or the logits themselves."""
+    return logits[:, 0] if logits.ndim == 6 else logits
 
 
 def _fine_tuning_base(config: TrainConfig, dataset) -> ModelCard:
