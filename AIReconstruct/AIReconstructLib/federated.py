@@ -285,7 +285,7 @@ def run_server(grid, config: FederatedConfig, progress=None) -> Path:
         if validation and (server_round % config.validate_every == 0 or server_round == config.rounds):
             network.load_state_dict(arrays.to_torch_state_dict())
             dice = validation_dice(network, validation, tuple(plan["patch_size"][::-1]), torch.device("cpu"),
-                             plan["num_classes"])
+                                   plan["num_classes"])
             row["val_mean_dice"] = float(np.mean(list(dice.values()))) if dice else 0.0
         history.append(row)
         write_csv(output / "federated_log.csv", history)
