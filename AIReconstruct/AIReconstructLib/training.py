@@ -147,8 +147,8 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
     if config.resume and (output / CHECKPOINT_FILE).is_file():
         state = _load_checkpoint(output / CHECKPOINT_FILE, network, optimiser, adversarial, device)
     elif base is not None and distributed.is_main:  # the base model's score is the one to beat
-        state["base_dice"] = state["best_dice"] = _mean_dice(validation_dice(network, val_cases, patch_zyx, device,
-                                                                       num_classes)) if val_cases else -1.0
+        base_dice = validation_dice(network, val_cases, patch_zyx, device, num_classes) if val_cases else None
+        state["base_dice"] = state["best_dice"] = _mean_dice(base_dice) if base_dice is not None else -1.0
         write_weights(network, output / WEIGHTS_FILE)
     total_steps = config.epochs * config.iterations_per_epoch
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
