@@ -112,9 +112,13 @@ def test_uncertainty_finds_the_brain_models_errors_on_a_held_out_case(tmp_path, 
     assert summary["confidence"]["whole tumour"]["member_dice"] > 0.9
     assert summary["flagged_regions"] and summary["flagged_regions"][0]["size_ml"] > 1.0
     assert main(["evaluate", str(out / "BRATS_004_0000_labels.nii.gz"), str(reference), "--uncertainty",
-                 str(out / "BRATS_004_0000_uncertainty.nii.gz"), "--json", str(tmp_path / "metrics.json")]) == 0
+                 str(out / "BRATS_004_0000_uncertainty.nii.gz"), "--confidence",
+                 str(out / "BRATS_004_0000_confidence.nii.gz"), "--reliability", str(tmp_path / "reliability.png"),
+                 "--json", str(tmp_path / "metrics.json")]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["uncertainty_error_auc"] > 0.9  # measured 0.951
+    assert metrics["ece"]["whole image"] < 0.01 < metrics["ece"]["region of interest"] < 0.3  # overconfident near the tumour
+    assert (tmp_path / "reliability.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_ece_is_zero_when_calibrated_and_the_gap_when_overconfident():

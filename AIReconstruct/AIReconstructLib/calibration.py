@@ -75,14 +75,27 @@ def plot_reliability(reliability: dict[str, Reliability], path: str | Path) -> b
     return True
 
 
-def case_figures(confidence: np.ndarray, uncertainty: np.ndarray, prediction: np.ndarray, reference: np.ndarray,
-                 reliability: dict[str, Reliability]) -> dict:
-    """Pool one case into the reliability tables ("region of interest", "whole image") and return its
-    own figures: error-detection AUC of the uncertainty (whole image and region) and the error rate."""
+def reliability_tables() -> dict[str, Reliability]:
+    """Empty tables for the two regions the figures are given for."""
+    return {"region of interest": Reliability(), "whole image": Reliability()}
+
+
+def pool_case(confidence: np.ndarray, prediction: np.ndarray, reference: np.ndarray,
+              reliability: dict[str, Reliability]) -> np.ndarray:
+    """Add one case's voxels to the tables of :func:`reliability_tables`; returns its region of interest."""
     correct = prediction == reference
     roi = region_of_interest(prediction, reference)
     reliability["region of interest"].add(confidence[roi], correct[roi])
     reliability["whole image"].add(confidence, correct)
+    return roi
+
+
+def case_figures(confidence: np.ndarray, uncertainty: np.ndarray, prediction: np.ndarray, reference: np.ndarray,
+                 reliability: dict[str, Reliability]) -> dict:
+    """Pool one case into the reliability tables ("region of interest", "whole image") and return its
+    own figures: error-detection AUC of the uncertainty (whole image and region) and the error rate."""
+    roi = pool_case(confidence, prediction, reference, reliability)
+    correct = prediction == reference
     return {"uncertainty_error_auc": error_detection_auc(uncertainty, prediction, reference),
             "uncertainty_error_auc_roi": error_detection_auc(uncertainty[roi], prediction[roi], reference[roi]),
             "wrong_voxels": int((~correct).sum())}
@@ -104,7 +117,7 @@ def run_calibration(dataset_folder, model: str, output, cases=None, device: str 
     if not chosen:
         raise InputError(f"None of the cases {', '.join(cases)} is in {dataset.folder.name}")
     report = progress or (lambda fraction, message: None)
-    reliability = {"region of interest": Reliability(), "whole image": Reliability()}
+    reliability = reliability_tables()
     per_case = {}
     for index, case in enumerate(chosen):
         channels = [read_image_for_model(path) for path in case.images]

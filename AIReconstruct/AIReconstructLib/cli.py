@@ -104,13 +104,19 @@ def cmd_evaluate(args, reporter: Reporter) -> None:
         names = {value: f"label {value}" for value in values}
     result = evaluate(prediction, reference, names)
     if args.uncertainty:
-        from .io import read_volume
         from .uncertainty import error_detection_auc
 
-        uncertainty = read_volume(args.uncertainty)
-        if not uncertainty.same_grid(reference):
-            raise AIReconstructError(f"{Path(args.uncertainty).name} does not match the reference's grid")
-        result["uncertainty_error_auc"] = error_detection_auc(uncertainty.array, prediction.array, reference.array)
+        uncertainty = _map_on_grid(args.uncertainty, reference)
+        result["uncertainty_error_auc"] = error_detection_auc(uncertainty, prediction.array, reference.array)
+    if args.confidence:
+        from .calibration import plot_reliability, pool_case, reliability_tables
+
+        tables = reliability_tables()
+        pool_case(_map_on_grid(args.confidence, reference), prediction.array, reference.array, tables)
+        result["ece"] = {name: table.ece() for name, table in tables.items()}
+        result["reliability"] = {name: table.table() for name, table in tables.items()}
+        if args.reliability and not plot_reliability(tables, args.reliability):
+            raise AIReconstructError("The reliability diagram needs matplotlib: pip install matplotlib")
     rows = [f"{'label':<20} {'Dice':>6} {'IoU':>6} {'HD95 mm':>8} {'ASD mm':>7}"]
     for name, s in result["labels"].items():
         if s["present"]:
@@ -120,11 +126,23 @@ def cmd_evaluate(args, reporter: Reporter) -> None:
     rows.append(f"voxel accuracy {result['accuracy']:.4f}")
     if result.get("uncertainty_error_auc") is not None:
         rows.append(f"uncertainty finds wrong voxels with AUC {result['uncertainty_error_auc']:.3f}")
+    for name, ece in result.get("ece", {}).items():
+        rows.append(f"expected calibration error ({name}): {ece:.4f}")
     if args.json:
         from .io import atomic_path
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
     reporter.result("\n".join(rows), result)
+
+
+def _map_on_grid(path: str, reference):
+    """A 0-1 map (uncertainty, confidence) that must lie on the reference's grid, as an array."""
+    from .io import read_volume
+
+    values = read_volume(path)
+    if not values.same_grid(reference):
+        raise AIReconstructError(f"{Path(path).name} does not match the reference's grid")
+    return values.array
 
 
 def cmd_surfaces(args, reporter: Reporter) -> None:
@@ -376,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", help="model whose label names to use")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--uncertainty", help="an uncertainty map (segment --uncertainty): how well it finds wrong voxels (AUC)")
+    p.add_argument("--confidence", help="a confidence map (segment --uncertainty): expected calibration error")
+    p.add_argument("--reliability", help="with --confidence: write the reliability diagram to this PNG")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("surfaces", parents=[common], help="meshes from a label map or .seg.nrrd")

@@ -1,7 +1,7 @@
 """Write a segmentation's result set into a staged output folder.
 
 ``<stem>.seg.nrrd`` (Slicer), ``<stem>_labels.nii.gz`` (NIfTI label map), optional meshes under
-``surfaces/``, an optional ``<stem>_uncertainty.nii.gz``, an optional ``<stem>_report.html`` and
+``surfaces/``, optional ``<stem>_uncertainty.nii.gz`` and ``<stem>_confidence.nii.gz``, an optional ``<stem>_report.html`` and
 ``<stem>_summary.json`` (per-segment volumes, confidence, flagged regions, mesh and surgical
 measurements, timings).
 """
@@ -54,6 +54,7 @@ def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str
         from .uncertainty import flagged_regions
 
         write_volume(segmentation.uncertainty, out.path(f"{stem}_uncertainty.nii.gz"))
+        write_volume(segmentation.probability, out.path(f"{stem}_confidence.nii.gz"))
         summary["confidence"] = segmentation.confidence
         summary["flagged_regions"] = flagged_regions(segmentation.uncertainty, coordinates=coordinates)
     if surface_formats:
