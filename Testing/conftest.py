@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,9 @@ from AIReconstructLib.networks import build_network, save_weights
 from AIReconstructLib.volume import Volume
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# networks compiled by OpenVINO are cached here for the session, not in the user's home
+os.environ.setdefault("AIRECONSTRUCT_CACHE", tempfile.mkdtemp(prefix="aireconstruct-test-cache-"))
 
 
 class PickleExploit:

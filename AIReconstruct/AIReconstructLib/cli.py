@@ -72,7 +72,7 @@ def cmd_segment(args, reporter: Reporter) -> None:
     card = find_model(args.model)
     channels = [read_image_for_model(path) for path in args.inputs]
     options = SegmentOptions(device=args.device, fast=args.fast, tta=args.tta, postprocess=not args.no_postprocess,
-                             cpu_bfloat16=args.cpu_bfloat16, uncertainty=args.uncertainty)
+                             cpu_bfloat16=args.cpu_bfloat16, uncertainty=args.uncertainty, backend=args.backend)
     with StagedOutput(args.output) as out:
         result = segment(channels, card, options, reporter.progress, reporter.cancel_requested)
         formats = _suffixes(args.surface_format) if args.surfaces else ()
@@ -375,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--fast", action="store_true", help="coarser spacing, where the model allows it")
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
+    p.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto",
+                   help="what runs the network on the CPU: OpenVINO where installed (auto), or PyTorch")
     p.add_argument("--cpu-bfloat16", action="store_true",
                    help="run the network in bfloat16 on the CPU: about 2x faster on CPUs with BF16 instructions; "
                         "labels may differ at near-ties (docs/benchmarks.md)")

@@ -219,7 +219,7 @@ def _predict_part(channels, card: ModelCard, args: dict, paths: list[Path], opti
 
     started = time.perf_counter()
     predictor = Predictor(network, args["patch_size"], card.inference["overlap"], options.device,
-                          cpu_bfloat16=options.cpu_bfloat16)
+                          cpu_bfloat16=options.cpu_bfloat16, backend=options.backend)
     members = options.uncertainty
     mirror_axes = card.inference["mirror_axes"] if options.tta or members else ()
     image = torch.from_numpy(network_input)

@@ -22,7 +22,7 @@ from .networks import load_network
 from .postprocess import postprocess
 from .predict import CancelCheck, Predictor, ProgressCallback
 from .preprocess import in_array_order, prepare, restore_labels, restore_scalar
-from .uncertainty import (DROPOUT_SAMPLES, chosen_probability, enable_dropout, member_agreement, normalised_entropy,
+from .uncertainty import (DROPOUT_SAMPLES, chosen_probability, dropout_layers, member_agreement, normalised_entropy,
                           segment_confidence)
 from .volume import Volume
 
@@ -37,6 +37,7 @@ class SegmentOptions:
     tta: bool = False
     postprocess: bool = True
     cpu_bfloat16: bool = False
+    backend: str = "auto"  # CPU windows: auto (OpenVINO where installed), torch or openvino (predict.BACKENDS)
     uncertainty: bool = False  # also an uncertainty map and per-segment confidence (implies TTA)
 
 
@@ -96,11 +97,15 @@ def _predict_native(channels: list[Volume], card: ModelCard, options: SegmentOpt
     seconds["preprocess"] = time.perf_counter() - started
 
     started = time.perf_counter()
+    dropout = dropout_layers(network) if options.uncertainty else []  # Monte-Carlo dropout
     predictor = Predictor(network, in_array_order(card.patch_size, card.orientation), card.inference["overlap"],
-                          options.device, cpu_bfloat16=options.cpu_bfloat16)
+                          options.device, cpu_bfloat16=options.cpu_bfloat16,
+                          backend="torch" if dropout else options.backend)  # a compiled network drops nothing
     mirror_axes = card.inference["mirror_axes"] if options.tta or options.uncertainty else ()
     samples = 1
-    if options.uncertainty and enable_dropout(predictor.network):  # Monte-Carlo dropout
+    if dropout:
+        for layer in dropout:
+            layer.train()
         samples = card.inference.get("dropout_samples", DROPOUT_SAMPLES)
         torch.manual_seed(0)  # the same map for the same input
     runs = [predictor(prepared.tensor, mirror_axes, cancel=cancel, members=options.uncertainty,

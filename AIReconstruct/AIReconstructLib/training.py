@@ -268,7 +268,7 @@ def _mean_dice(dice: dict[int, float]) -> float:
 
 def validation_dice(network, cases, patch_zyx, device, num_classes) -> dict[int, float]:
     """Mean Dice per label over validation cases (image, labels on the model grid), by sliding window."""
-    predictor = Predictor(network, patch_zyx, overlap=0.25, device=device)
+    predictor = Predictor(network, patch_zyx, overlap=0.25, device=device, backend="torch")  # weights change
     per_label: dict[int, list[float]] = {value: [] for value in range(1, num_classes)}
     for image, labels in cases:
         prediction = predictor(image).argmax(0).numpy()

@@ -24,13 +24,9 @@ from .volume import Volume
 DROPOUT_SAMPLES = 8  # Monte-Carlo dropout samples unless the card's inference.dropout_samples says otherwise
 
 
-def enable_dropout(network: torch.nn.Module) -> bool:
-    """Switch on the dropout layers of a network in evaluation mode (Monte-Carlo dropout); returns
-    whether it has any that drop something."""
-    layers = [m for m in network.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
-    for layer in layers:
-        layer.train()
-    return bool(layers)
+def dropout_layers(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """The network's dropout layers that drop something: switched on at inference for Monte-Carlo dropout."""
+    return [m for m in network.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
 
 
 def normalised_entropy(member_logits: torch.Tensor) -> torch.Tensor:

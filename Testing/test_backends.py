@@ -1,0 +1,65 @@
+"""OpenVINO on the CPU: the same logits and labels as PyTorch, a converted network kept in the
+cache, PyTorch where OpenVINO cannot run the network, and the brain-tumour model on real MRI."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("openvino", reason="OpenVINO is not installed")
+
+from AIReconstructLib.backends import cache_folder  # noqa: E402
+from AIReconstructLib.errors import InputError  # noqa: E402
+from AIReconstructLib.io import read_image_for_model  # noqa: E402
+from AIReconstructLib.modelcard import find_model, load_card  # noqa: E402
+from AIReconstructLib.networks import load_network  # noqa: E402
+from AIReconstructLib.pipeline import SegmentOptions, segment  # noqa: E402
+from AIReconstructLib.predict import Predictor  # noqa: E402
+from conftest import SHARED_DATA  # noqa: E402
+
+
+def test_openvino_gives_pytorchs_logits_and_keeps_the_converted_network(tiny_model, ct_volume, monkeypatch, tmp_path):
+    monkeypatch.setenv("AIRECONSTRUCT_CACHE", str(tmp_path / "cache"))
+    network = load_network(load_card(tiny_model))
+    image = torch.randn(1, 40, 45, 50)
+    reference = Predictor(network, (32, 32, 32), 0.5, "cpu", backend="torch")(image, mirror_axes=(0, 2))
+    compiled = Predictor(network, (32, 32, 32), 0.5, "cpu", backend="openvino")(image, mirror_axes=(0, 2))
+    torch.testing.assert_close(compiled, reference, atol=1e-4, rtol=1e-4)
+    cached = sorted(cache_folder().glob("*.xml"))
+    assert len(cached) == 1 and cached[0].with_suffix(".bin").is_file()
+    again = Predictor(network, (32, 32, 32), 0.5, "cpu")(image)  # auto: OpenVINO, from the cache
+    torch.testing.assert_close(again, Predictor(network, (32, 32, 32), 0.5, "cpu", backend="torch")(image),
+                               atol=1e-4, rtol=1e-4)
+    assert sorted(cache_folder().glob("*.xml")) == cached
+
+    card = load_card(tiny_model)
+    labels = {backend: segment([ct_volume], card, SegmentOptions(device="cpu", backend=backend)).labelmap.array
+              for backend in ("torch", "openvino")}
+    np.testing.assert_array_equal(labels["openvino"], labels["torch"])
+
+
+def test_a_network_openvino_cannot_take_stays_with_pytorch_unless_openvino_is_demanded():
+    class Indexing(torch.nn.Module):  # no parameters: nothing for OpenVINO to compile
+        def forward(self, batch):
+            return torch.cat([batch, -batch], dim=1)
+
+    image = torch.randn(1, 20, 20, 20)
+    np.testing.assert_allclose(Predictor(Indexing(), (16, 16, 16), 0.5, "cpu")(image)[0], image[0], atol=1e-5)
+    with pytest.raises(InputError, match="OpenVINO backend was asked for"):
+        Predictor(Indexing(), (16, 16, 16), 0.5, "cpu", backend="openvino")(image)
+    with pytest.raises(InputError, match="Unknown backend 'tpu'"):
+        Predictor(Indexing(), (16, 16, 16), 0.5, "cpu", backend="tpu")
+
+
+BRATS = SHARED_DATA / "Dataset001_BrainTumourFLAIR"
+
+
+@pytest.mark.skipif(not BRATS.is_dir(), reason="../shared/data/Dataset001_BrainTumourFLAIR (real BraTS cases) is absent")
+def test_the_brain_model_gives_the_same_tumour_through_openvino(record_property):
+    image = read_image_for_model(BRATS / "imagesTr" / "BRATS_005_0000.nii.gz")
+    card = find_model("brain-tumour-flair")
+    labels = {backend: segment([image], card, SegmentOptions(device="cpu", backend=backend)).labelmap.array
+              for backend in ("torch", "openvino")}
+    agreement = float(np.mean(labels["openvino"] == labels["torch"]))
+    record_property("voxel agreement OpenVINO / PyTorch", agreement)
+    print(f"voxel agreement OpenVINO / PyTorch on BRATS_005: {agreement:.7f}")
+    assert agreement > 0.99999
