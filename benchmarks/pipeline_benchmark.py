@@ -4,10 +4,11 @@
     python benchmarks/pipeline_benchmark.py --case mri240 --model brain-tumour-flair   # a real BraTS FLAIR
 
 Prints, for one realistic case measured in one run:
-- the bare network's sliding-window time on the prepared input (the baseline);
+- the bare network's sliding-window time on the prepared input in eager PyTorch float32 (the
+  baseline) and through OpenVINO (the engine's CPU backend), with their label agreement;
 - the engine's end-to-end time (``aireconstruct segment --surfaces`` in a fresh process: read,
   preprocess, predict, resample back, post-process, write, surfaces) per stage, and its ratio to
-  the baseline;
+  the baseline (the second of two runs: the first converts the network for OpenVINO);
 - the peak RSS of that process, of a process that only imports the engine and loads the model, and
   the difference as a multiple of the input's float32 size.
 Not part of the test suite.
@@ -81,9 +82,10 @@ def main() -> None:
 
     engine = [sys.executable, "-m", "AIReconstructLib"]
     options = ["--device", args.device] + (["--fast"] if args.fast else [])
-    e2e_seconds, stdout, e2e_rss = child_peak_rss_mib(
-        engine + ["segment", str(image_path), "-m", args.model, "-o", str(work / "out"), "--surfaces",
-                  "--json-progress", *options])
+    segment_command = engine + ["segment", str(image_path), "-m", args.model, "-o", str(work / "out"), "--surfaces",
+                                "--json-progress", *options]
+    first_seconds, _, _ = child_peak_rss_mib(segment_command)  # the first run converts the network for OpenVINO
+    e2e_seconds, stdout, e2e_rss = child_peak_rss_mib(segment_command)
     summary = json.loads(stdout.strip().splitlines()[-1])["summary"]
     _, _, model_rss = child_peak_rss_mib([sys.executable, "-c", (  # the libraries a run imports, and the model
         "import AIReconstructLib.cli, AIReconstructLib.export, AIReconstructLib.pipeline, AIReconstructLib.surfaces; "
@@ -100,20 +102,27 @@ def main() -> None:
 
     card = find_model(args.model)
     prepared = prepare([read_image_for_model(image_path)], card.channels, card.spacing(args.fast), card.orientation)
-    predictor = Predictor(load_network(card), in_array_order(card.patch_size, card.orientation),
-                          card.inference["overlap"], args.device)
-    started = time.perf_counter()
-    predictor(prepared.tensor)
-    bare = time.perf_counter() - started
+    network, patch = load_network(card), in_array_order(card.patch_size, card.orientation)
+    bare, labels = {}, {}
+    for backend in ("torch", "openvino", "torch", "openvino"):  # twice each, interleaved: the second counts
+        predictor = Predictor(network, patch, card.inference["overlap"], args.device, backend=backend)
+        started = time.perf_counter()
+        labels[backend] = predictor(prepared.tensor).argmax(0)
+        bare[backend] = time.perf_counter() - started
+    agreement = float((labels["torch"] == labels["openvino"]).float().mean())
 
     stages = summary["seconds"]
     print("\n| stage | seconds |\n|---|---:|")
     for stage, seconds in stages.items():
         print(f"| {stage} | {seconds:.2f} |")
     print(f"| end to end (process wall time, incl. Python start-up and reading) | {e2e_seconds:.2f} |")
-    print(f"| bare network sliding window (baseline) | {bare:.2f} |")
-    print(f"\nend-to-end / bare network: {e2e_seconds / bare:.2f}x "
-          f"(in-engine stages / bare: {sum(stages.values()) / bare:.2f}x)")
+    print(f"| (the first run, which converts the network for OpenVINO) | {first_seconds:.2f} |")
+    print(f"| bare network sliding window, eager PyTorch float32 (baseline) | {bare['torch']:.2f} |")
+    print(f"| bare network sliding window, OpenVINO float32 | {bare['openvino']:.2f} |")
+    print(f"\nend-to-end / bare network (PyTorch): {e2e_seconds / bare['torch']:.2f}x "
+          f"(in-engine stages / bare: {sum(stages.values()) / bare['torch']:.2f}x)")
+    print(f"OpenVINO / PyTorch network time: {bare['openvino'] / bare['torch']:.2f} "
+          f"({bare['torch'] / bare['openvino']:.2f}x faster), equal labels on the model grid: {agreement:.6%}")
     print(f"peak RSS: segment run {e2e_rss:.0f} MiB, libraries + model alone {model_rss:.0f} MiB; "
           f"(run - model) / input float32 = {(e2e_rss - model_rss) / input_mib:.2f}x")
     print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}")
