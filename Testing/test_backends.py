@@ -63,3 +63,25 @@ def test_the_brain_model_gives_the_same_tumour_through_openvino(record_property)
     record_property("voxel agreement OpenVINO / PyTorch", agreement)
     print(f"voxel agreement OpenVINO / PyTorch on BRATS_005: {agreement:.7f}")
     assert agreement > 0.99999
+
+
+def test_a_compiled_network_keeps_its_weights_when_the_module_gets_others(tmp_path, monkeypatch):
+    """nnU-Net's folds are loaded one after another into one module: each compiled model must keep
+    the weights it was compiled with."""
+    from AIReconstructLib.backends import compiled_for_cpu
+    from AIReconstructLib.networks import build_network
+
+    monkeypatch.setenv("AIRECONSTRUCT_CACHE", str(tmp_path / "cache"))
+    architecture = {"name": "UNet", "args": {"channels": [4, 8], "strides": [2], "num_res_units": 0}}
+    torch.manual_seed(1)
+    network, other = build_network(architecture, 1, 3).eval(), build_network(architecture, 1, 3).state_dict()
+    window = torch.randn(1, 1, 16, 16, 16)
+    with torch.inference_mode():
+        first_logits = network(window)
+    first = compiled_for_cpu(network, (1, 1, 16, 16, 16))
+    network.load_state_dict(other)  # in place, as the next fold
+    second = compiled_for_cpu(network, (1, 1, 16, 16, 16))
+    assert second is not first
+    torch.testing.assert_close(first(window), first_logits, atol=1e-4, rtol=1e-4)
+    with torch.inference_mode():
+        torch.testing.assert_close(second(window), network(window), atol=1e-4, rtol=1e-4)

@@ -50,9 +50,7 @@ class OpenVinoNetwork:
 
         self.input_shape = tuple(input_shape)
         path = cache_folder() / f"{fingerprint}.xml"
-        if path.is_file():
-            model = ov.Core().read_model(str(path))
-        else:
+        if not path.is_file():
             with torch.inference_mode():
                 model = ov.convert_model(network.eval(), example_input=torch.zeros(self.input_shape))
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +58,10 @@ class OpenVinoNetwork:
             ov.save_model(model, str(temporary), compress_to_fp16=False)  # the .bin beside it
             temporary.with_suffix(".bin").replace(path.with_suffix(".bin"))
             temporary.replace(path)
+            del model
+        # always the saved copy: a converted model can share memory with the module's weights, which
+        # change when another fold is loaded into the same module
+        model = ov.Core().read_model(str(path))
         self.compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
                                                                "PERFORMANCE_HINT": "LATENCY"})
 
