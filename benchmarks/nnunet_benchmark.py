@@ -9,8 +9,9 @@ Makes (once, in --work) a small nnU-Net v2 model folder with nnU-Net's own plann
 process from this light parent, file in -> label file out:
 - nnU-Net: ``nnUNetPredictor.predict_from_files_sequential`` (step 0.5, Gaussian, both folds,
   mirroring unless --no-mirroring), on the CPU;
-- the engine: ``aireconstruct segment --tta --no-postprocess`` (same folds, mirroring, step), on the CPU;
-and prints both wall times, their ratio, both peak RSS, and the voxel agreement of the label maps.
+- the engine: ``aireconstruct segment --tta --no-postprocess`` (same folds, mirroring, step), on the CPU,
+  with PyTorch and with OpenVINO (its first run converts the networks, a second runs warm);
+and prints the wall times, their ratios, the peak RSS, and the voxel agreement of the label maps.
 ``--cpu-bfloat16`` runs the engine's network in bfloat16 (``segment --cpu-bfloat16``).
 Needs the test extra (nnunetv2). Not part of the test suite.
 """
@@ -74,24 +75,29 @@ def main() -> None:
     theirs, ours = work / "nnunet.nii.gz", work / "engine"
     nnunet_seconds, nnunet_rss = timed_child([python, str(REFERENCE), "predict", str(model), str(image), str(theirs),
                                               "0", "1"] + (["--no-mirroring"] if args.no_mirroring else []))
-    engine_command = [python, "-m", "AIReconstructLib", "segment", "-m", str(card), "-o", str(ours), "--device", "cpu",
-                      "--no-postprocess", "--json-progress", str(image)] + ([] if args.no_mirroring else ["--tta"]) \
-        + (["--cpu-bfloat16"] if args.cpu_bfloat16 else [])
-    engine_seconds, engine_rss = timed_child(engine_command)
-
     import numpy as np
     import SimpleITK as sitk
 
+    def engine(backend: str):
+        """One engine run in a fresh process: seconds, peak RSS, label map."""
+        command = [python, "-m", "AIReconstructLib", "segment", "-m", str(card), "-o", str(ours), "--device", "cpu",
+                   "--no-postprocess", "--json-progress", "--backend", backend, str(image)] \
+            + ([] if args.no_mirroring else ["--tta"]) + (["--cpu-bfloat16"] if args.cpu_bfloat16 else [])
+        seconds, rss = timed_child(command)
+        labels = ours / image.name.replace("_0000.nii.gz", "_0000_labels.nii.gz")
+        return seconds, rss, sitk.GetArrayFromImage(sitk.ReadImage(str(labels)))
+
     a = sitk.GetArrayFromImage(sitk.ReadImage(str(theirs)))
-    b = sitk.GetArrayFromImage(sitk.ReadImage(str(ours / image.name.replace("_0000.nii.gz", "_0000_labels.nii.gz"))))
+    runs = {"engine, PyTorch": engine("torch"), "engine, OpenVINO (first run: converts)": engine("openvino"),
+            "engine, OpenVINO": engine("openvino")}
     size = sitk.ReadImage(str(image)).GetSize()
     print(f"case {args.case} {size[0]}x{size[1]}x{size[2]}, 2 folds, mirroring {'off' if args.no_mirroring else 'on'}, "
           f"CPU threads {os.cpu_count()}, engine network in {'bfloat16' if args.cpu_bfloat16 else 'float32'}")
-    print("| | nnU-Net predictor | engine | nnU-Net / engine |")
-    print("|---|---|---|---|")
-    print(f"| end to end (s) | {nnunet_seconds:.1f} | {engine_seconds:.1f} | {nnunet_seconds / engine_seconds:.2f}x |")
-    print(f"| peak RSS (MiB) | {nnunet_rss:.0f} | {engine_rss:.0f} | {nnunet_rss / engine_rss:.2f}x |")
-    print(f"label agreement: {float(np.mean(a == b)):.5f} of voxels")
+    print("| | end to end (s) | nnU-Net / this | peak RSS (MiB) | equal voxels with nnU-Net |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| nnU-Net predictor | {nnunet_seconds:.1f} | 1.00x | {nnunet_rss:.0f} | - |")
+    for name, (seconds, rss, labels) in runs.items():
+        print(f"| {name} | {seconds:.1f} | {nnunet_seconds / seconds:.2f}x | {rss:.0f} | {float(np.mean(a == labels)):.5f} |")
 
 
 if __name__ == "__main__":
