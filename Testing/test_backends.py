@@ -18,7 +18,10 @@ from conftest import SHARED_DATA  # noqa: E402
 
 
 def test_openvino_gives_pytorchs_logits_and_keeps_the_converted_network(tiny_model, ct_volume, monkeypatch, tmp_path):
+    from AIReconstructLib import backends
+
     monkeypatch.setenv("AIRECONSTRUCT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(backends, "_COMPILED", {})  # as in a fresh process
     network = load_network(load_card(tiny_model))
     image = torch.randn(1, 40, 45, 50)
     reference = Predictor(network, (32, 32, 32), 0.5, "cpu", backend="torch")(image, mirror_axes=(0, 2))
@@ -68,10 +71,12 @@ def test_the_brain_model_gives_the_same_tumour_through_openvino(record_property)
 def test_a_compiled_network_keeps_its_weights_when_the_module_gets_others(tmp_path, monkeypatch):
     """nnU-Net's folds are loaded one after another into one module: each compiled model must keep
     the weights it was compiled with."""
+    from AIReconstructLib import backends
     from AIReconstructLib.backends import compiled_for_cpu
     from AIReconstructLib.networks import build_network
 
     monkeypatch.setenv("AIRECONSTRUCT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(backends, "_COMPILED", {})
     architecture = {"name": "UNet", "args": {"channels": [4, 8], "strides": [2], "num_res_units": 0}}
     torch.manual_seed(1)
     network, other = build_network(architecture, 1, 3).eval(), build_network(architecture, 1, 3).state_dict()

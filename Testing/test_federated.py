@@ -166,7 +166,7 @@ def test_the_flower_app_runs_on_a_real_superlink_with_three_supernodes(sites, tm
             [bin_folder / "flwr", "run", str(Path(__file__).parents[1] / "federation"), "test", "--stream",
              "--run-config", f'sites=3 rounds=1 local-iterations=1 output="{output}" name="deployed" '
                              'patch-size="32 32 32" spacing="8 8 8"'],
-            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+            env=env, cwd=tmp_path, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
         assert (output / "card.json").is_file(), run.stdout[-3000:] + run.stderr[-3000:]
     finally:
         for process in processes:

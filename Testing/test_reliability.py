@@ -39,10 +39,11 @@ class WindowLimit(torch.nn.Module):
 
 
 def test_out_of_memory_retries_with_fewer_windows(tiny_model, caplog):
+    """PyTorch's fallbacks (what a GPU needs; OpenVINO runs one window at a time anyway)."""
     network = load_network(load_card(tiny_model))
     image = torch.randn(1, 40, 48, 56)
-    expected = Predictor(network, (32, 32, 32), device="cpu", sw_batch_size=1)(image)
-    limited = Predictor(WindowLimit(network, fits=1), (32, 32, 32), device="cpu", sw_batch_size=4)
+    expected = Predictor(network, (32, 32, 32), device="cpu", sw_batch_size=1, backend="torch")(image)
+    limited = Predictor(WindowLimit(network, fits=1), (32, 32, 32), device="cpu", sw_batch_size=4, backend="torch")
     with caplog.at_level("WARNING"):
         result = limited(image)
     assert "Out of memory (4 window(s) per batch" in caplog.text
@@ -52,7 +53,7 @@ def test_out_of_memory_retries_with_fewer_windows(tiny_model, caplog):
 def test_out_of_memory_everywhere_is_a_clear_error(tiny_model):
     network = WindowLimit(load_network(load_card(tiny_model)), fits=0)
     with pytest.raises(AIReconstructError, match="Out of memory even on the CPU"):
-        Predictor(network, (32, 32, 32), device="cpu", sw_batch_size=2)(torch.randn(1, 32, 32, 32))
+        Predictor(network, (32, 32, 32), device="cpu", sw_batch_size=2, backend="torch")(torch.randn(1, 32, 32, 32))
 
 
 def test_same_input_same_labels(tiny_model, ct_volume):

@@ -31,10 +31,11 @@ def openvino_available() -> bool:
 
 
 def _fingerprint(network: torch.nn.Module, input_shape: tuple[int, ...]) -> str:
-    """A name for a network with its weights, the input shape and the OpenVINO version."""
+    """A name for a network with its layers (their printed settings: activation, dropout...), its
+    weights, the input shape and the OpenVINO version."""
     import openvino
 
-    digest = hashlib.sha256(f"{type(network).__qualname__}|{input_shape}|{openvino.__version__}".encode())
+    digest = hashlib.sha256(f"{network!r}|{input_shape}|{openvino.__version__}".encode())
     for name, tensor in network.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
