@@ -106,6 +106,10 @@ def test_the_highest_version_of_a_name_wins_and_equal_versions_go_by_folder_orde
     assert find_model("tiny-test-model").folder == second / "tiny"
     (second / "tiny" / "card.json").unlink()
     assert find_model("tiny-test-model").folder == first / "tiny"
+    hidden = write_model(second / ".fine-tuning-x").parent  # a run still writing: not installed
+    card = json.loads((hidden / "card.json").read_text())
+    (hidden / "card.json").write_text(json.dumps({**card, "version": "9.0.0"}))
+    assert find_model("tiny-test-model").folder == first / "tiny"
 
 
 @pytest.mark.parametrize("name,args", [

@@ -201,6 +201,8 @@ def installed_models() -> list[ModelCard]:
         if not root.is_dir():
             continue
         for card_path in sorted(root.glob(f"*/{CARD_FILE}")):
+            if card_path.parent.name.startswith("."):  # work in progress (a fine-tuning run), not installed
+                continue
             try:
                 card = load_card(card_path)
             except ModelCardError:
