@@ -39,8 +39,10 @@ import torch
 from .dataset import read_dataset
 from .errors import InputError
 from .io import read_volume, write_csv
+from .modelcard import CARD_FILE, save_card
 from .networks import DEFAULT_ARGUMENTS, build_network
-from .training import WEIGHTS_FILE, segmentation_loss, trained_card, validation_dice, write_card, write_weights
+from .training import (WEIGHTS_FILE, mean_dice, segmentation_loss, trained_card, validation_dice,
+                       write_weights)
 from .training_data import PatchSampler, channel_normalisation, load_case, median_spacing
 
 STRATEGIES = ("fedavg", "fedprox")
@@ -286,7 +288,7 @@ def run_server(grid, config: FederatedConfig, progress=None) -> Path:
             network.load_state_dict(arrays.to_torch_state_dict())
             dice = validation_dice(network, validation, tuple(plan["patch_size"][::-1]), torch.device("cpu"),
                                    plan["num_classes"])
-            row["val_mean_dice"] = float(np.mean(list(dice.values()))) if dice else 0.0
+            row["val_mean_dice"] = mean_dice(dice)
         history.append(row)
         write_csv(output / "federated_log.csv", history)
         progress(server_round / config.rounds, f"round {server_round}/{config.rounds} "
@@ -317,7 +319,8 @@ def run_server(grid, config: FederatedConfig, progress=None) -> Path:
     card = trained_card(config, output, plan["channels"], plan["labels"], plan["spacing"],
                         f"{config.architecture} trained by aireconstruct federated across {len(nodes)} sites",
                         training)
-    return write_card(card, output)
+    save_card(card, output)
+    return output / CARD_FILE
 
 
 def _wait_for_sites(grid, count: int, timeout: float = 600.0) -> list[int]:

@@ -28,7 +28,7 @@ from .modelcard import ModelCard, verified_weight_paths
 from .networks import load_pickled_weights
 from .predict import CancelCheck, Predictor, ProgressCallback
 from .preprocess import from_canonical, normalise, reorientation_of, resample, resample_argmax, to_canonical
-from .uncertainty import chosen_probability, member_agreement, normalised_entropy
+from .uncertainty import member_maps
 
 ARCHITECTURE_NAME = "nnUNet"
 ANISOTROPY_THRESHOLD = 3  # nnU-Net resamples the coarse axis separately beyond this spacing ratio
@@ -242,8 +242,7 @@ def _predict_part(channels, card: ModelCard, args: dict, paths: list[Path], opti
         if members:  # [folds x mirrors, classes, z, y, x]
             ensemble = torch.cat(fold_members)
             del fold_members
-            maps = {"uncertainty": normalised_entropy(ensemble), "probability": chosen_probability(ensemble),
-                    "agreement": member_agreement(ensemble)}
+            maps = member_maps(ensemble)
             logits = ensemble.mean(dim=0)
             del ensemble
         else:

@@ -22,8 +22,7 @@ from .networks import load_network
 from .postprocess import postprocess
 from .predict import CancelCheck, Predictor, ProgressCallback
 from .preprocess import in_array_order, prepare, restore_labels, restore_scalar
-from .uncertainty import (DROPOUT_SAMPLES, chosen_probability, dropout_layers, member_agreement, normalised_entropy,
-                          segment_confidence)
+from .uncertainty import DROPOUT_SAMPLES, dropout_layers, member_maps, segment_confidence
 from .volume import Volume
 
 
@@ -115,8 +114,7 @@ def _predict_native(channels: list[Volume], card: ModelCard, options: SegmentOpt
     del runs
     maps = {}
     if options.uncertainty:
-        maps = {"uncertainty": normalised_entropy(logits), "probability": chosen_probability(logits),
-                "agreement": member_agreement(logits)}
+        maps = member_maps(logits)
         logits = logits.mean(dim=0)
     seconds["predict"] = time.perf_counter() - started
 

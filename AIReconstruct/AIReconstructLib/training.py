@@ -30,7 +30,7 @@ from .distributed import Distributed
 from .errors import Cancelled, InputError
 from .io import atomic_path, write_csv
 from .metrics import overlap_scores
-from .modelcard import CARD_FILE, ModelCard, find_model, sha256_of, validate_card
+from .modelcard import CARD_FILE, ModelCard, find_model, save_card, sha256_of, version_key
 from .networks import DEFAULT_ARGUMENTS, ENCODER_PARAMETERS, build_network, freeze_encoder, load_network, save_weights
 from .predict import Predictor
 from .training_data import (PatchSampler, channel_normalisation, label_entries, load_case, make_folds,
@@ -148,7 +148,7 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
         state = _load_checkpoint(output / CHECKPOINT_FILE, network, optimiser, adversarial, device)
     elif base is not None and distributed.is_main:  # the base model's score is the one to beat
         base_dice = validation_dice(network, val_cases, patch_zyx, device, num_classes) if val_cases else None
-        state["base_dice"] = state["best_dice"] = _mean_dice(base_dice) if base_dice is not None else -1.0
+        state["base_dice"] = state["best_dice"] = mean_dice(base_dice) if base_dice is not None else -1.0
         write_weights(network, output / WEIGHTS_FILE)
     total_steps = config.epochs * config.iterations_per_epoch
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
@@ -192,7 +192,7 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
             last = epoch == config.epochs or out_of_time
             if val_cases and (epoch % config.validate_every == 0 or last):
                 dice = validation_dice(network, val_cases, patch_zyx, device, num_classes)
-                row["val_mean_dice"] = _mean_dice(dice)
+                row["val_mean_dice"] = mean_dice(dice)
                 row.update({f"dice_{value}": round(d, 4) for value, d in dice.items()})
                 if row["val_mean_dice"] > state["best_dice"]:
                     state["best_dice"], state["best_epoch"] = row["val_mean_dice"], epoch
@@ -262,7 +262,8 @@ def _fine_tuning_base(config: TrainConfig, dataset) -> ModelCard:
     return base
 
 
-def _mean_dice(dice: dict[int, float]) -> float:
+def mean_dice(dice: dict[int, float]) -> float:
+    """The mean over labels of :func:`validation_dice` (0 when no label was present)."""
     return float(np.mean(list(dice.values()))) if dice else 0.0
 
 
@@ -319,14 +320,15 @@ def _write_card(config, output, dataset, channel_specs, labels, spacing, state, 
     card = trained_card(config, output, channel_specs, labels, spacing,
                         f"{config.architecture} trained by aireconstruct train on {dataset.folder.name}", training)
     if base is not None:  # the next version of the base model: its description, use and labels kept
-        major, minor = (base.data.get("version", "1.0.0").split(".") + ["0"])[:2]
-        card = {**base.data, "name": config.name, "version": f"{major}.{int(minor) + 1}.0",
+        major, minor = (version_key(base) + (0, 0))[:2]
+        card = {**base.data, "name": config.name, "version": f"{major}.{minor + 1}.0",
                 "weights": card["weights"], "training": training}
         training["fine_tuned_from"] = {
             "name": base.name, "version": base.data.get("version"), "sha256": base.data["weights"][0]["sha256"],
             "validation_mean_dice": round(state["base_dice"], 4) if state.get("base_dice", -1) >= 0 else None,
             "encoder_frozen": config.freeze_encoder}
-    return write_card(card, output)
+    save_card(card, output)
+    return output / CARD_FILE
 
 
 def trained_card(config, output: Path, channel_specs, labels, spacing, description: str, training: dict) -> dict:
@@ -354,11 +356,3 @@ def trained_card(config, output: Path, channel_specs, labels, spacing, descripti
     if config.fast_spacing:
         card["fast_spacing"] = [float(s) for s in config.fast_spacing]
     return card
-
-
-def write_card(card: dict, output: Path) -> Path:
-    """Validate a trained model's card and write it atomically into ``output``; returns its path."""
-    validate_card(card, "trained model card")
-    with atomic_path(output / CARD_FILE) as tmp:
-        tmp.write_text(json.dumps(card, indent=2), encoding="utf-8")
-    return output / CARD_FILE

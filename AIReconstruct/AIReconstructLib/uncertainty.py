@@ -29,6 +29,13 @@ def dropout_layers(network: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in network.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
 
 
+def member_maps(member_logits: torch.Tensor) -> dict:
+    """Everything the pipeline takes from the members ``[members, classes, z, y, x]``: the uncertainty
+    and chosen-label probability maps (on their grid) and the agreement per label value."""
+    return {"uncertainty": normalised_entropy(member_logits), "probability": chosen_probability(member_logits),
+            "agreement": member_agreement(member_logits)}
+
+
 def normalised_entropy(member_logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the members' mean softmax / log(classes), for logits ``[members, classes, z, y, x]``."""
     classes = member_logits.shape[1]
