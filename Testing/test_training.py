@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from AIReconstructLib.cli import build_parser, config_from_arguments, main
+from AIReconstructLib.cli import build_parser, main
+from AIReconstructLib.cli_training import config_from_arguments
 from AIReconstructLib.errors import Cancelled
 from AIReconstructLib.dataset import read_dataset, write_phantom_dataset
 from AIReconstructLib.modelcard import load_card
