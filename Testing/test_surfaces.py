@@ -5,6 +5,7 @@ import pytest
 import vtk
 from vtk.util import numpy_support
 
+from AIReconstructLib import surfaces as surfaces_module
 from AIReconstructLib.errors import OutputError
 from AIReconstructLib.modelcard import Label
 from AIReconstructLib.phantom import make_phantom, phantom_label_entries
@@ -32,6 +33,16 @@ def _two_spheres():
     volume = Volume(array, spacing, origin, direction)
     centre_lps = origin + direction @ centre_ijk
     return volume, centre_lps
+
+
+@pytest.fixture(params=["meshoptimizer", "vtk"])
+def simplifier(request, monkeypatch):
+    """Decimation by meshoptimizer (installed with the engine) and by VTK (where it is not)."""
+    if request.param == "vtk":
+        monkeypatch.setattr(surfaces_module, "meshoptimizer", None)
+    else:
+        assert surfaces_module.meshoptimizer is not None, "meshoptimizer is an engine dependency"
+    return request.param
 
 
 def _points(poly):
@@ -68,12 +79,15 @@ def test_ras_coordinates_flip_x_and_y():
     assert mesh_measurements(ras)["volume_ml"] == pytest.approx(mesh_measurements(lps)["volume_ml"])
 
 
-def test_decimation_reduces_triangles_and_keeps_the_mesh_closed():
+def test_decimation_reduces_triangles_and_keeps_the_mesh_closed_and_its_volume(simplifier):
     volume, _ = _two_spheres()
     full = extract_surfaces(volume, LABELS[:1])[0].polydata
     reduced = extract_surfaces(volume, LABELS[:1], decimate_fraction=0.7)[0].polydata
     assert reduced.GetNumberOfPolys() < 0.4 * full.GetNumberOfPolys()
-    assert mesh_measurements(reduced)["closed"]
+    measured = mesh_measurements(reduced)
+    assert measured["closed"] and measured["consistent_orientation"] and measured["degenerate_triangles"] == 0
+    assert measured["volume_ml"] == pytest.approx(mesh_measurements(full)["volume_ml"], rel=0.01)
+    assert {tuple(p) for p in _points(reduced)} <= {tuple(p) for p in _points(full)}  # vertices never move
 
 
 @pytest.mark.parametrize("suffix,reader", [(".stl", vtk.vtkSTLReader), (".ply", vtk.vtkPLYReader),
@@ -93,7 +107,7 @@ def test_absent_labels_give_no_surface():
     assert extract_surfaces(Volume(np.zeros((4, 4, 4), np.uint8)), LABELS) == []
 
 
-def test_meshes_pass_the_checks_and_decimation_keeps_neighbours_sealed():
+def test_meshes_pass_the_checks_and_decimation_keeps_neighbours_sealed(simplifier):
     volume, _ = _two_spheres()
     surfaces = {s.label.name: s.polydata for s in extract_surfaces(volume, LABELS, max_triangles=1500)}
     for poly in surfaces.values():

@@ -4,7 +4,8 @@
 coordinates (LPS or RAS mm) and smoothed as a whole with a windowed-sinc filter, which does not
 shrink (volumes stay within a fraction of a percent) and keeps the faces that touching organs
 share in common: no gaps, no overlaps. Decimation works on that shared mesh too, one patch per
-pair of touching labels with the patch borders fixed, so neighbours stay sealed. Each label's
+pair of touching labels with the patch borders fixed, so neighbours stay sealed (meshoptimizer's
+simplifier, VTK's vtkDecimatePro where meshoptimizer is not installed). Each label's
 closed surface is then cut out of the shared mesh and oriented outwards.
 """
 
@@ -24,6 +25,11 @@ from .io import atomic_path
 from .modelcard import Label
 from .volume import Volume
 
+try:  # the fast simplifier; VTK's decimation where it is not installed
+    import meshoptimizer
+except ImportError:
+    meshoptimizer = None
+
 SEGMENT_WRITERS = {".stl": vtk.vtkSTLWriter, ".ply": vtk.vtkPLYWriter, ".vtp": vtk.vtkXMLPolyDataWriter}
 SCENE_FORMATS = (".obj", ".glb")  # one file holding every segment, named and coloured (scene.py)
 MESH_FORMATS = (*SEGMENT_WRITERS, *SCENE_FORMATS)
@@ -41,7 +47,8 @@ class Surface:
 @dataclass
 class SharedMesh:
     """Every label boundary as one triangle mesh: ``pairs[n]`` are the labels on either side of
-    triangle ``n``, which is wound outward from ``pairs[n, 0]`` (inward for ``pairs[n, 1]``)."""
+    triangle ``n``, which is wound outward from ``pairs[n, 0]`` (inward for ``pairs[n, 1]``).
+    After decimation some points are no longer used by any triangle."""
 
     points: np.ndarray  # (P, 3) patient mm
     triangles: np.ndarray  # (T, 3) point indices
@@ -146,41 +153,60 @@ def _patches(mesh: SharedMesh):
     low, high = mesh.pairs.min(axis=1), mesh.pairs.max(axis=1)
     triangles = np.where((mesh.pairs[:, 0] == low)[:, None], mesh.triangles, mesh.triangles[:, ::-1])
     key = low * (int(high.max()) + 1) + high
-    order = np.argsort(key, kind="stable")
+    order = np.argsort(key.astype(np.min_scalar_type(key.max())), kind="stable")  # a radix sort when small
     starts = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1]])
     for begin, end in zip(starts, np.r_[starts[1:], len(order)]):
         chosen = order[begin:end]
         yield (int(low[chosen[0]]), int(high[chosen[0]])), triangles[chosen]
 
 
+def _simplified_meshoptimizer(points32: np.ndarray, triangles: np.ndarray, keep: int) -> np.ndarray:
+    """meshoptimizer's edge collapse onto existing vertices, border vertices locked (thread-safe,
+    releases the GIL); work in proportion to the patch, not to the whole mesh."""
+    indices = np.ascontiguousarray(triangles, dtype=np.uint32).ravel()
+    kept = np.empty_like(indices)
+    count = meshoptimizer.simplify(kept, indices, points32, target_index_count=3 * keep, target_error=1.0,
+                                   options=meshoptimizer.SIMPLIFY_LOCK_BORDER | meshoptimizer.SIMPLIFY_SPARSE)
+    return kept[:count].reshape(-1, 3).astype(np.int64)
+
+
+def _simplified_vtk(points: np.ndarray, triangles: np.ndarray, keep: int) -> np.ndarray:
+    """vtkDecimatePro with border vertices kept, for hosts without meshoptimizer (it needs a C++
+    compiler to install); the kept points carry their index in ``points`` through the filter."""
+    used = np.unique(triangles)
+    poly = _polydata(points, triangles)
+    poly.GetPointData().AddArray(numpy_support.numpy_to_vtkIdTypeArray(used.astype(np.int64), deep=True))
+    poly.GetPointData().GetArray(0).SetName("index")
+    pro = vtk.vtkDecimatePro()
+    pro.SetInputData(poly)
+    pro.SetTargetReduction(1.0 - keep / len(triangles))
+    pro.PreserveTopologyOn()
+    pro.BoundaryVertexDeletionOff()
+    pro.SplittingOff()
+    pro.Update()
+    index = numpy_support.vtk_to_numpy(pro.GetOutput().GetPointData().GetArray("index"))
+    return index[_arrays(pro.GetOutput())[1]].astype(np.int64)
+
+
 def decimate(mesh: SharedMesh, reduction: dict[int, float]) -> SharedMesh:
     """Remove about ``reduction[label]`` of each label's triangles while keeping touching labels
-    sealed: each patch between two labels is decimated once, with its border vertices fixed, so both
-    sides keep sharing exactly the same faces. Vertices are removed, never moved."""
+    sealed: each patch between two labels is simplified once, with its border vertices fixed, so
+    both sides keep sharing exactly the same faces. Vertices are removed, never moved."""
+    points32 = mesh.points.astype(np.float32) if meshoptimizer else None
+
     def one_patch(item):
         (low, high), triangles = item
-        fraction = max(reduction.get(low, 0.0), reduction.get(high, 0.0))
-        poly = _polydata(mesh.points, triangles)
-        if fraction > 0:
-            pro = vtk.vtkDecimatePro()
-            pro.SetInputData(poly)
-            pro.SetTargetReduction(min(fraction, 0.99))
-            pro.PreserveTopologyOn()
-            pro.BoundaryVertexDeletionOff()
-            pro.SplittingOff()
-            pro.Update()
-            poly = pro.GetOutput()
-        points, faces = _arrays(poly)
-        return points, faces.copy(), (low, high)
+        fraction = min(max(reduction.get(low, 0.0), reduction.get(high, 0.0)), 0.99)
+        keep = max(int(round(len(triangles) * (1.0 - fraction))), 1)
+        if keep < len(triangles):
+            triangles = (_simplified_meshoptimizer(points32, triangles, keep) if meshoptimizer
+                         else _simplified_vtk(mesh.points, triangles, keep))
+        return triangles, np.tile(np.array([low, high]), (len(triangles), 1))
 
-    with ThreadPoolExecutor(_threads()) as pool:  # VTK filters release the GIL
+    with ThreadPoolExecutor(_threads()) as pool:  # both simplifiers release the GIL
         results = list(pool.map(one_patch, _patches(mesh)))
-    offsets = np.cumsum([0] + [len(points) for points, _, _ in results])
-    points = np.concatenate([points for points, _, _ in results])
-    merged, index = np.unique(points.view([("", points.dtype)] * 3).ravel(), return_inverse=True)
-    triangles = np.concatenate([faces + offset for (_, faces, _), offset in zip(results, offsets)])
-    pairs = np.concatenate([np.tile(pair, (len(faces), 1)) for _, faces, pair in results])
-    return SharedMesh(merged.view(points.dtype).reshape(-1, 3), index.reshape(-1)[triangles], pairs)
+    return SharedMesh(mesh.points, np.concatenate([triangles for triangles, _ in results]),
+                      np.concatenate([pairs for _, pairs in results]))
 
 
 def triangle_counts(mesh: SharedMesh) -> dict[int, int]:
