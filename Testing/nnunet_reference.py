@@ -2,9 +2,10 @@
 phantoms (nnU-Net's fingerprint, planner, network classes and checkpoint writer; random
 weights) and predict with ``nnUNetPredictor``. Used by the import test and the benchmark.
 
-    python nnunet_reference.py make-model WORK_FOLDER
+    python nnunet_reference.py make-model WORK_FOLDER [CONFIGURATION]
     python nnunet_reference.py make-totalsegmentator-model WORK_FOLDER CT REFERENCE_LABELS LABELS_JSON
-    python nnunet_reference.py predict MODEL_FOLDER IMAGE OUTPUT [FOLD ...] [--no-mirroring]
+    python nnunet_reference.py make-cascade-model WORK_FOLDER
+    python nnunet_reference.py predict MODEL_FOLDER IMAGE OUTPUT [FOLD ...] [--no-mirroring] [--previous-stage FOLDER]
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 DATASET = "Dataset042_Phantoms"
+CASCADE_DATASET = "Dataset043_PhantomCascade"
 TOTALSEG_DATASET = "Dataset297_TotalSegmentator_total_3mm_1559subj"
 
 
@@ -23,15 +25,10 @@ def nnunet_environment(work: Path) -> dict:
     return {name: str(work / name) for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
 
 
-def _train(work: Path, dataset_id: int, dataset: str, cases: dict, labels: dict, folds, trainer_class,
-           iterations: int) -> Path:
-    """nnU-Net's fingerprint, planner, preprocessing and ``iterations`` training iterations per fold
-    (0: nnU-Net's initial weights) on ``cases`` (name -> (image path, label path)); returns the
-    trained model folder."""
+def _plan(work: Path, dataset_id: int, dataset: str, cases: dict, labels: dict) -> None:
+    """nnU-Net's fingerprint and planner on ``cases`` (name -> (image path, label path))."""
     os.environ.update(nnunet_environment(work))
     import shutil
-
-    import torch
 
     raw = work / "nnUNet_raw" / dataset
     (raw / "imagesTr").mkdir(parents=True, exist_ok=True)
@@ -42,26 +39,43 @@ def _train(work: Path, dataset_id: int, dataset: str, cases: dict, labels: dict,
     (raw / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "CT"}, "labels": labels, "numTraining": len(cases), "file_ending": ".nii.gz"}))
 
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
 
     extract_fingerprints([dataset_id], num_processes=1, check_dataset_integrity=True, clean=True, verbose=False)
     plan_experiments([dataset_id])
-    preprocess([dataset_id], configurations=("3d_fullres",), num_processes=(1,), verbose=False)
+    names = sorted(cases)
+    splits = [{"train": [c for c in names if c != held_out] or names, "val": [held_out]} for held_out in names]
+    (work / "nnUNet_preprocessed" / dataset / "splits_final.json").write_text(json.dumps(splits))
+
+
+def _fit(work: Path, dataset_id: int, dataset: str, configurations, folds, trainer_class, iterations: int) -> Path:
+    """nnU-Net's preprocessing of ``configurations`` and ``iterations`` training iterations per fold of
+    the last one (0: nnU-Net's initial weights); returns the trained model folder."""
+    import random
+
+    import numpy as np
+    import torch
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess
+
+    preprocess([dataset_id], configurations=tuple(configurations), num_processes=(1,) * len(configurations),
+               verbose=False)
+    configuration = configurations[-1]
     preprocessed = work / "nnUNet_preprocessed" / dataset
     plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((preprocessed / "dataset.json").read_text())
-    names = sorted(cases)
-    splits = [{"train": [c for c in names if c != held_out] or names, "val": [held_out]} for held_out in names]
-    (preprocessed / "splits_final.json").write_text(json.dumps(splits))
-    model = work / "nnUNet_results" / dataset / f"{trainer_class.__name__}__nnUNetPlans__3d_fullres"
+    model = work / "nnUNet_results" / dataset / f"{trainer_class.__name__}__nnUNetPlans__{configuration}"
     os.environ["nnUNet_n_proc_DA"] = "0"  # augment in this process
     for fold in folds:  # the checkpoints are what nnU-Net's trainer writes
         torch.manual_seed(fold)
-        trainer = trainer_class({**plans, "continue_training": False}, "3d_fullres", fold, dataset_json,
+        np.random.seed(fold)  # nnU-Net's sampling and augmentation (in this process)
+        random.seed(fold)
+        trainer = trainer_class({**plans, "continue_training": False}, configuration, fold, dataset_json,
                                 device=torch.device("cpu"))
         if iterations:
             trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = 1, iterations, 1
             trainer.run_training()
+            if trainer.configuration_manager.next_stage_names:  # writes the next stage's input for the held-out case
+                trainer.perform_actual_validation(False)
         else:
             trainer.initialize()
             trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # sets the inference mirroring
@@ -72,12 +86,11 @@ def _train(work: Path, dataset_id: int, dataset: str, cases: dict, labels: dict,
     return model
 
 
-def make_model(work: Path) -> Path:
-    """Two folds on three phantom CTs (9 labels), mirroring on: nnU-Net's defaults."""
+def _phantom_cases(work: Path) -> dict:
+    """Three phantom CTs (9 labels) at 5 x 5 x 6 mm."""
     import SimpleITK as sitk
     from AIReconstructLib.io import volume_to_sitk
     from AIReconstructLib.phantom import make_phantom
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     cases = {}
     (work / "phantoms").mkdir(parents=True, exist_ok=True)
@@ -87,9 +100,45 @@ def make_model(work: Path) -> Path:
         sitk.WriteImage(volume_to_sitk(phantom.image), str(image))
         sitk.WriteImage(volume_to_sitk(phantom.labels), str(label))
         cases[f"case{seed:03d}"] = (image, label)
-    labels = {"background": 0, "liver": 1, "liver tumour": 2, "spleen": 3, "right kidney": 4, "left kidney": 5,
-              "aorta": 6, "vertebrae": 7, "pelvis": 8, "lungs": 9}
-    return _train(work, 42, DATASET, cases, labels, (0, 1), nnUNetTrainer, iterations=2)
+    return cases
+
+
+PHANTOM_LABELS = {"background": 0, "liver": 1, "liver tumour": 2, "spleen": 3, "right kidney": 4, "left kidney": 5,
+                  "aorta": 6, "vertebrae": 7, "pelvis": 8, "lungs": 9}
+
+
+def make_model(work: Path, configuration: str = "3d_fullres") -> Path:
+    """Two folds of ``configuration`` on three phantom CTs, mirroring on: nnU-Net's defaults."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    _plan(work, 42, DATASET, _phantom_cases(work), PHANTOM_LABELS)
+    return _fit(work, 42, DATASET, [configuration], (0, 1), nnUNetTrainer, iterations=2)
+
+
+def make_cascade_model(work: Path) -> tuple[Path, Path]:
+    """A 3d_lowres -> 3d_cascade_fullres cascade on three phantom CTs. The phantoms are too small for
+    nnU-Net's planner to add a low-resolution stage by itself, so it is planned as the planner does
+    (its own ``get_plans_for_configuration`` at twice the full-resolution spacing, with the
+    ``next_stage``/``previous_stage`` links). The low-resolution stage is trained on three folds, so
+    that its validation writes every case's prediction for the second stage, then fold 0 of the
+    second stage; returns both model folders."""
+    import numpy as np
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    _plan(work, 43, CASCADE_DATASET, _phantom_cases(work), PHANTOM_LABELS)
+    planner = ExperimentPlanner(43)
+    plans = planner.plan_experiment()
+    fullres = plans["configurations"]["3d_fullres"]
+    shape = np.array(plans["original_median_shape_after_transp"]) / 2
+    lowres = planner.get_plans_for_configuration(np.array(fullres["spacing"]) * 2, tuple(int(round(n)) for n in shape),
+                                                 planner.generate_data_identifier("3d_lowres"),
+                                                 float(np.prod(shape)) * 3, {})
+    plans["configurations"]["3d_lowres"] = {**lowres, "batch_dice": False, "next_stage": "3d_cascade_fullres"}
+    plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    planner.save_plans(plans)
+    first = _fit(work, 43, CASCADE_DATASET, ["3d_fullres", "3d_lowres"], (0, 1, 2), nnUNetTrainer, iterations=2)
+    return first, _fit(work, 43, CASCADE_DATASET, ["3d_cascade_fullres"], (0,), nnUNetTrainer, iterations=2)
 
 
 def make_totalsegmentator_model(work: Path, ct: Path, reference: Path, label_names: Path) -> Path:
@@ -102,18 +151,21 @@ def make_totalsegmentator_model(work: Path, ct: Path, reference: Path, label_nam
 
     names = json.loads(label_names.read_text())
     labels = {"background": 0, **{name: int(value) for value, name in names.items()}}
-    return _train(work, 297, TOTALSEG_DATASET, {"ct001": (ct, reference)}, labels, (0,), nnUNetTrainerNoMirroring,
-                  iterations=0)
+    _plan(work, 297, TOTALSEG_DATASET, {"ct001": (ct, reference)}, labels)
+    return _fit(work, 297, TOTALSEG_DATASET, ["3d_fullres"], (0,), nnUNetTrainerNoMirroring, iterations=0)
 
 
-def predict(model: Path, image: Path, output: Path, folds, mirroring: bool = True) -> None:
+def predict(model: Path, image: Path, output: Path, folds, mirroring: bool = True,
+            previous_stage: Path | None = None) -> None:
     """nnU-Net's predictor on a trained model folder, as ``initialize_from_trained_model_folder`` sets it
     up, except that the network comes from nnU-Net's plans builder instead of a search through every
     trainer module (some of which import torchvision, whose PyPI build does not load with the CPU torch
-    pinned here)."""
+    pinned here). A cascade's second stage reads the first stage's labels for the image from
+    ``previous_stage`` (a folder holding a file named as ``output``)."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     dataset_json = json.loads((model / "dataset.json").read_text())
@@ -123,7 +175,7 @@ def predict(model: Path, image: Path, output: Path, folds, mirroring: bool = Tru
     configuration = plans.get_configuration(checkpoints[0]["init_args"]["configuration"])
     network = get_network_from_plans(
         configuration.network_arch_class_name, configuration.network_arch_init_kwargs,
-        configuration.network_arch_init_kwargs_req_import, len(dataset_json["channel_names"]),
+        configuration.network_arch_init_kwargs_req_import, determine_num_input_channels(plans, configuration, dataset_json),
         plans.get_label_manager(dataset_json).num_segmentation_heads, allow_init=False, deep_supervision=False)
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
                                 perform_everything_on_device=False, device=torch.device("cpu"),
@@ -132,15 +184,23 @@ def predict(model: Path, image: Path, output: Path, folds, mirroring: bool = Tru
                                     dataset_json, checkpoints[0]["trainer_name"],
                                     checkpoints[0]["inference_allowed_mirroring_axes"])
     predictor.predict_from_files_sequential([[str(image)]], [str(output).removesuffix(".nii.gz")],
-                                            save_probabilities=False, overwrite=True)
+                                            save_probabilities=False, overwrite=True,
+                                            folder_with_segs_from_prev_stage=str(previous_stage) if previous_stage else None)
 
 
 if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
     if command == "make-model":
-        print(make_model(Path(arguments[0])))
+        print(make_model(Path(arguments[0]), *arguments[1:]))
+    elif command == "make-cascade-model":
+        print(*make_cascade_model(Path(arguments[0])))
     elif command == "make-totalsegmentator-model":
         print(make_totalsegmentator_model(*map(Path, arguments)))
     else:
+        previous = None
+        if "--previous-stage" in arguments:
+            at = arguments.index("--previous-stage")
+            previous, arguments = Path(arguments[at + 1]), arguments[:at] + arguments[at + 2:]
         folds = [int(f) for f in arguments[3:] if f != "--no-mirroring"] or [0]
-        predict(Path(arguments[0]), Path(arguments[1]), Path(arguments[2]), folds, "--no-mirroring" not in arguments)
+        predict(Path(arguments[0]), Path(arguments[1]), Path(arguments[2]), folds, "--no-mirroring" not in arguments,
+                previous)

@@ -240,7 +240,8 @@ def cmd_import_model(args, reporter: Reporter) -> None:
     saved = import_model(args.kind, args.path, args.output, name=args.name, card=args.card, labels=args.labels,
                          task=args.task, download=args.download, url=args.url, configuration=args.configuration,
                          folds=args.folds, checkpoint=args.checkpoint, modality=args.modality,
-                         orientation=args.orientation, licence=args.licence, intended_use=args.intended_use)
+                         orientation=args.orientation, licence=args.licence, intended_use=args.intended_use,
+                         previous_stage=args.previous_stage)
     reporter.result(f"imported {saved.summary()}\ncard: {saved.folder / 'card.json'}",
                     {"card": str(saved.folder / "card.json"), "name": saved.name})
 
@@ -373,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configuration", help="nnU-Net configuration (default: the checkpoint's)")
     p.add_argument("--folds", nargs="+", help="nnU-Net folds to ensemble (default: all found)")
     p.add_argument("--checkpoint", default="checkpoint_final.pth")
+    p.add_argument("--previous-stage", help="nnU-Net cascade: the first stage's model folder (default: beside it)")
     p.add_argument("--modality", choices=["CT", "MR", "PT", "US", "OTHER"])
     p.add_argument("--orientation", help="axis codes the model was trained in (e.g. SAR for RAS-canonical NIfTI); "
                                          "default: images as stored, as nnU-Net reads them")

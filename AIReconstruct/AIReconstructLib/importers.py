@@ -18,7 +18,8 @@ def import_model(kind: str, path: str | Path, output: str | Path | None = None, 
 
     ``card``: a hand-written card file (torchscript, onnx); ``labels``: a label-info file (nnunet);
     ``task``, ``download``, ``url``: TotalSegmentator's task and where its weights come from;
-    ``nnunet_options``: configuration, folds, checkpoint, modality, orientation, licence, intended_use.
+    ``nnunet_options``: configuration, folds, checkpoint, modality, orientation, licence, intended_use,
+    previous_stage.
     """
     if kind in ("torchscript", "onnx"):
         from .networks import import_exported

@@ -83,6 +83,18 @@ def _locate(dotted: str):
         raise ModelCardError(f"Class '{dotted}' named in the plans does not exist") from None
 
 
+class SliceBySlice(torch.nn.Module):
+    """A 2D network run on windows one slice deep (``[B, C, 1, y, x]``), as nnU-Net's 2d
+    configuration predicts a volume: every slice along the first array axis on its own."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        return self.network(windows[:, :, 0])[:, :, None]
+
+
 def build_network(args: dict, in_channels: int, out_channels: int) -> torch.nn.Module:
     """The network the plans describe (deep supervision off, as for inference)."""
     kwargs = dict(args["network_args"])
@@ -126,15 +138,36 @@ def _resize_cubic(image: np.ndarray, shape) -> np.ndarray:
     return np.clip(out, image.min(), image.max(), out=out)
 
 
-def _resample_data(channel: np.ndarray, shape, axis: int | None) -> np.ndarray:
-    """One normalised channel to the network's grid (cubic; nearest along a separate coarse axis)."""
+def _resize_labels(labels: np.ndarray, shape) -> np.ndarray:
+    """A label map resized as nnU-Net resizes segmentations (batchgenerators' ``resize_segmentation``,
+    order 1): each label's indicator linearly, the label of the highest score wins, and where several
+    share it the nearest-neighbour label if it is one of them, else the lowest."""
+    zoom = [new / old for new, old in zip(shape, labels.shape)]
+    values = np.unique(labels)
+    nearest = ndimage.zoom(labels, zoom, order=0, mode="nearest", grid_mode=True)
+    best = winner = nearest_score = None
+    for index, value in enumerate(values):
+        score = ndimage.zoom((labels == value).astype(np.float64), zoom, order=1, mode="nearest", grid_mode=True)
+        if best is None:
+            best, winner, nearest_score = score, np.zeros(score.shape, np.int32), np.zeros(score.shape)
+        else:
+            winner[score > best] = index
+            np.maximum(best, score, out=best)
+        is_nearest = nearest == value
+        nearest_score[is_nearest] = score[is_nearest]
+    return np.where((nearest_score == best) & (nearest_score > 0), nearest, values[winner])
+
+
+def _resample_data(channel: np.ndarray, shape, axis: int | None, resize=_resize_cubic) -> np.ndarray:
+    """One normalised channel (or, with ``_resize_labels``, a label map) to the network's grid
+    (cubic; nearest along a separate coarse axis)."""
     if tuple(channel.shape) == tuple(shape):
         return channel
     if axis is None:
-        return _resize_cubic(channel, shape).astype(np.float32)
+        return resize(channel, shape).astype(np.float32)
     moved = np.moveaxis(channel, axis, 0)
     in_plane = [s for a, s in enumerate(shape) if a != axis]
-    resized = np.stack([_resize_cubic(plane, in_plane) for plane in moved])
+    resized = np.stack([resize(plane, in_plane) for plane in moved])
     source = (np.arange(shape[axis]) + 0.5) * (moved.shape[0] / shape[axis]) - 0.5
     index = np.clip(np.floor(source + 0.5).astype(int), 0, moved.shape[0] - 1)
     return np.moveaxis(resized[index], 0, axis).astype(np.float32)
@@ -163,36 +196,41 @@ def predict_labels(channels, card: ModelCard, options, progress: ProgressCallbac
     paths = verified_weight_paths(card)
     parts = args.get("parts") or [{**args, "weights": list(range(len(paths))), "label_offset": 0,
                                     "classes": card.num_classes}]
-    if options.uncertainty and len(parts) > 1:
+    cascade = "previous_stage_labels" in parts[-1]
+    if options.uncertainty and len(parts) > 1 and not cascade:
         raise InputError(f"Uncertainty maps are not available for models combined from several nnU-Net models "
                          f"such as '{card.name}'")
     seconds, merged = {}, None
     for number, part in enumerate(parts):
         def part_report(fraction, message, n=number):
-            prefix = f"part {n + 1}/{len(parts)}: " if len(parts) > 1 else ""
+            prefix = f"{'stage' if cascade else 'part'} {n + 1}/{len(parts)}: " if len(parts) > 1 else ""
             report((n + fraction) / len(parts), prefix + message)
 
+        previous = merged if "previous_stage_labels" in part else None
         labels, maps = _predict_part(channels, card, part, [paths[i] for i in part["weights"]], options,
-                                     part_report, cancel, seconds)
+                                     part_report, cancel, seconds, previous, options.uncertainty and part is parts[-1])
         if len(parts) == 1:
             return labels, seconds, maps
-        if merged is None:
+        if merged is None or previous is not None:  # a cascade's later stage replaces the labels
             merged = np.zeros(labels.shape, np.uint8 if card.num_classes <= 256 else np.uint16)
         found = labels > 0
         merged[found] = labels[found].astype(merged.dtype) + part["label_offset"]
-    return merged, seconds, {}
+    return merged, seconds, maps
 
 
 def _predict_part(channels, card: ModelCard, args: dict, paths: list[Path], options, report: ProgressCallback,
-                  cancel: CancelCheck | None, seconds: dict) -> tuple[np.ndarray, dict]:
-    """One nnU-Net model (its folds ensembled) on the input's grid, and with ``options.uncertainty``
-    the uncertainty maps whose members are every fold's mirrored copies; adds stage times to ``seconds``."""
+                  cancel: CancelCheck | None, seconds: dict, previous: np.ndarray | None,
+                  uncertainty: bool) -> tuple[np.ndarray, dict]:
+    """One nnU-Net model (its folds ensembled) on the input's grid, and with ``uncertainty`` the
+    uncertainty maps whose members are every fold's mirrored copies; adds stage times to ``seconds``.
+    ``previous``: for a cascade's second stage, the first stage's labels on the input's grid."""
     def timed(stage, started):
         seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - started
 
     started = time.perf_counter()
     report(0.0, "loading model")
-    network = build_network(args, len(card.channels), args["classes"])
+    prior_labels = args.get("previous_stage_labels", [])  # one extra input channel per foreground label
+    network = build_network(args, len(card.channels) + len(prior_labels), args["classes"])
     states = [load_checkpoint(path)["network_weights"] for path in paths]
     timed("load model", started)
 
@@ -207,20 +245,30 @@ def _predict_part(channels, card: ModelCard, args: dict, paths: list[Path], opti
     full_shape = arrays[0].shape
     box, body = _nonzero_box(arrays)
     cropped_shape = body.shape
-    target = args["spacing"]
+    planar = len(args["patch_size"]) == 2  # a 2d configuration keeps the slice spacing
+    target = [spacing[0], *args["spacing"]] if planar else args["spacing"]
     shape = [int(round(s / t * n)) for s, t, n in zip(spacing, target, cropped_shape)]
+    extra, mask = [], body
+    if previous is not None:  # nnU-Net marks the outside of the body unlabelled unless a label is there
+        prior = np.transpose(to_canonical(previous, how) if how else previous, transpose)[box].astype(np.int16)
+        mask = body | (prior > 0)
+        prior[~mask] = -1  # a label of its own when resized
+        axis = _separate_axis(spacing, target, args["resampling"]["labels"].get("force_separate_z"))
+        prior = _resample_data(prior, shape, axis, resize=_resize_labels)
+        extra = [(prior == value).astype(np.float32) for value in prior_labels]
     data_rules = args["resampling"]["data"]
     axis = _separate_axis(spacing, target, data_rules.get("force_separate_z"))
     network_input = np.stack([
-        _resample_data(normalise(array[box], spec["normalisation"], mask=body), shape, axis)
-        for array, spec in zip(arrays, card.channels)])
-    del arrays
+        _resample_data(normalise(array[box], spec["normalisation"], mask=mask), shape, axis)
+        for array, spec in zip(arrays, card.channels)] + extra)
+    del arrays, extra
     timed("preprocess", started)
 
     started = time.perf_counter()
-    predictor = Predictor(network, args["patch_size"], card.inference["overlap"], options.device,
+    predictor = Predictor(SliceBySlice(network) if planar else network, [1] * planar + args["patch_size"],
+                          card.inference["overlap"], options.device,
                           cpu_bfloat16=options.cpu_bfloat16, backend=options.backend)
-    members = options.uncertainty
+    members = uncertainty
     mirror_axes = card.inference["mirror_axes"] if options.tta or members else ()
     image = torch.from_numpy(network_input)
     logits, fold_members = None, []

@@ -1,8 +1,9 @@
 """Import an nnU-Net v2 trained model folder as a model card: labels and channels from
 ``dataset.json``; network, spacing, patch size, normalisation, transpose and resampling rules of a
 configuration from ``plans.json``; mirroring axes from a checkpoint; every fold's checkpoint with
-its SHA-256. Several imported models can be combined into one card that runs them in turn
-(TotalSegmentator's five-part "total" task). Prediction is in ``nnunet.py``.
+its SHA-256. A cascade's two stages become one card; several imported models can be combined into
+one card that runs them in turn (TotalSegmentator's five-part "total" task). Prediction is in
+``nnunet.py``.
 """
 
 from __future__ import annotations
@@ -105,11 +106,14 @@ def _find_checkpoints(folder: Path, folds, checkpoint: str) -> list[Path]:
 def import_nnunet(folder: str | Path, name: str | None = None,
                   configuration: str | None = None, folds=None, checkpoint: str = "checkpoint_final.pth",
                   modality: str | None = None, orientation: str | None = None, label_info: dict | None = None,
-                  licence: str = "See the model's source", intended_use: str | None = None) -> dict:
+                  licence: str = "See the model's source", intended_use: str | None = None,
+                  previous_stage: str | Path | None = None) -> dict:
     """A model card for an nnU-Net v2 trained model folder (``dataset.json``, ``plans.json``,
     ``fold_N/checkpoint_*.pth``), with absolute checkpoint paths (:func:`save_card` makes those inside
     the card's folder relative). ``orientation`` (e.g. ``"SAR"``) reorients inputs first, for models
-    trained on reoriented images (TotalSegmentator: RAS, i.e. array axes S, A, R)."""
+    trained on reoriented images (TotalSegmentator: RAS, i.e. array axes S, A, R). Any configuration:
+    2d (slice by slice), 3d_fullres, 3d_lowres, and the second stage of a cascade
+    (3d_cascade_fullres), whose first stage is found beside it or in ``previous_stage``."""
     folder = Path(folder).resolve()
     dataset = read_json(folder / "dataset.json", "Not an nnU-Net model folder")
     plans = read_json(folder / "plans.json", "Not an nnU-Net model folder")
@@ -118,16 +122,16 @@ def import_nnunet(folder: str | Path, name: str | None = None,
     configuration = configuration or first.get("init_args", {}).get("configuration") \
         or folder.name.rsplit("__", 1)[-1]
     config = _configuration(plans, configuration)
-    if len(config["patch_size"]) != 3:
-        raise ModelCardError(f"Configuration '{configuration}' is {len(config['patch_size'])}D; only 3D "
-                             "configurations (3d_fullres, 3d_lowres) are supported")
+    planar = len(config["patch_size"]) == 2  # the 2d configuration: slice by slice along the first array axis
     channel_names = [dataset["channel_names"][key] for key in sorted(dataset["channel_names"], key=int)]
     channels = [_channel(i, channel, plans, config) for i, channel in enumerate(channel_names)]
     mirror_axes = first.get("inference_allowed_mirroring_axes") or []
     dataset_name = plans.get("dataset_name", folder.parent.name)
     name = name or model_name(f"{dataset_name}-{configuration}")
     files = [{"file": str(path), "sha256": sha256_of(path)} for path in checkpoints]
-    spacing_xyz = list(reversed([float(s) for s in config["spacing"]]))  # plans are in array order
+    # plans are in array order; a 2d model keeps the image's slice spacing (the median shown on the card)
+    spacing = ([plans["original_median_spacing_after_transp"][0]] if planar else []) + config["spacing"]
+    patch_size = ([1] if planar else []) + config["patch_size"]
     card = {
         "schema_version": 1, "name": name, "title": f"{dataset_name} ({configuration}, nnU-Net v2)",
         "version": "1.0.0",
@@ -135,22 +139,55 @@ def import_nnunet(folder: str | Path, name: str | None = None,
         "intended_use": intended_use or "Research use; imported nnU-Net model: check the model's own terms",
         "licence": licence,
         "modality": modality or ("CT" if channels[0]["normalisation"]["scheme"] == "ct" else "OTHER"),
-        "channels": channels, "spacing": spacing_xyz,
-        "patch_size": list(reversed([int(p) for p in config["patch_size"]])),
-        "inference": {"overlap": 0.5, "mirror_axes": sorted(int(a) for a in mirror_axes)},
+        "channels": channels, "spacing": list(reversed([float(s) for s in spacing])),
+        "patch_size": list(reversed([int(p) for p in patch_size])),
+        "inference": {"overlap": 0.5, "mirror_axes": sorted(int(a) + planar for a in mirror_axes)},
         "architecture": {"name": ARCHITECTURE_NAME, "args": {
             "configuration": configuration, **_architecture(config),
             "transpose_forward": list(plans.get("transpose_forward", [0, 1, 2])),
             "spacing": [float(s) for s in config["spacing"]], "patch_size": [int(p) for p in config["patch_size"]],
             "orientation": orientation,
             "resampling": {"data": config.get("resampling_fn_data_kwargs", {}),
-                           "probabilities": config.get("resampling_fn_probabilities_kwargs", {})},
+                           "probabilities": config.get("resampling_fn_probabilities_kwargs", {}),
+                           "labels": config.get("resampling_fn_seg_kwargs", {})},
         }},
         "labels": _labels(dataset, label_info or {}),
         "weights": files,
     }
+    if config.get("previous_stage"):
+        first_stage = import_nnunet(previous_stage or _previous_stage_folder(folder, config["previous_stage"]),
+                                    name, config["previous_stage"], folds, checkpoint, modality, orientation,
+                                    label_info, licence, intended_use)
+        card = _cascade(first_stage, card)
     validate_card(card, f"Card imported from {folder}")
     return card
+
+
+def _previous_stage_folder(folder: Path, previous: str) -> Path:
+    """Where nnU-Net keeps the first stage of a cascade: beside the second, named
+    ``TRAINER__PLANS__CONFIGURATION`` with the first stage's configuration."""
+    trainer_and_plans, separator, _ = folder.name.rpartition("__")
+    candidate = folder.parent / f"{trainer_and_plans}{separator}{previous}"
+    if not separator or not candidate.is_dir():
+        raise ModelCardError(f"'{folder.name}' is the second stage of a cascade; its first stage ('{previous}') "
+                             f"was expected in {candidate}: give that folder with --previous-stage")
+    return candidate
+
+
+def _cascade(first: dict, second: dict) -> dict:
+    """One card running a cascade: the first stage predicts the labels, which the second stage takes
+    as extra input channels (one per foreground label) and replaces with its own prediction."""
+    if first["inference"]["mirror_axes"] != second["inference"]["mirror_axes"]:
+        raise ModelCardError("The two stages of the cascade were trained with different mirroring; not supported")
+    foreground = [label["value"] for label in second["labels"]]
+    parts = [{**first["architecture"]["args"], "weights": list(range(len(first["weights"]))), "label_offset": 0,
+              "classes": max(foreground) + 1},
+             {**second["architecture"]["args"], "weights": list(range(len(first["weights"]), len(first["weights"]) + len(second["weights"]))),
+              "label_offset": 0, "classes": max(foreground) + 1, "previous_stage_labels": foreground}]
+    return {**second, "weights": first["weights"] + second["weights"],
+            "title": second["title"].replace(")", f", after {first['architecture']['args']['configuration']})", 1),
+            "description": f"nnU-Net cascade: {first['description']}, then {second['description']}",
+            "architecture": {"name": ARCHITECTURE_NAME, "args": {"parts": parts}}}
 
 
 def combine_parts(cards: list[dict], name: str, title: str) -> dict:

@@ -41,12 +41,13 @@ def choose_device(requested: "str | torch.device" = "auto") -> torch.device:
 
 def window_starts(size: int, patch: int, overlap: float) -> list[int]:
     """Start indices of the windows along one axis: evenly spaced, no further apart than
-    ``patch × (1 - overlap)``, the first at 0 and the last ending at ``size``."""
+    ``patch × (1 - overlap)``, the first at 0 and the last ending at ``size``; each start once
+    (windows one voxel deep, as in 2D models, start at every voxel)."""
     if size <= patch:
         return [0]
     count = math.ceil((size - patch) / (patch * (1 - overlap))) + 1
     step = (size - patch) / (count - 1)
-    return [int(round(step * n)) for n in range(count)]
+    return sorted({int(round(step * n)) for n in range(count)})
 
 
 def window_positions(shape, patch, overlap: float) -> list[tuple[slice, ...]]:
