@@ -52,7 +52,7 @@ def _preprocessing(config: dict) -> dict:
     """Orientation, spacing and normalisation from the bundle's preprocessing transforms."""
     preprocessing = _value(config, config.get("preprocessing"), "preprocessing")
     transforms = preprocessing.get("transforms", []) if isinstance(preprocessing, dict) else []
-    found = {"orientation": None, "spacing": None, "normalisation": None}
+    found = {"orientation": None, "spacing": None, "normalisation": None, "normalise": "before_resampling"}
     for transform in transforms:
         name = _target(transform)
         if name == "Orientation":
@@ -60,6 +60,8 @@ def _preprocessing(config: dict) -> dict:
         elif name == "Spacing":
             pixdim = transform["pixdim"]
             found["spacing"] = [float(p) for p in (pixdim if isinstance(pixdim, list) else [pixdim] * 3)]
+            if found["normalisation"] is None:  # intensities are transformed on the resampled grid
+                found["normalise"] = "after_resampling"
         elif name == "ScaleIntensityRange":
             if not transform.get("clip", False):
                 raise ModelCardError("ScaleIntensityRanged without clip=True is not supported")
@@ -75,6 +77,23 @@ def _preprocessing(config: dict) -> dict:
     if missing:
         raise ModelCardError(f"The bundle's preprocessing gives no {' and no '.join(missing)} (Orientationd, Spacingd)")
     return found
+
+
+def _resampled_back(config: dict) -> str:
+    """What the bundle's postprocessing inverts the preprocessing on: probabilities when a softmax
+    comes before ``Invertd``, else the network's logits (only the transforms' names and plain
+    ``softmax`` flags are read: postprocessing often holds expressions, such as output folders)."""
+    postprocessing = config.get("postprocessing")
+    if isinstance(postprocessing, str) and postprocessing.startswith("@"):
+        postprocessing = config.get(postprocessing[1:])
+    transforms = postprocessing.get("transforms", []) if isinstance(postprocessing, dict) else []
+    for transform in transforms:
+        name = _target(transform) if isinstance(transform, dict) else ""
+        if name in ("Activations", "Activationsd") and transform.get("softmax") is True:
+            return "probabilities"
+        if name in ("Invert", "Invertd"):
+            break
+    return "logits"
 
 
 def _network(config: dict, in_channels: int, out_channels: int) -> dict:
@@ -149,7 +168,8 @@ def import_bundle(bundle: str | Path, output: str | Path, name: str | None = Non
                      for c in range(channels)],
         "orientation": preprocessing["orientation"], "spacing": preprocessing["spacing"],
         "patch_size": [int(p) for p in inferer["roi_size"]],
-        "inference": {"overlap": float(inferer.get("overlap", 0.25)), "mirror_axes": []},
+        "inference": {"overlap": float(inferer.get("overlap", 0.25)), "mirror_axes": [], "grid": "first_voxel",
+                      "normalise": preprocessing["normalise"], "resample_back": _resampled_back(config)},
         "labels": labels,
     }
     checkpoint, torchscript = bundle / "models" / "model.pt", bundle / "models" / "model.ts"

@@ -92,7 +92,8 @@ def _predict_native(channels: list[Volume], card: ModelCard, options: SegmentOpt
 
     started = time.perf_counter()
     report(0.02, "preprocessing")
-    prepared = prepare(channels, card.channels, card.spacing(options.fast), card.orientation)
+    prepared = prepare(channels, card.channels, card.spacing(options.fast), card.orientation,
+                       card.inference.get("grid", "field_of_view"), card.inference.get("normalise") != "after_resampling")
     seconds["preprocess"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -120,6 +121,8 @@ def _predict_native(channels: list[Volume], card: ModelCard, options: SegmentOpt
 
     started = time.perf_counter()
     report(0.9, "resampling to the input grid")
+    if card.inference.get("resample_back") == "probabilities":
+        logits = torch.softmax(logits, dim=0)
     labels = restore_labels(logits, prepared)
     for name in ("uncertainty", "probability"):
         if name in maps:

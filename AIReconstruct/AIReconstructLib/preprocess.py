@@ -67,16 +67,32 @@ def from_canonical(tensor: torch.Tensor, how: Reorientation) -> torch.Tensor:
     return tensor.permute(*range(lead), *(lead + int(a) for a in inverse))
 
 
-def resampled_shape(shape, spacing, target_spacing) -> tuple[int, int, int]:
-    """Grid size covering the same field of view at ``target_spacing``."""
+GRIDS = ("field_of_view", "first_voxel")
+
+
+def resampled_shape(shape, spacing, target_spacing, grid: str = "field_of_view") -> tuple[int, int, int]:
+    """Grid size at ``target_spacing``: covering the same field of view, or (``first_voxel``, MONAI's
+    ``Spacingd``) starting at the first voxel's centre and reaching the last one's."""
+    if grid == "first_voxel":
+        return tuple(int(round((n - 1) * s / t)) + 1 for n, s, t in zip(shape, spacing, target_spacing))
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target_spacing))
 
 
-def resample(tensor: torch.Tensor, shape) -> torch.Tensor:
-    """Trilinear resampling of ``[C, z, y, x]`` to ``shape`` (same field of view)."""
+def resample(tensor: torch.Tensor, shape, steps=None) -> torch.Tensor:
+    """Trilinear resampling of ``[C, z, y, x]`` to ``shape``: over the same field of view, or with
+    ``steps`` (the source index distance between output voxels per axis) from the first voxel's
+    centre, clamped at the last (MONAI's ``Spacingd`` and its inverse)."""
     if tuple(tensor.shape[1:]) == tuple(shape):
         return tensor
-    return F.interpolate(tensor[None], size=tuple(shape), mode="trilinear", align_corners=False)[0]
+    if steps is None:
+        return F.interpolate(tensor[None], size=tuple(shape), mode="trilinear", align_corners=False)[0]
+    for axis, (n_out, step) in enumerate(zip(shape, steps), start=1):
+        low, high, weight_low, weight_high = _linear_taps(n_out, tensor.shape[axis], step)
+        view = [1] * tensor.ndim
+        view[axis] = n_out
+        tensor = (tensor.index_select(axis, low) * weight_low.view(view)
+                  + tensor.index_select(axis, high) * weight_high.view(view))
+    return tensor
 
 
 def normalise(array: np.ndarray, scheme: dict, mask: np.ndarray | None = None) -> np.ndarray:
@@ -106,11 +122,13 @@ def normalise(array: np.ndarray, scheme: dict, mask: np.ndarray | None = None) -
 
 @dataclass(frozen=True)
 class Prepared:
-    """A network-ready tensor ``[C, z, y, x]`` and what is needed to map results back."""
+    """A network-ready tensor ``[C, z, y, x]`` and what is needed to map results back: ``steps_back``
+    is None on a field-of-view grid, else the network-grid index distance between input voxels."""
 
     tensor: torch.Tensor
     reorientation: Reorientation
     canonical_shape: tuple[int, int, int]
+    steps_back: tuple[float, float, float] | None = None
 
 
 def in_array_order(values_xyz, axes: str = "SPL") -> tuple:
@@ -119,32 +137,48 @@ def in_array_order(values_xyz, axes: str = "SPL") -> tuple:
     return tuple(values_xyz[AXIS_CODES[code][0]] for code in axes)
 
 
-def prepare(channels: list[Volume], channel_specs: list[dict], target_spacing_xyz, axes: str = "SPL") -> Prepared:
+def prepare(channels: list[Volume], channel_specs: list[dict], target_spacing_xyz, axes: str = "SPL",
+            grid: str = "field_of_view", normalise_first: bool = True) -> Prepared:
     """Reorient (array axes toward ``axes``), normalise and resample the input channels (all on one
-    grid) for a model."""
+    grid of the kind ``grid`` names, see :func:`resampled_shape`) for a model; normalised on the
+    network's grid instead when not ``normalise_first`` (MONAI bundles whose intensity transforms
+    follow Spacingd)."""
     how = reorientation_of(channels[0], axes)
-    arrays = [normalise(to_canonical(ch.array, how), spec["normalisation"]) for ch, spec in zip(channels, channel_specs)]
+    arrays = [to_canonical(ch.array, how) for ch in channels]
+    if normalise_first:
+        arrays = [normalise(array, spec["normalisation"]) for array, spec in zip(arrays, channel_specs)]
     stacked = arrays[0][None] if len(arrays) == 1 else np.stack(arrays)  # no extra copy for one channel
-    tensor = torch.from_numpy(np.ascontiguousarray(stacked))
+    tensor = torch.from_numpy(np.ascontiguousarray(stacked, dtype=np.float32))
     canonical_shape = tuple(tensor.shape[1:])
-    tensor = resample(tensor, resampled_shape(canonical_shape, how.spacing_zyx, in_array_order(target_spacing_xyz, axes)))
-    return Prepared(tensor, how, canonical_shape)
+    target = in_array_order(target_spacing_xyz, axes)
+    steps = tuple(t / s for s, t in zip(how.spacing_zyx, target)) if grid == "first_voxel" else None
+    tensor = resample(tensor, resampled_shape(canonical_shape, how.spacing_zyx, target, grid), steps)
+    if not normalise_first:
+        tensor = torch.from_numpy(np.stack([normalise(channel, spec["normalisation"])
+                                            for channel, spec in zip(tensor.numpy(), channel_specs)]))
+    return Prepared(tensor, how, canonical_shape, tuple(1 / step for step in steps) if steps else None)
 
 
-def _linear_taps(n_out: int, n_in: int):
+def _linear_taps(n_out: int, n_in: int, step: float | None = None):
     """Source indices and weights of linear resampling from ``n_in`` to ``n_out`` samples over the same
-    field of view (the arithmetic of ``F.interpolate(..., align_corners=False)``)."""
-    source = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    field of view (the arithmetic of ``F.interpolate(..., align_corners=False)``), or with ``step``
+    from the first sample on (clamped at the last)."""
+    if step is None:
+        source = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    else:
+        source = (torch.arange(n_out, dtype=torch.float64) * step).clamp(0, n_in - 1)
     low = source.floor().long().clamp(max=n_in - 1)
     high = (low + 1).clamp(max=n_in - 1)
     weight_high = (source - low).float()
     return low, high, 1 - weight_high, weight_high
 
 
-def resample_argmax(scores: torch.Tensor, shape, nearest_first_axis: bool = False, slab: int = 16) -> torch.Tensor:
-    """The argmax labels of ``scores [C, z, y, x]`` resampled to ``shape`` (same field of view):
-    trilinear, as ``F.interpolate(..., align_corners=False)``, or nearest along z when
-    ``nearest_first_axis`` (as nnU-Net does along the coarse axis of anisotropic images).
+def resample_argmax(scores: torch.Tensor, shape, nearest_first_axis: bool = False, slab: int = 16,
+                    steps=None) -> torch.Tensor:
+    """The argmax labels of ``scores [C, z, y, x]`` resampled to ``shape``: trilinear over the same
+    field of view, as ``F.interpolate(..., align_corners=False)``, or from the first voxel on with
+    ``steps`` (see :func:`resample`), or nearest along z when ``nearest_first_axis`` (as nnU-Net
+    does along the coarse axis of anisotropic images).
 
     Exact shortcut: a voxel whose (up to 8) source grid points all have the same argmax gets that
     label, because a convex combination of score vectors keeps a class that is largest at every
@@ -153,7 +187,7 @@ def resample_argmax(scores: torch.Tensor, shape, nearest_first_axis: bool = Fals
     """
     dtype = torch.uint8 if scores.shape[0] <= 256 else torch.int16
     (z_low, z_high, z_w0, z_w1), (y_low, y_high, y_w0, y_w1), (x_low, x_high, x_w0, x_w1) = [
-        _linear_taps(n_out, n_in) for n_out, n_in in zip(shape, scores.shape[1:])]
+        _linear_taps(n_out, n_in, step) for n_out, n_in, step in zip(shape, scores.shape[1:], steps or (None,) * 3)]
     if nearest_first_axis:
         z_low = z_high = _nearest_taps(shape[0], scores.shape[1])
     coarse = scores.argmax(0).to(dtype)
@@ -173,8 +207,9 @@ def resample_argmax(scores: torch.Tensor, shape, nearest_first_axis: bool = Fals
         kz, ky, kx = torch.nonzero(~uniform, as_tuple=True)
         if len(kz) > uniform.numel() // 8:  # boundaries everywhere: interpolating the whole slab is cheaper
             dense = scores[:, z_low[z]] * z_w0[z][None, :, None, None] + scores[:, z_high[z]] * z_w1[z][None, :, None, None]
-            dense = F.interpolate(dense.transpose(0, 1), size=tuple(shape[1:]), mode="bilinear", align_corners=False)
-            block = dense.argmax(1).to(dtype)
+            dense = dense[:, :, y_low] * y_w0[None, None, :, None] + dense[:, :, y_high] * y_w1[None, None, :, None]
+            dense = dense[..., x_low] * x_w0 + dense[..., x_high] * x_w1
+            block = dense.argmax(0).to(dtype)
         elif len(kz):
             mixed = 0
             for zi, zw in ((z_low[z][kz], z_w0[z][kz]), (z_high[z][kz], z_w1[z][kz])):
@@ -195,11 +230,11 @@ def _nearest_taps(n_out: int, n_in: int) -> torch.Tensor:
 
 def restore_scalar(values: torch.Tensor, prepared: Prepared) -> np.ndarray:
     """A scalar map ``[z, y, x]`` on the model's grid, resampled (trilinear) to the input's grid and order."""
-    restored = resample(values[None].float(), prepared.canonical_shape)[0]
+    restored = resample(values[None].float(), prepared.canonical_shape, prepared.steps_back)[0]
     return np.ascontiguousarray(from_canonical(restored, prepared.reorientation).numpy())
 
 
 def restore_labels(scores: torch.Tensor, prepared: Prepared) -> np.ndarray:
     """The argmax label map on the input's grid, in the input array order."""
-    labels = resample_argmax(scores, prepared.canonical_shape)
+    labels = resample_argmax(scores, prepared.canonical_shape, steps=prepared.steps_back)
     return np.ascontiguousarray(from_canonical(labels, prepared.reorientation).numpy())
