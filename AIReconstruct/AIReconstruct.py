@@ -6,6 +6,7 @@ A thin adapter: the Widget holds the GUI, the Logic the panel's actions (in
 """
 
 import logging
+import pathlib
 import shutil
 from typing import Annotated
 
@@ -59,6 +60,7 @@ class AIReconstructParameterNode:
     surfaceSmoothing: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     show3D: bool = True
     freezeEncoder: bool = True
+    rehearsalFolder: pathlib.Path  # earlier scans to rehearse while fine-tuning (empty: none)
 
     def inputVolumes(self) -> list:
         return [self.inputVolume0, self.inputVolume1, self.inputVolume2, self.inputVolume3]
@@ -273,9 +275,14 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             job = self.logic.adapter.startFineTuning(
                 self._parameterNode.model, freeze_encoder=self._parameterNode.freezeEncoder,
                 device=self._parameterNode.device, python=shutil.which("PythonSlicer") or None,
-                env=slicer.util.startupEnvironment())
+                env=slicer.util.startupEnvironment(), rehearse=self.rehearsalFolder())
             self.startJob(job, self.onFineTuningDone)
         self.updateButtons()
+
+    def rehearsalFolder(self) -> str | None:
+        """The folder of earlier scans chosen for rehearsal, or None (an empty path edit reads as ".")."""
+        folder = str(self._parameterNode.rehearsalFolder)
+        return folder if folder not in ("", ".") else None
 
     def onFineTuningDone(self, job) -> None:
         self.refreshModels()

@@ -10,6 +10,7 @@ from AIReconstructAdapter.engine_run import SegmentationJob  # noqa: E402
 from AIReconstructAdapter.nodes import (add_volume_node, ensure_converter_rules, export_to_files,  # noqa: E402
                                         export_to_models, import_segmentation, segment_mask, show_3d,
                                         volume_from_node)
+from AIReconstructLib.io import write_volume  # noqa: E402
 from AIReconstructLib.modelcard import load_card  # noqa: E402
 from AIReconstructLib.segnrrd import write_seg_nrrd  # noqa: E402
 from AIReconstructLib.volume import Volume  # noqa: E402
@@ -297,11 +298,15 @@ def test_saved_corrections_fine_tune_the_model_into_a_new_installed_version(scen
     assert failed.status == "failed" and "is not label 1 of model 'brain-tumour-flair'" in failed.error
     assert list(models.iterdir()) == []  # nothing installed, no partial folder left
 
-    job = logic.startFineTuning(str(tiny_model), tmp_path / "corrections", device="cpu", models_folder=models)
+    (tmp_path / "earlier").mkdir()  # an earlier scan to rehearse, labelled by the model itself
+    write_volume(ct_volume, tmp_path / "earlier" / "earlier_ct.nii.gz")
+    job = logic.startFineTuning(str(tiny_model), tmp_path / "corrections", device="cpu", models_folder=models,
+                                rehearse=tmp_path / "earlier")
     state = job.wait(timeout=300)
     assert state.status == "done", state.error
     assert [p.name for p in models.iterdir()] == ["tiny-test-model-0.1.0"] == [job.model_folder.name]
     tuned = load_card(job.model_folder / "card.json")
     assert version_key(tuned) > version_key(load_card(tiny_model))
     assert tuned.data["training"]["fine_tuned_from"]["encoder_frozen"] is True
+    assert tuned.data["training"]["fine_tuned_from"]["rehearsal_scans"] == 1
     assert not (job.model_folder / "checkpoint.pt").exists()

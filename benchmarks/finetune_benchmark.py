@@ -4,9 +4,11 @@
 
 Phantoms whose liver tumours enhance (170 HU; the demo model learnt dark ones, 45 HU) are saved as
 corrected cases (``dataset.save_case``, what the Slicer module's "Save for training" does), the demo
-model is fine-tuned on them with ``aireconstruct finetune`` (whole network, and decoder only), and
-the Dice of every label on held-out phantoms of the same kind is printed before and after, with the
-Dice on phantoms of the original kind (to see what fine-tuning costs there). Not a test.
+model is fine-tuned on them with ``aireconstruct finetune`` (whole network, and decoder only; each
+also with ``--rehearse``: as many earlier scans of the original kind, images only, labelled by the
+demo model itself), and the Dice of every label on held-out phantoms of the same kind is printed
+before and after, with the Dice on phantoms of the original kind (what fine-tuning costs there,
+and what rehearsal saves). Not a test.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "AIReconstruct"))
 from AIReconstructLib.cli import main as aireconstruct  # noqa: E402
 from AIReconstructLib.dataset import save_case  # noqa: E402
+from AIReconstructLib.io import write_volume  # noqa: E402
 from AIReconstructLib.metrics import overlap_scores  # noqa: E402
 from AIReconstructLib.modelcard import find_model, load_card  # noqa: E402
 from AIReconstructLib.phantom import make_phantom  # noqa: E402
@@ -55,13 +58,20 @@ def main() -> None:
     for seed in range(6000, 6000 + args.cases):
         phantom = make_phantom(seed, SPACING, tumour_hu=args.tumour_hu)
         save_case(work / "corrected", f"case_{seed}", [phantom.image], phantom.labels, base)
+    (work / "earlier").mkdir()
+    for seed in range(7000, 7000 + args.cases):  # scans of the kind the model knows, no labels
+        write_volume(make_phantom(seed, SPACING).image, work / "earlier" / f"scan_{seed}.nii.gz")
     new_kind = [make_phantom(s, SPACING, tumour_hu=args.tumour_hu) for s in range(6500, 6500 + args.held_out)]
     old_kind = [make_phantom(s, SPACING) for s in range(6500, 6500 + args.held_out)]
 
     rows = [("base model", base, None)]
-    for variant, extra in (("fine-tuned, whole network", []), ("fine-tuned, decoder only", ["--freeze-encoder"])):
+    rehearse = ["--rehearse", str(work / "earlier")]
+    for number, (variant, extra) in enumerate((
+            ("fine-tuned, whole network", []), ("fine-tuned, decoder only", ["--freeze-encoder"]),
+            ("fine-tuned, whole network, rehearsal", rehearse),
+            ("fine-tuned, decoder only, rehearsal", ["--freeze-encoder", *rehearse]))):
         started = time.perf_counter()
-        output = work / variant.split()[-1]
+        output = work / f"variant{number}"
         aireconstruct(["finetune", "demo-abdomen-ct", str(work / "corrected"), "-o", str(output), "--device", "cpu",
                        "--epochs", str(args.epochs), "--iterations", str(args.iterations), *extra])
         rows.append((variant, load_card(output / "card.json"), time.perf_counter() - started))

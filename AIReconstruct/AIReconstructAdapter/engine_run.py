@@ -223,9 +223,11 @@ class FineTuningJob(BackgroundJob):
     A cancelled or failed run leaves the installed models as they were."""
 
     def __init__(self, model: str, dataset_folder: str | Path, models_folder: Path, freeze_encoder: bool = True,
-                 device: str = "auto", python: str | None = None, env: dict | None = None):
+                 device: str = "auto", python: str | None = None, env: dict | None = None,
+                 rehearse: str | Path | None = None):
         self.model, self.dataset_folder, self.models_folder = model, Path(dataset_folder), Path(models_folder)
-        self.options = ["--device", device] + (["--freeze-encoder"] if freeze_encoder else [])
+        self.options = ["--device", device] + (["--freeze-encoder"] if freeze_encoder else []) \
+            + (["--rehearse", str(rehearse)] if rehearse else [])
         self.python, self.env = python, env
         self.workdir: Path | None = None
         self.engine: EngineProcess | None = None

@@ -94,10 +94,11 @@ class AdapterLogic:
 
     def startFineTuning(self, model: str, folder: str | Path | None = None, freeze_encoder: bool = True,
                         device: str = "auto", python: str | None = None, env: dict | None = None,
-                        models_folder: Path = USER_MODELS) -> FineTuningJob:
-        """Fine-tune a model on its saved corrections in the background; on success the new version is
+                        models_folder: Path = USER_MODELS, rehearse: str | Path | None = None) -> FineTuningJob:
+        """Fine-tune a model on its saved corrections in the background (``rehearse``: a folder of
+        earlier scans the model should keep segmenting as it does); on success the new version is
         installed among the user's models and supersedes the old one. Poll the returned job."""
         job = FineTuningJob(model, folder or self.correctionsFolder(model), models_folder, freeze_encoder, device,
-                            python, env)
+                            python, env, rehearse)
         job.start()
         return job

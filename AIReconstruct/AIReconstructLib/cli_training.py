@@ -71,7 +71,8 @@ def cmd_finetune(args, reporter: Reporter) -> None:
     base = find_model(args.model)
     config = TrainConfig(
         dataset=args.dataset, output=args.output, name=args.name or base.name, base_model=args.model,
-        freeze_encoder=args.freeze_encoder, epochs=args.epochs, iterations_per_epoch=args.iterations,
+        freeze_encoder=args.freeze_encoder, rehearse=args.rehearse, rehearsal_share=args.rehearsal_share,
+        epochs=args.epochs, iterations_per_epoch=args.iterations,
         batch_size=args.batch_size, learning_rate=args.learning_rate, validate_every=args.validate_every,
         seed=args.seed, device=args.device, time_limit_minutes=args.time_limit, resume=args.resume)
     card_path = train(config, reporter.progress, reporter.cancel_requested)
@@ -170,6 +171,9 @@ def add_training_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="folder for the new model version (card + weights)")
     p.add_argument("--name", help="name of the new model (default: the base model's; its version goes up)")
     p.add_argument("--freeze-encoder", action="store_true", help="train only the decoder")
+    p.add_argument("--rehearse", metavar="FOLDER", help="earlier scans (image files, no labels needed) the model "
+                   "already segments well: rehearsed with its own segmentations so that it does not forget them")
+    p.add_argument("--rehearsal-share", type=float, default=0.5, help="share of training patches from those scans")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--iterations", type=int, default=10, help="iterations per epoch")
     p.add_argument("--batch-size", type=int, default=2)

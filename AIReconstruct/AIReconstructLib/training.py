@@ -33,7 +33,7 @@ from .metrics import overlap_scores
 from .modelcard import CARD_FILE, ModelCard, find_model, save_card, sha256_of, version_key
 from .networks import DEFAULT_ARGUMENTS, ENCODER_PARAMETERS, build_network, freeze_encoder, load_network, save_weights
 from .predict import Predictor
-from .training_data import (PatchSampler, channel_normalisation, label_entries, load_case, make_folds,
+from .training_data import (PatchSampler, channel_normalisation, label_entries, load_case, make_folds, rehearsal_cases,
                             median_spacing)
 
 WEIGHTS_FILE = "model.safetensors"
@@ -74,6 +74,8 @@ class TrainConfig:
     licence: str = "Apache-2.0"
     base_model: str | None = None  # fine-tune this model (name or card path) instead of training from scratch
     freeze_encoder: bool = False  # with base_model: train only the decoder
+    rehearse: str | None = None  # with base_model: folder of earlier scans, labelled by the base model itself
+    rehearsal_share: float = 0.5  # the share of training patches drawn from those scans
 
 
 def train(config: TrainConfig, progress=None, cancel=None) -> Path:
@@ -127,10 +129,18 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
     device = distributed.device
     network = build_network({"name": config.architecture, "args": config.architecture_args},
                             len(channel_specs), num_classes)
+    rehearsal = None
     if base is not None:
         network.load_state_dict(load_network(base).state_dict())
+        if config.rehearse:
+            if not 0 < config.rehearsal_share < 1:
+                raise InputError(f"The rehearsal share must be between 0 and 1, not {config.rehearsal_share}")
+            rehearsal = PatchSampler(rehearsal_cases(config.rehearse, network, channel_specs, spacing, patch_zyx, device),
+                                     patch_zyx, num_classes, config.mirror_axes)
         if config.freeze_encoder:
             freeze_encoder(network, config.architecture)
+    elif config.rehearse:
+        raise InputError("Rehearsal scans are for fine-tuning (they are labelled by the model being fine-tuned)")
     network = network.to(device).train()
     model = distributed.wrap(network)
     trainable = [parameter for parameter in network.parameters() if parameter.requires_grad]
@@ -154,13 +164,15 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         epoch_seed = config.seed * 100_003 + epoch * 101 + distributed.rank
         _seed(epoch_seed)
+        if rehearsal is not None:
+            rehearsal.reseed(epoch_seed + 1)
         sampler.reseed(epoch_seed, distributed.share_of(len(train_cases), epoch, config.seed))
         losses, adversarial_losses, discriminator_losses = [], [], []
         refining = adversarial is not None and adversarial.active(epoch)
         for _ in range(config.iterations_per_epoch):
             if cancel is not None and cancel():
                 raise Cancelled("Training cancelled by the user; the last checkpoint can be resumed")
-            images, targets = sampler.batch(config.batch_size, device)
+            images, targets = _training_batch(sampler, rehearsal, config, device)
             for group in optimiser.param_groups:
                 group["lr"] = config.learning_rate * (1 - state["step"] / total_steps) ** 0.9
             optimiser.zero_grad(set_to_none=True)
@@ -213,7 +225,18 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
     if not distributed.is_main:
         return output / CARD_FILE
     return _write_card(config, output, dataset, channel_specs, labels, spacing, state, distributed.world_size,
-                       time.time() - start, split["validation"], base)
+                       time.time() - start, split["validation"], base, len(rehearsal.items) if rehearsal else 0)
+
+
+def _training_batch(sampler: PatchSampler, rehearsal: PatchSampler | None, config: TrainConfig, device):
+    """Patches of the training cases, and with rehearsal scans on average ``rehearsal_share`` of
+    the batch from those."""
+    if rehearsal is None:
+        return sampler.batch(config.batch_size, device)
+    rehearsed = sum(random.random() < config.rehearsal_share for _ in range(config.batch_size))
+    parts = [source.batch(count, device) for source, count in ((sampler, config.batch_size - rehearsed),
+                                                                (rehearsal, rehearsed)) if count]
+    return torch.cat([images for images, _ in parts]), torch.cat([targets for _, targets in parts])
 
 
 def segmentation_loss(architecture_args: dict | None, batch: bool = True):
@@ -309,7 +332,7 @@ def _load_checkpoint(path: Path, network, optimiser, adversarial, device) -> dic
 
 
 def _write_card(config, output, dataset, channel_specs, labels, spacing, state, world_size, seconds,
-                held_out: list[str], base: ModelCard | None = None) -> Path:
+                held_out: list[str], base: ModelCard | None = None, rehearsal_count: int = 0) -> Path:
     training = {
         "dataset": dataset.folder.name, "cases": len(dataset.cases), "held_out_cases": held_out,
         "best_epoch": state["best_epoch"],
@@ -326,7 +349,7 @@ def _write_card(config, output, dataset, channel_specs, labels, spacing, state, 
         training["fine_tuned_from"] = {
             "name": base.name, "version": base.data.get("version"), "sha256": base.data["weights"][0]["sha256"],
             "validation_mean_dice": round(state["base_dice"], 4) if state.get("base_dice", -1) >= 0 else None,
-            "encoder_frozen": config.freeze_encoder}
+            "encoder_frozen": config.freeze_encoder, "rehearsal_scans": rehearsal_count}
     save_card(card, output)
     return output / CARD_FILE
 

@@ -1,4 +1,5 @@
-"""Training data on the model grid: the data set's fingerprint, cases, folds and patch sampling.
+"""Training data on the model grid: the data set's fingerprint, cases, rehearsal scans, folds and
+patch sampling.
 
 Spacing is the data set's median spacing and CT normalisation clips to the 0.5-99.5 percentiles of
 foreground intensities and z-scores with their mean and deviation, as nnU-Net does; MR channels
@@ -21,7 +22,8 @@ from monai.transforms.utils import map_classes_to_indices
 
 from .dataset import Dataset
 from .errors import InputError
-from .io import read_labelmap, read_volume
+from .io import IMAGE_SUFFIXES, read_labelmap, read_volume
+from .predict import Predictor
 from .preprocess import prepare, to_canonical
 
 
@@ -70,6 +72,25 @@ def load_case(case, channel_specs, spacing) -> tuple[torch.Tensor, torch.Tensor]
     canonical = torch.from_numpy(np.ascontiguousarray(to_canonical(labels.array, prepared.reorientation)))
     shape = tuple(prepared.tensor.shape[1:])
     return prepared.tensor, F.interpolate(canonical[None, None].float(), size=shape, mode="nearest-exact")[0]
+
+
+def rehearsal_cases(folder: str | Path, network: torch.nn.Module, channel_specs, spacing, patch_zyx,
+                    device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Earlier scans (every image file in ``folder``; single-channel models) on the model grid, each
+    labelled with the network's own segmentation: rehearsing them while fine-tuning keeps what the
+    model already does well, without expert labels (pseudo-rehearsal)."""
+    if len(channel_specs) != 1:
+        raise InputError(f"Rehearsal scans are single images; this model takes {len(channel_specs)} channels")
+    files = sorted(path for path in Path(folder).iterdir() if path.name.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise InputError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}) to rehearse")
+    predictor = Predictor(network, patch_zyx, 0.5, device, backend="torch")
+    cases = []
+    for path in files:
+        image = prepare([read_volume(path)], channel_specs, spacing).tensor
+        cases.append((image, predictor(image).argmax(0, keepdim=True).float()))
+    network.train()
+    return cases
 
 
 def make_folds(case_ids: list[str], folds: int, validation_fraction: float, seed: int) -> list[dict]:
