@@ -31,6 +31,21 @@ def _clean_mask(mask: np.ndarray, rules: dict, voxel_ml: float) -> np.ndarray:
     return np.concatenate([[False], keep])[components]
 
 
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with its enclosed cavities filled: background components (6-connected) that do not
+    touch the array's faces. Equal to ``ndimage.binary_fill_holes`` in one labelling pass instead of
+    a dilation repeated until nothing changes."""
+    background, count = ndimage.label(~mask)
+    if count == 0:
+        return mask
+    outside = np.zeros(count + 1, bool)
+    for axis in range(mask.ndim):
+        for end in (0, -1):
+            outside[np.take(background, end, axis=axis)] = True
+    outside[0] = True  # the mask itself
+    return mask | ~outside[background]
+
+
 def postprocess(labelmap: Volume, labels: list[Label]) -> Volume:
     """Apply every label's post-processing rules; returns a new label map.
 
@@ -51,6 +66,6 @@ def postprocess(labelmap: Volume, labels: list[Label]) -> Volume:
             region[mask & ~cleaned] = 0
             mask = cleaned
         if rules.get("fill_holes") and mask.any():
-            filled = ndimage.binary_fill_holes(mask)
+            filled = _fill_holes(mask)
             region[filled & (region == 0)] = label.value
     return labelmap.with_array(array)

@@ -53,7 +53,8 @@ def _extent(box) -> str:
 
 def seg_nrrd_header(labelmap: Volume, labels: list[Label]) -> dict:
     """The NRRD header (geometry and Slicer's segmentation fields) for a label map."""
-    boxes = ndimage.find_objects(labelmap.array.astype(np.int32, copy=False))
+    array = labelmap.array
+    boxes = ndimage.find_objects(array if np.issubdtype(array.dtype, np.integer) else array.astype(np.int32))
     header = {
         "type": "unsigned short" if labelmap.array.max(initial=0) > 255 else "unsigned char",
         "space": "left-posterior-superior",
@@ -92,10 +93,10 @@ def write_seg_nrrd(labelmap: Volume, labels: list[Label], path: str | os.PathLik
     path = Path(path)
     header = seg_nrrd_header(labelmap, labels)
     dtype = np.uint16 if header["type"] == "unsigned short" else np.uint8
-    data = np.ascontiguousarray(labelmap.array.astype(dtype).transpose(2, 1, 0))  # [k,j,i] -> i fastest
+    data = np.ascontiguousarray(labelmap.array, dtype=dtype)  # [k, j, i]: i fastest, as NRRD stores it
     try:
         with atomic_path(path) as tmp:
-            nrrd.write(str(tmp), data, header, index_order="F", compression_level=6)
+            nrrd.write(str(tmp), data, header, index_order="C", compression_level=6)
     except OSError as error:
         raise OutputError(f"Cannot write {path}: {error.strerror or error}") from None
     return path

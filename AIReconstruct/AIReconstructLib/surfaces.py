@@ -288,6 +288,9 @@ def write_mesh(poly: vtk.vtkPolyData, path: str | os.PathLike) -> Path:
     writer = SEGMENT_WRITERS[suffix]()
     if suffix == ".stl":
         writer.SetFileTypeToBinary()
+    elif suffix == ".vtp":  # raw appended data, LZ4: ~25x faster to write than base64 + zlib, ~8 % larger
+        writer.EncodeAppendedDataOff()
+        writer.SetCompressorTypeToLZ4()
     with atomic_path(path) as tmp:
         writer.SetFileName(str(tmp))
         writer.SetInputData(poly)
