@@ -74,7 +74,10 @@ class OpenVinoNetwork:
         return torch.cat([torch.from_numpy(np.asarray(self.compiled(window)[0])) for window in windows])
 
 
-_COMPILED: dict[str, OpenVinoNetwork | None] = {}  # this process's compiled networks (None: failed), by fingerprint
+# this process's compiled networks (None: conversion failed), by fingerprint; one kept at a time
+# (each holds its weights and activation buffers: an nnU-Net model's folds, run one after the
+# other, would otherwise all stay in memory), failures remembered
+_COMPILED: dict[str, OpenVinoNetwork | None] = {}
 
 
 def compiled_for_cpu(network: torch.nn.Module, input_shape: tuple[int, ...]):
@@ -88,12 +91,12 @@ def compiled_for_cpu(network: torch.nn.Module, input_shape: tuple[int, ...]):
     window = (1, *tuple(input_shape)[1:])
     fingerprint = _fingerprint(network, window)
     if fingerprint not in _COMPILED:
+        for known in [key for key, value in _COMPILED.items() if value is not None]:
+            del _COMPILED[known]  # freed before the next one is compiled
         try:
             compiled = OpenVinoNetwork(network, window, fingerprint)
         except Exception as error:  # OpenVINO's converters raise many kinds; PyTorch still works
             log.warning("OpenVINO could not convert the network (%s); using PyTorch", str(error).splitlines()[0][:200])
             compiled = None  # remembered: not tried again in this process
-        while len(_COMPILED) >= 8:
-            _COMPILED.pop(next(iter(_COMPILED)))
         _COMPILED[fingerprint] = compiled
     return _COMPILED[fingerprint]
