@@ -5,6 +5,7 @@ weights) and predict with ``nnUNetPredictor``. Used by the import test and the b
     python nnunet_reference.py make-model WORK_FOLDER [CONFIGURATION]
     python nnunet_reference.py make-totalsegmentator-model WORK_FOLDER CT REFERENCE_LABELS LABELS_JSON
     python nnunet_reference.py make-cascade-model WORK_FOLDER
+    python nnunet_reference.py make-region-model WORK_FOLDER
     python nnunet_reference.py predict MODEL_FOLDER IMAGE OUTPUT [FOLD ...] [--no-mirroring] [--previous-stage FOLDER]
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 DATASET = "Dataset042_Phantoms"
 CASCADE_DATASET = "Dataset043_PhantomCascade"
+REGION_DATASET = "Dataset044_PhantomRegions"
 TOTALSEG_DATASET = "Dataset297_TotalSegmentator_total_3mm_1559subj"
 
 
@@ -25,8 +27,9 @@ def nnunet_environment(work: Path) -> dict:
     return {name: str(work / name) for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
 
 
-def _plan(work: Path, dataset_id: int, dataset: str, cases: dict, labels: dict) -> None:
-    """nnU-Net's fingerprint and planner on ``cases`` (name -> (image path, label path))."""
+def _plan(work: Path, dataset_id: int, dataset: str, cases: dict, labels: dict, **dataset_fields) -> None:
+    """nnU-Net's fingerprint and planner on ``cases`` (name -> (image path, label path));
+    ``dataset_fields`` go into dataset.json too (``regions_class_order``)."""
     os.environ.update(nnunet_environment(work))
     import shutil
 
@@ -37,7 +40,8 @@ def _plan(work: Path, dataset_id: int, dataset: str, cases: dict, labels: dict) 
         shutil.copy(image, raw / "imagesTr" / f"{name}_0000.nii.gz")
         shutil.copy(label, raw / "labelsTr" / f"{name}.nii.gz")
     (raw / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": "CT"}, "labels": labels, "numTraining": len(cases), "file_ending": ".nii.gz"}))
+        "channel_names": {"0": "CT"}, "labels": labels, "numTraining": len(cases), "file_ending": ".nii.gz",
+        **dataset_fields}))
 
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
 
@@ -86,8 +90,9 @@ def _fit(work: Path, dataset_id: int, dataset: str, configurations, folds, train
     return model
 
 
-def _phantom_cases(work: Path) -> dict:
-    """Three phantom CTs (9 labels) at 5 x 5 x 6 mm."""
+def _phantom_cases(work: Path, keep_labels: int = 9) -> dict:
+    """Three phantom CTs at 5 x 5 x 6 mm, with their 9 labels or only the first ``keep_labels``."""
+    import numpy as np
     import SimpleITK as sitk
     from AIReconstructLib.io import volume_to_sitk
     from AIReconstructLib.phantom import make_phantom
@@ -98,7 +103,8 @@ def _phantom_cases(work: Path) -> dict:
         phantom = make_phantom(seed, spacing=(5.0, 5.0, 6.0), field_of_view_mm=(320.0, 240.0, 300.0))
         image, label = work / "phantoms" / f"image{seed}.nii.gz", work / "phantoms" / f"label{seed}.nii.gz"
         sitk.WriteImage(volume_to_sitk(phantom.image), str(image))
-        sitk.WriteImage(volume_to_sitk(phantom.labels), str(label))
+        labels = phantom.labels.with_array(np.where(phantom.labels.array <= keep_labels, phantom.labels.array, 0))
+        sitk.WriteImage(volume_to_sitk(labels), str(label))
         cases[f"case{seed:03d}"] = (image, label)
     return cases
 
@@ -113,6 +119,16 @@ def make_model(work: Path, configuration: str = "3d_fullres") -> Path:
 
     _plan(work, 42, DATASET, _phantom_cases(work), PHANTOM_LABELS)
     return _fit(work, 42, DATASET, [configuration], (0, 1), nnUNetTrainer, iterations=2)
+
+
+def make_region_model(work: Path) -> Path:
+    """A region-based model (sigmoid outputs for overlapping regions, as nnU-Net's BraTS models):
+    "liver" (liver and tumour) and "liver tumour", painted in that order; two folds."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    _plan(work, 44, REGION_DATASET, _phantom_cases(work, keep_labels=2),
+          {"background": 0, "liver": [1, 2], "liver tumour": [2]}, regions_class_order=[1, 2])
+    return _fit(work, 44, REGION_DATASET, ["3d_fullres"], (0, 1), nnUNetTrainer, iterations=2)
 
 
 def make_cascade_model(work: Path) -> tuple[Path, Path]:
@@ -192,6 +208,8 @@ if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
     if command == "make-model":
         print(make_model(Path(arguments[0]), *arguments[1:]))
+    elif command == "make-region-model":
+        print(make_region_model(Path(arguments[0])))
     elif command == "make-cascade-model":
         print(*make_cascade_model(Path(arguments[0])))
     elif command == "make-totalsegmentator-model":

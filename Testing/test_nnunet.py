@@ -177,6 +177,32 @@ def test_cascade_same_labels_as_nnunet_predictor(nnunet_cascade, tmp_path, monke
     assert equal.mean() >= 0.95 and len(np.unique(ours)) > 3
 
 
+def test_region_based_model_same_labels_as_nnunet_predictor(tmp_path, record_property):
+    """A region-based model (sigmoid outputs for overlapping regions, as nnU-Net's BraTS models: here
+    "liver" = liver and tumour, "liver tumour") made by nnU-Net: each region's logits resampled back,
+    sigmoid above 0.5, painted in regions_class_order, as nnUNetPredictor does."""
+    model = Path(_reference("make-region-model", tmp_path / "work"))
+    assert main(["import-model", "nnunet", str(model), "-o", str(tmp_path / "card")]) == 0
+    card = load_card(tmp_path / "card")
+    assert [(label.value, label.name) for label in card.labels] == [(1, "liver"), (2, "liver tumour")]
+    assert card.data["architecture"]["args"]["region_order"] == [1, 2]
+    phantom = make_phantom(11, spacing=(4.0, 4.5, 5.0), field_of_view_mm=(400.0, 240.0, 300.0))
+    image_path = tmp_path / "case_0000.nii.gz"
+    sitk.WriteImage(volume_to_sitk(phantom.image), str(image_path))
+    _reference("predict", model, image_path, tmp_path / "nnunet.nii.gz", 0, 1)
+    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "nnunet.nii.gz")))
+
+    ours = segment([read_volume(image_path)], card, SegmentOptions(device="cpu", tta=True, postprocess=False)).labelmap.array
+    equal = ours == theirs
+    record_property("region-based voxel agreement with nnUNetPredictor", float(equal.mean()))
+    print(f"region-based voxel agreement with nnUNetPredictor: {equal.mean():.5f} overall, "
+          f"{equal[4:-4, 4:-4, 4:-4].mean():.5f} inside")
+    assert equal[4:-4, 4:-4, 4:-4].mean() >= 0.999 and equal.mean() >= 0.99
+    assert set(np.unique(theirs)) == {0, 1, 2}
+    with pytest.raises(InputError, match="region-based"):
+        segment([read_volume(image_path)], card, SegmentOptions(device="cpu", uncertainty=True))
+
+
 def test_labels_are_resized_as_nnunet_resizes_segmentations():
     """The second stage's input: nnU-Net's (batchgenerators') resize_segmentation, order 1, ties included."""
     from batchgenerators.augmentations.utils import resize_segmentation

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from .errors import InputError, ModelCardError, WeightsError
@@ -168,9 +169,28 @@ def _resample_data(channel: np.ndarray, shape, axis: int | None, resize=_resize_
     moved = np.moveaxis(channel, axis, 0)
     in_plane = [s for a, s in enumerate(shape) if a != axis]
     resized = np.stack([resize(plane, in_plane) for plane in moved])
-    source = (np.arange(shape[axis]) + 0.5) * (moved.shape[0] / shape[axis]) - 0.5
-    index = np.clip(np.floor(source + 0.5).astype(int), 0, moved.shape[0] - 1)
-    return np.moveaxis(resized[index], 0, axis).astype(np.float32)
+    return np.moveaxis(resized[_nearest_indices(shape[axis], moved.shape[0])], 0, axis).astype(np.float32)
+
+
+def _nearest_indices(n_out: int, n_in: int) -> np.ndarray:
+    """Source index of each of ``n_out`` samples taken nearest-neighbour from ``n_in`` (same field of view)."""
+    source = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    return np.clip(np.floor(source + 0.5).astype(int), 0, n_in - 1)
+
+
+def _painted_regions(logits: torch.Tensor, shape, nearest_first_axis: bool, order: list[int]) -> torch.Tensor:
+    """nnU-Net's export of a region-based model: each region's logits resampled to ``shape``
+    (linear; nearest along the first axis when it is resampled apart), sigmoid above 0.5, and the
+    regions painted in ``order`` (later ones over earlier ones)."""
+    labels = torch.zeros(tuple(shape), dtype=torch.uint8 if max(order) < 256 else torch.int16)
+    for channel, value in zip(logits, order):
+        if nearest_first_axis:
+            planes = F.interpolate(channel[:, None], size=tuple(shape[1:]), mode="bilinear", align_corners=False)[:, 0]
+            resampled = planes[torch.from_numpy(_nearest_indices(shape[0], channel.shape[0]))]
+        else:
+            resampled = resample(channel[None], shape)[0]
+        labels[torch.sigmoid(resampled) > 0.5] = value
+    return labels
 
 
 def _nonzero_box(arrays: list[np.ndarray]) -> tuple[tuple[slice, ...], np.ndarray]:
@@ -200,6 +220,8 @@ def predict_labels(channels, card: ModelCard, options, progress: ProgressCallbac
     if options.uncertainty and len(parts) > 1 and not cascade:
         raise InputError(f"Uncertainty maps are not available for models combined from several nnU-Net models "
                          f"such as '{card.name}'")
+    if options.uncertainty and any(part.get("region_order") for part in parts):
+        raise InputError(f"Uncertainty maps are not available for region-based nnU-Net models such as '{card.name}'")
     seconds, merged = {}, None
     for number, part in enumerate(parts):
         def part_report(fraction, message, n=number):
@@ -230,7 +252,9 @@ def _predict_part(channels, card: ModelCard, args: dict, paths: list[Path], opti
     started = time.perf_counter()
     report(0.0, "loading model")
     prior_labels = args.get("previous_stage_labels", [])  # one extra input channel per foreground label
-    network = build_network(args, len(card.channels) + len(prior_labels), args["classes"])
+    region_order = args.get("region_order")  # region-based: one sigmoid output per region
+    network = build_network(args, len(card.channels) + len(prior_labels),
+                            len(region_order) if region_order else args["classes"])
     states = [load_checkpoint(path)["network_weights"] for path in paths]
     timed("load model", started)
 
@@ -305,8 +329,11 @@ def _predict_part(channels, card: ModelCard, args: dict, paths: list[Path], opti
         raise ModelCardError("Only nnU-Net's default resampling of probabilities (linear, nearest along "
                              "a coarse axis) is supported")
     moved = [axis] + [a for a in range(3) if a != axis] if axis is not None else [0, 1, 2]
-    labels = resample_argmax(logits.permute(0, *(1 + a for a in moved)), [cropped_shape[a] for a in moved],
-                             nearest_first_axis=axis is not None)
+    logits, moved_shape = logits.permute(0, *(1 + a for a in moved)), [cropped_shape[a] for a in moved]
+    if region_order:
+        labels = _painted_regions(logits, moved_shape, axis is not None, region_order)
+    else:
+        labels = resample_argmax(logits, moved_shape, nearest_first_axis=axis is not None)
     labels = labels.permute(*np.argsort(moved))
 
     def to_input_grid(values: torch.Tensor, outside) -> np.ndarray:

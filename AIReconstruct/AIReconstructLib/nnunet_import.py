@@ -76,11 +76,26 @@ def _channel(index: int, name: str, plans: dict, configuration: dict) -> dict:
     return {"name": name, "normalisation": normalisation}
 
 
+def _regions(dataset: dict) -> list[tuple[str, int]] | None:
+    """A region-based model's regions (name, label painted where the region is found), in the order
+    nnU-Net paints them (``regions_class_order``), or None for a model of plain labels."""
+    if not any(isinstance(value, list) and len(value) > 1 for value in dataset["labels"].values()):
+        return None
+    names = [name for name, value in dataset["labels"].items()
+             if name != "ignore" and set(value if isinstance(value, list) else [value]) != {0}]
+    order = dataset.get("regions_class_order")
+    if not isinstance(order, list) or len(order) != len(names):
+        raise ModelCardError("A region-based nnU-Net model needs regions_class_order in dataset.json, one label per region")
+    return list(zip(names, [int(value) for value in order]))
+
+
 def _labels(dataset: dict, label_info: dict) -> list[dict]:
-    if "regions_class_order" in dataset or any(not isinstance(v, int) for v in dataset["labels"].values()):
-        raise ModelCardError("Region-based nnU-Net models (overlapping labels) are not supported")
+    """Card labels: the model's labels, or for a region-based model the label each region paints,
+    named after the region (a voxel shows the last region painted over it)."""
+    regions = _regions(dataset)
     entries = []
-    named = sorted((value, name) for name, value in dataset["labels"].items() if value > 0 and name != "ignore")
+    named = sorted((value, name) for name, value in (regions or dataset["labels"].items())
+                   if value > 0 and name != "ignore")
     for index, (value, name) in enumerate(named):
         info = label_info.get(name, {})
         entry = {"value": value, "name": info.get("name", name), "color": info.get("color", label_colour(index))}
@@ -122,6 +137,7 @@ def import_nnunet(folder: str | Path, name: str | None = None,
     configuration = configuration or first.get("init_args", {}).get("configuration") \
         or folder.name.rsplit("__", 1)[-1]
     config = _configuration(plans, configuration)
+    regions = _regions(dataset)
     planar = len(config["patch_size"]) == 2  # the 2d configuration: slice by slice along the first array axis
     channel_names = [dataset["channel_names"][key] for key in sorted(dataset["channel_names"], key=int)]
     channels = [_channel(i, channel, plans, config) for i, channel in enumerate(channel_names)]
@@ -147,6 +163,7 @@ def import_nnunet(folder: str | Path, name: str | None = None,
             "transpose_forward": list(plans.get("transpose_forward", [0, 1, 2])),
             "spacing": [float(s) for s in config["spacing"]], "patch_size": [int(p) for p in config["patch_size"]],
             "orientation": orientation,
+            **({"region_order": [value for _, value in regions]} if regions else {}),
             "resampling": {"data": config.get("resampling_fn_data_kwargs", {}),
                            "probabilities": config.get("resampling_fn_probabilities_kwargs", {}),
                            "labels": config.get("resampling_fn_seg_kwargs", {})},
