@@ -123,12 +123,13 @@ def make_model(work: Path, configuration: str = "3d_fullres") -> Path:
 
 def make_region_model(work: Path) -> Path:
     """A region-based model (sigmoid outputs for overlapping regions, as nnU-Net's BraTS models):
-    "liver" (liver and tumour) and "liver tumour", painted in that order; two folds."""
+    "liver" (liver and tumour) and "liver tumour", painted in that order; one fold with nnU-Net's
+    initial weights (a few iterations leave it predicting one region everywhere or nothing)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     _plan(work, 44, REGION_DATASET, _phantom_cases(work, keep_labels=2),
           {"background": 0, "liver": [1, 2], "liver tumour": [2]}, regions_class_order=[1, 2])
-    return _fit(work, 44, REGION_DATASET, ["3d_fullres"], (0, 1), nnUNetTrainer, iterations=2)
+    return _fit(work, 44, REGION_DATASET, ["3d_fullres"], (0,), nnUNetTrainer, iterations=0)
 
 
 def make_cascade_model(work: Path) -> tuple[Path, Path]:
