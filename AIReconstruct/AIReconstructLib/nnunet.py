@@ -3,8 +3,11 @@ predict as nnU-Net's own predictor does (same labels), with less time and memory
 
     channels ─► [reorient, only if the card says the model was trained that way] ─► transpose (plans)
              ─► crop to the non-zero box ─► normalise per channel ─► resample to the plans' spacing (cubic)
-             ─► Predictor per fold (nnU-Net's windows, Gaussian, mirroring) ─► mean logits over folds
-             ─► resample back (linear) + argmax, slab by slab ─► paste into the box ─► transpose back
+                [a cascade's second stage: + the first stage's labels, resized, as one-hot channels]
+             ─► Predictor per fold (nnU-Net's windows, Gaussian, mirroring; 2d: one slice deep)
+             ─► mean logits over folds ─► resample back (linear) + argmax, slab by slab
+                [region-based: each region's logits, sigmoid > 0.5, painted in order]
+             ─► paste into the box ─► transpose back
 
 The card keeps everything prediction needs (network class and arguments, transpose, spacing,
 patch size, resampling), so plans.json is read once, at import; the checkpoints are listed with
