@@ -31,7 +31,8 @@ from .errors import InputError, ModelCardError, WeightsError
 from .modelcard import ModelCard, verified_weight_paths
 from .networks import load_pickled_weights
 from .predict import CancelCheck, Predictor, ProgressCallback
-from .preprocess import from_canonical, normalise, reorientation_of, resample, resample_argmax, to_canonical
+from .preprocess import (from_canonical, nearest_taps, normalise, reorientation_of, resample, resample_argmax,
+                         to_canonical)
 from .uncertainty import member_maps
 
 ARCHITECTURE_NAME = "nnUNet"
@@ -172,13 +173,7 @@ def _resample_data(channel: np.ndarray, shape, axis: int | None, resize=_resize_
     moved = np.moveaxis(channel, axis, 0)
     in_plane = [s for a, s in enumerate(shape) if a != axis]
     resized = np.stack([resize(plane, in_plane) for plane in moved])
-    return np.moveaxis(resized[_nearest_indices(shape[axis], moved.shape[0])], 0, axis).astype(np.float32)
-
-
-def _nearest_indices(n_out: int, n_in: int) -> np.ndarray:
-    """Source index of each of ``n_out`` samples taken nearest-neighbour from ``n_in`` (same field of view)."""
-    source = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
-    return np.clip(np.floor(source + 0.5).astype(int), 0, n_in - 1)
+    return np.moveaxis(resized[nearest_taps(shape[axis], moved.shape[0]).numpy()], 0, axis).astype(np.float32)
 
 
 def _painted_regions(logits: torch.Tensor, shape, nearest_first_axis: bool, order: list[int]) -> torch.Tensor:
@@ -189,7 +184,7 @@ def _painted_regions(logits: torch.Tensor, shape, nearest_first_axis: bool, orde
     for channel, value in zip(logits, order):
         if nearest_first_axis:
             planes = F.interpolate(channel[:, None], size=tuple(shape[1:]), mode="bilinear", align_corners=False)[:, 0]
-            resampled = planes[torch.from_numpy(_nearest_indices(shape[0], channel.shape[0]))]
+            resampled = planes[nearest_taps(shape[0], channel.shape[0])]
         else:
             resampled = resample(channel[None], shape)[0]
         labels[torch.sigmoid(resampled) > 0.5] = value
@@ -295,8 +290,7 @@ def _predict_part(channels, card: ModelCard, args: dict, paths: list[Path], opti
     predictor = Predictor(SliceBySlice(network) if planar else network, [1] * planar + args["patch_size"],
                           card.inference["overlap"], options.device,
                           cpu_bfloat16=options.cpu_bfloat16, backend=options.backend)
-    members = uncertainty
-    mirror_axes = card.inference["mirror_axes"] if options.tta or members else ()
+    mirror_axes = card.inference["mirror_axes"] if options.tta or uncertainty else ()
     image = torch.from_numpy(network_input)
     logits, fold_members = None, []
     for number, state in enumerate(states):
@@ -305,16 +299,16 @@ def _predict_part(channels, card: ModelCard, args: dict, paths: list[Path], opti
         except RuntimeError as error:
             raise WeightsError(f"Checkpoint {paths[number].name} does not fit the plans' network: "
                                f"{str(error).splitlines()[0]}") from None
-        fold_logits = predictor(image, mirror_axes, cancel=cancel, members=members, progress=lambda f, message,
+        fold_logits = predictor(image, mirror_axes, cancel=cancel, members=uncertainty, progress=lambda f, message,
                                 n=number: report(0.05 + 0.85 * (n + f) / len(states), f"fold {n + 1}/{len(states)}: {message}"))
-        if members:
+        if uncertainty:
             fold_members.append(fold_logits)
             continue
         with torch.inference_mode():  # the Predictor's outputs are inference tensors
             logits = fold_logits if logits is None else logits.add_(fold_logits)
     maps = {}
     with torch.inference_mode():
-        if members:  # [folds x mirrors, classes, z, y, x]
+        if uncertainty:  # [folds x mirrors, classes, z, y, x]
             ensemble = torch.cat(fold_members)
             del fold_members
             maps = member_maps(ensemble)

@@ -67,9 +67,6 @@ def from_canonical(tensor: torch.Tensor, how: Reorientation) -> torch.Tensor:
     return tensor.permute(*range(lead), *(lead + int(a) for a in inverse))
 
 
-GRIDS = ("field_of_view", "first_voxel")
-
-
 def resampled_shape(shape, spacing, target_spacing, grid: str = "field_of_view") -> tuple[int, int, int]:
     """Grid size at ``target_spacing``: covering the same field of view, or (``first_voxel``, MONAI's
     ``Spacingd``) starting at the first voxel's centre and reaching the last one's."""
@@ -189,7 +186,7 @@ def resample_argmax(scores: torch.Tensor, shape, nearest_first_axis: bool = Fals
     (z_low, z_high, z_w0, z_w1), (y_low, y_high, y_w0, y_w1), (x_low, x_high, x_w0, x_w1) = [
         _linear_taps(n_out, n_in, step) for n_out, n_in, step in zip(shape, scores.shape[1:], steps or (None,) * 3)]
     if nearest_first_axis:
-        z_low = z_high = _nearest_taps(shape[0], scores.shape[1])
+        z_low = z_high = nearest_taps(shape[0], scores.shape[1])
     coarse = scores.argmax(0).to(dtype)
     flat = scores.reshape(scores.shape[0], -1)
 
@@ -226,7 +223,7 @@ def resample_argmax(scores: torch.Tensor, shape, nearest_first_axis: bool = Fals
     return labels
 
 
-def _nearest_taps(n_out: int, n_in: int) -> torch.Tensor:
+def nearest_taps(n_out: int, n_in: int) -> torch.Tensor:
     """Source index of nearest-neighbour resampling from ``n_in`` to ``n_out`` samples (same field of view)."""
     source = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5
     return torch.floor(source + 0.5).long().clamp(0, n_in - 1)
