@@ -111,6 +111,18 @@ def cmd_benchmark(args, reporter: Reporter) -> None:
     reporter.result(table.read_text(encoding="utf-8"), {"table": str(table)})
 
 
+def _add_schedule_options(p, epochs: int, iterations: int, learning_rate: float, validate_every: int) -> None:
+    """The training loop's options that train and finetune share, with each command's defaults."""
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--iterations", type=int, default=iterations, help="iterations per epoch")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--learning-rate", type=float, default=learning_rate)
+    p.add_argument("--validate-every", type=int, default=validate_every)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--time-limit", type=float, help="stop after this many minutes")
+
+
 def add_training_commands(sub, common: argparse.ArgumentParser) -> None:
     """Add this module's commands to the ``aireconstruct`` subparsers."""
     p = sub.add_parser("train-guided", parents=[common],
@@ -140,14 +152,7 @@ def add_training_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--spacing", type=float, nargs=3, help="target spacing i j k (mm)")
     p.add_argument("--fast-spacing", type=float, nargs=3, help="coarser spacing for --fast")
     p.add_argument("--patch-size", type=int, nargs=3, help="patch size i j k (voxels)")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--iterations", type=int, default=50, help="iterations per epoch")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--learning-rate", type=float, default=2e-3)
-    p.add_argument("--validate-every", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--time-limit", type=float, help="stop after this many minutes")
+    _add_schedule_options(p, epochs=40, iterations=50, learning_rate=2e-3, validate_every=5)
     p.add_argument("--intended-use", default="Research use only; not for clinical use")
     p.add_argument("--licence", default="Apache-2.0", help="licence of the trained model (and its data's terms)")
     p.add_argument("--labels", help="JSON list of card label entries (names, colours, SNOMED CT codes)")
@@ -174,14 +179,7 @@ def add_training_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--rehearse", metavar="FOLDER", help="earlier scans (image files, no labels needed) the model "
                    "already segments well: rehearsed with its own segmentations so that it does not forget them")
     p.add_argument("--rehearsal-share", type=float, default=0.5, help="share of training patches from those scans")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--iterations", type=int, default=10, help="iterations per epoch")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--validate-every", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--time-limit", type=float, help="stop after this many minutes")
+    _add_schedule_options(p, epochs=6, iterations=10, learning_rate=1e-3, validate_every=1)
     p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
     p.set_defaults(func=cmd_finetune)
 
