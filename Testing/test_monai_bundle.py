@@ -25,7 +25,7 @@ NETWORK = {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channel
            "strides": [2, 2], "num_res_units": 1}
 
 
-def make_bundle(root: Path, network=NETWORK, extra_transform=None) -> Path:
+def make_bundle(root: Path, network=NETWORK, extra_transform=None, blend="gaussian") -> Path:
     """A small segmentation bundle laid out as MONAI's model zoo bundles are (random, seeded weights)."""
     (root / "configs").mkdir(parents=True)
     (root / "models").mkdir()
@@ -46,7 +46,7 @@ def make_bundle(root: Path, network=NETWORK, extra_transform=None) -> Path:
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False, "num_workers": 0},
         "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [64, 64, 48], "sw_batch_size": 1, "overlap": 0.5,
-                    "mode": "gaussian"},
+                    "mode": blend},
         "postprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "Activationsd", "keys": "pred", "softmax": True},
             {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
@@ -90,17 +90,26 @@ def test_import_reads_network_preprocessing_and_labels(tmp_path):
     assert card.data["weights"][0]["file"] == "model.safetensors" and card.data["modality"] == "CT"
 
 
+CASES = {  # spacing, field of view (mm), blending
+    "bundle spacing": ((2.0, 2.0, 2.5), (124.0, 100.0, 110.0), "gaussian"),
+    "resampled": ((1.6, 1.7, 3.1), (124.0, 100.0, 110.0), "gaussian"),
+    "27 windows, gaussian": ((1.6, 1.7, 3.1), (230.0, 200.0, 190.0), "gaussian"),
+    "27 windows, constant": ((1.6, 1.7, 3.1), (230.0, 200.0, 190.0), "constant"),
+}
+
+
 @pytest.mark.skipif(importlib.util.find_spec("ignite") is None, reason="pytorch-ignite is not installed (test extra)")
-@pytest.mark.parametrize("spacing", [(2.0, 2.0, 2.5), (1.6, 1.7, 3.1)], ids=["bundle spacing", "resampled"])
-def test_same_labels_as_the_bundles_own_inference(tmp_path, record_property, spacing):
+@pytest.mark.parametrize("case", CASES)
+def test_same_labels_as_the_bundles_own_inference(tmp_path, record_property, case):
     """The CT is stored LPS (the bundle reorients it to RAS), at the bundle's spacing or resampled to
     it on MONAI's grid (Spacingd: from the first voxel's centre; Invertd of the probabilities back),
-    and fits one window (MONAI's window placement differs from nnU-Net's, which the engine uses)."""
+    in one window or in several placed and blended as MONAI's SlidingWindowInferer does."""
     from monai.bundle import ConfigWorkflow
 
-    bundle = make_bundle(tmp_path / "bundle")
+    spacing, field_of_view, blend = CASES[case]
+    bundle = make_bundle(tmp_path / "bundle", blend=blend)
     image = tmp_path / "case.nii.gz"
-    write_volume(make_phantom(3, spacing=spacing, field_of_view_mm=(124.0, 100.0, 110.0)).image, image)
+    write_volume(make_phantom(3, spacing=spacing, field_of_view_mm=field_of_view).image, image)
     workflow = ConfigWorkflow(config_file=str(bundle / "configs" / "inference.json"), workflow_type="infer",
                               meta_file=str(bundle / "configs" / "metadata.json"), datalist=[{"image": str(image)}])
     workflow.initialize()
@@ -109,13 +118,45 @@ def test_same_labels_as_the_bundles_own_inference(tmp_path, record_property, spa
     theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(bundle / "eval" / "case_seg.nii.gz")))
 
     assert main(["import-model", "monai-bundle", str(bundle), "-o", str(tmp_path / "card")]) == 0
-    ours = segment([read_volume(image)], load_card(tmp_path / "card"),
-                   SegmentOptions(device="cpu", postprocess=False)).labelmap.array
+    card = load_card(tmp_path / "card")
+    assert card.inference["sliding_window"] == {"style": "monai", "blend": blend, "sigma_scale": 0.125}
+    ours = segment([read_volume(image)], card, SegmentOptions(device="cpu", postprocess=False)).labelmap.array
     agreement = float(np.mean(ours == theirs))
     record_property("voxel agreement with the bundle's ConfigWorkflow", agreement)
     print(f"voxel agreement with the bundle's ConfigWorkflow: {agreement:.5f}")
     assert ours.shape == theirs.shape and len(np.unique(theirs)) == 3
     assert agreement >= 0.999
+
+
+@pytest.mark.parametrize("size, patch, overlap", [(100, 64, 0.5), (64, 64, 0.5), (65, 64, 0.25), (300, 96, 0.25),
+                                                  (97, 32, 0.6), (40, 64, 0.5), (200, 7, 0.9), (50, 3, 0.99)])
+def test_windows_are_placed_as_monais_sliding_window_inferer_places_them(size, patch, overlap):
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    from AIReconstructLib.predict import monai_window_starts
+
+    padded = max(size, patch)  # the inferer pads smaller images to the window first, as the engine does
+    interval = _get_scan_interval((padded,), (patch,), 1, (overlap,))
+    theirs = [window[0].start for window in dense_patch_slices((padded,), (patch,), interval)]
+    assert monai_window_starts(padded, patch, overlap) == theirs
+
+
+@pytest.mark.parametrize("blend, sigma_scale", [("gaussian", 0.125), ("gaussian", 0.3), ("constant", 0.125)])
+def test_blending_weights_are_monais(blend, sigma_scale):
+    from monai.data.utils import compute_importance_map
+
+    from AIReconstructLib.predict import monai_importance
+
+    patch = (20, 33, 8)
+    theirs = compute_importance_map(patch, mode=blend, sigma_scale=sigma_scale, device="cpu")
+    torch.testing.assert_close(monai_importance(patch, blend, sigma_scale), theirs, atol=1e-7, rtol=1e-6)
+
+
+def test_unsupported_blending_is_refused(tmp_path):
+    bundle = make_bundle(tmp_path / "bundle", blend="linear")
+    with pytest.raises(ModelCardError, match="blends with mode 'linear'"):
+        import_bundle(bundle, tmp_path / "out")
 
 
 def test_first_voxel_grid_is_monais_spacing_and_its_inverse():

@@ -6,7 +6,9 @@ followed, ``$`` expressions are refused where the card needs a value. Weights co
 ``models/model.pt`` (loaded with ``weights_only=True`` and rewritten as safetensors) or, without
 it, ``models/model.ts`` (TorchScript). Supported preprocessing: loading, channel-first,
 ``Orientationd``, ``Spacingd``, ``ScaleIntensityRanged`` (with clipping), ``NormalizeIntensityd``
-and type conversions; outputs must be softmax/argmax label maps.
+and type conversions; outputs must be softmax/argmax label maps. The inferer's window placement and
+blending (``mode``, ``sigma_scale``) go into the card, so windows are placed and blended as MONAI's
+``SlidingWindowInferer`` does.
 """
 
 from __future__ import annotations
@@ -96,6 +98,16 @@ def _resampled_back(config: dict) -> str:
     return "logits"
 
 
+def _sliding_window(inferer: dict) -> dict:
+    """The inferer's window placement and blending (MONAI's defaults: equal weights, sigma 0.125)."""
+    blend, sigma_scale = inferer.get("mode", "constant"), inferer.get("sigma_scale", 0.125)
+    if blend not in ("constant", "gaussian"):
+        raise ModelCardError(f"The bundle's inferer blends with mode '{blend}' (supported: constant, gaussian)")
+    if not isinstance(sigma_scale, (int, float)) or sigma_scale <= 0:
+        raise ModelCardError(f"The bundle's inferer has sigma_scale {sigma_scale!r} (supported: one positive number)")
+    return {"style": "monai", "blend": blend, "sigma_scale": float(sigma_scale)}
+
+
 def _network(config: dict, in_channels: int, out_channels: int) -> dict:
     definition = _value(config, config.get("network_def"), "network_def")
     if not isinstance(definition, dict) or "_target_" not in definition:
@@ -169,7 +181,8 @@ def import_bundle(bundle: str | Path, output: str | Path, name: str | None = Non
         "orientation": preprocessing["orientation"], "spacing": preprocessing["spacing"],
         "patch_size": [int(p) for p in inferer["roi_size"]],
         "inference": {"overlap": float(inferer.get("overlap", 0.25)), "mirror_axes": [], "grid": "first_voxel",
-                      "normalise": preprocessing["normalise"], "resample_back": _resampled_back(config)},
+                      "sliding_window": _sliding_window(inferer), "normalise": preprocessing["normalise"],
+                      "resample_back": _resampled_back(config)},
         "labels": labels,
     }
     checkpoint, torchscript = bundle / "models" / "model.pt", bundle / "models" / "model.ts"

@@ -21,7 +21,7 @@ from .modelcard import ModelCard
 from .networks import load_network
 from .postprocess import postprocess
 from .predict import CancelCheck, Predictor, ProgressCallback
-from .preprocess import in_array_order, prepare, restore_labels, restore_scalar
+from .preprocess import in_array_order, prepare_for_card, restore_labels, restore_scalar
 from .uncertainty import DROPOUT_SAMPLES, dropout_layers, member_maps, segment_confidence
 from .volume import Volume
 
@@ -92,15 +92,15 @@ def _predict_native(channels: list[Volume], card: ModelCard, options: SegmentOpt
 
     started = time.perf_counter()
     report(0.02, "preprocessing")
-    prepared = prepare(channels, card.channels, card.spacing(options.fast), card.orientation,
-                       card.inference.get("grid", "field_of_view"), card.inference.get("normalise") != "after_resampling")
+    prepared = prepare_for_card(channels, card, options.fast)
     seconds["preprocess"] = time.perf_counter() - started
 
     started = time.perf_counter()
     dropout = dropout_layers(network) if options.uncertainty else []  # Monte-Carlo dropout
     predictor = Predictor(network, in_array_order(card.patch_size, card.orientation), card.inference["overlap"],
                           options.device, cpu_bfloat16=options.cpu_bfloat16,
-                          backend="torch" if dropout else options.backend)  # a compiled network drops nothing
+                          backend="torch" if dropout else options.backend,  # a compiled network drops nothing
+                          sliding_window=card.inference.get("sliding_window"))
     mirror_axes = card.inference["mirror_axes"] if options.tta or options.uncertainty else ()
     samples = 1
     if dropout:

@@ -1,8 +1,11 @@
 """Sliding-window prediction with Gaussian blending, mirroring TTA, AMP, progress and cancel.
 
-The windows are placed as nnU-Net places them (evenly spaced, at most ``patch × (1 - overlap)``
-apart, the first at 0 and the last at the far edge) and blended with the same Gaussian importance
-map, so a model imported from nnU-Net predicts what nnU-Net's own predictor does.
+By default the windows are placed as nnU-Net places them (evenly spaced, at most ``patch × (1 -
+overlap)`` apart, the first at 0 and the last at the far edge) and blended with the same Gaussian
+importance map, so a model imported from nnU-Net predicts what nnU-Net's own predictor does. Models
+imported from MONAI bundles carry MONAI's style in their card (``inference.sliding_window``): fixed
+steps of ``int(patch × (1 - overlap))`` from 0 with the last window moved back inside, blended with
+equal weights or MONAI's Gaussian, as ``SlidingWindowInferer`` does.
 """
 
 from __future__ import annotations
@@ -50,22 +53,56 @@ def window_starts(size: int, patch: int, overlap: float) -> list[int]:
     return sorted({int(round(step * n)) for n in range(count)})
 
 
-def window_positions(shape, patch, overlap: float) -> list[tuple[slice, ...]]:
-    """Every window of ``patch`` over an image of ``shape`` (at least the patch size), as slices."""
-    starts = [window_starts(size, roi, overlap) for size, roi in zip(shape, patch)]
+def monai_window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Start indices as MONAI's ``SlidingWindowInferer`` places them: every ``int(patch × (1 -
+    overlap))`` voxels (at least 1) from 0 until a window reaches ``size``, that last one moved back
+    to end at ``size``."""
+    if size <= patch:
+        return [0]
+    step = max(int(patch * (1 - overlap)), 1)
+    count = math.ceil((size - patch) / step) + 1
+    return [min(step * n, size - patch) for n in range(count)]
+
+
+PLACEMENTS = {"nnunet": window_starts, "monai": monai_window_starts}
+
+
+def window_positions(shape, patch, overlap: float, style: str = "nnunet") -> list[tuple[slice, ...]]:
+    """Every window of ``patch`` over an image of ``shape`` (at least the patch size), as slices,
+    placed in nnU-Net's or MONAI's style."""
+    starts = [PLACEMENTS[style](size, roi, overlap) for size, roi in zip(shape, patch)]
     return [tuple(slice(s, s + roi) for s, roi in zip(corner, patch)) for corner in itertools.product(*starts)]
 
 
 @lru_cache(maxsize=4)
 def gaussian_importance(patch: tuple[int, ...]) -> torch.Tensor:
-    """Blending weights of one window: a Gaussian with sigma patch/8 around the centre voxel,
-    peak 1, no zeros (the weight map of nnU-Net and MONAI's "gaussian" mode)."""
+    """Blending weights of one window as nnU-Net makes them: a Gaussian with sigma patch/8 around
+    the centre voxel, peak 1, no zeros."""
     delta = np.zeros(patch)
     delta[tuple(size // 2 for size in patch)] = 1
     weights = gaussian_filter(delta, [size / 8 for size in patch], 0, mode="constant", cval=0)
     weights /= weights.max()
     weights[weights == 0] = weights[weights > 0].min()
     return torch.from_numpy(weights.astype(np.float32))
+
+
+def monai_importance(patch: tuple[int, ...], blend: str, sigma_scale: float) -> torch.Tensor:
+    """Blending weights of one window as MONAI makes them: equal (``constant``) or a Gaussian of
+    sigma ``sigma_scale × patch`` around the window's geometric centre, no weight below 0.001."""
+    if blend == "constant":
+        return torch.ones(patch)
+    weights = torch.ones(())
+    for size in patch:
+        offsets = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+        weights = weights[..., None] * torch.exp(-offsets ** 2 / (2 * (sigma_scale * size) ** 2))
+    return weights.clamp(min=max(float(weights.min()), 1e-3))
+
+
+def importance(patch: tuple[int, ...], sliding_window: dict) -> torch.Tensor:
+    """The blending weights a card's ``inference.sliding_window`` style asks for."""
+    if sliding_window.get("style", "nnunet") == "nnunet":
+        return gaussian_importance(patch)
+    return monai_importance(patch, sliding_window.get("blend", "constant"), sliding_window.get("sigma_scale", 0.125))
 
 
 def mirror_sets(axes) -> list[tuple[int, ...]]:
@@ -98,11 +135,13 @@ class Predictor:
     host memory (windows still on the GPU), then entirely on the CPU, logging each step. On CUDA the
     network runs under float16 autocast; on the CPU in float32, or bfloat16 autocast when
     ``cpu_bfloat16`` (about twice as fast on CPUs with AVX-512 BF16 or AMX, labels may differ at
-    near-ties). Blending is always float32.
+    near-ties). Blending is always float32. ``sliding_window`` is a card's window style (nnU-Net's
+    by default; ``{"style": "monai", "blend": ..., "sigma_scale": ...}`` for MONAI bundles).
     """
 
     def __init__(self, network: torch.nn.Module, patch_zyx, overlap: float = 0.5, device: str = "auto",
-                 sw_batch_size: int | None = None, cpu_bfloat16: bool = False, backend: str = "auto"):
+                 sw_batch_size: int | None = None, cpu_bfloat16: bool = False, backend: str = "auto",
+                 sliding_window: dict | None = None):
         if backend not in BACKENDS:
             raise InputError(f"Unknown backend '{backend}' (use {', '.join(BACKENDS)})")
         self.device = choose_device(device)
@@ -111,6 +150,7 @@ class Predictor:
         self.network = network.to(self.device).eval()
         self.patch_zyx = tuple(int(p) for p in patch_zyx)
         self.overlap = overlap
+        self.sliding_window = sliding_window or {"style": "nnunet"}
         self.sw_batch_size = sw_batch_size or (2 if self.device.type == "cuda" else 1)
 
     def attempts(self) -> list[tuple[int, torch.device, torch.device]]:
@@ -159,8 +199,8 @@ class Predictor:
         network = self._window_network(window_device, image.shape[0])
         mirrors = mirror_sets(mirror_axes)
         padded, unpad = pad_to_patch(image.to(output_device, torch.float32), self.patch_zyx)
-        windows = window_positions(padded.shape[1:], self.patch_zyx, self.overlap)
-        weights = gaussian_importance(self.patch_zyx).to(output_device)
+        windows = window_positions(padded.shape[1:], self.patch_zyx, self.overlap, self.sliding_window.get("style", "nnunet"))
+        weights = importance(self.patch_zyx, self.sliding_window).to(output_device)
         total, done = len(windows) * len(mirrors), 0
         logits = weight_sum = None
         with torch.inference_mode():

@@ -156,6 +156,12 @@ def prepare(channels: list[Volume], channel_specs: list[dict], target_spacing_xy
     return Prepared(tensor, how, canonical_shape, tuple(1 / step for step in steps) if steps else None)
 
 
+def prepare_for_card(channels: list[Volume], card, fast: bool = False) -> Prepared:
+    """:func:`prepare` as a model card asks: its channels' normalisation, (fast) spacing,
+    orientation, grid and order of normalising and resampling."""
+    return prepare(channels, card.channels, card.spacing(fast), card.orientation, card.inference.get("grid", "field_of_view"),
+                   card.inference.get("normalise") != "after_resampling")
+
 def _linear_taps(n_out: int, n_in: int, step: float | None = None):
     """Source indices and weights of linear resampling from ``n_in`` to ``n_out`` samples over the same
     field of view (the arithmetic of ``F.interpolate(..., align_corners=False)``), or with ``step``

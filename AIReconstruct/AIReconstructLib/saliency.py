@@ -18,7 +18,7 @@ from .errors import InputError
 from .modelcard import ModelCard
 from .networks import EXPORTED, load_network
 from .predict import Predictor, pad_to_patch
-from .preprocess import in_array_order, prepare, restore_scalar
+from .preprocess import in_array_order, prepare_for_card, restore_scalar
 from .volume import Volume
 
 
@@ -30,10 +30,11 @@ def saliency(channels: list[Volume], card: ModelCard, segment_name: str, device:
     if card.data["architecture"]["name"] in EXPORTED or card.data["architecture"]["name"] == "nnUNet":
         raise InputError(f"Saliency needs a network the engine builds itself; '{card.name}' is an imported model")
     network = load_network(card).to(device)
-    prepared = prepare(channels, card.channels, card.spacing(), card.orientation)
+    prepared = prepare_for_card(channels, card)
     patch = in_array_order(card.patch_size, card.orientation)
     with torch.inference_mode():
-        logits = Predictor(network, patch, card.inference["overlap"], device)(prepared.tensor)
+        logits = Predictor(network, patch, card.inference["overlap"], device,
+                           sliding_window=card.inference.get("sliding_window"))(prepared.tensor)
     chosen = logits.argmax(dim=0) == values[segment_name]
     if not chosen.any():
         raise InputError(f"The model finds no '{segment_name}' in this image, so there is nothing to explain")
