@@ -7,6 +7,7 @@ weights) and predict with ``nnUNetPredictor``. Used by the import test and the b
     python nnunet_reference.py make-cascade-model WORK_FOLDER
     python nnunet_reference.py make-region-model WORK_FOLDER
     python nnunet_reference.py predict MODEL_FOLDER IMAGE OUTPUT [FOLD ...] [--no-mirroring] [--previous-stage FOLDER]
+                                       [--float32-sums]
 """
 
 from __future__ import annotations
@@ -172,6 +173,29 @@ def make_totalsegmentator_model(work: Path, ct: Path, reference: Path, label_nam
     return _fit(work, 297, TOTALSEG_DATASET, ["3d_fullres"], (0,), nnUNetTrainerNoMirroring, iterations=0)
 
 
+def accumulate_in_float32() -> None:
+    """Make nnU-Net's predictor sum its blended window logits, weights and Gaussian in float32 instead
+    of float16 (its only change): shows which differences from the engine float16 causes."""
+    import torch
+    from nnunetv2.inference import predict_from_raw_data as module
+
+    half_gaussian = module.compute_gaussian
+
+    class Float32Torch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def zeros(*arguments, dtype=None, **keywords):
+            return torch.zeros(*arguments, dtype=torch.float32 if dtype == torch.half else dtype, **keywords)
+
+    def float32_gaussian(*arguments, **keywords):
+        return half_gaussian(*arguments, **keywords, dtype=torch.float32)
+
+    float32_gaussian.cache_clear = half_gaussian.cache_clear
+    module.torch, module.compute_gaussian = Float32Torch(), float32_gaussian
+
+
 def predict(model: Path, image: Path, output: Path, folds, mirroring: bool = True,
             previous_stage: Path | None = None) -> None:
     """nnU-Net's predictor on a trained model folder, as ``initialize_from_trained_model_folder`` sets it
@@ -220,6 +244,8 @@ if __name__ == "__main__":
         if "--previous-stage" in arguments:
             at = arguments.index("--previous-stage")
             previous, arguments = Path(arguments[at + 1]), arguments[:at] + arguments[at + 2:]
-        folds = [int(f) for f in arguments[3:] if f != "--no-mirroring"] or [0]
+        if "--float32-sums" in arguments:
+            accumulate_in_float32()
+        folds = [int(f) for f in arguments[3:] if not f.startswith("--")] or [0]
         predict(Path(arguments[0]), Path(arguments[1]), Path(arguments[2]), folds, "--no-mirroring" not in arguments,
                 previous)
