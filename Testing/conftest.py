@@ -19,8 +19,11 @@ from AIReconstructLib.volume import Volume
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-# networks compiled by OpenVINO are cached here for the session, not in the user's home
-os.environ.setdefault("AIRECONSTRUCT_CACHE", tempfile.mkdtemp(prefix="aireconstruct-test-cache-"))
+# networks compiled by OpenVINO are cached here for the session, not in the user's home, and removed
+# when the session ends
+if "AIRECONSTRUCT_CACHE" not in os.environ:
+    SESSION_CACHE = tempfile.TemporaryDirectory(prefix="aireconstruct-test-cache-")
+    os.environ["AIRECONSTRUCT_CACHE"] = SESSION_CACHE.name
 
 
 class PickleExploit:
