@@ -90,3 +90,55 @@ def test_a_compiled_network_keeps_its_weights_when_the_module_gets_others(tmp_pa
     torch.testing.assert_close(first(window), first_logits, atol=1e-4, rtol=1e-4)
     with torch.inference_mode():
         torch.testing.assert_close(second(window), network(window), atol=1e-4, rtol=1e-4)
+
+
+SEGMENT_IN_A_FRESH_PROCESS = """
+import sys, numpy as np
+from AIReconstructLib.io import read_volume
+from AIReconstructLib.modelcard import load_card
+from AIReconstructLib.pipeline import SegmentOptions, segment
+labels = segment([read_volume(sys.argv[1])], load_card(sys.argv[2]), SegmentOptions(device="cpu")).labelmap.array
+np.save(sys.argv[3], labels)
+print("built with MONAI" if "monai.networks.nets" in sys.modules else "from the cache")
+"""
+
+
+def test_a_later_run_takes_the_cards_network_from_the_cache_without_building_it(tiny_model, ct_volume, tmp_path):
+    """The first run converts the card's network and keeps it under the card's name; the next process
+    compiles it from there without importing MONAI's networks, with the same labels; weights that no
+    longer match the card are still refused."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from AIReconstructLib.io import write_volume
+
+    image = tmp_path / "ct.nii.gz"
+    write_volume(ct_volume, image)
+    model = tmp_path / "model"
+    shutil.copytree(Path(tiny_model).parent, model)
+    environment = {**os.environ, "AIRECONSTRUCT_CACHE": str(tmp_path / "cache"),
+                   "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "AIReconstruct"),
+                                                  os.environ.get("PYTHONPATH", "")])}
+
+    def run(number: int) -> tuple[str, np.ndarray]:
+        done = subprocess.run([sys.executable, "-c", SEGMENT_IN_A_FRESH_PROCESS, str(image), str(model),
+                               str(tmp_path / f"labels{number}.npy")], env=environment, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip().splitlines()[-1], np.load(tmp_path / f"labels{number}.npy")
+
+    first, first_labels = run(1)
+    second, second_labels = run(2)
+    assert (first, second) == ("built with MONAI", "from the cache")
+    assert len(list((tmp_path / "cache" / "openvino").glob("card-*.xml"))) == 1
+    np.testing.assert_array_equal(second_labels, first_labels)
+    reference = segment([ct_volume], load_card(model), SegmentOptions(device="cpu", backend="torch")).labelmap.array
+    np.testing.assert_array_equal(second_labels, reference)
+
+    weights = model / load_card(model).data["weights"][0]["file"]
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))  # tampered
+    done = subprocess.run([sys.executable, "-c", SEGMENT_IN_A_FRESH_PROCESS, str(image), str(model),
+                           str(tmp_path / "labels3.npy")], env=environment, capture_output=True, text=True)
+    assert done.returncode != 0 and "does not match the SHA-256" in done.stderr

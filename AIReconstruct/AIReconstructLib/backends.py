@@ -2,7 +2,9 @@
 
 On the CPUs measured here OpenVINO runs the project's 3D U-Nets in float32 about twice as fast as
 eager PyTorch with the same labels (docs/benchmarks.md). A network is converted once per weights
-and window shape and the converted model is kept in a cache folder, so later runs only compile it.
+and window shape and the converted model is kept in a cache folder, so later runs only compile it;
+a model card's network is kept under a name made from the card (its architecture and the weights'
+checksums), so a later run finds it without building the PyTorch module or importing MONAI.
 Where OpenVINO is not installed, or cannot convert a network, the caller keeps PyTorch.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
@@ -42,11 +45,24 @@ def _fingerprint(network: torch.nn.Module, input_shape: tuple[int, ...]) -> str:
     return digest.hexdigest()[:32]
 
 
+def card_fingerprint(card, input_shape: tuple[int, ...]) -> str:
+    """A name for a model card's network compiled for windows of ``input_shape``: its architecture,
+    channel and class counts and the SHA-256 of its weights (which loading verifies), with the
+    PyTorch and OpenVINO versions that convert it."""
+    import openvino
+
+    described = {"architecture": card.data["architecture"], "channels": len(card.channels), "classes": card.num_classes,
+                 "weights": [entry["sha256"] for entry in card.data["weights"]], "window": list(input_shape),
+                 "torch": torch.__version__, "openvino": openvino.__version__}
+    return "card-" + hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
+
+
 class OpenVinoNetwork:
     """A network compiled by OpenVINO for windows ``[1, channels, z, y, x]``; called on CPU tensors
     of such windows it returns their logits as a CPU tensor."""
 
-    def __init__(self, network: torch.nn.Module, input_shape: tuple[int, ...], fingerprint: str):
+    def __init__(self, network: torch.nn.Module | None, input_shape: tuple[int, ...], fingerprint: str):
+        """Compiled from the cache under ``fingerprint``, converted from ``network`` first if not there."""
         import openvino as ov
 
         self.input_shape = tuple(input_shape)
@@ -80,23 +96,46 @@ class OpenVinoNetwork:
 _COMPILED: dict[str, OpenVinoNetwork | None] = {}
 
 
-def compiled_for_cpu(network: torch.nn.Module, input_shape: tuple[int, ...]):
+def _keep_one(fingerprint: str, compiled: OpenVinoNetwork | None) -> OpenVinoNetwork | None:
+    for known in [key for key, value in _COMPILED.items() if value is not None]:
+        del _COMPILED[known]
+    _COMPILED[fingerprint] = compiled
+    return compiled
+
+
+def cached_for_cpu(fingerprint: str, input_shape: tuple[int, ...]) -> OpenVinoNetwork | None:
+    """The network converted earlier under ``fingerprint`` (see :func:`card_fingerprint`), compiled
+    for windows of ``input_shape`` without PyTorch's module; ``None`` when it is not in the cache."""
+    window = (1, *tuple(input_shape)[1:])
+    if _COMPILED.get(fingerprint) is not None:
+        return _COMPILED[fingerprint]
+    if not openvino_available() or not (cache_folder() / f"{fingerprint}.xml").is_file():
+        return None
+    try:
+        compiled = OpenVinoNetwork(None, window, fingerprint)
+    except Exception as error:  # a damaged cache file: converted again from the network
+        log.warning("The cached OpenVINO network could not be read (%s); converting it again", str(error).splitlines()[0][:200])
+        (cache_folder() / f"{fingerprint}.xml").unlink(missing_ok=True)
+        return None
+    return _keep_one(fingerprint, compiled)
+
+
+def compiled_for_cpu(network: torch.nn.Module, input_shape: tuple[int, ...], fingerprint: str | None = None):
     """``network`` with its current weights compiled by OpenVINO for windows of ``input_shape``
     (``[n, channels, z, y, x]``), or ``None`` (OpenVINO missing, the network not a plain PyTorch
     module, or a conversion that fails: logged, PyTorch is kept). Networks whose weights change
-    between calls (the folds of an nnU-Net model) get one compiled model per set of weights."""
+    between calls (the folds of an nnU-Net model) get one compiled model per set of weights; a
+    ``fingerprint`` given (a card's) names the network instead of its weights."""
     if not openvino_available() or isinstance(network, torch.jit.ScriptModule) \
             or not any(True for _ in network.parameters()):
         return None
     window = (1, *tuple(input_shape)[1:])
-    fingerprint = _fingerprint(network, window)
+    fingerprint = fingerprint or _fingerprint(network, window)
     if fingerprint not in _COMPILED:
-        for known in [key for key, value in _COMPILED.items() if value is not None]:
-            del _COMPILED[known]  # freed before the next one is compiled
+        _keep_one(fingerprint, None)  # the one kept before is freed before the next one is compiled
         try:
-            compiled = OpenVinoNetwork(network, window, fingerprint)
+            _keep_one(fingerprint, OpenVinoNetwork(network, window, fingerprint))
         except Exception as error:  # OpenVINO's converters raise many kinds; PyTorch still works
             log.warning("OpenVINO could not convert the network (%s); using PyTorch", str(error).splitlines()[0][:200])
-            compiled = None  # remembered: not tried again in this process
-        _COMPILED[fingerprint] = compiled
+            # None stays remembered: not tried again in this process
     return _COMPILED[fingerprint]

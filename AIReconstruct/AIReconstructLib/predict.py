@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
+from .backends import OpenVinoNetwork
 from .errors import AIReconstructError, Cancelled, InputError
 
 log = logging.getLogger(__name__)
@@ -137,17 +138,20 @@ class Predictor:
     ``cpu_bfloat16`` (about twice as fast on CPUs with AVX-512 BF16 or AMX, labels may differ at
     near-ties). Blending is always float32. ``sliding_window`` is a card's window style (nnU-Net's
     by default; ``{"style": "monai", "blend": ..., "sigma_scale": ...}`` for MONAI bundles).
+    ``network`` may also be a network OpenVINO compiled already (CPU windows only), and
+    ``fingerprint`` the name under which the network is kept compiled (``backends.card_fingerprint``).
     """
 
     def __init__(self, network: torch.nn.Module, patch_zyx, overlap: float = 0.5, device: str = "auto",
                  sw_batch_size: int | None = None, cpu_bfloat16: bool = False, backend: str = "auto",
-                 sliding_window: dict | None = None):
+                 sliding_window: dict | None = None, fingerprint: str | None = None):
         if backend not in BACKENDS:
             raise InputError(f"Unknown backend '{backend}' (use {', '.join(BACKENDS)})")
         self.device = choose_device(device)
         self.cpu_bfloat16 = cpu_bfloat16
         self.backend = backend
-        self.network = network.to(self.device).eval()
+        self.network = network if isinstance(network, OpenVinoNetwork) else network.to(self.device).eval()
+        self.fingerprint = fingerprint
         self.patch_zyx = tuple(int(p) for p in patch_zyx)
         self.overlap = overlap
         self.sliding_window = sliding_window or {"style": "nnunet"}
@@ -184,10 +188,12 @@ class Predictor:
 
     def _window_network(self, window_device: torch.device, channels: int):
         """What runs the windows: the OpenVINO-compiled network on the CPU when chosen, else the network."""
+        if isinstance(self.network, OpenVinoNetwork):
+            return self.network
         if window_device.type == "cpu" and self.backend != "torch" and not self.cpu_bfloat16:
             from .backends import compiled_for_cpu
 
-            compiled = compiled_for_cpu(self.network.cpu(), (1, channels, *self.patch_zyx))
+            compiled = compiled_for_cpu(self.network.cpu(), (1, channels, *self.patch_zyx), self.fingerprint)
             if compiled is not None:
                 return compiled
             if self.backend == "openvino":
