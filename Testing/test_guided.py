@@ -9,7 +9,8 @@ import pytest
 from AIReconstructLib.cli import main
 from AIReconstructLib.dataset import write_phantom_dataset
 from AIReconstructLib.errors import InputError
-from AIReconstructLib.guided import GuidedRefiner, guidance_maps, simulated_guidance, train_guided
+from AIReconstructLib.guided import (GuidedRefiner, edit_as_the_points_ask, guidance_maps, simulated_guidance,
+                                     train_guided)
 from AIReconstructLib.interaction import Click
 from AIReconstructLib.io import read_labelmap, write_volume
 from AIReconstructLib.modelcard import load_card
@@ -37,6 +38,28 @@ def test_simulated_users_click_where_the_damaged_segment_is_wrong():
         assert 1 <= len(clicks) <= 5 or (damaged == truth).all()
         for click in clicks:
             assert damaged[click.kji] != truth[click.kji] and click.positive == truth[click.kji]
+
+
+def test_the_model_changes_only_what_the_points_ask_for():
+    """An include point adds the part of the proposal it lies in (not a far part, and nothing the
+    proposal leaves out is removed near it); an exclude point removes the wrong part it lies in."""
+    mask = np.zeros((30, 30, 60), bool)
+    mask[10:20, 10:20, 10:20] = True  # the current segment
+    mask[10:20, 10:20, 40:50] = True  # a second part, partly wrong
+    proposal = mask.copy()
+    proposal[10:20, 10:20, 20:26] = True  # the missed part the include point lies in
+    proposal[2:5, 2:5, 2:5] = True  # a far, unasked-for addition
+    proposal[10:20, 10:12, 10:20] = False  # would shrink the segment beside the include point
+    proposal[10:20, 10:20, 45:50] = False  # the wrong part the exclude point lies in
+    clicks = [Click((15, 15, 23), True), Click((15, 15, 48), False)]
+    edited = edit_as_the_points_ask(mask, proposal, clicks, (1.0, 1.0, 1.0), reach_mm=20.0, radius_mm=1.0)
+    expected = mask.copy()
+    expected[10:20, 10:20, 20:26] = True
+    expected[10:20, 10:20, 45:50] = False
+    np.testing.assert_array_equal(edited, expected)
+    # a point the proposal disagrees with still gets its ball
+    edited = edit_as_the_points_ask(mask, mask, [Click((15, 15, 30), True)], (1.0, 1.0, 1.0), 20.0, 1.0)
+    assert edited[15, 15, 30] and edited.sum() == mask.sum() + 7
 
 
 @pytest.fixture(scope="module")

@@ -157,7 +157,7 @@ def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=
 class GuidedRefiner:
     """``refine`` with a guided model: the network sees a box around the segment and the points,
     grown by ``reach_mm`` (zero-padded to a patch: the value of normalised background), and its
-    answer replaces the segment within ``reach_mm`` of the points, as the watershed's does."""
+    answer changes the segment near the points as :func:`edit_as_the_points_ask` allows."""
 
     def __init__(self, card: ModelCard, device: str = "cpu"):
         if "guidance" not in card.data:
@@ -185,11 +185,31 @@ class GuidedRefiner:
         maps = guidance_maps(crop.array.shape, local, mask[region], spacing, self.card.data["guidance"]["radius_mm"])
         channels = [crop] + [crop.with_array(m) for m in maps]
         prepared = prepare(channels, self.card.channels, self.card.spacing(), self.card.orientation)
-        labels = restore_labels(self.predictor(prepared.tensor), prepared)
-        near = np.zeros(crop.array.shape, bool)  # only voxels within reach of a point change
-        for click in local:
-            near[click.kji] = True
-        near = ndimage.distance_transform_edt(~near, sampling=spacing) < reach_mm if local else near
+        proposal = restore_labels(self.predictor(prepared.tensor), prepared) == 1
         corrected = mask.copy()
-        corrected[region] = np.where(near, labels == 1, mask[region])
+        corrected[region] = edit_as_the_points_ask(mask[region], proposal, local, spacing, reach_mm,
+                                                   self.card.data["guidance"]["radius_mm"])
         return corrected
+
+
+def edit_as_the_points_ask(mask: np.ndarray, proposal: np.ndarray, clicks: list[Click], spacing_kji,
+                           reach_mm: float, radius_mm: float) -> np.ndarray:
+    """``mask`` changed toward the guided model's ``proposal`` only as the points ask: within
+    ``reach_mm`` of include points voxels are only added — the parts of the proposal that hold an
+    include point, with the point's ball — and within reach of exclude points only removed, likewise.
+    The rest of the segment stays as it was, so a point never spoils what it was not placed on."""
+    balls = guidance_maps(mask.shape, clicks, mask, spacing_kji, radius_mm)
+    result = mask.copy()
+    for positive, ball in ((True, balls[0] > 0), (False, balls[1] > 0)):
+        points = [click.kji for click in clicks if click.positive == positive]
+        if not points:
+            continue
+        seeds = np.zeros(mask.shape, bool)
+        seeds[tuple(np.array(points).T)] = True
+        near = ndimage.distance_transform_edt(~seeds, sampling=spacing_kji) < reach_mm
+        change = ((proposal & near) | ball) & ~result if positive else ((~proposal & near) | ball) & result
+        components, _ = ndimage.label(change)
+        held = np.unique(components[seeds & change])
+        change = np.isin(components, held[held > 0])
+        result = result | change if positive else result & ~change
+    return result
