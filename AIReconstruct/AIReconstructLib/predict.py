@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from .backends import OpenVinoNetwork
+from .backends import OpenVinoNetwork, compiled_for_cpu
 from .errors import AIReconstructError, Cancelled, InputError
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class Predictor:
     ``fingerprint`` the name under which the network is kept compiled (``backends.card_fingerprint``).
     """
 
-    def __init__(self, network: torch.nn.Module, patch_zyx, overlap: float = 0.5, device: str = "auto",
+    def __init__(self, network: torch.nn.Module | OpenVinoNetwork, patch_zyx, overlap: float = 0.5, device: str = "auto",
                  sw_batch_size: int | None = None, cpu_bfloat16: bool = False, backend: str = "auto",
                  sliding_window: dict | None = None, fingerprint: str | None = None):
         if backend not in BACKENDS:
@@ -191,8 +191,6 @@ class Predictor:
         if isinstance(self.network, OpenVinoNetwork):
             return self.network
         if window_device.type == "cpu" and self.backend != "torch" and not self.cpu_bfloat16:
-            from .backends import compiled_for_cpu
-
             compiled = compiled_for_cpu(self.network.cpu(), (1, channels, *self.patch_zyx), self.fingerprint)
             if compiled is not None:
                 return compiled
