@@ -106,7 +106,7 @@ def view_3d(surfaces) -> str:
     """The surfaces as one interactive plotly figure (a div with plotly.js embedded), seen from the
     patient's front; organs are see-through where there are lesions to show inside them."""
     import plotly.graph_objects as go
-    from vtk.util import numpy_support
+    from vtkmodules.util import numpy_support
 
     figure = go.Figure()
     any_lesion = any(is_lesion(surface.label) for surface in surfaces)

@@ -14,7 +14,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from vtk.util import numpy_support
+from vtkmodules.util import numpy_support
 
 from .errors import OutputError
 from .io import atomic_path

@@ -17,8 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import vtk
-from vtk.util import numpy_support
+from vtkmodules.util import numpy_support
+from vtkmodules.vtkCommonCore import VTK_UNSIGNED_CHAR, VTK_UNSIGNED_SHORT, vtkPoints, vtkSMPTools
+from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkImageData, vtkPolyData
+from vtkmodules.vtkCommonMisc import vtkErrorCode
+from vtkmodules.vtkFiltersCore import (vtkDecimatePro, vtkMassProperties, vtkPolyDataNormals, vtkSurfaceNets3D,
+                                       vtkWindowedSincPolyDataFilter)
+from vtkmodules.vtkIOGeometry import vtkSTLWriter
+from vtkmodules.vtkIOPLY import vtkPLYWriter
+from vtkmodules.vtkIOXML import vtkXMLPolyDataWriter
 
 from .errors import OutputError
 from .io import atomic_path
@@ -30,7 +37,7 @@ try:  # the fast simplifier; VTK's decimation where it is not installed
 except ImportError:
     meshoptimizer = None
 
-SEGMENT_WRITERS = {".stl": vtk.vtkSTLWriter, ".ply": vtk.vtkPLYWriter, ".vtp": vtk.vtkXMLPolyDataWriter}
+SEGMENT_WRITERS = {".stl": vtkSTLWriter, ".ply": vtkPLYWriter, ".vtp": vtkXMLPolyDataWriter}
 SCENE_FORMATS = (".obj", ".glb")  # one file holding every segment, named and coloured (scene.py)
 MESH_FORMATS = (*SEGMENT_WRITERS, *SCENE_FORMATS)
 
@@ -40,7 +47,7 @@ class Surface:
     """One label's closed surface (``vtkPolyData``) in patient coordinates."""
 
     label: Label
-    polydata: vtk.vtkPolyData
+    polydata: vtkPolyData
     coordinates: str  # "LPS" or "RAS"
 
 
@@ -57,39 +64,39 @@ class SharedMesh:
 
 def _threads() -> int:
     """Let VTK's multi-threaded filters use every core (unless the host, e.g. Slicer, chose a backend)."""
-    if vtk.vtkSMPTools.GetBackend() == "Sequential":
-        vtk.vtkSMPTools.SetBackend("STDThread")
+    if vtkSMPTools.GetBackend() == "Sequential":
+        vtkSMPTools.SetBackend("STDThread")
     return os.cpu_count() or 1
 
 
-def _image_data(array: np.ndarray) -> vtk.vtkImageData:
+def _image_data(array: np.ndarray) -> vtkImageData:
     """The label map cropped to its labelled box and padded by one background voxel (so that
     surfaces close at the border), as vtkImageData in index space."""
     box = [np.flatnonzero(np.any(array, axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
     low = [int(b[0]) for b in box]
     cropped = array[tuple(slice(b[0], b[-1] + 1) for b in box)]
-    dtype, vtk_type = (np.uint8, vtk.VTK_UNSIGNED_CHAR) if array.max() < 256 else (np.uint16, vtk.VTK_UNSIGNED_SHORT)
+    dtype, vtk_type = (np.uint8, VTK_UNSIGNED_CHAR) if array.max() < 256 else (np.uint16, VTK_UNSIGNED_SHORT)
     padded = np.pad(cropped.astype(dtype, copy=False), 1)
-    image = vtk.vtkImageData()
+    image = vtkImageData()
     image.SetDimensions(*padded.shape[::-1])
     image.SetOrigin(low[2] - 1.0, low[1] - 1.0, low[0] - 1.0)
     image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(padded.ravel(), deep=True, array_type=vtk_type))
     return image
 
 
-def _polydata(points: np.ndarray, triangles: np.ndarray) -> vtk.vtkPolyData:
+def _polydata(points: np.ndarray, triangles: np.ndarray) -> vtkPolyData:
     used, inverse = np.unique(triangles, return_inverse=True)
-    poly = vtk.vtkPolyData()
-    vtk_points = vtk.vtkPoints()
+    poly = vtkPolyData()
+    vtk_points = vtkPoints()
     vtk_points.SetData(numpy_support.numpy_to_vtk(np.ascontiguousarray(points[used]), deep=True))
     poly.SetPoints(vtk_points)
-    cells = vtk.vtkCellArray()
+    cells = vtkCellArray()
     cells.SetData(3, numpy_support.numpy_to_vtkIdTypeArray(inverse.reshape(-1).astype(np.int64), deep=True))
     poly.SetPolys(cells)
     return poly
 
 
-def _arrays(poly: vtk.vtkPolyData) -> tuple[np.ndarray, np.ndarray]:
+def _arrays(poly: vtkPolyData) -> tuple[np.ndarray, np.ndarray]:
     points = numpy_support.vtk_to_numpy(poly.GetPoints().GetData()).astype(np.float64)
     return points, numpy_support.vtk_to_numpy(poly.GetPolys().GetConnectivityArray()).reshape(-1, 3)
 
@@ -101,8 +108,8 @@ def _outward(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     return triangles if signed_volume >= 0 else triangles[:, ::-1]
 
 
-def _with_normals(poly: vtk.vtkPolyData) -> vtk.vtkPolyData:
-    normals = vtk.vtkPolyDataNormals()
+def _with_normals(poly: vtkPolyData) -> vtkPolyData:
+    normals = vtkPolyDataNormals()
     normals.SetInputData(poly)
     normals.ConsistencyOff()
     normals.SplittingOff()
@@ -110,11 +117,11 @@ def _with_normals(poly: vtk.vtkPolyData) -> vtk.vtkPolyData:
     return normals.GetOutput()
 
 
-def _smooth(mesh: vtk.vtkPolyData, smoothing: float) -> vtk.vtkPolyData:
+def _smooth(mesh: vtkPolyData, smoothing: float) -> vtkPolyData:
     """Windowed-sinc smoothing; ``smoothing`` 0-1 maps to a pass band of 10^(-4 * smoothing)."""
     if smoothing <= 0:
         return mesh
-    sinc = vtk.vtkWindowedSincPolyDataFilter()
+    sinc = vtkWindowedSincPolyDataFilter()
     sinc.SetInputData(mesh)
     sinc.SetNumberOfIterations(20)
     sinc.SetPassBand(10.0 ** (-4.0 * min(smoothing, 1.0)))
@@ -130,7 +137,7 @@ def shared_mesh(labelmap: Volume, values: list[int], smoothing: float = 0.5, coo
     """The boundaries of the given labels (all others count as background) as one mesh, in one pass:
     surface nets on the label map, moved to patient millimetres and smoothed as a whole."""
     _threads()
-    nets = vtk.vtkSurfaceNets3D()
+    nets = vtkSurfaceNets3D()
     nets.SetInputData(_image_data(labelmap.array))
     for index, value in enumerate(values):
         nets.SetValue(index, value)
@@ -177,7 +184,7 @@ def _simplified_vtk(points: np.ndarray, triangles: np.ndarray, keep: int) -> np.
     poly = _polydata(points, triangles)
     poly.GetPointData().AddArray(numpy_support.numpy_to_vtkIdTypeArray(used.astype(np.int64), deep=True))
     poly.GetPointData().GetArray(0).SetName("index")
-    pro = vtk.vtkDecimatePro()
+    pro = vtkDecimatePro()
     pro.SetInputData(poly)
     pro.SetTargetReduction(1.0 - keep / len(triangles))
     pro.PreserveTopologyOn()
@@ -251,7 +258,7 @@ def surfaces_of(mesh: SharedMesh, labels: list[Label], coordinates: str) -> list
         return list(pool.map(one_label, zip(labels, bounds)))
 
 
-def mesh_checks(poly: vtk.vtkPolyData) -> dict:
+def mesh_checks(poly: vtkPolyData) -> dict:
     """Whether a triangle mesh is closed (watertight: no edge on a border, i.e. used an odd number of
     times) and consistently oriented (each edge run as often one way as the other by its triangles);
     how many edges are non-manifold (used by more than two triangles: voxels of a label touching
@@ -270,16 +277,16 @@ def mesh_checks(poly: vtk.vtkPolyData) -> dict:
             "degenerate_triangles": int(np.count_nonzero(repeated | (area <= 1e-12 * max(area.max(initial=0), 1.0))))}
 
 
-def mesh_measurements(poly: vtk.vtkPolyData) -> dict:
+def mesh_measurements(poly: vtkPolyData) -> dict:
     """Enclosed volume (mL), surface area (cm²), triangle count and the checks of :func:`mesh_checks`."""
-    mass = vtk.vtkMassProperties()
+    mass = vtkMassProperties()
     mass.SetInputData(poly)
     mass.Update()
     return {"volume_ml": mass.GetVolume() / 1000.0, "area_cm2": mass.GetSurfaceArea() / 100.0,
             "triangles": poly.GetNumberOfPolys(), **mesh_checks(poly)}
 
 
-def write_mesh(poly: vtk.vtkPolyData, path: str | os.PathLike) -> Path:
+def write_mesh(poly: vtkPolyData, path: str | os.PathLike) -> Path:
     """Write one mesh as STL, PLY or VTP (chosen by the suffix), atomically."""
     path = Path(path)
     suffix = path.suffix.lower()
@@ -295,7 +302,7 @@ def write_mesh(poly: vtk.vtkPolyData, path: str | os.PathLike) -> Path:
         writer.SetFileName(str(tmp))
         writer.SetInputData(poly)
         if not writer.Write() or writer.GetErrorCode():
-            reason = vtk.vtkErrorCode.GetStringFromErrorCode(writer.GetErrorCode())
+            reason = vtkErrorCode.GetStringFromErrorCode(writer.GetErrorCode())
             raise OutputError(f"Cannot write {path}: {reason}")
     return path
 

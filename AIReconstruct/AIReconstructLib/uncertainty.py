@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from scipy import ndimage
-from scipy.stats import rankdata
 
 from .modelcard import Label
 from .volume import Volume
@@ -115,6 +114,8 @@ def flagged_regions(uncertainty: Volume, threshold: float = 0.5, min_ml: float =
 def error_detection_auc(uncertainty: np.ndarray, prediction: np.ndarray, reference: np.ndarray) -> float | None:
     """Area under the ROC curve of the uncertainty as a detector of wrong voxels (0.5: no better than
     chance, 1: every wrong voxel more uncertain than every right one); None if none or all are wrong."""
+    from scipy.stats import rankdata  # scipy.stats takes half a second to import: only where needed
+
     wrong = (prediction != reference).ravel()
     positives, total = int(wrong.sum()), wrong.size
     if positives in (0, total):
