@@ -26,7 +26,7 @@ from .io import write_csv
 from .modelcard import CARD_FILE, ModelCard, save_card, sha256_of
 from .networks import build_network, load_network, save_weights
 from .predict import Predictor
-from .preprocess import in_array_order, prepare, restore_labels
+from .preprocess import in_array_order, prepare_for_card, restore_labels
 from .training_data import PatchSampler, load_case
 from .volume import Volume
 
@@ -164,7 +164,7 @@ class GuidedRefiner:
             raise InputError(f"Model '{card.name}' is not a guided model (its card has no 'guidance')")
         self.card, self.network = card, load_network(card)
         self.predictor = Predictor(self.network, in_array_order(card.patch_size, card.orientation),
-                                   card.inference["overlap"], device)
+                                   card.inference["overlap"], device, sliding_window=card.inference.get("sliding_window"))
 
     def __call__(self, volume: Volume, mask: np.ndarray, clicks: list[Click], box=None, reach_mm: float = 20.0):
         spacing = np.array(volume.spacing[::-1])
@@ -184,7 +184,7 @@ class GuidedRefiner:
         local = [Click(tuple(np.array(c.kji) - low), c.positive) for c in clicks]
         maps = guidance_maps(crop.array.shape, local, mask[region], spacing, self.card.data["guidance"]["radius_mm"])
         channels = [crop] + [crop.with_array(m) for m in maps]
-        prepared = prepare(channels, self.card.channels, self.card.spacing(), self.card.orientation)
+        prepared = prepare_for_card(channels, self.card)
         proposal = restore_labels(self.predictor(prepared.tensor), prepared) == 1
         corrected = mask.copy()
         corrected[region] = edit_as_the_points_ask(mask[region], proposal, local, spacing, reach_mm,

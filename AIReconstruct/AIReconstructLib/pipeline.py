@@ -21,7 +21,7 @@ from .errors import InputError
 from .modelcard import ModelCard, verified_weight_paths
 from .networks import load_network
 from .postprocess import postprocess
-from .predict import CancelCheck, Predictor, ProgressCallback, choose_device
+from .predict import CancelCheck, Predictor, ProgressCallback, choose_device, runs_through_openvino
 from .preprocess import in_array_order, prepare_for_card, restore_labels, restore_scalar
 from .uncertainty import DROPOUT_SAMPLES, dropout_layers, member_maps, segment_confidence
 from .volume import Volume
@@ -84,8 +84,8 @@ def _network(card: ModelCard, options: SegmentOptions, window: tuple[int, ...]):
     """The card's network and the name it is kept compiled under: on the CPU with OpenVINO, the
     network compiled in an earlier run when the cache has it (no PyTorch module built, no MONAI
     import: about 2 s less per run), else the PyTorch network (compiled and cached when first run)."""
-    if options.backend == "torch" or options.cpu_bfloat16 or options.uncertainty \
-            or choose_device(options.device).type != "cpu" or not openvino_available():
+    if options.uncertainty or not openvino_available() \
+            or not runs_through_openvino(choose_device(options.device), options.backend, options.cpu_bfloat16):
         return load_network(card), None
     fingerprint = card_fingerprint(card, window)
     compiled = cached_for_cpu(fingerprint, window)

@@ -125,6 +125,12 @@ def pad_to_patch(image: torch.Tensor, patch) -> tuple[torch.Tensor, tuple[slice,
 BACKENDS = ("auto", "torch", "openvino")
 
 
+def runs_through_openvino(device: torch.device, backend: str, cpu_bfloat16: bool) -> bool:
+    """Whether windows on ``device`` go to OpenVINO (where it is installed and takes the network):
+    on the CPU, unless PyTorch or PyTorch's bfloat16 is asked for."""
+    return device.type == "cpu" and backend != "torch" and not cpu_bfloat16
+
+
 class Predictor:
     """Runs a network over a whole image ``[C, z, y, x]`` and returns blended logits.
 
@@ -190,7 +196,7 @@ class Predictor:
         """What runs the windows: the OpenVINO-compiled network on the CPU when chosen, else the network."""
         if isinstance(self.network, OpenVinoNetwork):
             return self.network
-        if window_device.type == "cpu" and self.backend != "torch" and not self.cpu_bfloat16:
+        if runs_through_openvino(window_device, self.backend, self.cpu_bfloat16):
             compiled = compiled_for_cpu(self.network.cpu(), (1, channels, *self.patch_zyx), self.fingerprint)
             if compiled is not None:
                 return compiled

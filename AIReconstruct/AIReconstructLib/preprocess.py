@@ -162,6 +162,7 @@ def prepare_for_card(channels: list[Volume], card, fast: bool = False) -> Prepar
     return prepare(channels, card.channels, card.spacing(fast), card.orientation, card.inference.get("grid", "field_of_view"),
                    card.inference.get("normalise") != "after_resampling")
 
+
 def _linear_taps(n_out: int, n_in: int, step: float | None = None):
     """Source indices and weights of linear resampling from ``n_in`` to ``n_out`` samples over the same
     field of view (the arithmetic of ``F.interpolate(..., align_corners=False)``), or with ``step``
