@@ -1,0 +1,234 @@
+"""The ``aireconstruct`` commands that work on a segmentation once it exists: evaluate, surfaces,
+report, refine (correct with points), saliency and calibrate, and the mesh options that segment
+shares (added to the parser of :mod:`cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import AIReconstructError
+
+if TYPE_CHECKING:
+    from .cli import Reporter
+
+
+def mesh_suffixes(formats: list[str]) -> list[str]:
+    """File suffixes of the mesh formats asked for (``stl``, ``.VTP``...); unknown ones are an error."""
+    from .surfaces import MESH_FORMATS
+
+    suffixes = ["." + f.lower().lstrip(".") for f in formats]
+    for suffix in suffixes:
+        if suffix not in MESH_FORMATS:
+            raise AIReconstructError(f"Unknown mesh format '{suffix}' (use {', '.join(MESH_FORMATS)})")
+    return suffixes
+
+
+def add_mesh_options(p) -> None:
+    """The surface options that segment and surfaces share."""
+    p.add_argument("--format", "--surface-format", dest="surface_format", nargs="+", default=["stl", "vtp"],
+                   help="mesh formats: stl ply vtp (a file per segment), obj glb (one scene of all segments)")
+    p.add_argument("--smoothing", type=float, default=0.5, help="surface smoothing, 0 (none) to 1 (strong)")
+    p.add_argument("--decimate", type=float, default=0.0, help="fraction of triangles to remove (0-0.95)")
+    p.add_argument("--max-triangles", type=int, help="at most about this many triangles per segment")
+    p.add_argument("--coordinates", choices=["LPS", "RAS"], default="LPS", help="mesh coordinate system")
+
+
+def cmd_evaluate(args, reporter: Reporter) -> None:
+    from .io import read_labelmap
+    from .metrics import evaluate
+    from .modelcard import find_model
+
+    reference = read_labelmap(args.reference)
+    prediction = read_labelmap(args.prediction, like=reference)
+    if args.model:
+        names = {label.value: label.name for label in find_model(args.model).labels}
+    else:
+        values = sorted(set(map(int, set(prediction.array.ravel()) | set(reference.array.ravel()))) - {0})
+        names = {value: f"label {value}" for value in values}
+    result = evaluate(prediction, reference, names)
+    if args.uncertainty:
+        from .uncertainty import error_detection_auc
+
+        uncertainty = _map_on_grid(args.uncertainty, reference)
+        result["uncertainty_error_auc"] = error_detection_auc(uncertainty, prediction.array, reference.array)
+    if args.confidence:
+        from .calibration import plot_reliability, pool_case, reliability_tables
+
+        tables = reliability_tables()
+        pool_case(_map_on_grid(args.confidence, reference), prediction.array, reference.array, tables)
+        result["ece"] = {name: table.ece() for name, table in tables.items()}
+        result["reliability"] = {name: table.table() for name, table in tables.items()}
+        if args.reliability and not plot_reliability(tables, args.reliability):
+            raise AIReconstructError("The reliability diagram needs matplotlib: pip install matplotlib")
+    rows = [f"{'label':<20} {'Dice':>6} {'IoU':>6} {'HD95 mm':>8} {'ASD mm':>7}"]
+    for name, s in result["labels"].items():
+        if s["present"]:
+            rows.append(f"{name:<20} {s['dice']:6.3f} {s['iou']:6.3f} {s['hd95_mm']:8.2f} {s['asd_mm']:7.2f}")
+    m = result["mean"]
+    rows.append(f"{'mean':<20} {m['dice']:6.3f} {m['iou']:6.3f} {m['hd95_mm']:8.2f} {m['asd_mm']:7.2f}")
+    rows.append(f"voxel accuracy {result['accuracy']:.4f}")
+    if result.get("uncertainty_error_auc") is not None:
+        rows.append(f"uncertainty finds wrong voxels with AUC {result['uncertainty_error_auc']:.3f}")
+    for name, ece in result.get("ece", {}).items():
+        rows.append(f"expected calibration error ({name}): {ece:.4f}")
+    if args.json:
+        from .io import atomic_path
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    reporter.result("\n".join(rows), result)
+
+
+def _map_on_grid(path: str, reference):
+    """A 0-1 map (uncertainty, confidence) that must lie on the reference's grid, as an array."""
+    from .io import read_volume
+
+    values = read_volume(path)
+    if not values.same_grid(reference):
+        raise AIReconstructError(f"{Path(path).name} does not match the reference's grid")
+    return values.array
+
+
+def cmd_surfaces(args, reporter: Reporter) -> None:
+    from .export import export_surfaces
+    from .io import StagedOutput
+    from .modelcard import find_model
+    from .segnrrd import read_segmentation
+
+    labelmap, labels = read_segmentation(args.labelmap, find_model(args.model) if args.model else None)
+    with StagedOutput(args.output) as out:
+        measurements = export_surfaces(labelmap, labels, out, mesh_suffixes(args.surface_format), args.smoothing,
+                                       args.decimate, args.coordinates, folder=".", max_triangles=args.max_triangles)
+        written = out.commit()
+    text = "\n".join(f"{name}: {m['volume_ml']:.1f} mL, {m['triangles']} triangles, closed={m['closed']}"
+                     for name, m in measurements.items())
+    reporter.result(text, {"outputs": [str(p) for p in written], "surfaces": measurements})
+
+
+def cmd_report(args, reporter: Reporter) -> None:
+    from .io import read_volume
+    from .modelcard import find_model
+    from .report import build_report, write_report
+    from .segnrrd import read_segmentation
+
+    image = read_volume(args.image)
+    card = find_model(args.model) if args.model else None
+    labelmap, labels = read_segmentation(args.labelmap, card, like=image)
+    reference = read_segmentation(args.reference, like=image)[0] if args.reference else None
+    model = card.data if card else {"name": Path(args.labelmap).name,
+                                    "intended_use": "Segmentation read from a file; not for clinical use"}
+    page, measured = build_report(image, labelmap, labels, model, reference, args.margin, args.coordinates)
+    path = write_report(page, args.output)
+    lines = [f"{s['name']}: {s['volume_ml']:.1f} mL, largest diameter {s['largest_diameter_mm']:.1f} mm"
+             for s in measured["segments"]]
+    reporter.result("\n".join(lines + [f"wrote {path}"]), {"outputs": [str(path)], "measurements": measured})
+
+
+def cmd_refine(args, reporter: Reporter) -> None:
+    from .interaction import refine_labelmap
+    from .io import read_volume, write_volume
+    from .modelcard import find_model
+    from .segnrrd import read_segmentation, write_seg_nrrd
+
+    image = read_volume(args.image)
+    labelmap, labels = read_segmentation(args.labelmap, find_model(args.model) if args.model else None, like=image)
+    by_name = {label.name: label.value for label in labels}
+    value = by_name.get(args.label) or (int(args.label) if args.label.isdigit() else None)
+    if value is None:
+        raise AIReconstructError(f"No segment '{args.label}' in {Path(args.labelmap).name} (it has: {', '.join(by_name)})")
+    box = [args.box[:3], args.box[3:]] if args.box else None
+    method = None
+    if args.guided:
+        from .guided import GuidedRefiner
+        method = GuidedRefiner(find_model(args.guided))
+    refined = refine_labelmap(image, labelmap, value, args.include or [], args.exclude or [], box, args.coordinates,
+                              method=method)
+    output = Path(args.output)
+    path = (write_seg_nrrd(refined, labels, output) if output.name.lower().endswith(".seg.nrrd")
+            else write_volume(refined, output))
+    change = int((refined.array != labelmap.array).sum())
+    reporter.result(f"{change} voxels changed; wrote {path}", {"outputs": [str(path)], "changed_voxels": change})
+
+
+def cmd_saliency(args, reporter: Reporter) -> None:
+    from .io import read_image_for_model, write_volume
+    from .modelcard import find_model
+    from .saliency import saliency
+
+    channels = [read_image_for_model(path) for path in args.inputs]
+    device = "cuda" if args.device == "cuda" else "cpu"
+    path = write_volume(saliency(channels, find_model(args.model), args.segment, device), args.output)
+    reporter.result(f"wrote {path}", {"outputs": [str(path)]})
+
+
+def cmd_calibrate(args, reporter: Reporter) -> None:
+    from .calibration import run_calibration
+
+    text, data = run_calibration(args.dataset, args.model, args.output, args.cases, args.device,
+                                 reporter.progress, reporter.cancel_requested)
+    reporter.result(text, data)
+
+
+def add_result_commands(sub, common: argparse.ArgumentParser) -> None:
+    """Add this module's commands to the ``aireconstruct`` subparsers."""
+    p = sub.add_parser("evaluate", parents=[common], help="Dice, IoU, accuracy, HD95 of a prediction")
+    p.add_argument("prediction")
+    p.add_argument("reference")
+    p.add_argument("-m", "--model", help="model whose label names to use")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--uncertainty", help="an uncertainty map (segment --uncertainty): how well it finds wrong voxels (AUC)")
+    p.add_argument("--confidence", help="a confidence map (segment --uncertainty): expected calibration error")
+    p.add_argument("--reliability", help="with --confidence: write the reliability diagram to this PNG")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("surfaces", parents=[common], help="meshes from a label map or .seg.nrrd")
+    p.add_argument("labelmap")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-m", "--model", help="model whose label names and colours to use")
+    add_mesh_options(p)
+    p.set_defaults(func=cmd_surfaces)
+
+    p = sub.add_parser("report", parents=[common], help="HTML report: measurements, slices, 3D view")
+    p.add_argument("image", help="the image the label map belongs to")
+    p.add_argument("labelmap", help="label map (NIfTI, NRRD) or .seg.nrrd")
+    p.add_argument("-o", "--output", required=True, help="the report's file (.html)")
+    p.add_argument("-m", "--model", help="model whose label names, colours and lesion labels to use")
+    p.add_argument("--reference", help="a reference label map: adds Dice, IoU and HD95 to the report")
+    p.add_argument("--margin", type=float, default=10.0, help="safety margin around lesions for the remnant, mm")
+    p.add_argument("--coordinates", choices=["LPS", "RAS"], default="LPS", help="coordinates of centroids and 3D view")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("refine", parents=[common], help="correct one segment with include/exclude points or a box")
+    p.add_argument("image")
+    p.add_argument("labelmap", help="label map (NIfTI, NRRD) or .seg.nrrd")
+    p.add_argument("--label", required=True, help="the segment's name or label value")
+    p.add_argument("--include", nargs=3, type=float, action="append", metavar=("X", "Y", "Z"),
+                   help="a point (mm) that belongs to the segment; repeat for more")
+    p.add_argument("--exclude", nargs=3, type=float, action="append", metavar=("X", "Y", "Z"),
+                   help="a point (mm) that does not; repeat for more")
+    p.add_argument("--box", nargs=6, type=float, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
+                   help="two opposite corners (mm) of a box the segment lies in")
+    p.add_argument("--coordinates", choices=["LPS", "RAS"], default="LPS", help="coordinates of the points")
+    p.add_argument("-m", "--model", help="model whose label names to use for a NIfTI label map")
+    p.add_argument("--guided", help="a guided model (trained with points) to correct with, instead of the watershed")
+    p.add_argument("-o", "--output", required=True, help="the corrected label map (.nii.gz, .nrrd, .seg.nrrd)")
+    p.set_defaults(func=cmd_refine)
+
+    p = sub.add_parser("saliency", parents=[common], help="which image voxels drove a segment (0-1 map)")
+    p.add_argument("inputs", nargs="+", help="input volume(s), as for segment")
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("--segment", required=True, help="the segment's name in the model card")
+    p.add_argument("-o", "--output", required=True, help="the saliency map's file (.nii.gz, .nrrd)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=cmd_saliency)
+
+    p = sub.add_parser("calibrate", parents=[common],
+                       help="calibration (ECE, reliability diagram) and error detection of the uncertainty on a data set")
+    p.add_argument("dataset", help="a labelled data set folder (dataset.json, imagesTr/, labelsTr/)")
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("-o", "--output", required=True, help="folder for calibration.json, .md and reliability.png")
+    p.add_argument("--cases", nargs="+", help="only these case ids (e.g. cases the model never saw)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_calibrate)
