@@ -112,6 +112,7 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         self.onCancel()
         self.removeObservers()
+        self.logic.shutdown()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -372,6 +373,11 @@ class AIReconstructLogic(ScriptedLoadableModuleLogic):
             from AIReconstructAdapter.logic import AdapterLogic
             self._adapter = AdapterLogic()
         return self._adapter
+
+    def shutdown(self) -> None:
+        """End the engine worker kept between runs, if one was started."""
+        if self._adapter is not None:
+            self._adapter.shutdown()
 
     def process(self, parameterNode):
         """Start segmenting with the panel's parameters; returns the running job to poll."""

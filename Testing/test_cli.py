@@ -100,3 +100,84 @@ def test_cancel_leaves_the_output_folder_as_it_was(tmp_path, tiny_model):
     assert process.wait(timeout=60) == 130
     assert '"cancelled": true' in remaining
     assert [p.name for p in out.iterdir()] == ["earlier.txt"]
+
+
+def _serve(*options):
+    """An ``aireconstruct serve`` worker; its stdout is read line by line."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "AIReconstructLib", "serve", *options], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+
+
+def _request(worker, *arguments):
+    """Send one request; returns its progress lines' messages and its last (done or error) line."""
+    worker.stdin.write(json.dumps(list(arguments)) + "\n")
+    worker.stdin.flush()
+    messages = []
+    for line in worker.stdout:
+        event = json.loads(line)
+        if "progress" not in event:
+            return messages, event
+        messages.append(event["message"])
+    raise AssertionError("the worker ended without answering")
+
+
+def test_worker_runs_requests_one_after_another_like_the_command_line(tmp_path, tiny_model, ct_file):
+    worker = _serve()
+    try:
+        segment = ["segment", str(ct_file), "-m", str(tiny_model), "--device", "cpu"]
+        _, first = _request(worker, *segment, "-o", str(tmp_path / "first"))
+        _, invalid = _request(worker, "segment", "--no-such-option")
+        _, not_json = _request(worker, "not", "a", "list")
+        worker.stdin.write("segment this\n")
+        worker.stdin.flush()
+        garbled = json.loads(worker.stdout.readline())
+        _, missing = _request(worker, "segment", str(ct_file), "-m", "no-such-model", "-o", str(tmp_path / "x"))
+        _, second = _request(worker, *segment, "-o", str(tmp_path / "second"))
+    finally:
+        worker.stdin.close()
+    assert worker.wait(timeout=60) == 0  # stdin closed: the worker ends
+    assert first["done"] and second["done"]
+    assert invalid == {"error": "Invalid request: the following arguments are required: inputs, -m/--model, "
+                                "-o/--output", "cancelled": False}
+    assert not_json["error"].startswith("Invalid request: argument command: invalid choice: 'not'")
+    assert garbled["error"].startswith("Invalid request: a request is a JSON list of arguments")
+    assert "No installed model named 'no-such-model'" in missing["error"] and not (tmp_path / "x").exists()
+    cli_out = tmp_path / "command line"
+    assert main(["segment", str(ct_file), "-m", str(tiny_model), "--device", "cpu", "-o", str(cli_out)]) == 0
+    for run in ("first", "second"):
+        np.testing.assert_array_equal(read_volume(tmp_path / run / "patient one_labels.nii.gz").array,
+                                      read_volume(cli_out / "patient one_labels.nii.gz").array)
+
+
+def test_worker_cancels_a_request_on_sigterm_and_goes_on_to_the_next(tmp_path, tiny_model, ct_file):
+    big = write_volume(noise_ct((96, 96, 96)), tmp_path / "big.nii.gz")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.txt").write_text("an earlier result", encoding="utf-8")
+    worker = _serve()
+    try:
+        worker.stdin.write(json.dumps(["segment", str(big), "-m", str(tiny_model), "-o", str(out), "--device", "cpu",
+                                       "--tta"]) + "\n")
+        worker.stdin.flush()
+        for line in worker.stdout:
+            if json.loads(line).get("message", "").startswith("window"):
+                break
+        worker.send_signal(signal.SIGTERM)
+        for line in worker.stdout:
+            if "progress" not in json.loads(line):
+                break
+        assert json.loads(line)["cancelled"] is True
+        assert [p.name for p in out.iterdir()] == ["earlier.txt"] and worker.poll() is None
+        _, after = _request(worker, "segment", str(ct_file), "-m", str(tiny_model), "-o", str(tmp_path / "after"),
+                            "--device", "cpu")
+        assert after["done"]
+        worker.send_signal(signal.SIGTERM)  # while idle, it ends the worker
+        assert worker.wait(timeout=60) == 0
+    finally:
+        worker.kill()
+
+
+def test_worker_ends_by_itself_when_idle():
+    worker = _serve("--idle-exit", "0.5")
+    assert worker.wait(timeout=60) == 0

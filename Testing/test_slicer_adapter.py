@@ -30,6 +30,15 @@ def _segment_names(node):
     return [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def end_the_engine_worker():
+    """The runs here share one engine worker, as a Slicer session does; it ends with the module."""
+    from AIReconstructAdapter.engine_run import WARM_ENGINE
+
+    yield
+    WARM_ENGINE.shutdown()
+
+
 @pytest.fixture
 def scene(monkeypatch):
     """A real MRML scene, installed as ``slicer.mrmlScene`` the way the application does."""
@@ -208,6 +217,7 @@ def test_cancelled_run_leaves_the_scene_unchanged(scene, tiny_model):
     state = job.wait(timeout=60)
     assert state.status == "cancelled"
     assert scene.GetNumberOfNodes() == count and job.workdir is None
+    assert job.engine.worker.alive()  # the worker stopped the run, and stays for the next one
 
 
 def test_points_correct_a_segment_in_place_and_undo_restores_it(scene):
@@ -310,3 +320,31 @@ def test_saved_corrections_fine_tune_the_model_into_a_new_installed_version(scen
     assert tuned.data["training"]["fine_tuned_from"]["encoder_frozen"] is True
     assert tuned.data["training"]["fine_tuned_from"]["rehearsal_scans"] == 1
     assert not (job.model_folder / "checkpoint.pt").exists()
+
+
+def test_later_runs_use_the_same_engine_worker_and_a_dead_one_is_replaced(scene, tiny_model, ct_volume):
+    from AIReconstructAdapter.engine_run import WARM_ENGINE
+
+    volume_node = add_volume_node(scene, ct_volume, "patient CT")
+
+    def run(**options):
+        job = SegmentationJob(scene, [volume_node], str(tiny_model), device="cpu", **options)
+        job.start()
+        return job, job.engine.worker.process.pid
+
+    first, first_pid = run()
+    assert first.wait(timeout=300).status == "done", first.engine.state.error
+    second, second_pid = run(fast=True)
+    assert second.wait(timeout=300).status == "done" and second_pid == first_pid
+    assert WARM_ENGINE.idle is second.engine.worker
+
+    crashing, crashing_pid = run()
+    assert crashing_pid == first_pid
+    crashing.engine.worker.process.kill()  # an engine that dies mid-run (out of memory, a crash)
+    state = crashing.wait(timeout=60)
+    assert state.status == "failed" and state.error.startswith("The engine stopped unexpectedly")
+    assert crashing.workdir is None and WARM_ENGINE.idle is None
+    after, after_pid = run()
+    assert after.wait(timeout=300).status == "done" and after_pid != first_pid
+    WARM_ENGINE.shutdown()
+    assert after.engine.worker.process.poll() is not None  # ended when the module cleans up

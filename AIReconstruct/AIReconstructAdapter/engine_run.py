@@ -1,14 +1,18 @@
 """Run the engine in a separate process and follow it through its JSON progress lines.
 
-Slicer's UI polls :meth:`SegmentationJob.poll` from a timer, so it stays responsive; Cancel
-terminates the process (the engine then removes its partial output), and a crash or an
-out-of-memory kill of the engine cannot take Slicer down. The scene changes only when a run
+Slicer's UI polls :meth:`SegmentationJob.poll` from a timer, so it stays responsive. The process is
+a worker that stays for the next run (``aireconstruct serve``), so only the first run pays Python's
+start-up, the imports and the network's compilation. Cancel signals the worker, which stops the
+run and removes its partial output (a worker that does not stop in time is killed); a crash or an
+out-of-memory kill of the engine cannot take Slicer down, and the next run starts a fresh worker. The scene changes only when a run
 succeeds: inputs are written to a temporary folder, the result is read back from it, and the
 folder is removed whatever happens.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import os
 import queue
@@ -53,44 +57,117 @@ def engine_environment(base: dict | None = None) -> dict:
     return env
 
 
-class EngineProcess:
-    """``python -m AIReconstructLib <arguments> --json-progress`` in a child process."""
+class EngineWorker:
+    """One ``aireconstruct serve`` process: it runs requests one after another, so that a run after
+    the first skips Python's start-up, the imports and the network's compilation. It ends when its
+    stdin closes (Slicer exits) or after ten idle minutes."""
 
-    def __init__(self, arguments: list[str], python: str | None = None, env: dict | None = None):
-        self.command = [python or sys.executable, "-m", "AIReconstructLib", *arguments, "--json-progress"]
-        self.env = engine_environment(env)
-        self.state = RunState()
-        self._lines: queue.Queue = queue.Queue()
-        self._stderr: list[str] = []
-        self._cancel_requested = False
-        self.process = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env=self.env)
-        threading.Thread(target=self._pump, args=(self.process.stdout, self._lines.put), daemon=True).start()
-        threading.Thread(target=self._pump, args=(self.process.stderr, self._stderr.append), daemon=True).start()
+    def __init__(self, python: str | None, env: dict):
+        self.env = env
+        self.command = [python or sys.executable, "-m", "AIReconstructLib", "serve"]
+        self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: queue.Queue = queue.Queue()
+        self.stderr: collections.deque = collections.deque(maxlen=200)
+        threading.Thread(target=self._pump, args=(self.process.stdout, self.lines.put), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.process.stderr, self.stderr.append), daemon=True).start()
 
     @staticmethod
     def _pump(stream, sink) -> None:
         for line in stream:
             sink(line.rstrip("\n"))
 
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def send(self, arguments: list[str]) -> None:
+        self.process.stdin.write(json.dumps(arguments) + "\n")
+        self.process.stdin.flush()
+
+    def stop(self, grace_seconds: float = 5.0) -> None:
+        """Let the worker end (its stdin closes); kill it if it has not within the grace time."""
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        try:
+            self.process.wait(grace_seconds)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class WarmEngine:
+    """Keeps the last idle :class:`EngineWorker` for the next run. A run takes it when it was started
+    with the same Python and environment, and otherwise starts a fresh worker (so two runs at once
+    get two workers); a run that ends gives its worker back, replacing the one kept before."""
+
+    def __init__(self):
+        self.idle: EngineWorker | None = None
+
+    def worker(self, python: str | None, env: dict) -> EngineWorker:
+        idle, self.idle = self.idle, None
+        if idle is not None and idle.alive() and idle.command[0] == (python or sys.executable) and idle.env == env:
+            return idle
+        if idle is not None:
+            idle.stop()
+        return EngineWorker(python, env)
+
+    def give_back(self, worker: EngineWorker) -> None:
+        if not worker.alive():
+            return
+        if self.idle is not None:
+            self.idle.stop()
+        self.idle = worker
+
+    def shutdown(self) -> None:
+        """End the idle worker (the module's cleanup)."""
+        if self.idle is not None:
+            self.idle.stop()
+            self.idle = None
+
+
+WARM_ENGINE = WarmEngine()
+
+
+class EngineRun:
+    """``aireconstruct <arguments> --json-progress`` in a warm engine worker, followed through its
+    JSON lines."""
+
+    def __init__(self, arguments: list[str], python: str | None = None, env: dict | None = None):
+        self.arguments = list(arguments)
+        self.python, self.env = python, engine_environment(env)
+        self.state = RunState()
+        self.worker: EngineWorker | None = None
+        self._cancel_requested = False
+
+    def start(self) -> None:
+        self.worker = WARM_ENGINE.worker(self.python, self.env)
+        try:
+            self.worker.send(self.arguments)
+        except OSError:  # the kept worker ended meanwhile: a fresh one
+            self.worker = EngineWorker(self.python, self.env)
+            self.worker.send(self.arguments)
+
     def poll(self) -> RunState:
         """Read what the engine has printed so far; never blocks."""
-        while True:
-            try:
-                line = self._lines.get_nowait()
-            except queue.Empty:
-                break
-            self._handle(line)
-        if not self.state.finished and self.process.poll() is not None:
+        if self.state.finished:
+            return self.state
+        self._drain()
+        if not self.state.finished and not self.worker.alive():
             time.sleep(0.05)  # let the reader threads drain the last lines
-            while not self._lines.empty():
-                self._handle(self._lines.get_nowait())
+            self._drain()
             if not self.state.finished:
                 self._ended_without_result()
+        if self.state.finished:
+            WARM_ENGINE.give_back(self.worker)
         return self.state
+
+    def _drain(self) -> None:
+        while not self.state.finished:
+            try:
+                line = self.worker.lines.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(line)
 
     def _handle(self, line: str) -> None:
         try:
@@ -108,25 +185,28 @@ class EngineProcess:
             self.state.error = event["error"]
 
     def _ended_without_result(self) -> None:
-        code = self.process.returncode
         if self._cancel_requested:
             self.state.status, self.state.error = "cancelled", "Cancelled by the user"
             return
-        last = next((line for line in reversed(self._stderr) if line.strip()), "no message")
+        last = next((line for line in reversed(self.worker.stderr) if line.strip()), "no message")
         self.state.status = "failed"
-        self.state.error = f"The engine stopped unexpectedly (exit code {code}): {last.strip()[:300]}"
+        self.state.error = (f"The engine stopped unexpectedly (exit code {self.worker.process.returncode}): "
+                            f"{last.strip()[:300]}")
 
     def cancel(self, grace_seconds: float = 10.0) -> None:
-        """Ask the engine to stop (it cleans up), then kill it if it does not within the grace time."""
-        if self.process is None or self.process.poll() is not None:
+        """Ask the engine to stop this run (it cleans up and its worker stays for the next run);
+        kill the worker if the run has not ended within the grace time."""
+        if self.worker is None or self.poll().finished:
             return
         self._cancel_requested = True
-        self.process.terminate()
-        try:
-            self.process.wait(grace_seconds)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        self.worker.process.terminate()
+        deadline = time.monotonic() + grace_seconds
+        while not self.poll().finished and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not self.state.finished:
+            self.worker.process.kill()
+            self.worker.process.wait()
+            self.poll()
 
 
 class BackgroundJob:
@@ -134,7 +214,7 @@ class BackgroundJob:
     once the run ends; subclasses start the engine and take the result in ``_on_success``."""
 
     workdir: Path | None = None
-    engine: EngineProcess | None = None
+    engine: EngineRun | None = None
 
     def poll(self) -> RunState:
         """Progress so far; on success the result is taken (once)."""
@@ -185,7 +265,7 @@ class SegmentationJob(BackgroundJob):
         self.target = target_segmentation
         self.python, self.env = python, env
         self.workdir: Path | None = None
-        self.engine: EngineProcess | None = None
+        self.engine: EngineRun | None = None
         self.segmentation_node = None
         self.uncertainty_node = None  # with uncertainty: the 0-1 map as a volume node
         self.check_points = None  # and a point list of the regions to check
@@ -196,7 +276,7 @@ class SegmentationJob(BackgroundJob):
         try:  # whatever fails here, no temporary folder is left behind
             inputs = [str(write_volume_node(node, self.workdir / f"input_{n}.nrrd"))
                       for n, node in enumerate(self.input_nodes)]
-            self.engine = EngineProcess(["segment", *inputs, "-m", str(self.model), "-o",
+            self.engine = EngineRun(["segment", *inputs, "-m", str(self.model), "-o",
                                          str(self.workdir / "output"), *self.options], self.python, self.env)
             self.engine.start()
         except BaseException:
@@ -230,13 +310,13 @@ class FineTuningJob(BackgroundJob):
             + (["--rehearse", str(rehearse)] if rehearse else [])
         self.python, self.env = python, env
         self.workdir: Path | None = None
-        self.engine: EngineProcess | None = None
+        self.engine: EngineRun | None = None
         self.model_folder: Path | None = None  # where the new version was installed
 
     def start(self) -> None:
         self.models_folder.mkdir(parents=True, exist_ok=True)
         self.workdir = Path(tempfile.mkdtemp(prefix=".fine-tuning-", dir=self.models_folder))
-        self.engine = EngineProcess(["finetune", self.model, str(self.dataset_folder), "-o", str(self.workdir),
+        self.engine = EngineRun(["finetune", self.model, str(self.dataset_folder), "-o", str(self.workdir),
                                      *self.options], self.python, self.env)
         try:
             self.engine.start()

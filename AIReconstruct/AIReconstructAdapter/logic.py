@@ -15,7 +15,7 @@ from AIReconstructLib.modelcard import USER_MODELS, find_model, installed_models
 
 from . import nodes
 from .correction import SegmentCorrection
-from .engine_run import FineTuningJob, SegmentationJob
+from .engine_run import WARM_ENGINE, FineTuningJob, SegmentationJob
 
 CORRECTIONS = USER_MODELS.parent / "corrections"  # a data set folder per model, for fine-tuning
 
@@ -64,6 +64,10 @@ class AdapterLogic:
         job = SegmentationJob(scene, chosen, model, device, fast, tta, target_segmentation, python, env, uncertainty)
         job.start()
         return job
+
+    def shutdown(self) -> None:
+        """End the engine worker kept for the next run (it holds the libraries and the last model)."""
+        WARM_ENGINE.shutdown()
 
     def startCorrection(self, scene, segmentation_node, segment_id: str, volume_node) -> SegmentCorrection:
         """Include / exclude point lists for one segment; each placed point re-segments near it."""

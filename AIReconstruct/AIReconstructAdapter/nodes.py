@@ -128,8 +128,9 @@ def add_check_points(scene, regions: list[dict], name: str, coordinates: str = "
 
 
 def write_volume_node(volume_node, path: str | Path) -> Path:
-    """Write a volume node (with its world geometry) to a file the engine can read."""
-    return write_volume(volume_from_node(volume_node), path)
+    """Write a volume node (with its world geometry) to a file the engine can read; uncompressed,
+    since the file only carries the volume to the engine and is removed after the run."""
+    return write_volume(volume_from_node(volume_node), path, compress=False)
 
 
 def _read_segmentation(path: Path, scratch_scene):

@@ -113,6 +113,16 @@ def cmd_demo(args, reporter: Reporter) -> None:
     reporter.result(text, data)
 
 
+def cmd_serve(args, reporter: Reporter) -> None:
+    """Run commands one after another, each a JSON list of arguments on a line of stdin, until stdin
+    closes or none comes for ``--idle-exit`` seconds. SIGTERM cancels the running command (the
+    worker goes on to the next); while idle it ends the worker."""
+    from .serve import serve
+
+    reporter.json_lines = True
+    serve(build_parser(), reporter, run_command, args.idle_exit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .cli_results import add_mesh_options, add_result_commands
     from .cli_training import add_training_commands
@@ -185,7 +195,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     add_training_commands(sub, common)
+
+    p = sub.add_parser("serve", parents=[common],
+                       help="a long-lived engine for the Slicer module: runs the commands it reads from stdin "
+                            "(one JSON list of arguments per line) with JSON progress, without starting again")
+    p.add_argument("--idle-exit", type=float, default=600.0, help="end after this many seconds without a command")
+    p.set_defaults(func=cmd_serve)
     return parser
+
+
+def run_command(args, reporter: Reporter) -> int:
+    """Run one parsed command; an engine error becomes one line (and a JSON line) and an exit code."""
+    try:
+        args.func(args, reporter)
+        return 0
+    except AIReconstructError as error:
+        reporter.close()
+        if args.debug:
+            raise
+        if args.json_progress:
+            print(json.dumps({"error": str(error), "cancelled": isinstance(error, Cancelled)}), flush=True)
+        print(f"aireconstruct: error: {error}", file=sys.stderr)
+        return error.exit_code
 
 
 def main(argv=None) -> int:
@@ -200,17 +231,7 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, request_cancel)
     signal.signal(signal.SIGINT, request_cancel)
-    try:
-        args.func(args, reporter)
-        return 0
-    except AIReconstructError as error:
-        reporter.close()
-        if args.debug:
-            raise
-        if args.json_progress:
-            print(json.dumps({"error": str(error), "cancelled": isinstance(error, Cancelled)}), flush=True)
-        print(f"aireconstruct: error: {error}", file=sys.stderr)
-        return error.exit_code
+    return run_command(args, reporter)
 
 
 if __name__ == "__main__":
