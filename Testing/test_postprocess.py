@@ -80,3 +80,22 @@ def test_holes_are_filled_as_scipy_fills_them():
         if trial % 2:
             mask = ndimage.binary_opening(mask)
         np.testing.assert_array_equal(mask | _cavities(mask), ndimage.binary_fill_holes(mask))
+
+
+def test_islands_are_the_26_connected_components_scipy_finds():
+    """Removed islands equal a reference made with scipy's 26-connected labelling."""
+    from scipy import ndimage
+
+    from AIReconstructLib.postprocess import _islands
+
+    rng = np.random.default_rng(1)
+    for trial in range(20):
+        mask = rng.random(rng.integers(3, 30, 3)) < rng.uniform(0.05, 0.5)
+        components, count = ndimage.label(mask, np.ones((3, 3, 3), bool))
+        sizes = np.bincount(components.ravel())[1:]
+        rules = {"min_island_ml": float(rng.integers(1, 6)) / 1000}  # 1 mm³ voxels: 1-5 voxels
+        expected = np.isin(components, 1 + np.flatnonzero(sizes < rules["min_island_ml"] * 1000))
+        np.testing.assert_array_equal(_islands(mask, rules, 0.001), expected)
+        if count and (sizes == sizes.max()).sum() == 1:  # a single largest component
+            largest = components == 1 + np.argmax(sizes)
+            np.testing.assert_array_equal(_islands(mask, {"keep_largest": True}, 0.001), mask & ~largest)
