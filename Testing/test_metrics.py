@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from AIReconstructLib.metrics import evaluate, overlap_scores, surface_distances
+from AIReconstructLib.metrics import evaluate, label_voxel_counts, overlap_scores, surface_distances
 from AIReconstructLib.volume import Volume
 
 
@@ -54,3 +54,12 @@ def test_evaluate_reports_per_label_and_mean():
     assert not result["labels"]["absent"]["present"]
     assert result["mean"]["dice"] == pytest.approx((a["dice"] + b["dice"]) / 2)
     assert result["accuracy"] == pytest.approx(1 - 36 / 216)
+
+
+def test_label_voxel_counts_slab_by_slab_equal_bincount():
+    rng = np.random.default_rng(3)
+    for dtype, top in ((np.uint8, 12), (np.uint16, 300)):
+        array = rng.integers(0, top, (130, 130, 70)).astype(dtype)  # more than one slab of 2^20 voxels
+        np.testing.assert_array_equal(label_voxel_counts(array), np.bincount(array.ravel()))
+        assert len(label_voxel_counts(array, top + 5)) == top + 5
+    assert label_voxel_counts(np.zeros((0, 4, 4), np.uint8), 3).tolist() == [0, 0, 0]

@@ -80,7 +80,19 @@ def evaluate(pred: Volume, ref: Volume, label_names: dict[int, str], distances: 
     return {"labels": per_label, "mean": mean, "accuracy": float(np.mean(pred.array == ref.array))}
 
 
+def label_voxel_counts(array: np.ndarray, minimum_length: int = 0) -> np.ndarray:
+    """How many voxels hold each value 0, 1, ... of a label array, counted a slab of 2^20 voxels at a
+    time: ``np.bincount`` of the whole array would first copy it as 64-bit integers (8 bytes per
+    voxel: 600 MiB and over a second for a 512 x 512 x 300 CT)."""
+    flat = array.reshape(-1)
+    length = max(minimum_length, int(flat.max(initial=0)) + 1)
+    counts = np.zeros(length, np.int64)
+    for start in range(0, flat.size, 1 << 20):
+        counts += np.bincount(flat[start:start + (1 << 20)], minlength=length)
+    return counts
+
+
 def label_volumes_ml(labelmap: Volume, label_names: dict[int, str]) -> dict[str, float]:
     """Volume (mL) of each named label."""
-    counts = np.bincount(labelmap.array.ravel(), minlength=max(label_names, default=0) + 1)
+    counts = label_voxel_counts(labelmap.array, max(label_names, default=0) + 1)
     return {name: float(counts[value]) * labelmap.voxel_volume_ml for value, name in label_names.items()}
