@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from .io import StagedOutput, write_volume
 from .metrics import label_volumes_ml
@@ -41,10 +42,30 @@ def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str
     """Write the label map, the ``.seg.nrrd``, meshes (if formats are given), the HTML report (if
     ``report_image``, the input, is given; its measurements go into the summary) and a summary."""
     labels = segmentation.card.labels
+    with ThreadPoolExecutor(1) as writer:  # the label files are compressed (outside the GIL) while the rest runs
+        label_files = writer.submit(_write_label_files, segmentation.labelmap, labels, out, stem)
+        summary, seconds = _export_the_rest(segmentation, out, stem, surface_formats, smoothing, decimate,
+                                            coordinates, max_triangles, report_image, margin_mm)
+        seconds["write"] = label_files.result()
+    summary["seconds"] = {key: round(value, 3) for key, value in seconds.items()}
+    out.write_text(f"{stem}_summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _write_label_files(labelmap, labels, out: StagedOutput, stem: str) -> float:
+    """Write ``<stem>.seg.nrrd`` and ``<stem>_labels.nii.gz``; returns the seconds it took."""
     started = time.perf_counter()
-    write_seg_nrrd(segmentation.labelmap, labels, out.path(f"{stem}.seg.nrrd"))
-    write_volume(segmentation.labelmap, out.path(f"{stem}_labels.nii.gz"))
-    seconds = dict(segmentation.seconds, write=time.perf_counter() - started)
+    write_seg_nrrd(labelmap, labels, out.path(f"{stem}.seg.nrrd"))
+    write_volume(labelmap, out.path(f"{stem}_labels.nii.gz"))
+    return time.perf_counter() - started
+
+
+def _export_the_rest(segmentation: Segmentation, out: StagedOutput, stem: str, surface_formats, smoothing: float,
+                     decimate: float, coordinates: str, max_triangles: int | None, report_image,
+                     margin_mm: float) -> tuple[dict, dict]:
+    """Volumes, uncertainty maps, meshes and the report; returns the summary and the stages' seconds."""
+    labels = segmentation.card.labels
+    seconds = dict(segmentation.seconds)
     summary = {
         "model": segmentation.card.name,
         "intended_use": segmentation.card.data["intended_use"],
@@ -73,6 +94,4 @@ def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str
                                                      confidence=segmentation.confidence)
         write_report(page, out.path(f"{stem}_report.html"))
         seconds["report"] = time.perf_counter() - started
-    summary["seconds"] = {key: round(value, 3) for key, value in seconds.items()}
-    out.write_text(f"{stem}_summary.json", json.dumps(summary, indent=2))
-    return summary
+    return summary, seconds
