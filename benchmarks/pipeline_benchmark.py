@@ -9,9 +9,11 @@ Prints, for one realistic case measured in one run:
 - the engine's end-to-end time (``aireconstruct segment --surfaces`` in a fresh process: read,
   preprocess, predict, resample back, post-process, write, surfaces) per stage, and its ratio to
   the baseline (the second of two runs: the first converts the network for OpenVINO);
-- the same run as the Slicer module makes it after its first one: the input as the uncompressed
-  NRRD the module writes, sent to the engine worker it keeps (``aireconstruct serve``), timed from
-  the request to the worker's answer (the second of two requests), and its ratio to the baseline;
+- a run as the Slicer module makes it, after its first: the adapter on a real MRML scene (the
+  slicer-core package) from the volume node to the segmentation node in the scene: the input
+  written for the engine, the engine worker the module keeps (``aireconstruct serve``; no meshes:
+  Slicer makes its own), the result read into the scene; the second of two runs, and its ratio
+  to the baseline;
 - the peak RSS of that process, of a process that only imports the engine and loads the model, and
   the difference as a multiple of the input's float32 size.
 Not part of the test suite.
@@ -51,23 +53,31 @@ def child_peak_rss_mib(command: list[str]) -> tuple[float, str, float]:
         return seconds, output.read(), usage.ru_maxrss / 1024
 
 
-def warm_worker_seconds(command: list[str], request: list[str], runs: int = 2) -> tuple[list[float], float]:
-    """Send ``request`` ``runs`` times to one engine worker; (seconds from each request to its
-    answer, the worker's peak RSS in MiB)."""
-    worker = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              text=True)
+def slicer_run_seconds(image_path: Path, model: str, device: str, fast: bool, runs: int = 2) -> tuple[list, float]:
+    """Segment the image as the Slicer module does, ``runs`` times on one scene: (seconds from the
+    volume node to the segmentation node for each run, the engine worker's peak RSS in MiB)."""
+    import slicer
+
+    from AIReconstructAdapter.engine_run import WARM_ENGINE, SegmentationJob
+    from AIReconstructAdapter.nodes import add_volume_node, ensure_converter_rules
+    from AIReconstructLib.io import read_volume
+
+    scene = slicer.vtkMRMLScene()
+    ensure_converter_rules()
+    volume_node = add_volume_node(scene, read_volume(image_path), "benchmark")
     seconds = []
     for _ in range(runs):
         started = time.perf_counter()
-        worker.stdin.write(json.dumps(request) + "\n")
-        worker.stdin.flush()
-        answer = next(event for event in map(json.loads, worker.stdout) if "progress" not in event)
+        job = SegmentationJob(scene, [volume_node], model, device, fast)
+        job.start()
+        state = job.wait(interval=0.01)
+        if state.status != "done":
+            raise RuntimeError(f"the Slicer run failed: {state.error}")
         seconds.append(time.perf_counter() - started)
-        if not answer.get("done"):
-            raise RuntimeError(f"the worker failed: {answer}")
-    worker.stdin.close()
-    _, _, usage = os.wait4(worker.pid, 0)
-    return seconds, usage.ru_maxrss / 1024
+    status = Path(f"/proc/{job.engine.worker.process.pid}/status").read_text()
+    peak_kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
+    WARM_ENGINE.shutdown()
+    return seconds, peak_kib / 1024
 
 
 def main() -> None:
@@ -117,12 +127,7 @@ def measure(args, work: Path) -> None:
     first_seconds, _, _ = child_peak_rss_mib(segment_command)  # the first run converts the network for OpenVINO
     e2e_seconds, stdout, e2e_rss = child_peak_rss_mib(segment_command)
     summary = json.loads(stdout.strip().splitlines()[-1])["summary"]
-    slicer_input = work / "input_0.nrrd"  # what the Slicer module hands the engine
-    child_peak_rss_mib([sys.executable, "-c", (
-        "from AIReconstructLib.io import read_volume, write_volume; "
-        f"write_volume(read_volume({str(image_path)!r}), {str(slicer_input)!r}, compress=False)")])
-    warm, warm_rss = warm_worker_seconds(engine + ["serve"], ["segment", str(slicer_input), "-m", args.model, "-o",
-                                                              str(work / "warm"), "--surfaces", *options])
+    in_slicer, worker_rss = slicer_run_seconds(image_path, args.model, args.device, args.fast)
     _, _, model_rss = child_peak_rss_mib([sys.executable, "-c", (  # the libraries a run imports, and the model
         "import AIReconstructLib.cli, AIReconstructLib.export, AIReconstructLib.pipeline, AIReconstructLib.surfaces; "
         "from AIReconstructLib.modelcard import find_model; from AIReconstructLib.networks import load_network; "
@@ -153,14 +158,14 @@ def measure(args, work: Path) -> None:
         print(f"| {stage} | {seconds:.2f} |")
     print(f"| end to end (process wall time, incl. Python start-up and reading) | {e2e_seconds:.2f} |")
     print(f"| (the first run, which converts the network for OpenVINO) | {first_seconds:.2f} |")
-    print(f"| a later run in Slicer: request to answer in the kept engine worker, uncompressed NRRD in "
-          f"(first request {warm[0]:.2f}) | {warm[-1]:.2f} |")
+    print(f"| a later run in Slicer: volume node to segmentation node, through the kept engine worker, no meshes "
+          f"(the first run: {in_slicer[0]:.2f}) | {in_slicer[-1]:.2f} |")
     print(f"| bare network sliding window, eager PyTorch float32 (baseline) | {bare['torch']:.2f} |")
     print(f"| bare network sliding window, OpenVINO float32 | {bare['openvino']:.2f} |")
     print(f"\nend-to-end / bare network (PyTorch): {e2e_seconds / bare['torch']:.2f}x "
           f"(in-engine stages / bare: {sum(stages.values()) / bare['torch']:.2f}x)")
-    print(f"later run in Slicer (engine worker) / bare network (PyTorch): {warm[-1] / bare['torch']:.2f}x; "
-          f"the worker's peak RSS {warm_rss:.0f} MiB")
+    print(f"later run in Slicer / bare network (PyTorch): {in_slicer[-1] / bare['torch']:.2f}x; "
+          f"the engine worker's peak RSS {worker_rss:.0f} MiB")
     print(f"OpenVINO / PyTorch network time: {bare['openvino'] / bare['torch']:.2f} "
           f"({bare['torch'] / bare['openvino']:.2f}x faster), equal labels on the model grid: {agreement:.6%}")
     print(f"peak RSS: segment run {e2e_rss:.0f} MiB, libraries + model alone {model_rss:.0f} MiB; "
