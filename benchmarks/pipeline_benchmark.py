@@ -127,11 +127,11 @@ def measure(args, work: Path) -> None:
     first_seconds, _, _ = child_peak_rss_mib(segment_command)  # the first run converts the network for OpenVINO
     e2e_seconds, stdout, e2e_rss = child_peak_rss_mib(segment_command)
     summary = json.loads(stdout.strip().splitlines()[-1])["summary"]
-    in_slicer, worker_rss = slicer_run_seconds(image_path, args.model, args.device, args.fast)
     _, _, model_rss = child_peak_rss_mib([sys.executable, "-c", (  # the libraries a run imports, and the model
         "import AIReconstructLib.cli, AIReconstructLib.export, AIReconstructLib.pipeline, AIReconstructLib.surfaces; "
         "from AIReconstructLib.modelcard import find_model; from AIReconstructLib.networks import load_network; "
-        f"load_network(find_model({args.model!r}))")])
+        f"load_network(find_model({args.model!r}))")])  # before this process grows: a child would count its size
+    in_slicer, worker_rss = slicer_run_seconds(image_path, args.model, args.device, args.fast)
 
     import torch
 
@@ -144,13 +144,17 @@ def measure(args, work: Path) -> None:
     card = find_model(args.model)
     prepared = prepare([read_image_for_model(image_path)], card.channels, card.spacing(args.fast), card.orientation)
     network, patch = load_network(card), in_array_order(card.patch_size, card.orientation)
-    bare, labels = {}, {}
-    for backend in ("torch", "openvino", "torch", "openvino"):  # twice each, interleaved: the second counts
+    on_gpu = args.device == "cuda"
+    bare, labels, bare_gpu_mib = {}, {}, 0.0
+    for backend in ("torch",) * 2 if on_gpu else ("torch", "openvino") * 2:  # twice each, interleaved: the second counts
         predictor = Predictor(network, patch, card.inference["overlap"], args.device, backend=backend)
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        labels[backend] = predictor(prepared.tensor).argmax(0)
+        labels[backend] = predictor(prepared.tensor).argmax(0)  # the logits come back to the CPU: synchronised
         bare[backend] = time.perf_counter() - started
-    agreement = float((labels["torch"] == labels["openvino"]).float().mean())
+        if on_gpu:
+            bare_gpu_mib = torch.cuda.max_memory_allocated() / 2**20
 
     stages = summary["seconds"]
     print("\n| stage | seconds |\n|---|---:|")
@@ -160,14 +164,21 @@ def measure(args, work: Path) -> None:
     print(f"| (the first run, which converts the network for OpenVINO) | {first_seconds:.2f} |")
     print(f"| a later run in Slicer: volume node to segmentation node, through the kept engine worker, no meshes "
           f"(the first run: {in_slicer[0]:.2f}) | {in_slicer[-1]:.2f} |")
-    print(f"| bare network sliding window, eager PyTorch float32 (baseline) | {bare['torch']:.2f} |")
-    print(f"| bare network sliding window, OpenVINO float32 | {bare['openvino']:.2f} |")
+    baseline = "PyTorch, float16 autocast (AMP)" if on_gpu else "eager PyTorch float32"
+    print(f"| bare network sliding window, {baseline} (baseline) | {bare['torch']:.2f} |")
+    if not on_gpu:
+        print(f"| bare network sliding window, OpenVINO float32 | {bare['openvino']:.2f} |")
     print(f"\nend-to-end / bare network (PyTorch): {e2e_seconds / bare['torch']:.2f}x "
           f"(in-engine stages / bare: {sum(stages.values()) / bare['torch']:.2f}x)")
     print(f"later run in Slicer / bare network (PyTorch): {in_slicer[-1] / bare['torch']:.2f}x; "
           f"the engine worker's peak RSS {worker_rss:.0f} MiB")
-    print(f"OpenVINO / PyTorch network time: {bare['openvino'] / bare['torch']:.2f} "
-          f"({bare['torch'] / bare['openvino']:.2f}x faster), equal labels on the model grid: {agreement:.6%}")
+    if on_gpu:
+        print(f"peak GPU memory ({torch.cuda.get_device_name()}): segment run "
+              f"{summary.get('peak_gpu_memory_mib', float('nan')):.0f} MiB, bare network {bare_gpu_mib:.0f} MiB")
+    else:
+        agreement = float((labels["torch"] == labels["openvino"]).float().mean())
+        print(f"OpenVINO / PyTorch network time: {bare['openvino'] / bare['torch']:.2f} "
+              f"({bare['torch'] / bare['openvino']:.2f}x faster), equal labels on the model grid: {agreement:.6%}")
     print(f"peak RSS: segment run {e2e_rss:.0f} MiB, libraries + model alone {model_rss:.0f} MiB; "
           f"(run - model) / input float32 = {(e2e_rss - model_rss) / input_mib:.2f}x")
     print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}")

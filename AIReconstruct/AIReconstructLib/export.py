@@ -71,6 +71,8 @@ def _export_the_rest(segmentation: Segmentation, out: StagedOutput, stem: str, s
         "intended_use": segmentation.card.data["intended_use"],
         "volumes_ml": label_volumes_ml(segmentation.labelmap, segmentation.label_names),
     }
+    if segmentation.peak_gpu_memory_mib is not None:
+        summary["peak_gpu_memory_mib"] = round(segmentation.peak_gpu_memory_mib, 1)
     if segmentation.uncertainty is not None:
         from .uncertainty import flagged_regions
 

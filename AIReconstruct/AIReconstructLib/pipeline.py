@@ -51,6 +51,7 @@ class Segmentation:
     uncertainty: Volume | None = None  # 0 (certain) to 1, on the input's grid (uncertainty.py)
     probability: Volume | None = None  # mean softmax probability of the chosen label (calibration.py)
     confidence: dict = field(default_factory=dict)  # per segment: boundary uncertainty, member Dice
+    peak_gpu_memory_mib: float | None = None  # on CUDA: the most GPU memory PyTorch held during the run
 
     @property
     def label_names(self) -> dict[int, str]:
@@ -157,6 +158,9 @@ def segment(channels: list[Volume], card: ModelCard, options: SegmentOptions = S
     check_modality(channels[0], card)
     card.spacing(options.fast)  # a fast mode the model lacks is an error before any work
     report = progress or (lambda fraction, message: None)
+    on_gpu = choose_device(options.device).type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     if card.data["architecture"]["name"] == nnunet.ARCHITECTURE_NAME:
         labels, seconds, maps = nnunet.predict_labels(channels, card, options, report, cancel)
     else:
@@ -169,6 +173,8 @@ def segment(channels: list[Volume], card: ModelCard, options: SegmentOptions = S
         labelmap = postprocess(labelmap, card.labels)
         seconds["postprocess"] = time.perf_counter() - started
     result = Segmentation(labelmap, card, seconds)
+    if on_gpu:
+        result.peak_gpu_memory_mib = torch.cuda.max_memory_allocated() / 2**20
     if maps:
         result.uncertainty = channels[0].with_array(maps["uncertainty"].astype(np.float32, copy=False))
         result.probability = channels[0].with_array(maps["probability"].astype(np.float32, copy=False))
