@@ -93,20 +93,24 @@ def test_a_compiled_network_keeps_its_weights_when_the_module_gets_others(tmp_pa
 
 
 SEGMENT_IN_A_FRESH_PROCESS = """
-import sys, numpy as np
+import json, os, sys, numpy as np
+forks = []
+os.register_at_fork(before=lambda: forks.append(1))
 from AIReconstructLib.io import read_volume
 from AIReconstructLib.modelcard import load_card
 from AIReconstructLib.pipeline import SegmentOptions, segment
 labels = segment([read_volume(sys.argv[1])], load_card(sys.argv[2]), SegmentOptions(device="cpu")).labelmap.array
 np.save(sys.argv[3], labels)
-print("built with MONAI" if "monai.networks.nets" in sys.modules else "from the cache")
+print(json.dumps({"network": "built with MONAI" if "monai.networks.nets" in sys.modules else "from the cache",
+                  "forks": len(forks), "telemetry": sys.modules.get("openvino_telemetry") is not None}))
 """
 
 
 def test_a_later_run_takes_the_cards_network_from_the_cache_without_building_it(tiny_model, ct_volume, tmp_path):
     """The first run converts the card's network and keeps it under the card's name; the next process
     compiles it from there without importing MONAI's networks, with the same labels; weights that no
-    longer match the card are still refused."""
+    longer match the card are still refused. Neither run loads OpenVINO's telemetry or forks."""
+    import json
     import os
     import shutil
     import subprocess
@@ -123,15 +127,16 @@ def test_a_later_run_takes_the_cards_network_from_the_cache_without_building_it(
                    "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "AIReconstruct"),
                                                   os.environ.get("PYTHONPATH", "")])}
 
-    def run(number: int) -> tuple[str, np.ndarray]:
+    def run(number: int) -> tuple[dict, np.ndarray]:
         done = subprocess.run([sys.executable, "-c", SEGMENT_IN_A_FRESH_PROCESS, str(image), str(model),
                                str(tmp_path / f"labels{number}.npy")], env=environment, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
-        return done.stdout.strip().splitlines()[-1], np.load(tmp_path / f"labels{number}.npy")
+        return json.loads(done.stdout.strip().splitlines()[-1]), np.load(tmp_path / f"labels{number}.npy")
 
     first, first_labels = run(1)
     second, second_labels = run(2)
-    assert (first, second) == ("built with MONAI", "from the cache")
+    assert (first["network"], second["network"]) == ("built with MONAI", "from the cache")
+    assert first["forks"] == second["forks"] == 0 and not first["telemetry"] and not second["telemetry"]
     assert len(list((tmp_path / "cache" / "openvino").glob("card-*.xml"))) == 1
     np.testing.assert_array_equal(second_labels, first_labels)
     reference = segment([ct_volume], load_card(model), SegmentOptions(device="cpu", backend="torch")).labelmap.array

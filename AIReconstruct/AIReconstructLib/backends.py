@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +34,20 @@ def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
+def _openvino():
+    """The ``openvino`` module, without its usage telemetry: by default its converter reports every
+    import to Google Analytics from a process forked off the running engine, which a clinical tool
+    must not do. With the telemetry package unimportable, OpenVINO uses its own no-op stand-in."""
+    sys.modules.setdefault("openvino_telemetry", None)
+    import openvino
+
+    return openvino
+
+
 def _fingerprint(network: torch.nn.Module, input_shape: tuple[int, ...]) -> str:
     """A name for a network with its layers (their printed settings: activation, dropout...), its
     weights, the input shape and the OpenVINO version."""
-    import openvino
-
+    openvino = _openvino()
     digest = hashlib.sha256(f"{network!r}|{input_shape}|{openvino.__version__}".encode())
     for name, tensor in network.state_dict().items():
         digest.update(name.encode())
@@ -49,8 +59,7 @@ def card_fingerprint(card, input_shape: tuple[int, ...]) -> str:
     """A name for a model card's network compiled for windows of ``input_shape``: its architecture,
     channel and class counts and the SHA-256 of its weights (which loading verifies), with the
     PyTorch and OpenVINO versions that convert it."""
-    import openvino
-
+    openvino = _openvino()
     described = {"architecture": card.data["architecture"], "channels": len(card.channels), "classes": card.num_classes,
                  "weights": [entry["sha256"] for entry in card.data["weights"]], "window": list(input_shape),
                  "torch": torch.__version__, "openvino": openvino.__version__}
@@ -63,7 +72,7 @@ class OpenVinoNetwork:
 
     def __init__(self, network: torch.nn.Module | None, input_shape: tuple[int, ...], fingerprint: str):
         """Compiled from the cache under ``fingerprint``, converted from ``network`` first if not there."""
-        import openvino as ov
+        ov = _openvino()
 
         self.input_shape = tuple(input_shape)
         path = cache_folder() / f"{fingerprint}.xml"
