@@ -116,6 +116,7 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self.logic.prepareEngine()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -275,8 +276,7 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Fine-tuning could not start."), waitCursor=True):
             job = self.logic.adapter.startFineTuning(
                 self._parameterNode.model, freeze_encoder=self._parameterNode.freezeEncoder,
-                device=self._parameterNode.device, python=shutil.which("PythonSlicer") or None,
-                env=slicer.util.startupEnvironment(), rehearse=self.rehearsalFolder())
+                device=self._parameterNode.device, rehearse=self.rehearsalFolder(), **self.logic.engineProcess())
             self.startJob(job, self.onFineTuningDone)
         self.updateButtons()
 
@@ -374,6 +374,16 @@ class AIReconstructLogic(ScriptedLoadableModuleLogic):
             self._adapter = AdapterLogic()
         return self._adapter
 
+    @staticmethod
+    def engineProcess() -> dict:
+        """How the engine's process is started: Slicer's own Python, in Slicer's start-up environment."""
+        return {"python": shutil.which("PythonSlicer") or None, "env": slicer.util.startupEnvironment()}
+
+    def prepareEngine(self) -> None:
+        """Start the engine worker while the user picks the inputs (once the requirements are installed)."""
+        if self.requirementsInstalled():
+            self.adapter.prepareEngine(**self.engineProcess())
+
     def shutdown(self) -> None:
         """End the engine worker kept between runs, if one was started."""
         if self._adapter is not None:
@@ -384,8 +394,7 @@ class AIReconstructLogic(ScriptedLoadableModuleLogic):
         return self.adapter.startSegmentation(
             slicer.mrmlScene, parameterNode.inputVolumes(), parameterNode.model, parameterNode.device,
             parameterNode.fastMode, parameterNode.testTimeAugmentation, parameterNode.outputSegmentation,
-            python=shutil.which("PythonSlicer") or None, env=slicer.util.startupEnvironment(),
-            uncertainty=parameterNode.uncertainty)
+            uncertainty=parameterNode.uncertainty, **self.engineProcess())
 
     def openInSegmentEditor(self, segmentationNode, sourceVolumeNode) -> None:
         slicer.util.selectModule("SegmentEditor")

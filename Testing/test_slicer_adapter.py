@@ -322,7 +322,7 @@ def test_saved_corrections_fine_tune_the_model_into_a_new_installed_version(scen
     assert not (job.model_folder / "checkpoint.pt").exists()
 
 
-def test_later_runs_use_the_same_engine_worker_and_a_dead_one_is_replaced(scene, tiny_model, ct_volume):
+def test_runs_use_the_prepared_engine_worker_and_a_dead_one_is_replaced(scene, tiny_model, ct_volume):
     from AIReconstructAdapter.engine_run import WARM_ENGINE
 
     volume_node = add_volume_node(scene, ct_volume, "patient CT")
@@ -332,8 +332,12 @@ def test_later_runs_use_the_same_engine_worker_and_a_dead_one_is_replaced(scene,
         job.start()
         return job, job.engine.worker.process.pid
 
+    WARM_ENGINE.shutdown()
+    WARM_ENGINE.prepare()  # as the panel does when it opens: the worker imports the engine meanwhile
+    prepared_pid = WARM_ENGINE.idle.process.pid
     first, first_pid = run()
     assert first.wait(timeout=300).status == "done", first.engine.state.error
+    assert first_pid == prepared_pid
     second, second_pid = run(fast=True)
     assert second.wait(timeout=300).status == "done" and second_pid == first_pid
     assert WARM_ENGINE.idle is second.engine.worker

@@ -111,6 +111,10 @@ class WarmEngine:
             idle.stop()
         return EngineWorker(python, env)
 
+    def prepare(self, python: str | None = None, env: dict | None = None) -> None:
+        """Have a worker ready (started now if none is kept) so that the next run finds it warm."""
+        self.give_back(self.worker(python, engine_environment(env)))
+
     def give_back(self, worker: EngineWorker) -> None:
         if not worker.alive():
             return

@@ -65,6 +65,11 @@ class AdapterLogic:
         job.start()
         return job
 
+    def prepareEngine(self, python: str | None = None, env: dict | None = None) -> None:
+        """Start the engine worker ahead of the first run: it imports the engine's libraries (about
+        2 s) while the user picks the inputs, so the first run does not wait for them."""
+        WARM_ENGINE.prepare(python, env)
+
     def shutdown(self) -> None:
         """End the engine worker kept for the next run (it holds the libraries and the last model)."""
         WARM_ENGINE.shutdown()

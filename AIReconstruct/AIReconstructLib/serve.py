@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import importlib
 import io
 import json
 import os
@@ -81,6 +82,8 @@ def serve(parser: argparse.ArgumentParser, reporter, run_command, idle_exit_seco
     signal.signal(signal.SIGINT, on_signal)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_read_lines, args=(sys.stdin.fileno(), lines), daemon=True).start()
+    for module in ("pipeline", "export", "surfaces"):  # what a segmentation needs, while no request waits
+        importlib.import_module(f"{__package__}.{module}")
     while True:
         try:
             line = lines.get(timeout=idle_exit_seconds)
