@@ -11,8 +11,8 @@ from AIReconstructLib.errors import Cancelled
 from AIReconstructLib.modelcard import load_card
 from AIReconstructLib.networks import load_network
 from AIReconstructLib.predict import Predictor, mirror_sets, window_positions
-from AIReconstructLib.preprocess import (from_canonical, normalise, prepare, reorientation_of, resample,
-                                         resample_argmax, restore_labels, to_canonical)
+from AIReconstructLib.preprocess import (class_argmax, from_canonical, normalise, prepare, reorientation_of,
+                                         resample, resample_argmax, restore_labels, to_canonical)
 from AIReconstructLib.volume import Volume
 from conftest import oblique_direction
 
@@ -149,3 +149,12 @@ def test_label_restore_shortcut_equals_full_resampling(nearest_first_axis):
     decided = top2[0] - top2[1] > 1e-5
     assert torch.equal(labels[decided], full.argmax(0).to(labels.dtype)[decided]) and decided.float().mean() > 0.999
     assert len(torch.unique(labels)) == 3
+
+
+def test_class_argmax_equals_torchs_argmax_ties_included():
+    generator = torch.Generator().manual_seed(5)
+    for classes, dtype in ((2, torch.uint8), (10, torch.uint8), (300, torch.int16)):
+        scores = torch.randint(0, 4, (classes, 7, 9, 11), generator=generator).float()  # many exact ties
+        assert torch.equal(class_argmax(scores, dtype), scores.argmax(0).to(dtype))
+    single = torch.randn(1, 3, 3, 3)
+    assert not class_argmax(single, torch.uint8).any()
