@@ -351,4 +351,4 @@ def test_runs_use_the_prepared_engine_worker_and_a_dead_one_is_replaced(scene, t
     after, after_pid = run()
     assert after.wait(timeout=300).status == "done" and after_pid != first_pid
     WARM_ENGINE.shutdown()
-    assert after.engine.worker.process.poll() is not None  # ended when the module cleans up
+    assert after.engine.worker.process.wait(timeout=30) == 0  # ends when the module cleans up

@@ -4,9 +4,9 @@ Slicer's UI polls :meth:`SegmentationJob.poll` from a timer, so it stays respons
 a worker that stays for the next run (``aireconstruct serve``), so only the first run pays Python's
 start-up, the imports and the network's compilation. Cancel signals the worker, which stops the
 run and removes its partial output (a worker that does not stop in time is killed); a crash or an
-out-of-memory kill of the engine cannot take Slicer down, and the next run starts a fresh worker. The scene changes only when a run
-succeeds: inputs are written to a temporary folder, the result is read back from it, and the
-folder is removed whatever happens.
+out-of-memory kill of the engine cannot take Slicer down, and the next run starts a fresh worker.
+The scene changes only when a run succeeds: inputs are written to a temporary folder, the result
+is read back from it, and the folder is removed whatever happens.
 """
 
 from __future__ import annotations
@@ -84,12 +84,16 @@ class EngineWorker:
         self.process.stdin.write(json.dumps(arguments) + "\n")
         self.process.stdin.flush()
 
-    def stop(self, grace_seconds: float = 5.0) -> None:
-        """Let the worker end (its stdin closes); kill it if it has not within the grace time."""
+    def stop(self, grace_seconds: float = 30.0) -> None:
+        """Let the worker end (its stdin closes) without waiting for it (the panel must not freeze);
+        it is killed if it has not ended within the grace time."""
         with contextlib.suppress(OSError):
             self.process.stdin.close()
+        threading.Thread(target=self._kill_after, args=(grace_seconds,), daemon=True).start()
+
+    def _kill_after(self, seconds: float) -> None:
         try:
-            self.process.wait(grace_seconds)
+            self.process.wait(seconds)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
