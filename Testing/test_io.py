@@ -148,3 +148,16 @@ def test_unwritable_output(tmp_path):
     with pytest.raises(OutputError):
         with StagedOutput(blocker / "sub"):
             pass
+
+
+def test_read_voxels_are_a_read_only_view_that_outlives_the_image(tmp_path, ct_volume):
+    """The reader lends ITK's buffer to numpy without a copy; the array keeps the image alive."""
+    import gc
+
+    path = write_volume(ct_volume, tmp_path / "ct.nrrd", compress=False)
+    volume = read_volume(path)
+    gc.collect()
+    np.testing.assert_array_equal(volume.array, ct_volume.array)
+    assert not volume.array.flags.writeable
+    with pytest.raises(ValueError):
+        volume.array[0, 0, 0] = 1  # inputs are never changed in place

@@ -157,6 +157,15 @@ def _squeeze_to_3d(image: sitk.Image, name: str) -> sitk.Image:
     return image
 
 
+class _VoxelsOf:
+    """Lends a SimpleITK image's voxels to numpy without copying them (``np.asarray`` of it is a
+    read-only view that keeps the image alive): a 512 x 512 x 300 CT is not copied once more."""
+
+    def __init__(self, image: sitk.Image):
+        self.image = image
+        self.__array_interface__ = sitk.GetArrayViewFromImage(image).__array_interface__
+
+
 def volume_from_sitk(image: sitk.Image, name: str = "image") -> Volume:
     """Convert a SimpleITK image to a :class:`Volume`, refusing anything but a 3D scalar image."""
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -172,7 +181,7 @@ def volume_from_sitk(image: sitk.Image, name: str = "image") -> Volume:
         raise InputError(f"{name} is empty: it has no voxels")
     if min(image.GetSize()) < 2:
         raise InputError(f"{name} is only 1 voxel thick (size {image.GetSize()}); a 3D volume is needed")
-    array = sitk.GetArrayFromImage(image)
+    array = np.asarray(_VoxelsOf(image))
     if np.issubdtype(array.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(array)))
         if bad:
