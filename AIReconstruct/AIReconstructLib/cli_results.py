@@ -37,8 +37,10 @@ def add_mesh_options(p) -> None:
 
 
 def cmd_evaluate(args, reporter: Reporter) -> None:
+    import numpy as np
+
     from .io import read_labelmap
-    from .metrics import evaluate
+    from .metrics import evaluate, label_voxel_counts
     from .modelcard import find_model
 
     reference = read_labelmap(args.reference)
@@ -46,8 +48,9 @@ def cmd_evaluate(args, reporter: Reporter) -> None:
     if args.model:
         names = {label.value: label.name for label in find_model(args.model).labels}
     else:
-        values = sorted(set(map(int, set(prediction.array.ravel()) | set(reference.array.ravel()))) - {0})
-        names = {value: f"label {value}" for value in values}
+        values = np.union1d(np.flatnonzero(label_voxel_counts(prediction.array)),
+                            np.flatnonzero(label_voxel_counts(reference.array)))
+        names = {int(value): f"label {value}" for value in values if value}
     result = evaluate(prediction, reference, names)
     if args.uncertainty:
         from .uncertainty import error_detection_auc
