@@ -142,10 +142,10 @@ def measure(args, work: Path) -> None:
     from AIReconstructLib.modelcard import find_model
     from AIReconstructLib.networks import load_network
     from AIReconstructLib.predict import Predictor
-    from AIReconstructLib.preprocess import in_array_order, prepare
+    from AIReconstructLib.preprocess import in_array_order, prepare_for_card
 
     card = find_model(args.model)
-    prepared = prepare([read_image_for_model(image_path)], card.channels, card.spacing(args.fast), card.orientation)
+    prepared = prepare_for_card([read_image_for_model(image_path)], card, args.fast)
     network, patch = load_network(card), in_array_order(card.patch_size, card.orientation)
     on_gpu = args.device == "cuda"
     bare, labels, bare_gpu_mib = {}, {}, 0.0

@@ -285,7 +285,7 @@ class SegmentationJob(BackgroundJob):
             inputs = [str(write_volume_node(node, self.workdir / f"input_{n}.nrrd"))
                       for n, node in enumerate(self.input_nodes)]
             self.engine = EngineRun(["segment", *inputs, "-m", str(self.model), "-o",
-                                         str(self.workdir / "output"), *self.options], self.python, self.env)
+                                     str(self.workdir / "output"), *self.options], self.python, self.env)
             self.engine.start()
         except BaseException:
             self._remove_workdir()
@@ -325,7 +325,7 @@ class FineTuningJob(BackgroundJob):
         self.models_folder.mkdir(parents=True, exist_ok=True)
         self.workdir = Path(tempfile.mkdtemp(prefix=".fine-tuning-", dir=self.models_folder))
         self.engine = EngineRun(["finetune", self.model, str(self.dataset_folder), "-o", str(self.workdir),
-                                     *self.options], self.python, self.env)
+                                 *self.options], self.python, self.env)
         try:
             self.engine.start()
         except BaseException:

@@ -44,8 +44,37 @@ def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str
     labels = segmentation.card.labels
     with ThreadPoolExecutor(1) as writer:  # the label files are compressed (outside the GIL) while the rest runs
         label_files = writer.submit(_write_label_files, segmentation.labelmap, labels, out, stem)
-        summary, seconds = _export_the_rest(segmentation, out, stem, surface_formats, smoothing, decimate,
-                                            coordinates, max_triangles, report_image, margin_mm)
+        seconds = dict(segmentation.seconds)
+        summary = {
+            "model": segmentation.card.name,
+            "intended_use": segmentation.card.data["intended_use"],
+            "volumes_ml": label_volumes_ml(segmentation.labelmap, segmentation.label_names),
+        }
+        if segmentation.peak_gpu_memory_mib is not None:
+            summary["peak_gpu_memory_mib"] = round(segmentation.peak_gpu_memory_mib, 1)
+        if segmentation.uncertainty is not None:
+            from .uncertainty import flagged_regions
+
+            write_volume(segmentation.uncertainty, out.path(f"{stem}_uncertainty.nii.gz"))
+            write_volume(segmentation.probability, out.path(f"{stem}_confidence.nii.gz"))
+            summary["confidence"] = segmentation.confidence
+            summary["flagged_regions"] = flagged_regions(segmentation.uncertainty, coordinates=coordinates)
+        if surface_formats:
+            started = time.perf_counter()
+            summary["surfaces"] = export_surfaces(segmentation.labelmap, labels, out, surface_formats, smoothing,
+                                                  decimate, coordinates, stem=stem, max_triangles=max_triangles)
+            summary["surface_coordinates"] = coordinates
+            seconds["surfaces"] = time.perf_counter() - started
+        if report_image is not None:
+            from .report import build_report, write_report
+
+            started = time.perf_counter()
+            page, summary["measurements"] = build_report(report_image, segmentation.labelmap, labels,
+                                                         segmentation.card.data, margin_mm=margin_mm,
+                                                         coordinates=coordinates, uncertainty=segmentation.uncertainty,
+                                                         confidence=segmentation.confidence)
+            write_report(page, out.path(f"{stem}_report.html"))
+            seconds["report"] = time.perf_counter() - started
         seconds["write"] = label_files.result()
     summary["seconds"] = {key: round(value, 3) for key, value in seconds.items()}
     out.write_text(f"{stem}_summary.json", json.dumps(summary, indent=2))
@@ -58,42 +87,3 @@ def _write_label_files(labelmap, labels, out: StagedOutput, stem: str) -> float:
     write_seg_nrrd(labelmap, labels, out.path(f"{stem}.seg.nrrd"))
     write_volume(labelmap, out.path(f"{stem}_labels.nii.gz"))
     return time.perf_counter() - started
-
-
-def _export_the_rest(segmentation: Segmentation, out: StagedOutput, stem: str, surface_formats, smoothing: float,
-                     decimate: float, coordinates: str, max_triangles: int | None, report_image,
-                     margin_mm: float) -> tuple[dict, dict]:
-    """Volumes, uncertainty maps, meshes and the report; returns the summary and the stages' seconds."""
-    labels = segmentation.card.labels
-    seconds = dict(segmentation.seconds)
-    summary = {
-        "model": segmentation.card.name,
-        "intended_use": segmentation.card.data["intended_use"],
-        "volumes_ml": label_volumes_ml(segmentation.labelmap, segmentation.label_names),
-    }
-    if segmentation.peak_gpu_memory_mib is not None:
-        summary["peak_gpu_memory_mib"] = round(segmentation.peak_gpu_memory_mib, 1)
-    if segmentation.uncertainty is not None:
-        from .uncertainty import flagged_regions
-
-        write_volume(segmentation.uncertainty, out.path(f"{stem}_uncertainty.nii.gz"))
-        write_volume(segmentation.probability, out.path(f"{stem}_confidence.nii.gz"))
-        summary["confidence"] = segmentation.confidence
-        summary["flagged_regions"] = flagged_regions(segmentation.uncertainty, coordinates=coordinates)
-    if surface_formats:
-        started = time.perf_counter()
-        summary["surfaces"] = export_surfaces(segmentation.labelmap, labels, out, surface_formats,
-                                              smoothing, decimate, coordinates, stem=stem, max_triangles=max_triangles)
-        summary["surface_coordinates"] = coordinates
-        seconds["surfaces"] = time.perf_counter() - started
-    if report_image is not None:
-        from .report import build_report, write_report
-
-        started = time.perf_counter()
-        page, summary["measurements"] = build_report(report_image, segmentation.labelmap, labels,
-                                                     segmentation.card.data, margin_mm=margin_mm, coordinates=coordinates,
-                                                     uncertainty=segmentation.uncertainty,
-                                                     confidence=segmentation.confidence)
-        write_report(page, out.path(f"{stem}_report.html"))
-        seconds["report"] = time.perf_counter() - started
-    return summary, seconds

@@ -28,8 +28,8 @@ import threading
 
 def _read_lines(fd: int, lines: queue.Queue) -> None:
     """Queue the lines arriving on ``fd``, then ``None`` when it closes (the caller has gone). Reads
-    the descriptor, not ``sys.stdin``: a child forked meanwhile (OpenVINO's telemetry forks one)
-    closes ``sys.stdin`` and would wait forever on its lock if this thread held it."""
+    the descriptor, not ``sys.stdin``: a child that a library forks meanwhile closes ``sys.stdin``
+    and would wait forever on its lock if this thread held it."""
     pending = b""
     while chunk := os.read(fd, 65536):
         *complete, pending = (pending + chunk).split(b"\n")
