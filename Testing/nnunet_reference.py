@@ -1,24 +1,25 @@
-"""nnU-Net v2's own tools, run in a child process: make a small nnU-Net model folder from
-phantoms (nnU-Net's fingerprint, planner, network classes and checkpoint writer; random
-weights) and predict with ``nnUNetPredictor``. Used by the import test and the benchmark.
+"""nnU-Net v2's own tools, run in a child process: make small nnU-Net model folders from
+phantoms (nnU-Net's fingerprint, planner, network classes and checkpoint writer; a few training
+iterations) and predict with ``nnUNetPredictor``. Used by the import tests and the benchmark.
 
-    python nnunet_reference.py make-model WORK_FOLDER [CONFIGURATION]
+    python nnunet_reference.py make-model WORK_FOLDER [--configurations 3d_fullres 2d cascade]
+                                          [--phantom-spacing X Y Z]
+    python nnunet_reference.py make-region-model WORK_FOLDER [--phantom-spacing X Y Z]
     python nnunet_reference.py make-totalsegmentator-model WORK_FOLDER CT REFERENCE_LABELS LABELS_JSON
-    python nnunet_reference.py make-cascade-model WORK_FOLDER
-    python nnunet_reference.py make-region-model WORK_FOLDER
-    python nnunet_reference.py predict MODEL_FOLDER IMAGE OUTPUT [FOLD ...] [--no-mirroring] [--previous-stage FOLDER]
-                                       [--float32-sums]
+    python nnunet_reference.py predict MODEL_FOLDER IMAGE OUTPUT [--folds 0 1] [--no-mirroring]
+                                       [--previous-stage FOLDER] [--float32-sums]
+
+``make-model`` prints one line per trained model folder, "CONFIGURATION FOLDER" ("cascade" trains
+3d_lowres and then 3d_cascade_fullres); the others print the model folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 DATASET = "Dataset042_Phantoms"
-CASCADE_DATASET = "Dataset043_PhantomCascade"
 REGION_DATASET = "Dataset044_PhantomRegions"
 TOTALSEG_DATASET = "Dataset297_TotalSegmentator_total_3mm_1559subj"
 
@@ -53,18 +54,22 @@ def _plan(work: Path, dataset_id: int, dataset: str, cases: dict, labels: dict, 
     (work / "nnUNet_preprocessed" / dataset / "splits_final.json").write_text(json.dumps(splits))
 
 
-def _fit(work: Path, dataset_id: int, dataset: str, configurations, folds, trainer_class, iterations: int) -> Path:
-    """nnU-Net's preprocessing of ``configurations`` and ``iterations`` training iterations per fold of
-    the last one (0: nnU-Net's initial weights); returns the trained model folder."""
-    import random
-
-    import numpy as np
-    import torch
+def _preprocess(dataset_id: int, configurations) -> None:
+    """nnU-Net's preprocessing of ``configurations`` (one worker each)."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess
 
     preprocess([dataset_id], configurations=tuple(configurations), num_processes=(1,) * len(configurations),
                verbose=False)
-    configuration = configurations[-1]
+
+
+def _train(work: Path, dataset: str, configuration: str, folds, trainer_class, iterations: int) -> Path:
+    """``iterations`` training iterations per fold of a preprocessed ``configuration`` (0: nnU-Net's
+    initial weights); returns the trained model folder."""
+    import random
+
+    import numpy as np
+    import torch
+
     preprocessed = work / "nnUNet_preprocessed" / dataset
     plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((preprocessed / "dataset.json").read_text())
@@ -91,8 +96,8 @@ def _fit(work: Path, dataset_id: int, dataset: str, configurations, folds, train
     return model
 
 
-def _phantom_cases(work: Path, keep_labels: int = 9) -> dict:
-    """Three phantom CTs at 5 x 5 x 6 mm, with their 9 labels or only the first ``keep_labels``."""
+def _phantom_cases(work: Path, spacing, keep_labels: int = 9) -> dict:
+    """Three phantom CTs at ``spacing`` (mm, x y z), with their 9 labels or only the first ``keep_labels``."""
     import numpy as np
     import SimpleITK as sitk
     from AIReconstructLib.io import volume_to_sitk
@@ -101,7 +106,7 @@ def _phantom_cases(work: Path, keep_labels: int = 9) -> dict:
     cases = {}
     (work / "phantoms").mkdir(parents=True, exist_ok=True)
     for seed in range(3):
-        phantom = make_phantom(seed, spacing=(5.0, 5.0, 6.0), field_of_view_mm=(320.0, 240.0, 300.0))
+        phantom = make_phantom(seed, spacing=tuple(spacing), field_of_view_mm=(320.0, 240.0, 300.0))
         image, label = work / "phantoms" / f"image{seed}.nii.gz", work / "phantoms" / f"label{seed}.nii.gz"
         sitk.WriteImage(volume_to_sitk(phantom.image), str(image))
         labels = phantom.labels.with_array(np.where(phantom.labels.array <= keep_labels, phantom.labels.array, 0))
@@ -110,42 +115,20 @@ def _phantom_cases(work: Path, keep_labels: int = 9) -> dict:
     return cases
 
 
+CASCADE_STAGES = {"cascade": ("3d_fullres", "3d_lowres")}
 PHANTOM_LABELS = {"background": 0, "liver": 1, "liver tumour": 2, "spleen": 3, "right kidney": 4, "left kidney": 5,
                   "aorta": 6, "vertebrae": 7, "pelvis": 8, "lungs": 9}
 
 
-def make_model(work: Path, configuration: str = "3d_fullres") -> Path:
-    """Two folds of ``configuration`` on three phantom CTs, mirroring on: nnU-Net's defaults."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-    _plan(work, 42, DATASET, _phantom_cases(work), PHANTOM_LABELS)
-    return _fit(work, 42, DATASET, [configuration], (0, 1), nnUNetTrainer, iterations=2)
-
-
-def make_region_model(work: Path) -> Path:
-    """A region-based model (sigmoid outputs for overlapping regions, as nnU-Net's BraTS models):
-    "liver" (liver and tumour) and "liver tumour", painted in that order; one fold with nnU-Net's
-    initial weights (a few iterations leave it predicting one region everywhere or nothing)."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-    _plan(work, 44, REGION_DATASET, _phantom_cases(work, keep_labels=2),
-          {"background": 0, "liver": [1, 2], "liver tumour": [2]}, regions_class_order=[1, 2])
-    return _fit(work, 44, REGION_DATASET, ["3d_fullres"], (0,), nnUNetTrainer, iterations=0)
-
-
-def make_cascade_model(work: Path) -> tuple[Path, Path]:
-    """A 3d_lowres -> 3d_cascade_fullres cascade on three phantom CTs. The phantoms are too small for
+def _add_cascade_plans(dataset_id: int) -> None:
+    """A 3d_lowres -> 3d_cascade_fullres cascade added to the plans. The phantoms are too small for
     nnU-Net's planner to add a low-resolution stage by itself, so it is planned as the planner does
     (its own ``get_plans_for_configuration`` at twice the full-resolution spacing, with the
-    ``next_stage``/``previous_stage`` links). The low-resolution stage is trained on three folds, so
-    that its validation writes every case's prediction for the second stage, then fold 0 of the
-    second stage; returns both model folders."""
+    ``next_stage``/``previous_stage`` links)."""
     import numpy as np
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    _plan(work, 43, CASCADE_DATASET, _phantom_cases(work), PHANTOM_LABELS)
-    planner = ExperimentPlanner(43)
+    planner = ExperimentPlanner(dataset_id)
     plans = planner.plan_experiment()
     fullres = plans["configurations"]["3d_fullres"]
     shape = np.array(plans["original_median_shape_after_transp"]) / 2
@@ -155,8 +138,40 @@ def make_cascade_model(work: Path) -> tuple[Path, Path]:
     plans["configurations"]["3d_lowres"] = {**lowres, "batch_dice": False, "next_stage": "3d_cascade_fullres"}
     plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
     planner.save_plans(plans)
-    first = _fit(work, 43, CASCADE_DATASET, ["3d_fullres", "3d_lowres"], (0, 1, 2), nnUNetTrainer, iterations=2)
-    return first, _fit(work, 43, CASCADE_DATASET, ["3d_cascade_fullres"], (0,), nnUNetTrainer, iterations=2)
+
+
+def make_model(work: Path, configurations=("3d_fullres",), spacing=(5.0, 5.0, 6.0)) -> dict[str, Path]:
+    """Models of ``configurations`` planned once on three phantom CTs, mirroring on (nnU-Net's
+    defaults), 2 training iterations per fold: 3d_fullres and 2d on two folds; "cascade" trains
+    3d_lowres on three folds, so that its validation writes every case's prediction for the second
+    stage, then fold 0 of 3d_cascade_fullres. Returns configuration -> model folder."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    _plan(work, 42, DATASET, _phantom_cases(work, spacing), PHANTOM_LABELS)
+    if "cascade" in configurations:
+        _add_cascade_plans(42)
+    # the cascade's second stage reads 3d_fullres's preprocessed data
+    _preprocess(42, sorted({stage for c in configurations for stage in CASCADE_STAGES.get(c, (c,))}))
+    models = {}
+    for configuration in configurations:
+        if configuration == "cascade":
+            models["3d_lowres"] = _train(work, DATASET, "3d_lowres", (0, 1, 2), nnUNetTrainer, iterations=2)
+            models["3d_cascade_fullres"] = _train(work, DATASET, "3d_cascade_fullres", (0,), nnUNetTrainer, iterations=2)
+        else:
+            models[configuration] = _train(work, DATASET, configuration, (0, 1), nnUNetTrainer, iterations=2)
+    return models
+
+
+def make_region_model(work: Path, spacing=(5.0, 5.0, 6.0)) -> Path:
+    """A region-based model (sigmoid outputs for overlapping regions, as nnU-Net's BraTS models):
+    "liver" (liver and tumour) and "liver tumour", painted in that order; one fold with nnU-Net's
+    initial weights (a few iterations leave it predicting one region everywhere or nothing)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    _plan(work, 44, REGION_DATASET, _phantom_cases(work, spacing, keep_labels=2),
+          {"background": 0, "liver": [1, 2], "liver tumour": [2]}, regions_class_order=[1, 2])
+    _preprocess(44, ["3d_fullres"])
+    return _train(work, REGION_DATASET, "3d_fullres", (0,), nnUNetTrainer, iterations=0)
 
 
 def make_totalsegmentator_model(work: Path, ct: Path, reference: Path, label_names: Path) -> Path:
@@ -170,7 +185,8 @@ def make_totalsegmentator_model(work: Path, ct: Path, reference: Path, label_nam
     names = json.loads(label_names.read_text())
     labels = {"background": 0, **{name: int(value) for value, name in names.items()}}
     _plan(work, 297, TOTALSEG_DATASET, {"ct001": (ct, reference)}, labels)
-    return _fit(work, 297, TOTALSEG_DATASET, ["3d_fullres"], (0,), nnUNetTrainerNoMirroring, iterations=0)
+    _preprocess(297, ["3d_fullres"])
+    return _train(work, TOTALSEG_DATASET, "3d_fullres", (0,), nnUNetTrainerNoMirroring, iterations=0)
 
 
 def accumulate_in_float32() -> None:
@@ -229,23 +245,43 @@ def predict(model: Path, image: Path, output: Path, folds, mirroring: bool = Tru
                                             folder_with_segs_from_prev_stage=str(previous_stage) if previous_stage else None)
 
 
+def _arguments():
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    model = commands.add_parser("make-model")
+    model.add_argument("work", type=Path)
+    model.add_argument("--configurations", nargs="+", default=["3d_fullres"], choices=["3d_fullres", "2d", "cascade"])
+    model.add_argument("--phantom-spacing", nargs=3, type=float, default=(5.0, 5.0, 6.0))
+    region = commands.add_parser("make-region-model")
+    region.add_argument("work", type=Path)
+    region.add_argument("--phantom-spacing", nargs=3, type=float, default=(5.0, 5.0, 6.0))
+    totalsegmentator = commands.add_parser("make-totalsegmentator-model")
+    for name in ("work", "ct", "reference", "label_names"):
+        totalsegmentator.add_argument(name, type=Path)
+    predictor = commands.add_parser("predict")
+    for name in ("model", "image", "output"):
+        predictor.add_argument(name, type=Path)
+    predictor.add_argument("--folds", nargs="+", type=int, default=[0])
+    predictor.add_argument("--no-mirroring", action="store_true")
+    predictor.add_argument("--previous-stage", type=Path)
+    predictor.add_argument("--float32-sums", action="store_true")
+    return parser.parse_args()
+
+
 if __name__ == "__main__":
-    command, *arguments = sys.argv[1:]
-    if command == "make-model":
-        print(make_model(Path(arguments[0]), *arguments[1:]))
-    elif command == "make-region-model":
-        print(make_region_model(Path(arguments[0])))
-    elif command == "make-cascade-model":
-        print(*make_cascade_model(Path(arguments[0])))
-    elif command == "make-totalsegmentator-model":
-        print(make_totalsegmentator_model(*map(Path, arguments)))
+    arguments = _arguments()
+    if arguments.command == "make-model":
+        for configuration, folder in make_model(arguments.work, arguments.configurations,
+                                                arguments.phantom_spacing).items():
+            print(configuration, folder)
+    elif arguments.command == "make-region-model":
+        print(make_region_model(arguments.work, arguments.phantom_spacing))
+    elif arguments.command == "make-totalsegmentator-model":
+        print(make_totalsegmentator_model(arguments.work, arguments.ct, arguments.reference, arguments.label_names))
     else:
-        previous = None
-        if "--previous-stage" in arguments:
-            at = arguments.index("--previous-stage")
-            previous, arguments = Path(arguments[at + 1]), arguments[:at] + arguments[at + 2:]
-        if "--float32-sums" in arguments:
+        if arguments.float32_sums:
             accumulate_in_float32()
-        folds = [int(f) for f in arguments[3:] if not f.startswith("--")] or [0]
-        predict(Path(arguments[0]), Path(arguments[1]), Path(arguments[2]), folds, "--no-mirroring" not in arguments,
-                previous)
+        predict(arguments.model, arguments.image, arguments.output, arguments.folds, not arguments.no_mirroring,
+                arguments.previous_stage)

@@ -6,26 +6,25 @@ from AIReconstructLib.cli import main
 from AIReconstructLib.dataset import write_phantom_dataset
 
 
-def test_benchmark_compares_architectures_with_and_without_adversarial_refinement(tmp_path, capsys):
+def test_benchmark_compares_a_network_with_and_without_adversarial_refinement(tmp_path, capsys):
     write_phantom_dataset(tmp_path / "data", count=3, first_seed=700, spacing=(6.0, 6.0, 8.0))
     code = main(["benchmark", str(tmp_path / "data"), "-o", str(tmp_path / "bench"), "--architectures", "UNet",
-                 "SegResNet", "--folds", "2", "--epochs", "1", "--iterations", "2", "--batch-size", "1",
+                 "--folds", "2", "--epochs", "1", "--iterations", "2", "--batch-size", "1",
                  "--device", "cpu", "--train-arguments", "--spacing", "8", "8", "8", "--patch-size", "32", "32", "32",
                  "--adversarial-warmup", "0"])
     assert code == 0
     with open(tmp_path / "bench" / "table.csv", encoding="utf-8") as handle:
         table = list(csv.DictReader(handle))
-    assert [(r["architecture"], r["adversarial"]) for r in table] == [
-        ("UNet", "False"), ("UNet", "True"), ("SegResNet", "False"), ("SegResNet", "True")]
+    assert [(r["architecture"], r["adversarial"]) for r in table] == [("UNet", "False"), ("UNet", "True")]
     for row in table:
         assert 0 <= float(row["dice_mean"]) <= 1 and float(row["dice_sd"]) >= 0
         assert int(row["parameters"]) > 0 and float(row["peak_rss_mib"]) > 100
     with open(tmp_path / "bench" / "cases.csv", encoding="utf-8") as handle:
         cases = list(csv.DictReader(handle))
-    assert len(cases) == 4 * 3  # every configuration segments each of the 3 cases once, in its held-out fold
+    assert len(cases) == 2 * 3  # every configuration segments each of the 3 cases once, in its held-out fold
     markdown = (tmp_path / "bench" / "table.md").read_text(encoding="utf-8")
     assert "| UNet | yes |" in markdown
-    assert "- SegResNet: " in markdown and ("Wilcoxon" in markdown or "not testable" in markdown)
+    assert "- UNet: " in markdown and ("Wilcoxon" in markdown or "not testable" in markdown)
     assert (tmp_path / "bench" / "dice.png").stat().st_size > 1000
     assert "Architecture comparison" in capsys.readouterr().out
     # run again: every configuration is already trained there, so it is reused and the tables rewritten

@@ -1,8 +1,9 @@
 """Models trained with nnU-Net v2: import to a card, safe checkpoint loading, and the same labels as
 nnU-Net's own ``nnUNetPredictor`` on the same model folder and image.
 
-The model folder is made by nnU-Net itself (``nnunet_reference.py``: its fingerprint, planner,
-preprocessing, trainer and checkpoint writer, two folds of a few training iterations on phantoms).
+The model folders are made by nnU-Net itself (``nnunet_reference.py``: its fingerprint, planner,
+preprocessing, trainer and checkpoint writer, a few training iterations per fold on phantoms at
+8 x 8 x 9 mm, coarse enough that its networks are small).
 """
 
 from __future__ import annotations
@@ -34,18 +35,30 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("nnunetv2") is None,
                                 reason="nnunetv2 is not installed (pip install -e '.[test]' installs it)")
 
 REFERENCE = Path(__file__).with_name("nnunet_reference.py")
+PHANTOM_SPACING = ("--phantom-spacing", "8", "8", "9")
 LABELS = ["liver", "liver tumour", "spleen", "right kidney", "left kidney", "aorta", "vertebrae", "pelvis", "lungs"]
 
 
-def _reference(*arguments) -> str:
+def _reference(*arguments) -> list[str]:
+    """``nnunet_reference.py`` run with ``arguments``: the lines it printed."""
     done = subprocess.run([sys.executable, str(REFERENCE), *map(str, arguments)], capture_output=True, encoding="utf-8", errors="replace")
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.strip().splitlines()[-1]
+    return done.stdout.strip().splitlines()
 
 
 @pytest.fixture(scope="module")
-def nnunet_model(tmp_path_factory) -> Path:
-    return Path(_reference("make-model", tmp_path_factory.mktemp("nnunet")))
+def nnunet_models(tmp_path_factory) -> dict[str, Path]:
+    """Configuration -> model folder: 3d_fullres and 2d (two folds each), 3d_lowres and 3d_cascade_fullres,
+    planned once on the same phantoms."""
+    lines = _reference("make-model", tmp_path_factory.mktemp("nnunet"), "--configurations", "3d_fullres", "2d",
+                       "cascade", *PHANTOM_SPACING)
+    configurations = {"3d_fullres", "2d", "3d_lowres", "3d_cascade_fullres"}
+    return {words[0]: Path(words[1]) for words in (line.split(" ", 1) for line in lines) if words[0] in configurations}
+
+
+@pytest.fixture(scope="module")
+def nnunet_model(nnunet_models) -> Path:
+    return nnunet_models["3d_fullres"]
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +99,9 @@ def test_same_labels_as_nnunet_predictor(nnunet_model, imported, tmp_path, recor
     phantom = make_phantom(11, spacing=(4.0, 4.5, 5.0), field_of_view_mm=(400.0, 240.0, 300.0))
     image_path = tmp_path / "case_0000.nii.gz"
     sitk.WriteImage(volume_to_sitk(phantom.image), str(image_path))
-    _reference("predict", nnunet_model, image_path, tmp_path / "nnunet.nii.gz", 0, 1)
+    _reference("predict", nnunet_model, image_path, tmp_path / "nnunet.nii.gz", "--folds", 0, 1)
     theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "nnunet.nii.gz")))
-    _reference("predict", nnunet_model, image_path, tmp_path / "nnunet32.nii.gz", 0, 1, "--float32-sums")
+    _reference("predict", nnunet_model, image_path, tmp_path / "nnunet32.nii.gz", "--folds", 0, 1, "--float32-sums")
     theirs_in_float32 = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "nnunet32.nii.gz")))
 
     ours = segment([read_volume(image_path)], load_card(imported),
@@ -107,14 +120,10 @@ def test_same_labels_as_nnunet_predictor(nnunet_model, imported, tmp_path, recor
     assert len(np.unique(ours)) > 3  # a real prediction, not one label everywhere
 
 
-@pytest.fixture(scope="module")
-def nnunet_2d_model(tmp_path_factory) -> Path:
-    return Path(_reference("make-model", tmp_path_factory.mktemp("nnunet2d"), "2d"))
-
-
-def test_2d_configuration_same_labels_as_nnunet_predictor(nnunet_2d_model, tmp_path, record_property):
+def test_2d_configuration_same_labels_as_nnunet_predictor(nnunet_models, tmp_path, record_property):
     """nnU-Net's 2d configuration (slice by slice along the first transposed axis, in-plane
     resampling only, 2D windows and mirroring) gives nnUNetPredictor's labels."""
+    nnunet_2d_model = nnunet_models["2d"]
     assert main(["import-model", "nnunet", str(nnunet_2d_model), "-o", str(tmp_path / "card")]) == 0
     card = load_card(tmp_path / "card")
     plans = json.loads((nnunet_2d_model / "plans.json").read_text())["configurations"]["2d"]
@@ -122,7 +131,7 @@ def test_2d_configuration_same_labels_as_nnunet_predictor(nnunet_2d_model, tmp_p
     phantom = make_phantom(11, spacing=(4.0, 4.5, 5.0), field_of_view_mm=(400.0, 240.0, 300.0))
     image_path = tmp_path / "case_0000.nii.gz"
     sitk.WriteImage(volume_to_sitk(phantom.image), str(image_path))
-    _reference("predict", nnunet_2d_model, image_path, tmp_path / "nnunet.nii.gz", 0, 1)
+    _reference("predict", nnunet_2d_model, image_path, tmp_path / "nnunet.nii.gz", "--folds", 0, 1)
     theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "nnunet.nii.gz")))
 
     ours = segment([read_volume(image_path)], card, SegmentOptions(device="cpu", tta=True, postprocess=False)).labelmap.array
@@ -133,19 +142,13 @@ def test_2d_configuration_same_labels_as_nnunet_predictor(nnunet_2d_model, tmp_p
     assert len(np.unique(ours)) > 3
 
 
-@pytest.fixture(scope="module")
-def nnunet_cascade(tmp_path_factory) -> tuple[Path, Path]:
-    first, second = _reference("make-cascade-model", tmp_path_factory.mktemp("cascade")).split()
-    return Path(first), Path(second)
-
-
-def test_cascade_same_labels_as_nnunet_predictor(nnunet_cascade, tmp_path, monkeypatch, record_property):
+def test_cascade_same_labels_as_nnunet_predictor(nnunet_models, tmp_path, monkeypatch, record_property):
     """A 3d_lowres -> 3d_cascade_fullres cascade imported from its second stage (the first found
     beside it) runs both stages as nnU-Net does. Each stage on its own gives nnUNetPredictor's labels
     to 99.9 % inside the border; end to end the first stage's few border differences (nnU-Net's
     float16 sums, see above) change the barely trained second stage's input, so the whole cascade
-    agrees less (measured 96.3 %)."""
-    first, second = nnunet_cascade
+    agrees less (measured 96.0 %)."""
+    first, second = nnunet_models["3d_lowres"], nnunet_models["3d_cascade_fullres"]
     assert main(["import-model", "nnunet", str(second), "-o", str(tmp_path / "card"), "--folds", "0"]) == 0
     card = load_card(tmp_path / "card")
     parts = card.data["architecture"]["args"]["parts"]
@@ -155,8 +158,8 @@ def test_cascade_same_labels_as_nnunet_predictor(nnunet_cascade, tmp_path, monke
     image_path = tmp_path / "case_0000.nii.gz"
     sitk.WriteImage(volume_to_sitk(phantom.image), str(image_path))
     (tmp_path / "first").mkdir()
-    _reference("predict", first, image_path, tmp_path / "first" / "case.nii.gz", 0)
-    _reference("predict", second, image_path, tmp_path / "case.nii.gz", 0, "--previous-stage", tmp_path / "first")
+    _reference("predict", first, image_path, tmp_path / "first" / "case.nii.gz")
+    _reference("predict", second, image_path, tmp_path / "case.nii.gz", "--previous-stage", tmp_path / "first")
     theirs_first = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "first" / "case.nii.gz")))
     theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "case.nii.gz")))
     options = SegmentOptions(device="cpu", tta=True, postprocess=False)
@@ -190,7 +193,7 @@ def test_region_based_model_runs_as_nnunet_predictor_runs_it(tmp_path):
     training iterations leave such a model predicting one region everywhere or nothing): imported
     and run end to end, the labels are nnUNetPredictor's. The export itself is checked against
     nnU-Net's own functions on varied logits in the next test."""
-    model = Path(_reference("make-region-model", tmp_path / "work"))
+    model = Path(_reference("make-region-model", tmp_path / "work", *PHANTOM_SPACING)[-1])
     assert main(["import-model", "nnunet", str(model), "-o", str(tmp_path / "card")]) == 0
     card = load_card(tmp_path / "card")
     assert [(label.value, label.name) for label in card.labels] == [(1, "liver"), (2, "liver tumour")]
@@ -198,7 +201,7 @@ def test_region_based_model_runs_as_nnunet_predictor_runs_it(tmp_path):
     phantom = make_phantom(11, spacing=(4.0, 4.5, 5.0), field_of_view_mm=(400.0, 240.0, 300.0))
     image_path = tmp_path / "case_0000.nii.gz"
     sitk.WriteImage(volume_to_sitk(phantom.image), str(image_path))
-    _reference("predict", model, image_path, tmp_path / "nnunet.nii.gz", 0)
+    _reference("predict", model, image_path, tmp_path / "nnunet.nii.gz")
     theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "nnunet.nii.gz")))
     ours = segment([read_volume(image_path)], card, SegmentOptions(device="cpu", tta=True, postprocess=False)).labelmap.array
     assert np.mean(ours == theirs) >= 0.999

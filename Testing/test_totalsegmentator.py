@@ -1,9 +1,10 @@
 """TotalSegmentator's models: download and unpack, label names and SNOMED CT codes, and geometry end
-to end on the real CT in ../shared/data/CT_TotalSegExample.
+to end on the real CT in ../shared/data/CT_TotalSegExample (its 30-slice crop ``ct_small``, so
+that nnU-Net plans a small network for it).
 
 The weights here are a model folder laid out as TotalSegmentator's fast "total" model (Dataset297,
 nnU-Net's NoMirroring trainer, one fold, its 117 label names), made by nnU-Net itself from that CT
-and TotalSegmentator's labels for it (a few training iterations: the real weights cannot be
+and TotalSegmentator's labels for it (nnU-Net's initial weights: the real weights cannot be
 downloaded here). The archive is served from a file:// URL to the real download code.
 """
 
@@ -27,6 +28,7 @@ from conftest import SHARED_DATA
 from test_nnunet import _reference
 
 EXAMPLE = SHARED_DATA / "CT_TotalSegExample"
+CT = EXAMPLE / "ct_small.nii.gz"
 DATASET = TASKS["total-fast"]["datasets"][0]
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("nnunetv2") is None, reason="nnunetv2 is not installed (test extra)"),
@@ -38,8 +40,7 @@ pytestmark = [
 def trained(tmp_path_factory) -> Path:
     """nnU-Net's work folder holding the trained model in nnUNet_results/Dataset297_.../."""
     work = tmp_path_factory.mktemp("totalseg-train")
-    _reference("make-totalsegmentator-model", work, EXAMPLE / "ct.nii.gz", EXAMPLE / "reference_totalseg_fast.nii.gz",
-               EXAMPLE / "labels.json")
+    _reference("make-totalsegmentator-model", work, CT, EXAMPLE / "reference_totalseg_small.nii.gz", EXAMPLE / "labels.json")
     return work
 
 
@@ -96,8 +97,8 @@ def test_geometry_end_to_end_on_a_reoriented_ct(imported, trained, tmp_path, rec
     RAS-stored CT, in the same physical places, and the labels of TotalSegmentator's way (the RAS image
     into nnU-Net's predictor). The network has nnU-Net's initial weights, so its 118 logits are close
     to each other and nnU-Net's float16 sums flip some near-ties: agreement with it is about 99.7 %."""
-    for name, image in (("original", sitk.ReadImage(str(EXAMPLE / "ct.nii.gz"))),
-                        ("stored", sitk.DICOMOrient(sitk.ReadImage(str(EXAMPLE / "ct.nii.gz")), "PSL"))):
+    for name, image in (("original", sitk.ReadImage(str(CT))),
+                        ("stored", sitk.DICOMOrient(sitk.ReadImage(str(CT)), "PSL"))):
         sitk.WriteImage(image, str(tmp_path / f"{name}.nii.gz"))
         assert main(["segment", "-m", str(imported), "-o", str(tmp_path / name), "--device", "cpu",
                      "--no-postprocess", str(tmp_path / f"{name}.nii.gz")]) == 0
@@ -109,7 +110,7 @@ def test_geometry_end_to_end_on_a_reoriented_ct(imported, trained, tmp_path, rec
     np.testing.assert_array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(sitk.DICOMOrient(original, "PSL")))
 
     model = next(trained.glob(f"nnUNet_results/{DATASET}/*__3d_fullres"))
-    _reference("predict", model, EXAMPLE / "ct.nii.gz", tmp_path / "nnunet.nii.gz", 0)
+    _reference("predict", model, CT, tmp_path / "nnunet.nii.gz")
     expected = sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(tmp_path / "nnunet.nii.gz")), "PSL"))
     agreement = float(np.mean(sitk.GetArrayFromImage(ours) == expected))
     record_property("voxel agreement with nnUNetPredictor on the RAS image", agreement)

@@ -74,7 +74,7 @@ def main() -> None:
 
     theirs, ours = work / "nnunet.nii.gz", work / "engine"
     nnunet_seconds, nnunet_rss = timed_child([python, str(REFERENCE), "predict", str(model), str(image), str(theirs),
-                                              "0", "1"] + (["--no-mirroring"] if args.no_mirroring else []))
+                                              "--folds", "0", "1"] + (["--no-mirroring"] if args.no_mirroring else []))
     import numpy as np
     import SimpleITK as sitk
 
