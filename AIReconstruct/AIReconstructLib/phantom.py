@@ -76,17 +76,24 @@ class _Anatomy:
         return float(self.rng.normal(0.0, scale))
 
     def blob(self, centre, semi_axes, wobble: float = 0.08) -> np.ndarray:
-        """An ellipsoid whose surface is perturbed by smooth random lobes."""
-        dx, dy, dz = ((c - o) / a for c, o, a in zip((self.x, self.y, self.z), centre, semi_axes))
-        radius = np.sqrt(dx * dx + dy * dy + dz * dz) + 1e-6
-        ux, uy, uz = dx / radius, dy / radius, dz / radius
-        bumps = np.zeros_like(radius)
+        """An ellipsoid whose surface is perturbed by smooth random lobes, which move it by at most
+        ``wobble`` (in units of the semi-axes): the lobes are evaluated only at points within that reach."""
+        lobes = []
         for _ in range(3):
             axis = self.rng.normal(size=3)
             axis /= np.linalg.norm(axis)
-            bumps += np.sin(self.rng.uniform(1.5, 3.0) * (axis[0] * ux + axis[1] * uy + axis[2] * uz) * np.pi
-                            + self.rng.uniform(0, 2 * np.pi))
-        return radius < 1.0 + wobble * bumps / 3.0
+            lobes.append((axis, self.rng.uniform(1.5, 3.0), self.rng.uniform(0, 2 * np.pi)))
+        dx, dy, dz = ((c - o) / a for c, o, a in zip((self.x, self.y, self.z), centre, semi_axes))
+        radius = np.sqrt(dx * dx + dy * dy + dz * dz) + 1e-6
+        reach = radius < 1.0 + wobble + 1e-3
+        dx, dy, dz, radius = dx[reach], dy[reach], dz[reach], radius[reach]
+        ux, uy, uz = dx / radius, dy / radius, dz / radius
+        bumps = np.zeros_like(radius)
+        for axis, frequency, phase in lobes:
+            bumps += np.sin(frequency * (axis[0] * ux + axis[1] * uy + axis[2] * uz) * np.pi + phase)
+        inside = np.zeros(reach.shape, bool)
+        inside[reach] = radius < 1.0 + wobble * bumps / 3.0
+        return inside
 
     def tube_z(self, cx, cy, radius, z_low, z_high) -> np.ndarray:
         return ((self.x - cx) ** 2 + (self.y - cy) ** 2 < radius**2) & (self.z > z_low) & (self.z < z_high)
