@@ -179,3 +179,28 @@ def test_worker_cancels_a_request_on_sigterm_and_goes_on_to_the_next(tmp_path, t
 def test_worker_ends_by_itself_when_idle():
     worker = _serve("--idle-exit", "0.5")
     assert worker.wait(timeout=60) == 0
+
+
+ANSWER_THEN_SIGTERM = """
+import os, signal
+from AIReconstructLib import cli, serve
+
+def answer_then_sigterm(args, reporter):
+    print('{"done": true}', flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)  # the caller's Cancel, arriving just after the answer
+    return 0
+
+serve.serve(cli.build_parser(), cli.Reporter(True), answer_then_sigterm, 600)
+"""
+
+
+def test_a_sigterm_too_late_to_cancel_the_request_ends_the_worker():
+    """A Cancel pressed as the run finished is not lost (the worker would otherwise wait for the next
+    request with nothing to cancel): it ends the worker, as SIGTERM does while idle."""
+    worker = subprocess.Popen([sys.executable, "-c", ANSWER_THEN_SIGTERM], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert _request(worker, "models")["done"]
+        assert worker.wait(timeout=60) == 0
+    finally:
+        worker.kill()

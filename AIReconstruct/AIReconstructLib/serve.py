@@ -5,8 +5,8 @@ The Slicer module keeps one such process. It writes one request per line on the 
 JSON list of command-line arguments (``["segment", "in.nrrd", "-m", "model", "-o", "out"]``); the
 worker runs it exactly as ``aireconstruct`` would with ``--json-progress``, so each request ends
 with one ``{"done": ...}`` or ``{"error": ...}`` line on stdout. SIGTERM cancels the running
-request (its output folder is left as it was) and the worker waits for the next; while idle it ends
-the worker. An unexpected failure ends the worker as it would end a one-off run (its caller starts a
+request (its output folder is left as it was) and the worker waits for the next; while idle, or
+when it came too late to cancel the request (its answer was already on its way), it ends the worker. An unexpected failure ends the worker as it would end a one-off run (its caller starts a
 fresh one), so no half-broken state is carried into the next request.
 """
 
@@ -24,6 +24,8 @@ import queue
 import signal
 import sys
 import threading
+
+from .errors import Cancelled
 
 
 def _read_lines(fd: int, lines: queue.Queue) -> None:
@@ -101,7 +103,9 @@ def serve(parser: argparse.ArgumentParser, reporter, run_command, idle_exit_seco
         reporter.cancelled = False
         busy.set()
         try:
-            run_command(args, reporter)
+            code = run_command(args, reporter)
         finally:
             busy.clear()
+        if reporter.cancelled and code != Cancelled.exit_code:
+            return  # the SIGTERM found nothing left to cancel: it ends the worker, as while idle
         _give_memory_back()
