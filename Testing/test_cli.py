@@ -11,6 +11,7 @@ import pytest
 
 from AIReconstructLib.cli import main
 from AIReconstructLib.io import read_labelmap, read_volume, write_volume
+from AIReconstructLib.segnrrd import read_seg_nrrd
 from AIReconstructLib.volume import Volume
 from conftest import noise_ct
 
@@ -39,6 +40,20 @@ def test_segment_writes_every_output(tmp_path, tiny_model, ct_file, capsys):
     assert not [n for n in names if "partial" in n]
     assert labels.array.shape == read_volume(ct_file).array.shape
     assert "wrote" in capsys.readouterr().out
+
+
+def test_outputs_for_import_are_the_seg_nrrd_alone_uncompressed(tmp_path, tiny_model, ct_file):
+    """What the Slicer module asks for: the same segmentation, in a file it reads without unzipping."""
+    for folder, extra in (("default", []), ("for-import", ["--for-import"])):
+        assert main(["segment", str(ct_file), "-m", str(tiny_model), "-o", str(tmp_path / folder), "--device", "cpu",
+                     *extra]) == 0
+    assert sorted(p.name for p in (tmp_path / "for-import").iterdir()) == ["patient one.seg.nrrd", "patient one_summary.json"]
+    seg_file = tmp_path / "for-import" / "patient one.seg.nrrd"
+    assert b"encoding: raw" in seg_file.read_bytes()[:4096]
+    (ours, segments), (default, default_segments) = (read_seg_nrrd(seg_file),
+                                                     read_seg_nrrd(tmp_path / "default" / "patient one.seg.nrrd"))
+    np.testing.assert_array_equal(ours.array, default.array)
+    assert segments == default_segments and ours.same_grid(default)
 
 
 def test_evaluate_and_surfaces_commands(tmp_path, capsys):

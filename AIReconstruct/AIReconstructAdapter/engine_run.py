@@ -284,8 +284,8 @@ class SegmentationJob(BackgroundJob):
         try:  # whatever fails here, no temporary folder is left behind
             inputs = [str(write_volume_node(node, self.workdir / f"input_{n}.nrrd"))
                       for n, node in enumerate(self.input_nodes)]
-            self.engine = EngineRun(["segment", *inputs, "-m", str(self.model), "-o",
-                                     str(self.workdir / "output"), *self.options], self.python, self.env)
+            self.engine = EngineRun(["segment", *inputs, "-m", str(self.model), "-o", str(self.workdir / "output"),
+                                     "--for-import", *self.options], self.python, self.env)
             self.engine.start()
         except BaseException:
             self._remove_workdir()

@@ -72,7 +72,8 @@ def cmd_segment(args, reporter: Reporter) -> None:
         formats = mesh_suffixes(args.surface_format) if args.surfaces else ()
         summary = export_segmentation(result, out, image_stem(args.inputs[0]), formats,
                                       args.smoothing, args.decimate, args.coordinates, args.max_triangles,
-                                      report_image=channels[0] if args.report else None, margin_mm=args.margin)
+                                      report_image=channels[0] if args.report else None, margin_mm=args.margin,
+                                      for_import=args.for_import)
         if reporter.cancel_requested():
             raise Cancelled("Cancelled by the user; nothing was written")
         written = out.commit()
@@ -154,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true",
                    help="also write <name>_report.html: measurements, slices through lesions, 3D view")
     p.add_argument("--margin", type=float, default=10.0, help="safety margin around lesions for the remnant, mm")
+    p.add_argument("--for-import", action="store_true",
+                   help="for a caller that imports the result at once (the Slicer module): write the .seg.nrrd "
+                        "uncompressed and no <name>_labels.nii.gz")
     add_mesh_options(p)
     p.set_defaults(func=cmd_segment)
 

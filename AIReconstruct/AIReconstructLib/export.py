@@ -38,12 +38,15 @@ def export_surfaces(segmentation_labelmap, labels, out: StagedOutput, formats, s
 
 def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str, surface_formats=(),
                         smoothing: float = 0.5, decimate: float = 0.0, coordinates: str = "LPS",
-                        max_triangles: int | None = None, report_image=None, margin_mm: float = 10.0) -> dict:
+                        max_triangles: int | None = None, report_image=None, margin_mm: float = 10.0,
+                        for_import: bool = False) -> dict:
     """Write the label map, the ``.seg.nrrd``, meshes (if formats are given), the HTML report (if
-    ``report_image``, the input, is given; its measurements go into the summary) and a summary."""
+    ``report_image``, the input, is given; its measurements go into the summary) and a summary.
+    ``for_import``: for a caller that imports the result at once (the Slicer module), only the
+    ``.seg.nrrd``, uncompressed."""
     labels = segmentation.card.labels
-    with ThreadPoolExecutor(1) as writer:  # the label files are compressed (outside the GIL) while the rest runs
-        label_files = writer.submit(_write_label_files, segmentation.labelmap, labels, out, stem)
+    with ThreadPoolExecutor(1) as writer:  # the label files are written (outside the GIL) while the rest runs
+        label_files = writer.submit(_write_label_files, segmentation.labelmap, labels, out, stem, for_import)
         seconds = dict(segmentation.seconds)
         summary = {
             "model": segmentation.card.name,
@@ -81,9 +84,11 @@ def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str
     return summary
 
 
-def _write_label_files(labelmap, labels, out: StagedOutput, stem: str) -> float:
-    """Write ``<stem>.seg.nrrd`` and ``<stem>_labels.nii.gz``; returns the seconds it took."""
+def _write_label_files(labelmap, labels, out: StagedOutput, stem: str, for_import: bool) -> float:
+    """Write ``<stem>.seg.nrrd`` and ``<stem>_labels.nii.gz`` (``for_import``: only the first,
+    uncompressed); returns the seconds it took."""
     started = time.perf_counter()
-    write_seg_nrrd(labelmap, labels, out.path(f"{stem}.seg.nrrd"))
-    write_volume(labelmap, out.path(f"{stem}_labels.nii.gz"))
+    write_seg_nrrd(labelmap, labels, out.path(f"{stem}.seg.nrrd"), compress=not for_import)
+    if not for_import:
+        write_volume(labelmap, out.path(f"{stem}_labels.nii.gz"))
     return time.perf_counter() - started

@@ -88,10 +88,13 @@ def seg_nrrd_header(labelmap: Volume, labels: list[Label]) -> dict:
     return header
 
 
-def write_seg_nrrd(labelmap: Volume, labels: list[Label], path: str | os.PathLike) -> Path:
-    """Write ``labelmap`` with the card's labels as a Slicer ``.seg.nrrd`` (atomically)."""
+def write_seg_nrrd(labelmap: Volume, labels: list[Label], path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write ``labelmap`` with the card's labels as a Slicer ``.seg.nrrd`` (atomically); uncompressed
+    for a reader that takes it at once (the Slicer module)."""
     path = Path(path)
     header = seg_nrrd_header(labelmap, labels)
+    if not compress:
+        header["encoding"] = "raw"
     dtype = np.uint16 if header["type"] == "unsigned short" else np.uint8
     data = np.ascontiguousarray(labelmap.array, dtype=dtype)  # [k, j, i]: i fastest, as NRRD stores it
     try:
