@@ -256,6 +256,51 @@ def test_points_correct_a_segment_in_place_and_undo_restores_it(scene):
     assert scene.GetFirstNodeByName("tumour include") is None
 
 
+def test_points_removed_or_moved_in_the_markups_module_are_followed(scene):
+    """A point removed in the Markups module leaves the segment as if it had never been placed; a
+    point dragged elsewhere, as if it had been placed there; undo still steps back a point."""
+    from AIReconstructAdapter.correction import SegmentCorrection
+    from AIReconstructLib.interaction import Click, refine, to_voxel
+
+    k, j, i = np.mgrid[0:32, 0:60, 0:70]
+    ball = (i - 30) ** 2 + ((j - 30) * 1.2) ** 2 + ((k - 15) * 2.0) ** 2 < 12 ** 2
+    image = np.where(ball, 300.0, 0.0) + np.random.default_rng(1).normal(0, 10, ball.shape)
+    volume = Volume(image.astype(np.float32), (1.0, 1.2, 2.0), (4.0, -7.0, 11.0), oblique_direction(15))
+    volume_node = add_volume_node(scene, volume, "FLAIR")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "tumour")
+    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
+    correction.observe()
+    include, exclude, moved = ((volume.ijk_to_ras() @ [30, j, 15, 1])[:3] for j in (30, 35, 38))
+    exclusions = correction.points[False]
+
+    correction.points[True].AddControlPoint(vtk.vtkVector3d(*include))
+    only_include = segment_mask(segmentation, segment_id, volume_node)
+    exclusions.AddControlPoint(vtk.vtkVector3d(*exclude))
+    assert segment_mask(segmentation, segment_id, volume_node).sum() < only_include.sum()
+    exclusions.RemoveNthControlPoint(0)  # as the Markups module's delete does
+    np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), only_include)
+    assert len(correction.clicks) == 1
+
+    exclusions.AddControlPoint(vtk.vtkVector3d(*exclude))
+    exclusions.SetNthControlPointPositionWorld(0, *moved)  # dragged on a slice: followed when the drag ends
+    exclusions.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
+    clicks = [Click(to_voxel(volume, list(include), "RAS"), True)]
+    expected = refine(volume, refine(volume, np.zeros_like(ball), clicks),
+                      clicks + [Click(to_voxel(volume, list(moved), "RAS"), False)])
+    np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), expected)
+    assert not correction.follow_points()  # nothing changed since
+
+    assert correction.undo() and exclusions.GetNumberOfControlPoints() == 0
+    np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), only_include)
+
+    for j in (20, 25, 40, 45, 50):  # more points than the history holds states, then the first one removed
+        exclusions.AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, j, 15, 1])[:3]))
+    correction.points[True].RemoveNthControlPoint(0)
+    assert len(correction.clicks) == 5 and not segment_mask(segmentation, segment_id, volume_node).any()
+
+
 def test_save_for_training_adds_a_case_the_trainer_reads(scene, tmp_path, tiny_model, ct_volume):
     from AIReconstructAdapter.nodes import save_for_training, set_segment_mask
     from AIReconstructLib.dataset import read_dataset

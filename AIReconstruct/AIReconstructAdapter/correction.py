@@ -3,6 +3,9 @@
 Each newly placed point re-segments the segment near the points (the engine's ``refine``, a
 fraction of a second) and updates it in place; the segmentation's history (the one the Segment
 Editor uses) keeps every previous state, so ``undo`` restores the last one and forgets the last point.
+A point removed or moved afterwards (in the Markups module, or dragged on a slice) is followed: the
+segment goes back to its state before the first point (kept aside, as the history holds only the
+last few states) and is corrected again, point by point, with the points as they are now.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ class SegmentCorrection:
         name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
         self.points = {True: self._point_list(scene, f"{name} include", INCLUDE_COLOUR),
                        False: self._point_list(scene, f"{name} exclude", EXCLUDE_COLOUR)}
-        self.clicks: list[tuple[bool, int]] = []  # (include?, index in its list), in the order placed
+        self.clicks: list[tuple[bool, str, tuple]] = []  # (include?, point ID, RAS position), in the order placed
+        self.before_points = None  # the segment's mask before the first point
 
     @staticmethod
     def _point_list(scene, name: str, colour):
@@ -41,30 +45,56 @@ class SegmentCorrection:
         return node
 
     def observe(self) -> list:
-        """Re-segment whenever a point is placed (in Slicer); returns the observer tags."""
-        event = slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent
-        return [(node, node.AddObserver(event, lambda caller, _event: self.update())) for node in self.points.values()]
+        """Re-segment whenever a point is placed, and follow points removed or moved (in Slicer);
+        returns the observer tags."""
+        markups = slicer.vtkMRMLMarkupsNode
+        events = {markups.PointPositionDefinedEvent: self.update, markups.PointRemovedEvent: self.follow_points,
+                  markups.PointEndInteractionEvent: self.follow_points}
+        return [(node, node.AddObserver(event, lambda caller, _event, react=react: react()))
+                for node in self.points.values() for event, react in events.items()]
 
-    def _new_clicks(self) -> None:
-        for positive, node in self.points.items():
-            known = sum(1 for p, _ in self.clicks if p == positive)
-            self.clicks += [(positive, index) for index in range(known, node.GetNumberOfControlPoints())]
+    def _points_now(self, positive: bool) -> list[tuple[bool, str, tuple]]:
+        """The points of one list as they are now: (include?, point ID, RAS position)."""
+        node, ras = self.points[positive], [0.0, 0.0, 0.0]
+        points = []
+        for index in range(node.GetNumberOfControlPoints()):
+            node.GetNthControlPointPositionWorld(index, ras)
+            points.append((positive, node.GetNthControlPointID(index), tuple(ras)))
+        return points
 
-    def update(self) -> bool:
-        """Re-segment with every point placed so far; False if there was no new point."""
-        before = len(self.clicks)
-        self._new_clicks()
-        if len(self.clicks) == before:
-            return False
-        clicks = []
-        for positive, index in self.clicks:
-            ras = [0.0, 0.0, 0.0]
-            self.points[positive].GetNthControlPointPositionWorld(index, ras)
-            clicks.append(Click(to_voxel(self.volume, ras, "RAS"), positive))
+    def _correct(self) -> None:
+        """Correct the segment as it is now with every point in ``clicks``; saved in the history first."""
+        clicks = [Click(to_voxel(self.volume, list(ras), "RAS"), positive) for positive, _, ras in self.clicks]
         current = segment_mask(self.segmentation_node, self.segment_id, self.volume_node)
         corrected = refine(self.volume, current, clicks, reach_mm=self.reach_mm)
         self.history.SaveState()
         set_segment_mask(self.segmentation_node, self.segment_id, self.volume_node, corrected)
+
+    def update(self) -> bool:
+        """Re-segment with every point placed so far; False if there was no new point."""
+        known = {(positive, point_id) for positive, point_id, _ in self.clicks}  # IDs are unique per list
+        new = [point for positive in self.points for point in self._points_now(positive) if point[:2] not in known]
+        if not new:
+            return False
+        if not self.clicks:
+            self.before_points = segment_mask(self.segmentation_node, self.segment_id, self.volume_node)
+        self.clicks += new
+        self._correct()
+        return True
+
+    def follow_points(self) -> bool:
+        """After points were removed or moved: back to the segment as it was before the first point,
+        then corrected again with the remaining points, in the order they were placed, at their
+        positions now. False if every point is where it was."""
+        now = {point[:2]: point for positive in self.points for point in self._points_now(positive)}
+        remaining = [now[click[:2]] for click in self.clicks if click[:2] in now]
+        if remaining == self.clicks:
+            return False
+        set_segment_mask(self.segmentation_node, self.segment_id, self.volume_node, self.before_points)
+        self.clicks = []
+        for point in remaining:
+            self.clicks.append(point)
+            self._correct()
         return True
 
     def undo(self) -> bool:
@@ -72,12 +102,9 @@ class SegmentCorrection:
         if not self.clicks or not self.history.IsRestorePreviousStateAvailable():
             return False
         self.history.RestorePreviousState()
-        positive, index = self.clicks.pop()
+        positive, point_id, _ = self.clicks.pop()
         node = self.points[positive]
-        was = node.GetDisableModifiedEvent()
-        node.SetDisableModifiedEvent(True)  # removing a point is not placing one
-        node.RemoveNthControlPoint(index)
-        node.SetDisableModifiedEvent(was)
+        node.RemoveNthControlPoint(node.GetNthControlPointIndexByID(point_id))  # already followed: no change
         return True
 
     def remove(self, scene) -> None:
