@@ -79,6 +79,13 @@ class FederatedConfig:
     intended_use: str = "Research use only; not for clinical use"
     licence: str = "Apache-2.0"
 
+    def __post_init__(self):  # refused before any site or simulation starts
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"Unknown strategy '{self.strategy}' (known: {', '.join(STRATEGIES)})")
+        if self.dp_noise_multiplier and self.strategy == "fedprox":
+            raise InputError("FedProx's proximal term is not part of DP-SGD's per-patient gradients: use FedAvg "
+                             "with differential privacy")
+
 
 # ---------------------------------------------------------------- the site (ClientApp) side
 
@@ -254,11 +261,6 @@ def run_server(grid, config: FederatedConfig, progress=None) -> Path:
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.serverapp.strategy import FedAvg, FedProx
 
-    if config.strategy not in STRATEGIES:
-        raise InputError(f"Unknown strategy '{config.strategy}' (known: {', '.join(STRATEGIES)})")
-    if config.dp_noise_multiplier and config.strategy == "fedprox":
-        raise InputError("FedProx's proximal term is not part of DP-SGD's per-patient gradients: use FedAvg "
-                         "with differential privacy")
     progress = progress or (lambda fraction, message: None)
     started = time.time()
     nodes = _wait_for_sites(grid, len(config.sites))
