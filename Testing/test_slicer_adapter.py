@@ -220,18 +220,24 @@ def test_cancelled_run_leaves_the_scene_unchanged(scene, tiny_model):
     assert job.engine.worker.alive()  # the worker stopped the run, and stays for the next one
 
 
-def test_points_correct_a_segment_in_place_and_undo_restores_it(scene):
-    from AIReconstructAdapter.correction import SegmentCorrection
-    from AIReconstructLib.interaction import dice
-
+def _ball_to_correct(scene, seed: int):
+    """A bright ball in noise on an oblique grid, its volume node, and a segmentation node with one
+    empty segment to correct with points: (ball, volume, volume node, segmentation node, segment ID)."""
     k, j, i = np.mgrid[0:32, 0:60, 0:70]
     ball = (i - 30) ** 2 + ((j - 30) * 1.2) ** 2 + ((k - 15) * 2.0) ** 2 < 12 ** 2
-    image = np.where(ball, 300.0, 0.0) + np.random.default_rng(0).normal(0, 10, ball.shape)
+    image = np.where(ball, 300.0, 0.0) + np.random.default_rng(seed).normal(0, 10, ball.shape)
     volume = Volume(image.astype(np.float32), (1.0, 1.2, 2.0), (4.0, -7.0, 11.0), oblique_direction(15))
     volume_node = add_volume_node(scene, volume, "FLAIR")
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "tumour")
+    return ball, volume, volume_node, segmentation, segmentation.GetSegmentation().AddEmptySegment("", "tumour")
+
+
+def test_points_correct_a_segment_in_place_and_undo_restores_it(scene):
+    from AIReconstructAdapter.correction import SegmentCorrection
+    from AIReconstructLib.interaction import dice
+
+    ball, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 0)
     correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
     assert correction.points[True].GetName() == "tumour include"
     correction.observe()  # as the panel does: placing a point re-segments
@@ -262,14 +268,7 @@ def test_points_removed_or_moved_in_the_markups_module_are_followed(scene):
     from AIReconstructAdapter.correction import SegmentCorrection
     from AIReconstructLib.interaction import Click, refine, to_voxel
 
-    k, j, i = np.mgrid[0:32, 0:60, 0:70]
-    ball = (i - 30) ** 2 + ((j - 30) * 1.2) ** 2 + ((k - 15) * 2.0) ** 2 < 12 ** 2
-    image = np.where(ball, 300.0, 0.0) + np.random.default_rng(1).normal(0, 10, ball.shape)
-    volume = Volume(image.astype(np.float32), (1.0, 1.2, 2.0), (4.0, -7.0, 11.0), oblique_direction(15))
-    volume_node = add_volume_node(scene, volume, "FLAIR")
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "tumour")
+    ball, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 1)
     correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
     correction.observe()
     include, exclude, moved = ((volume.ijk_to_ras() @ [30, j, 15, 1])[:3] for j in (30, 35, 38))
