@@ -142,14 +142,23 @@ def test_import_replaces_segments_of_the_same_name_and_keeps_others(tmp_path, sc
     existing.GetSegmentation().AddEmptySegment("notes", "my notes", [1, 1, 0])
     labels = np.zeros(ct_volume.array.shape, np.uint8)
     labels[2:10, 5:20, 5:30] = 1
+    labels[4:6, 8:12, 10:14] = 2
     path = write_seg_nrrd(ct_volume.with_array(labels), load_card(tiny_model).labels, tmp_path / "r.seg.nrrd")
     node = import_segmentation(scene, path, volume_node, target=existing)
     assert node is existing
     assert sorted(_segment_names(node)) == ["lesion", "my notes", "organ"]
     segmentation = node.GetSegmentation()
-    organ_id = segmentation.GetSegmentIdBySegmentName("organ")
+    organ_id, lesion_id = (segmentation.GetSegmentIdBySegmentName(name) for name in ("organ", "lesion"))
     np.testing.assert_allclose(segmentation.GetSegment(organ_id).GetColor(), (0.8, 0.2, 0.2), atol=1e-6)
-    np.testing.assert_array_equal(segment_mask(node, organ_id, volume_node), labels == 1)
+    assert segmentation.GetSegment(organ_id).GetTag("TerminologyEntry", vtk.reference(""))
+    for segment_id, value in ((organ_id, 1), (lesion_id, 2)):
+        np.testing.assert_array_equal(segment_mask(node, segment_id, volume_node), labels == value)
+    # the engine's segments share one labelmap, as Slicer reads them, not a full-size copy each
+    assert segmentation.GetLayerIndex(organ_id) == segmentation.GetLayerIndex(lesion_id)
+    new = import_segmentation(scene, path, volume_node)
+    assert new.GetSegmentation().GetNumberOfSegments() == 2 and new.GetSegmentation().GetNumberOfLayers() == 1
+    lesion = segment_mask(new, new.GetSegmentation().GetSegmentIdBySegmentName("lesion"), volume_node)
+    np.testing.assert_array_equal(lesion, labels == 2)
 
 
 def test_background_run_creates_segments_surfaces_and_models(tmp_path, scene, tiny_model, oblique_ct):

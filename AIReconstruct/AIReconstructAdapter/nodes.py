@@ -148,7 +148,9 @@ def import_segmentation(scene, seg_path: str | Path, reference_volume_node, targ
     """Put the segments of ``seg_path`` into ``target`` (or a new segmentation node).
 
     Segments whose names already exist in ``target`` are replaced; other segments are kept.
-    The node's reference geometry is the input volume's. Returns the segmentation node.
+    The node's reference geometry is the input volume's. The segments keep sharing the one labelmap
+    they were read into (Slicer's copy of a segment, or its removal from the scratch segmentation,
+    would give each segment a full-size labelmap of its own). Returns the segmentation node.
     """
     scratch_scene = slicer.vtkMRMLScene()
     loaded = _read_segmentation(Path(seg_path), scratch_scene).GetSegmentation()
@@ -159,17 +161,22 @@ def import_segmentation(scene, seg_path: str | Path, reference_volume_node, targ
         target.CreateDefaultDisplayNodes()
     target.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
     segmentation = target.GetSegmentation()
+    binary = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
     modifying = target.StartModify()  # one modified event for all the segments
     try:
         for index in range(loaded.GetNumberOfSegments()):
-            segment_id = loaded.GetNthSegmentID(index)
-            segment_name = loaded.GetSegment(segment_id).GetName()
-            existing = segmentation.GetSegmentIdBySegmentName(segment_name)
+            source = loaded.GetNthSegment(index)
+            existing = segmentation.GetSegmentIdBySegmentName(source.GetName())
             if existing:
                 segmentation.RemoveSegment(existing)
-            segmentation.CopySegmentFromSegmentation(loaded, segment_id)
+            segment = slicer.vtkSegment()
+            segment.DeepCopyMetadata(source)  # name, colour, terminology, label value
+            segment.AddRepresentation(binary, source.GetRepresentation(binary))
+            segmentation.AddSegment(segment, segmentation.GenerateUniqueSegmentID(loaded.GetNthSegmentID(index)))
     finally:
         target.EndModify(modifying)
+    for index in range(loaded.GetNumberOfSegments()):  # the scratch segmentation lets go of the labelmap
+        loaded.GetNthSegment(index).RemoveRepresentation(binary)
     return target
 
 
