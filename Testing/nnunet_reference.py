@@ -115,7 +115,6 @@ def _phantom_cases(work: Path, spacing, keep_labels: int = 9) -> dict:
     return cases
 
 
-CASCADE_STAGES = {"cascade": ("3d_fullres", "3d_lowres")}
 PHANTOM_LABELS = {"background": 0, "liver": 1, "liver tumour": 2, "spleen": 3, "right kidney": 4, "left kidney": 5,
                   "aorta": 6, "vertebrae": 7, "pelvis": 8, "lungs": 9}
 
@@ -148,10 +147,11 @@ def make_model(work: Path, configurations=("3d_fullres",), spacing=(5.0, 5.0, 6.
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     _plan(work, 42, DATASET, _phantom_cases(work, spacing), PHANTOM_LABELS)
+    stages = {c for c in configurations if c != "cascade"}
     if "cascade" in configurations:
         _add_cascade_plans(42)
-    # the cascade's second stage reads 3d_fullres's preprocessed data
-    _preprocess(42, sorted({stage for c in configurations for stage in CASCADE_STAGES.get(c, (c,))}))
+        stages |= {"3d_lowres", "3d_fullres"}  # the second stage reads 3d_fullres's preprocessed data
+    _preprocess(42, sorted(stages))
     models = {}
     for configuration in configurations:
         if configuration == "cascade":

@@ -183,7 +183,7 @@ def test_worker_cancels_a_request_on_sigterm_and_goes_on_to_the_next(tmp_path, t
         assert json.loads(line)["cancelled"] is True
         assert [p.name for p in out.iterdir()] == ["earlier.txt"] and worker.poll() is None
         after = _request(worker, "segment", str(ct_file), "-m", str(tiny_model), "-o", str(tmp_path / "after"),
-                            "--device", "cpu")
+                         "--device", "cpu")
         assert after["done"]
         worker.send_signal(signal.SIGTERM)  # while idle, it ends the worker
         assert worker.wait(timeout=60) == 0

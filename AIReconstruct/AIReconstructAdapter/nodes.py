@@ -175,8 +175,8 @@ def import_segmentation(scene, seg_path: str | Path, reference_volume_node, targ
             segmentation.AddSegment(segment, segmentation.GenerateUniqueSegmentID(loaded.GetNthSegmentID(index)))
     finally:
         target.EndModify(modifying)
-    for index in range(loaded.GetNumberOfSegments()):  # the scratch segmentation lets go of the labelmap
-        loaded.GetNthSegment(index).RemoveRepresentation(binary)
+        for index in range(loaded.GetNumberOfSegments()):  # the scratch segmentation lets go of the labelmap,
+            loaded.GetNthSegment(index).RemoveRepresentation(binary)  # so its end erases nothing handed over
     return target
 
 

@@ -6,7 +6,8 @@ JSON list of command-line arguments (``["segment", "in.nrrd", "-m", "model", "-o
 worker runs it exactly as ``aireconstruct`` would with ``--json-progress``, so each request ends
 with one ``{"done": ...}`` or ``{"error": ...}`` line on stdout. SIGTERM cancels the running
 request (its output folder is left as it was) and the worker waits for the next; while idle, or
-when it came too late to cancel the request (its answer was already on its way), it ends the worker. An unexpected failure ends the worker as it would end a one-off run (its caller starts a
+when it came too late to cancel the request (its answer was already on its way), it ends the
+worker. An unexpected failure ends the worker as it would end a one-off run (its caller starts a
 fresh one), so no half-broken state is carried into the next request.
 """
 
