@@ -2,19 +2,19 @@
 phantoms (nnU-Net's fingerprint, planner, network classes and checkpoint writer; a few training
 iterations) and predict with ``nnUNetPredictor``. Used by the import tests and the benchmark.
 
-    python nnunet_reference.py make-model WORK_FOLDER [--configurations 3d_fullres 2d cascade]
+    python nnunet_reference.py make-model WORK_FOLDER [--configurations 3d_fullres 2d cascade regions]
                                           [--phantom-spacing X Y Z]
-    python nnunet_reference.py make-region-model WORK_FOLDER [--phantom-spacing X Y Z]
     python nnunet_reference.py make-totalsegmentator-model WORK_FOLDER CT REFERENCE_LABELS LABELS_JSON
-    python nnunet_reference.py predict MODEL_FOLDER IMAGE OUTPUT [--folds 0 1] [--no-mirroring]
-                                       [--previous-stage FOLDER] [--float32-sums]
+    python nnunet_reference.py predict JOBS.json
 
 ``make-model`` prints one line per trained model folder, "CONFIGURATION FOLDER" ("cascade" trains
-3d_lowres and then 3d_cascade_fullres); the others print the model folder.
+3d_lowres and then 3d_cascade_fullres); ``make-totalsegmentator-model`` prints the model folder.
+``predict`` runs a JSON list of predictions in one process (see ``predict_jobs``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -33,6 +33,7 @@ def _plan(work: Path, dataset_id: int, dataset: str, cases: dict, labels: dict, 
     """nnU-Net's fingerprint and planner on ``cases`` (name -> (image path, label path));
     ``dataset_fields`` go into dataset.json too (``regions_class_order``)."""
     os.environ.update(nnunet_environment(work))
+    os.environ.pop("nnUNet_n_proc_DA", None)  # set by _train; the planner would take 0 as its thread count
     import shutil
 
     raw = work / "nnUNet_raw" / dataset
@@ -96,18 +97,19 @@ def _train(work: Path, dataset: str, configuration: str, folds, trainer_class, i
     return model
 
 
-def _phantom_cases(work: Path, spacing, keep_labels: int = 9) -> dict:
-    """Three phantom CTs at ``spacing`` (mm, x y z), with their 9 labels or only the first ``keep_labels``."""
+def _phantom_cases(folder: Path, spacing, keep_labels: int = 9) -> dict:
+    """Three phantom CTs at ``spacing`` (mm, x y z), written to ``folder`` with their 9 labels or only
+    the first ``keep_labels``."""
     import numpy as np
     import SimpleITK as sitk
     from AIReconstructLib.io import volume_to_sitk
     from AIReconstructLib.phantom import make_phantom
 
     cases = {}
-    (work / "phantoms").mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     for seed in range(3):
         phantom = make_phantom(seed, spacing=tuple(spacing), field_of_view_mm=(320.0, 240.0, 300.0))
-        image, label = work / "phantoms" / f"image{seed}.nii.gz", work / "phantoms" / f"label{seed}.nii.gz"
+        image, label = folder / f"image{seed}.nii.gz", folder / f"label{seed}.nii.gz"
         sitk.WriteImage(volume_to_sitk(phantom.image), str(image))
         labels = phantom.labels.with_array(np.where(phantom.labels.array <= keep_labels, phantom.labels.array, 0))
         sitk.WriteImage(volume_to_sitk(labels), str(label))
@@ -143,18 +145,23 @@ def make_model(work: Path, configurations=("3d_fullres",), spacing=(5.0, 5.0, 6.
     """Models of ``configurations`` planned once on three phantom CTs, mirroring on (nnU-Net's
     defaults), 2 training iterations per fold: 3d_fullres and 2d on two folds; "cascade" trains
     3d_lowres on three folds, so that its validation writes every case's prediction for the second
-    stage, then fold 0 of 3d_cascade_fullres. Returns configuration -> model folder."""
+    stage, then fold 0 of 3d_cascade_fullres; "regions" is ``_make_region_model``'s. Returns
+    configuration -> model folder."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    _plan(work, 42, DATASET, _phantom_cases(work, spacing), PHANTOM_LABELS)
-    stages = {c for c in configurations if c != "cascade"}
-    if "cascade" in configurations:
-        _add_cascade_plans(42)
-        stages |= {"3d_lowres", "3d_fullres"}  # the second stage reads 3d_fullres's preprocessed data
-    _preprocess(42, sorted(stages))
     models = {}
+    stages = {c for c in configurations if c not in ("cascade", "regions")}
+    if "cascade" in configurations:
+        stages |= {"3d_lowres", "3d_fullres"}  # the second stage reads 3d_fullres's preprocessed data
+    if stages:
+        _plan(work, 42, DATASET, _phantom_cases(work / "phantoms", spacing), PHANTOM_LABELS)
+        if "cascade" in configurations:
+            _add_cascade_plans(42)
+        _preprocess(42, sorted(stages))
     for configuration in configurations:
-        if configuration == "cascade":
+        if configuration == "regions":
+            models["regions"] = _make_region_model(work, spacing)
+        elif configuration == "cascade":
             models["3d_lowres"] = _train(work, DATASET, "3d_lowres", (0, 1, 2), nnUNetTrainer, iterations=2)
             models["3d_cascade_fullres"] = _train(work, DATASET, "3d_cascade_fullres", (0,), nnUNetTrainer, iterations=2)
         else:
@@ -162,13 +169,13 @@ def make_model(work: Path, configurations=("3d_fullres",), spacing=(5.0, 5.0, 6.
     return models
 
 
-def make_region_model(work: Path, spacing=(5.0, 5.0, 6.0)) -> Path:
+def _make_region_model(work: Path, spacing) -> Path:
     """A region-based model (sigmoid outputs for overlapping regions, as nnU-Net's BraTS models):
     "liver" (liver and tumour) and "liver tumour", painted in that order; one fold with nnU-Net's
     initial weights (a few iterations leave it predicting one region everywhere or nothing)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    _plan(work, 44, REGION_DATASET, _phantom_cases(work, spacing, keep_labels=2),
+    _plan(work, 44, REGION_DATASET, _phantom_cases(work / "region-phantoms", spacing, keep_labels=2),
           {"background": 0, "liver": [1, 2], "liver tumour": [2]}, regions_class_order=[1, 2])
     _preprocess(44, ["3d_fullres"])
     return _train(work, REGION_DATASET, "3d_fullres", (0,), nnUNetTrainer, iterations=0)
@@ -189,9 +196,10 @@ def make_totalsegmentator_model(work: Path, ct: Path, reference: Path, label_nam
     return _train(work, TOTALSEG_DATASET, "3d_fullres", (0,), nnUNetTrainerNoMirroring, iterations=0)
 
 
-def accumulate_in_float32() -> None:
-    """Make nnU-Net's predictor sum its blended window logits, weights and Gaussian in float32 instead
-    of float16 (its only change): shows which differences from the engine float16 causes."""
+@contextlib.contextmanager
+def sums_in_float32():
+    """nnU-Net's predictor, inside the block, sums its blended window logits, weights and Gaussian in
+    float32 instead of float16 (its only change): shows which differences from the engine float16 causes."""
     import torch
     from nnunetv2.inference import predict_from_raw_data as module
 
@@ -210,15 +218,20 @@ def accumulate_in_float32() -> None:
 
     float32_gaussian.cache_clear = half_gaussian.cache_clear
     module.torch, module.compute_gaussian = Float32Torch(), float32_gaussian
+    try:
+        yield
+    finally:
+        module.torch, module.compute_gaussian = torch, half_gaussian
 
 
 def predict(model: Path, image: Path, output: Path, folds, mirroring: bool = True,
-            previous_stage: Path | None = None) -> None:
+            previous_stage: Path | None = None, float32_sums: bool = False) -> None:
     """nnU-Net's predictor on a trained model folder, as ``initialize_from_trained_model_folder`` sets it
     up, except that the network comes from nnU-Net's plans builder instead of a search through every
     trainer module (some of which import torchvision, whose PyPI build does not load with the CPU torch
     pinned here). A cascade's second stage reads the first stage's labels for the image from
-    ``previous_stage`` (a folder holding a file named as ``output``)."""
+    ``previous_stage`` (a folder holding a file named as ``output``). ``float32_sums``: see
+    ``sums_in_float32``."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -240,9 +253,21 @@ def predict(model: Path, image: Path, output: Path, folds, mirroring: bool = Tru
     predictor.manual_initialization(network, plans, configuration, [c["network_weights"] for c in checkpoints],
                                     dataset_json, checkpoints[0]["trainer_name"],
                                     checkpoints[0]["inference_allowed_mirroring_axes"])
-    predictor.predict_from_files_sequential([[str(image)]], [str(output).removesuffix(".nii.gz")],
-                                            save_probabilities=False, overwrite=True,
-                                            folder_with_segs_from_prev_stage=str(previous_stage) if previous_stage else None)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with sums_in_float32() if float32_sums else contextlib.nullcontext():
+        predictor.predict_from_files_sequential([[str(image)]], [str(output).removesuffix(".nii.gz")],
+                                                save_probabilities=False, overwrite=True,
+                                                folder_with_segs_from_prev_stage=str(previous_stage) if previous_stage else None)
+
+
+def predict_jobs(jobs: list[dict]) -> None:
+    """``predict`` for each job in turn, in this one process: a job names its "model", "image" and
+    "output", and may set "folds" ([0]), "mirroring" (true), "previous_stage" and "float32_sums" (false)."""
+    for job in jobs:
+        previous_stage = job.get("previous_stage")
+        predict(Path(job["model"]), Path(job["image"]), Path(job["output"]), job.get("folds", [0]),
+                job.get("mirroring", True), Path(previous_stage) if previous_stage else None,
+                job.get("float32_sums", False))
 
 
 def _arguments():
@@ -252,36 +277,38 @@ def _arguments():
     commands = parser.add_subparsers(dest="command", required=True)
     model = commands.add_parser("make-model")
     model.add_argument("work", type=Path)
-    model.add_argument("--configurations", nargs="+", default=["3d_fullres"], choices=["3d_fullres", "2d", "cascade"])
+    model.add_argument("--configurations", nargs="+", default=["3d_fullres"],
+                       choices=["3d_fullres", "2d", "cascade", "regions"])
     model.add_argument("--phantom-spacing", nargs=3, type=float, default=(5.0, 5.0, 6.0))
-    region = commands.add_parser("make-region-model")
-    region.add_argument("work", type=Path)
-    region.add_argument("--phantom-spacing", nargs=3, type=float, default=(5.0, 5.0, 6.0))
     totalsegmentator = commands.add_parser("make-totalsegmentator-model")
     for name in ("work", "ct", "reference", "label_names"):
         totalsegmentator.add_argument(name, type=Path)
-    predictor = commands.add_parser("predict")
-    for name in ("model", "image", "output"):
-        predictor.add_argument(name, type=Path)
-    predictor.add_argument("--folds", nargs="+", type=int, default=[0])
-    predictor.add_argument("--no-mirroring", action="store_true")
-    predictor.add_argument("--previous-stage", type=Path)
-    predictor.add_argument("--float32-sums", action="store_true")
+    commands.add_parser("predict").add_argument("jobs", type=Path, help="a JSON list of jobs (see predict_jobs)")
     return parser.parse_args()
+
+
+def _fork_workers_and_skip_progress_plots() -> None:
+    """Two time savers that leave nnU-Net's results as they are: its worker pools (fingerprint,
+    preprocessing, validation export) fork this process instead of spawning fresh interpreters
+    that each import torch and nnU-Net again, and its trainer draws no progress plot."""
+    import multiprocessing
+
+    from nnunetv2.training.logging.nnunet_logger import MetaLogger
+
+    get_context = multiprocessing.get_context
+    multiprocessing.get_context = lambda method=None: get_context("fork" if method == "spawn" else method)
+    MetaLogger.plot_progress_png = lambda self, output_folder: None
 
 
 if __name__ == "__main__":
     arguments = _arguments()
-    if arguments.command == "make-model":
-        for configuration, folder in make_model(arguments.work, arguments.configurations,
-                                                arguments.phantom_spacing).items():
-            print(configuration, folder)
-    elif arguments.command == "make-region-model":
-        print(make_region_model(arguments.work, arguments.phantom_spacing))
-    elif arguments.command == "make-totalsegmentator-model":
-        print(make_totalsegmentator_model(arguments.work, arguments.ct, arguments.reference, arguments.label_names))
+    if arguments.command == "predict":
+        predict_jobs(json.loads(arguments.jobs.read_text()))
     else:
-        if arguments.float32_sums:
-            accumulate_in_float32()
-        predict(arguments.model, arguments.image, arguments.output, arguments.folds, not arguments.no_mirroring,
-                arguments.previous_stage)
+        _fork_workers_and_skip_progress_plots()
+        if arguments.command == "make-model":
+            for configuration, folder in make_model(arguments.work, arguments.configurations,
+                                                    arguments.phantom_spacing).items():
+                print(configuration, folder)
+        else:
+            print(make_totalsegmentator_model(arguments.work, arguments.ct, arguments.reference, arguments.label_names))

@@ -46,14 +46,47 @@ def _reference(*arguments) -> list[str]:
     return done.stdout.strip().splitlines()
 
 
+def _predict_with_nnunet(jobs: list[dict], folder: Path) -> None:
+    """nnUNetPredictor's predictions (``nnunet_reference.predict_jobs``), all in one child process
+    (the list of jobs is written to ``folder``)."""
+    jobs_file = folder / "nnunet-jobs.json"
+    jobs_file.write_text(json.dumps(jobs, default=str))
+    _reference("predict", jobs_file)
+
+
 @pytest.fixture(scope="module")
 def nnunet_models(tmp_path_factory) -> dict[str, Path]:
-    """Configuration -> model folder: 3d_fullres and 2d (two folds each), 3d_lowres and 3d_cascade_fullres,
-    planned once on the same phantoms."""
+    """Configuration -> model folder: 3d_fullres and 2d (two folds each), 3d_lowres and 3d_cascade_fullres
+    planned once on the same phantoms, and a region-based model, made in one child process."""
     lines = _reference("make-model", tmp_path_factory.mktemp("nnunet"), "--configurations", "3d_fullres", "2d",
-                       "cascade", *PHANTOM_SPACING)
-    configurations = {"3d_fullres", "2d", "3d_lowres", "3d_cascade_fullres"}
+                       "cascade", "regions", *PHANTOM_SPACING)
+    configurations = {"3d_fullres", "2d", "3d_lowres", "3d_cascade_fullres", "regions"}
     return {words[0]: Path(words[1]) for words in (line.split(" ", 1) for line in lines) if words[0] in configurations}
+
+
+@pytest.fixture(scope="module")
+def case_image(tmp_path_factory) -> Path:
+    """The phantom CT the agreement tests segment: a spacing unlike the plans' (resampling both
+    ways) and two windows per fold along x."""
+    phantom = make_phantom(11, spacing=(4.0, 4.5, 5.0), field_of_view_mm=(400.0, 240.0, 300.0))
+    image_path = tmp_path_factory.mktemp("case") / "case_0000.nii.gz"
+    sitk.WriteImage(volume_to_sitk(phantom.image), str(image_path))
+    return image_path
+
+
+@pytest.fixture(scope="module")
+def nnunet_labels(nnunet_models, case_image, tmp_path_factory) -> dict[str, np.ndarray]:
+    """nnUNetPredictor's labels for ``case_image``: each model with nnU-Net's defaults (both folds
+    of 3d_fullres and 2d; the cascade's second stage given its first stage's labels), and
+    3d_fullres again summing in float32 ("3d_fullres float32")."""
+    folder = tmp_path_factory.mktemp("nnunet-labels")
+    runs = {"3d_fullres": {"folds": [0, 1]}, "3d_fullres float32": {"folds": [0, 1], "float32_sums": True},
+            "2d": {"folds": [0, 1]}, "3d_lowres": {},
+            "3d_cascade_fullres": {"previous_stage": folder / "3d_lowres"}, "regions": {}}
+    jobs = [{"model": nnunet_models[name.split()[0]], "image": case_image, "output": folder / name / "case.nii.gz", **run}
+            for name, run in runs.items()]
+    _predict_with_nnunet(jobs, folder)
+    return {name: sitk.GetArrayFromImage(sitk.ReadImage(str(folder / name / "case.nii.gz"))) for name in runs}
 
 
 @pytest.fixture(scope="module")
@@ -89,22 +122,14 @@ def test_card_inside_the_model_folder_records_relative_paths(nnunet_model, tmp_p
     assert card.data["weights"][0]["file"] == "fold_0/checkpoint_final.pth" and verified_weight_paths(card)
 
 
-def test_same_labels_as_nnunet_predictor(nnunet_model, imported, tmp_path, record_property):
+def test_same_labels_as_nnunet_predictor(nnunet_labels, case_image, imported, record_property):
     """Same folds, mirroring, step and Gaussian as nnU-Net. nnU-Net sums the blended logits in float16:
     where every window covering a voxel gives it a Gaussian weight below float16's normal range (the
     outer few voxels of the image) its sum is off by up to 0.5 (tested against a direct forward pass
     in the engine's own tests), so against nnU-Net as it is the interior is where the two must agree
     to 99.9 %; against nnU-Net summing in float32 (its only change), the whole image."""
-    # spacing unlike the plans' (resampling both ways), two windows per fold along x
-    phantom = make_phantom(11, spacing=(4.0, 4.5, 5.0), field_of_view_mm=(400.0, 240.0, 300.0))
-    image_path = tmp_path / "case_0000.nii.gz"
-    sitk.WriteImage(volume_to_sitk(phantom.image), str(image_path))
-    _reference("predict", nnunet_model, image_path, tmp_path / "nnunet.nii.gz", "--folds", 0, 1)
-    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "nnunet.nii.gz")))
-    _reference("predict", nnunet_model, image_path, tmp_path / "nnunet32.nii.gz", "--folds", 0, 1, "--float32-sums")
-    theirs_in_float32 = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "nnunet32.nii.gz")))
-
-    ours = segment([read_volume(image_path)], load_card(imported),
+    theirs, theirs_in_float32 = nnunet_labels["3d_fullres"], nnunet_labels["3d_fullres float32"]
+    ours = segment([read_volume(case_image)], load_card(imported),
                    SegmentOptions(device="cpu", tta=True, postprocess=False)).labelmap.array
     assert ours.shape == theirs.shape
     equal = ours == theirs
@@ -120,7 +145,8 @@ def test_same_labels_as_nnunet_predictor(nnunet_model, imported, tmp_path, recor
     assert len(np.unique(ours)) > 3  # a real prediction, not one label everywhere
 
 
-def test_2d_configuration_same_labels_as_nnunet_predictor(nnunet_models, tmp_path, record_property):
+def test_2d_configuration_same_labels_as_nnunet_predictor(nnunet_models, nnunet_labels, case_image, tmp_path,
+                                                         record_property):
     """nnU-Net's 2d configuration (slice by slice along the first transposed axis, in-plane
     resampling only, 2D windows and mirroring) gives nnUNetPredictor's labels."""
     nnunet_2d_model = nnunet_models["2d"]
@@ -128,13 +154,8 @@ def test_2d_configuration_same_labels_as_nnunet_predictor(nnunet_models, tmp_pat
     card = load_card(tmp_path / "card")
     plans = json.loads((nnunet_2d_model / "plans.json").read_text())["configurations"]["2d"]
     assert card.patch_size == (*reversed(plans["patch_size"]), 1) and card.inference["mirror_axes"] == [1, 2]
-    phantom = make_phantom(11, spacing=(4.0, 4.5, 5.0), field_of_view_mm=(400.0, 240.0, 300.0))
-    image_path = tmp_path / "case_0000.nii.gz"
-    sitk.WriteImage(volume_to_sitk(phantom.image), str(image_path))
-    _reference("predict", nnunet_2d_model, image_path, tmp_path / "nnunet.nii.gz", "--folds", 0, 1)
-    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "nnunet.nii.gz")))
-
-    ours = segment([read_volume(image_path)], card, SegmentOptions(device="cpu", tta=True, postprocess=False)).labelmap.array
+    theirs = nnunet_labels["2d"]
+    ours = segment([read_volume(case_image)], card, SegmentOptions(device="cpu", tta=True, postprocess=False)).labelmap.array
     equal = ours == theirs
     record_property("2d voxel agreement with nnUNetPredictor", float(equal.mean()))
     print(f"2d voxel agreement with nnUNetPredictor: {equal.mean():.5f} overall, {equal[4:-4, 4:-4, 4:-4].mean():.5f} inside")
@@ -142,26 +163,20 @@ def test_2d_configuration_same_labels_as_nnunet_predictor(nnunet_models, tmp_pat
     assert len(np.unique(ours)) > 3
 
 
-def test_cascade_same_labels_as_nnunet_predictor(nnunet_models, tmp_path, monkeypatch, record_property):
+def test_cascade_same_labels_as_nnunet_predictor(nnunet_models, nnunet_labels, case_image, tmp_path, monkeypatch,
+                                                 record_property):
     """A 3d_lowres -> 3d_cascade_fullres cascade imported from its second stage (the first found
     beside it) runs both stages as nnU-Net does. Each stage on its own gives nnUNetPredictor's labels
     to 99.9 % inside the border; end to end the first stage's few border differences (nnU-Net's
     float16 sums, see above) change the barely trained second stage's input, so the whole cascade
     agrees less (measured 96.0 %)."""
-    first, second = nnunet_models["3d_lowres"], nnunet_models["3d_cascade_fullres"]
+    second = nnunet_models["3d_cascade_fullres"]
     assert main(["import-model", "nnunet", str(second), "-o", str(tmp_path / "card"), "--folds", "0"]) == 0
     card = load_card(tmp_path / "card")
     parts = card.data["architecture"]["args"]["parts"]
     assert [part["configuration"] for part in parts] == ["3d_lowres", "3d_cascade_fullres"]
     assert parts[1]["previous_stage_labels"] == list(range(1, 10))
-    phantom = make_phantom(11, spacing=(4.0, 4.5, 5.0), field_of_view_mm=(400.0, 240.0, 300.0))
-    image_path = tmp_path / "case_0000.nii.gz"
-    sitk.WriteImage(volume_to_sitk(phantom.image), str(image_path))
-    (tmp_path / "first").mkdir()
-    _reference("predict", first, image_path, tmp_path / "first" / "case.nii.gz")
-    _reference("predict", second, image_path, tmp_path / "case.nii.gz", "--previous-stage", tmp_path / "first")
-    theirs_first = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "first" / "case.nii.gz")))
-    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "case.nii.gz")))
+    theirs_first, theirs = nnunet_labels["3d_lowres"], nnunet_labels["3d_cascade_fullres"]
     options = SegmentOptions(device="cpu", tta=True, postprocess=False)
 
     stage_labels = []
@@ -173,10 +188,10 @@ def test_cascade_same_labels_as_nnunet_predictor(nnunet_models, tmp_path, monkey
         return labels, maps
 
     monkeypatch.setattr(nnunet, "_predict_part", keep_stage_labels)
-    ours = segment([read_volume(image_path)], card, options).labelmap.array
+    ours = segment([read_volume(case_image)], card, options).labelmap.array
     monkeypatch.setattr(nnunet, "_predict_part", lambda channels, card, part, *rest: (
         (theirs_first.astype(np.uint8), {}) if "previous_stage_labels" not in part else predict_stage(channels, card, part, *rest)))
-    second_alone = segment([read_volume(image_path)], card, options).labelmap.array
+    second_alone = segment([read_volume(case_image)], card, options).labelmap.array
 
     inside = (slice(4, -4),) * 3
     first_equal, alone_equal, equal = stage_labels[0] == theirs_first, second_alone == theirs, ours == theirs
@@ -187,26 +202,20 @@ def test_cascade_same_labels_as_nnunet_predictor(nnunet_models, tmp_path, monkey
     assert equal.mean() >= 0.95 and len(np.unique(ours)) > 3
 
 
-def test_region_based_model_runs_as_nnunet_predictor_runs_it(tmp_path):
+def test_region_based_model_runs_as_nnunet_predictor_runs_it(nnunet_models, nnunet_labels, case_image, tmp_path):
     """A region-based model (sigmoid outputs for overlapping regions, as nnU-Net's BraTS models: here
     "liver" = liver and tumour, "liver tumour") planned by nnU-Net, with its initial weights (a few
     training iterations leave such a model predicting one region everywhere or nothing): imported
     and run end to end, the labels are nnUNetPredictor's. The export itself is checked against
     nnU-Net's own functions on varied logits in the next test."""
-    model = Path(_reference("make-region-model", tmp_path / "work", *PHANTOM_SPACING)[-1])
-    assert main(["import-model", "nnunet", str(model), "-o", str(tmp_path / "card")]) == 0
+    assert main(["import-model", "nnunet", str(nnunet_models["regions"]), "-o", str(tmp_path / "card")]) == 0
     card = load_card(tmp_path / "card")
     assert [(label.value, label.name) for label in card.labels] == [(1, "liver"), (2, "liver tumour")]
     assert card.data["architecture"]["args"]["region_order"] == [1, 2]
-    phantom = make_phantom(11, spacing=(4.0, 4.5, 5.0), field_of_view_mm=(400.0, 240.0, 300.0))
-    image_path = tmp_path / "case_0000.nii.gz"
-    sitk.WriteImage(volume_to_sitk(phantom.image), str(image_path))
-    _reference("predict", model, image_path, tmp_path / "nnunet.nii.gz")
-    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "nnunet.nii.gz")))
-    ours = segment([read_volume(image_path)], card, SegmentOptions(device="cpu", tta=True, postprocess=False)).labelmap.array
-    assert np.mean(ours == theirs) >= 0.999
+    ours = segment([read_volume(case_image)], card, SegmentOptions(device="cpu", tta=True, postprocess=False)).labelmap.array
+    assert np.mean(ours == nnunet_labels["regions"]) >= 0.999
     with pytest.raises(InputError, match="region-based"):
-        segment([read_volume(image_path)], card, SegmentOptions(device="cpu", uncertainty=True))
+        segment([read_volume(case_image)], card, SegmentOptions(device="cpu", uncertainty=True))
 
 
 @pytest.mark.parametrize("spacings", [((6.0, 5.0, 5.0), (4.0, 4.5, 5.0)), ((1.0, 1.0, 1.0), (5.0, 1.2, 1.0))],

@@ -25,7 +25,7 @@ from AIReconstructLib.errors import AIReconstructError
 from AIReconstructLib.modelcard import load_card
 from AIReconstructLib.totalsegmentator import TASKS, download_weights
 from conftest import SHARED_DATA
-from test_nnunet import _reference
+from test_nnunet import _predict_with_nnunet, _reference
 
 EXAMPLE = SHARED_DATA / "CT_TotalSegExample"
 CT = EXAMPLE / "ct_small.nii.gz"
@@ -110,7 +110,7 @@ def test_geometry_end_to_end_on_a_reoriented_ct(imported, trained, tmp_path, rec
     np.testing.assert_array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(sitk.DICOMOrient(original, "PSL")))
 
     model = next(trained.glob(f"nnUNet_results/{DATASET}/*__3d_fullres"))
-    _reference("predict", model, CT, tmp_path / "nnunet.nii.gz")
+    _predict_with_nnunet([{"model": model, "image": CT, "output": tmp_path / "nnunet.nii.gz"}], tmp_path)
     expected = sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(tmp_path / "nnunet.nii.gz")), "PSL"))
     agreement = float(np.mean(sitk.GetArrayFromImage(ours) == expected))
     record_property("voxel agreement with nnUNetPredictor on the RAS image", agreement)

@@ -19,6 +19,7 @@ Needs the test extra (nnunetv2). Not part of the test suite.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -73,8 +74,10 @@ def main() -> None:
             f"'{image}')")], check=True)
 
     theirs, ours = work / "nnunet.nii.gz", work / "engine"
-    nnunet_seconds, nnunet_rss = timed_child([python, str(REFERENCE), "predict", str(model), str(image), str(theirs),
-                                              "--folds", "0", "1"] + (["--no-mirroring"] if args.no_mirroring else []))
+    job = work / "nnunet-job.json"
+    job.write_text(json.dumps([{"model": str(model), "image": str(image), "output": str(theirs), "folds": [0, 1],
+                                "mirroring": not args.no_mirroring}]))
+    nnunet_seconds, nnunet_rss = timed_child([python, str(REFERENCE), "predict", str(job)])
     import numpy as np
     import SimpleITK as sitk
 
