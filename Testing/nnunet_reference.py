@@ -287,16 +287,31 @@ def _arguments():
     return parser.parse_args()
 
 
-def _fork_workers_and_skip_progress_plots() -> None:
-    """Two time savers that leave nnU-Net's results as they are: its worker pools (fingerprint,
-    preprocessing, validation export) fork this process instead of spawning fresh interpreters
-    that each import torch and nnU-Net again, and its trainer draws no progress plot."""
+def _save_time_on_small_data_sets() -> None:
+    """Time savers for data sets of a few small phantoms: nnU-Net's worker pools (fingerprint,
+    preprocessing, validation export, listing the files) have one worker each, forked from this
+    process instead of spawned as a fresh interpreter that imports torch and nnU-Net again; its
+    fingerprint draws its intensity statistics from 10^6 samples of the foreground (with
+    replacement) instead of 10^8, more than the phantoms' foreground voxels either way; its trainer
+    draws no progress plot."""
     import multiprocessing
 
+    os.environ["nnUNet_def_n_proc"] = "1"  # read when nnU-Net is first imported, below
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
     from nnunetv2.training.logging.nnunet_logger import MetaLogger
+    from nnunetv2.utilities import utils
+
+    extractor_init = DatasetFingerprintExtractor.__init__
+
+    def fewer_samples(self, *arguments, **keywords):
+        extractor_init(self, *arguments, **keywords)
+        self.num_foreground_voxels_for_intensitystats = 1e6
+
+    DatasetFingerprintExtractor.__init__ = fewer_samples
 
     get_context = multiprocessing.get_context
     multiprocessing.get_context = lambda method=None: get_context("fork" if method == "spawn" else method)
+    utils.Pool = lambda processes=None, **keywords: get_context("fork").Pool(1, **keywords)
     MetaLogger.plot_progress_png = lambda self, output_folder: None
 
 
@@ -305,7 +320,7 @@ if __name__ == "__main__":
     if arguments.command == "predict":
         predict_jobs(json.loads(arguments.jobs.read_text()))
     else:
-        _fork_workers_and_skip_progress_plots()
+        _save_time_on_small_data_sets()
         if arguments.command == "make-model":
             for configuration, folder in make_model(arguments.work, arguments.configurations,
                                                     arguments.phantom_spacing).items():
