@@ -79,6 +79,14 @@ def test_resume_continues_where_an_interrupted_run_stopped(tmp_path, tiny_datase
         assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-6)
     assert json.loads((resumed / "card.json").read_text(encoding="utf-8"))["training"]["epochs_run"] == 4
 
+    # TensorBoard has each epoch once, across both runs, with the log's figures
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                      reason="the tensorboard package is not installed (the test extra installs it)")
+    events = accumulator.EventAccumulator(str(resumed / "tensorboard")).Reload()
+    assert [(event.step, pytest.approx(event.value)) for event in events.Scalars("loss")] == \
+        [(int(row["epoch"]), float(row["loss"])) for row in rows]
+    assert [event.step for event in events.Scalars("val_mean_dice")] == [2, 4]
+
 
 def test_adversarial_loss_is_on_only_when_asked(tmp_path, tiny_dataset):
     assert main(["train", str(tiny_dataset), "-o", str(tmp_path / "plain"), "--name", "p", "--epochs", "2", *TINY]) == 0

@@ -3,7 +3,8 @@
 Dice + cross-entropy on class-balanced, augmented patches, AdamW with a poly learning rate,
 sliding-window validation every N epochs keeping the best weights, a checkpoint every epoch
 (``--resume`` continues an interrupted run), optional adversarial refinement, and data-parallel
-training under ``torchrun``. Each epoch is seeded from the run's seed, so a resumed run draws the
+training under ``torchrun``. Each epoch's figures go to ``training_log.csv`` and, where the
+``tensorboard`` package is installed, to TensorBoard (``tensorboard/`` in the output folder). Each epoch is seeded from the run's seed, so a resumed run draws the
 same patches as an uninterrupted one.
 
 ``aireconstruct finetune`` is the same loop started from a trained model (``base_model``): its
@@ -161,6 +162,7 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
         state["base_dice"] = state["best_dice"] = mean_dice(base_dice) if base_dice is not None else -1.0
         write_weights(network, output / WEIGHTS_FILE)
     total_steps = config.epochs * config.iterations_per_epoch
+    board = _tensorboard(output, state["epoch"] + 1) if distributed.is_main else None
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         epoch_seed = config.seed * 100_003 + epoch * 101 + distributed.rank
         _seed(epoch_seed)
@@ -214,6 +216,11 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
             state["history"].append(row)
             state["epoch"] = epoch
             write_csv(output / "training_log.csv", state["history"])
+            if board is not None:
+                for name, value in row.items():
+                    if name != "epoch" and value != "":
+                        board.add_scalar(name, value, epoch)
+                board.flush()
             _save_checkpoint(output / CHECKPOINT_FILE, network, optimiser, adversarial, state)
         distributed.barrier()
         progress(epoch / config.epochs, f"epoch {epoch}/{config.epochs} loss {row['loss']:.4f} "
@@ -221,11 +228,24 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
         if out_of_time:
             break
 
+    if board is not None:
+        board.close()
     distributed.check_in_sync(network)
     if not distributed.is_main:
         return output / CARD_FILE
     return _write_card(config, output, dataset, channel_specs, labels, spacing, state, distributed.world_size,
                        time.time() - start, split["validation"], base, len(rehearsal.items) if rehearsal else 0)
+
+
+def _tensorboard(output: Path, first_epoch: int):
+    """A TensorBoard writer into ``output/tensorboard``, or None without the ``tensorboard`` package;
+    events an interrupted run wrote for ``first_epoch`` and later are dropped (a resumed run writes
+    them again)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(output / "tensorboard"), purge_step=first_epoch)
 
 
 def _training_batch(sampler: PatchSampler, rehearsal: PatchSampler | None, config: TrainConfig, device):
