@@ -26,6 +26,7 @@ def test_benchmark_compares_a_network_with_and_without_adversarial_refinement(tm
     assert "| UNet | yes |" in markdown
     assert "- UNet: " in markdown and ("Wilcoxon" in markdown or "not testable" in markdown)
     assert (tmp_path / "bench" / "dice.png").stat().st_size > 1000
+    assert len(list((tmp_path / "bench" / "cache").glob("*.safetensors"))) == 3  # each case prepared once
     assert "Architecture comparison" in capsys.readouterr().out
     # run again: every configuration is already trained there, so it is reused and the tables rewritten
     trained = sorted(p.stat().st_mtime for p in (tmp_path / "bench" / "models").rglob("model.safetensors"))

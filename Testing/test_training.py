@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from AIReconstructLib.cli import build_parser, main
 from AIReconstructLib.cli_training import config_from_arguments
@@ -86,6 +87,30 @@ def test_resume_continues_where_an_interrupted_run_stopped(tmp_path, tiny_datase
     assert [(event.step, pytest.approx(event.value)) for event in events.Scalars("loss")] == \
         [(int(row["epoch"]), float(row["loss"])) for row in rows]
     assert [event.step for event in events.Scalars("val_mean_dice")] == [2, 4]
+
+
+def test_cached_cases_are_read_back_until_a_file_or_the_grid_changes(tmp_path, tiny_dataset, monkeypatch):
+    from AIReconstructLib import training_data
+
+    case = read_dataset(tiny_dataset).cases[0]
+    specs = [{"name": "CT", "normalisation": {"scheme": "ct", "clip": [-900.0, 900.0], "mean": 0.0, "std": 300.0}}]
+    made = []
+    on_grid = training_data._case_on_grid
+    monkeypatch.setattr(training_data, "_case_on_grid", lambda *arguments: made.append(1) or on_grid(*arguments))
+    cache = tmp_path / "cache"
+    first = training_data.load_case(case, specs, [8, 8, 8], cache)
+    again = training_data.load_case(case, specs, [8, 8, 8], cache)
+    assert len(made) == 1 and [p.suffix for p in cache.iterdir()] == [".safetensors"]
+    assert all(torch.equal(a, b) for a, b in zip(first, again)) and again[1].shape[0] == 1
+
+    training_data.load_case(case, specs, [6, 6, 6], cache)  # another grid
+    later = os.stat(case.images[0]).st_mtime_ns + 10**9
+    os.utime(case.images[0], ns=(later, later))  # the image written again
+    training_data.load_case(case, specs, [8, 8, 8], cache)
+    assert len(made) == 3 and len(list(cache.iterdir())) == 3
+    newest = max(cache.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    newest.write_bytes(b"not safetensors")  # a damaged cache file is made again
+    assert torch.equal(training_data.load_case(case, specs, [8, 8, 8], cache)[0], first[0]) and len(made) == 4
 
 
 def test_adversarial_loss_is_on_only_when_asked(tmp_path, tiny_dataset):

@@ -1,7 +1,8 @@
 """``aireconstruct benchmark``: compare architectures, with and without adversarial refinement.
 
 Every configuration is trained on the same cross-validation folds with the same seed, each run in
-a process of its own (so its peak memory is its own), and then segments its fold's held-out cases
+a process of its own (so its peak memory is its own; the cases, resampled and normalised once, are
+shared through ``cache/`` in the output folder), and then segments its fold's held-out cases
 on their original grids. Written to the output folder: ``cases.csv`` (metrics per case),
 ``table.csv`` and ``table.md`` (mean ± standard deviation over folds, parameters, training time
 per epoch, inference time per volume, peak training memory), ``dice.png`` and, per architecture,
@@ -67,6 +68,7 @@ def _train_in_child(config: BenchmarkConfig, architecture: str, adversarial: boo
                "--epochs", str(config.epochs), "--iterations", str(config.iterations),
                "--batch-size", str(config.batch_size), "--validate-every", str(config.epochs),
                "--seed", str(config.seed), "--device", config.device, "--json-progress",
+               "--cache", str(Path(config.output) / "cache"),
                *(["--adversarial"] if adversarial else []), *config.extra_train_arguments]
     with open(folder / "train.log", "w", encoding="utf-8") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

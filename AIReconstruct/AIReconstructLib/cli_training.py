@@ -41,7 +41,7 @@ def config_from_arguments(args):
         time_limit_minutes=args.time_limit, intended_use=args.intended_use, labels_file=args.labels,
         licence=args.licence, architecture=args.architecture, folds=args.folds, fold=args.fold, resume=args.resume,
         adversarial=args.adversarial, adversarial_weight=args.adversarial_weight,
-        adversarial_warmup_epochs=args.adversarial_warmup, mirror_axes=args.mirror_axes,
+        adversarial_warmup_epochs=args.adversarial_warmup, mirror_axes=args.mirror_axes, cache=args.cache,
     )
     config.architecture_args = architecture_arguments(args)
     return config
@@ -158,6 +158,8 @@ def add_training_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", help="JSON list of card label entries (names, colours, SNOMED CT codes)")
     p.add_argument("--architecture", default="UNet", help="UNet, DynUNet, BasicUNetPlusPlus, VNet, SegResNet, SwinUNETR")
     p.add_argument("--architecture-args", help="the architecture's arguments as JSON (default: networks.DEFAULT_ARGUMENTS)")
+    p.add_argument("--cache", metavar="FOLDER", help="keep every case resampled and normalised in this folder and reuse "
+                                                     "it in later runs (other folds, other networks)")
     p.add_argument("--folds", type=int, default=0, help="k-fold cross-validation splits (0: one split)")
     p.add_argument("--fold", type=int, default=0, help="which fold to train")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")

@@ -70,6 +70,7 @@ class TrainConfig:
     adversarial_weight: float = 0.01
     adversarial_warmup_epochs: int = 5
     mirror_axes: list = ()  # array axes (0 z, 1 y, 2 x) to mirror in augmentation and test-time augmentation
+    cache: str | None = None  # folder keeping the cases on the model grid for later runs (training_data.load_case)
     labels_file: str | None = None  # model-card label entries (names, colours, codes) for the data set's values
     intended_use: str = "Research use only; not for clinical use"
     licence: str = "Apache-2.0"
@@ -117,8 +118,8 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
         (output / "splits.json").write_text(json.dumps({"fold": config.fold, "folds": splits}, indent=2),
                                             encoding="utf-8")
     by_id = {case.case_id: case for case in dataset.cases}
-    train_cases = [load_case(by_id[c], channel_specs, spacing) for c in split["train"] or split["validation"]]
-    val_cases = [load_case(by_id[c], channel_specs, spacing) for c in split["validation"]]
+    train_cases, val_cases = ([load_case(by_id[c], channel_specs, spacing, config.cache) for c in ids]
+                              for ids in (split["train"] or split["validation"], split["validation"]))
     if config.patch_size is None:
         median_zyx = np.median([image.shape[1:] for image, _ in train_cases], axis=0)
         config.patch_size = [int(min(128, max(16, 16 * round(n / 16)))) for n in median_zyx[::-1]]

@@ -1,5 +1,5 @@
-"""Training data on the model grid: the data set's fingerprint, cases, rehearsal scans, folds and
-patch sampling.
+"""Training data on the model grid: the data set's fingerprint, cases (optionally cached on disk
+for later runs), rehearsal scans, folds and patch sampling.
 
 Spacing is the data set's median spacing and CT normalisation clips to the 0.5-99.5 percentiles of
 foreground intensities and z-scores with their mean and deviation, as nnU-Net does; MR channels
@@ -8,6 +8,7 @@ are z-scored inside non-zero voxels per image.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -19,10 +20,12 @@ from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandCro
                               RandGaussianNoised, RandGaussianSmoothd, RandScaleIntensityd,
                               RandShiftIntensityd, SpatialPadd)
 from monai.transforms.utils import map_classes_to_indices
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from .dataset import Dataset
 from .errors import InputError
-from .io import IMAGE_SUFFIXES, read_labelmap, read_volume
+from .io import IMAGE_SUFFIXES, atomic_path, read_labelmap, read_volume
 from .predict import Predictor
 from .preprocess import prepare, to_canonical
 
@@ -64,8 +67,40 @@ def label_entries(dataset: Dataset, labels_file: str | None) -> list[dict]:
     return entries
 
 
-def load_case(case, channel_specs, spacing) -> tuple[torch.Tensor, torch.Tensor]:
-    """A case on the model grid: image ``[C, z, y, x]`` float32 and labels ``[1, z, y, x]``."""
+CACHE_FORMAT = 1  # part of every cache key: raise it when a case's tensors change for the same inputs
+
+
+def load_case(case, channel_specs, spacing, cache: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A case on the model grid: image ``[C, z, y, x]`` float32 and labels ``[1, z, y, x]``. With a
+    ``cache`` folder the tensors are kept there (safetensors) and read back by later runs (other
+    folds, other networks) while the case's files (path, size, modification time), the
+    normalisation and the spacing are the same."""
+    if cache is None:
+        return _case_on_grid(case, channel_specs, spacing)
+    path = Path(cache) / f"{case.case_id}-{_cache_key(case, channel_specs, spacing)}.safetensors"
+    if path.is_file():
+        try:
+            tensors = load_file(str(path))
+            return tensors["image"], tensors["labels"]
+        except (SafetensorError, OSError, KeyError):
+            pass  # unreadable: made again and replaced below
+    image, labels = _case_on_grid(case, channel_specs, spacing)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({"image": image.contiguous(), "labels": labels.contiguous()}, str(tmp))
+    return image, labels
+
+
+def _cache_key(case, channel_specs, spacing) -> str:
+    files = []
+    for name in [*case.images, case.label]:
+        status = Path(name).stat()
+        files.append([str(Path(name).resolve()), status.st_size, status.st_mtime_ns])
+    text = json.dumps([CACHE_FORMAT, files, channel_specs, [float(value) for value in spacing]], sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _case_on_grid(case, channel_specs, spacing) -> tuple[torch.Tensor, torch.Tensor]:
     channels = [read_volume(path) for path in case.images]
     prepared = prepare(channels, channel_specs, spacing)
     labels = read_labelmap(case.label, like=channels[0])
