@@ -3,9 +3,9 @@
 Dice + cross-entropy on class-balanced, augmented patches, AdamW with a poly learning rate,
 sliding-window validation every N epochs keeping the best weights, a checkpoint every epoch
 (``--resume`` continues an interrupted run), optional adversarial refinement, and data-parallel
-training under ``torchrun``. Each epoch's figures go to ``training_log.csv`` and, where the
-``tensorboard`` package is installed, to TensorBoard (``tensorboard/`` in the output folder). Each epoch is seeded from the run's seed, so a resumed run draws the
-same patches as an uninterrupted one.
+training under ``torchrun``. Each epoch is seeded from the run's seed, so a resumed run draws the
+same patches as an uninterrupted one. Each epoch's figures go to ``training_log.csv`` and, where
+the ``tensorboard`` package is installed, to TensorBoard (``tensorboard/`` in the output folder).
 
 ``aireconstruct finetune`` is the same loop started from a trained model (``base_model``): its
 channels, spacing, patch size, labels and weights are kept, the encoder can be frozen, and the new
