@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import torch
 
 from AIReconstructLib.cli import build_parser, main
 from AIReconstructLib.cli_training import config_from_arguments
-from AIReconstructLib.errors import Cancelled
+from AIReconstructLib.errors import Cancelled, InputError
 from AIReconstructLib.dataset import read_dataset, write_phantom_dataset
 from AIReconstructLib.modelcard import load_card
 from AIReconstructLib.phantom import make_phantom
@@ -111,6 +112,20 @@ def test_cached_cases_are_read_back_until_a_file_or_the_grid_changes(tmp_path, t
     newest = max(cache.iterdir(), key=lambda p: p.stat().st_mtime_ns)
     newest.write_bytes(b"not safetensors")  # a damaged cache file is made again
     assert torch.equal(training_data.load_case(case, specs, [8, 8, 8], cache)[0], first[0]) and len(made) == 4
+
+    (tmp_path / "a file").write_text("not a folder")
+    with pytest.raises(InputError, match="Cannot keep the cases in the cache folder"):
+        training_data.load_case(case, specs, [8, 8, 8], tmp_path / "a file")
+
+
+def test_a_data_set_with_a_corrupt_image_stops_training_before_anything_is_written(tmp_path, tiny_dataset, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    image = sorted((data / "imagesTr").iterdir())[-1]
+    image.write_bytes(image.read_bytes()[:200])  # cut short
+    assert main(["train", str(data), "-o", str(tmp_path / "model"), "--name", "m", "--epochs", "1", "--spacing", "8", "8",
+                 "8", "--device", "cpu"]) != 0
+    assert image.name.split(".")[0] in capsys.readouterr().err and not (tmp_path / "model").exists()
 
 
 def test_adversarial_loss_is_on_only_when_asked(tmp_path, tiny_dataset):

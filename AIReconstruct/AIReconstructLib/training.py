@@ -100,7 +100,6 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
     _seed(config.seed)
     dataset = read_dataset(config.dataset)
     output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
     base = _fine_tuning_base(config, dataset) if config.base_model else None
     if base is not None:
         spacing, channel_specs, labels = list(base.spacing()), base.channels, base.data["labels"]
@@ -114,12 +113,13 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
     if not 0 <= config.fold < len(splits):
         raise InputError(f"Fold {config.fold} does not exist; there are {len(splits)} fold(s)")
     split = splits[config.fold]
-    if distributed.is_main:
-        (output / "splits.json").write_text(json.dumps({"fold": config.fold, "folds": splits}, indent=2),
-                                            encoding="utf-8")
     by_id = {case.case_id: case for case in dataset.cases}
     train_cases, val_cases = ([load_case(by_id[c], channel_specs, spacing, config.cache) for c in ids]
                               for ids in (split["train"] or split["validation"], split["validation"]))
+    output.mkdir(parents=True, exist_ok=True)  # once the cases have loaded: bad data leaves no folder behind
+    if distributed.is_main:
+        (output / "splits.json").write_text(json.dumps({"fold": config.fold, "folds": splits}, indent=2),
+                                            encoding="utf-8")
     if config.patch_size is None:
         median_zyx = np.median([image.shape[1:] for image, _ in train_cases], axis=0)
         config.patch_size = [int(min(128, max(16, 16 * round(n / 16)))) for n in median_zyx[::-1]]

@@ -85,9 +85,12 @@ def load_case(case, channel_specs, spacing, cache: str | Path | None = None) -> 
         except (SafetensorError, OSError, KeyError):
             pass  # unreadable: made again and replaced below
     image, labels = _case_on_grid(case, channel_specs, spacing)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file({"image": image.contiguous(), "labels": labels.contiguous()}, str(tmp))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            save_file({"image": image.contiguous(), "labels": labels.contiguous()}, str(tmp))
+    except OSError as error:
+        raise InputError(f"Cannot keep the cases in the cache folder {cache}: {error.strerror or error}") from None
     return image, labels
 
 
