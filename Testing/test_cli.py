@@ -11,7 +11,8 @@ import pytest
 
 from AIReconstructLib.cli import main
 from AIReconstructLib.io import read_labelmap, read_volume, write_volume
-from AIReconstructLib.segnrrd import read_seg_nrrd
+from AIReconstructLib.modelcard import Label
+from AIReconstructLib.segnrrd import read_seg_nrrd, write_seg_nrrd
 from AIReconstructLib.volume import Volume
 from conftest import noise_ct
 
@@ -66,6 +67,9 @@ def test_evaluate_and_surfaces_commands(tmp_path, capsys):
     result = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
     assert result["labels"]["label 1"]["dice"] == pytest.approx(2 * 180 / 432)
     assert "Dice" in capsys.readouterr().out
+    write_seg_nrrd(Volume(shifted, (1, 1, 2)), [Label(1, "liver", (0.8, 0.4, 0.3), {}, {})], tmp_path / "pred.seg.nrrd")
+    assert main(["evaluate", str(tmp_path / "pred.seg.nrrd"), str(ref)]) == 0  # the segment's own name
+    assert "liver " in capsys.readouterr().out
     assert main(["surfaces", str(ref), "-o", str(tmp_path / "meshes"), "--format", "stl"]) == 0
     assert (tmp_path / "meshes" / "label_1.stl").is_file()
 

@@ -42,11 +42,13 @@ def cmd_evaluate(args, reporter: Reporter) -> None:
     from .io import read_labelmap
     from .metrics import evaluate, label_voxel_counts
     from .modelcard import find_model
+    from .segnrrd import read_segmentation
 
     reference = read_labelmap(args.reference)
-    prediction = read_labelmap(args.prediction, like=reference)
-    if args.model:
-        names = {label.value: label.name for label in find_model(args.model).labels}
+    card = find_model(args.model) if args.model else None
+    prediction, labels = read_segmentation(args.prediction, card, like=reference)
+    if card is not None or args.prediction.lower().endswith(".seg.nrrd"):  # the model's or the file's names
+        names = {label.value: label.name for label in labels}
     else:
         values = np.union1d(np.flatnonzero(label_voxel_counts(prediction.array)),
                             np.flatnonzero(label_voxel_counts(reference.array)))
