@@ -38,11 +38,11 @@ import torch
 
 from .dataset import read_dataset
 from .errors import InputError
-from .io import read_volume, write_csv
+from .io import read_volume
 from .modelcard import CARD_FILE, save_card
 from .networks import DEFAULT_ARGUMENTS, build_network
-from .training import (WEIGHTS_FILE, mean_dice, segmentation_loss, trained_card, validation_dice,
-                       write_weights)
+from .training import (WEIGHTS_FILE, log_figures, mean_dice, segmentation_loss, tensorboard_writer, trained_card,
+                       validation_dice, write_weights)
 from .training_data import PatchSampler, channel_normalisation, load_case, median_spacing
 
 STRATEGIES = ("fedavg", "fedprox")
@@ -280,6 +280,7 @@ def run_server(grid, config: FederatedConfig, progress=None) -> Path:
     history = []
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
+    board = tensorboard_writer(output)
 
     def evaluate(server_round: int, arrays) -> MetricRecord:
         row = {"round": server_round, "seconds": round(time.time() - started, 1)}
@@ -292,7 +293,7 @@ def run_server(grid, config: FederatedConfig, progress=None) -> Path:
                                    plan["num_classes"])
             row["val_mean_dice"] = mean_dice(dice)
         history.append(row)
-        write_csv(output / "federated_log.csv", history)
+        log_figures(history, output / "federated_log.csv", board, "round")
         progress(server_round / config.rounds, f"round {server_round}/{config.rounds} "
                                                 f"val Dice {row.get('val_mean_dice', '-')}")
         return MetricRecord({key: value for key, value in row.items() if key != "round"})
@@ -303,6 +304,8 @@ def run_server(grid, config: FederatedConfig, progress=None) -> Path:
                               **options)
     result = strategy.start(grid, ArrayRecord(network.state_dict()), num_rounds=config.rounds,
                             train_config=ConfigRecord({"plan": json.dumps(plan)}), evaluate_fn=evaluate)
+    if board is not None:
+        board.close()
     if len(history) != config.rounds + 1:
         raise InputError("Federated training stopped early: a site failed (see the log above)")
     network.load_state_dict(result.arrays.to_torch_state_dict())

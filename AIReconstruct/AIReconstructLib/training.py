@@ -163,7 +163,7 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
         state["base_dice"] = state["best_dice"] = mean_dice(base_dice) if base_dice is not None else -1.0
         write_weights(network, output / WEIGHTS_FILE)
     total_steps = config.epochs * config.iterations_per_epoch
-    board = _tensorboard(output, state["epoch"] + 1) if distributed.is_main else None
+    board = tensorboard_writer(output, state["epoch"] + 1) if distributed.is_main else None
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         epoch_seed = config.seed * 100_003 + epoch * 101 + distributed.rank
         _seed(epoch_seed)
@@ -216,12 +216,7 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
                 write_weights(network, output / WEIGHTS_FILE)
             state["history"].append(row)
             state["epoch"] = epoch
-            write_csv(output / "training_log.csv", state["history"])
-            if board is not None:
-                for name, value in row.items():
-                    if name != "epoch" and value != "":
-                        board.add_scalar(name, value, epoch)
-                board.flush()
+            log_figures(state["history"], output / "training_log.csv", board, "epoch")
             _save_checkpoint(output / CHECKPOINT_FILE, network, optimiser, adversarial, state)
         distributed.barrier()
         progress(epoch / config.epochs, f"epoch {epoch}/{config.epochs} loss {row['loss']:.4f} "
@@ -238,15 +233,27 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
                        time.time() - start, split["validation"], base, len(rehearsal.items) if rehearsal else 0)
 
 
-def _tensorboard(output: Path, first_epoch: int):
+def tensorboard_writer(output: Path, first_step: int = 0):
     """A TensorBoard writer into ``output/tensorboard``, or None without the ``tensorboard`` package;
-    events an interrupted run wrote for ``first_epoch`` and later are dropped (a resumed run writes
+    events an interrupted run wrote for ``first_step`` and later are dropped (a resumed run writes
     them again)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(output / "tensorboard"), purge_step=first_epoch)
+    return SummaryWriter(str(output / "tensorboard"), purge_step=first_step)
+
+
+def log_figures(history: list[dict], csv_path: Path, board, step: str) -> None:
+    """The run's figures so far to ``csv_path`` and its last row to TensorBoard (``board``, if any);
+    ``step`` names the column that numbers the rows (epoch, round)."""
+    write_csv(csv_path, history)
+    if board is not None:
+        row = history[-1]
+        for name, value in row.items():
+            if name != step and value != "":
+                board.add_scalar(name, value, row[step])
+        board.flush()
 
 
 def _training_batch(sampler: PatchSampler, rehearsal: PatchSampler | None, config: TrainConfig, device):
