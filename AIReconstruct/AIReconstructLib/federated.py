@@ -41,9 +41,9 @@ from .errors import InputError
 from .io import read_volume
 from .modelcard import CARD_FILE, save_card
 from .networks import DEFAULT_ARGUMENTS, build_network
-from .training import (WEIGHTS_FILE, log_figures, mean_dice, segmentation_loss, tensorboard_writer, trained_card,
-                       validation_dice, write_weights)
+from .training import mean_dice, segmentation_loss, validation_dice
 from .training_data import PatchSampler, channel_normalisation, load_case, median_spacing
+from .training_outputs import WEIGHTS_FILE, log_figures, tensorboard_writer, trained_card, write_weights
 
 STRATEGIES = ("fedavg", "fedprox")
 DATA_FOLDER_KEY = "data-folder"  # the SuperNode's --node-config entry naming its data set folder

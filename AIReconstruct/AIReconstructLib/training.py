@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,17 +29,14 @@ from .adversarial import AdversarialRefinement
 from .dataset import read_dataset
 from .distributed import Distributed
 from .errors import Cancelled, InputError
-from .io import atomic_path, write_csv
 from .metrics import overlap_scores
-from .modelcard import CARD_FILE, ModelCard, find_model, save_card, sha256_of, version_key
-from .networks import DEFAULT_ARGUMENTS, ENCODER_PARAMETERS, build_network, freeze_encoder, load_network, save_weights
+from .modelcard import CARD_FILE, ModelCard, find_model
+from .networks import DEFAULT_ARGUMENTS, ENCODER_PARAMETERS, build_network, freeze_encoder, load_network
 from .predict import Predictor
 from .training_data import (PatchSampler, channel_normalisation, label_entries, load_case, make_folds, rehearsal_cases,
                             median_spacing)
-
-WEIGHTS_FILE = "model.safetensors"
-CHECKPOINT_FILE = "checkpoint.pt"
-
+from .training_outputs import (CHECKPOINT_FILE, WEIGHTS_FILE, load_checkpoint, log_figures, save_checkpoint,
+                               tensorboard_writer, write_card, write_weights)
 
 @dataclass
 class TrainConfig:
@@ -114,8 +111,8 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
         raise InputError(f"Fold {config.fold} does not exist; there are {len(splits)} fold(s)")
     split = splits[config.fold]
     by_id = {case.case_id: case for case in dataset.cases}
-    train_cases, val_cases = ([load_case(by_id[c], channel_specs, spacing, config.cache) for c in ids]
-                              for ids in (split["train"] or split["validation"], split["validation"]))
+    train_cases = [load_case(by_id[c], channel_specs, spacing, config.cache) for c in split["train"] or split["validation"]]
+    val_cases = [load_case(by_id[c], channel_specs, spacing, config.cache) for c in split["validation"]]
     output.mkdir(parents=True, exist_ok=True)  # once the cases have loaded: bad data leaves no folder behind
     if distributed.is_main:
         (output / "splits.json").write_text(json.dumps({"fold": config.fold, "folds": splits}, indent=2),
@@ -157,7 +154,7 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
 
     state = {"epoch": 0, "step": 0, "best_dice": -1.0, "best_epoch": 0, "history": []}
     if config.resume and (output / CHECKPOINT_FILE).is_file():
-        state = _load_checkpoint(output / CHECKPOINT_FILE, network, optimiser, adversarial, device)
+        state = load_checkpoint(output / CHECKPOINT_FILE, network, optimiser, adversarial, device)
     elif base is not None and distributed.is_main:  # the base model's score is the one to beat
         base_dice = validation_dice(network, val_cases, patch_zyx, device, num_classes) if val_cases else None
         state["base_dice"] = state["best_dice"] = mean_dice(base_dice) if base_dice is not None else -1.0
@@ -217,7 +214,7 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
             state["history"].append(row)
             state["epoch"] = epoch
             log_figures(state["history"], output / "training_log.csv", board, "epoch")
-            _save_checkpoint(output / CHECKPOINT_FILE, network, optimiser, adversarial, state)
+            save_checkpoint(output / CHECKPOINT_FILE, network, optimiser, adversarial, state)
         distributed.barrier()
         progress(epoch / config.epochs, f"epoch {epoch}/{config.epochs} loss {row['loss']:.4f} "
                                         f"val Dice {row['val_mean_dice'] or '-'}")
@@ -229,31 +226,8 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
     distributed.check_in_sync(network)
     if not distributed.is_main:
         return output / CARD_FILE
-    return _write_card(config, output, dataset, channel_specs, labels, spacing, state, distributed.world_size,
+    return write_card(config, output, dataset, channel_specs, labels, spacing, state, distributed.world_size,
                        time.time() - start, split["validation"], base, len(rehearsal.items) if rehearsal else 0)
-
-
-def tensorboard_writer(output: Path, first_step: int = 0):
-    """A TensorBoard writer into ``output/tensorboard``, or None without the ``tensorboard`` package;
-    events an interrupted run wrote for ``first_step`` and later are dropped (a resumed run writes
-    them again)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(output / "tensorboard"), purge_step=first_step)
-
-
-def log_figures(history: list[dict], csv_path: Path, board, step: str) -> None:
-    """The run's figures so far to ``csv_path`` and its last row to TensorBoard (``board``, if any);
-    ``step`` names the column that numbers the rows (epoch, round)."""
-    write_csv(csv_path, history)
-    if board is not None:
-        row = history[-1]
-        for name, value in row.items():
-            if name != step and value != "":
-                board.add_scalar(name, value, row[step])
-        board.flush()
 
 
 def _training_batch(sampler: PatchSampler, rehearsal: PatchSampler | None, config: TrainConfig, device):
@@ -330,80 +304,3 @@ def validation_dice(network, cases, patch_zyx, device, num_classes) -> dict[int,
                 per_label[value].append(overlap_scores(prediction == value, reference == value)["dice"])
     network.train()
     return {value: float(np.mean(scores)) for value, scores in per_label.items() if scores}
-
-
-def write_weights(network, path: Path) -> None:
-    """A network's weights as safetensors, written atomically."""
-    with atomic_path(path) as tmp:
-        save_weights(network, tmp)
-
-
-def _save_checkpoint(path: Path, network, optimiser, adversarial, state: dict) -> None:
-    checkpoint = {"network": network.state_dict(), "optimiser": optimiser.state_dict(), **state}
-    if adversarial is not None:
-        checkpoint["adversarial"] = adversarial.state_dict()
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
-
-
-def _load_checkpoint(path: Path, network, optimiser, adversarial, device) -> dict:
-    """Restore a run's weights, optimiser and progress (no pickle: tensors and plain values only)."""
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
-    network.load_state_dict(checkpoint.pop("network"))
-    optimiser.load_state_dict(checkpoint.pop("optimiser"))
-    adversarial_state = checkpoint.pop("adversarial", None)
-    if adversarial is not None:
-        if adversarial_state is None:
-            raise InputError(f"{path} was not trained with --adversarial; it cannot be resumed with it")
-        adversarial.load_state_dict(adversarial_state)
-    return checkpoint
-
-
-def _write_card(config, output, dataset, channel_specs, labels, spacing, state, world_size, seconds,
-                held_out: list[str], base: ModelCard | None = None, rehearsal_count: int = 0) -> Path:
-    training = {
-        "dataset": dataset.folder.name, "cases": len(dataset.cases), "held_out_cases": held_out,
-        "best_epoch": state["best_epoch"],
-        "validation_mean_dice": round(state["best_dice"], 4) if state["best_dice"] >= 0 else None,
-        "epochs_run": state["epoch"], "processes": world_size, "minutes": round(seconds / 60, 1),
-        "config": asdict(config),
-    }
-    card = trained_card(config, output, channel_specs, labels, spacing,
-                        f"{config.architecture} trained by aireconstruct train on {dataset.folder.name}", training)
-    if base is not None:  # the next version of the base model: its description, use and labels kept
-        major, minor = (version_key(base) + (0, 0))[:2]
-        card = {**base.data, "name": config.name, "version": f"{major}.{minor + 1}.0",
-                "weights": card["weights"], "training": training}
-        training["fine_tuned_from"] = {
-            "name": base.name, "version": base.data.get("version"), "sha256": base.data["weights"][0]["sha256"],
-            "validation_mean_dice": round(state["base_dice"], 4) if state.get("base_dice", -1) >= 0 else None,
-            "encoder_frozen": config.freeze_encoder, "rehearsal_scans": rehearsal_count}
-    save_card(card, output)
-    return output / CARD_FILE
-
-
-def trained_card(config, output: Path, channel_specs, labels, spacing, description: str, training: dict) -> dict:
-    """The model card of weights this project trained (``WEIGHTS_FILE`` in ``output``); ``config`` gives
-    the name, title, use, licence, architecture, patch size, mirroring and the optional fast spacing."""
-    card = {
-        "schema_version": 1,
-        "name": config.name,
-        "title": config.title or config.name,
-        "version": "1.0.0",
-        "description": description,
-        "intended_use": config.intended_use,
-        "licence": config.licence,
-        "modality": "CT" if channel_specs[0]["normalisation"]["scheme"] == "ct" else "MR",
-        "channels": channel_specs,
-        "spacing": [float(s) for s in spacing],
-        "patch_size": [int(p) for p in config.patch_size],
-        "inference": {"overlap": 0.5, "mirror_axes": sorted(config.mirror_axes)},
-        "architecture": {"name": config.architecture, "args": config.architecture_args},
-        "labels": [{**entry, "postprocess": entry.get("postprocess", {"keep_largest": False, "min_island_ml": 0.5,
-                                                                       "fill_holes": True})} for entry in labels],
-        "weights": [{"file": WEIGHTS_FILE, "sha256": sha256_of(output / WEIGHTS_FILE)}],
-        "training": training,
-    }
-    if config.fast_spacing:
-        card["fast_spacing"] = [float(s) for s in config.fast_spacing]
-    return card
