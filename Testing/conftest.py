@@ -69,6 +69,14 @@ def write_dicom_series(folder: Path, volume: Volume, series_uid: str = "1.2.826.
     return folder
 
 
+def tensorboard_scalars(folder: Path, tag: str) -> list:
+    """The scalar events of ``tag`` in the TensorBoard logs of ``folder``; the test is skipped without
+    the tensorboard package (the test extra installs it)."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                      reason="the tensorboard package is not installed (the test extra installs it)")
+    return accumulator.EventAccumulator(str(folder)).Reload().Scalars(tag)
+
+
 def noise_ct(shape, spacing=(4, 4, 4), seed: int = 0) -> Volume:
     """A CT-like noise volume (soft tissue with an air slab) for runs that only need many windows."""
     array = np.random.default_rng(seed).normal(0, 100, shape).astype(np.int16)

@@ -23,6 +23,7 @@ from AIReconstructLib.errors import InputError  # noqa: E402
 from AIReconstructLib.federated import (FederatedConfig, _network, make_plan, simulate,  # noqa: E402
                                         privacy_spent, site_fingerprint, train_at_site)
 from AIReconstructLib.modelcard import load_card  # noqa: E402
+from conftest import tensorboard_scalars  # noqa: E402
 
 TINY_UNET = {"channels": [4, 8], "strides": [2], "num_res_units": 0}
 SPACING = (8.0, 8.0, 8.0)
@@ -90,10 +91,7 @@ def test_a_simulated_federation_averages_the_sites_weights_and_writes_a_card(sit
     assert card.data["training"]["validation_mean_dice"] is not None
     log = (root / "out" / "federated_log.csv").read_text().splitlines()
     assert log[0].startswith("round") and len(log) == 3  # header, round 0 (initial weights), round 1
-    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
-                                      reason="the tensorboard package is not installed (the test extra installs it)")
-    events = accumulator.EventAccumulator(str(root / "out" / "tensorboard")).Reload()
-    assert [event.step for event in events.Scalars("val_mean_dice")] == [0, 1]
+    assert [event.step for event in tensorboard_scalars(root / "out" / "tensorboard", "val_mean_dice")] == [0, 1]
 
     # FedAvg by hand: each site trains the same initial weights on its own; average by case count
     plan = make_plan(config, [site_fingerprint(f) for f in folders])

@@ -19,6 +19,7 @@ from AIReconstructLib.modelcard import load_card
 from AIReconstructLib.phantom import make_phantom
 from AIReconstructLib.pipeline import SegmentOptions, segment
 from AIReconstructLib.training import train
+from conftest import tensorboard_scalars
 
 
 def test_short_training_lowers_the_loss_and_writes_a_loadable_card(tmp_path):
@@ -82,12 +83,9 @@ def test_resume_continues_where_an_interrupted_run_stopped(tmp_path, tiny_datase
     assert json.loads((resumed / "card.json").read_text(encoding="utf-8"))["training"]["epochs_run"] == 4
 
     # TensorBoard has each epoch once, across both runs, with the log's figures
-    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
-                                      reason="the tensorboard package is not installed (the test extra installs it)")
-    events = accumulator.EventAccumulator(str(resumed / "tensorboard")).Reload()
-    assert [(event.step, pytest.approx(event.value)) for event in events.Scalars("loss")] == \
-        [(int(row["epoch"]), float(row["loss"])) for row in rows]
-    assert [event.step for event in events.Scalars("val_mean_dice")] == [2, 4]
+    assert [(event.step, pytest.approx(event.value)) for event in tensorboard_scalars(resumed / "tensorboard", "loss")] \
+        == [(int(row["epoch"]), float(row["loss"])) for row in rows]
+    assert [event.step for event in tensorboard_scalars(resumed / "tensorboard", "val_mean_dice")] == [2, 4]
 
 
 def test_cached_cases_are_read_back_until_a_file_or_the_grid_changes(tmp_path, tiny_dataset, monkeypatch):
