@@ -79,7 +79,7 @@ def test_holes_are_filled_as_scipy_fills_them():
         mask = rng.random(rng.integers(3, 30, 3)) < rng.uniform(0.3, 0.9)
         if trial % 2:
             mask = ndimage.binary_opening(mask)
-        np.testing.assert_array_equal(mask | _cavities(mask), ndimage.binary_fill_holes(mask))
+        np.testing.assert_array_equal(mask | _cavities(mask, threads=2), ndimage.binary_fill_holes(mask))
 
 
 def test_islands_are_the_26_connected_components_scipy_finds():
@@ -95,10 +95,10 @@ def test_islands_are_the_26_connected_components_scipy_finds():
         sizes = np.bincount(components.ravel())[1:]
         rules = {"min_island_ml": float(rng.integers(1, 6)) / 1000}  # 1 mm³ voxels: 1-5 voxels
         expected = np.isin(components, 1 + np.flatnonzero(sizes < rules["min_island_ml"] * 1000))
-        np.testing.assert_array_equal(_islands(mask, rules, 0.001), expected)
+        np.testing.assert_array_equal(_islands(mask, rules, 0.001, threads=2), expected)
         if count and (sizes == sizes.max()).sum() == 1:  # a single largest component
             largest = components == 1 + np.argmax(sizes)
-            np.testing.assert_array_equal(_islands(mask, {"keep_largest": True}, 0.001), mask & ~largest)
+            np.testing.assert_array_equal(_islands(mask, {"keep_largest": True}, 0.001, threads=2), mask & ~largest)
 
 
 def test_label_maps_with_far_islands_and_cavities_are_cleaned_as_scipy_cleans_them():

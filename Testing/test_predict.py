@@ -72,13 +72,19 @@ def test_prepare_and_restore_keep_the_input_grid(ct_volume):
     assert restored.shape == ct_volume.array.shape
 
 
+@pytest.mark.parametrize("slabs_above", [0.0, 1.0])  # every voxel interpolated by slabs / cell by cell
+@pytest.mark.parametrize("grid", ["field_of_view", "first_voxel"])
 @pytest.mark.parametrize("direction", [np.eye(3), np.diag([-1.0, 1.0, -1.0]), np.array([[0, 0, 1.0], [1, 0, 0], [0, 1, 0]])])
-def test_slab_wise_label_restore_equals_full_resampling(direction):
+def test_label_restore_equals_full_resampling(direction, grid, slabs_above):
+    """Random scores (boundaries everywhere); the output grid is finer than the model's along two
+    axes and coarser along the third."""
     volume = Volume(np.zeros((23, 31, 37)), (1.3, 0.9, 2.6), (0, 0, 0), direction)
-    prepared = prepare([volume], [{"name": "x", "normalisation": {"scheme": "none"}}], (2.0, 2.0, 2.0))
+    prepared = prepare([volume], [{"name": "x", "normalisation": {"scheme": "none"}}], (2.0, 2.0, 2.0), grid=grid)
     scores = torch.randn(5, *prepared.tensor.shape[1:], generator=torch.Generator().manual_seed(0))
-    full = from_canonical(resample(scores, prepared.canonical_shape), prepared.reorientation)
-    labels = from_canonical(resample_argmax(scores, prepared.canonical_shape, slab=4), prepared.reorientation).numpy()
+    full = from_canonical(resample(scores, prepared.canonical_shape, prepared.steps_back), prepared.reorientation)
+    labels = resample_argmax(scores, prepared.canonical_shape, steps=prepared.steps_back, slabs_above=slabs_above,
+                             voxels_per_chunk=500)
+    labels = from_canonical(labels, prepared.reorientation).numpy()
     assert labels.shape == volume.array.shape
     top2 = full.topk(2, dim=0).values
     decided = (top2[0] - top2[1] > 1e-4).numpy()  # ignore exact ties, where float rounding may pick either
@@ -131,8 +137,9 @@ def test_mirroring_tta_uses_every_flip(tiny_model):
     assert len(counted) == 8
 
 
+@pytest.mark.parametrize("slabs_above", [0.0, 1 / 3])
 @pytest.mark.parametrize("nearest_first_axis", [False, True])
-def test_label_restore_shortcut_equals_full_resampling(nearest_first_axis):
+def test_label_restore_shortcut_equals_full_resampling(nearest_first_axis, slabs_above):
     """Smooth scores (few label boundaries): most voxels take the shortcut, the rest are interpolated."""
     z, y, x = torch.meshgrid(torch.linspace(-1, 1, 24), torch.linspace(-1, 1, 28), torch.linspace(-1, 1, 32),
                              indexing="ij")
@@ -144,7 +151,8 @@ def test_label_restore_shortcut_equals_full_resampling(nearest_first_axis):
                              align_corners=False).transpose(0, 1)
     else:
         full = F.interpolate(scores[None], size=shape, mode="trilinear", align_corners=False)[0]
-    labels = resample_argmax(scores, shape, nearest_first_axis=nearest_first_axis, slab=5)
+    labels = resample_argmax(scores, shape, nearest_first_axis=nearest_first_axis, slabs_above=slabs_above,
+                             voxels_per_chunk=500)
     top2 = full.topk(2, dim=0).values
     decided = top2[0] - top2[1] > 1e-5
     assert torch.equal(labels[decided], full.argmax(0).to(labels.dtype)[decided]) and decided.float().mean() > 0.999

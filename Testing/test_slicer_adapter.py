@@ -1,12 +1,16 @@
 """The Slicer adapter's logic on Slicer's real MRML libraries (the slicer-core package)."""
 
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer", reason="the slicer-core package (Slicer's MRML libraries) is not installed")
 vtk = pytest.importorskip("vtk")
 
-from AIReconstructAdapter.engine_run import SegmentationJob  # noqa: E402
+from AIReconstructAdapter.engine_run import EXCHANGE_PREFIX, SegmentationJob, exchange_folder  # noqa: E402
 from AIReconstructAdapter.nodes import (add_volume_node, ensure_converter_rules, export_to_files,  # noqa: E402
                                         export_to_models, import_segmentation, segment_mask, show_3d,
                                         volume_from_node)
@@ -159,6 +163,23 @@ def test_import_replaces_segments_of_the_same_name_and_keeps_others(tmp_path, sc
     assert new.GetSegmentation().GetNumberOfSegments() == 2 and new.GetSegmentation().GetNumberOfLayers() == 1
     lesion = segment_mask(new, new.GetSegmentation().GetSegmentIdBySegmentName("lesion"), volume_node)
     np.testing.assert_array_equal(lesion, labels == 2)
+
+
+def test_exchange_folder_is_in_memory_where_there_is_room(tmp_path, monkeypatch):
+    memory = tmp_path / "shm"
+    memory.mkdir()
+    left_by_a_killed_run = memory / f"{EXCHANGE_PREFIX}{2**22 + 7}-abc"  # above Linux's largest process id
+    left_by_a_killed_run.mkdir()
+    of_a_live_process = memory / f"{EXCHANGE_PREFIX}{os.getpid()}-def"
+    of_a_live_process.mkdir()
+    folder = exchange_folder(10**6, memory)
+    assert folder.parent == memory and folder.name.startswith(f"{EXCHANGE_PREFIX}{os.getpid()}-")
+    assert not left_by_a_killed_run.exists() and of_a_live_process.exists()
+    system_temp = tmp_path / "tmp"
+    system_temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_temp))
+    assert exchange_folder(shutil.disk_usage(memory).free, memory).parent == system_temp  # no room for 4x
+    assert exchange_folder(10**6, tmp_path / "absent").parent == system_temp
 
 
 def test_background_run_creates_segments_surfaces_and_models(tmp_path, scene, tiny_model, oblique_ct):

@@ -5,8 +5,9 @@ a worker that stays for the next run (``aireconstruct serve``), so only the firs
 start-up, the imports and the network's compilation. Cancel signals the worker, which stops the
 run and removes its partial output (a worker that does not stop in time is killed); a crash or an
 out-of-memory kill of the engine cannot take Slicer down, and the next run starts a fresh worker.
-The scene changes only when a run succeeds: inputs are written to a temporary folder, the result
-is read back from it, and the folder is removed whatever happens.
+The scene changes only when a run succeeds: inputs are written to a temporary folder (in memory
+where the system has room there), the result is read back from it, and the folder is removed
+whatever happens.
 """
 
 from __future__ import annotations
@@ -26,11 +27,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from AIReconstructLib.errors import AIReconstructError
-from AIReconstructLib.io import read_volume
+from AIReconstructLib.io import read_volume, remove_stale_folders
 
-from .nodes import add_check_points, add_volume_node, import_segmentation, write_volume_node
+from .nodes import add_check_points, add_volume_node, import_segmentation, voxel_bytes, write_volume_node
 
 ENGINE_FOLDER = Path(__file__).resolve().parents[1]  # the folder holding AIReconstructLib
+MEMORY_FOLDER = Path("/dev/shm")  # Linux's file system in memory
+EXCHANGE_PREFIX = "AIReconstruct-"
+
+
+def exchange_folder(size_bytes: int, memory_folder: Path = MEMORY_FOLDER) -> Path:
+    """A new temporary folder for the files a run exchanges with the engine (inputs of
+    ``size_bytes``): in ``memory_folder`` where it has room for four times that, so that neither
+    Slicer nor the engine waits on the disk (a large CT otherwise stalls on its write-back now and
+    then), else in the system's temporary folder. Folders that ended processes left in memory are
+    removed first."""
+    prefix = f"{EXCHANGE_PREFIX}{os.getpid()}-"
+    with contextlib.suppress(OSError):
+        if os.access(memory_folder, os.W_OK) and shutil.disk_usage(memory_folder).free > 4 * size_bytes:
+            remove_stale_folders(memory_folder, EXCHANGE_PREFIX)
+            return Path(tempfile.mkdtemp(prefix=prefix, dir=memory_folder))
+    return Path(tempfile.mkdtemp(prefix=prefix))
 
 
 @dataclass
@@ -280,7 +297,7 @@ class SegmentationJob(BackgroundJob):
 
     def start(self) -> None:
         """Write the inputs to a temporary folder and start the engine on them."""
-        self.workdir = Path(tempfile.mkdtemp(prefix="AIReconstruct-"))
+        self.workdir = exchange_folder(sum(map(voxel_bytes, self.input_nodes)))
         try:  # whatever fails here, no temporary folder is left behind
             inputs = [str(write_volume_node(node, self.workdir / f"input_{n}.nrrd"))
                       for n, node in enumerate(self.input_nodes)]

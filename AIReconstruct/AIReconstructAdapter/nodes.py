@@ -127,6 +127,12 @@ def add_check_points(scene, regions: list[dict], name: str, coordinates: str = "
     return points
 
 
+def voxel_bytes(volume_node) -> int:
+    """The size of a volume node's voxels in bytes (0 without a node or image data)."""
+    image = volume_node.GetImageData() if volume_node is not None else None
+    return image.GetNumberOfPoints() * image.GetScalarSize() if image is not None else 0
+
+
 def write_volume_node(volume_node, path: str | Path) -> Path:
     """Write a volume node (with its world geometry) to a file the engine can read; uncompressed,
     since the file only carries the volume to the engine and is removed after the run."""

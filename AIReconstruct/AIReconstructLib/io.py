@@ -281,10 +281,11 @@ def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True)
 STAGING_PREFIX = ".aireconstruct-partial-"
 
 
-def _remove_stale_staging(folder: Path) -> None:
-    """Remove staging folders left by runs that were killed (their process no longer exists)."""
-    for stale in folder.glob(f"{STAGING_PREFIX}*"):
-        pid = stale.name[len(STAGING_PREFIX):].split("-")[0]
+def remove_stale_folders(folder: Path, prefix: str) -> None:
+    """Remove the folders ``<prefix><pid>-...`` in ``folder`` that processes no longer running left
+    behind (killed runs)."""
+    for stale in folder.glob(f"{prefix}*"):
+        pid = stale.name[len(prefix):].split("-")[0]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -309,7 +310,7 @@ class StagedOutput:
             if not self.folder.exists():
                 self.folder.mkdir(parents=True)
                 self.created_folder = True
-            _remove_stale_staging(self.folder)
+            remove_stale_folders(self.folder, STAGING_PREFIX)
             self.staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=self.folder))
         except OSError as error:
             raise OutputError(f"Cannot write into {self.folder}: {error.strerror or error}") from None

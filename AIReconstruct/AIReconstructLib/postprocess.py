@@ -8,6 +8,9 @@ Removed voxels become background.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
@@ -16,30 +19,36 @@ from .modelcard import Label
 from .volume import Volume
 
 
-def _component_image(mask: np.ndarray, fully_connected: bool):
-    """ITK's (multi-threaded) connected components of ``mask``: 26-connected when
+MAX_LABELS_AT_ONCE = 4  # labels post-processed at the same time, which bounds the memory they hold
+
+
+def _component_image(mask: np.ndarray, fully_connected: bool, threads: int):
+    """ITK's connected components of ``mask`` on ``threads`` threads: 26-connected when
     ``fully_connected``, else 6-connected; with the filter, for its object count."""
     components = sitk.ConnectedComponentImageFilter()
     components.SetFullyConnected(fully_connected)
+    components.SetNumberOfThreads(threads)
     return components.Execute(sitk.GetImageFromArray(mask.view(np.uint8))), components
 
 
-def _islands(mask: np.ndarray, rules: dict, voxel_ml: float) -> np.ndarray:
+def _islands(mask: np.ndarray, rules: dict, voxel_ml: float, threads: int) -> np.ndarray:
     """The voxels of ``mask`` that the rules remove: all but the largest 26-connected component
     (``keep_largest``), and components under ``min_island_ml``."""
-    image, _ = _component_image(mask, fully_connected=True)
-    smallest = int(np.ceil(rules.get("min_island_ml", 0) / voxel_ml))
-    relabelled = sitk.RelabelComponent(image, smallest, True)  # 1 = the largest; held while viewed
+    image, _ = _component_image(mask, True, threads)
+    relabel = sitk.RelabelComponentImageFilter()
+    relabel.SetMinimumObjectSize(int(np.ceil(rules.get("min_island_ml", 0) / voxel_ml)))
+    relabel.SetNumberOfThreads(threads)
+    relabelled = relabel.Execute(image)  # 1 = the largest; held while viewed
     by_size = sitk.GetArrayViewFromImage(relabelled)
     kept = by_size == 1 if rules.get("keep_largest") else by_size > 0
     return np.logical_and(mask, ~kept, out=kept)
 
 
-def _cavities(mask: np.ndarray) -> np.ndarray:
+def _cavities(mask: np.ndarray, threads: int) -> np.ndarray:
     """The enclosed cavities of ``mask``: background components (6-connected) that do not touch the
     array's faces. ``mask | _cavities(mask)`` equals ``ndimage.binary_fill_holes(mask)``, found in
     one labelling pass instead of a dilation repeated until nothing changes."""
-    image, components = _component_image(~mask, fully_connected=False)
+    image, components = _component_image(~mask, False, threads)
     background = sitk.GetArrayViewFromImage(image)
     outside = np.zeros(components.GetObjectCount() + 1, bool)
     for axis in range(mask.ndim):
@@ -52,18 +61,19 @@ def _cavities(mask: np.ndarray) -> np.ndarray:
     return np.logical_not(enclosed, out=enclosed)
 
 
-def _changes(array: np.ndarray, label: Label, box: tuple[slice, ...], voxel_ml: float) -> tuple[np.ndarray, np.ndarray]:
+def _changes(array: np.ndarray, label: Label, box: tuple[slice, ...], voxel_ml: float,
+             threads: int) -> tuple[np.ndarray, np.ndarray]:
     """One label's changes inside its box, as flat indices of the box: the voxels its islands lose,
     and the cavities its mask encloses once they are gone. Reads ``array`` only."""
     rules = label.postprocess
     mask = array[box] == label.value
     removed = np.zeros(0, np.intp)
     if rules.get("keep_largest") or rules.get("min_island_ml", 0) > 0:
-        islands = _islands(mask, rules, voxel_ml)
+        islands = _islands(mask, rules, voxel_ml, threads)
         removed = np.flatnonzero(islands)
         mask &= ~islands
         del islands
-    filled = np.flatnonzero(_cavities(mask)) if rules.get("fill_holes") and mask.any() else np.zeros(0, np.intp)
+    filled = np.flatnonzero(_cavities(mask, threads)) if rules.get("fill_holes") and mask.any() else np.zeros(0, np.intp)
     return removed, filled
 
 
@@ -72,6 +82,8 @@ def postprocess(labelmap: Volume, labels: list[Label]) -> Volume:
 
     Each label is processed inside its own bounding box (found for all labels in one pass), so the
     cost follows the organs' size rather than the image's; its changes are kept as voxel indices.
+    Labels are processed side by side in threads (ITK and numpy release the GIL), the cores shared
+    among them.
     Every label's islands are removed first; then the cavities are filled in label order, each
     voxel only where it is background by then (an island of one label inside another's cavity is
     therefore filled, whatever the labels' order).
@@ -80,7 +92,11 @@ def postprocess(labelmap: Volume, labels: list[Label]) -> Volume:
     boxes = ndimage.find_objects(array)
     jobs = [(label, boxes[label.value - 1]) for label in labels
             if label.postprocess and label.value - 1 < len(boxes) and boxes[label.value - 1] is not None]
-    changes = [_changes(labelmap.array, label, box, labelmap.voxel_volume_ml) for label, box in jobs]
+    cores = os.cpu_count() or 1
+    at_once = max(1, min(len(jobs), cores, MAX_LABELS_AT_ONCE))
+    with ThreadPoolExecutor(at_once) as pool:
+        changes = list(pool.map(lambda job: _changes(labelmap.array, *job, labelmap.voxel_volume_ml, max(1, cores // at_once)),
+                                jobs))
     for (label, box), (removed, _) in zip(jobs, changes):
         region = array[box]  # a view: changes land in ``array``
         region[np.unravel_index(removed, region.shape)] = 0

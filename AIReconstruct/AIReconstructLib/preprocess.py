@@ -8,6 +8,7 @@ same steps in reverse, so a label map always lands on the input's own grid.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -207,52 +208,92 @@ def _agreeing_cells(coarse: torch.Tensor, interpolate_first_axis: bool, dtype: t
     return torch.where(same, base, torch.tensor(-1, dtype=dtype))
 
 
-def resample_argmax(scores: torch.Tensor, shape, nearest_first_axis: bool = False, slab: int = 16,
-                    steps=None) -> torch.Tensor:
-    """The argmax labels of ``scores [C, z, y, x]`` resampled to ``shape``: trilinear over the same
-    field of view, as ``F.interpolate(..., align_corners=False)``, or from the first voxel on with
-    ``steps`` (see :func:`resample`), or nearest along z when ``nearest_first_axis`` (as nnU-Net
-    does along the coarse axis of anisotropic images).
+def _runs(low: torch.Tensor, n_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each of the ``n_in`` source samples, the first output sample whose lower tap it is and
+    how many are: the taps never decrease, so each source sample's outputs are one run."""
+    counts = torch.bincount(low, minlength=n_in)
+    return torch.cumsum(counts, 0) - counts, counts
 
-    Exact shortcut: a voxel whose (up to 8) source grid points all have the same argmax gets that
-    label, because a convex combination of score vectors keeps a class that is largest at every
-    point the largest; whether they agree is found once per cell of the coarse grid. Only voxels
-    near label boundaries are interpolated (whole slabs where boundaries are everywhere), a slab at
-    a time, so full-resolution scores never exist.
-    """
-    dtype = torch.uint8 if scores.shape[0] <= 256 else torch.int16
-    (z_low, z_high, z_w0, z_w1), (y_low, y_high, y_w0, y_w1), (x_low, x_high, x_w0, x_w1) = [
-        _linear_taps(n_out, n_in, step) for n_out, n_in, step in zip(shape, scores.shape[1:], steps or (None,) * 3)]
-    if nearest_first_axis:
-        z_low = z_high = nearest_taps(shape[0], scores.shape[1])
-    cells = _agreeing_cells(class_argmax(scores, dtype), not nearest_first_axis,
-                            torch.int16 if scores.shape[0] <= 2**15 else torch.int32)
-    flat = scores.reshape(scores.shape[0], -1)
+
+def _interpolated_cells(scores: torch.Tensor, cells: torch.Tensor, taps: list, runs: list) -> tuple:
+    """The argmax of the trilinear scores at every output voxel of the coarse ``cells [n, 3]``, as
+    (flat output indices, labels). All voxels of a cell share its 8 corners, so each cell's corners
+    are interpolated along x, y then z over the cell's runs, padded to the longest run."""
+    axes = []
+    for axis, ((low, high, _, weight_high), (starts, counts)) in enumerate(zip(taps, runs)):
+        cell = cells[:, axis]
+        offsets = torch.arange(int(counts.max()))
+        valid = offsets < counts[cell][:, None]  # [n, longest run]
+        voxels = (starts[cell][:, None] + offsets).clamp(max=len(low) - 1)
+        corners = torch.stack([low[voxels[:, 0]], high[voxels[:, 0]]], 1)  # [n, 2]
+        axes.append((voxels, valid, corners, torch.where(valid, weight_high[voxels], 0)))
+    (z, z_valid, z_corners, z_weight), (y, y_valid, y_corners, y_weight), (x, x_valid, x_corners, x_weight) = axes
+    corners = ((z_corners[:, :, None, None] * scores.shape[2] + y_corners[:, None, :, None]) * scores.shape[3]
+               + x_corners[:, None, None, :])
+    by_voxel = scores.reshape(scores.shape[0], -1).t()
+    values = by_voxel[corners.reshape(-1)].reshape(len(cells), 2, 2, 2, scores.shape[0])
+    values = torch.lerp(values[:, :, :, :1], values[:, :, :, 1:], x_weight[:, None, None, :, None])
+    values = torch.lerp(values[:, :, :1], values[:, :, 1:], y_weight[:, None, :, None, None])
+    values = torch.lerp(values[:, :1], values[:, 1:], z_weight[:, :, None, None, None])  # [n, z, y, x, classes]
+    valid = z_valid[:, :, None, None] & y_valid[:, None, :, None] & x_valid[:, None, None, :]
+    flat = (z[:, :, None, None] * len(taps[1][0]) + y[:, None, :, None]) * len(taps[2][0]) + x[:, None, None, :]
+    return flat[valid], values.argmax(-1)[valid]
+
+
+def _interpolated_slabs(scores: torch.Tensor, shape, taps: list, bilinear: bool, dtype: torch.dtype,
+                        slab: int = 16) -> torch.Tensor:
+    """The argmax of the trilinear scores at every output voxel, a slab of output planes at a time
+    (PyTorch's own bilinear resampling in-plane where the taps are its own)."""
+    (z_low, z_high, z_w0, z_w1), (y_low, y_high, y_w0, y_w1), (x_low, x_high, x_w0, x_w1) = taps
     labels = torch.empty(tuple(shape), dtype=dtype)
     for start in range(0, shape[0], slab):
         z = slice(start, min(start + slab, shape[0]))
-        codes = cells[z_low[z]][:, y_low][:, :, x_low]  # the label of each voxel's cell, -1 where it is mixed
-        kz, ky, kx = torch.nonzero(codes < 0, as_tuple=True)
-        if len(kz) > codes.numel() // 8:  # boundaries everywhere: interpolating the whole slab is cheaper
-            dense = scores[:, z_low[z]] * z_w0[z][None, :, None, None] + scores[:, z_high[z]] * z_w1[z][None, :, None, None]
-            if steps is None:  # PyTorch's own bilinear resampling is faster than the taps below
-                dense = F.interpolate(dense.transpose(0, 1), size=tuple(shape[1:]), mode="bilinear",
-                                      align_corners=False).transpose(0, 1)
-            else:
-                dense = dense[:, :, y_low] * y_w0[None, None, :, None] + dense[:, :, y_high] * y_w1[None, None, :, None]
-                dense = dense[..., x_low] * x_w0 + dense[..., x_high] * x_w1
-            block = class_argmax(dense, dtype)
+        dense = scores[:, z_low[z]] * z_w0[z][None, :, None, None] + scores[:, z_high[z]] * z_w1[z][None, :, None, None]
+        if bilinear:
+            dense = F.interpolate(dense.transpose(0, 1), size=tuple(shape[1:]), mode="bilinear",
+                                  align_corners=False).transpose(0, 1)
         else:
-            block = codes.to(dtype)  # the mixed voxels are set below
-            if len(kz):
-                mixed = 0
-                for zi, zw in ((z_low[z][kz], z_w0[z][kz]), (z_high[z][kz], z_w1[z][kz])):
-                    for yi, yw in ((y_low[ky], y_w0[ky]), (y_high[ky], y_w1[ky])):
-                        for xi, xw in ((x_low[kx], x_w0[kx]), (x_high[kx], x_w1[kx])):
-                            corner = flat.index_select(1, (zi * scores.shape[2] + yi) * scores.shape[3] + xi)
-                            mixed = mixed + corner * (zw * yw * xw)
-                block[kz, ky, kx] = class_argmax(mixed, dtype)
-        labels[z] = block
+            dense = dense[:, :, y_low] * y_w0[None, None, :, None] + dense[:, :, y_high] * y_w1[None, None, :, None]
+            dense = dense[..., x_low] * x_w0 + dense[..., x_high] * x_w1
+        labels[z] = class_argmax(dense, dtype)
+    return labels
+
+
+def resample_argmax(scores: torch.Tensor, shape, nearest_first_axis: bool = False, steps=None,
+                    slabs_above: float = 1 / 3, voxels_per_chunk: int = 2**21) -> torch.Tensor:
+    """The argmax labels of ``scores [C, z, y, x]`` resampled to ``shape``: trilinear over the same
+    field of view, as ``F.interpolate(..., align_corners=False)``, or from the first voxel on with
+    ``steps`` (see :func:`resample`), or nearest along z when ``nearest_first_axis`` (as nnU-Net
+    does along the coarse axis of anisotropic images). Full-resolution scores never exist.
+
+    Exact shortcut: a voxel whose (up to 8) source grid points all have the same argmax gets that
+    label, because a convex combination of score vectors keeps a class that is largest at every
+    point the largest. Whether they agree is found once per cell of the coarse grid; agreeing cells
+    are copied to their voxels, and only the cells that hold a label boundary are interpolated, a
+    chunk of cells at a time; when more than ``slabs_above`` of the voxels lie in such cells
+    (boundaries everywhere), every voxel is interpolated, a slab at a time (cheaper per voxel).
+    """
+    dtype = torch.uint8 if scores.shape[0] <= 256 else torch.int16
+    taps = [_linear_taps(n_out, n_in, step) for n_out, n_in, step in zip(shape, scores.shape[1:], steps or (None,) * 3)]
+    if nearest_first_axis:
+        nearest = nearest_taps(shape[0], scores.shape[1])
+        taps[0] = (nearest, nearest, torch.ones(shape[0]), torch.zeros(shape[0]))
+    cells = _agreeing_cells(class_argmax(scores, dtype), not nearest_first_axis,
+                            torch.int16 if scores.shape[0] <= 2**15 else torch.int32)
+    runs = [_runs(low, n_in) for (low, *_), n_in in zip(taps, scores.shape[1:])]
+    boundary = torch.nonzero(cells < 0)  # cells whose corners disagree: [n, 3]
+    boundary_voxels = runs[0][1][boundary[:, 0]] * runs[1][1][boundary[:, 1]] * runs[2][1][boundary[:, 2]]
+    if int(boundary_voxels.sum()) > slabs_above * math.prod(shape):
+        return _interpolated_slabs(scores, shape, taps, steps is None, dtype)
+    boundary = boundary[boundary_voxels > 0]  # cells that no output voxel falls in need nothing
+    labels = cells.clamp(min=0).to(dtype).numpy()
+    for axis, (_, counts) in enumerate(runs):
+        labels = np.repeat(labels, counts.numpy(), axis)  # each cell's label to its voxels
+    labels = torch.from_numpy(labels)
+    cells_per_chunk = max(1, voxels_per_chunk // (math.prod(int(counts.max()) for _, counts in runs) * scores.shape[0]))
+    for start in range(0, len(boundary), cells_per_chunk):
+        voxels, values = _interpolated_cells(scores, boundary[start:start + cells_per_chunk], taps, runs)
+        labels.view(-1)[voxels] = values.to(dtype)
     return labels
 
 
