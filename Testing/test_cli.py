@@ -33,6 +33,8 @@ def test_segment_writes_every_output(tmp_path, tiny_model, ct_file, capsys):
     summary = json.loads((out / "patient one_summary.json").read_text(encoding="utf-8"))
     assert summary["model"] == "tiny-test-model" and set(summary["volumes_ml"]) == {"organ", "lesion"}
     assert {s["name"] for s in summary["measurements"]["segments"]} <= {"organ", "lesion"}
+    stages = ["read", "load model", "preprocess", "predict", "resample back", "postprocess", "surfaces", "report", "write"]
+    assert sorted(summary["seconds"], key=stages.index) == stages  # every stage timed, the benchmark prints them
     for name in summary.get("surfaces", {}):
         for suffix in (".stl", ".ply", ".vtp"):
             assert f"surfaces/{name}{suffix}" in names
@@ -57,6 +59,40 @@ def test_outputs_for_import_are_the_seg_nrrd_alone_uncompressed(tmp_path, tiny_m
     assert segments == default_segments and ours.same_grid(default)
 
 
+def test_segment_folder_segments_every_case_and_goes_on_past_a_bad_one(tmp_path, tiny_model, ct_volume, capsys):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    write_volume(ct_volume, cases / "anna.nii.gz")
+    write_volume(ct_volume.with_array(ct_volume.array[::-1].copy()), cases / "bert.nrrd")
+    write_volume(ct_volume.with_array(np.zeros_like(ct_volume.array)), cases / "blank.nii.gz")
+    out = tmp_path / "out"
+    command = ["segment-folder", str(cases), "-m", str(tiny_model), "-o", str(out), "--device", "cpu"]
+    assert main(command) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "1 of 3 cases could not be segmented (blank: blank.nii.gz is blank" in error and "cases.csv" in error
+    assert sorted(p.name for p in out.iterdir()) == ["anna", "bert", "cases.csv"]  # nothing for the bad case
+    for case in ("anna", "bert"):
+        assert {".seg.nrrd", "_labels.nii.gz", "_summary.json"} == {p.name[len(case):] for p in (out / case).iterdir()}
+    single = tmp_path / "single"
+    assert main(["segment", str(cases / "bert.nrrd"), "-m", str(tiny_model), "-o", str(single), "--device", "cpu"]) == 0
+    np.testing.assert_array_equal(read_labelmap(out / "bert" / "bert_labels.nii.gz").array,
+                                  read_labelmap(single / "bert_labels.nii.gz").array)  # as segment makes it
+    table = (out / "cases.csv").read_text(encoding="utf-8").splitlines()
+    assert table[0].startswith("case,status,error,seconds,organ (mL),lesion (mL)")
+    assert [row.split(",")[:2] for row in table[1:]] == [["anna", "done"], ["bert", "done"], ["blank", "failed"]]
+    volumes = json.loads((out / "anna" / "anna_summary.json").read_text(encoding="utf-8"))["volumes_ml"]
+    assert float(table[1].split(",")[4]) == pytest.approx(volumes["organ"], abs=0.01)
+
+    written = (out / "anna" / "anna.seg.nrrd").stat().st_mtime_ns
+    assert main(command) == 2  # again: the cases already segmented are kept, with their figures in the table
+    assert (out / "anna" / "anna.seg.nrrd").stat().st_mtime_ns == written
+    rerun = (out / "cases.csv").read_text(encoding="utf-8").splitlines()
+    assert [row.split(",")[1] for row in rerun[1:]] == ["done before", "done before", "failed"]
+    assert rerun[1].split(",")[4] == table[1].split(",")[4]
+    assert main(command + ["--overwrite"]) == 2
+    assert (out / "anna" / "anna.seg.nrrd").stat().st_mtime_ns != written
+
+
 def test_evaluate_and_surfaces_commands(tmp_path, capsys):
     array = np.zeros((10, 12, 14), np.uint8)
     array[2:8, 3:9, 4:10] = 1
@@ -72,6 +108,42 @@ def test_evaluate_and_surfaces_commands(tmp_path, capsys):
     assert "liver " in capsys.readouterr().out
     assert main(["surfaces", str(ref), "-o", str(tmp_path / "meshes"), "--format", "stl"]) == 0
     assert (tmp_path / "meshes" / "label_1.stl").is_file()
+
+
+def test_evaluate_a_folder_of_cases(tmp_path, capsys):
+    """Predictions laid out as segment-folder writes them (or as files beside each other) against
+    a folder of references: one row per case and label, mean ± SD per label over the cases."""
+    predictions, references = tmp_path / "predictions", tmp_path / "labelsTr"
+    (predictions / "anna").mkdir(parents=True)
+    references.mkdir()
+    liver = [Label(1, "liver", (0.8, 0.4, 0.3), {}, {}), Label(2, "tumour", (0.9, 0.9, 0.2), {}, {})]
+    array = np.zeros((10, 12, 14), np.uint8)
+    array[2:8, 3:9, 4:10] = 1
+    array[4:6, 5:7, 6:8] = 2
+    for case, shift in (("anna", 1), ("bert", 2), ("carl", 0)):
+        write_volume(Volume(array, (1, 1, 2)), references / f"{case}.nii.gz")
+    write_seg_nrrd(Volume(np.roll(array, 1, axis=2), (1, 1, 2)), liver, predictions / "anna" / "anna.seg.nrrd")
+    write_seg_nrrd(Volume(np.roll(array, 2, axis=2), (1, 1, 2)), liver, predictions / "bert.seg.nrrd")
+    missing = ["evaluate", str(predictions), str(references)]
+    assert main(missing) == 2
+    assert "no prediction for 1 of the 3 cases (carl)" in capsys.readouterr().err
+    write_seg_nrrd(Volume(array, (1, 1, 2)), liver, predictions / "carl.seg.nrrd")
+    assert main(missing + ["--csv", str(tmp_path / "cases.csv"), "--json", str(tmp_path / "all.json")]) == 0
+    assert "liver " in capsys.readouterr().out
+    result = json.loads((tmp_path / "all.json").read_text(encoding="utf-8"))
+    single = []
+    for case, prediction in (("anna", predictions / "anna" / "anna.seg.nrrd"), ("bert", predictions / "bert.seg.nrrd"),
+                             ("carl", predictions / "carl.seg.nrrd")):
+        assert main(["evaluate", str(prediction), str(references / f"{case}.nii.gz"),
+                     "--json", str(tmp_path / f"{case}.json")]) == 0
+        single.append(json.loads((tmp_path / f"{case}.json").read_text(encoding="utf-8"))["labels"])
+    for name in ("liver", "tumour"):
+        dice = [case[name]["dice"] for case in single]
+        assert result["labels"][name]["cases"] == 3 and dice[2] == 1.0
+        assert result["labels"][name]["dice"]["mean"] == pytest.approx(np.mean(dice))
+        assert result["labels"][name]["dice"]["sd"] == pytest.approx(np.std(dice))
+    table = (tmp_path / "cases.csv").read_text(encoding="utf-8").splitlines()
+    assert table[0].startswith("case,label,dice,iou,hd95_mm") and len(table) == 1 + 3 * 2
 
 
 def test_models_lists_the_bundled_demo_model(capsys):
@@ -155,8 +227,8 @@ def test_worker_runs_requests_one_after_another_like_the_command_line(tmp_path, 
         worker.stdin.close()
     assert worker.wait(timeout=60) == 0  # stdin closed: the worker ends
     assert first["done"] and second["done"]
-    assert invalid == {"error": "Invalid request: the following arguments are required: inputs, -m/--model, "
-                                "-o/--output", "cancelled": False}
+    assert invalid == {"error": "Invalid request: the following arguments are required: -m/--model, -o/--output, "
+                                "inputs", "cancelled": False}
     assert not_json["error"].startswith("Invalid request: argument command: invalid choice: 'not'")
     assert garbled["error"].startswith("Invalid request: a request is a JSON list of arguments")
     assert "No installed model named 'no-such-model'" in missing["error"] and not (tmp_path / "x").exists()

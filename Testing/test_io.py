@@ -5,7 +5,9 @@ import pytest
 import SimpleITK as sitk
 
 from AIReconstructLib.errors import InputError, OutputError
-from AIReconstructLib.io import StagedOutput, read_image_for_model, read_labelmap, read_volume, write_volume
+from AIReconstructLib.io import (StagedOutput, find_cases, read_image_for_model, read_labelmap, read_volume,
+                                 write_volume)
+from AIReconstructLib.segnrrd import write_seg_nrrd
 from AIReconstructLib.volume import Volume
 from conftest import oblique_direction, write_dicom_series
 
@@ -161,3 +163,37 @@ def test_read_voxels_are_a_read_only_view_that_outlives_the_image(tmp_path, ct_v
     assert not volume.array.flags.writeable
     with pytest.raises(ValueError):
         volume.array[0, 0, 0] = 1  # inputs are never changed in place
+
+
+def test_cases_of_a_folder(tmp_path):
+    volume = _oblique_volume()
+    for folder in ("single", "channels", "twice", "empty", "numbered", "imagesTs"):
+        (tmp_path / folder).mkdir()
+    single = tmp_path / "single"
+    for name in ("b.nii.gz", "a.nrrd"):
+        write_volume(volume, single / name)
+    (single / "notes.txt").write_text("not an image")
+    write_seg_nrrd(volume.with_array(np.ones((7, 9, 11), np.uint8)), [], single / "a_result.seg.nrrd")  # a result
+    write_dicom_series(single / "c", Volume(np.zeros((3, 4, 5), np.int16), (1.0, 1.0, 2.0)))
+    assert [(case, [p.name for p in paths]) for case, paths in find_cases(single, 1)] == [
+        ("a", ["a.nrrd"]), ("b", ["b.nii.gz"]), ("c", ["c"])]  # a DICOM series folder is a case
+    assert "CASE_0000, CASE_0001" in _error_of(lambda: find_cases(single, 2))
+    for name in ("scan_5300.nii.gz", "scan_5301.nii.gz"):  # numbered scans, not channels of one case
+        write_volume(volume, tmp_path / "numbered" / name)
+    assert [case for case, _ in find_cases(tmp_path / "numbered", 1)] == ["scan_5300", "scan_5301"]
+    for name in ("p1_0000.nii.gz", "p2_0000.nii.gz"):  # nnU-Net's names for one channel
+        write_volume(volume, tmp_path / "imagesTs" / name)
+    assert [case for case, _ in find_cases(tmp_path / "imagesTs", 1)] == ["p1", "p2"]
+
+    channels = tmp_path / "channels"
+    for name in ("p1_0000.nii.gz", "p1_0001.nii.gz", "p2_0000.nii.gz", "p2_0001.nii.gz"):
+        write_volume(volume, channels / name)
+    assert [(case, [p.name for p in paths]) for case, paths in find_cases(channels, 2)] == [
+        ("p1", ["p1_0000.nii.gz", "p1_0001.nii.gz"]), ("p2", ["p2_0000.nii.gz", "p2_0001.nii.gz"])]
+    (channels / "p2_0001.nii.gz").unlink()
+    assert "p2_0000, p2_0001" in _error_of(lambda: find_cases(channels, 2))
+    write_volume(volume, tmp_path / "twice" / "a.nii.gz")
+    write_volume(volume, tmp_path / "twice" / "a.mha")
+    assert "two images of case a" in _error_of(lambda: find_cases(tmp_path / "twice", 1))
+    assert "no images" in _error_of(lambda: find_cases(tmp_path / "empty", 1))
+    assert "not a folder" in _error_of(lambda: find_cases(tmp_path / "absent", 1))

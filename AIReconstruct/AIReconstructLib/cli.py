@@ -16,10 +16,11 @@ import argparse
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
-from .errors import AIReconstructError, Cancelled
+from .errors import AIReconstructError, Cancelled, InputError, OutputError
 
 
 class Reporter:
@@ -56,33 +57,95 @@ class Reporter:
         return self.cancelled
 
 
-def cmd_segment(args, reporter: Reporter) -> None:
+def _segment_and_write(inputs, stem: str, output, card, args, progress, cancel_requested) -> tuple[list, dict]:
+    """Segment one case (an input per channel) and write its result set into ``output``, all files
+    at once or none: (the files written, the summary)."""
     from .cli_results import mesh_suffixes
     from .export import export_segmentation
-    from .io import StagedOutput, image_stem, read_image_for_model
-    from .modelcard import find_model
+    from .io import StagedOutput, read_image_for_model
     from .pipeline import SegmentOptions, segment
 
-    card = find_model(args.model)
-    channels = [read_image_for_model(path) for path in args.inputs]
+    started = time.perf_counter()
+    channels = [read_image_for_model(path) for path in inputs]
+    read_seconds = time.perf_counter() - started
     options = SegmentOptions(device=args.device, fast=args.fast, tta=args.tta, postprocess=not args.no_postprocess,
                              cpu_bfloat16=args.cpu_bfloat16, uncertainty=args.uncertainty, backend=args.backend)
-    with StagedOutput(args.output) as out:
-        result = segment(channels, card, options, reporter.progress, reporter.cancel_requested)
+    with StagedOutput(output) as out:
+        result = segment(channels, card, options, progress, cancel_requested)
+        result.seconds = {"read": read_seconds, **result.seconds}
         formats = mesh_suffixes(args.surface_format) if args.surfaces else ()
-        summary = export_segmentation(result, out, image_stem(args.inputs[0]), formats,
-                                      args.smoothing, args.decimate, args.coordinates, args.max_triangles,
-                                      report_image=channels[0] if args.report else None, margin_mm=args.margin,
-                                      for_import=args.for_import)
-        if reporter.cancel_requested():
+        summary = export_segmentation(result, out, stem, formats, args.smoothing, args.decimate, args.coordinates,
+                                      args.max_triangles, report_image=channels[0] if args.report else None,
+                                      margin_mm=args.margin, for_import=args.for_import)
+        if cancel_requested():
             raise Cancelled("Cancelled by the user; nothing was written")
-        written = out.commit()
+        return out.commit(), summary
+
+
+def cmd_segment(args, reporter: Reporter) -> None:
+    from .io import image_stem
+    from .modelcard import find_model
+
+    card = find_model(args.model)
+    written, summary = _segment_and_write(args.inputs, image_stem(args.inputs[0]), args.output, card, args,
+                                          reporter.progress, reporter.cancel_requested)
     lines = [f"{name}: {volume:.1f} mL" for name, volume in summary["volumes_ml"].items()]
     lines += [f"check: {r['size_ml']:.2f} mL of uncertainty {r['mean_uncertainty']:.2f} around "
               f"({', '.join(f'{c:.1f}' for c in r['centre_mm'])}) mm {args.coordinates}"
               for r in summary.get("flagged_regions", [])]
     reporter.result("\n".join(lines + [f"wrote {path}" for path in written]),
                     {"outputs": [str(p) for p in written], "summary": summary})
+
+
+def _earlier_summary(path: Path) -> dict | None:
+    """The summary a previous run wrote for a case, or None where there is none to trust."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def cmd_segment_folder(args, reporter: Reporter) -> None:
+    """Every case of a folder into ``OUTPUT/<case>/``; a case whose input is unusable is noted and
+    skipped, and cases already segmented there are kept (unless ``--overwrite``). ``cases.csv``
+    (status, volumes, seconds per case) is rewritten after each case."""
+    from .io import find_cases, write_csv
+    from .modelcard import find_model
+
+    card = find_model(args.model)
+    cases = find_cases(args.folder, len(card.channels))
+    output = Path(args.output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"Cannot write into {output}: {error.strerror or error}") from None
+    rows = []
+    for n, (case, inputs) in enumerate(cases):
+        row = {"case": case, "status": "done", "error": ""}
+        summary = None if args.overwrite else _earlier_summary(output / case / f"{case}_summary.json")
+        try:
+            if summary is not None:
+                row["status"] = "done before"
+            else:
+                _, summary = _segment_and_write(
+                    inputs, case, output / case, card, args,
+                    lambda fraction, message, n=n, case=case: reporter.progress((n + fraction) / len(cases),
+                                                                                f"{case}: {message}"),
+                    reporter.cancel_requested)
+        except InputError as error:  # this case's input: the others go on
+            row.update(status="failed", error=str(error))
+        else:
+            row["seconds"] = round(sum(summary["seconds"].values()), 2)
+            row.update({f"{name} (mL)": round(volume, 2) for name, volume in summary["volumes_ml"].items()})
+        rows.append(row)
+        write_csv(output / "cases.csv", rows)
+    failed = [row for row in rows if row["status"] == "failed"]
+    if failed:
+        reasons = "; ".join(f"{row['case']}: {row['error']}" for row in failed[:3]) + ("; ..." if len(failed) > 3 else "")
+        raise InputError(f"{len(failed)} of {len(rows)} cases could not be segmented ({reasons}); "
+                         f"the others are in {output}, see {output / 'cases.csv'}")
+    reporter.result("\n".join(f"{row['case']}: {row['status']}" for row in rows) + f"\nwrote {output / 'cases.csv'}",
+                    {"cases": rows, "table": str(output / "cases.csv")})
 
 
 def cmd_models(args, reporter: Reporter) -> None:
@@ -136,30 +199,41 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("segment", parents=[common], help="segment an image with a model")
+    segmenting = argparse.ArgumentParser(add_help=False)  # the options of segment and segment-folder
+    segmenting.add_argument("-m", "--model", required=True, help="installed model name or path of a model card")
+    segmenting.add_argument("-o", "--output", required=True, help="output folder")
+    segmenting.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    segmenting.add_argument("--fast", action="store_true", help="coarser spacing, where the model allows it")
+    segmenting.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
+    segmenting.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto",
+                            help="what runs the network on the CPU: OpenVINO where installed (auto), or PyTorch")
+    segmenting.add_argument("--cpu-bfloat16", action="store_true",
+                            help="run the network in bfloat16 on the CPU: about 2x faster on CPUs with BF16 "
+                                 "instructions; labels may differ at near-ties (docs/benchmarks.md)")
+    segmenting.add_argument("--surfaces", action="store_true", help="also write one mesh per segment")
+    segmenting.add_argument("--no-postprocess", action="store_true", help="skip the card's post-processing")
+    segmenting.add_argument("--uncertainty", action="store_true", help="also write <name>_uncertainty.nii.gz "
+                            "(0-1), per-segment confidence and the regions to check")
+    segmenting.add_argument("--report", action="store_true",
+                            help="also write <name>_report.html: measurements, slices through lesions, 3D view")
+    segmenting.add_argument("--margin", type=float, default=10.0,
+                            help="safety margin around lesions for the remnant, mm")
+    add_mesh_options(segmenting)
+
+    p = sub.add_parser("segment", parents=[common, segmenting], help="segment an image with a model")
     p.add_argument("inputs", nargs="+", help="input volume(s): one per model channel (file or DICOM folder)")
-    p.add_argument("-m", "--model", required=True, help="installed model name or path of a model card")
-    p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--fast", action="store_true", help="coarser spacing, where the model allows it")
-    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
-    p.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto",
-                   help="what runs the network on the CPU: OpenVINO where installed (auto), or PyTorch")
-    p.add_argument("--cpu-bfloat16", action="store_true",
-                   help="run the network in bfloat16 on the CPU: about 2x faster on CPUs with BF16 instructions; "
-                        "labels may differ at near-ties (docs/benchmarks.md)")
-    p.add_argument("--surfaces", action="store_true", help="also write one mesh per segment")
-    p.add_argument("--no-postprocess", action="store_true", help="skip the card's post-processing")
-    p.add_argument("--uncertainty", action="store_true",
-                   help="also write <name>_uncertainty.nii.gz (0-1), per-segment confidence and the regions to check")
-    p.add_argument("--report", action="store_true",
-                   help="also write <name>_report.html: measurements, slices through lesions, 3D view")
-    p.add_argument("--margin", type=float, default=10.0, help="safety margin around lesions for the remnant, mm")
     p.add_argument("--for-import", action="store_true",
                    help="for a caller that imports the result at once (the Slicer module): write the .seg.nrrd "
                         "uncompressed and no <name>_labels.nii.gz")
-    add_mesh_options(p)
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("segment-folder", parents=[common, segmenting],
+                       help="segment every case of a folder into OUTPUT/<case>/, with a table of all cases")
+    p.add_argument("folder", help="image files (one per case, or CASE_0000, CASE_0001, ... one per channel) "
+                                  "and DICOM series folders")
+    p.add_argument("--overwrite", action="store_true",
+                   help="segment cases again that an earlier run has already segmented into OUTPUT")
+    p.set_defaults(func=cmd_segment_folder, for_import=False)
 
     add_result_commands(sub, common)
 

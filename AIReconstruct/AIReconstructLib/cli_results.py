@@ -14,6 +14,8 @@ from .errors import AIReconstructError
 if TYPE_CHECKING:
     from .cli import Reporter
 
+METRIC_COLUMNS = ("dice", "iou", "hd95_mm", "asd_mm", "sensitivity", "specificity", "volume_ml", "reference_volume_ml")
+
 
 def mesh_suffixes(formats: list[str]) -> list[str]:
     """File suffixes of the mesh formats asked for (``stl``, ``.VTP``...); unknown ones are an error."""
@@ -36,24 +38,34 @@ def add_mesh_options(p) -> None:
     p.add_argument("--coordinates", choices=["LPS", "RAS"], default="LPS", help="mesh coordinate system")
 
 
-def cmd_evaluate(args, reporter: Reporter) -> None:
+def _evaluate_case(prediction_path, reference_path, card) -> tuple[dict, object, object]:
+    """Metrics of one prediction (label map or ``.seg.nrrd``) against its reference label map, with
+    the model's label names, else the ``.seg.nrrd``'s, else "label N": (metrics, prediction, reference)."""
     import numpy as np
 
     from .io import read_labelmap
     from .metrics import evaluate, label_voxel_counts
-    from .modelcard import find_model
     from .segnrrd import read_segmentation
 
-    reference = read_labelmap(args.reference)
-    card = find_model(args.model) if args.model else None
-    prediction, labels = read_segmentation(args.prediction, card, like=reference)
-    if card is not None or args.prediction.lower().endswith(".seg.nrrd"):  # the model's or the file's names
+    reference = read_labelmap(reference_path)
+    prediction, labels = read_segmentation(prediction_path, card, like=reference)
+    if card is not None or str(prediction_path).lower().endswith(".seg.nrrd"):
         names = {label.value: label.name for label in labels}
     else:
         values = np.union1d(np.flatnonzero(label_voxel_counts(prediction.array)),
                             np.flatnonzero(label_voxel_counts(reference.array)))
         names = {int(value): f"label {value}" for value in values if value}
-    result = evaluate(prediction, reference, names)
+    return evaluate(prediction, reference, names), prediction, reference
+
+
+def cmd_evaluate(args, reporter: Reporter) -> None:
+    from .modelcard import find_model
+
+    card = find_model(args.model) if args.model else None
+    if Path(args.reference).is_dir():
+        _evaluate_folders(args, card, reporter)
+        return
+    result, prediction, reference = _evaluate_case(args.prediction, args.reference, card)
     if args.uncertainty:
         from .uncertainty import error_detection_auc
 
@@ -84,6 +96,63 @@ def cmd_evaluate(args, reporter: Reporter) -> None:
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
     reporter.result("\n".join(rows), result)
+
+
+def _prediction_of(folder: Path, case: str) -> Path | None:
+    """A case's prediction in ``folder``: ``CASE/CASE.seg.nrrd`` (as segment-folder writes it), else
+    ``CASE.seg.nrrd`` or a label map ``CASE.nii.gz`` (or another image suffix)."""
+    from .io import IMAGE_SUFFIXES
+
+    candidates = [folder / case / f"{case}.seg.nrrd", folder / f"{case}.seg.nrrd"]
+    return next((path for path in candidates + [folder / f"{case}{suffix}" for suffix in IMAGE_SUFFIXES]
+                 if path.is_file()), None)
+
+
+def _evaluate_folders(args, card, reporter: Reporter) -> None:
+    """Every reference label map of a folder against its prediction: one row per case and label,
+    and per label the mean ± standard deviation over the cases."""
+    import math
+
+    import numpy as np
+
+    from .errors import InputError
+    from .io import atomic_path, find_cases, write_csv
+
+    if args.uncertainty or args.confidence:
+        raise InputError("--uncertainty and --confidence take one case; `aireconstruct calibrate` takes a data set")
+    predictions = Path(args.prediction)
+    pairs = [(case, _prediction_of(predictions, case), paths[0]) for case, paths in find_cases(args.reference, 1)]
+    missing = [case for case, prediction, _ in pairs if prediction is None]
+    if missing:
+        raise InputError(f"{predictions} has no prediction for {len(missing)} of the {len(pairs)} cases "
+                         f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+    rows = []
+    for n, (case, prediction, reference) in enumerate(pairs):
+        reporter.progress(n / len(pairs), f"evaluating {case}")
+        result, _, _ = _evaluate_case(prediction, reference, card)
+        rows += [{"case": case, "label": name, **{key: s[key] for key in METRIC_COLUMNS}}
+                 for name, s in result["labels"].items() if s["present"]]
+    summary = {}
+    for name in dict.fromkeys(row["label"] for row in rows):
+        scores = [row for row in rows if row["label"] == name]
+        entry = {"cases": len(scores), "missed": sum(not math.isfinite(row["hd95_mm"]) for row in scores)}
+        for key in ("dice", "iou", "hd95_mm", "asd_mm"):
+            values = [row[key] for row in scores if math.isfinite(row[key])]  # distances: the cases with both masks
+            entry[key] = {"mean": float(np.mean(values)) if values else math.nan,
+                          "sd": float(np.std(values)) if values else math.nan}
+        summary[name] = entry
+    text = [f"{'label':<20} {'cases':>5}  {'Dice':<15} {'IoU':<15} {'HD95 mm':<15} ASD mm"]
+    for name, e in summary.items():
+        cells = [f"{e[key]['mean']:.{digits}f} ± {e[key]['sd']:.{digits}f}"
+                 for key, digits in (("dice", 3), ("iou", 3), ("hd95_mm", 2), ("asd_mm", 2))]
+        missed = f" ({e['missed']} missed: no distance)" if e["missed"] else ""
+        text.append((f"{name:<20} {e['cases']:>5}  " + " ".join(f"{cell:<15}" for cell in cells)).rstrip() + missed)
+    if args.csv:
+        write_csv(args.csv, rows)
+    if args.json:
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps({"labels": summary, "cases": rows}, indent=2), encoding="utf-8")
+    reporter.result("\n".join(text), {"labels": summary, "cases": rows})
 
 
 def _map_on_grid(path: str, reference):
@@ -178,11 +247,14 @@ def cmd_calibrate(args, reporter: Reporter) -> None:
 
 def add_result_commands(sub, common: argparse.ArgumentParser) -> None:
     """Add this module's commands to the ``aireconstruct`` subparsers."""
-    p = sub.add_parser("evaluate", parents=[common], help="Dice, IoU, accuracy, HD95 of a prediction")
-    p.add_argument("prediction")
-    p.add_argument("reference")
+    p = sub.add_parser("evaluate", parents=[common],
+                       help="Dice, IoU, accuracy, HD95 of a prediction, or of a folder of them (mean ± SD)")
+    p.add_argument("prediction", help="a label map or .seg.nrrd; or a folder of them (as segment-folder writes "
+                                      "them, CASE/CASE.seg.nrrd, or CASE.seg.nrrd, CASE.nii.gz...)")
+    p.add_argument("reference", help="the reference label map; or a folder of them, CASE.nii.gz (e.g. labelsTr)")
     p.add_argument("-m", "--model", help="model whose label names to use")
     p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--csv", help="folders: also write one row per case and label to this CSV file")
     p.add_argument("--uncertainty", help="an uncertainty map (segment --uncertainty): how well it finds wrong voxels (AUC)")
     p.add_argument("--confidence", help="a confidence map (segment --uncertainty): expected calibration error")
     p.add_argument("--reliability", help="with --confidence: write the reliability diagram to this PNG")

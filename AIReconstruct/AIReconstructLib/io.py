@@ -49,6 +49,47 @@ def image_stem(path: str | os.PathLike) -> str:
     return path.name[: len(path.name) - len(_suffix(path))]
 
 
+def find_cases(folder: str | os.PathLike, channels: int) -> list[tuple[str, tuple[Path, ...]]]:
+    """The cases of a folder of images, as (case name, one input per channel), sorted by name.
+
+    For a model of several channels, files named as in nnU-Net's ``imagesTs`` (``CASE_0000.nii.gz``,
+    ``CASE_0001.nii.gz``, ...: one file per channel) are grouped by case. For a single-channel model
+    every image file and every sub-folder (a DICOM series) is a case of its own, named after the
+    file (without ``_0000`` where every file ends so, as in ``imagesTs``).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
+                   and not p.name.lower().endswith(".seg.nrrd"))
+    stems = [image_stem(p) for p in files]
+    numbered = all(len(s) > 5 and s[-5] == "_" and s[-4:].isdigit() for s in stems)
+    if channels > 1 and files and numbered:
+        by_case: dict[str, dict[int, Path]] = {}
+        for stem, path in zip(stems, files):
+            by_case.setdefault(stem[:-5], {})[int(stem[-4:])] = path
+        for case, found in by_case.items():
+            if sorted(found) != list(range(channels)):
+                expected = ", ".join(f"{case}_{c:04d}" for c in range(channels))
+                raise InputError(f"Case {case} in {folder.name} has channel files {sorted(found)}; "
+                                 f"the model takes {channels}: {expected}")
+        return [(case, tuple(found[c] for c in range(channels))) for case, found in sorted(by_case.items())]
+    if channels != 1:
+        raise InputError(f"The model takes {channels} channels: name each case's files CASE_0000, CASE_0001, ... "
+                         f"in {folder.name}")
+    if files and all(s.endswith("_0000") for s in stems):  # nnU-Net's names for one channel: CASE_0000
+        stems = [s[:-5] for s in stems]
+    cases = [(stem, (path,)) for stem, path in zip(stems, files)]
+    cases += [(sub.name, (sub,)) for sub in sorted(folder.iterdir()) if sub.is_dir() and not sub.name.startswith(".")]
+    if not cases:
+        raise InputError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) or DICOM series folders")
+    names = [case for case, _ in cases]
+    twice = next((case for case in names if names.count(case) > 1), None)
+    if twice is not None:
+        raise InputError(f"{folder.name} has two images of case {twice}")
+    return sorted(cases)
+
+
 def _check_nifti_complete(path: Path) -> None:
     """ITK reads a truncated NIfTI without complaint: compare its size with what the header announces."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open

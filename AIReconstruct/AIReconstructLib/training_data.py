@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from .dataset import Dataset
 from .errors import InputError
-from .io import IMAGE_SUFFIXES, atomic_path, read_labelmap, read_volume
+from .io import atomic_path, find_cases, read_labelmap, read_volume
 from .predict import Predictor
 from .preprocess import prepare, to_canonical
 
@@ -114,18 +114,13 @@ def _case_on_grid(case, channel_specs, spacing) -> tuple[torch.Tensor, torch.Ten
 
 def rehearsal_cases(folder: str | Path, network: torch.nn.Module, channel_specs, spacing, patch_zyx,
                     device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Earlier scans (every image file in ``folder``; single-channel models) on the model grid, each
+    """Earlier scans (the cases of ``folder``, see :func:`find_cases`) on the model grid, each
     labelled with the network's own segmentation: rehearsing them while fine-tuning keeps what the
     model already does well, without expert labels (pseudo-rehearsal)."""
-    if len(channel_specs) != 1:
-        raise InputError(f"Rehearsal scans are single images; this model takes {len(channel_specs)} channels")
-    files = sorted(path for path in Path(folder).iterdir() if path.name.lower().endswith(IMAGE_SUFFIXES))
-    if not files:
-        raise InputError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}) to rehearse")
     predictor = Predictor(network, patch_zyx, 0.5, device, backend="torch")
     cases = []
-    for path in files:
-        image = prepare([read_volume(path)], channel_specs, spacing).tensor
+    for _, paths in find_cases(folder, len(channel_specs)):
+        image = prepare([read_volume(path) for path in paths], channel_specs, spacing).tensor
         cases.append((image, predictor(image).argmax(0, keepdim=True).float()))
     network.train()
     return cases
