@@ -65,6 +65,8 @@ def _segment_and_write(inputs, stem: str, output, card, args, progress, cancel_r
     from .io import StagedOutput, read_image_for_model
     from .pipeline import SegmentOptions, segment
 
+    if args.dicom_seg and not Path(inputs[0]).is_dir():
+        raise InputError("--dicom-seg refers to the input's DICOM images: give the input as a DICOM series folder")
     started = time.perf_counter()
     channels = [read_image_for_model(path) for path in inputs]
     read_seconds = time.perf_counter() - started
@@ -76,7 +78,8 @@ def _segment_and_write(inputs, stem: str, output, card, args, progress, cancel_r
         formats = mesh_suffixes(args.surface_format) if args.surfaces else ()
         summary = export_segmentation(result, out, stem, formats, args.smoothing, args.decimate, args.coordinates,
                                       args.max_triangles, report_image=channels[0] if args.report else None,
-                                      margin_mm=args.margin, for_import=args.for_import)
+                                      margin_mm=args.margin, for_import=args.for_import,
+                                      dicom_series=inputs[0] if args.dicom_seg else None)
         if cancel_requested():
             raise Cancelled("Cancelled by the user; nothing was written")
         return out.commit(), summary
@@ -218,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="also write <name>_report.html: measurements, slices through lesions, 3D view")
     segmenting.add_argument("--margin", type=float, default=10.0,
                             help="safety margin around lesions for the remnant, mm")
+    segmenting.add_argument("--dicom-seg", action="store_true",
+                            help="also write <name>_seg.dcm, a DICOM Segmentation referring to the input's DICOM "
+                                 "series (the input must be a DICOM series folder; needs the dicom extra)")
     add_mesh_options(segmenting)
 
     p = sub.add_parser("segment", parents=[common, segmenting], help="segment an image with a model")

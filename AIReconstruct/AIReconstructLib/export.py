@@ -39,11 +39,12 @@ def export_surfaces(segmentation_labelmap, labels, out: StagedOutput, formats, s
 def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str, surface_formats=(),
                         smoothing: float = 0.5, decimate: float = 0.0, coordinates: str = "LPS",
                         max_triangles: int | None = None, report_image=None, margin_mm: float = 10.0,
-                        for_import: bool = False) -> dict:
+                        for_import: bool = False, dicom_series=None) -> dict:
     """Write the label map, the ``.seg.nrrd``, meshes (if formats are given), the HTML report (if
-    ``report_image``, the input, is given; its measurements go into the summary) and a summary.
-    ``for_import``: for a caller that imports the result at once (the Slicer module), only the
-    ``.seg.nrrd``, uncompressed."""
+    ``report_image``, the input, is given; its measurements go into the summary), a DICOM-SEG
+    ``<stem>_seg.dcm`` referring to the input's images (if ``dicom_series``, the input's DICOM series
+    folder, is given) and a summary. ``for_import``: for a caller that imports the result at once
+    (the Slicer module), only the ``.seg.nrrd``, uncompressed."""
     labels = segmentation.card.labels
     with ThreadPoolExecutor(1) as writer:  # the label files are written (outside the GIL) while the rest runs
         label_files = writer.submit(_write_label_files, segmentation.labelmap, labels, out, stem, for_import)
@@ -78,6 +79,12 @@ def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str
                                                          confidence=segmentation.confidence)
             write_report(page, out.path(f"{stem}_report.html"))
             seconds["report"] = time.perf_counter() - started
+        if dicom_series is not None:
+            from .dicomseg import write_dicom_seg
+
+            started = time.perf_counter()
+            write_dicom_seg(segmentation.labelmap, segmentation.card, dicom_series, out.path(f"{stem}_seg.dcm"))
+            seconds["DICOM-SEG"] = time.perf_counter() - started
         seconds["write"] = label_files.result()
     summary["seconds"] = {key: round(value, 3) for key, value in seconds.items()}
     out.write_text(f"{stem}_summary.json", json.dumps(summary, indent=2))

@@ -1,0 +1,110 @@
+"""Write a segmentation as a DICOM Segmentation object (DICOM-SEG) that refers to the DICOM series
+it was made from, so that it can be stored in a PACS beside the images and opened by DICOM viewers
+(3D Slicer reads it with its QuantitativeReporting extension). Uses highdicom (the ``dicom`` extra).
+
+Each of the card's labels is one segment (numbered 1, 2, ... in the card's order), with the label's
+SNOMED CT category and type, its colour, and the model as the segmenting algorithm ("AUTOMATIC").
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .dataset import GENERIC_TISSUE
+from .errors import AIReconstructError, InputError, OutputError
+from .io import atomic_path
+from .modelcard import Label, ModelCard
+from .volume import Volume
+
+
+def _source_images(folder: Path, labelmap: Volume) -> list:
+    """The series' DICOM datasets in ``folder``, one for each slice ``k`` of ``labelmap`` in that
+    order, matched by position (the segmentation lies on the series' own grid)."""
+    import pydicom
+
+    datasets = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            dataset = pydicom.dcmread(path, stop_before_pixels=True)
+        except (pydicom.errors.InvalidDicomError, OSError):
+            continue
+        if "ImagePositionPatient" in dataset:
+            datasets.append(dataset)
+    if len({dataset.SeriesInstanceUID for dataset in datasets}) != 1:
+        raise InputError(f"{folder.name} does not hold exactly one DICOM series to refer to")
+    positions = np.array([[float(v) for v in dataset.ImagePositionPatient] for dataset in datasets])
+    ordered = []
+    for k in range(labelmap.array.shape[0]):
+        expected = np.asarray(labelmap.origin) + labelmap.direction[:, 2] * labelmap.spacing[2] * k
+        distances = np.linalg.norm(positions - expected, axis=1)
+        nearest = int(np.argmin(distances))
+        if distances[nearest] > 0.01 * min(labelmap.spacing):
+            raise InputError(f"The DICOM series in {folder.name} has no slice at the segmentation's slice {k}")
+        ordered.append(datasets[nearest])
+    return ordered
+
+
+def _coded(terminology: dict, key: str):
+    """A highdicom coded concept from a card label's ``[scheme, code, meaning]`` entry; a label
+    without codes is generic tissue."""
+    from highdicom.sr import CodedConcept
+
+    scheme, code, meaning = terminology.get(key) or GENERIC_TISSUE[key]
+    return CodedConcept(value=code, scheme_designator=scheme, meaning=meaning)
+
+
+def _segment_descriptions(labels: list[Label], card: ModelCard) -> list:
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    algorithm = hd.AlgorithmIdentificationSequence(name=card.name, version=str(card.data.get("version", "")),
+                                                   family=codes.cid7162.ArtificialIntelligence)
+    return [hd.seg.SegmentDescription(
+        segment_number=number, segment_label=label.name[:64],
+        segmented_property_category=_coded(label.terminology, "category"),
+        segmented_property_type=_coded(label.terminology, "type"),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
+        display_color=hd.color.CIELabColor.from_rgb(*(round(255 * c) for c in label.color)),
+    ) for number, label in enumerate(labels, start=1)]
+
+
+def write_dicom_seg(labelmap: Volume, card: ModelCard, series_folder: str | os.PathLike,
+                    path: str | os.PathLike) -> Path:
+    """Write ``labelmap`` (on the grid of the DICOM series in ``series_folder``) with the card's
+    labels as a DICOM-SEG file that refers to that series' images; atomically."""
+    try:
+        import highdicom as hd
+    except ImportError:
+        raise AIReconstructError("DICOM-SEG output needs highdicom: pip install 'aireconstructlib[dicom]'") from None
+    series_folder, path = Path(series_folder), Path(path)
+    if not series_folder.is_dir():
+        raise InputError("DICOM-SEG refers to the input's DICOM images: give the input as a DICOM series folder")
+    sources = _source_images(series_folder, labelmap)
+    labels = sorted(card.labels, key=lambda label: label.value)
+    numbering = np.zeros(max(int(labelmap.array.max(initial=0)), labels[-1].value) + 1, np.uint16)
+    for number, label in enumerate(labels, start=1):
+        numbering[label.value] = number  # values the card does not name stay background
+    try:
+        segmentation = hd.seg.Segmentation(
+            source_images=sources, pixel_array=numbering[labelmap.array],
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=_segment_descriptions(labels, card),
+            series_instance_uid=hd.UID(), series_number=int(getattr(sources[0], "SeriesNumber", 0) or 0) + 1000,
+            sop_instance_uid=hd.UID(), instance_number=1, manufacturer="AIReconstruct",
+            manufacturer_model_name=card.name[:64], software_versions=__version__, device_serial_number="none",
+            series_description=f"AIReconstruct {card.name}"[:64], content_label="AIRECONSTRUCT",
+            content_description=str(card.data.get("intended_use", ""))[:64],
+        )
+    except ValueError as error:  # source images that the standard's SEG cannot refer to
+        raise InputError(f"Cannot make a DICOM-SEG for the series in {series_folder.name}: "
+                         f"{' '.join(str(error).split())}") from None
+    try:
+        with atomic_path(path) as tmp:
+            segmentation.save_as(tmp)
+    except OSError as error:
+        raise OutputError(f"Cannot write {path}: {error.strerror or error}") from None
+    return path
