@@ -6,8 +6,8 @@ bar (``{"progress": 0.42, "message": ...}``, then ``{"done": true, ...}`` or ``{
 which is how the Slicer module follows a run. SIGTERM or Ctrl-C cancels within one window and
 leaves the output folder as it was.
 
-This module has segment and the model commands; the commands that work on a segmentation are in
-:mod:`cli_results`, those that make models in :mod:`cli_training`.
+This module has segment, segment-folder and the model commands; the commands that work on a
+segmentation are in :mod:`cli_results`, those that make models in :mod:`cli_training`.
 """
 
 from __future__ import annotations
