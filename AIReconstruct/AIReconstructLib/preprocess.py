@@ -261,10 +261,10 @@ def _interpolated_slabs(scores: torch.Tensor, shape, taps: list, bilinear: bool,
 
 def resample_argmax(scores: torch.Tensor, shape, nearest_first_axis: bool = False, steps=None,
                     slabs_above: float = 1 / 3, voxels_per_chunk: int = 2**21) -> torch.Tensor:
-    """The argmax labels of ``scores [C, z, y, x]`` resampled to ``shape``: trilinear over the same
-    field of view, as ``F.interpolate(..., align_corners=False)``, or from the first voxel on with
-    ``steps`` (see :func:`resample`), or nearest along z when ``nearest_first_axis`` (as nnU-Net
-    does along the coarse axis of anisotropic images). Full-resolution scores never exist.
+    """The argmax labels of ``scores [C, z, y, x]`` (on the CPU) resampled to ``shape``: trilinear
+    over the same field of view, as ``F.interpolate(..., align_corners=False)``, or from the first
+    voxel on with ``steps`` (see :func:`resample`), or nearest along z when ``nearest_first_axis``
+    (as nnU-Net does along the coarse axis of anisotropic images). Full-resolution scores never exist.
 
     Exact shortcut: a voxel whose (up to 8) source grid points all have the same argmax gets that
     label, because a convex combination of score vectors keeps a class that is largest at every
