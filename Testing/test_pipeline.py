@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+import torch
 
-from AIReconstructLib.errors import InputError
+from AIReconstructLib.errors import InputError, ModelCardError
 from AIReconstructLib.modelcard import load_card
 from AIReconstructLib.pipeline import SegmentOptions, segment
 from AIReconstructLib.volume import Volume
@@ -39,3 +40,53 @@ def test_flipped_input_gives_the_flipped_result(tiny_model, ct_volume):
 def test_wrong_number_of_channels(tiny_model, ct_volume):
     with pytest.raises(InputError, match="needs 1 input volume"):
         segment([ct_volume, ct_volume], load_card(tiny_model))
+
+
+def test_body_box_on_the_network_grid(tiny_model):
+    from AIReconstructLib.preprocess import Prepared, body_box, reorientation_of
+
+    card = load_card(tiny_model)  # CT, clip -1000..1000, mean 0, std 300; 4 mm
+    air = torch.full((1, 40, 50, 60), -1000 / 300)
+    how = reorientation_of(Volume(np.zeros((3, 3, 3)), (1, 1, 1)))
+    body = air.clone()
+    body[0, 10:20, 15:30, 20:50] = 50 / 300
+    assert body_box(Prepared(body, how, (40, 50, 60)), card) == (slice(4, 26), slice(9, 36), slice(14, 56))  # +24 mm
+    assert body_box(Prepared(air, how, (40, 50, 60)), card) is None  # no body
+    body[0, 1:39, 1:49, 1:59] = 50 / 300
+    assert body_box(Prepared(body, how, (40, 50, 60)), card) is None  # nearly everything: not worth it
+
+
+def test_crop_to_body_runs_the_network_on_the_body_only():
+    """The demo model (whose card crops to the body) on a CT with wide air around the body: fewer
+    windows, nothing outside the body's box, the organs found."""
+    from dataclasses import replace
+
+    from AIReconstructLib.metrics import evaluate
+    from AIReconstructLib.modelcard import find_model
+    from AIReconstructLib.phantom import make_phantom
+
+    card = find_model("demo-abdomen-ct")
+    assert card.inference["crop_to_body"]
+    phantom = make_phantom(1002, spacing=(1.6, 1.6, 3.0), field_of_view_mm=(409.6, 409.6, 450.0))
+    whole = replace(card, data={**card.data, "inference": {**card.inference, "crop_to_body": False}})
+    names = {label.value: label.name for label in card.labels}
+    windows, dice = {}, {}
+    for name, model in (("body", card), ("whole image", whole)):
+        seen = []
+        result = segment([phantom.image], model, SegmentOptions(device="cpu"), progress=lambda f, m: seen.append(m))
+        windows[name] = int(next(m for m in reversed(seen) if m.startswith("window")).split("/")[1])
+        dice[name] = evaluate(result.labelmap, phantom.labels, names, distances=False)["mean"]["dice"]
+        if name == "body":  # nothing beyond the body's box and its 24 mm margin (+ a model voxel)
+            corners = np.transpose(np.nonzero(phantom.image.array > -500))
+            grow = np.ceil(27.0 / np.asarray(phantom.image.spacing[::-1])).astype(int)
+            low, high = np.maximum(corners.min(0) - grow, 0), corners.max(0) + grow + 1
+            outside = np.ones(phantom.image.array.shape, bool)
+            outside[low[0]:high[0], low[1]:high[1], low[2]:high[2]] = False
+            assert outside.any() and not result.labelmap.array[outside].any()
+    assert windows["body"] < windows["whole image"] / 2
+    assert dice["body"] > 0.88  # measured 0.91 (0.78 on the whole image: far from the body the model errs)
+    brain = replace(find_model("brain-tumour-flair"), data={**find_model("brain-tumour-flair").data,
+                                                          "inference": {"overlap": 0.5, "crop_to_body": True}})
+    mri = Volume(np.random.default_rng(0).uniform(50, 150, (40, 48, 48)).astype(np.float32), (2.0, 2.0, 2.0))
+    with pytest.raises(ModelCardError, match="crops to the body, which needs a CT channel"):
+        segment([mri], brain, SegmentOptions(device="cpu"))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -144,7 +145,7 @@ def measure(args, work: Path) -> None:
     from AIReconstructLib.modelcard import find_model
     from AIReconstructLib.networks import load_network
     from AIReconstructLib.predict import Predictor
-    from AIReconstructLib.preprocess import in_array_order, prepare_for_card
+    from AIReconstructLib.preprocess import body_box, in_array_order, prepare_for_card
 
     card = find_model(args.model)
     prepared = prepare_for_card([read_image_for_model(image_path)], card, args.fast)
@@ -160,6 +161,13 @@ def measure(args, work: Path) -> None:
         bare[backend] = time.perf_counter() - started
         if on_gpu:
             bare_gpu_mib = torch.cuda.max_memory_allocated() / 2**20
+    box = body_box(prepared, card, args.fast) if card.inference.get("crop_to_body") else None
+    if box is not None:  # the network on the part of the image the engine gives it
+        predictor = Predictor(network, patch, card.inference["overlap"], args.device, backend="torch")
+        for _ in range(2):  # the second counts
+            started = time.perf_counter()
+            predictor(prepared.tensor[(slice(None), *box)])
+            bare["torch, body"] = time.perf_counter() - started
 
     stages = summary["seconds"]
     print("\n| stage | seconds |\n|---|---:|")
@@ -177,8 +185,14 @@ def measure(args, work: Path) -> None:
         print(f"| bare network sliding window, OpenVINO float32 | {bare['openvino']:.2f} |")
     print(f"\nend-to-end / bare network (PyTorch): {e2e_seconds / bare['torch']:.2f}x "
           f"(in-engine stages / bare: {sum(stages.values()) / bare['torch']:.2f}x)")
+    if box is not None:
+        share = math.prod(s.stop - s.start for s in box) / prepared.tensor[0].numel()
+        print(f"| bare network on the body's box ({share:.0%} of the grid; the engine runs it there), "
+              f"{baseline} | {bare['torch, body']:.2f} |")
     print(f"later run in Slicer / bare network (PyTorch): {later / bare['torch']:.2f}x; "
           f"the engine worker's peak RSS {worker_rss:.0f} MiB")
+    if box is not None:
+        print(f"later run in Slicer / bare network on the body's box (PyTorch): {later / bare['torch, body']:.2f}x")
     if on_gpu:
         print(f"peak GPU memory ({torch.cuda.get_device_name()}): segment run "
               f"{summary.get('peak_gpu_memory_mib', float('nan')):.0f} MiB, bare network {bare_gpu_mib:.0f} MiB")

@@ -22,7 +22,7 @@ from .modelcard import ModelCard, verified_weight_paths
 from .networks import load_network
 from .postprocess import postprocess
 from .predict import CancelCheck, Predictor, ProgressCallback, choose_device, runs_through_openvino
-from .preprocess import in_array_order, prepare_for_card, restore_labels, restore_scalar
+from .preprocess import body_box, in_array_order, prepare_for_card, restore_labels, restore_scalar
 from .uncertainty import DROPOUT_SAMPLES, dropout_layers, member_maps, segment_confidence
 from .volume import Volume
 
@@ -96,6 +96,14 @@ def _network(card: ModelCard, options: SegmentOptions, window: tuple[int, ...]):
     return compiled, fingerprint
 
 
+def _outside_is_background(logits: torch.Tensor, box, grid) -> torch.Tensor:
+    """Logits ``[..., classes, *box]`` on the whole grid: outside the box, certain background."""
+    full = logits.new_full((*logits.shape[:-3], *grid), -20.0)
+    full[..., 0, :, :, :] = 0.0
+    full[(Ellipsis, *box)] = logits
+    return full
+
+
 def _predict_native(channels: list[Volume], card: ModelCard, options: SegmentOptions, report: ProgressCallback,
                     cancel: CancelCheck | None) -> tuple[np.ndarray, dict, dict]:
     """Label array on the input's grid from a model trained by this engine (or imported as MONAI
@@ -111,6 +119,8 @@ def _predict_native(channels: list[Volume], card: ModelCard, options: SegmentOpt
     started = time.perf_counter()
     report(0.02, "preprocessing")
     prepared = prepare_for_card(channels, card, options.fast)
+    box = body_box(prepared, card, options.fast) if card.inference.get("crop_to_body") else None
+    image = prepared.tensor if box is None else prepared.tensor[(slice(None), *box)]
     seconds["preprocess"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -126,11 +136,13 @@ def _predict_native(channels: list[Volume], card: ModelCard, options: SegmentOpt
             layer.train()
         samples = card.inference.get("dropout_samples", DROPOUT_SAMPLES)
         torch.manual_seed(0)  # the same map for the same input
-    runs = [predictor(prepared.tensor, mirror_axes, cancel=cancel, members=options.uncertainty,
+    runs = [predictor(image, mirror_axes, cancel=cancel, members=options.uncertainty,
                       progress=lambda f, message, n=n: report(0.05 + 0.85 * (n + f) / samples, message))
             for n in range(samples)]
     logits = runs[0] if samples == 1 else torch.cat(runs)  # with several samples: [samples x mirrors, ...]
     del runs
+    if box is not None:
+        logits = _outside_is_background(logits, box, prepared.tensor.shape[1:])
     maps = {}
     if options.uncertainty:
         maps = member_maps(logits)

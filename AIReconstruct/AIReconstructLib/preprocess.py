@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import ModelCardError
 from .volume import Volume
 
 
@@ -162,6 +163,30 @@ def prepare_for_card(channels: list[Volume], card, fast: bool = False) -> Prepar
     orientation, grid and order of normalising and resampling."""
     return prepare(channels, card.channels, card.spacing(fast), card.orientation, card.inference.get("grid", "field_of_view"),
                    card.inference.get("normalise") != "after_resampling")
+
+
+BODY_HU = -500.0  # CT voxels above this are the body (or the table); below, air
+BODY_MARGIN_MM = 24.0
+BODY_BOX_MAX_SHARE = 0.9  # a box nearly as large as the grid is not worth cropping to
+
+
+def body_box(prepared: Prepared, card, fast: bool = False) -> tuple[slice, slice, slice] | None:
+    """The box of the network's grid around the body of a CT (the card's first channel: voxels above
+    -500 HU) grown by 24 mm, or None where it is nearly the whole grid or empty."""
+    scheme = card.channels[0]["normalisation"]
+    if scheme["scheme"] != "ct":
+        raise ModelCardError(f"Model '{card.name}' crops to the body, which needs a CT channel (normalisation ct)")
+    inside = prepared.tensor[0] > (max(BODY_HU, scheme["clip"][0]) - scheme["mean"]) / scheme["std"]
+    box = []
+    for axis, spacing in enumerate(in_array_order(card.spacing(fast), card.orientation)):
+        present = torch.nonzero(inside.any(dim=[a for a in range(3) if a != axis]))[:, 0]
+        if len(present) == 0:
+            return None
+        margin = int(np.ceil(BODY_MARGIN_MM / spacing))
+        box.append(slice(max(int(present[0]) - margin, 0), min(int(present[-1]) + 1 + margin, inside.shape[axis])))
+    if math.prod(s.stop - s.start for s in box) > BODY_BOX_MAX_SHARE * inside.numel():
+        return None
+    return tuple(box)
 
 
 def _linear_taps(n_out: int, n_in: int, step: float | None = None):
