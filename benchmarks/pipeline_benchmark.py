@@ -15,6 +15,8 @@ Prints, for one realistic case measured in one run:
   meshes: Slicer makes its own), the result read into the scene; five runs on one scene: the first,
   and the median of the four later ones (a surgeon's second and later runs) with its ratio to the
   baseline;
+- where the model's card crops to the body, the bare network on the body's box too (the part of the
+  image the engine runs it on), and the later Slicer run's ratio to that;
 - the peak RSS of that process, of a process that only imports the engine and loads the model, and
   the difference as a multiple of the input's float32 size.
 Not part of the test suite.
@@ -183,12 +185,12 @@ def measure(args, work: Path) -> None:
     print(f"| bare network sliding window, {baseline} (baseline) | {bare['torch']:.2f} |")
     if not on_gpu:
         print(f"| bare network sliding window, OpenVINO float32 | {bare['openvino']:.2f} |")
-    print(f"\nend-to-end / bare network (PyTorch): {e2e_seconds / bare['torch']:.2f}x "
-          f"(in-engine stages / bare: {sum(stages.values()) / bare['torch']:.2f}x)")
     if box is not None:
         share = math.prod(s.stop - s.start for s in box) / prepared.tensor[0].numel()
         print(f"| bare network on the body's box ({share:.0%} of the grid; the engine runs it there), "
               f"{baseline} | {bare['torch, body']:.2f} |")
+    print(f"\nend-to-end / bare network (PyTorch): {e2e_seconds / bare['torch']:.2f}x "
+          f"(in-engine stages / bare: {sum(stages.values()) / bare['torch']:.2f}x)")
     print(f"later run in Slicer / bare network (PyTorch): {later / bare['torch']:.2f}x; "
           f"the engine worker's peak RSS {worker_rss:.0f} MiB")
     if box is not None:
