@@ -65,8 +65,10 @@ def _segment_and_write(inputs, stem: str, output, card, args, progress, cancel_r
     from .io import StagedOutput, read_image_for_model
     from .pipeline import SegmentOptions, segment
 
-    if args.dicom_seg and not Path(inputs[0]).is_dir():
-        raise InputError("--dicom-seg refers to the input's DICOM images: give the input as a DICOM series folder")
+    if args.dicom_seg:
+        from .dicomseg import series_folder_of
+
+        series_folder_of(inputs[0])  # before any work: an input that is not a DICOM series is refused
     started = time.perf_counter()
     channels = [read_image_for_model(path) for path in inputs]
     read_seconds = time.perf_counter() - started

@@ -21,6 +21,14 @@ from .modelcard import Label, ModelCard
 from .volume import Volume
 
 
+def series_folder_of(path: str | os.PathLike) -> Path:
+    """The DICOM series folder a DICOM-SEG will refer to; a one-line error for any other input."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError("DICOM-SEG refers to the input's DICOM images: give the input as a DICOM series folder")
+    return path
+
+
 def _source_images(folder: Path, labelmap: Volume) -> list:
     """The series' DICOM datasets in ``folder``, one for each slice ``k`` of ``labelmap`` in that
     order, matched by position (the segmentation lies on the series' own grid)."""
@@ -80,9 +88,7 @@ def write_dicom_seg(labelmap: Volume, card: ModelCard, series_folder: str | os.P
         import highdicom as hd
     except ImportError:
         raise AIReconstructError("DICOM-SEG output needs highdicom: pip install 'aireconstructlib[dicom]'") from None
-    series_folder, path = Path(series_folder), Path(path)
-    if not series_folder.is_dir():
-        raise InputError("DICOM-SEG refers to the input's DICOM images: give the input as a DICOM series folder")
+    series_folder, path = series_folder_of(series_folder), Path(path)
     sources = _source_images(series_folder, labelmap)
     labels = sorted(card.labels, key=lambda label: label.value)
     numbering = np.zeros(max(int(labelmap.array.max(initial=0)), labels[-1].value) + 1, np.uint16)

@@ -60,8 +60,9 @@ def find_cases(folder: str | os.PathLike, channels: int) -> list[tuple[str, tupl
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
-                   and not p.name.lower().endswith(".seg.nrrd"))
+    entries = sorted(folder.iterdir())
+    files = [p for p in entries if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
+             and not p.name.lower().endswith(".seg.nrrd")]
     stems = [image_stem(p) for p in files]
     numbered = all(len(s) > 5 and s[-5] == "_" and s[-4:].isdigit() for s in stems)
     if channels > 1 and files and numbered:
@@ -80,7 +81,7 @@ def find_cases(folder: str | os.PathLike, channels: int) -> list[tuple[str, tupl
     if files and all(s.endswith("_0000") for s in stems):  # nnU-Net's names for one channel: CASE_0000
         stems = [s[:-5] for s in stems]
     cases = [(stem, (path,)) for stem, path in zip(stems, files)]
-    cases += [(sub.name, (sub,)) for sub in sorted(folder.iterdir()) if sub.is_dir() and not sub.name.startswith(".")]
+    cases += [(sub.name, (sub,)) for sub in entries if sub.is_dir() and not sub.name.startswith(".")]
     if not cases:
         raise InputError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) or DICOM series folders")
     names = [case for case, _ in cases]

@@ -94,9 +94,9 @@ def postprocess(labelmap: Volume, labels: list[Label]) -> Volume:
             if label.postprocess and label.value - 1 < len(boxes) and boxes[label.value - 1] is not None]
     cores = os.cpu_count() or 1
     at_once = max(1, min(len(jobs), cores, MAX_LABELS_AT_ONCE))
+    threads = max(1, cores // at_once)  # ITK's threads for each label
     with ThreadPoolExecutor(at_once) as pool:
-        changes = list(pool.map(lambda job: _changes(labelmap.array, *job, labelmap.voxel_volume_ml, max(1, cores // at_once)),
-                                jobs))
+        changes = list(pool.map(lambda job: _changes(labelmap.array, *job, labelmap.voxel_volume_ml, threads), jobs))
     for (label, box), (removed, _) in zip(jobs, changes):
         region = array[box]  # a view: changes land in ``array``
         region[np.unravel_index(removed, region.shape)] = 0

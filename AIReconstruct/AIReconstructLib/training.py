@@ -38,6 +38,7 @@ from .training_data import (PatchSampler, channel_normalisation, label_entries, 
 from .training_outputs import (CHECKPOINT_FILE, WEIGHTS_FILE, load_checkpoint, log_figures, save_checkpoint,
                                tensorboard_writer, write_card, write_weights)
 
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs; recorded in the model card."""
