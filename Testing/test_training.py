@@ -186,3 +186,20 @@ def test_deep_supervision_weighs_every_head_and_the_card_predicts_with_the_main_
     result = segment([make_phantom(9, spacing=(6.0, 6.0, 8.0)).image], load_card(tmp_path / "model"),
                      SegmentOptions(device="cpu"))
     assert result.labelmap.array.shape == (38, 40, 53)
+
+
+def test_a_labels_file_that_cannot_serve_is_a_one_line_error(tmp_path):
+    from AIReconstructLib.training_data import label_entries
+
+    dataset = write_phantom_dataset(tmp_path / "data", count=1, first_seed=500, spacing=(5.0, 5.0, 6.0))
+    entries = dataset.label_entries
+    (tmp_path / "same.json").write_text(json.dumps(entries), encoding="utf-8")
+    assert label_entries(dataset, str(tmp_path / "same.json")) == entries
+    (tmp_path / "other.json").write_text(json.dumps(entries[:-1]), encoding="utf-8")
+    (tmp_path / "broken.json").write_text("[{", encoding="utf-8")
+    (tmp_path / "names.json").write_text(json.dumps([e["name"] for e in entries]), encoding="utf-8")
+    for name, message in [("missing.json", "Cannot read the labels file"), ("broken.json", "Cannot read"),
+                          ("names.json", "is not a JSON list of label entries"),
+                          ("other.json", "does not give the same label values")]:
+        with pytest.raises(InputError, match=message):
+            label_entries(dataset, str(tmp_path / name))

@@ -61,7 +61,12 @@ def label_entries(dataset: Dataset, labels_file: str | None) -> list[dict]:
     """The data set's labels, or those of ``labels_file`` (which must give the same values)."""
     if labels_file is None:
         return dataset.label_entries
-    entries = json.loads(Path(labels_file).read_text(encoding="utf-8"))
+    try:
+        entries = json.loads(Path(labels_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InputError(f"Cannot read the labels file {labels_file}: {error}") from None
+    if not (isinstance(entries, list) and all(isinstance(e, dict) and isinstance(e.get("value"), int) for e in entries)):
+        raise InputError(f"{labels_file} is not a JSON list of label entries, each with an integer \"value\"")
     if sorted(e["value"] for e in entries) != sorted(e["value"] for e in dataset.label_entries):
         raise InputError(f"{labels_file} does not give the same label values as {dataset.folder.name}/dataset.json")
     return entries
