@@ -203,3 +203,18 @@ def test_a_labels_file_that_cannot_serve_is_a_one_line_error(tmp_path):
                           ("other.json", "does not give the same label values")]:
         with pytest.raises(InputError, match=message):
             label_entries(dataset, str(tmp_path / name))
+
+
+@pytest.mark.parametrize("meta, message", [
+    ("{not json", "Cannot read"),
+    (json.dumps(["CT"]), "needs \"channel_names\""),
+    (json.dumps({"channel_names": {"0": "FLAIR"}}), "needs \"channel_names\""),
+    (json.dumps({"channel_names": {"zero": "FLAIR"}, "labels": {"background": 0, "tumour": 1}}), "numbered 0, 1"),
+    (json.dumps({"channel_names": {"0": "FLAIR"}, "labels": {"background": 0, "whole tumour": [1, 2, 3]}}),
+     "region-based labels are not supported"),
+])
+def test_a_dataset_json_that_cannot_serve_is_a_one_line_error(tmp_path, meta, message):
+    write_phantom_dataset(tmp_path / "data", count=1, first_seed=500, spacing=(5.0, 5.0, 6.0))
+    (tmp_path / "data" / "dataset.json").write_text(meta, encoding="utf-8")
+    with pytest.raises(InputError, match=message):
+        read_dataset(tmp_path / "data")

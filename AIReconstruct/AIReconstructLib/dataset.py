@@ -51,14 +51,32 @@ def _default_label_entries(labels: dict) -> list[dict]:
     return entries
 
 
+def _read_meta(meta_path: Path) -> dict:
+    """A data set's ``dataset.json``, checked for what this module reads of it."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InputError(f"Cannot read {meta_path}: {error}") from None
+    channels, labels = (meta.get("channel_names"), meta.get("labels")) if isinstance(meta, dict) else (None, None)
+    if not (isinstance(channels, dict) and channels and all(str(key).isdigit() for key in channels)
+            and isinstance(labels, dict) and all(isinstance(value, int) for value in labels.values())):
+        raise InputError(f"{meta_path} needs \"channel_names\" numbered 0, 1, ... and \"labels\" with one integer "
+                         "value each (the nnU-Net v2 layout; region-based labels are not supported)")
+    return meta
+
+
+def _channel_names(meta: dict) -> list[str]:
+    return [meta["channel_names"][key] for key in sorted(meta["channel_names"], key=int)]
+
+
 def read_dataset(folder: str | Path) -> Dataset:
     """List the cases of a data set folder and read its ``dataset.json``."""
     folder = Path(folder)
     meta_path = folder / "dataset.json"
     if not meta_path.is_file():
         raise InputError(f"{folder} is not a data set: it has no dataset.json")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    channel_names = [meta["channel_names"][key] for key in sorted(meta["channel_names"], key=int)]
+    meta = _read_meta(meta_path)
+    channel_names = _channel_names(meta)
     ending = meta.get("file_ending", ".nii.gz")
     cases = []
     for label in sorted((folder / "labelsTr").glob(f"*{ending}")):
@@ -113,8 +131,8 @@ def save_case(folder: str | Path, case_id: str, channels: list[Volume], labelmap
     entries = card.data["labels"]
     meta_path = folder / "dataset.json"
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        same = [meta["channel_names"][key] for key in sorted(meta["channel_names"], key=int)] == \
+        meta = _read_meta(meta_path)
+        same = _channel_names(meta) == \
             [c["name"] for c in card.channels] and meta["labels"] == {"background": 0, **{e["name"]: e["value"] for e in entries}}
         if not same:
             raise InputError(f"{folder.name} holds cases for other channels or labels than model '{card.name}'")
