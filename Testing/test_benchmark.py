@@ -33,3 +33,14 @@ def test_benchmark_compares_a_network_with_and_without_adversarial_refinement(tm
     assert main(["benchmark", str(tmp_path / "data"), "-o", str(tmp_path / "bench"), "--architectures", "UNet",
                  "--folds", "2", "--device", "cpu"]) == 0
     assert sorted(p.stat().st_mtime for p in (tmp_path / "bench" / "models").rglob("model.safetensors")) == trained
+
+
+def test_a_configuration_that_fails_to_train_is_named_with_its_log(tmp_path, capsys):
+    write_phantom_dataset(tmp_path / "data", count=2, first_seed=700, spacing=(6.0, 6.0, 8.0))
+    code = main(["benchmark", str(tmp_path / "data"), "-o", str(tmp_path / "bench"), "--architectures", "SwinUNETR",
+                 "--folds", "2", "--epochs", "1", "--iterations", "1", "--no-adversarial", "--device", "cpu",
+                 "--train-arguments", "--patch-size", "40", "40", "40"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code != 0
+    assert f"Training SwinUNETR failed (see {tmp_path / 'bench' / 'models' / 'SwinUNETR' / 'fold0' / 'train.log'})" in error
+    assert "cannot take patches of 40 x 40 x 40 voxels" in error

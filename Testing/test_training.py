@@ -218,3 +218,20 @@ def test_a_dataset_json_that_cannot_serve_is_a_one_line_error(tmp_path, meta, me
     (tmp_path / "data" / "dataset.json").write_text(meta, encoding="utf-8")
     with pytest.raises(InputError, match=message):
         read_dataset(tmp_path / "data")
+
+
+def test_a_patch_the_network_cannot_take_is_refused_before_anything_is_written(tmp_path, tiny_dataset, capsys):
+    code = main(["train", str(tiny_dataset), "-o", str(tmp_path / "model"), "--name", "swin", "--architecture",
+                 "SwinUNETR", "--patch-size", "40", "40", "40", "--epochs", "1", "--iterations", "1", "--device", "cpu"])
+    error = capsys.readouterr().err.strip()
+    assert code != 0 and len(error.splitlines()) == 1
+    assert "SwinUNETR cannot take patches of 40 x 40 x 40 voxels" in error and "multiples of 32" in error
+    assert not (tmp_path / "model").exists()
+
+
+def test_the_default_patch_is_the_cases_extent_rounded_to_what_the_network_divides():
+    from AIReconstructLib.networks import default_patch_size
+
+    assert default_patch_size([120, 120, 78], "UNet") == [128, 128, 80]
+    assert default_patch_size([120, 120, 78], "SwinUNETR") == [128, 128, 64]
+    assert default_patch_size([5, 300, 44], "UNet") == [16, 128, 48]

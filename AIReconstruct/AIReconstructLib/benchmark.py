@@ -76,7 +76,8 @@ def _train_in_child(config: BenchmarkConfig, architecture: str, adversarial: boo
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         last = (folder / "train.log").read_text(encoding="utf-8").strip().splitlines()[-1:] or ["no output"]
-        raise AIReconstructError(f"Training {architecture} (fold {fold}) failed: {last[0][:300]}")
+        raise AIReconstructError(f"Training {architecture}{' + adversarial' if adversarial else ''} failed (see "
+                                 f"{folder / 'train.log'}): {last[0][:300]}")
     peak = usage.ru_maxrss / 1024
     (folder / RUN_RECORD).write_text(json.dumps({"peak_rss_mib": peak}), encoding="utf-8")
     return peak

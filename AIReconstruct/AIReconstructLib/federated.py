@@ -40,7 +40,7 @@ from .dataset import read_dataset
 from .errors import InputError
 from .io import read_volume
 from .modelcard import CARD_FILE, save_card
-from .networks import DEFAULT_ARGUMENTS, build_network
+from .networks import DEFAULT_ARGUMENTS, build_network, check_patch_size, default_patch_size
 from .training import mean_dice, segmentation_loss, validation_dice
 from .training_data import PatchSampler, channel_normalisation, load_case, median_spacing
 from .training_outputs import WEIGHTS_FILE, log_figures, tensorboard_writer, trained_card, write_weights
@@ -243,7 +243,7 @@ def make_plan(config: FederatedConfig, fingerprints: list[dict]) -> dict:
         channels.append({"name": channel["name"], "normalisation": scheme})
     spacing = config.spacing or [float(v) for v in np.median([f["spacing"] for f in fingerprints], axis=0)]
     extent = np.median([f["extent_mm"] for f in fingerprints], axis=0)
-    patch = config.patch_size or [int(min(128, max(16, 16 * round(e / s / 16)))) for e, s in zip(extent, spacing)]
+    patch = config.patch_size or default_patch_size([e / s for e, s in zip(extent, spacing)], config.architecture)
     labels = first["labels"]
     return {"channels": channels, "spacing": spacing, "patch_size": patch, "labels": labels,
             "num_classes": max(e["value"] for e in labels) + 1,
@@ -276,6 +276,7 @@ def run_server(grid, config: FederatedConfig, progress=None) -> Path:
 
     torch.manual_seed(config.seed)
     network = _network(plan)
+    check_patch_size(network, config.architecture, len(plan["channels"]), tuple(plan["patch_size"][::-1]))
     validation = _validation_cases(config.validation, plan)
     history = []
     output = Path(config.output)
@@ -339,9 +340,7 @@ def _wait_for_sites(grid, count: int, timeout: float = 600.0) -> list[int]:
 
 
 def _validation_cases(folder: str | None, plan: dict) -> list:
-    if not folder:
-        return []
-    return list(_site_cases(str(folder), json.dumps(plan, sort_keys=True)))
+    return list(_site_cases(str(folder), json.dumps(plan, sort_keys=True))) if folder else []
 
 
 def server_app(config: FederatedConfig, progress=None):
@@ -388,13 +387,13 @@ def simulate(config: FederatedConfig, progress=None) -> Path:
     for folder in config.sites:
         read_dataset(folder)  # a missing or empty site fails here, before Ray starts
     output = Path(config.output)
-    (output / "card.json").unlink(missing_ok=True)
+    (output / CARD_FILE).unlink(missing_ok=True)
     cpus = os.cpu_count() or 1
     os.environ.setdefault("AIRECONSTRUCT_SITE_THREADS", str(cpus))
     backend = {"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
                "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True}}
     run_simulation(server_app(config, progress), client_app([str(Path(s).resolve()) for s in config.sites]),
                    num_supernodes=len(config.sites), backend_config=backend)
-    if not (output / "card.json").is_file():
+    if not (output / CARD_FILE).is_file():
         raise InputError("Federated training did not finish; see the Flower log above")
-    return output / "card.json"
+    return output / CARD_FILE

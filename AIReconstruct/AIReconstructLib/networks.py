@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import ModelCardError, WeightsError
+from .errors import InputError, ModelCardError, WeightsError
 from .modelcard import ModelCard, sha256_of, validate_card, verified_weight_paths
 from .preprocess import in_array_order
 
@@ -41,6 +41,34 @@ ENCODER_PARAMETERS = {
     "SegResNet": r"^(convInit|down_layers)\.",
     "SwinUNETR": r"^(swinViT|encoder\d+)\.",
 }
+
+
+# every side of a default patch is a multiple of the network's total downsampling: 16 for the
+# defaults above, 32 for SwinUNETR (five halvings)
+PATCH_MULTIPLE = {"SwinUNETR": 32}
+
+
+def default_patch_size(extent_voxels, architecture_name: str) -> list[int]:
+    """A training patch for cases ``extent_voxels`` across (per axis): each side that extent rounded
+    to the architecture's multiple, between one multiple and 128 voxels."""
+    multiple = PATCH_MULTIPLE.get(architecture_name, 16)
+    return [int(min(128, max(multiple, multiple * round(n / multiple)))) for n in extent_voxels]
+
+
+def check_patch_size(network: torch.nn.Module, architecture_name: str, in_channels: int, patch_zyx) -> None:
+    """Refuse a patch the network cannot take (a side its downsampling does not divide, too few voxels
+    left at its bottleneck) before training starts, by one forward pass of zeros on the CPU."""
+    was_training = network.training
+    try:
+        with torch.no_grad():
+            network.eval()(torch.zeros(1, in_channels, *patch_zyx))
+    except (RuntimeError, ValueError) as error:
+        sides = " x ".join(str(n) for n in reversed(patch_zyx))
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{architecture_name} cannot take patches of {sides} voxels ({reason[:200]}); give a "
+                         f"--patch-size whose sides are multiples of {PATCH_MULTIPLE.get(architecture_name, 16)}") from None
+    finally:
+        network.train(was_training)
 
 
 def freeze_encoder(network: torch.nn.Module, architecture: str) -> int:

@@ -31,7 +31,8 @@ from .distributed import Distributed
 from .errors import Cancelled, InputError
 from .metrics import overlap_scores
 from .modelcard import CARD_FILE, ModelCard, find_model
-from .networks import DEFAULT_ARGUMENTS, ENCODER_PARAMETERS, build_network, freeze_encoder, load_network
+from .networks import (DEFAULT_ARGUMENTS, ENCODER_PARAMETERS, build_network, check_patch_size, default_patch_size,
+                       freeze_encoder, load_network)
 from .predict import Predictor
 from .training_data import (PatchSampler, channel_normalisation, label_entries, load_case, make_folds, rehearsal_cases,
                             median_spacing)
@@ -114,13 +115,9 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
     by_id = {case.case_id: case for case in dataset.cases}
     train_cases = [load_case(by_id[c], channel_specs, spacing, config.cache) for c in split["train"] or split["validation"]]
     val_cases = [load_case(by_id[c], channel_specs, spacing, config.cache) for c in split["validation"]]
-    output.mkdir(parents=True, exist_ok=True)  # once the cases have loaded: bad data leaves no folder behind
-    if distributed.is_main:
-        (output / "splits.json").write_text(json.dumps({"fold": config.fold, "folds": splits}, indent=2),
-                                            encoding="utf-8")
     if config.patch_size is None:
         median_zyx = np.median([image.shape[1:] for image, _ in train_cases], axis=0)
-        config.patch_size = [int(min(128, max(16, 16 * round(n / 16)))) for n in median_zyx[::-1]]
+        config.patch_size = default_patch_size(median_zyx[::-1], config.architecture)
     patch_zyx = tuple(config.patch_size[::-1])
     sampler = PatchSampler(train_cases, patch_zyx, num_classes, config.mirror_axes)
 
@@ -129,6 +126,11 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
     device = distributed.device
     network = build_network({"name": config.architecture, "args": config.architecture_args},
                             len(channel_specs), num_classes)
+    check_patch_size(network, config.architecture, len(channel_specs), patch_zyx)
+    output.mkdir(parents=True, exist_ok=True)  # once cases and network are known good: nothing left behind
+    if distributed.is_main:
+        (output / "splits.json").write_text(json.dumps({"fold": config.fold, "folds": splits}, indent=2),
+                                            encoding="utf-8")
     rehearsal = None
     if base is not None:
         network.load_state_dict(load_network(base).state_dict())
