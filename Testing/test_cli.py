@@ -108,6 +108,11 @@ def test_evaluate_and_surfaces_commands(tmp_path, capsys):
     assert "liver " in capsys.readouterr().out
     assert main(["surfaces", str(ref), "-o", str(tmp_path / "meshes"), "--format", "stl"]) == 0
     assert (tmp_path / "meshes" / "label_1.stl").is_file()
+    empty = write_volume(Volume(np.zeros_like(array), (1, 1, 2)), tmp_path / "empty.nii.gz")
+    capsys.readouterr()
+    assert main(["surfaces", str(empty), "-o", str(tmp_path / "none")]) == 2
+    assert "holds no segment (every voxel is background)" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
 
 
 def test_evaluate_a_folder_of_cases(tmp_path, capsys):

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import AIReconstructError
+from .errors import AIReconstructError, InputError
 
 if TYPE_CHECKING:
     from .cli import Reporter
@@ -115,7 +115,6 @@ def _evaluate_folders(args, card, reporter: Reporter) -> None:
 
     import numpy as np
 
-    from .errors import InputError
     from .io import atomic_path, find_cases, write_csv
 
     if args.uncertainty or args.confidence:
@@ -172,6 +171,8 @@ def cmd_surfaces(args, reporter: Reporter) -> None:
     from .segnrrd import read_segmentation
 
     labelmap, labels = read_segmentation(args.labelmap, find_model(args.model) if args.model else None)
+    if not labelmap.array.any():
+        raise InputError(f"{args.labelmap} holds no segment (every voxel is background): there is no surface to build")
     with StagedOutput(args.output) as out:
         measurements = export_surfaces(labelmap, labels, out, mesh_suffixes(args.surface_format), args.smoothing,
                                        args.decimate, args.coordinates, folder=".", max_triangles=args.max_triangles)
