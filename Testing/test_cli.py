@@ -300,3 +300,23 @@ def test_a_sigterm_too_late_to_cancel_the_request_ends_the_worker():
         assert worker.wait(timeout=60) == 0
     finally:
         worker.kill()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["train", "data", "-o", "m", "--name", "x", "--epochs", "0"], "argument --epochs: must be an integer above 0, not 0"),
+    (["train", "data", "-o", "m", "--name", "x", "--learning-rate", "nan"], "must be a finite number above 0, not nan"),
+    (["train", "data", "-o", "m", "--name", "x", "--spacing", "1", "0", "1"], "argument --spacing: must be a finite"),
+    (["train", "data", "-o", "m", "--name", "x", "--batch-size", "2.5"], "argument --batch-size: not an integer: 2.5"),
+    (["surfaces", "labels.nii.gz", "-o", "s", "--decimate", "0.99"], "at least 0 and at most 0.95, not 0.99"),
+    (["phantoms", "p", "--tumour-hu", "inf"], "argument --tumour-hu: must be a finite number, not inf"),
+    (["benchmark", "data", "-o", "b", "--folds", "1"], "argument --folds: must be an integer at least 2, not 1"),
+    (["federated", "a", "b", "-o", "f", "--name", "x", "--dp-delta", "1"], "above 0 and below 1, not 1"),
+])
+def test_a_number_no_run_can_use_is_a_one_line_usage_error(tmp_path, monkeypatch, capsys, arguments, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(arguments)
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert message in error[-1]
+    assert list(tmp_path.iterdir()) == []

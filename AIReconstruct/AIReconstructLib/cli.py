@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import time
@@ -21,6 +22,27 @@ from pathlib import Path
 
 from . import __version__
 from .errors import AIReconstructError, Cancelled, InputError, OutputError
+
+
+def number(kind=float, above=None, at_least=None, below=None, at_most=None):
+    """An argparse ``type``: a finite ``kind`` (int or float) within the bounds given, so that a value
+    no run can use is a one-line usage error."""
+    bounds = {"above": (above, lambda v, b: v > b), "at least": (at_least, lambda v, b: v >= b),
+              "below": (below, lambda v, b: v < b), "at most": (at_most, lambda v, b: v <= b)}
+    bounds = {name: test for name, test in bounds.items() if test[0] is not None}
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text}") from None
+        if not (math.isfinite(value) and all(within(value, bound) for bound, within in bounds.values())):
+            limits = " and ".join(f"{name} {bound}" for name, (bound, _) in bounds.items())
+            what = "an integer" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"must be {what}{' ' * bool(limits)}{limits}, not {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 class Reporter:
@@ -221,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(0-1), per-segment confidence and the regions to check")
     segmenting.add_argument("--report", action="store_true",
                             help="also write <name>_report.html: measurements, slices through lesions, 3D view")
-    segmenting.add_argument("--margin", type=float, default=10.0,
+    segmenting.add_argument("--margin", type=number(at_least=0), default=10.0,
                             help="safety margin around lesions for the remnant, mm")
     segmenting.add_argument("--dicom-seg", action="store_true",
                             help="also write <name>_seg.dcm, a DICOM Segmentation referring to the input's DICOM "
@@ -276,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common], help="segment a synthetic CT phantom with the demo model")
     p.add_argument("-o", "--output", default="demo-output")
     p.add_argument("--seed", type=int, default=7, help="phantom seed (the demo model never saw seeds < 1000)")
-    p.add_argument("--extra-cases", type=int, default=2, help="further unseen phantoms for the mean Dice")
+    p.add_argument("--extra-cases", type=number(int, at_least=0), default=2, help="further unseen phantoms for the mean Dice")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_demo)
 
@@ -285,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common],
                        help="a long-lived engine for the Slicer module: runs the commands it reads from stdin "
                             "(one JSON list of arguments per line) with JSON progress, without starting again")
-    p.add_argument("--idle-exit", type=float, default=600.0, help="end after this many seconds without a command")
+    p.add_argument("--idle-exit", type=number(above=0), default=600.0, help="end after this many seconds without a command")
     p.set_defaults(func=cmd_serve)
     return parser
 

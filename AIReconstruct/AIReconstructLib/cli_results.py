@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .cli import number
 from .errors import AIReconstructError, InputError
 
 if TYPE_CHECKING:
@@ -32,9 +33,9 @@ def add_mesh_options(p) -> None:
     """The surface options that segment and surfaces share."""
     p.add_argument("--format", "--surface-format", dest="surface_format", nargs="+", default=["stl", "vtp"],
                    help="mesh formats: stl ply vtp (a file per segment), obj glb (one scene of all segments)")
-    p.add_argument("--smoothing", type=float, default=0.5, help="surface smoothing, 0 (none) to 1 (strong)")
-    p.add_argument("--decimate", type=float, default=0.0, help="fraction of triangles to remove (0-0.95)")
-    p.add_argument("--max-triangles", type=int, help="at most about this many triangles per segment")
+    p.add_argument("--smoothing", type=number(at_least=0, at_most=1), default=0.5, help="surface smoothing, 0 (none) to 1 (strong)")
+    p.add_argument("--decimate", type=number(at_least=0, at_most=0.95), default=0.0, help="fraction of triangles to remove (0-0.95)")
+    p.add_argument("--max-triangles", type=number(int, above=0), help="at most about this many triangles per segment")
     p.add_argument("--coordinates", choices=["LPS", "RAS"], default="LPS", help="mesh coordinate system")
 
 
@@ -274,7 +275,7 @@ def add_result_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="the report's file (.html)")
     p.add_argument("-m", "--model", help="model whose label names, colours and lesion labels to use")
     p.add_argument("--reference", help="a reference label map: adds Dice, IoU and HD95 to the report")
-    p.add_argument("--margin", type=float, default=10.0, help="safety margin around lesions for the remnant, mm")
+    p.add_argument("--margin", type=number(at_least=0), default=10.0, help="safety margin around lesions for the remnant, mm")
     p.add_argument("--coordinates", choices=["LPS", "RAS"], default="LPS", help="coordinates of centroids and 3D view")
     p.set_defaults(func=cmd_report)
 
@@ -282,11 +283,11 @@ def add_result_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("image")
     p.add_argument("labelmap", help="label map (NIfTI, NRRD) or .seg.nrrd")
     p.add_argument("--label", required=True, help="the segment's name or label value")
-    p.add_argument("--include", nargs=3, type=float, action="append", metavar=("X", "Y", "Z"),
+    p.add_argument("--include", nargs=3, type=number(), action="append", metavar=("X", "Y", "Z"),
                    help="a point (mm) that belongs to the segment; repeat for more")
-    p.add_argument("--exclude", nargs=3, type=float, action="append", metavar=("X", "Y", "Z"),
+    p.add_argument("--exclude", nargs=3, type=number(), action="append", metavar=("X", "Y", "Z"),
                    help="a point (mm) that does not; repeat for more")
-    p.add_argument("--box", nargs=6, type=float, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
+    p.add_argument("--box", nargs=6, type=number(), metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
                    help="two opposite corners (mm) of a box the segment lies in")
     p.add_argument("--coordinates", choices=["LPS", "RAS"], default="LPS", help="coordinates of the points")
     p.add_argument("-m", "--model", help="model whose label names to use for a NIfTI label map")

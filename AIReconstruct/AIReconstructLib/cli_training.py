@@ -7,6 +7,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
+from .cli import number
 from .errors import AIReconstructError
 
 if TYPE_CHECKING:
@@ -113,14 +114,14 @@ def cmd_benchmark(args, reporter: Reporter) -> None:
 
 def _add_schedule_options(p, epochs: int, iterations: int, learning_rate: float, validate_every: int) -> None:
     """The training loop's options that train and finetune share, with each command's defaults."""
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--iterations", type=int, default=iterations, help="iterations per epoch")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--learning-rate", type=float, default=learning_rate)
-    p.add_argument("--validate-every", type=int, default=validate_every)
+    p.add_argument("--epochs", type=number(int, above=0), default=epochs)
+    p.add_argument("--iterations", type=number(int, above=0), default=iterations, help="iterations per epoch")
+    p.add_argument("--batch-size", type=number(int, above=0), default=2)
+    p.add_argument("--learning-rate", type=number(above=0), default=learning_rate)
+    p.add_argument("--validate-every", type=number(int, above=0), default=validate_every)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--time-limit", type=float, help="stop after this many minutes")
+    p.add_argument("--time-limit", type=number(above=0), help="stop after this many minutes")
 
 
 def add_training_commands(sub, common: argparse.ArgumentParser) -> None:
@@ -130,17 +131,17 @@ def add_training_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", help="a labelled data set folder (dataset.json, imagesTr/, labelsTr/)")
     p.add_argument("--base", required=True, help="the model whose channels, spacing, patch size and architecture to use")
     p.add_argument("-o", "--output", required=True, help="the guided model's folder")
-    p.add_argument("--minutes", type=float, default=20.0, help="training time")
+    p.add_argument("--minutes", type=number(above=0), default=20.0, help="training time")
     p.add_argument("--cases", nargs="+", help="train on these case ids only (leave test cases out)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_guided)
 
     p = sub.add_parser("phantoms", parents=[common], help="write synthetic CT phantoms as a data set")
     p.add_argument("output")
-    p.add_argument("--count", type=int, default=24)
+    p.add_argument("--count", type=number(int, above=0), default=24)
     p.add_argument("--first-seed", type=int, default=1000)
-    p.add_argument("--spacing", type=float, nargs=3, help="voxel size i j k in mm (default: each seed its own)")
-    p.add_argument("--tumour-hu", type=float, default=45.0,
+    p.add_argument("--spacing", type=number(above=0), nargs=3, help="voxel size i j k in mm (default: each seed its own)")
+    p.add_argument("--tumour-hu", type=number(), default=45.0,
                    help="liver tumour attenuation (45: hypodense as the demo model learnt; 170: enhancing, a new kind)")
     p.set_defaults(func=cmd_phantoms)
 
@@ -149,9 +150,9 @@ def add_training_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="model folder to write (card + weights)")
     p.add_argument("--name", required=True)
     p.add_argument("--title")
-    p.add_argument("--spacing", type=float, nargs=3, help="target spacing i j k (mm)")
-    p.add_argument("--fast-spacing", type=float, nargs=3, help="coarser spacing for --fast")
-    p.add_argument("--patch-size", type=int, nargs=3, help="patch size i j k (voxels)")
+    p.add_argument("--spacing", type=number(above=0), nargs=3, help="target spacing i j k (mm)")
+    p.add_argument("--fast-spacing", type=number(above=0), nargs=3, help="coarser spacing for --fast")
+    p.add_argument("--patch-size", type=number(int, above=0), nargs=3, help="patch size i j k (voxels)")
     _add_schedule_options(p, epochs=40, iterations=50, learning_rate=2e-3, validate_every=5)
     p.add_argument("--intended-use", default="Research use only; not for clinical use")
     p.add_argument("--licence", default="Apache-2.0", help="licence of the trained model (and its data's terms)")
@@ -160,12 +161,12 @@ def add_training_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--architecture-args", help="the architecture's arguments as JSON (default: networks.DEFAULT_ARGUMENTS)")
     p.add_argument("--cache", metavar="FOLDER", help="keep every case resampled and normalised in this folder and reuse "
                                                      "it in later runs (other folds, other networks)")
-    p.add_argument("--folds", type=int, default=0, help="k-fold cross-validation splits (0: one split)")
-    p.add_argument("--fold", type=int, default=0, help="which fold to train")
+    p.add_argument("--folds", type=number(int, at_least=0), default=0, help="k-fold cross-validation splits (0: one split)")
+    p.add_argument("--fold", type=number(int, at_least=0), default=0, help="which fold to train")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
     p.add_argument("--adversarial", action="store_true", help="add adversarial refinement (a discriminator)")
-    p.add_argument("--adversarial-weight", type=float, default=0.01)
-    p.add_argument("--adversarial-warmup", type=int, default=5, help="epochs before the adversarial loss starts")
+    p.add_argument("--adversarial-weight", type=number(at_least=0), default=0.01)
+    p.add_argument("--adversarial-warmup", type=number(int, at_least=0), default=5, help="epochs before the adversarial loss starts")
     p.add_argument("--mirror-axes", type=int, nargs="*", default=[], choices=[0, 1, 2],
                    help="array axes (0 slices, 1 rows, 2 columns) to mirror in augmentation and --tta; "
                         "none for anatomy with left/right labels")
@@ -180,7 +181,7 @@ def add_training_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--freeze-encoder", action="store_true", help="train only the decoder")
     p.add_argument("--rehearse", metavar="FOLDER", help="earlier scans (image files, no labels needed) the model "
                    "already segments well: rehearsed with its own segmentations so that it does not forget them")
-    p.add_argument("--rehearsal-share", type=float, default=0.5, help="share of training patches from those scans")
+    p.add_argument("--rehearsal-share", type=number(above=0, below=1), default=0.5, help="share of training patches from those scans")
     _add_schedule_options(p, epochs=6, iterations=10, learning_rate=1e-3, validate_every=1)
     p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
     p.set_defaults(func=cmd_finetune)
@@ -192,22 +193,22 @@ def add_training_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--name", required=True)
     p.add_argument("--title")
     p.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg")
-    p.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx's proximal term weight")
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--local-iterations", type=int, default=20, help="training steps per site and round")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--learning-rate", type=float, default=2e-3)
+    p.add_argument("--proximal-mu", type=number(at_least=0), default=0.01, help="FedProx's proximal term weight")
+    p.add_argument("--rounds", type=number(int, above=0), default=10)
+    p.add_argument("--local-iterations", type=number(int, above=0), default=20, help="training steps per site and round")
+    p.add_argument("--batch-size", type=number(int, above=0), default=2)
+    p.add_argument("--learning-rate", type=number(above=0), default=2e-3)
     p.add_argument("--architecture", default="UNet")
     p.add_argument("--architecture-args", help="the architecture's arguments as JSON (default: networks.DEFAULT_ARGUMENTS)")
-    p.add_argument("--spacing", type=float, nargs=3, help="target spacing i j k (mm); default from the sites")
-    p.add_argument("--patch-size", type=int, nargs=3, help="patch size i j k (voxels); default from the sites")
+    p.add_argument("--spacing", type=number(above=0), nargs=3, help="target spacing i j k (mm); default from the sites")
+    p.add_argument("--patch-size", type=number(int, above=0), nargs=3, help="patch size i j k (voxels); default from the sites")
     p.add_argument("--mirror-axes", type=int, nargs="*", default=[], choices=[0, 1, 2])
-    p.add_argument("--dp-noise-multiplier", type=float,
+    p.add_argument("--dp-noise-multiplier", type=number(above=0),
                    help="differential privacy: DP-SGD at every site with this noise multiplier (Opacus)")
-    p.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="DP-SGD's per-patient gradient clipping")
-    p.add_argument("--dp-delta", type=float, default=1e-5, help="the delta of the reported (epsilon, delta)")
+    p.add_argument("--dp-max-grad-norm", type=number(above=0), default=1.0, help="DP-SGD's per-patient gradient clipping")
+    p.add_argument("--dp-delta", type=number(above=0, below=1), default=1e-5, help="the delta of the reported (epsilon, delta)")
     p.add_argument("--validation", help="data set the server scores the global model on (simulation only)")
-    p.add_argument("--validate-every", type=int, default=1, help="rounds between scorings")
+    p.add_argument("--validate-every", type=number(int, above=0), default=1, help="rounds between scorings")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--intended-use", default="Research use only; not for clinical use")
@@ -220,10 +221,10 @@ def add_training_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="folder for the models, cases.csv, table.md, dice.png")
     p.add_argument("--architectures", nargs="+", default=["UNet", "SegResNet"])
     p.add_argument("--no-adversarial", action="store_true", help="compare architectures only")
-    p.add_argument("--folds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--iterations", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--folds", type=number(int, at_least=2), default=3)
+    p.add_argument("--epochs", type=number(int, above=0), default=20)
+    p.add_argument("--iterations", type=number(int, above=0), default=50)
+    p.add_argument("--batch-size", type=number(int, above=0), default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--train-arguments", nargs=argparse.REMAINDER, default=[],

@@ -65,8 +65,9 @@ def check_patch_size(network: torch.nn.Module, architecture_name: str, in_channe
     except (RuntimeError, ValueError) as error:
         sides = " x ".join(str(n) for n in reversed(patch_zyx))
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"{architecture_name} cannot take patches of {sides} voxels ({reason[:200]}); give a "
-                         f"--patch-size whose sides are multiples of {PATCH_MULTIPLE.get(architecture_name, 16)}") from None
+        raise InputError(f"{architecture_name} cannot take patches of {sides} voxels ({reason[:200]}); their sides "
+                         f"must be multiples of {PATCH_MULTIPLE.get(architecture_name, 16)}, large enough to leave more "
+                         "than one voxel at the network's deepest level") from None
     finally:
         network.train(was_training)
 
