@@ -2,11 +2,12 @@
 
 import csv
 
+from AIReconstructLib import benchmark
 from AIReconstructLib.cli import main
 from AIReconstructLib.dataset import write_phantom_dataset
 
 
-def test_benchmark_compares_a_network_with_and_without_adversarial_refinement(tmp_path, capsys):
+def test_benchmark_compares_a_network_with_and_without_adversarial_refinement(tmp_path, capsys, monkeypatch):
     write_phantom_dataset(tmp_path / "data", count=3, first_seed=700, spacing=(6.0, 6.0, 8.0))
     code = main(["benchmark", str(tmp_path / "data"), "-o", str(tmp_path / "bench"), "--architectures", "UNet",
                  "--folds", "2", "--epochs", "1", "--iterations", "2", "--batch-size", "1",
@@ -28,11 +29,18 @@ def test_benchmark_compares_a_network_with_and_without_adversarial_refinement(tm
     assert (tmp_path / "bench" / "dice.png").stat().st_size > 1000
     assert len(list((tmp_path / "bench" / "cache").glob("*.safetensors"))) == 3  # each case prepared once
     assert "Architecture comparison" in capsys.readouterr().out
-    # run again: every configuration is already trained there, so it is reused and the tables rewritten
+    # run again: every configuration is already trained and evaluated there, so both are reused and the
+    # tables rewritten; a changed card is evaluated again
     trained = sorted(p.stat().st_mtime for p in (tmp_path / "bench" / "models").rglob("model.safetensors"))
+    evaluated, real = [], benchmark._evaluate_fold
+    monkeypatch.setattr(benchmark, "_evaluate_fold", lambda folder, *rest: evaluated.append(folder) or real(folder, *rest))
+    changed = tmp_path / "bench" / "models" / "UNet" / "fold1" / "card.json"
+    changed.write_text(changed.read_text(encoding="utf-8") + "\n", encoding="utf-8")
     assert main(["benchmark", str(tmp_path / "data"), "-o", str(tmp_path / "bench"), "--architectures", "UNet",
                  "--folds", "2", "--device", "cpu"]) == 0
     assert sorted(p.stat().st_mtime for p in (tmp_path / "bench" / "models").rglob("model.safetensors")) == trained
+    assert evaluated == [changed.parent]
+    assert (tmp_path / "bench" / "cases.csv").read_text(encoding="utf-8").count("\n") == 1 + 2 * 3
 
 
 def test_a_configuration_that_fails_to_train_is_named_with_its_log(tmp_path, capsys):

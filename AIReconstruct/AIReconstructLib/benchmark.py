@@ -8,7 +8,8 @@ on their original grids. Written to the output folder: ``cases.csv`` (metrics pe
 per epoch, inference time per volume, peak training memory), ``dice.png`` and, per architecture,
 a Wilcoxon signed-rank test over cases of adversarial vs plain Dice: a difference is claimed only
 when p < 0.05. A configuration already trained in the output folder (an interrupted comparison
-run again) is reused, not retrained.
+run again) is reused, not retrained, and so is its evaluation while its card, the device and the
+engine's version are those it was evaluated with.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from .dataset import read_dataset
 from .errors import AIReconstructError
 from .io import atomic_path, read_image_for_model, read_labelmap, write_csv
 from .metrics import evaluate
-from .modelcard import load_card
+from . import __version__
+from .modelcard import load_card, sha256_of
 from .networks import load_network
 from .pipeline import SegmentOptions, segment
 
@@ -53,6 +55,7 @@ class BenchmarkConfig:
 
 
 RUN_RECORD = "benchmark_run.json"
+EVALUATION_RECORD = "benchmark_evaluation.json"
 
 
 def _train_in_child(config: BenchmarkConfig, architecture: str, adversarial: bool, fold: int, folder: Path):
@@ -103,6 +106,21 @@ def _evaluate_fold(folder: Path, case_ids: list[str], dataset, device: str) -> t
     return rows, figures
 
 
+def _evaluated_fold(folder: Path, case_ids: list[str], dataset, device: str) -> tuple[list[dict], dict]:
+    """:func:`_evaluate_fold`, or its result recorded by an earlier run for the same card, cases,
+    device and engine version."""
+    key = {"card_sha256": sha256_of(folder / "card.json"), "cases": case_ids, "device": device, "engine": __version__}
+    record = folder / EVALUATION_RECORD
+    if record.is_file():
+        saved = json.loads(record.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            return saved["rows"], saved["figures"]
+    rows, figures = _evaluate_fold(folder, case_ids, dataset, device)
+    with atomic_path(record) as tmp:
+        tmp.write_text(json.dumps({"key": key, "rows": rows, "figures": figures}), encoding="utf-8")
+    return rows, figures
+
+
 def run_benchmark(config: BenchmarkConfig, progress=None) -> Path:
     """Train and evaluate every configuration; returns the path of ``table.md``."""
     report = progress or (lambda fraction, message: None)
@@ -117,7 +135,7 @@ def run_benchmark(config: BenchmarkConfig, progress=None) -> Path:
         folder = output / "models" / f"{architecture}{'-adversarial' if adversarial else ''}" / f"fold{fold}"
         peak_mib = _train_in_child(config, architecture, adversarial, fold, folder)
         held_out = json.loads((folder / "splits.json").read_text(encoding="utf-8"))["folds"][fold]["validation"]
-        rows, figures = _evaluate_fold(folder, held_out, dataset, config.device)
+        rows, figures = _evaluated_fold(folder, held_out, dataset, config.device)
         for row in rows:
             case_rows.append({"architecture": architecture, "adversarial": adversarial, "fold": fold, **row})
         entry = summary.setdefault((architecture, adversarial), {"folds": [], **figures, "peak_rss_mib": []})
