@@ -235,3 +235,24 @@ def test_the_default_patch_is_the_cases_extent_rounded_to_what_the_network_divid
     assert default_patch_size([120, 120, 78], "UNet") == [128, 128, 80]
     assert default_patch_size([120, 120, 78], "SwinUNETR") == [128, 128, 64]
     assert default_patch_size([5, 300, 44], "UNet") == [16, 128, 48]
+
+
+def test_augmentation_deforms_image_and_labels_alike_and_smoothly():
+    from monai.transforms import RandSmoothDeformd
+
+    from AIReconstructLib.training_data import augmentation
+
+    patch = (16, 24, 24)
+    elastic = next(t for t in augmentation(patch, 3).transforms if isinstance(t, RandSmoothDeformd))
+    elastic.prob = 1.0
+    elastic.set_random_state(3)
+    x = torch.arange(24.0).expand(*patch)[None]  # the image is the x coordinate: it shows the displacement
+    labels = (x // 8).float()  # values 0, 1, 2 in bands along x
+    out = elastic({"image": x.clone(), "label": labels.clone()})
+    displacement = (out["image"] - x)[0, 2:-2, 2:-2, 2:-2]
+    assert 0.1 < float(displacement.abs().mean()) and float(displacement.abs().max()) < 4  # voxels
+    assert float((displacement[..., 1:] - displacement[..., :-1]).abs().max()) < 0.5  # smooth
+    assert set(out["label"].unique().tolist()) == {0.0, 1.0, 2.0}  # labels moved, never blended
+    inner = (slice(None), slice(2, -2), slice(2, -2), slice(2, -2))
+    agree = (out["label"] == (out["image"] // 8).round())[inner].float().mean()
+    assert agree > 0.9  # the labels follow the image

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandCropByLabelClassesd, RandFlipd,
                               RandGaussianNoised, RandGaussianSmoothd, RandScaleIntensityd,
-                              RandShiftIntensityd, SpatialPadd)
+                              RandShiftIntensityd, RandSmoothDeformd, SpatialPadd)
 from monai.transforms.utils import map_classes_to_indices
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -145,8 +145,8 @@ def make_folds(case_ids: list[str], folds: int, validation_fraction: float, seed
 
 
 def augmentation(patch_zyx, num_classes: int, mirror_axes=()) -> Compose:
-    """Class-balanced patch crops, then rotation/scaling, noise, blur, intensity and gamma changes,
-    and mirroring along ``mirror_axes`` (only for anatomy without left/right labels)."""
+    """Class-balanced patch crops, then rotation/scaling, elastic deformation, noise, blur, intensity
+    and gamma changes, and mirroring along ``mirror_axes`` (only for anatomy without left/right labels)."""
     keys = ["image", "label"]
     mirrors = [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in mirror_axes]
     return Compose([
@@ -155,6 +155,10 @@ def augmentation(patch_zyx, num_classes: int, mirror_axes=()) -> Compose:
                                 num_samples=1, indices_key="indices", allow_smaller=True),
         RandAffined(keys, prob=0.4, rotate_range=(0.26, 0.15, 0.15), scale_range=(0.15, 0.15, 0.15),
                     mode=("bilinear", "nearest"), padding_mode="border"),
+        # elastic: a random displacement field on a coarse 6 x 6 x 6 grid, interpolated smoothly to the
+        # patch (mean 0.6, at most ~2.5 voxels); far cheaper than smoothing a full-resolution field
+        RandSmoothDeformd(keys, spatial_size=patch_zyx, rand_size=(6, 6, 6), def_range=0.05, prob=0.2,
+                          field_mode="trilinear", align_corners=True, grid_mode=("bilinear", "nearest")),
         RandGaussianNoised("image", prob=0.15, std=0.1),
         RandGaussianSmoothd("image", prob=0.1, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
         RandScaleIntensityd("image", factors=0.25, prob=0.15),
