@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from . import __version__
 from .dataset import read_dataset
 from .errors import AIReconstructError
 from .io import atomic_path, read_image_for_model, read_labelmap, write_csv
 from .metrics import evaluate
-from . import __version__
 from .modelcard import load_card, sha256_of
 from .networks import load_network
 from .pipeline import SegmentOptions, segment
