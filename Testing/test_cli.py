@@ -129,6 +129,8 @@ def test_evaluate_a_folder_of_cases(tmp_path, capsys):
         write_volume(Volume(array, (1, 1, 2)), references / f"{case}.nii.gz")
     write_seg_nrrd(Volume(np.roll(array, 1, axis=2), (1, 1, 2)), liver, predictions / "anna" / "anna.seg.nrrd")
     write_seg_nrrd(Volume(np.roll(array, 2, axis=2), (1, 1, 2)), liver, predictions / "bert.seg.nrrd")
+    assert main(["evaluate", str(predictions), str(references / "anna.nii.gz")]) == 2
+    assert "is a folder but" in capsys.readouterr().err
     missing = ["evaluate", str(predictions), str(references)]
     assert main(missing) == 2
     assert "no prediction for 1 of the 3 cases (carl)" in capsys.readouterr().err

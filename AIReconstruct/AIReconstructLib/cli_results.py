@@ -66,6 +66,9 @@ def cmd_evaluate(args, reporter: Reporter) -> None:
     if Path(args.reference).is_dir():
         _evaluate_folders(args, card, reporter)
         return
+    if Path(args.prediction).is_dir():
+        raise InputError(f"{args.prediction} is a folder but {args.reference} is a file: evaluate compares two label "
+                         "maps, or a folder of predictions with a folder of references")
     result, prediction, reference = _evaluate_case(args.prediction, args.reference, card)
     if args.uncertainty:
         from .uncertainty import error_detection_auc
