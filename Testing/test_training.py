@@ -256,3 +256,30 @@ def test_augmentation_deforms_image_and_labels_alike_and_smoothly():
     inner = (slice(None), slice(2, -2), slice(2, -2), slice(2, -2))
     agree = (out["label"] == (out["image"] // 8).round())[inner].float().mean()
     assert agree > 0.9  # the labels follow the image
+
+
+def test_unet_plus_plus_trains_and_segments_like_the_other_networks(tmp_path, tiny_dataset):
+    """MONAI's BasicUNetPlusPlus returns a list of outputs; built from a card it answers with a tensor
+    (its final output; in training with deep supervision all four, final first), weights named as MONAI's."""
+    from monai.networks.nets import BasicUNetPlusPlus
+
+    from AIReconstructLib.networks import build_network, freeze_encoder
+
+    images = torch.randn(2, 1, 32, 32, 32)
+    for deep_supervision in (False, True):
+        args = {"features": [4, 4, 8, 8, 16, 4], "deep_supervision": deep_supervision}
+        network = build_network({"name": "BasicUNetPlusPlus", "args": args}, 1, 3)
+        assert list(network.state_dict()) == list(BasicUNetPlusPlus(3, 1, 3, **args).state_dict())
+        heads = (4,) if deep_supervision else ()
+        assert network.train()(images).shape == (2, *heads, 3, 32, 32, 32)
+        network.eval()
+        with torch.no_grad():
+            assert torch.equal(network(images), BasicUNetPlusPlus.forward(network, images)[-1])
+        assert freeze_encoder(network, "BasicUNetPlusPlus") > 0
+
+    tiny = [a if not a.startswith('{"channels"') else json.dumps(args) for a in TINY]
+    assert main(["train", str(tiny_dataset), "-o", str(tmp_path / "model"), "--name", "nested", "--epochs", "2",
+                 "--architecture", "BasicUNetPlusPlus", *tiny]) == 0
+    result = segment([make_phantom(9, spacing=(6.0, 6.0, 8.0)).image], load_card(tmp_path / "model"),
+                     SegmentOptions(device="cpu"))
+    assert result.labelmap.array.shape == (38, 40, 53)

@@ -85,6 +85,24 @@ def freeze_encoder(network: torch.nn.Module, architecture: str) -> int:
     return len(frozen)
 
 
+# MONAI networks whose forward returns a list of outputs, the final one last (BasicUNetPlusPlus: one
+# per depth of its nested decoder, all at full resolution; a list of one without deep supervision)
+LIST_OUTPUTS = {"BasicUNetPlusPlus"}
+
+
+def _with_tensor_output(network_class: type) -> type:
+    """``network_class`` answering as the other networks do: its final output alone in evaluation, and
+    in training with deep supervision every output stacked ``[B, outputs, C, ...]`` final first (as
+    DynUNet's). A subclass, so its weights keep MONAI's names."""
+    def forward(self, x):
+        outputs = network_class.forward(self, x)
+        if self.training and len(outputs) > 1:
+            return torch.stack(outputs[::-1], dim=1)
+        return outputs[-1]
+
+    return type(network_class.__name__, (network_class,), {"forward": forward, "__module__": __name__})
+
+
 def build_network(architecture: dict, in_channels: int, out_channels: int) -> torch.nn.Module:
     """Build the MONAI network an architecture entry ``{"name": ..., "args": {...}}`` describes (any
     class of ``monai.networks.nets``: those in ``ARCHITECTURES`` are the ones training offers)."""
@@ -95,6 +113,8 @@ def build_network(architecture: dict, in_channels: int, out_channels: int) -> to
     if not (isinstance(network_class, type) and issubclass(network_class, torch.nn.Module)):
         raise ModelCardError(f"Unknown architecture '{name}' (known: {', '.join(ARCHITECTURES)} or another "
                              "class of monai.networks.nets)")
+    if name in LIST_OUTPUTS:
+        network_class = _with_tensor_output(network_class)
     try:
         return network_class(spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
                              **architecture.get("args", {}))
