@@ -24,6 +24,9 @@ import torch
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "AIRECONSTRUCT_CACHE"  # where converted networks are kept (default ~/.cache/aireconstruct)
+# part of every converted network's name: raise it when conversion changes (2: a static window shape;
+# SwinUNETR converted with dynamic shapes failed at its first window)
+CONVERSION = 2
 
 
 def cache_folder() -> Path:
@@ -48,7 +51,7 @@ def _fingerprint(network: torch.nn.Module, input_shape: tuple[int, ...]) -> str:
     """A name for a network with its layers (their printed settings: activation, dropout...), its
     weights, the input shape and the OpenVINO version."""
     openvino = _openvino()
-    digest = hashlib.sha256(f"{network!r}|{input_shape}|{openvino.__version__}".encode())
+    digest = hashlib.sha256(f"{network!r}|{input_shape}|{openvino.__version__}|{CONVERSION}".encode())
     for name, tensor in network.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -62,7 +65,7 @@ def card_fingerprint(card, input_shape: tuple[int, ...]) -> str:
     openvino = _openvino()
     described = {"architecture": card.data["architecture"], "channels": len(card.channels), "classes": card.num_classes,
                  "weights": [entry["sha256"] for entry in card.data["weights"]], "window": list(input_shape),
-                 "torch": torch.__version__, "openvino": openvino.__version__}
+                 "torch": torch.__version__, "openvino": openvino.__version__, "conversion": CONVERSION}
     return "card-" + hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -78,7 +81,10 @@ class OpenVinoNetwork:
         path = cache_folder() / f"{fingerprint}.xml"
         if not path.is_file():
             with torch.inference_mode():
-                model = ov.convert_model(network.eval(), example_input=torch.zeros(self.input_shape))
+                model = ov.convert_model(network.eval(), example_input=torch.zeros(self.input_shape),
+                                         input=[self.input_shape])
+            # a converted network that cannot run a window is not kept (the caller keeps PyTorch)
+            ov.Core().compile_model(model, "CPU")(np.zeros(self.input_shape, np.float32))
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary = path.with_name(f".{path.stem}.{os.getpid()}.xml")
             ov.save_model(model, str(temporary), compress_to_fp16=False)  # the .bin beside it
