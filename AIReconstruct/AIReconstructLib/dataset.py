@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .io import atomic_path, write_volume
-from .modelcard import ModelCard
+from .modelcard import ModelCard, read_json
 from .phantom import make_phantom, phantom_label_entries
 from .volume import Volume
 
@@ -53,10 +53,7 @@ def _default_label_entries(labels: dict) -> list[dict]:
 
 def _read_meta(meta_path: Path) -> dict:
     """A data set's ``dataset.json``, checked for what this module reads of it."""
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise InputError(f"Cannot read {meta_path}: {error}") from None
+    meta = read_json(meta_path, "Cannot read the data set's description", InputError)
     channels, labels = (meta.get("channel_names"), meta.get("labels")) if isinstance(meta, dict) else (None, None)
     if not (isinstance(channels, dict) and channels and all(str(key).isdigit() for key in channels)
             and isinstance(labels, dict) and all(isinstance(value, int) for value in labels.values())):

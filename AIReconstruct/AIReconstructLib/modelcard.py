@@ -148,16 +148,16 @@ def load_card(path: str | os.PathLike) -> ModelCard:
     return ModelCard(data, path.parent)
 
 
-def read_json(path: str | os.PathLike, what: str) -> dict:
-    """A JSON file that describes a model; :class:`ModelCardError` naming ``what`` if it is missing
-    or not JSON."""
+def read_json(path: str | os.PathLike, what: str, error_type: type[Exception] = ModelCardError):
+    """A JSON file (one that describes a model, unless ``error_type`` says otherwise); ``error_type``
+    naming ``what`` if it is missing or not JSON."""
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ModelCardError(f"{what}: {path.name} is missing from {path.parent}") from None
+        raise error_type(f"{what}: {path.name} is missing from {path.parent}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelCardError(f"{what}: {path} cannot be read as JSON ({error})") from None
+        raise error_type(f"{what}: {path} cannot be read as JSON ({error})") from None
 
 
 def model_name(text: str) -> str:

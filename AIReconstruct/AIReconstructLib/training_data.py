@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from .dataset import Dataset
 from .errors import InputError
 from .io import atomic_path, find_cases, read_labelmap, read_volume
+from .modelcard import read_json
 from .predict import Predictor
 from .preprocess import prepare, to_canonical
 
@@ -61,10 +62,7 @@ def label_entries(dataset: Dataset, labels_file: str | None) -> list[dict]:
     """The data set's labels, or those of ``labels_file`` (which must give the same values)."""
     if labels_file is None:
         return dataset.label_entries
-    try:
-        entries = json.loads(Path(labels_file).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise InputError(f"Cannot read the labels file {labels_file}: {error}") from None
+    entries = read_json(labels_file, "Cannot read the labels file", InputError)
     if not (isinstance(entries, list) and all(isinstance(e, dict) and isinstance(e.get("value"), int) for e in entries)):
         raise InputError(f"{labels_file} is not a JSON list of label entries, each with an integer \"value\"")
     if sorted(e["value"] for e in entries) != sorted(e["value"] for e in dataset.label_entries):
