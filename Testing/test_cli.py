@@ -309,6 +309,7 @@ def test_a_sigterm_too_late_to_cancel_the_request_ends_the_worker():
     (["train", "data", "-o", "m", "--name", "x", "--learning-rate", "nan"], "must be a finite number above 0, not nan"),
     (["train", "data", "-o", "m", "--name", "x", "--spacing", "1", "0", "1"], "argument --spacing: must be a finite"),
     (["train", "data", "-o", "m", "--name", "x", "--batch-size", "2.5"], "argument --batch-size: not an integer: 2.5"),
+    (["train", "data", "-o", "m", "--name", "x", "--validation-fraction", "1"], "at least 0 and below 1, not 1"),
     (["surfaces", "labels.nii.gz", "-o", "s", "--decimate", "0.99"], "at least 0 and at most 0.95, not 0.99"),
     (["phantoms", "p", "--tumour-hu", "inf"], "argument --tumour-hu: must be a finite number, not inf"),
     (["benchmark", "data", "-o", "b", "--folds", "1"], "argument --folds: must be an integer at least 2, not 1"),

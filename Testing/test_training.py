@@ -148,6 +148,17 @@ def test_k_fold_splits_cover_every_case_once(tmp_path, tiny_dataset):
     assert sorted(held_out) == ["phantom_0600", "phantom_0601", "phantom_0602"] and splits["fold"] == 2
 
 
+def test_a_validation_fraction_of_zero_trains_on_every_case_and_keeps_the_last_weights(tmp_path, tiny_dataset):
+    assert main(["train", str(tiny_dataset), "-o", str(tmp_path / "all"), "--name", "all", "--epochs", "2",
+                 "--validation-fraction", "0", *TINY]) == 0
+    splits = json.loads((tmp_path / "all" / "splits.json").read_text(encoding="utf-8"))
+    assert splits["folds"] == [{"train": ["phantom_0600", "phantom_0601", "phantom_0602"], "validation": []}]
+    training = load_card(tmp_path / "all").data["training"]
+    assert training["held_out_cases"] == [] and training["validation_mean_dice"] is None
+    assert training["best_epoch"] == training["epochs_run"] == 2
+    assert all(row["val_mean_dice"] == "" for row in _log(tmp_path / "all"))
+
+
 def test_two_gloo_processes_under_torchrun_keep_identical_weights(tmp_path, tiny_dataset):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
                 "-m", "AIReconstructLib"]

@@ -40,7 +40,8 @@ def config_from_arguments(args):
         iterations_per_epoch=args.iterations, batch_size=args.batch_size, learning_rate=args.learning_rate,
         validate_every=args.validate_every, seed=args.seed, device=args.device,
         time_limit_minutes=args.time_limit, intended_use=args.intended_use, labels_file=args.labels,
-        licence=args.licence, architecture=args.architecture, folds=args.folds, fold=args.fold, resume=args.resume,
+        licence=args.licence, architecture=args.architecture, folds=args.folds, fold=args.fold,
+        validation_fraction=args.validation_fraction, resume=args.resume,
         adversarial=args.adversarial, adversarial_weight=args.adversarial_weight,
         adversarial_warmup_epochs=args.adversarial_warmup, mirror_axes=args.mirror_axes, cache=args.cache,
     )
@@ -163,6 +164,9 @@ def add_training_commands(sub, common: argparse.ArgumentParser) -> None:
                                                      "it in later runs (other folds, other networks)")
     p.add_argument("--folds", type=number(int, at_least=0), default=0, help="k-fold cross-validation splits (0: one split)")
     p.add_argument("--fold", type=number(int, at_least=0), default=0, help="which fold to train")
+    p.add_argument("--validation-fraction", type=number(at_least=0, below=1), default=0.2,
+                   help="with --folds 0: the share of cases held out for validation (0: train on every case and "
+                        "keep the last weights, nnU-Net's fold 'all')")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
     p.add_argument("--adversarial", action="store_true", help="add adversarial refinement (a discriminator)")
     p.add_argument("--adversarial-weight", type=number(at_least=0), default=0.01)

@@ -58,7 +58,7 @@ class TrainConfig:
     batch_size: int = 2
     learning_rate: float = 2e-3
     validate_every: int = 5
-    validation_fraction: float = 0.2  # with folds < 2: the share of cases held out
+    validation_fraction: float = 0.2  # with folds < 2: the share of cases held out (0: none; the last weights are kept)
     folds: int = 0  # >= 2: k-fold cross-validation splits, training on fold ``fold``
     fold: int = 0
     seed: int = 0
@@ -213,6 +213,7 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
                     state["best_dice"], state["best_epoch"] = row["val_mean_dice"], epoch
                     write_weights(network, output / WEIGHTS_FILE)
             elif not val_cases:
+                state["best_epoch"] = epoch
                 write_weights(network, output / WEIGHTS_FILE)
             state["history"].append(row)
             state["epoch"] = epoch

@@ -130,14 +130,15 @@ def rehearsal_cases(folder: str | Path, network: torch.nn.Module, channel_specs,
 
 
 def make_folds(case_ids: list[str], folds: int, validation_fraction: float, seed: int) -> list[dict]:
-    """Cross-validation splits (``folds`` >= 2), or one train/validation split (``folds`` = 0 or 1)."""
+    """Cross-validation splits (``folds`` >= 2), or one train/validation split (``folds`` = 0 or 1) holding
+    out ``validation_fraction`` of the cases (at least one; 0: none, every case trains)."""
     order = [case_ids[i] for i in np.random.default_rng(seed).permutation(len(case_ids))]
     if folds >= 2:
         if folds > len(case_ids):
             raise InputError(f"{folds} folds need at least {folds} cases; the data set has {len(case_ids)}")
         groups = [order[n::folds] for n in range(folds)]
     else:
-        n_val = max(1, int(round(validation_fraction * len(order)))) if len(order) > 1 else 0
+        n_val = max(1, int(round(validation_fraction * len(order)))) if len(order) > 1 and validation_fraction else 0
         groups = [order[:n_val]]
     return [{"train": sorted(c for c in case_ids if c not in group), "validation": sorted(group)} for group in groups]
 
