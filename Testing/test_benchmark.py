@@ -1,10 +1,15 @@
 """The architecture comparison end to end on a tiny budget: every table, figure and test is written."""
 
 import csv
+import time
+from pathlib import Path
+
+import pytest
 
 from AIReconstructLib import benchmark
 from AIReconstructLib.cli import main
 from AIReconstructLib.dataset import write_phantom_dataset
+from AIReconstructLib.errors import Cancelled
 
 
 def test_benchmark_compares_a_network_with_and_without_adversarial_refinement(tmp_path, capsys, monkeypatch):
@@ -52,3 +57,35 @@ def test_a_configuration_that_fails_to_train_is_named_with_its_log(tmp_path, cap
     assert code != 0
     assert f"Training SwinUNETR failed (see {tmp_path / 'bench' / 'models' / 'SwinUNETR' / 'fold0' / 'train.log'})" in error
     assert "cannot take patches of 40 x 40 x 40 voxels" in error
+
+
+def test_cancelling_stops_the_training_child_and_writes_no_table(tmp_path):
+    """A cancel (SIGTERM or Ctrl-C to the command, Stop in Slicer) used to leave the benchmark waiting
+    for its training child, which went on to the end of its budget."""
+    write_phantom_dataset(tmp_path / "data", count=2, first_seed=700, spacing=(6.0, 6.0, 8.0))
+    config = benchmark.BenchmarkConfig(dataset=str(tmp_path / "data"), output=str(tmp_path / "bench"),
+                                       architectures=["UNet"], adversarial_variants=[False], folds=2,
+                                       epochs=1000, iterations=1000, batch_size=1, device="cpu",
+                                       extra_train_arguments=["--spacing", "8", "8", "8", "--patch-size", "32", "32", "32"])
+    log = tmp_path / "bench" / "models" / "UNet" / "fold0" / "train.log"
+    started, child_seen = time.monotonic(), []
+
+    def cancel():  # a few seconds after the training child has started
+        if log.is_file() and not child_seen:
+            child_seen.append(time.monotonic())
+        return bool(child_seen) and time.monotonic() - child_seen[0] > 5
+
+    with pytest.raises(Cancelled, match="Benchmark cancelled"):
+        benchmark.run_benchmark(config, cancel=cancel)
+    assert time.monotonic() - started < 120
+    assert not any(str(tmp_path / "bench").encode() in _read_or_empty(cmdline)  # no training process left
+                   for cmdline in Path("/proc").glob("[0-9]*/cmdline"))
+    assert not (tmp_path / "bench" / "models" / "UNet" / "fold0" / "card.json").exists()
+    assert not (tmp_path / "bench" / "table.md").exists()
+
+
+def _read_or_empty(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # the process ended meanwhile
+        return b""

@@ -27,7 +27,7 @@ from scipy import stats
 
 from . import __version__
 from .dataset import read_dataset
-from .errors import AIReconstructError
+from .errors import AIReconstructError, Cancelled
 from .io import atomic_path, read_image_for_model, read_labelmap, write_csv
 from .metrics import evaluate
 from .modelcard import load_card, sha256_of
@@ -58,9 +58,11 @@ RUN_RECORD = "benchmark_run.json"
 EVALUATION_RECORD = "benchmark_evaluation.json"
 
 
-def _train_in_child(config: BenchmarkConfig, architecture: str, adversarial: bool, fold: int, folder: Path):
+def _train_in_child(config: BenchmarkConfig, architecture: str, adversarial: bool, fold: int, folder: Path, cancel):
     """Train one configuration in its own process (unless already trained there); returns its peak
-    resident memory in MiB, or None where an earlier run trained it without recording it."""
+    resident memory in MiB, or None where an earlier run trained it without recording it. When
+    ``cancel()`` turns true the child is asked to stop (SIGTERM: it cancels at its next iteration),
+    waited for, and :class:`Cancelled` raised."""
     if (folder / "card.json").is_file():
         record = folder / RUN_RECORD
         return json.loads(record.read_text(encoding="utf-8"))["peak_rss_mib"] if record.is_file() else None
@@ -75,7 +77,7 @@ def _train_in_child(config: BenchmarkConfig, architecture: str, adversarial: boo
                *(["--adversarial"] if adversarial else []), *config.extra_train_arguments]
     with open(folder / "train.log", "w", encoding="utf-8") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
+        status, usage = _wait_for_child(process, cancel)
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         last = (folder / "train.log").read_text(encoding="utf-8").strip().splitlines()[-1:] or ["no output"]
@@ -86,7 +88,26 @@ def _train_in_child(config: BenchmarkConfig, architecture: str, adversarial: boo
     return peak
 
 
-def _evaluate_fold(folder: Path, case_ids: list[str], dataset, device: str) -> tuple[list[dict], dict]:
+def _wait_for_child(process: subprocess.Popen, cancel) -> tuple[int, object]:
+    """The child's wait status and resource usage once it has ended; a cancel request is passed on
+    to it (after a minute without an answer it is killed) and raised as :class:`Cancelled`."""
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            return status, usage
+        if cancel():
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            raise Cancelled("Benchmark cancelled by the user; the configurations finished so far are kept "
+                            "and a re-run reuses them")
+        time.sleep(0.2)
+
+
+def _evaluate_fold(folder: Path, case_ids: list[str], dataset, device: str, cancel) -> tuple[list[dict], dict]:
     """Segment the fold's held-out cases; per-case metrics and the model's figures."""
     card = load_card(folder)
     names = {label.value: label.name for label in card.labels}
@@ -96,7 +117,7 @@ def _evaluate_fold(folder: Path, case_ids: list[str], dataset, device: str) -> t
         case = by_id[case_id]
         channels = [read_image_for_model(path) for path in case.images]
         started = time.perf_counter()
-        result = segment(channels, card, SegmentOptions(device=device))
+        result = segment(channels, card, SegmentOptions(device=device), cancel=cancel)
         seconds = time.perf_counter() - started
         scores = evaluate(result.labelmap, read_labelmap(case.label, like=channels[0]), names)
         rows.append({"case": case_id, **{m: scores["mean"][m] for m in METRICS}, "inference_s": seconds})
@@ -106,7 +127,7 @@ def _evaluate_fold(folder: Path, case_ids: list[str], dataset, device: str) -> t
     return rows, figures
 
 
-def _evaluated_fold(folder: Path, case_ids: list[str], dataset, device: str) -> tuple[list[dict], dict]:
+def _evaluated_fold(folder: Path, case_ids: list[str], dataset, device: str, cancel) -> tuple[list[dict], dict]:
     """:func:`_evaluate_fold`, or its result recorded by an earlier run for the same card, cases,
     device and engine version."""
     key = {"card_sha256": sha256_of(folder / "card.json"), "cases": case_ids, "device": device, "engine": __version__}
@@ -115,15 +136,17 @@ def _evaluated_fold(folder: Path, case_ids: list[str], dataset, device: str) -> 
         saved = json.loads(record.read_text(encoding="utf-8"))
         if saved.get("key") == key:
             return saved["rows"], saved["figures"]
-    rows, figures = _evaluate_fold(folder, case_ids, dataset, device)
+    rows, figures = _evaluate_fold(folder, case_ids, dataset, device, cancel)
     with atomic_path(record) as tmp:
         tmp.write_text(json.dumps({"key": key, "rows": rows, "figures": figures}), encoding="utf-8")
     return rows, figures
 
 
-def run_benchmark(config: BenchmarkConfig, progress=None) -> Path:
-    """Train and evaluate every configuration; returns the path of ``table.md``."""
+def run_benchmark(config: BenchmarkConfig, progress=None, cancel=None) -> Path:
+    """Train and evaluate every configuration; returns the path of ``table.md``. ``cancel()`` true
+    stops the run (the training child with it) with :class:`Cancelled`."""
     report = progress or (lambda fraction, message: None)
+    cancel = cancel or (lambda: False)
     dataset = read_dataset(config.dataset)
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -133,9 +156,9 @@ def run_benchmark(config: BenchmarkConfig, progress=None) -> Path:
         variant = f"{architecture}{' + adversarial' if adversarial else ''}"
         report(number / len(runs), f"training {variant}, fold {fold + 1}/{config.folds}")
         folder = output / "models" / f"{architecture}{'-adversarial' if adversarial else ''}" / f"fold{fold}"
-        peak_mib = _train_in_child(config, architecture, adversarial, fold, folder)
+        peak_mib = _train_in_child(config, architecture, adversarial, fold, folder, cancel)
         held_out = json.loads((folder / "splits.json").read_text(encoding="utf-8"))["folds"][fold]["validation"]
-        rows, figures = _evaluated_fold(folder, held_out, dataset, config.device)
+        rows, figures = _evaluated_fold(folder, held_out, dataset, config.device, cancel)
         for row in rows:
             case_rows.append({"architecture": architecture, "adversarial": adversarial, "fold": fold, **row})
         entry = summary.setdefault((architecture, adversarial), {"folds": [], **figures, "peak_rss_mib": []})

@@ -109,7 +109,7 @@ def cmd_benchmark(args, reporter: Reporter) -> None:
         iterations=args.iterations, batch_size=args.batch_size, seed=args.seed, device=args.device,
         extra_train_arguments=args.train_arguments,
     )
-    table = run_benchmark(config, reporter.progress)
+    table = run_benchmark(config, reporter.progress, reporter.cancel_requested)
     reporter.result(table.read_text(encoding="utf-8"), {"table": str(table)})
 
 
