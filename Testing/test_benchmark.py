@@ -60,7 +60,7 @@ def test_a_configuration_that_fails_to_train_is_named_with_its_log(tmp_path, cap
 
 
 def test_cancelling_stops_the_training_child_and_writes_no_table(tmp_path):
-    """A cancel (SIGTERM or Ctrl-C to the command, Stop in Slicer) used to leave the benchmark waiting
+    """A cancel (SIGTERM or Ctrl-C to the command) used to leave the benchmark waiting
     for its training child, which went on to the end of its budget."""
     write_phantom_dataset(tmp_path / "data", count=2, first_seed=700, spacing=(6.0, 6.0, 8.0))
     config = benchmark.BenchmarkConfig(dataset=str(tmp_path / "data"), output=str(tmp_path / "bench"),
