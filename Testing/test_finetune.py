@@ -50,9 +50,12 @@ def held_out():
             [make_phantom(seed, SPACING) for seed in (5100, 5101)])
 
 
-def _finetune(corrected, output, *extra, epochs=3):
+def _finetune(corrected, output, *extra, epochs=2):
+    """Fine-tune the demo model on ``corrected`` at twice the command's default learning rate, so that
+    a few iterations of the test's budget suffice."""
     assert main(["finetune", "demo-abdomen-ct", str(corrected), "-o", str(output), "--freeze-encoder",
-                 "--epochs", str(epochs), "--iterations", "10", "--device", "cpu", *extra]) == 0
+                 "--epochs", str(epochs), "--iterations", "10", "--learning-rate", "2e-3", "--device", "cpu",
+                 *extra]) == 0
     return load_card(output / "card.json")  # validated, checksum checked
 
 
@@ -89,15 +92,16 @@ def test_rehearsing_earlier_scans_keeps_what_the_model_knew(corrected, tuned, he
     (tmp_path / "earlier").mkdir()
     for seed in range(5300, 5304):
         write_volume(make_phantom(seed, SPACING).image, tmp_path / "earlier" / f"scan_{seed}.nii.gz")
-    # half of the patches are rehearsed, so twice the iterations see as many of the new kind
-    rehearsed = _finetune(corrected, tmp_path / "rehearsed", "--rehearse", str(tmp_path / "earlier"), epochs=6)
+    # a third of the patches are rehearsed, so half as many iterations again see as many of the new kind
+    rehearsed = _finetune(corrected, tmp_path / "rehearsed", "--rehearse", str(tmp_path / "earlier"),
+                          "--rehearsal-share", "0.3", epochs=3)
     base = find_model("demo-abdomen-ct")
     old_kind = {name: _dice(card, held_out[1])[TUMOUR] for name, card in
                 (("base", base), ("fine-tuned", tuned), ("with rehearsal", rehearsed))}
     new_kind = _dice(rehearsed, held_out[0])[TUMOUR]
     print(f"dark-tumour Dice: {old_kind}; enhancing-tumour Dice with rehearsal {new_kind:.3f}")
-    assert old_kind["with rehearsal"] > old_kind["fine-tuned"] + 0.2  # measured 0.44 -> 0.76 (base 0.94)
-    assert new_kind > 0.3 and rehearsed.data["training"]["fine_tuned_from"]["rehearsal_scans"] == 4
+    assert old_kind["with rehearsal"] > old_kind["fine-tuned"] + 0.2  # measured 0.45 -> 0.73 (base 0.94)
+    assert new_kind > 0.5 and rehearsed.data["training"]["fine_tuned_from"]["rehearsal_scans"] == 4
 
 
 @pytest.mark.parametrize("architecture", sorted(ENCODER_PARAMETERS))
