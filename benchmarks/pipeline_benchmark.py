@@ -2,6 +2,7 @@
 
     python benchmarks/pipeline_benchmark.py --case ct512 [--model demo-abdomen-ct] [--fast] [--device cpu]
     python benchmarks/pipeline_benchmark.py --case mri240 --model brain-tumour-flair   # a real BraTS FLAIR
+    python benchmarks/pipeline_benchmark.py --case ct512 --device cuda --engine-only     # on a GPU machine
 
 Prints, for one realistic case measured in one run:
 - the bare network's sliding-window time on the prepared input in eager PyTorch float32 (the
@@ -19,7 +20,8 @@ Prints, for one realistic case measured in one run:
   image the engine runs it on), and the later Slicer run's ratio to that;
 - the peak RSS of that process, of a process that only imports the engine and loads the model, and
   the difference as a multiple of the input's float32 size.
-Not part of the test suite.
+``--engine-only`` leaves out the Slicer run and the surfaces, for a machine that has only the
+engine's core libraries (a lent GPU machine: benchmarks/gpu_checks.sh). Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--fast", action="store_true")
     parser.add_argument("--seed", type=int, default=21)
+    parser.add_argument("--engine-only", action="store_true",
+                        help="no Slicer run and no surfaces (where slicer-core and VTK are not installed)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="aireconstruct-bench-"))
@@ -130,19 +134,23 @@ def measure(args, work: Path) -> None:
 
     engine = [sys.executable, "-m", "AIReconstructLib"]
     options = ["--device", args.device] + (["--fast"] if args.fast else [])
-    segment_command = engine + ["segment", str(image_path), "-m", args.model, "-o", str(work / "out"), "--surfaces",
+    surfaces = [] if args.engine_only else ["--surfaces"]
+    segment_command = engine + ["segment", str(image_path), "-m", args.model, "-o", str(work / "out"), *surfaces,
                                 "--json-progress", *options]
     first_seconds, _, _ = child_peak_rss_mib(segment_command)  # the first run converts the network for OpenVINO
     e2e_seconds, stdout, e2e_rss = child_peak_rss_mib(segment_command)
     summary = json.loads(stdout.strip().splitlines()[-1])["summary"]
     _, _, model_rss = child_peak_rss_mib([sys.executable, "-c", (  # the libraries a run imports, and the model
-        "import AIReconstructLib.cli, AIReconstructLib.export, AIReconstructLib.pipeline, AIReconstructLib.surfaces; "
+        "import AIReconstructLib.cli, AIReconstructLib.export, AIReconstructLib.pipeline; "
+        + ("" if args.engine_only else "import AIReconstructLib.surfaces; ") +
         "from AIReconstructLib.modelcard import find_model; from AIReconstructLib.networks import load_network; "
         f"load_network(find_model({args.model!r}))")])  # before this process grows: a child would count its size
-    in_slicer, worker_rss = slicer_run_seconds(image_path, args.model, args.device, args.fast)
+    in_slicer, worker_rss = ([], 0.0) if args.engine_only else slicer_run_seconds(image_path, args.model, args.device,
+                                                                                  args.fast)
 
     import torch
 
+    from AIReconstructLib.backends import openvino_available
     from AIReconstructLib.io import read_image_for_model
     from AIReconstructLib.modelcard import find_model
     from AIReconstructLib.networks import load_network
@@ -154,7 +162,8 @@ def measure(args, work: Path) -> None:
     network, patch = load_network(card), in_array_order(card.patch_size, card.orientation)
     on_gpu = args.device == "cuda"
     bare, labels, bare_gpu_mib = {}, {}, 0.0
-    for backend in ("torch",) * 2 if on_gpu else ("torch", "openvino") * 2:  # twice each, interleaved: the second counts
+    backends = ("torch", "openvino") if not on_gpu and openvino_available() else ("torch",)
+    for backend in backends * 2:  # twice each, interleaved: the second counts
         predictor = Predictor(network, patch, card.inference["overlap"], args.device, backend=backend)
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
@@ -177,13 +186,14 @@ def measure(args, work: Path) -> None:
         print(f"| {stage} | {seconds:.2f} |")
     print(f"| end to end (process wall time, incl. Python start-up and reading) | {e2e_seconds:.2f} |")
     print(f"| (the first run, which converts the network for OpenVINO) | {first_seconds:.2f} |")
-    later = statistics.median(in_slicer[1:])
-    print(f"| a later run in Slicer: volume node to segmentation node, through the kept engine worker, no meshes; "
-          f"median of runs 2-{len(in_slicer)} (each: {' / '.join(f'{s:.2f}' for s in in_slicer[1:])}; "
-          f"the first run after the panel opened: {in_slicer[0]:.2f}) | {later:.2f} |")
+    if in_slicer:
+        later = statistics.median(in_slicer[1:])
+        print(f"| a later run in Slicer: volume node to segmentation node, through the kept engine worker, no meshes; "
+              f"median of runs 2-{len(in_slicer)} (each: {' / '.join(f'{s:.2f}' for s in in_slicer[1:])}; "
+              f"the first run after the panel opened: {in_slicer[0]:.2f}) | {later:.2f} |")
     baseline = "PyTorch, float16 autocast (AMP)" if on_gpu else "eager PyTorch float32"
     print(f"| bare network sliding window, {baseline} (baseline) | {bare['torch']:.2f} |")
-    if not on_gpu:
+    if "openvino" in bare:
         print(f"| bare network sliding window, OpenVINO float32 | {bare['openvino']:.2f} |")
     if box is not None:
         share = math.prod(s.stop - s.start for s in box) / prepared.tensor[0].numel()
@@ -191,14 +201,15 @@ def measure(args, work: Path) -> None:
               f"{baseline} | {bare['torch, body']:.2f} |")
     print(f"\nend-to-end / bare network (PyTorch): {e2e_seconds / bare['torch']:.2f}x "
           f"(in-engine stages / bare: {sum(stages.values()) / bare['torch']:.2f}x)")
-    print(f"later run in Slicer / bare network (PyTorch): {later / bare['torch']:.2f}x; "
-          f"the engine worker's peak RSS {worker_rss:.0f} MiB")
-    if box is not None:
+    if in_slicer:
+        print(f"later run in Slicer / bare network (PyTorch): {later / bare['torch']:.2f}x; "
+              f"the engine worker's peak RSS {worker_rss:.0f} MiB")
+    if in_slicer and box is not None:
         print(f"later run in Slicer / bare network on the body's box (PyTorch): {later / bare['torch, body']:.2f}x")
     if on_gpu:
         print(f"peak GPU memory ({torch.cuda.get_device_name()}): segment run "
               f"{summary.get('peak_gpu_memory_mib', float('nan')):.0f} MiB, bare network {bare_gpu_mib:.0f} MiB")
-    else:
+    if "openvino" in bare:
         agreement = float((labels["torch"] == labels["openvino"]).float().mean())
         print(f"OpenVINO / PyTorch network time: {bare['openvino'] / bare['torch']:.2f} "
               f"({bare['torch'] / bare['openvino']:.2f}x faster), equal labels on the model grid: {agreement:.6%}")
