@@ -35,10 +35,13 @@ case "${1:-}" in
     epochs=${2:?"brats EPOCHS [ARCHITECTURE...]"}
     shift 2
     [ -d .gpu/Dataset001_BrainTumourFLAIR ] || tar -xJf .gpu/brats.tar.xz -C .gpu
-    mkdir -p ../shared/data  # where the benchmarks look for the real cases
-    ln -sfn "$PWD/.gpu/Dataset001_BrainTumourFLAIR" ../shared/data/Dataset001_BrainTumourFLAIR
-    "$PYTHON" benchmarks/pipeline_benchmark.py --case mri240 --model brain-tumour-flair --device "$DEVICE" \
-      --engine-only | tee "$OUT/pipeline-mri240.md"
+    # the speed table on the real MRI needs the data where the benchmark looks for it, beside the tree
+    if mkdir -p ../shared/data && ln -sfn "$PWD/.gpu/Dataset001_BrainTumourFLAIR" ../shared/data/; then
+      "$PYTHON" benchmarks/pipeline_benchmark.py --case mri240 --model brain-tumour-flair --device "$DEVICE" \
+        --engine-only | tee "$OUT/pipeline-mri240.md"
+    else
+      echo "../shared/data cannot be made here: the mri240 table is left out" | tee "$OUT/pipeline-mri240.md"
+    fi
     "$PYTHON" -m AIReconstructLib benchmark .gpu/Dataset001_BrainTumourFLAIR -o "$work/cv" \
       --architectures "${@:-UNet}" --no-adversarial --folds 3 --epochs "$epochs" --iterations 50 --batch-size 2 \
       --seed 0 --device "$DEVICE" --train-arguments --spacing 2 2 2 --patch-size 96 96 64 --mirror-axes 0 1 2 \
