@@ -140,9 +140,9 @@ def measure(args, work: Path) -> None:
     first_seconds, _, _ = child_peak_rss_mib(segment_command)  # the first run converts the network for OpenVINO
     e2e_seconds, stdout, e2e_rss = child_peak_rss_mib(segment_command)
     summary = json.loads(stdout.strip().splitlines()[-1])["summary"]
+    run_modules = ["cli", "export", "pipeline"] + ([] if args.engine_only else ["surfaces"])
     _, _, model_rss = child_peak_rss_mib([sys.executable, "-c", (  # the libraries a run imports, and the model
-        "import AIReconstructLib.cli, AIReconstructLib.export, AIReconstructLib.pipeline; "
-        + ("" if args.engine_only else "import AIReconstructLib.surfaces; ") +
+        f"import {', '.join('AIReconstructLib.' + name for name in run_modules)}; "
         "from AIReconstructLib.modelcard import find_model; from AIReconstructLib.networks import load_network; "
         f"load_network(find_model({args.model!r}))")])  # before this process grows: a child would count its size
     in_slicer, worker_rss = ([], 0.0) if args.engine_only else slicer_run_seconds(image_path, args.model, args.device,
@@ -204,8 +204,8 @@ def measure(args, work: Path) -> None:
     if in_slicer:
         print(f"later run in Slicer / bare network (PyTorch): {later / bare['torch']:.2f}x; "
               f"the engine worker's peak RSS {worker_rss:.0f} MiB")
-    if in_slicer and box is not None:
-        print(f"later run in Slicer / bare network on the body's box (PyTorch): {later / bare['torch, body']:.2f}x")
+        if box is not None:
+            print(f"later run in Slicer / bare network on the body's box (PyTorch): {later / bare['torch, body']:.2f}x")
     if on_gpu:
         print(f"peak GPU memory ({torch.cuda.get_device_name()}): segment run "
               f"{summary.get('peak_gpu_memory_mib', float('nan')):.0f} MiB, bare network {bare_gpu_mib:.0f} MiB")
