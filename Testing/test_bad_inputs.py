@@ -19,7 +19,8 @@ import SimpleITK as sitk
 
 from AIReconstructLib.cli import main
 from AIReconstructLib.io import write_volume
-from AIReconstructLib.modelcard import sha256_of
+from AIReconstructLib.modelcard import Label, sha256_of
+from AIReconstructLib.segnrrd import write_seg_nrrd
 from AIReconstructLib.volume import Volume
 from conftest import PickleExploit, oblique_direction, tiny_card, write_dicom_series, write_model
 
@@ -35,6 +36,17 @@ def _truncated(suffix, compress=True):
         path = write_volume(CT, tmp / f"cut{suffix}", compress=compress)
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
+        return path
+    return make
+
+
+def _damaged(suffix):
+    """A compressed image with one byte of its compressed data flipped (near the end, past any header)."""
+    def make(tmp):
+        path = write_volume(CT, tmp / f"flipped{suffix}", compress=True)
+        data = bytearray(path.read_bytes())
+        data[-10] ^= 0xFF
+        path.write_bytes(bytes(data))
         return path
     return make
 
@@ -94,6 +106,9 @@ IMAGE_CASES = {
     "truncated NIfTI": (_truncated(".nii", compress=False), "truncated"),
     "truncated NRRD": (_truncated(".nrrd"), "corrupt"),
     "truncated MHA": (_truncated(".mha"), "corrupt"),
+    "damaged NIfTI (gzip)": (_damaged(".nii.gz"), "truncated or corrupt"),
+    "damaged NRRD (gzip)": (_damaged(".nrrd"), "fails its checksum"),
+    "damaged MHA (zlib)": (_damaged(".mha"), "fails its checksum"),
     "random bytes as NIfTI": (_raw("noise.nii.gz", bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8))),
                               "truncated or corrupt"),
     "text as NRRD": (_raw("notes.nrrd", b"these are my notes, not an image"), "corrupt"),
@@ -244,6 +259,20 @@ def test_label_map_on_another_grid(tmp_path, capsys):
     other = write_volume(Volume((CT.array > 0).astype(np.uint8), CT.spacing, (0, 0, 0), oblique_direction()),
                          tmp_path / "pred.nii.gz")
     _run_and_check(tmp_path, capsys, ["evaluate", str(other), str(reference)], "does not match", writes_output=False)
+
+
+def test_damaged_segmentation_file(tmp_path, capsys):
+    """A .seg.nrrd whose compressed data has a flipped byte: one line naming the damage (pynrrd
+    alone gave zlib's traceback or a size mismatch, depending on where the byte was)."""
+    mask = (CT.array > 0).astype(np.uint8)
+    reference = write_volume(CT.with_array(mask), tmp_path / "ref.nii.gz")
+    prediction = write_seg_nrrd(CT.with_array(mask), [Label(1, "liver", (0.8, 0.4, 0.3), {}, {})],
+                                tmp_path / "pred.seg.nrrd")
+    data = bytearray(prediction.read_bytes())
+    data[-10] ^= 0xFF
+    prediction.write_bytes(bytes(data))
+    _run_and_check(tmp_path, capsys, ["evaluate", str(prediction), str(reference)], "fails its checksum",
+                   writes_output=False)
 
 
 def test_label_map_with_fractions(tmp_path, capsys):

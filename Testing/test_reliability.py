@@ -1,4 +1,5 @@
-"""Reliability: out-of-memory fallback, determinism, runs killed at random moments, fuzzed readers."""
+"""Reliability: out-of-memory fallback, determinism, runs killed at random moments, fuzzed readers
+(damaged compressed data included)."""
 
 import json
 import os
@@ -16,11 +17,11 @@ from hypothesis import strategies as st
 
 from AIReconstructLib.errors import AIReconstructError
 from AIReconstructLib.io import read_volume, write_volume
-from AIReconstructLib.modelcard import load_card
+from AIReconstructLib.modelcard import Label, load_card
 from AIReconstructLib.networks import load_network
 from AIReconstructLib.pipeline import SegmentOptions, segment
 from AIReconstructLib.predict import Predictor
-from AIReconstructLib.segnrrd import read_seg_nrrd
+from AIReconstructLib.segnrrd import read_seg_nrrd, write_seg_nrrd
 from AIReconstructLib.volume import Volume
 from conftest import noise_ct, tiny_card
 
@@ -133,6 +134,42 @@ def test_fuzzed_image_files_give_only_engine_errors(tmp_path, valid_files, suffi
             read_volume(path)
         except AIReconstructError as error:
             assert "\n" not in str(error)
+
+    check()
+
+
+# compressed file -> where its compressed data starts (after any text header)
+COMPRESSED_DATA_START = {".nii.gz": lambda data: 0, ".nrrd": lambda data: data.index(b"\n\n") + 2,
+                         ".mha": lambda data: data.index(b"ElementDataFile = LOCAL\n") + 24,
+                         ".seg.nrrd": lambda data: data.index(b"\n\n") + 2}
+
+
+@pytest.mark.parametrize("suffix", COMPRESSED_DATA_START)
+def test_damaged_compressed_data_is_refused_never_read_as_other_voxels(tmp_path, suffix):
+    """Mutations of a compressed file's data (its header left alone) either give an engine error or
+    leave the voxels as they were: ITK alone read such files as garbage voxels (docs: integrity.py)."""
+    labels = np.indices((6, 7, 8)).sum(0).astype(np.uint8) % 3
+    volume = Volume(labels, (1.0, 2.0, 3.0))
+    path = tmp_path / f"image{suffix}"
+    if suffix == ".seg.nrrd":
+        write_seg_nrrd(volume, [Label(v, f"organ {v}", (0.5, 0.5, 0.5), {}, {}) for v in (1, 2)], path)
+        read = lambda: read_seg_nrrd(path)[0]  # noqa: E731
+    else:
+        write_volume(volume, path, compress=True)
+        read = lambda: read_volume(path)  # noqa: E731
+    original = path.read_bytes()
+    start = COMPRESSED_DATA_START[suffix](original)
+
+    @FUZZ
+    @given(data=st.data())
+    def check(data):
+        path.write_bytes(original[:start] + data.draw(mutated(original[start:])))
+        try:
+            voxels = read().array
+        except AIReconstructError as error:
+            assert "\n" not in str(error)
+            return
+        np.testing.assert_array_equal(voxels, labels)
 
     check()
 

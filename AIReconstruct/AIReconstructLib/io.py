@@ -7,12 +7,9 @@ this module (and the writers for segmentations and meshes) touches paths.
 from __future__ import annotations
 
 import csv
-import gzip
 import os
 import shutil
-import struct
 import tempfile
-import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError, OutputError
+from .integrity import check_image_file
 from .volume import Volume
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -91,37 +89,10 @@ def find_cases(folder: str | os.PathLike, channels: int) -> list[tuple[str, tupl
     return sorted(cases)
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """ITK reads a truncated NIfTI without complaint: compare its size with what the header announces."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as handle:
-            header = handle.read(540)
-            received = len(header) + sum(len(chunk) for chunk in iter(lambda: handle.read(1 << 22), b""))
-    except (EOFError, OSError, zlib.error):
-        raise InputError(f"Cannot read {path.name}: the file is truncated or corrupt") from None
-    for order in "<>":
-        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:  # NIfTI-1
-            dims = struct.unpack(order + "8h", header[40:56])
-            bitpix, offset = struct.unpack(order + "h", header[72:74])[0], struct.unpack(order + "f", header[108:112])[0]
-            break
-        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:  # NIfTI-2
-            dims = struct.unpack(order + "8q", header[16:80])
-            bitpix, offset = struct.unpack(order + "h", header[14:16])[0], struct.unpack(order + "q", header[168:176])[0]
-            break
-    else:
-        raise InputError(f"Cannot read {path.name}: it has no NIfTI header (corrupt or not a NIfTI file)")
-    voxels = int(np.prod([max(int(d), 1) for d in dims[1 : 1 + max(0, min(int(dims[0]), 7))]]))
-    expected = int(offset) + voxels * int(bitpix) // 8
-    if received < expected:
-        raise InputError(f"Cannot read {path.name}: the file is truncated ({received} of {expected} bytes)")
-
-
 def _read_sitk(path: Path) -> sitk.Image:
     if not path.exists():
         raise InputError(f"Input not found: {path}")
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        _check_nifti_complete(path)
+    check_image_file(path)
     try:
         if path.is_dir():
             return _read_dicom_series(path)

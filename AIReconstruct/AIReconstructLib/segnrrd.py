@@ -17,6 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import InputError, OutputError
+from .integrity import check_image_file
 from .io import atomic_path, read_labelmap
 from .modelcard import Label, ModelCard, label_colour
 from .volume import Volume
@@ -108,6 +109,7 @@ def write_seg_nrrd(labelmap: Volume, labels: list[Label], path: str | os.PathLik
 
 def read_seg_nrrd(path: str | os.PathLike) -> tuple[Volume, list[dict]]:
     """Read a single-layer ``.seg.nrrd``: the label map and each segment's fields."""
+    check_image_file(Path(path))  # pynrrd does not always check the data's checksum
     try:
         data, header = nrrd.read(str(path), index_order="F")
     except (nrrd.NRRDError, OSError, ValueError) as error:

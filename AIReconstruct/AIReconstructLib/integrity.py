@@ -1,0 +1,148 @@
+"""Is an image file whole? Checked before ITK reads it, because ITK does not always say.
+
+ITK reads a truncated NIfTI without complaint, and a compressed NRRD or MetaImage whose data is
+damaged (one flipped bit) as an image with garbage voxels: MetaImage only prints "Uncompress
+failed", NRRD checks no checksum. Each compressed format here carries a checksum (gzip's CRC-32,
+bzip2's CRC, zlib's Adler-32), so the data is decompressed once, as a stream, and must end where its
+checksum says. Uncompressed NRRD and MetaImage need no check: ITK refuses them when cut short.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+CHUNK = 1 << 16  # compressed bytes read at a time (at most ~64 MiB once inflated)
+NRRD_CODECS = {"gzip": "gzip", "gz": "gzip", "bzip2": "bzip2", "bz2": "bzip2"}
+DAMAGED = (EOFError, OSError, zlib.error)  # what the decompressors raise for damaged or cut data
+
+
+def check_image_file(path: Path) -> None:
+    """Raise :class:`InputError` if ``path`` (NIfTI, NRRD or MetaImage) is cut short or its
+    compressed data is damaged; other files are left to their reader."""
+    name = path.name.lower()
+    if not path.is_file():
+        return
+    if name.endswith((".nii", ".nii.gz")):
+        _check_nifti(path)
+        return
+    data = _nrrd_data(path) if name.endswith((".nrrd", ".nhdr")) else \
+        _metaimage_data(path) if name.endswith((".mha", ".mhd")) else None
+    if data is None:
+        return
+    data_path, offset, codec = data
+    try:
+        with open(data_path, "rb") as handle:
+            handle.seek(offset)
+            sum(len(chunk) for chunk in _decompressed(handle, codec))
+    except FileNotFoundError:
+        return  # a missing data file is the reader's to report
+    except DAMAGED:
+        raise InputError(f"Cannot read {path.name}: the file is truncated or corrupt "
+                         "(its compressed image data ends early or fails its checksum)") from None
+
+
+def _decompressed(handle, codec: str):
+    """The data from ``handle``'s position on, decompressed in chunks, its checksum checked at the
+    end; raises one of ``DAMAGED`` when the data is damaged or ends early."""
+    if codec == "zlib":
+        inflater = zlib.decompressobj()
+        for chunk in iter(lambda: handle.read(CHUNK), b""):
+            yield inflater.decompress(chunk)
+        yield inflater.flush()
+        if not inflater.eof:
+            raise EOFError("the zlib stream ends early")
+        return
+    opener = gzip.GzipFile if codec == "gzip" else bz2.BZ2File
+    with opener(fileobj=handle) as stream:
+        yield from iter(lambda: stream.read(1 << 22), b"")
+
+
+def _check_nifti(path: Path) -> None:
+    """A NIfTI (gzip or not) must hold as many bytes as its header announces."""
+    try:
+        with open(path, "rb") as handle:
+            if not path.name.lower().endswith(".gz"):
+                header, received = handle.read(540), path.stat().st_size
+            else:
+                header, received = b"", 0
+                for chunk in _decompressed(handle, "gzip"):
+                    if len(header) < 540:
+                        header += chunk[: 540 - len(header)]
+                    received += len(chunk)
+    except DAMAGED:
+        raise InputError(f"Cannot read {path.name}: the file is truncated or corrupt") from None
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:  # NIfTI-1
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix, offset = struct.unpack(order + "h", header[72:74])[0], struct.unpack(order + "f", header[108:112])[0]
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:  # NIfTI-2
+            dims = struct.unpack(order + "8q", header[16:80])
+            bitpix, offset = struct.unpack(order + "h", header[14:16])[0], struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        raise InputError(f"Cannot read {path.name}: it has no NIfTI header (corrupt or not a NIfTI file)")
+    voxels = int(np.prod([max(int(d), 1) for d in dims[1 : 1 + max(0, min(int(dims[0]), 7))]]))
+    expected = int(offset) + voxels * int(bitpix) // 8
+    if received < expected:
+        raise InputError(f"Cannot read {path.name}: the file is truncated ({received} of {expected} bytes)")
+
+
+def _header_text(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return handle.read(CHUNK).decode("latin-1")
+
+
+def _single_data_file(header: Path, value: str) -> Path | None:
+    """The one data file a detached header names, or None for a list or a numbered pattern."""
+    if not value or " " in value or "%" in value or value.upper().startswith("LIST"):
+        return None
+    return header.parent / value
+
+
+def _nrrd_data(path: Path) -> tuple[Path, int, str] | None:
+    """(file, offset, codec) of a gzip or bzip2 NRRD's data, or None when it is not compressed or
+    its layout is one this check leaves to the reader (skipped lines, several data files)."""
+    text = _header_text(path)
+    end = text.find("\n\n")
+    lines = (text if end < 0 else text[:end]).splitlines()
+    if not lines or not lines[0].startswith("NRRD"):
+        return None
+    fields = {}
+    for line in lines[1:]:
+        if ":" in line and not line.startswith("#"):
+            key, value = line.split(":", 1)
+            fields[key.strip().lower()] = value.strip()
+    codec = NRRD_CODECS.get(fields.get("encoding", "").lower())
+    if codec is None or "line skip" in fields or "lineskip" in fields:
+        return None
+    detached = fields.get("data file", fields.get("datafile"))
+    if detached is not None:
+        data_file = _single_data_file(path, detached)
+        return None if data_file is None else (data_file, 0, codec)
+    return None if end < 0 else (path, end + 2, codec)  # latin-1: one character per byte
+
+
+def _metaimage_data(path: Path) -> tuple[Path, int, str] | None:
+    """(file, offset, "zlib") of a compressed MetaImage's data, or None when it is not compressed
+    or its data is spread over several files."""
+    text = _header_text(path)
+    element_data = re.search(r"^ElementDataFile\s*=\s*(.*?)\r?\n", text, re.MULTILINE)
+    compressed = re.search(r"^CompressedData\s*=\s*true\s*$", text[: element_data.start() if element_data else 0],
+                           re.MULTILINE | re.IGNORECASE)
+    if element_data is None or compressed is None:
+        return None
+    value = element_data.group(1).strip()
+    if value.upper() == "LOCAL":
+        return path, element_data.end(), "zlib"  # latin-1: one character per byte
+    data_file = _single_data_file(path, value)
+    return None if data_file is None else (data_file, 0, "zlib")
