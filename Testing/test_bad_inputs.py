@@ -84,6 +84,13 @@ def _dicom(**kwargs):
     return make
 
 
+def _dicom_with_a_truncated_slice(tmp):
+    folder = write_dicom_series(tmp / "dicom", CT)
+    damaged = sorted(folder.iterdir())[5]
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    return folder
+
+
 def _mixed_dicom(tmp):
     write_dicom_series(tmp / "dicom", CT)
     return write_dicom_series(tmp / "dicom", CT, series_uid="1.2.826.0.1.3680043.2.1125.2")
@@ -115,6 +122,8 @@ IMAGE_CASES = {
     "empty file": (_raw("empty.mha", b""), "corrupt"),
     "missing file": (lambda tmp: tmp / "absent.nii.gz", "not found"),
     "DICOM with a missing slice": (_dicom(skip_slices=(5,)), "uneven"),
+    "DICOM with a truncated slice": (_dicom_with_a_truncated_slice, "not read as slices (truncated, corrupt or not "
+                                                                     "DICOM): 25.1_005.dcm"),
     "DICOM with uneven spacing": (_dicom(z_offsets=[0.0] * 6 + [1.2] * 6), "uneven"),
     "DICOM folder with two series": (_mixed_dicom, "2 DICOM series"),
     "folder without DICOM": (_empty_folder, "no DICOM"),

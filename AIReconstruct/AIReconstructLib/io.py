@@ -127,7 +127,16 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     if len(series_ids) > 1:
         raise InputError(f"{folder.name} holds {len(series_ids)} DICOM series; give the folder of one series")
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
-    _check_slice_positions(files, folder.name)
+    try:
+        _check_slice_positions(files, folder.name)
+    except InputError as error:  # name the files GDCM did not read as slices: a damaged slice is one
+        in_series = set(files)
+        unread = sorted(p.name for p in folder.iterdir() if p.is_file() and str(p) not in in_series)
+        if not unread:
+            raise
+        more = f" and {len(unread) - 3} more" if len(unread) > 3 else ""
+        raise InputError(f"{error}; files not read as slices (truncated, corrupt or not DICOM): "
+                         f"{', '.join(unread[:3])}{more}") from None
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     image = reader.Execute()
