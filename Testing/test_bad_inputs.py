@@ -290,6 +290,13 @@ def test_label_map_with_fractions(tmp_path, capsys):
     _run_and_check(tmp_path, capsys, ["evaluate", str(soft), str(reference)], "non-integer", writes_output=False)
 
 
+def test_an_image_given_as_a_label_map(tmp_path, capsys):
+    """An MR image with integer intensities where a label map belongs: refused, not meshed value by value."""
+    image = write_volume(CT.with_array((np.arange(CT.array.size) % 2000).reshape(CT.array.shape).astype(np.int16)),
+                         tmp_path / "flair.nii.gz")
+    _run_and_check(tmp_path, capsys, ["surfaces", str(image)], "more than 1000 different values")
+
+
 def test_output_folder_that_cannot_be_made(tmp_path, capsys, tiny_model):
     blocker = tmp_path / "a file"
     blocker.write_text("", encoding="utf-8")

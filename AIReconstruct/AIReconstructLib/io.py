@@ -22,6 +22,7 @@ from .volume import Volume
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MAX_INPUT_BYTES_ENV = "AIRECONSTRUCT_MAX_INPUT_BYTES"
+MAX_LABEL_VALUES = 1000  # brain parcellations have ~200 labels, TotalSegmentator 117; a 12-bit image, thousands
 
 
 def max_input_bytes() -> int:
@@ -245,7 +246,12 @@ def read_labelmap(path: str | os.PathLike, like: Volume | None = None) -> Volume
             raise InputError(f"{path.name} is not a label map: it has non-integer voxel values")
     if array.min() < 0:
         raise InputError(f"{path.name} is not a label map: it has negative voxel values")
+    if array.max() > np.iinfo(np.uint16).max:
+        raise InputError(f"{path.name} is not a label map: it has values above 65535")
     volume = volume.with_array(array.astype(np.uint16 if array.max() > 255 else np.uint8))
+    if volume.array.dtype == np.uint16 and np.count_nonzero(np.bincount(volume.array.ravel())) > MAX_LABEL_VALUES:
+        raise InputError(f"{path.name} is not a label map: it has more than {MAX_LABEL_VALUES} different values, "
+                         "as an image has")
     if like is not None and not volume.same_grid(like):
         raise InputError(
             f"{path.name} does not match its image's grid (size {volume.shape_ijk} vs {like.shape_ijk}, "
