@@ -63,6 +63,19 @@ def test_a_box_alone_segments_what_is_inside_it():
     assert dice(refine(volume, np.zeros_like(ball), [], box=box), ball) > 0.9
 
 
+def test_nothing_outside_the_box_belongs_to_the_segment_afterwards():
+    """Not the seed at a small box's centre (a 3 mm ball), not an include point placed outside it."""
+    volume, ball, _ = _scene()
+    centre = np.round(np.argwhere(ball).mean(axis=0)).astype(int)
+    box = (tuple(centre - 1), tuple(centre + 1))  # 3 x 3 x 3 voxels, smaller than a point's seed
+    in_box = np.zeros_like(ball)
+    in_box[tuple(slice(a, b + 1) for a, b in zip(*box))] = True
+    outside_point = Click(tuple(centre + (0, 0, 6)), True)
+    for clicks in ([], [outside_point]):
+        result = refine(volume, np.zeros_like(ball), clicks, box=box)
+        assert result.any() and not (result & ~in_box).any()
+
+
 def test_simulation_reaches_the_target_with_few_clicks():
     volume, ball, _ = _scene()
     scores, reached = simulate(volume, np.zeros_like(ball), ball, clicks=5)

@@ -73,17 +73,18 @@ def refine(volume: Volume, mask: np.ndarray, clicks: list[Click], box: tuple | N
     near_exclude = _distance_to([c.kji for c in local if not c.positive], inside.shape, spacing)
     markers = np.where(inside, 1, 2).astype(np.int16)  # away from the points, the segment stays as it is
     markers[np.minimum(near_include, near_exclude) < reach_mm] = 0  # near them, the image's edges decide
-    if box is not None:  # inside the box the edges decide, from the segment's interior or the box's centre
+    if box is not None:  # inside the box the edges decide, from the segment's interior or the points
         in_box = np.zeros(inside.shape, bool)
         in_box[tuple(slice(max(a - b, 0), c - b + 1) for a, c, b in zip(box[0], box[1], low))] = True
         markers[in_box] = 0
         markers[in_box & ndimage.binary_erosion(inside, iterations=2)] = 1
-        markers[~in_box] = 2
-        if not (markers == 1).any() and not any(c.positive for c in local):
-            centre = tuple(int(round((a + c) / 2)) - b for a, c, b in zip(box[0], box[1], low))
-            markers[_distance_to([centre], inside.shape, spacing) <= CLICK_RADIUS_MM] = 1
     markers[near_include <= CLICK_RADIUS_MM] = 1
     markers[near_exclude <= CLICK_RADIUS_MM] = 2
+    if box is not None:
+        markers[~in_box] = 2  # the box bounds the segment, whatever the points outside it say
+        if not (markers == 1).any():  # nothing inside the box to grow from: its centre
+            centre = tuple(int(round((a + c) / 2)) - b for a, c, b in zip(box[0], box[1], low))
+            markers[(_distance_to([centre], inside.shape, spacing) <= CLICK_RADIUS_MM) & (markers == 0)] = 1
     if not (markers == 1).any():
         corrected_region = np.zeros(inside.shape, bool)
     else:
