@@ -15,10 +15,12 @@ from AIReconstructLib.cli import build_parser, main
 from AIReconstructLib.cli_training import config_from_arguments
 from AIReconstructLib.errors import Cancelled, InputError
 from AIReconstructLib.dataset import read_dataset, write_phantom_dataset
+from AIReconstructLib.io import read_labelmap, write_volume
 from AIReconstructLib.modelcard import load_card
 from AIReconstructLib.phantom import make_phantom
 from AIReconstructLib.pipeline import SegmentOptions, segment
 from AIReconstructLib.training import train
+from AIReconstructLib.volume import Volume
 from conftest import tensorboard_scalars
 
 
@@ -124,6 +126,25 @@ def test_a_data_set_with_a_corrupt_image_stops_training_before_anything_is_writt
     assert main(["train", str(data), "-o", str(tmp_path / "model"), "--name", "m", "--epochs", "1", "--spacing", "8", "8",
                  "8", "--device", "cpu"]) != 0
     assert image.name.split(".")[0] in capsys.readouterr().err and not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda labels: labels[:-1], "does not match its image's grid"),
+    (lambda labels: np.where(labels == labels.max(), 99, labels), "holds the value 99, which the data set's labels do not"),
+])
+def test_a_label_map_that_does_not_fit_stops_training_before_anything_is_written(tmp_path, tiny_dataset, capsys,
+                                                                                 damage, message):
+    """A label map on another grid than its image, or with a value dataset.json does not declare:
+    one line naming it (they gave an IndexError and a RuntimeError traceback)."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    path = sorted((data / "labelsTr").iterdir())[0]
+    labels = read_labelmap(path)
+    write_volume(Volume(damage(labels.array).astype(np.uint8), labels.spacing, labels.origin, labels.direction), path)
+    assert main(["train", str(data), "-o", str(tmp_path / "model"), "--name", "m", "--epochs", "1", "--iterations", "1",
+                 "--spacing", "8", "8", "8", "--device", "cpu"]) != 0
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error and "Traceback" not in error and not (tmp_path / "model").exists()
 
 
 def test_adversarial_loss_is_on_only_when_asked(tmp_path, tiny_dataset):

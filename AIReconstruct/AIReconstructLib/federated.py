@@ -42,7 +42,7 @@ from .io import read_volume
 from .modelcard import CARD_FILE, save_card
 from .networks import DEFAULT_ARGUMENTS, build_network, check_patch_size, default_patch_size
 from .training import mean_dice, segmentation_loss, validation_dice
-from .training_data import PatchSampler, channel_normalisation, load_case, median_spacing
+from .training_data import PatchSampler, channel_normalisation, check_label_values, load_case, median_spacing
 from .training_outputs import WEIGHTS_FILE, log_figures, tensorboard_writer, trained_card, write_weights
 
 STRATEGIES = ("fedavg", "fedprox")
@@ -104,7 +104,9 @@ def _site_cases(folder: str, plan_json: str) -> tuple:
     """A site's cases on the plan's grid, loaded once per process (sites keep their actor between rounds)."""
     plan = json.loads(plan_json)
     dataset = read_dataset(folder)
-    return tuple(load_case(case, plan["channels"], plan["spacing"]) for case in dataset.cases)
+    cases = tuple(load_case(case, plan["channels"], plan["spacing"]) for case in dataset.cases)
+    check_label_values([case.case_id for case in dataset.cases], cases, plan["num_classes"])
+    return cases
 
 
 def _network(plan: dict) -> torch.nn.Module:

@@ -34,8 +34,8 @@ from .modelcard import CARD_FILE, ModelCard, find_model
 from .networks import (DEFAULT_ARGUMENTS, ENCODER_PARAMETERS, build_network, check_patch_size, default_patch_size,
                        freeze_encoder, load_network)
 from .predict import Predictor
-from .training_data import (PatchSampler, channel_normalisation, label_entries, load_case, make_folds, rehearsal_cases,
-                            median_spacing)
+from .training_data import (PatchSampler, channel_normalisation, check_label_values, label_entries, load_case,
+                            make_folds, median_spacing, rehearsal_cases)
 from .training_outputs import (CHECKPOINT_FILE, WEIGHTS_FILE, load_checkpoint, log_figures, save_checkpoint,
                                tensorboard_writer, write_card, write_weights)
 
@@ -113,8 +113,10 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
         raise InputError(f"Fold {config.fold} does not exist; there are {len(splits)} fold(s)")
     split = splits[config.fold]
     by_id = {case.case_id: case for case in dataset.cases}
-    train_cases = [load_case(by_id[c], channel_specs, spacing, config.cache) for c in split["train"] or split["validation"]]
+    train_ids = split["train"] or split["validation"]
+    train_cases = [load_case(by_id[c], channel_specs, spacing, config.cache) for c in train_ids]
     val_cases = [load_case(by_id[c], channel_specs, spacing, config.cache) for c in split["validation"]]
+    check_label_values(train_ids + split["validation"], train_cases + val_cases, num_classes)
     if config.patch_size is None:
         median_zyx = np.median([image.shape[1:] for image, _ in train_cases], axis=0)
         config.patch_size = default_patch_size(median_zyx[::-1], config.architecture)

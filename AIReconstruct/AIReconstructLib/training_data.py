@@ -47,8 +47,8 @@ def channel_normalisation(dataset: Dataset) -> list[dict]:
         samples = []
         rng = np.random.default_rng(0)
         for case in dataset.cases:
-            image = read_volume(case.images[index]).array
-            foreground = image[read_labelmap(case.label).array > 0]
+            image = read_volume(case.images[index])
+            foreground = image.array[read_labelmap(case.label, like=image).array > 0]
             samples.append(rng.choice(foreground, size=min(20000, foreground.size), replace=False))
         values = np.concatenate(samples).astype(np.float64)
         low, high = np.percentile(values, [0.5, 99.5])
@@ -95,6 +95,16 @@ def load_case(case, channel_specs, spacing, cache: str | Path | None = None) -> 
     except OSError as error:
         raise InputError(f"Cannot keep the cases in the cache folder {cache}: {error.strerror or error}") from None
     return image, labels
+
+
+def check_label_values(case_ids: list[str], cases: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int) -> None:
+    """Refuse a case (loaded by :func:`load_case`) whose labels hold a value the data set's labels
+    do not declare (0 to ``num_classes`` - 1)."""
+    for case_id, (_, labels) in zip(case_ids, cases):
+        largest = int(labels.max())
+        if largest >= num_classes:
+            raise InputError(f"The label map of case {case_id} holds the value {largest}, which the data set's "
+                             f"labels do not declare (they go from 0 to {num_classes - 1})")
 
 
 def _cache_key(case, channel_specs, spacing) -> str:
