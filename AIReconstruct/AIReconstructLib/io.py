@@ -246,9 +246,10 @@ def read_labelmap(path: str | os.PathLike, like: Volume | None = None) -> Volume
             raise InputError(f"{path.name} is not a label map: it has non-integer voxel values")
     if array.min() < 0:
         raise InputError(f"{path.name} is not a label map: it has negative voxel values")
-    if array.max() > np.iinfo(np.uint16).max:
+    largest = array.max()
+    if largest > np.iinfo(np.uint16).max:
         raise InputError(f"{path.name} is not a label map: it has values above 65535")
-    volume = volume.with_array(array.astype(np.uint16 if array.max() > 255 else np.uint8))
+    volume = volume.with_array(array.astype(np.uint16 if largest > 255 else np.uint8))
     if volume.array.dtype == np.uint16 and np.count_nonzero(np.bincount(volume.array.ravel())) > MAX_LABEL_VALUES:
         raise InputError(f"{path.name} is not a label map: it has more than {MAX_LABEL_VALUES} different values, "
                          "as an image has")
