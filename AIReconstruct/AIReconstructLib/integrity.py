@@ -28,9 +28,9 @@ DAMAGED = (EOFError, OSError, zlib.error)  # what the decompressors raise for da
 def check_image_file(path: Path) -> None:
     """Raise :class:`InputError` if ``path`` (NIfTI, NRRD or MetaImage) is cut short or its
     compressed data is damaged; other files are left to their reader."""
-    name = path.name.lower()
     if not path.is_file():
         return
+    name = path.name.lower()
     if name.endswith((".nii", ".nii.gz")):
         _check_nifti(path)
         return
@@ -42,7 +42,8 @@ def check_image_file(path: Path) -> None:
     try:
         with open(data_path, "rb") as handle:
             handle.seek(offset)
-            sum(len(chunk) for chunk in _decompressed(handle, codec))
+            for _ in _decompressed(handle, codec):  # read through: the checksum is checked at the end
+                pass
     except FileNotFoundError:
         return  # a missing data file is the reader's to report
     except DAMAGED:
