@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -201,7 +202,9 @@ def load_pickled_weights(path: Path, allowed_globals=()):
     """A torch pickle (checkpoint or state dict) unpickled with ``weights_only=True`` and only the
     extra types in ``allowed_globals``; anything else in it is refused before it is built."""
     try:
-        with torch.serialization.safe_globals(list(allowed_globals)):
+        with torch.serialization.safe_globals(list(allowed_globals)), warnings.catch_warnings():
+            # PyTorch warns of any pickle protocol its own writer does not use: noise beside the one-line refusal
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[0][:200]
