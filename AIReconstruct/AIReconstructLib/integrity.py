@@ -16,6 +16,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import nrrd
 import numpy as np
 
 from .errors import InputError
@@ -98,11 +99,6 @@ def _check_nifti(path: Path) -> None:
         raise InputError(f"Cannot read {path.name}: the file is truncated ({received} of {expected} bytes)")
 
 
-def _header_text(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return handle.read(CHUNK).decode("latin-1")
-
-
 def _single_data_file(header: Path, value: str) -> Path | None:
     """The one data file a detached header names, or None for a list or a numbered pattern."""
     if not value or " " in value or "%" in value or value.upper().startswith("LIST"):
@@ -112,31 +108,29 @@ def _single_data_file(header: Path, value: str) -> Path | None:
 
 def _nrrd_data(path: Path) -> tuple[Path, int, str] | None:
     """(file, offset, codec) of a gzip or bzip2 NRRD's data, or None when it is not compressed or
-    its layout is one this check leaves to the reader (skipped lines, several data files)."""
-    text = _header_text(path)
-    end = text.find("\n\n")
-    lines = (text if end < 0 else text[:end]).splitlines()
-    if not lines or not lines[0].startswith("NRRD"):
+    its layout is one this check leaves to the reader (skipped lines, several data files, a header
+    pynrrd cannot parse)."""
+    try:
+        with open(path, "rb") as handle:
+            fields = nrrd.read_header(handle)
+            attached_at = handle.tell()  # the header's empty line read: attached data starts here
+    except (nrrd.NRRDError, ValueError):
         return None
-    fields = {}
-    for line in lines[1:]:
-        if ":" in line and not line.startswith("#"):
-            key, value = line.split(":", 1)
-            fields[key.strip().lower()] = value.strip()
-    codec = NRRD_CODECS.get(fields.get("encoding", "").lower())
+    codec = NRRD_CODECS.get(str(fields.get("encoding", "")).lower())
     if codec is None or "line skip" in fields or "lineskip" in fields:
         return None
     detached = fields.get("data file", fields.get("datafile"))
-    if detached is not None:
-        data_file = _single_data_file(path, detached)
-        return None if data_file is None else (data_file, 0, codec)
-    return None if end < 0 else (path, end + 2, codec)  # latin-1: one character per byte
+    if detached is None:
+        return path, attached_at, codec
+    data_file = _single_data_file(path, str(detached))
+    return None if data_file is None else (data_file, 0, codec)
 
 
 def _metaimage_data(path: Path) -> tuple[Path, int, str] | None:
     """(file, offset, "zlib") of a compressed MetaImage's data, or None when it is not compressed
     or its data is spread over several files."""
-    text = _header_text(path)
+    with open(path, "rb") as handle:
+        text = handle.read(CHUNK).decode("latin-1")  # the header's text: it precedes any local data
     element_data = re.search(r"^ElementDataFile\s*=\s*(.*?)\r?\n", text, re.MULTILINE)
     compressed = re.search(r"^CompressedData\s*=\s*true\s*$", text[: element_data.start() if element_data else 0],
                            re.MULTILINE | re.IGNORECASE)
