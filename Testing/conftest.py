@@ -25,6 +25,14 @@ if "AIRECONSTRUCT_CACHE" not in os.environ:
     SESSION_CACHE = tempfile.TemporaryDirectory(prefix="aireconstruct-test-cache-")
     os.environ["AIRECONSTRUCT_CACHE"] = SESSION_CACHE.name
 
+# pytest-xdist runs the test files in several worker processes (pyproject's addopts): the cores are
+# shared out between them, for the worker's own torch and for the processes its tests start (a
+# worker whose torch used every core beside another's made the suite a third slower, not faster)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    WORKER_THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = os.environ["AIRECONSTRUCT_SITE_THREADS"] = str(WORKER_THREADS)
+    torch.set_num_threads(WORKER_THREADS)
+
 
 class PickleExploit:
     """Unpickling this writes a file: the proof that a loader ran a pickle."""

@@ -20,8 +20,8 @@ pytest.importorskip("flwr", reason="Flower (flwr[simulation]) is not installed")
 from AIReconstructLib.cli import main  # noqa: E402
 from AIReconstructLib.dataset import write_phantom_dataset  # noqa: E402
 from AIReconstructLib.errors import InputError  # noqa: E402
-from AIReconstructLib.federated import (FederatedConfig, _network, make_plan, simulate,  # noqa: E402
-                                        privacy_spent, site_fingerprint, train_at_site)
+from AIReconstructLib.federated import FederatedConfig, make_plan, simulate  # noqa: E402
+from AIReconstructLib.federated_site import plan_network, privacy_spent, site_fingerprint, train_at_site  # noqa: E402
 from AIReconstructLib.modelcard import load_card  # noqa: E402
 from conftest import tensorboard_scalars  # noqa: E402
 
@@ -69,7 +69,7 @@ def test_fedprox_keeps_a_site_near_the_global_weights(sites):
     root, folders, _ = sites
     plan = make_plan(_config(root, folders, learning_rate=0.05), [site_fingerprint(f) for f in folders])
     torch.manual_seed(0)
-    start = _network(plan).state_dict()
+    start = plan_network(plan).state_dict()
 
     def distance(mu):
         state, metrics = train_at_site(folders[1], plan, start, 1, proximal_mu=mu)
@@ -96,8 +96,13 @@ def test_a_simulated_federation_averages_the_sites_weights_and_writes_a_card(sit
     # FedAvg by hand: each site trains the same initial weights on its own; average by case count
     plan = make_plan(config, [site_fingerprint(f) for f in folders])
     torch.manual_seed(config.seed)
-    start = _network(plan).state_dict()
-    trained = [train_at_site(folder, plan, start, 1)[0] for folder in folders]
+    start = plan_network(plan).state_dict()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(plan["threads"])  # as many as each site's process trained with: Adam's first steps
+    try:                                    # amplify the rounding differences of another count
+        trained = [train_at_site(folder, plan, start, 1)[0] for folder in folders]
+    finally:
+        torch.set_num_threads(threads)
     expected = {k: sum(w * s[k] for w, s in zip((1, 2, 1), trained)) / 4 for k in start}
     weights = load_file(str(card.weight_paths[0]))
     for key in expected:
