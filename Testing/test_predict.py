@@ -96,6 +96,11 @@ def test_normalisation_schemes():
     data = np.array([0, 0, 10, 20, 30], np.float32)
     nonzero = normalise(data, {"scheme": "zscore_nonzero"})
     assert nonzero[0] == 0 and abs(nonzero[2:].mean()) < 1e-6 and abs(nonzero[2:].std() - 1) < 1e-5
+    # a brain stored with 0 outside it, or z-scored with its minimum outside it (BraTS 2013's FLAIR)
+    brain = np.array([10, 20, 30, 15], np.float32)
+    for image in (np.r_[0, 0, 0, brain], np.r_[-5, -5, -5, (brain - 19) / 7.4]):
+        np.testing.assert_allclose(normalise(image, {"scheme": "zscore_foreground"}),
+                                   np.r_[0, 0, 0, (brain - brain.mean()) / brain.std()], atol=1e-5)
     ct = normalise(np.array([-2000, 0, 3000]), {"scheme": "ct", "clip": [-1000, 1000], "mean": 0, "std": 500})
     np.testing.assert_allclose(ct, [-2, 0, 2])
 

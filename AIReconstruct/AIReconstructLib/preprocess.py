@@ -94,10 +94,20 @@ def resample(tensor: torch.Tensor, shape, steps=None) -> torch.Tensor:
     return tensor
 
 
+def fill_value(array: np.ndarray) -> float:
+    """The value an image holds outside the body: 0, or its minimum where more voxels hold the
+    minimum than hold 0 (a skull-stripped MRI stored with another constant outside the brain, such
+    as BraTS 2013's FLAIR, z-scored inside the brain)."""
+    lowest = float(array.min())
+    return lowest if np.count_nonzero(array == lowest) > np.count_nonzero(array == 0) else 0.0
+
+
 def normalise(array: np.ndarray, scheme: dict, mask: np.ndarray | None = None) -> np.ndarray:
-    """Intensity normalisation of one channel as a model card describes it (float32 out);
-    ``zscore_nonzero`` uses ``mask`` where given (nnU-Net's filled non-zero region), else the
-    non-zero voxels.
+    """Intensity normalisation of one channel as a model card describes it (float32 out); the
+    z-score of ``zscore_nonzero`` is over ``mask`` where given (nnU-Net's filled non-zero region),
+    else over the non-zero voxels (MONAI's ``nonzero``); that of ``zscore_foreground`` (the
+    engine's own training for MRI) is over the voxels that differ from :func:`fill_value`, and the
+    others become 0, so an image looks the same to the network whatever its fill.
 
     Works in place on one float32 copy: no further full-size temporaries.
     """
@@ -107,11 +117,14 @@ def normalise(array: np.ndarray, scheme: dict, mask: np.ndarray | None = None) -
         np.clip(data, *scheme["clip"], out=data)
         data -= scheme["mean"]
         data /= scheme["std"]
-    elif kind == "zscore_nonzero":
-        mask = data != 0 if mask is None else mask
+    elif kind in ("zscore_nonzero", "zscore_foreground"):
+        if mask is None:
+            mask = data != (fill_value(data) if kind == "zscore_foreground" else 0)
         if mask.any():
             values = data[mask]
             data[mask] = (values - values.mean()) / max(float(values.std()), 1e-8)
+        if kind == "zscore_foreground":
+            data[~mask] = 0.0
     elif kind == "zscore":
         mean, std = float(data.mean()), max(float(data.std()), 1e-8)
         data -= mean

@@ -38,11 +38,12 @@ def median_spacing(dataset: Dataset) -> list[float]:
 
 
 def channel_normalisation(dataset: Dataset) -> list[dict]:
-    """Model-card channel entries with each channel's normalisation (nnU-Net's CT scheme for CT)."""
+    """Model-card channel entries with each channel's normalisation: nnU-Net's CT scheme for CT, else
+    a z-score over the voxels inside the body (``preprocess.fill_value``)."""
     specs = []
     for index, channel in enumerate(dataset.channel_names):
         if channel.upper() != "CT":
-            specs.append({"name": channel, "normalisation": {"scheme": "zscore_nonzero"}})
+            specs.append({"name": channel, "normalisation": {"scheme": "zscore_foreground"}})
             continue
         samples = []
         rng = np.random.default_rng(0)
