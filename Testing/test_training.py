@@ -252,6 +252,35 @@ def test_a_dataset_json_that_cannot_serve_is_a_one_line_error(tmp_path, meta, me
         read_dataset(tmp_path / "data")
 
 
+def test_mri_cases_stored_with_any_value_outside_the_brain_look_alike_to_the_network(tmp_path):
+    """One brain stored twice: raw with 0 outside it, and z-scored inside it with its minimum outside
+    it (BraTS 2013's way). Z-scored inside the body, the network sees the same patches of both;
+    inside the non-zero voxels (nnU-Net's rule) it does not."""
+    from AIReconstructLib.training_data import channel_normalisation, load_case
+
+    z, y, x = np.mgrid[:20, :24, :24]
+    brain = ((z - 10) / 8) ** 2 + ((y - 12) / 10) ** 2 + ((x - 12) / 10) ** 2 < 1
+    raw = np.where(brain, np.random.default_rng(0).normal(300, 40, brain.shape), 0).astype(np.float32)
+    scored = np.where(brain, (raw - raw[brain].mean()) / raw[brain].std(), 0)
+    scored[~brain] = scored[brain].min() - 0.5
+    tumour = ((z - 10) ** 2 + (y - 12) ** 2 + (x - 14) ** 2 < 9).astype(np.uint8)
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    for case, image in (("raw", raw), ("scored", scored)):
+        write_volume(Volume(image.astype(np.float32), (2.0, 2.0, 2.0)), tmp_path / "imagesTr" / f"{case}_0000.nii.gz")
+        write_volume(Volume(tumour, (2.0, 2.0, 2.0)), tmp_path / "labelsTr" / f"{case}.nii.gz")
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "FLAIR"}, "file_ending": ".nii.gz",
+                                                       "labels": {"background": 0, "tumour": 1}}), encoding="utf-8")
+    dataset = read_dataset(tmp_path)
+    for rule, alike in (("foreground", True), ("nonzero", False)):
+        channels = channel_normalisation(dataset, rule)
+        assert channels == [{"name": "FLAIR", "normalisation": {"scheme": f"zscore_{rule}"}}]
+        first, second = (load_case(case, channels, [2.0, 2.0, 2.0])[0] for case in dataset.cases)
+        assert torch.allclose(first, second, atol=1e-4) == alike
+    with pytest.raises(InputError, match="Unknown normalisation 'mean' \\(known: foreground, nonzero\\)"):
+        channel_normalisation(dataset, "mean")
+
+
 def test_a_patch_the_network_cannot_take_is_refused_before_anything_is_written(tmp_path, tiny_dataset, capsys):
     code = main(["train", str(tiny_dataset), "-o", str(tmp_path / "model"), "--name", "swin", "--architecture",
                  "SwinUNETR", "--patch-size", "40", "40", "40", "--epochs", "1", "--iterations", "1", "--device", "cpu"])

@@ -44,6 +44,7 @@ def config_from_arguments(args):
         validation_fraction=args.validation_fraction, resume=args.resume,
         adversarial=args.adversarial, adversarial_weight=args.adversarial_weight,
         adversarial_warmup_epochs=args.adversarial_warmup, mirror_axes=args.mirror_axes, cache=args.cache,
+        normalisation=args.normalisation,
     )
     config.architecture_args = architecture_arguments(args)
     return config
@@ -174,6 +175,9 @@ def add_training_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--mirror-axes", type=int, nargs="*", default=[], choices=[0, 1, 2],
                    help="array axes (0 slices, 1 rows, 2 columns) to mirror in augmentation and --tta; "
                         "none for anatomy with left/right labels")
+    p.add_argument("--normalisation", default="foreground",
+                   help="channels other than CT are z-scored inside the body, whatever value the image holds outside "
+                        "it (foreground), or inside their non-zero voxels (nonzero: nnU-Net's and MONAI's rule)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", parents=[common],

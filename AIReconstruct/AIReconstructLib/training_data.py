@@ -37,13 +37,19 @@ def median_spacing(dataset: Dataset) -> list[float]:
     return [float(v) for v in np.median(np.array(spacings), axis=0)]
 
 
-def channel_normalisation(dataset: Dataset) -> list[dict]:
+MRI_NORMALISATIONS = ("foreground", "nonzero")  # z-scored inside the body, or inside the non-zero voxels
+
+
+def channel_normalisation(dataset: Dataset, mri: str = "foreground") -> list[dict]:
     """Model-card channel entries with each channel's normalisation: nnU-Net's CT scheme for CT, else
-    a z-score over the voxels inside the body (``preprocess.fill_value``)."""
+    a z-score inside the body (``zscore_foreground``, see ``preprocess.normalise``) or, with
+    ``mri="nonzero"``, inside the non-zero voxels (nnU-Net's and MONAI's rule)."""
+    if mri not in MRI_NORMALISATIONS:
+        raise InputError(f"Unknown normalisation '{mri}' (known: {', '.join(MRI_NORMALISATIONS)})")
     specs = []
     for index, channel in enumerate(dataset.channel_names):
         if channel.upper() != "CT":
-            specs.append({"name": channel, "normalisation": {"scheme": "zscore_foreground"}})
+            specs.append({"name": channel, "normalisation": {"scheme": f"zscore_{mri}"}})
             continue
         samples = []
         rng = np.random.default_rng(0)
