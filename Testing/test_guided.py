@@ -5,15 +5,17 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from AIReconstructLib.cli import main
 from AIReconstructLib.dataset import write_phantom_dataset
 from AIReconstructLib.errors import InputError
 from AIReconstructLib.guided import (GuidedRefiner, edit_as_the_points_ask, guidance_maps, simulated_guidance,
-                                     train_guided)
+                                     train_guided, warm_started_network)
 from AIReconstructLib.interaction import Click
 from AIReconstructLib.io import read_labelmap, write_volume
 from AIReconstructLib.modelcard import load_card
+from AIReconstructLib.networks import load_network
 from AIReconstructLib.phantom import make_phantom
 from AIReconstructLib.pipeline import SegmentOptions, segment
 
@@ -60,6 +62,21 @@ def test_the_model_changes_only_what_the_points_ask_for():
     # a point the proposal disagrees with still gets its ball
     edited = edit_as_the_points_ask(mask, mask, [Click((15, 15, 30), True)], (1.0, 1.0, 1.0), 20.0, 1.0)
     assert edited[15, 15, 30] and edited.sum() == mask.sum() + 7
+
+
+def test_the_guided_network_starts_as_the_base_model(tmp_path):
+    """Before training, the guided network gives the base model's scores for background and the first
+    label whatever the guidance channels hold; training then changes the weights that read them."""
+    from conftest import write_model
+
+    base = load_card(write_model(tmp_path / "base", seed=3))
+    guided = warm_started_network(base).eval()
+    image = torch.randn(1, 1, 32, 32, 32)
+    guidance = (torch.rand(1, 3, 32, 32, 32) > 0.9).float()
+    with torch.no_grad():
+        expected = load_network(base).eval()(image)[:, [0, base.labels[0].value]]
+        torch.testing.assert_close(guided(torch.cat([image, guidance], dim=1)), expected)
+        torch.testing.assert_close(guided(torch.cat([image, torch.zeros_like(guidance)], dim=1)), expected)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,9 @@ Its card lists the image channels first, then the three guidance channels (norma
 and ``"guidance": {"radius_mm": R}``: points are drawn as balls of radius R. Training simulates
 users: the current segment is the truth damaged (parts of its border lost or grown irregularly,
 eroded, dilated, a part cut out or a false part added, or empty) and the points are placed, one
-after the other, in the largest error left.
+after the other, in the largest error left. The network starts from the base model's weights
+(:func:`warm_started_network`), so it begins as good as the base model and learns what the points
+and the segment add.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .errors import InputError
 from .interaction import Click, next_click
 from .io import write_csv
 from .modelcard import CARD_FILE, ModelCard, save_card, sha256_of
-from .networks import build_network, load_network, save_weights
+from .networks import build_network, load_network, save_weights, unique_state
 from .predict import Predictor
 from .preprocess import in_array_order, prepare_for_card, restore_labels
 from .training_data import PatchSampler, load_case
@@ -90,6 +92,30 @@ def simulated_guidance(truth: np.ndarray, rng: np.random.Generator, spacing_kji)
     return mask, clicks
 
 
+def warm_started_network(base: ModelCard) -> torch.nn.Module:
+    """The guided network with the base model's weights: the weights that read the guidance channels
+    are zero, so until training changes them it answers as the base model whatever the points, and
+    its two classes (background, segment) are the base's background and first label."""
+    network = build_network(base.data["architecture"], len(base.channels) + len(GUIDANCE), 2)
+    trained = unique_state(load_network(base))
+    classes = torch.tensor([0, base.labels[0].value])
+    with torch.no_grad():
+        for key, tensor in unique_state(network).items():
+            source = trained[key]
+            differing = [axis for axis, (a, b) in enumerate(zip(source.shape, tensor.shape)) if a != b]
+            if not differing:
+                tensor.copy_(source)
+            elif len(differing) == 1 and tensor.shape[differing[0]] == source.shape[differing[0]] + len(GUIDANCE):
+                tensor.zero_()
+                tensor.narrow(differing[0], 0, source.shape[differing[0]]).copy_(source)
+            elif len(differing) == 1 and tensor.shape[differing[0]] == 2:
+                tensor.copy_(source.index_select(differing[0], classes))
+            else:
+                raise InputError(f"Cannot start a guided model from '{base.name}': its layer {key} has shape "
+                                 f"{tuple(source.shape)}, the guided network's {tuple(tensor.shape)}")
+    return network
+
+
 def _guided_batch(sampler: PatchSampler, size: int, rng, spacing_kji, radius_mm: float, device):
     images, labels = sampler.batch(size, "cpu")
     inputs = []
@@ -102,10 +128,10 @@ def _guided_batch(sampler: PatchSampler, size: int, rng, spacing_kji, radius_mm:
 
 
 def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=None, seed: int = 0,
-                 radius_mm: float = 3.0, batch_size: int = 2, learning_rate: float = 2e-3, progress=None) -> Path:
-    """Train a guided model for ``minutes`` on a data set's cases (all, or ``cases``), with the image
-    channels, spacing, patch size and architecture of the ``base`` model, for the base's first label
-    (the others count as background); returns the card's path."""
+                 radius_mm: float = 3.0, batch_size: int = 2, learning_rate: float = 1e-3, progress=None) -> Path:
+    """Train a guided model for ``minutes`` on a data set's cases (all, or ``cases``), started from the
+    ``base`` model (its image channels, spacing, patch size, architecture and weights), for the base's
+    first label (the others count as background); returns the card's path."""
     from .training import segmentation_loss
 
     started = time.time()
@@ -121,7 +147,7 @@ def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=
     value = base.labels[0].value
     loaded = [load_case(case, base.channels, base.spacing()) for case in chosen]
     sampler = PatchSampler([(image, (labels == value).float()) for image, labels in loaded], patch, 2)
-    network = build_network(base.data["architecture"], len(base.channels) + len(GUIDANCE), 2).train()
+    network = warm_started_network(base).train()
     optimiser = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=1e-5)
     loss_fn = segmentation_loss(base.data["architecture"].get("args"))
     history, step = [], 0
@@ -148,7 +174,8 @@ def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=
                 guidance={"radius_mm": radius_mm}, labels=[{**base.data["labels"][0], "value": 1, "name": "segment"}],
                 weights=[{"file": "model.safetensors", "sha256": sha256_of(output / "model.safetensors")}],
                 training={"dataset": dataset.folder.name, "cases": [c.case_id for c in chosen], "steps": step,
-                          "minutes": round((time.time() - started) / 60, 1), "seed": seed, "base_model": base.name})
+                          "minutes": round((time.time() - started) / 60, 1), "seed": seed, "base_model": base.name,
+                          "started_from": {"version": base.data.get("version"), "sha256": base.data["weights"][0]["sha256"]}})
     data["inference"] = {**base.data["inference"], "mirror_axes": []}
     save_card(data, output)
     return output / CARD_FILE
