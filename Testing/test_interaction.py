@@ -6,7 +6,8 @@ import pytest
 
 from AIReconstructLib.cli import main
 from AIReconstructLib.errors import InputError
-from AIReconstructLib.interaction import Click, dice, next_click, refine, refine_labelmap, simulate, to_voxel
+from AIReconstructLib.interaction import (Click, clicks_to_reach, dice, next_click, refine, refine_labelmap, simulate,
+                                          to_voxel)
 from AIReconstructLib.io import read_labelmap, write_volume
 from AIReconstructLib.volume import Volume
 from conftest import oblique_direction
@@ -78,8 +79,10 @@ def test_nothing_outside_the_box_belongs_to_the_segment_afterwards():
 
 def test_simulation_reaches_the_target_with_few_clicks():
     volume, ball, _ = _scene()
-    scores, reached = simulate(volume, np.zeros_like(ball), ball, clicks=5)
+    scores = simulate(volume, np.zeros_like(ball), ball, clicks=5)
+    reached = clicks_to_reach(0.0, scores, 0.9)
     assert reached is not None and reached <= 2 and scores[reached - 1] >= 0.9
+    assert clicks_to_reach(0.95, scores, 0.9) == 0 and clicks_to_reach(0.0, [0.5, 0.8], 0.9) is None
 
 
 def test_refine_command_takes_points_in_patient_millimetres(tmp_path, capsys):

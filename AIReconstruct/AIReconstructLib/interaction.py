@@ -132,25 +132,27 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2.0 * (a & b).sum() / total)
 
 
-def simulate(volume: Volume, start: np.ndarray, truth: np.ndarray, clicks: int = 10, target: float = 0.90,
-             reach_mm: float = 20.0, method=None):
-    """Correct ``start`` toward ``truth`` with simulated clicks, by ``method`` (``refine`` or a
-    guided model's refiner); returns (Dice after each click, the first click count reaching
-    ``target`` Dice or None)."""
+def simulate(volume: Volume, start: np.ndarray, truth: np.ndarray, clicks: int = 10, reach_mm: float = 20.0,
+             method=None) -> list[float]:
+    """Correct ``start`` toward ``truth`` with simulated clicks, each in the largest error left, by
+    ``method`` (``refine`` or a guided model's refiner); returns the Dice after each click."""
     method = method or refine
-    mask, given, scores, reached = start.copy(), [], [], None
-    for number in range(1, clicks + 1):
+    mask, given, scores = start.copy(), [], []
+    for _ in range(clicks):
         click = next_click(mask, truth, volume.spacing[::-1])
-        if click is None:
-            scores.append(1.0)
-            reached = reached or number - 1
-            continue
-        given.append(click)
-        mask = method(volume, mask, given, reach_mm=reach_mm)
+        if click is not None:
+            given.append(click)
+            mask = method(volume, mask, given, reach_mm=reach_mm)
         scores.append(dice(mask, truth))
-        if reached is None and scores[-1] >= target:
-            reached = number
-    return scores, (0 if dice(start, truth) >= target else reached)
+    return scores
+
+
+def clicks_to_reach(start_score: float, scores: list[float], target: float) -> int | None:
+    """The number of clicks after which Dice first reached ``target`` (0 if the start did; None if
+    no click did): NoC@90 for ``target`` 0.90."""
+    if start_score >= target:
+        return 0
+    return next((number for number, score in enumerate(scores, 1) if score >= target), None)
 
 
 def to_voxel(volume: Volume, point_mm, coordinates: str = "LPS") -> tuple[int, int, int]:
