@@ -11,7 +11,7 @@ from AIReconstructLib.cli import main
 from AIReconstructLib.dataset import write_phantom_dataset
 from AIReconstructLib.errors import InputError
 from AIReconstructLib.guided import (GuidedRefiner, edit_as_the_points_ask, guidance_maps, simulated_guidance,
-                                     train_guided, warm_started_network)
+                                     train_guided, warm_started_network, weakened_evidence)
 from AIReconstructLib.interaction import Click
 from AIReconstructLib.io import read_labelmap, write_volume
 from AIReconstructLib.modelcard import load_card
@@ -36,10 +36,26 @@ def test_simulated_users_click_where_the_damaged_segment_is_wrong():
     truth[6:18, 6:18, 6:18] = True
     rng = np.random.default_rng(0)
     for _ in range(20):
-        damaged, clicks = simulated_guidance(truth, rng, (1.0, 1.0, 1.0))
+        damaged, clicks, corrected = simulated_guidance(truth, rng, (1.0, 1.0, 1.0))
         assert 1 <= len(clicks) <= 5 or (damaged == truth).all()
         for click in clicks:
             assert damaged[click.kji] != truth[click.kji] and click.positive == truth[click.kji]
+            assert corrected[click.kji]
+        assert not (corrected & (damaged == truth)).any()
+
+
+def test_the_image_is_made_ambiguous_where_the_points_correct():
+    """Missed tumour the points add fades toward the brain around it, a wrong part they remove
+    brightens toward the tumour; the rest of the image is unchanged."""
+    truth = np.zeros((24, 24, 40), bool)
+    truth[6:18, 6:18, 6:18] = True
+    image = np.where(truth, 3.0, 0.0).astype(np.float32)[None]
+    mask = truth.copy()
+    mask[6:18, 6:18, 12:18] = False  # missed, then added by a point
+    mask[8:16, 8:16, 28:34] = True  # wrongly added, then removed by a point
+    weakened = weakened_evidence(image, truth, mask, mask != truth, np.random.default_rng(0))[0]
+    assert weakened[8:16, 8:16, 14:16].mean() < 2.0 and weakened[8:16, 8:16, 30:32].mean() > 1.0
+    np.testing.assert_array_equal(weakened[:, :, :8], image[0][:, :, :8])
 
 
 def test_the_model_changes_only_what_the_points_ask_for():

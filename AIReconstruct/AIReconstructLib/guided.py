@@ -4,8 +4,9 @@ segment as three more channels, and returns the corrected segment (docs/interact
 Its card lists the image channels first, then the three guidance channels (normalisation "none"),
 and ``"guidance": {"radius_mm": R}``: points are drawn as balls of radius R. Training simulates
 users: the current segment is the truth damaged (parts of its border lost or grown irregularly,
-eroded, dilated, a part cut out or a false part added, or empty) and the points are placed, one
-after the other, in the largest error left. The network starts from the base model's weights
+eroded, dilated, a part cut out or a false part added, or empty), the points are placed, one
+after the other, in the largest error left, and in half the patches the image's evidence for what
+the points correct is weakened (:func:`weakened_evidence`). The network starts from the base model's weights
 (:func:`warm_started_network`), so it begins as good as the base model and learns what the points
 and the segment add.
 """
@@ -76,9 +77,9 @@ def damaged_segment(truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return mask
 
 
-def simulated_guidance(truth: np.ndarray, rng: np.random.Generator, spacing_kji) -> tuple[np.ndarray, list[Click]]:
-    """A damaged segment (:func:`damaged_segment`) and 1-5 simulated points that correct it, each in
-    the largest error left after the points before it."""
+def simulated_guidance(truth: np.ndarray, rng: np.random.Generator, spacing_kji) -> tuple[np.ndarray, list[Click], np.ndarray]:
+    """A damaged segment (:func:`damaged_segment`), 1-5 simulated points that correct it, each in
+    the largest error left after the points before it, and the voxels those points corrected."""
     mask = damaged_segment(truth, rng)
     clicks, virtual = [], mask.copy()
     for _ in range(int(rng.integers(1, 6))):
@@ -89,7 +90,25 @@ def simulated_guidance(truth: np.ndarray, rng: np.random.Generator, spacing_kji)
         errors = virtual != truth
         component = ndimage.label(errors)[0]
         virtual[component == component[click.kji]] = truth[component == component[click.kji]]
-    return mask, clicks
+    return mask, clicks, virtual != mask
+
+
+def weakened_evidence(image: np.ndarray, truth: np.ndarray, mask: np.ndarray, corrected: np.ndarray,
+                      rng: np.random.Generator) -> np.ndarray:
+    """The image (channels first) with the evidence for the points' corrections weakened: missed
+    tumour the points add is moved part of the way toward the intensity of the brain around the
+    tumour, wrongly added parts the points remove toward the tumour's. A network remembers its
+    training cases' images, so without this the image alone would tell it what the points say; on a
+    new case the points matter where the image is ambiguous (a faint oedema's edge, a bright region
+    that is not tumour), and this is what it learns from."""
+    around = ndimage.binary_dilation(truth, iterations=4) & ~truth
+    result = image.copy()
+    for region, like in ((corrected & truth, around), (corrected & ~truth, truth)):
+        if region.any() and like.any():
+            weight = rng.uniform(0.4, 0.9) * np.clip(ndimage.gaussian_filter(region.astype(np.float32), 1.0), 0, 1)
+            level = np.median(image[:, like], axis=1).reshape(-1, 1, 1, 1)
+            result += weight * (level - result)
+    return result
 
 
 def warm_started_network(base: ModelCard) -> torch.nn.Module:
@@ -121,7 +140,9 @@ def _guided_batch(sampler: PatchSampler, size: int, rng, spacing_kji, radius_mm:
     inputs = []
     for image, label in zip(images, labels):
         truth = label[0].numpy() > 0
-        mask, clicks = simulated_guidance(truth, rng, spacing_kji)
+        mask, clicks, corrected = simulated_guidance(truth, rng, spacing_kji)
+        if rng.random() < 0.5:
+            image = torch.from_numpy(weakened_evidence(image.numpy(), truth, mask, corrected, rng))
         maps = guidance_maps(truth.shape, clicks, mask, spacing_kji, radius_mm)
         inputs.append(torch.cat([image, torch.from_numpy(np.stack(maps))]))
     return torch.stack(inputs).to(device), (labels > 0).long().to(device)
