@@ -131,7 +131,7 @@ def add_training_commands(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("train-guided", parents=[common],
                        help="train a guided model (image + include/exclude points + current segment) for refine --guided")
     p.add_argument("dataset", help="a labelled data set folder (dataset.json, imagesTr/, labelsTr/)")
-    p.add_argument("--base", required=True, help="the model whose channels, spacing, patch size and architecture to use")
+    p.add_argument("--base", required=True, help="the model to start from: its channels, spacing, patch size, architecture and weights")
     p.add_argument("-o", "--output", required=True, help="the guided model's folder")
     p.add_argument("--minutes", type=number(above=0), default=20.0, help="training time")
     p.add_argument("--cases", nargs="+", help="train on these case ids only (leave test cases out)")
