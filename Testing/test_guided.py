@@ -53,7 +53,7 @@ def test_the_image_is_made_ambiguous_where_the_points_correct():
     mask = truth.copy()
     mask[6:18, 6:18, 12:18] = False  # missed, then added by a point
     mask[8:16, 8:16, 28:34] = True  # wrongly added, then removed by a point
-    weakened = weakened_evidence(image, truth, mask, mask != truth, np.random.default_rng(0))[0]
+    weakened = weakened_evidence(image, truth, mask != truth, np.random.default_rng(0))[0]
     assert weakened[8:16, 8:16, 14:16].mean() < 2.0 and weakened[8:16, 8:16, 30:32].mean() > 1.0
     np.testing.assert_array_equal(weakened[:, :, :8], image[0][:, :, :8])
 

@@ -93,7 +93,7 @@ def simulated_guidance(truth: np.ndarray, rng: np.random.Generator, spacing_kji)
     return mask, clicks, virtual != mask
 
 
-def weakened_evidence(image: np.ndarray, truth: np.ndarray, mask: np.ndarray, corrected: np.ndarray,
+def weakened_evidence(image: np.ndarray, truth: np.ndarray, corrected: np.ndarray,
                       rng: np.random.Generator) -> np.ndarray:
     """The image (channels first) with the evidence for the points' corrections weakened: missed
     tumour the points add is moved part of the way toward the intensity of the brain around the
@@ -122,13 +122,14 @@ def warm_started_network(base: ModelCard) -> torch.nn.Module:
         for key, tensor in unique_state(network).items():
             source = trained[key]
             differing = [axis for axis, (a, b) in enumerate(zip(source.shape, tensor.shape)) if a != b]
+            axis = differing[0] if len(differing) == 1 else None
             if not differing:
                 tensor.copy_(source)
-            elif len(differing) == 1 and tensor.shape[differing[0]] == source.shape[differing[0]] + len(GUIDANCE):
+            elif axis is not None and tensor.shape[axis] == source.shape[axis] + len(GUIDANCE):  # reads the input
                 tensor.zero_()
-                tensor.narrow(differing[0], 0, source.shape[differing[0]]).copy_(source)
-            elif len(differing) == 1 and tensor.shape[differing[0]] == 2:
-                tensor.copy_(source.index_select(differing[0], classes))
+                tensor.narrow(axis, 0, source.shape[axis]).copy_(source)
+            elif axis is not None and tensor.shape[axis] == 2:  # gives the classes
+                tensor.copy_(source.index_select(axis, classes))
             else:
                 raise InputError(f"Cannot start a guided model from '{base.name}': its layer {key} has shape "
                                  f"{tuple(source.shape)}, the guided network's {tuple(tensor.shape)}")
@@ -142,7 +143,7 @@ def _guided_batch(sampler: PatchSampler, size: int, rng, spacing_kji, radius_mm:
         truth = label[0].numpy() > 0
         mask, clicks, corrected = simulated_guidance(truth, rng, spacing_kji)
         if rng.random() < 0.5:
-            image = torch.from_numpy(weakened_evidence(image.numpy(), truth, mask, corrected, rng))
+            image = torch.from_numpy(weakened_evidence(image.numpy(), truth, corrected, rng))
         maps = guidance_maps(truth.shape, clicks, mask, spacing_kji, radius_mm)
         inputs.append(torch.cat([image, torch.from_numpy(np.stack(maps))]))
     return torch.stack(inputs).to(device), (labels > 0).long().to(device)
