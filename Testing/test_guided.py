@@ -44,6 +44,20 @@ def test_simulated_users_click_where_the_damaged_segment_is_wrong():
         assert not (corrected & (damaged == truth)).any()
 
 
+def test_simulated_users_correct_a_given_segment():
+    """With a segment to correct (a model's own result), the points go into its errors."""
+    truth = np.zeros((24, 24, 24), bool)
+    truth[6:18, 6:18, 6:18] = True
+    start = truth.copy()
+    start[6:18, 6:18, 12:18] = False  # the model missed a part
+    start[1:4, 1:4, 1:4] = True  # and added a false one
+    for seed in range(5):
+        given, clicks, corrected = simulated_guidance(truth, np.random.default_rng(seed), (1.0, 1.0, 1.0), start)
+        np.testing.assert_array_equal(given, start)
+        assert clicks[0].positive and clicks[0].kji[2] >= 12  # the largest error first
+        assert all(start[c.kji] != truth[c.kji] for c in clicks) and not (corrected & (start == truth)).any()
+
+
 def test_the_image_is_made_ambiguous_where_the_points_correct():
     """Missed tumour the points add fades toward the brain around it, a wrong part they remove
     brightens toward the tumour; the rest of the image is unchanged."""
@@ -116,6 +130,26 @@ def test_a_short_training_run_writes_a_guided_card(guided_model):
         segment([make_phantom(3, spacing=(4.0, 4.0, 4.0)).image], card, SegmentOptions(device="cpu"))
     with pytest.raises(InputError, match="not a guided model"):
         GuidedRefiner(base)
+
+
+def test_training_corrects_given_segments_and_needs_one_for_each_case(guided_model):
+    """``start_segments``: each case's segment to correct (here the truth with its lower half missed
+    and dilated, as a model might give it); a case without one is refused in one line."""
+    from scipy import ndimage
+
+    work, base, _ = guided_model
+    segments = work / "segments"
+    segments.mkdir()
+    for label in sorted((work / "data" / "labelsTr").glob("*.nii.gz")):
+        truth = read_labelmap(label)
+        liver = truth.array == base.labels[0].value
+        liver[: liver.shape[0] // 2] = False
+        write_volume(truth.with_array(ndimage.binary_dilation(liver).astype(np.uint8)), segments / label.name)
+    card_path = train_guided(work / "data", base, work / "guided-given", minutes=0.05, seed=1, start_segments=segments)
+    assert load_card(card_path).data["training"]["start_segments"] == "segments"
+    next(segments.iterdir()).unlink()
+    with pytest.raises(InputError, match=r"No segment to correct for case phantom_\d+: .* is missing"):
+        train_guided(work / "data", base, work / "guided-missing", minutes=0.05, start_segments=segments)
 
 
 def test_refine_with_the_guided_model_on_the_command_line(guided_model, tmp_path, capsys):

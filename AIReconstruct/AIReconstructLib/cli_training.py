@@ -19,7 +19,7 @@ def cmd_train_guided(args, reporter: Reporter) -> None:
     from .modelcard import find_model
 
     card = train_guided(args.dataset, find_model(args.base), args.output, args.minutes, args.cases, args.seed,
-                        progress=reporter.progress)
+                        start_segments=args.start_segments, progress=reporter.progress)
     reporter.result(f"wrote {card}", {"outputs": [str(card)]})
 
 
@@ -135,6 +135,9 @@ def add_training_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="the guided model's folder")
     p.add_argument("--minutes", type=number(above=0), default=20.0, help="training time")
     p.add_argument("--cases", nargs="+", help="train on these case ids only (leave test cases out)")
+    p.add_argument("--start-segments", metavar="FOLDER",
+                   help="each training case's segment to correct (CASE.nii.gz: a model's result on it from a model "
+                        "that never saw it, e.g. cross-validation folds); half the patches correct these")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_guided)
 

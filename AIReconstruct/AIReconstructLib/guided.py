@@ -4,7 +4,8 @@ segment as three more channels, and returns the corrected segment (docs/interact
 Its card lists the image channels first, then the three guidance channels (normalisation "none"),
 and ``"guidance": {"radius_mm": R}``: points are drawn as balls of radius R. Training simulates
 users: the current segment is the truth damaged (parts of its border lost or grown irregularly,
-eroded, dilated, a part cut out or a false part added, or empty), the points are placed, one
+eroded, dilated, a part cut out or a false part added, or empty) or, where given, a model's own
+result on the case from a model that never saw it (its real errors); the points are placed, one
 after the other, in the largest error left, and in half the patches the image's evidence for what
 the points correct is weakened (:func:`weakened_evidence`). The network starts from the base model's weights
 (:func:`warm_started_network`), so it begins as good as the base model and learns what the points
@@ -13,6 +14,7 @@ and the segment add.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -77,10 +79,12 @@ def damaged_segment(truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return mask
 
 
-def simulated_guidance(truth: np.ndarray, rng: np.random.Generator, spacing_kji) -> tuple[np.ndarray, list[Click], np.ndarray]:
-    """A damaged segment (:func:`damaged_segment`), 1-5 simulated points that correct it, each in
-    the largest error left after the points before it, and the voxels those points corrected."""
-    mask = damaged_segment(truth, rng)
+def simulated_guidance(truth: np.ndarray, rng: np.random.Generator, spacing_kji,
+                       start: np.ndarray | None = None) -> tuple[np.ndarray, list[Click], np.ndarray]:
+    """A segment to correct (``start``, else the truth damaged: :func:`damaged_segment`), 1-5
+    simulated points that correct it, each in the largest error left after the points before it,
+    and the voxels those points corrected."""
+    mask = damaged_segment(truth, rng) if start is None else start.copy()
     clicks, virtual = [], mask.copy()
     for _ in range(int(rng.integers(1, 6))):
         click = next_click(virtual, truth, spacing_kji)
@@ -136,24 +140,46 @@ def warm_started_network(base: ModelCard) -> torch.nn.Module:
     return network
 
 
+def start_segments_on_grid(folder, dataset, cases, base: ModelCard) -> list[torch.Tensor]:
+    """Each case's segment to correct from ``folder`` (``CASE<file ending>``: a model's result on the
+    case, from a model that never saw it), on the base model's grid (``[1, z, y, x]``, 1 inside)."""
+    segments = []
+    for case in cases:
+        path = Path(folder) / f"{case.case_id}{dataset.file_ending}"
+        if not path.is_file():
+            raise InputError(f"No segment to correct for case {case.case_id}: {path} is missing")
+        _, labels = load_case(dataclasses.replace(case, label=path), base.channels, base.spacing())
+        segments.append((labels == base.labels[0].value).float())
+    return segments
+
+
 def _guided_batch(sampler: PatchSampler, size: int, rng, spacing_kji, radius_mm: float, device):
+    """A batch of (image + guidance, truth); a patch's label holds truth + 2 x start segment where
+    the cases come with segments to correct, and half those patches correct it."""
     images, labels = sampler.batch(size, "cpu")
-    inputs = []
+    inputs, truths = [], []
     for image, label in zip(images, labels):
-        truth = label[0].numpy() > 0
-        mask, clicks, corrected = simulated_guidance(truth, rng, spacing_kji)
+        code = label[0].numpy().round().astype(np.uint8)
+        truth, given = code % 2 == 1, code >= 2
+        start = given if sampler.num_classes == 4 and rng.random() < 0.5 else None
+        mask, clicks, corrected = simulated_guidance(truth, rng, spacing_kji, start)
         if rng.random() < 0.5:
             image = torch.from_numpy(weakened_evidence(image.numpy(), truth, corrected, rng))
         maps = guidance_maps(truth.shape, clicks, mask, spacing_kji, radius_mm)
         inputs.append(torch.cat([image, torch.from_numpy(np.stack(maps))]))
-    return torch.stack(inputs).to(device), (labels > 0).long().to(device)
+        truths.append(torch.from_numpy(truth)[None])
+    return torch.stack(inputs).to(device), torch.stack(truths).long().to(device)
 
 
 def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=None, seed: int = 0,
-                 radius_mm: float = 3.0, batch_size: int = 2, learning_rate: float = 1e-3, progress=None) -> Path:
+                 radius_mm: float = 3.0, batch_size: int = 2, learning_rate: float = 1e-3,
+                 start_segments=None, progress=None) -> Path:
     """Train a guided model for ``minutes`` on a data set's cases (all, or ``cases``), started from the
     ``base`` model (its image channels, spacing, patch size, architecture and weights), for the base's
-    first label (the others count as background); returns the card's path."""
+    first label (the others count as background); returns the card's path. With ``start_segments``
+    (a folder of each case's segment to correct, see :func:`start_segments_on_grid`) half the patches
+    correct those segments, and patches are centred on their misses and false parts as often as on
+    tumour and on background."""
     from .training import segmentation_loss
 
     started = time.time()
@@ -167,8 +193,13 @@ def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=
     spacing_kji = in_array_order(base.spacing(), base.orientation)
     patch = in_array_order(base.patch_size, base.orientation)
     value = base.labels[0].value
-    loaded = [load_case(case, base.channels, base.spacing()) for case in chosen]
-    sampler = PatchSampler([(image, (labels == value).float()) for image, labels in loaded], patch, 2)
+    loaded = [(image, (labels == value).float()) for image, labels in
+              (load_case(case, base.channels, base.spacing()) for case in chosen)]
+    if start_segments is None:
+        sampler = PatchSampler(loaded, patch, 2)
+    else:
+        given = start_segments_on_grid(start_segments, dataset, chosen, base)
+        sampler = PatchSampler([(image, truth + 2 * segment) for (image, truth), segment in zip(loaded, given)], patch, 4)
     network = warm_started_network(base).train()
     optimiser = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=1e-5)
     loss_fn = segmentation_loss(base.data["architecture"].get("args"))
@@ -197,6 +228,7 @@ def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=
                 weights=[{"file": "model.safetensors", "sha256": sha256_of(output / "model.safetensors")}],
                 training={"dataset": dataset.folder.name, "cases": [c.case_id for c in chosen], "steps": step,
                           "minutes": round((time.time() - started) / 60, 1), "seed": seed, "base_model": base.name,
+                          "start_segments": Path(start_segments).name if start_segments else None,
                           "started_from": {"version": base.data.get("version"), "sha256": base.data["weights"][0]["sha256"]}})
     data["inference"] = {**base.data["inference"], "mirror_axes": []}
     save_card(data, output)

@@ -191,6 +191,7 @@ class PatchSampler:
         self.items = [{"image": image, "label": labels,
                        "indices": map_classes_to_indices(labels, num_classes=num_classes, max_samples_per_class=20000)}
                       for image, labels in cases]
+        self.num_classes = num_classes
         self.transform = augmentation(patch_zyx, num_classes, mirror_axes)
         self.allowed = list(range(len(self.items)))
 
