@@ -1,6 +1,7 @@
 """The architecture comparison end to end on a tiny budget: every table, figure and test is written."""
 
 import csv
+import json
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from AIReconstructLib import benchmark
 from AIReconstructLib.cli import main
 from AIReconstructLib.dataset import write_phantom_dataset
 from AIReconstructLib.errors import Cancelled
+from AIReconstructLib.io import read_labelmap, read_volume
 
 
 def test_benchmark_compares_a_network_with_and_without_adversarial_refinement(tmp_path, capsys, monkeypatch):
@@ -33,18 +35,26 @@ def test_benchmark_compares_a_network_with_and_without_adversarial_refinement(tm
     assert "- UNet: " in markdown and ("Wilcoxon" in markdown or "not testable" in markdown)
     assert (tmp_path / "bench" / "dice.png").stat().st_size > 1000
     assert len(list((tmp_path / "bench" / "cache").glob("*.safetensors"))) == 3  # each case prepared once
+    for configuration in ("UNet", "UNet-adversarial"):  # each case's out-of-fold label map, on its grid
+        written = sorted((tmp_path / "bench" / "segmentations" / configuration).iterdir())
+        assert [p.name for p in written] == [f"phantom_{seed:04d}.nii.gz" for seed in (700, 701, 702)]
+        for path in written:
+            image = read_volume(tmp_path / "data" / "imagesTr" / path.name.replace(".nii.gz", "_0000.nii.gz"))
+            assert read_labelmap(path, like=image).array.max() <= 9
     assert "Architecture comparison" in capsys.readouterr().out
     # run again: every configuration is already trained and evaluated there, so both are reused and the
-    # tables rewritten; a changed card is evaluated again
+    # tables rewritten; a changed card is evaluated again, and so is a fold whose label maps are gone
     trained = sorted(p.stat().st_mtime for p in (tmp_path / "bench" / "models").rglob("model.safetensors"))
     evaluated, real = [], benchmark._evaluate_fold
     monkeypatch.setattr(benchmark, "_evaluate_fold", lambda folder, *rest: evaluated.append(folder) or real(folder, *rest))
     changed = tmp_path / "bench" / "models" / "UNet" / "fold1" / "card.json"
     changed.write_text(changed.read_text(encoding="utf-8") + "\n", encoding="utf-8")
+    held_out = json.loads((changed.parent / "splits.json").read_text(encoding="utf-8"))["folds"][0]["validation"]
+    (tmp_path / "bench" / "segmentations" / "UNet-adversarial" / f"{held_out[0]}.nii.gz").unlink()
     assert main(["benchmark", str(tmp_path / "data"), "-o", str(tmp_path / "bench"), "--architectures", "UNet",
                  "--folds", "2", "--device", "cpu"]) == 0
     assert sorted(p.stat().st_mtime for p in (tmp_path / "bench" / "models").rglob("model.safetensors")) == trained
-    assert evaluated == [changed.parent]
+    assert evaluated == [changed.parent, tmp_path / "bench" / "models" / "UNet-adversarial" / "fold0"]
     assert (tmp_path / "bench" / "cases.csv").read_text(encoding="utf-8").count("\n") == 1 + 2 * 3
 
 

@@ -4,6 +4,8 @@ Every configuration is trained on the same cross-validation folds with the same 
 a process of its own (so its peak memory is its own; the cases, resampled and normalised once, are
 shared through ``cache/`` in the output folder), and then segments its fold's held-out cases
 on their original grids. Written to the output folder: ``cases.csv`` (metrics per case),
+``segmentations/<configuration>/`` (each case's label map from the fold model that never saw it:
+out-of-fold results, the segments ``train-guided --start-segments`` teaches a guided model to correct),
 ``table.csv`` and ``table.md`` (mean ± standard deviation over folds, parameters, training time
 per epoch, inference time per volume, peak training memory), ``dice.png`` and, per architecture,
 a Wilcoxon signed-rank test over cases of adversarial vs plain Dice: a difference is claimed only
@@ -28,7 +30,7 @@ from scipy import stats
 from . import __version__
 from .dataset import read_dataset
 from .errors import AIReconstructError, Cancelled
-from .io import atomic_path, read_image_for_model, read_labelmap, write_csv
+from .io import atomic_path, read_image_for_model, read_labelmap, write_csv, write_volume
 from .metrics import evaluate
 from .modelcard import load_card, sha256_of
 from .networks import load_network
@@ -107,8 +109,10 @@ def _wait_for_child(process: subprocess.Popen, cancel) -> tuple[int, object]:
         time.sleep(0.2)
 
 
-def _evaluate_fold(folder: Path, case_ids: list[str], dataset, device: str, cancel) -> tuple[list[dict], dict]:
-    """Segment the fold's held-out cases; per-case metrics and the model's figures."""
+def _evaluate_fold(folder: Path, case_ids: list[str], dataset, device: str, cancel,
+                   segmentations: Path) -> tuple[list[dict], dict]:
+    """Segment the fold's held-out cases (their label maps written into ``segmentations``); per-case
+    metrics and the model's figures."""
     card = load_card(folder)
     names = {label.value: label.name for label in card.labels}
     by_id = {case.case_id: case for case in dataset.cases}
@@ -119,6 +123,7 @@ def _evaluate_fold(folder: Path, case_ids: list[str], dataset, device: str, canc
         started = time.perf_counter()
         result = segment(channels, card, SegmentOptions(device=device), cancel=cancel)
         seconds = time.perf_counter() - started
+        write_volume(result.labelmap, segmentations / f"{case_id}{dataset.file_ending}")
         scores = evaluate(result.labelmap, read_labelmap(case.label, like=channels[0]), names)
         rows.append({"case": case_id, **{m: scores["mean"][m] for m in METRICS}, "inference_s": seconds})
     training = card.data["training"]
@@ -127,16 +132,19 @@ def _evaluate_fold(folder: Path, case_ids: list[str], dataset, device: str, canc
     return rows, figures
 
 
-def _evaluated_fold(folder: Path, case_ids: list[str], dataset, device: str, cancel) -> tuple[list[dict], dict]:
+def _evaluated_fold(folder: Path, case_ids: list[str], dataset, device: str, cancel,
+                    segmentations: Path) -> tuple[list[dict], dict]:
     """:func:`_evaluate_fold`, or its result recorded by an earlier run for the same card, cases,
-    device and engine version."""
+    device and engine version while the cases' label maps are still in ``segmentations``."""
     key = {"card_sha256": sha256_of(folder / "card.json"), "cases": case_ids, "device": device, "engine": __version__}
     record = folder / EVALUATION_RECORD
-    if record.is_file():
+    written = all((segmentations / f"{case_id}{dataset.file_ending}").is_file() for case_id in case_ids)
+    if record.is_file() and written:
         saved = json.loads(record.read_text(encoding="utf-8"))
         if saved.get("key") == key:
             return saved["rows"], saved["figures"]
-    rows, figures = _evaluate_fold(folder, case_ids, dataset, device, cancel)
+    segmentations.mkdir(parents=True, exist_ok=True)
+    rows, figures = _evaluate_fold(folder, case_ids, dataset, device, cancel, segmentations)
     with atomic_path(record) as tmp:
         tmp.write_text(json.dumps({"key": key, "rows": rows, "figures": figures}), encoding="utf-8")
     return rows, figures
@@ -155,10 +163,12 @@ def run_benchmark(config: BenchmarkConfig, progress=None, cancel=None) -> Path:
     for number, (architecture, adversarial, fold) in enumerate(runs):
         variant = f"{architecture}{' + adversarial' if adversarial else ''}"
         report(number / len(runs), f"training {variant}, fold {fold + 1}/{config.folds}")
-        folder = output / "models" / f"{architecture}{'-adversarial' if adversarial else ''}" / f"fold{fold}"
+        configuration = f"{architecture}{'-adversarial' if adversarial else ''}"
+        folder = output / "models" / configuration / f"fold{fold}"
         peak_mib = _train_in_child(config, architecture, adversarial, fold, folder, cancel)
         held_out = json.loads((folder / "splits.json").read_text(encoding="utf-8"))["folds"][fold]["validation"]
-        rows, figures = _evaluated_fold(folder, held_out, dataset, config.device, cancel)
+        rows, figures = _evaluated_fold(folder, held_out, dataset, config.device, cancel,
+                                        output / "segmentations" / configuration)
         for row in rows:
             case_rows.append({"architecture": architecture, "adversarial": adversarial, "fold": fold, **row})
         entry = summary.setdefault((architecture, adversarial), {"folds": [], **figures, "peak_rss_mib": []})
