@@ -17,6 +17,8 @@ from AIReconstructLib.io import read_labelmap, write_volume
 from AIReconstructLib.modelcard import load_card
 from AIReconstructLib.networks import load_network
 from AIReconstructLib.phantom import make_phantom
+from AIReconstructLib.preprocess import normalise
+from AIReconstructLib.volume import Volume
 from AIReconstructLib.pipeline import SegmentOptions, segment
 
 
@@ -150,6 +152,30 @@ def test_training_corrects_given_segments_and_needs_one_for_each_case(guided_mod
     next(segments.iterdir()).unlink()
     with pytest.raises(InputError, match=r"No segment to correct for case phantom_\d+: .* is missing"):
         train_guided(work / "data", base, work / "guided-missing", minutes=0.05, start_segments=segments)
+
+
+def test_the_guided_model_sees_the_image_as_in_training(guided_model, tmp_path):
+    """The image z-scored over the whole volume, not over the box around the points (mostly lesion
+    there), and enough of it around them to fill the model's patch instead of padding: both gave a
+    MRI model another image than it was trained on, and nonsense back."""
+    work, _, card_path = guided_model
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    card["channels"][0]["normalisation"] = {"scheme": "zscore_nonzero"}
+    folder = tmp_path / "mri-guided"
+    folder.mkdir()
+    (folder / "card.json").write_text(json.dumps(card), encoding="utf-8")
+    (folder / "model.safetensors").write_bytes((card_path.parent / "model.safetensors").read_bytes())
+    refiner = GuidedRefiner(load_card(folder / "card.json"))
+    seen = []
+    refiner.predictor = lambda tensor: seen.append(tensor) or torch.zeros(2, *tensor.shape[1:])
+    array = np.full((40, 40, 40), 100.0, np.float32)
+    array[18:22, 18:22, 18:22] = 200.0  # a small bright lesion in a large organ
+    volume = Volume(array, (4.0, 4.0, 4.0), (0.0, 0.0, 0.0), np.eye(3))
+    refiner(volume, np.zeros(array.shape, bool), [Click((20, 20, 20), True)], reach_mm=4.0)
+    image = seen[0][0].numpy()
+    whole = normalise(array, {"scheme": "zscore_nonzero"})
+    assert image.max() == pytest.approx(whole.max()) and image.min() == pytest.approx(whole.min())
+    assert all(32 <= n <= 33 for n in image.shape)  # a patch (and its last voxel), cut from the image around the point
 
 
 def test_refine_with_the_guided_model_on_the_command_line(guided_model, tmp_path, capsys):

@@ -31,7 +31,7 @@ from .io import write_csv
 from .modelcard import CARD_FILE, ModelCard, save_card, sha256_of
 from .networks import build_network, load_network, save_weights, unique_state
 from .predict import Predictor
-from .preprocess import in_array_order, prepare_for_card, restore_labels
+from .preprocess import in_array_order, normalise, prepare, restore_labels
 from .training_data import PatchSampler, load_case
 from .volume import Volume
 
@@ -237,13 +237,17 @@ def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=
 
 class GuidedRefiner:
     """``refine`` with a guided model: the network sees a box around the segment and the points,
-    grown by ``reach_mm`` (zero-padded to a patch: the value of normalised background), and its
-    answer changes the segment near the points as :func:`edit_as_the_points_ask` allows."""
+    grown by ``reach_mm`` and to at least the model's patch (the image around them, as in training,
+    not padding: zeros are not background for every normalisation), and its answer changes the
+    segment near the points as :func:`edit_as_the_points_ask` allows. The image is normalised over
+    the whole volume before the box is cut out, as in training: a z-score over the box alone,
+    mostly tumour, would give the network another image."""
 
     def __init__(self, card: ModelCard, device: str = "cpu"):
         if "guidance" not in card.data:
             raise InputError(f"Model '{card.name}' is not a guided model (its card has no 'guidance')")
         self.card, self.network = card, load_network(card)
+        self.patch_mm = max(size * step for size, step in zip(card.patch_size, card.spacing()))
         self.predictor = Predictor(self.network, in_array_order(card.patch_size, card.orientation),
                                    card.inference["overlap"], device, sliding_window=card.inference.get("sliding_window"))
 
@@ -257,15 +261,19 @@ class GuidedRefiner:
             return mask.copy()
         centre = (np.min(points, axis=0) + np.max(points, axis=0)) / 2
         half = (np.max(points, axis=0) - np.min(points, axis=0)) / 2 + reach_mm / spacing
+        half = np.maximum(half, self.patch_mm / 2 / spacing)  # the image around, not padding, fills a window
         low = np.maximum(np.floor(centre - half).astype(int), 0)
         high = np.minimum(np.ceil(centre + half).astype(int) + 1, mask.shape)
         region = tuple(slice(a, b) for a, b in zip(low, high))
         origin = volume.ijk_to_lps()[:3, :3] @ low[::-1] + volume.ijk_to_lps()[:3, 3]
-        crop = Volume(volume.array[region], volume.spacing, origin, volume.direction)
+        image_spec = self.card.channels[0]
+        crop = Volume(normalise(volume.array, image_spec["normalisation"])[region], volume.spacing, origin, volume.direction)
         local = [Click(tuple(np.array(c.kji) - low), c.positive) for c in clicks]
         maps = guidance_maps(crop.array.shape, local, mask[region], spacing, self.card.data["guidance"]["radius_mm"])
         channels = [crop] + [crop.with_array(m) for m in maps]
-        prepared = prepare_for_card(channels, self.card)
+        as_given = [{**spec, "normalisation": {"scheme": "none"}} for spec in self.card.channels]
+        prepared = prepare(channels, as_given, self.card.spacing(), self.card.orientation,
+                           self.card.inference.get("grid", "field_of_view"))
         proposal = restore_labels(self.predictor(prepared.tensor), prepared) == 1
         corrected = mask.copy()
         corrected[region] = edit_as_the_points_ask(mask[region], proposal, local, spacing, reach_mm,
