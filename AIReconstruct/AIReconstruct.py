@@ -77,7 +77,6 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self.job = None
         self.onJobDone = None  # what to do when the background job succeeds
-        self.correction = None  # the SegmentCorrection of the segment being corrected with points
         self.cards = {}  # installed model cards by name, read once per refresh
         self.logLinesShown = 0
         self.timer = qt.QTimer()
@@ -126,6 +125,7 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.onCancel()
+        self.logic.endCorrection()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -208,19 +208,21 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(
             self.ui.correctionSegmentComboBox.currentText)
         with slicer.util.tryWithErrorDisplay(_("Points cannot be placed."), waitCursor=True):
-            current = self.correction
-            if current is None or current.segmentation_node is not segmentationNode or current.segment_id != segmentId:
-                self.correction = self.logic.adapter.startCorrection(
+            correction = self.logic.adapter.correction
+            if correction is None or correction.segmentation_node is not segmentationNode or correction.segment_id != segmentId:
+                correction = self.logic.adapter.startCorrection(
                     slicer.mrmlScene, segmentationNode, segmentId, self._parameterNode.inputVolume0)
-            points = self.correction.points[include]
+            points = correction.points[include]
             slicer.modules.markups.logic().SetActiveListID(points)
             interaction = slicer.app.applicationLogic().GetInteractionNode()
             interaction.SetPlaceModePersistence(1)
             interaction.SetCurrentInteractionMode(interaction.Place)
 
     def onUndoCorrection(self) -> None:
-        if self.correction is not None and not self.correction.undo():
-            self.ui.logTextEdit.appendPlainText(_("Nothing to undo."))
+        correction = self.logic.adapter.correction
+        if correction is not None and not correction.undo():
+            self.ui.logTextEdit.appendPlainText(
+                _("No point to undo, or the segment was edited since the last point (undo that in the Segment Editor)."))
 
     def onApply(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Segmentation could not start."), waitCursor=True):
@@ -258,6 +260,7 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onSegmentationDone(self, job) -> None:
+        self.logic.endCorrection()  # its points were placed on the result before
         self._parameterNode.outputSegmentation = job.segmentation_node
         if self._parameterNode.show3D:
             self.logic.adapter.showSurfaces(job.segmentation_node, self._parameterNode.surfaceSmoothing)
@@ -373,6 +376,11 @@ class AIReconstructLogic(ScriptedLoadableModuleLogic):
             from AIReconstructAdapter.logic import AdapterLogic
             self._adapter = AdapterLogic()
         return self._adapter
+
+    def endCorrection(self) -> None:
+        """End the correction with points, if one was started (its points leave the scene)."""
+        if self._adapter is not None:
+            self._adapter.endCorrection(slicer.mrmlScene)
 
     @staticmethod
     def engineProcess() -> dict:

@@ -12,7 +12,7 @@ vtk = pytest.importorskip("vtk")
 
 from AIReconstructAdapter.engine_run import EXCHANGE_PREFIX, SegmentationJob, exchange_folder  # noqa: E402
 from AIReconstructAdapter.nodes import (add_volume_node, ensure_converter_rules, export_to_files,  # noqa: E402
-                                        export_to_models, import_segmentation, segment_mask, show_3d,
+                                        export_to_models, import_segmentation, segment_mask, set_segment_mask, show_3d,
                                         volume_from_node)
 from AIReconstructLib.io import write_volume  # noqa: E402
 from AIReconstructLib.modelcard import load_card  # noqa: E402
@@ -288,8 +288,64 @@ def test_points_correct_a_segment_in_place_and_undo_restores_it(scene):
     restored = segment_mask(segmentation, segment_id, volume_node)
     np.testing.assert_array_equal(restored, first)
     assert correction.points[False].GetNumberOfControlPoints() == 0
-    correction.remove(scene)
+    correction.end(scene)
     assert scene.GetFirstNodeByName("tumour include") is None
+    np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), first)  # the segment stays
+
+
+def test_edits_made_elsewhere_between_points_are_kept(scene):
+    """Painted in the Segment Editor after a point: a point moved afterwards corrects the painted
+    segment (instead of the segment before the first point), and undo, which would take the paint
+    back with the point, refuses."""
+    from AIReconstructAdapter.correction import SegmentCorrection
+    from AIReconstructLib.interaction import dice
+
+    ball, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 3)
+    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
+    correction.observe()
+    include, moved = ((volume.ijk_to_ras() @ [30, j, 15, 1])[:3] for j in (30, 32))
+    correction.points[True].AddControlPoint(vtk.vtkVector3d(*include))
+    painted = segment_mask(segmentation, segment_id, volume_node)
+    painted[2:6, 50:56, 60:66] = True  # far from the ball and the points
+    set_segment_mask(segmentation, segment_id, volume_node, painted)
+
+    assert not correction.undo()
+    np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), painted)
+    correction.points[True].SetNthControlPointPositionWorld(0, *moved)
+    correction.points[True].InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
+    after = segment_mask(segmentation, segment_id, volume_node)
+    assert after[2:6, 50:56, 60:66].all() and dice(after, ball | painted) > 0.9
+    correction.end(scene)
+
+
+def test_one_correction_at_a_time_so_old_points_cannot_undo_later_work(scene):
+    """The panel starts a new correction when the user picks another segment and comes back, and
+    ends the current one when a new result arrives: the points of the correction before are gone,
+    and moving one of them (a reference still held) does not put the segment back as it was."""
+    from AIReconstructAdapter.logic import AdapterLogic
+    from AIReconstructLib.interaction import dice
+
+    ball, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 2)
+    logic = AdapterLogic()
+    include, outside, elsewhere = ((volume.ijk_to_ras() @ [30, j, 15, 1])[:3] for j in (30, 55, 5))
+    first = logic.startCorrection(scene, segmentation, segment_id, volume_node)
+    first.points[True].AddControlPoint(vtk.vtkVector3d(*include))
+    old_points = first.points[True]
+
+    second = logic.startCorrection(scene, segmentation, segment_id, volume_node)
+    assert logic.correction is second and old_points.GetScene() is None
+    assert scene.GetNodesByClass("vtkMRMLMarkupsFiducialNode").GetNumberOfItems() == 2
+    second.points[False].AddControlPoint(vtk.vtkVector3d(*outside))
+    corrected = segment_mask(segmentation, segment_id, volume_node)
+    assert dice(corrected, ball) > 0.9
+
+    old_points.SetNthControlPointPositionWorld(0, *elsewhere)
+    old_points.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
+    np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), corrected)
+
+    logic.endCorrection(scene)  # as when a new result arrives
+    assert logic.correction is None and scene.GetNodesByClass("vtkMRMLMarkupsFiducialNode").GetNumberOfItems() == 0
+    np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), corrected)
 
 
 def test_points_removed_or_moved_in_the_markups_module_are_followed(scene):

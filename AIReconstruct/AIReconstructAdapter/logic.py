@@ -23,6 +23,8 @@ CORRECTIONS = USER_MODELS.parent / "corrections"  # a data set folder per model,
 class AdapterLogic:
     """The panel's actions on a MRML scene; the scene is changed only by successful runs."""
 
+    correction: SegmentCorrection | None = None  # the segment being corrected with points
+
     def installedModels(self) -> list:
         """Model cards the engine finds (bundled, user-added and on $AIRECONSTRUCT_MODEL_PATH)."""
         return installed_models()
@@ -75,10 +77,20 @@ class AdapterLogic:
         WARM_ENGINE.shutdown()
 
     def startCorrection(self, scene, segmentation_node, segment_id: str, volume_node) -> SegmentCorrection:
-        """Include / exclude point lists for one segment; each placed point re-segments near it."""
-        correction = SegmentCorrection(scene, segmentation_node, segment_id, volume_node)
-        correction.observe()
-        return correction
+        """Include / exclude point lists for one segment; each placed point re-segments near it. The
+        correction before, if any, ends first: one segment is corrected with points at a time."""
+        self.endCorrection(scene)
+        self.correction = SegmentCorrection(scene, segmentation_node, segment_id, volume_node)
+        self.correction.observe()
+        return self.correction
+
+    def endCorrection(self, scene) -> None:
+        """End the correction with points, if any (its points leave the scene, the segment stays as
+        corrected); the panel does so when a new result arrives, whose segments the points were not
+        placed on."""
+        if self.correction is not None:
+            self.correction.end(scene)
+            self.correction = None
 
     def showSurfaces(self, segmentation_node, smoothing: float) -> None:
         nodes.show_3d(segmentation_node, smoothing)
