@@ -78,6 +78,19 @@ def test_uncertainty_leaves_the_tta_labels_unchanged(tiny_model, ct_volume):
     assert segment([ct_volume], card, SegmentOptions(device="cpu")).uncertainty is None
 
 
+def test_the_written_maps_hold_the_results_maps_to_a_thousandth(tmp_path, tiny_model, ct_volume):
+    """Stored in steps of 1/1024 (their full float32 precision is noise gzip cannot compress)."""
+    write_volume(ct_volume, tmp_path / "ct.nii.gz")
+    assert main(["segment", str(tmp_path / "ct.nii.gz"), "-m", str(tiny_model), "-o", str(tmp_path / "out"),
+                 "--uncertainty", "--device", "cpu"]) == 0
+    result = segment([ct_volume], load_card(tiny_model), SegmentOptions(device="cpu", uncertainty=True))
+    for name, in_memory in (("uncertainty", result.uncertainty), ("confidence", result.probability)):
+        written = read_volume(tmp_path / "out" / f"ct_{name}.nii.gz")
+        assert written.same_grid(ct_volume) and written.array.dtype == np.float32
+        np.testing.assert_allclose(written.array, in_memory.array, atol=0.5 / 1024 + 1e-6)
+        np.testing.assert_array_equal(written.array * 1024, np.round(written.array * 1024))
+
+
 def test_networks_with_dropout_add_monte_carlo_dropout_samples_to_the_members(tmp_path, ct_volume):
     from conftest import tiny_card, write_model
 
