@@ -111,3 +111,6 @@ def test_refine_command_takes_points_in_patient_millimetres(tmp_path, capsys):
         refine_labelmap(volume, labels, 1)
     assert main(["refine", str(image), str(labels_path), "--label", "liver", "--include", "0", "0", "0",
                  "-o", str(out)]) != 0
+    assert main(["refine", str(image), str(labels_path), "--label", "7", "--include", *map(str, centre_mm),
+                 "-o", str(out)]) != 0  # a value the label map does not have
+    assert "No segment '7'" in capsys.readouterr().err and read_labelmap(out).array.max() == 2

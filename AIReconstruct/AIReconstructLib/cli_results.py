@@ -215,8 +215,10 @@ def cmd_refine(args, reporter: Reporter) -> None:
     labelmap, labels = read_segmentation(args.labelmap, find_model(args.model) if args.model else None, like=image)
     by_name = {label.name: label.value for label in labels}
     value = by_name.get(args.label) or (int(args.label) if args.label.isdigit() else None)
-    if value is None:
-        raise AIReconstructError(f"No segment '{args.label}' in {Path(args.labelmap).name} (it has: {', '.join(by_name)})")
+    if value not in by_name.values():
+        hint = "" if args.model else "; -m MODEL gives a label map its model's label names"
+        raise AIReconstructError(f"No segment '{args.label}' in {Path(args.labelmap).name} "
+                                 f"(it has: {', '.join(f'{name} = {value}' for name, value in by_name.items())}{hint})")
     box = [args.box[:3], args.box[3:]] if args.box else None
     method = None
     if args.guided:
