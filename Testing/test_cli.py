@@ -131,12 +131,18 @@ def test_evaluate_a_folder_of_cases(tmp_path, capsys):
     write_seg_nrrd(Volume(np.roll(array, 2, axis=2), (1, 1, 2)), liver, predictions / "bert.seg.nrrd")
     assert main(["evaluate", str(predictions), str(references / "anna.nii.gz")]) == 2
     assert "is a folder but" in capsys.readouterr().err
-    missing = ["evaluate", str(predictions), str(references)]
-    assert main(missing) == 2
-    assert "no prediction for 1 of the 3 cases (carl)" in capsys.readouterr().err
+    folders = ["evaluate", str(predictions), str(references)]
+    assert main(folders + ["--json", str(tmp_path / "two.json")]) == 0  # the cases segmented so far
+    assert "not evaluated, no prediction: 1 of the 3 cases (carl)" in capsys.readouterr().out
+    two = json.loads((tmp_path / "two.json").read_text(encoding="utf-8"))
+    assert two["not_evaluated"] == ["carl"] and two["labels"]["liver"]["cases"] == 2
+    (tmp_path / "nothing yet").mkdir()
+    assert main(["evaluate", str(tmp_path / "nothing yet"), str(references)]) == 2
+    assert "has a prediction for none of the" in capsys.readouterr().err
     write_seg_nrrd(Volume(array, (1, 1, 2)), liver, predictions / "carl.seg.nrrd")
-    assert main(missing + ["--csv", str(tmp_path / "cases.csv"), "--json", str(tmp_path / "all.json")]) == 0
-    assert "liver " in capsys.readouterr().out
+    assert main(folders + ["--csv", str(tmp_path / "cases.csv"), "--json", str(tmp_path / "all.json")]) == 0
+    output = capsys.readouterr().out
+    assert "liver " in output and "not evaluated" not in output
     result = json.loads((tmp_path / "all.json").read_text(encoding="utf-8"))
     single = []
     for case, prediction in (("anna", predictions / "anna" / "anna.seg.nrrd"), ("bert", predictions / "bert.seg.nrrd"),

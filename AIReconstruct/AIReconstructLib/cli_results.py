@@ -113,8 +113,9 @@ def _prediction_of(folder: Path, case: str) -> Path | None:
 
 
 def _evaluate_folders(args, card, reporter: Reporter) -> None:
-    """Every reference label map of a folder against its prediction: one row per case and label,
-    and per label the mean ± standard deviation over the cases."""
+    """Every reference label map of a folder that has a prediction against it: one row per case
+    and label, and per label the mean ± standard deviation over the cases; the reference cases
+    without a prediction are named (a test subset segmented, or cases whose run failed)."""
     import math
 
     import numpy as np
@@ -124,11 +125,11 @@ def _evaluate_folders(args, card, reporter: Reporter) -> None:
     if args.uncertainty or args.confidence:
         raise InputError("--uncertainty and --confidence take one case; `aireconstruct calibrate` takes a data set")
     predictions = Path(args.prediction)
-    pairs = [(case, _prediction_of(predictions, case), paths[0]) for case, paths in find_cases(args.reference, 1)]
-    missing = [case for case, prediction, _ in pairs if prediction is None]
-    if missing:
-        raise InputError(f"{predictions} has no prediction for {len(missing)} of the {len(pairs)} cases "
-                         f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+    cases = [(case, _prediction_of(predictions, case), paths[0]) for case, paths in find_cases(args.reference, 1)]
+    pairs = [(case, prediction, reference) for case, prediction, reference in cases if prediction is not None]
+    missing = [case for case, prediction, _ in cases if prediction is None]
+    if not pairs:
+        raise InputError(f"{predictions} has a prediction for none of the {len(cases)} cases of {args.reference}")
     rows = []
     for n, (case, prediction, reference) in enumerate(pairs):
         reporter.progress(n / len(pairs), f"evaluating {case}")
@@ -150,12 +151,16 @@ def _evaluate_folders(args, card, reporter: Reporter) -> None:
                  for key, digits in (("dice", 3), ("iou", 3), ("hd95_mm", 2), ("asd_mm", 2))]
         missed = f" ({e['missed']} missed: no distance)" if e["missed"] else ""
         text.append((f"{name:<20} {e['cases']:>5}  " + " ".join(f"{cell:<15}" for cell in cells)).rstrip() + missed)
+    if missing:
+        text.append(f"not evaluated, no prediction: {len(missing)} of the {len(cases)} cases "
+                    f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+    result = {"labels": summary, "cases": rows, "not_evaluated": missing}
     if args.csv:
         write_csv(args.csv, rows)
     if args.json:
         with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps({"labels": summary, "cases": rows}, indent=2), encoding="utf-8")
-    reporter.result("\n".join(text), {"labels": summary, "cases": rows})
+            tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    reporter.result("\n".join(text), result)
 
 
 def _map_on_grid(path: str, reference):
