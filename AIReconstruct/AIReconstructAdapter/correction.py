@@ -75,10 +75,11 @@ class SegmentCorrection:
         set_segment_mask(self.segmentation_node, self.segment_id, self.volume_node, mask)
         self.after_points = mask
 
-    def _correct(self) -> None:
-        """Correct the segment as it is now with every point in ``clicks``; saved in the history first."""
+    def _correct(self, current) -> None:
+        """Correct the segment, ``current`` as it is now, with every point in ``clicks``; saved in the
+        history first."""
         clicks = [Click(to_voxel(self.volume, list(ras), "RAS"), positive) for positive, _, ras in self.clicks]
-        corrected = refine(self.volume, self._segment(), clicks, reach_mm=self.reach_mm)
+        corrected = refine(self.volume, current, clicks, reach_mm=self.reach_mm)
         self.history.SaveState()
         self._show(corrected)
 
@@ -98,9 +99,10 @@ class SegmentCorrection:
         new = [point for positive in self.points for point in self._points_now(positive) if point[:2] not in known]
         if not new:
             return False
-        self._start_from(self._segment())
+        current = self._segment()
+        self._start_from(current)
         self.clicks += new
-        self._correct()
+        self._correct(current)
         return True
 
     def follow_points(self) -> bool:
@@ -116,7 +118,7 @@ class SegmentCorrection:
         self.clicks = []
         for point in remaining:
             self.clicks.append(point)
-            self._correct()
+            self._correct(self.after_points)
         return True
 
     def undo(self) -> bool:
