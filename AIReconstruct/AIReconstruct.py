@@ -405,10 +405,14 @@ class AIReconstructLogic(ScriptedLoadableModuleLogic):
             uncertainty=parameterNode.uncertainty, **self.engineProcess())
 
     def openInSegmentEditor(self, segmentationNode, sourceVolumeNode) -> None:
+        """The Segment Editor on the segmentation, with the volume it was made on as source volume
+        (``sourceVolumeNode``, the input chosen now, only where the segmentation does not say)."""
+        from AIReconstructAdapter.nodes import source_volume
+
         slicer.util.selectModule("SegmentEditor")
         editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
         editor.setSegmentationNode(segmentationNode)
-        editor.setSourceVolumeNode(sourceVolumeNode)
+        editor.setSourceVolumeNode(source_volume(segmentationNode) or sourceVolumeNode)
 
 
 class AIReconstructTest(ScriptedLoadableModuleTest):

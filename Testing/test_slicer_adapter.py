@@ -343,6 +343,10 @@ def test_one_correction_at_a_time_so_old_points_cannot_undo_later_work(scene):
     old_points.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
     np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), corrected)
 
+    other_volume = add_volume_node(scene, volume.with_array(volume.array[::-1].copy()), "another series")
+    third = logic.startCorrection(scene, segmentation, segment_id, other_volume)  # the input chosen now
+    assert third.volume_node is volume_node  # points correct the segment on the image it was made on
+
     logic.endCorrection(scene)  # as when a new result arrives
     assert logic.correction is None and scene.GetNodesByClass("vtkMRMLMarkupsFiducialNode").GetNumberOfItems() == 0
     np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), corrected)
@@ -413,6 +417,10 @@ def test_save_for_training_adds_a_case_the_trainer_reads(scene, tmp_path, tiny_m
     other = dict(card.data, labels=card.data["labels"][:1])
     with pytest.raises(InputError, match="other channels or labels"):
         save_for_training(segmentation, [volume_node], type(card)(other, card.folder), tmp_path / "corrections", "x")
+    next_patient = add_volume_node(scene, ct_volume.with_array(ct_volume.array[:, ::-1].copy()), "next patient")
+    with pytest.raises(InputError, match="segmentation was made on 'CT', not on 'next patient'"):
+        save_for_training(segmentation, [next_patient], card, tmp_path / "corrections", "case_003")
+    assert len(read_dataset(tmp_path / "corrections").cases) == 2
 
 
 def test_saved_corrections_fine_tune_the_model_into_a_new_installed_version(scene, tmp_path, tiny_model, ct_volume):

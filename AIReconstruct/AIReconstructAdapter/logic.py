@@ -77,10 +77,12 @@ class AdapterLogic:
         WARM_ENGINE.shutdown()
 
     def startCorrection(self, scene, segmentation_node, segment_id: str, volume_node) -> SegmentCorrection:
-        """Include / exclude point lists for one segment; each placed point re-segments near it. The
-        correction before, if any, ends first: one segment is corrected with points at a time."""
+        """Include / exclude point lists for one segment; each placed point re-segments near it, on
+        the image the segmentation was made on (``volume_node``, the input chosen now, only where it
+        does not say). The correction before, if any, ends first: one segment at a time."""
         self.endCorrection(scene)
-        self.correction = SegmentCorrection(scene, segmentation_node, segment_id, volume_node)
+        image = nodes.source_volume(segmentation_node) or volume_node
+        self.correction = SegmentCorrection(scene, segmentation_node, segment_id, image)
         self.correction.observe()
         return self.correction
 

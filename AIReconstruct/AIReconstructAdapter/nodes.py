@@ -100,9 +100,20 @@ def set_segment_mask(segmentation_node, segment_id: str, reference_volume_node, 
         scene.RemoveNode(labelmap)
 
 
+def source_volume(segmentation_node):
+    """The volume node a segmentation was made on (its reference geometry's volume), or None."""
+    return segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())
+
+
 def save_for_training(segmentation_node, volume_nodes: list, card, folder: str | Path, case_id: str):
     """Store the input volume(s) and the (corrected) segments named as the card's labels as one case
-    of a training data set folder (nnU-Net layout), for fine-tuning later; returns the data set."""
+    of a training data set folder (nnU-Net layout), for fine-tuning later; returns the data set.
+    Refused if the segmentation was made on another volume than the first input (the next patient
+    already chosen as input would be saved with this patient's segments)."""
+    source = source_volume(segmentation_node)
+    if source is not None and source is not volume_nodes[0]:
+        raise InputError(f"The segmentation was made on '{source.GetName()}', not on '{volume_nodes[0].GetName()}': "
+                         "choose that volume as the input to save it for training")
     channels = [volume_from_node(node) for node in volume_nodes]
     array = np.zeros(channels[0].array.shape, np.uint16 if card.num_classes > 256 else np.uint8)
     segmentation = segmentation_node.GetSegmentation()
