@@ -323,6 +323,7 @@ def test_one_correction_at_a_time_so_old_points_cannot_undo_later_work(scene):
     ends the current one when a new result arrives: the points of the correction before are gone,
     and moving one of them (a reference still held) does not put the segment back as it was."""
     from AIReconstructAdapter.logic import AdapterLogic
+    from AIReconstructLib.errors import InputError
     from AIReconstructLib.interaction import dice
 
     ball, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 2)
@@ -342,6 +343,10 @@ def test_one_correction_at_a_time_so_old_points_cannot_undo_later_work(scene):
     old_points.SetNthControlPointPositionWorld(0, *elsewhere)
     old_points.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
     np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), corrected)
+
+    with pytest.raises(InputError, match="Choose a segment of .* to correct"):
+        logic.startCorrection(scene, segmentation, "", volume_node)  # none chosen: the current one goes on
+    assert logic.correction is second and second.points[True].GetScene() is scene
 
     other_volume = add_volume_node(scene, volume.with_array(volume.array[::-1].copy()), "another series")
     third = logic.startCorrection(scene, segmentation, segment_id, other_volume)  # the input chosen now

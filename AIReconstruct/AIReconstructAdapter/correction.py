@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import slicer
 
+from AIReconstructLib.errors import InputError
 from AIReconstructLib.interaction import Click, refine, to_voxel
 
 from .nodes import segment_mask, set_segment_mask, volume_from_node
@@ -30,8 +31,12 @@ class SegmentCorrection:
         self.volume = volume_from_node(volume_node)
         self.reach_mm = reach_mm
         self.history = slicer.vtkSegmentationHistory()
+        segment = segmentation_node.GetSegmentation().GetSegment(segment_id) if segment_id else None
+        if segment is None:
+            raise InputError(f"Choose a segment of '{segmentation_node.GetName()}' to correct"
+                             + (f" ('{segment_id}' is not one)" if segment_id else ""))
         self.history.SetSegmentation(segmentation_node.GetSegmentation())
-        name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
+        name = segment.GetName()
         self.points = {True: self._point_list(scene, f"{name} include", INCLUDE_COLOUR),
                        False: self._point_list(scene, f"{name} exclude", EXCLUDE_COLOUR)}
         self.clicks: list[tuple[bool, str, tuple]] = []  # (include?, point ID, RAS position), in the order placed

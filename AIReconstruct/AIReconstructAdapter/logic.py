@@ -80,11 +80,12 @@ class AdapterLogic:
         """Include / exclude point lists for one segment; each placed point re-segments near it, on
         the image the segmentation was made on (``volume_node``, the input chosen now, only where it
         does not say). The correction before, if any, ends first: one segment at a time."""
-        self.endCorrection(scene)
         image = nodes.source_volume(segmentation_node) or volume_node
-        self.correction = SegmentCorrection(scene, segmentation_node, segment_id, image)
-        self.correction.observe()
-        return self.correction
+        correction = SegmentCorrection(scene, segmentation_node, segment_id, image)  # a missing segment: refused here
+        self.endCorrection(scene)
+        correction.observe()
+        self.correction = correction
+        return correction
 
     def endCorrection(self, scene) -> None:
         """End the correction with points, if any (its points leave the scene, the segment stays as
