@@ -53,7 +53,7 @@ def oblique_direction(angle_deg: float = 20.0) -> np.ndarray:
 
 
 def write_dicom_series(folder: Path, volume: Volume, series_uid: str = "1.2.826.0.1.3680043.2.1125.1",
-                       skip_slices=(), z_offsets=None) -> Path:
+                       skip_slices=(), z_offsets=None, description: str | None = None) -> Path:
     """Write ``volume`` as one CT DICOM file per slice; ``skip_slices`` and ``z_offsets`` make bad series."""
     folder.mkdir(parents=True, exist_ok=True)
     image = volume_to_sitk(volume)
@@ -71,6 +71,8 @@ def write_dicom_series(folder: Path, volume: Volume, series_uid: str = "1.2.826.
                 "0020|0013": str(k + 1), "0020|0032": "\\".join(map(str, position)),
                 "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": str(volume.spacing[2]),
                 "0028|0030": f"{volume.spacing[1]}\\{volume.spacing[0]}"}
+        if description:
+            tags["0008|103e"] = description
         for tag, value in tags.items():
             slice_image.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{series_uid[-4:]}_{k:03d}.dcm"))

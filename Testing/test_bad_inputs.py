@@ -93,7 +93,7 @@ def _dicom_with_a_truncated_slice(tmp):
 
 def _mixed_dicom(tmp):
     write_dicom_series(tmp / "dicom", CT)
-    return write_dicom_series(tmp / "dicom", CT, series_uid="1.2.826.0.1.3680043.2.1125.2")
+    return write_dicom_series(tmp / "dicom", CT, series_uid="1.2.826.0.1.3680043.2.1125.2", description="T2 FLAIR")
 
 
 def _empty_folder(tmp):
@@ -125,7 +125,8 @@ IMAGE_CASES = {
     "DICOM with a truncated slice": (_dicom_with_a_truncated_slice, "not read as slices (truncated, corrupt or not "
                                                                      "DICOM): 25.1_005.dcm"),
     "DICOM with uneven spacing": (_dicom(z_offsets=[0.0] * 6 + [1.2] * 6), "uneven"),
-    "DICOM folder with two series": (_mixed_dicom, "2 DICOM series"),
+    "DICOM folder with two series": (_mixed_dicom, "2 DICOM series ('series 1.2.826.0.1.3680043.2.1125.1' (12 images), "
+                                                   "'T2 FLAIR' (12 images))"),
     "folder without DICOM": (_empty_folder, "no DICOM"),
     "2D image": (_array(np.zeros((16, 16), np.int16)), "2D"),
     "4D image": (_array(np.zeros((2, 4, 5, 6), np.int16), (1.0,) * 4), "4D"),

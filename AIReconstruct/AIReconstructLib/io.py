@@ -126,7 +126,8 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     if not series_ids:
         raise InputError(f"{folder.name} holds no DICOM image series")
     if len(series_ids) > 1:
-        raise InputError(f"{folder.name} holds {len(series_ids)} DICOM series; give the folder of one series")
+        raise InputError(f"{folder.name} holds {len(series_ids)} DICOM series ({_series_names(folder, series_ids)}); "
+                         "put the one to segment in a folder of its own")
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
     try:
         _check_slice_positions(files, folder.name)
@@ -143,6 +144,19 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     image = reader.Execute()
     _check_size(image.GetSize(), image.GetNumberOfComponentsPerPixel(), folder.name)
     return image
+
+
+def _series_names(folder: Path, series_ids) -> str:
+    """The series of a folder as "'description' (N images)", for a message: the user's way to tell them apart."""
+    reader = sitk.ImageFileReader()
+    names = []
+    for uid in series_ids:
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+        reader.SetFileName(files[0])
+        reader.ReadImageInformation()
+        description = reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
+        names.append(f"'{description or 'series ' + uid}' ({len(files)} images)")
+    return ", ".join(names)
 
 
 def _check_slice_positions(files, name: str) -> None:
