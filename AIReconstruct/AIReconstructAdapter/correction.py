@@ -27,14 +27,14 @@ class SegmentCorrection:
     """Include / exclude point lists bound to one segment of a segmentation node."""
 
     def __init__(self, scene, segmentation_node, segment_id: str, volume_node, reach_mm: float = 20.0):
-        self.segmentation_node, self.segment_id, self.volume_node = segmentation_node, segment_id, volume_node
-        self.volume = volume_from_node(volume_node)
-        self.reach_mm = reach_mm
-        self.history = slicer.vtkSegmentationHistory()
         segment = segmentation_node.GetSegmentation().GetSegment(segment_id) if segment_id else None
         if segment is None:
             raise InputError(f"Choose a segment of '{segmentation_node.GetName()}' to correct"
                              + (f" ('{segment_id}' is not one)" if segment_id else ""))
+        self.segmentation_node, self.segment_id, self.volume_node = segmentation_node, segment_id, volume_node
+        self.volume = volume_from_node(volume_node)
+        self.reach_mm = reach_mm
+        self.history = slicer.vtkSegmentationHistory()
         self.history.SetSegmentation(segmentation_node.GetSegmentation())
         name = segment.GetName()
         self.points = {True: self._point_list(scene, f"{name} include", INCLUDE_COLOUR),
