@@ -223,6 +223,16 @@ def test_background_run_with_uncertainty_adds_the_map_and_the_regions_to_check(s
     np.testing.assert_allclose(ras, np.array(regions[0]["centre_mm"]) * [-1, -1, 1], atol=1e-3)
     assert points.GetNthControlPointLabel(0).startswith("check 1:")
 
+    for uncertainty_again in (True, False):  # runs into the same segmentation: the last run's map, or none
+        again = SegmentationJob(scene, [volume_node], str(tiny_model), device="cpu", uncertainty=uncertainty_again,
+                                target_segmentation=job.segmentation_node)
+        again.start()
+        assert again.wait(timeout=300).status == "done"
+        maps = [n for n in scene.GetNodesByClass("vtkMRMLScalarVolumeNode") if n.GetName().endswith("uncertainty")]
+        lists = [n for n in scene.GetNodesByClass("vtkMRMLMarkupsFiducialNode") if n.GetName().endswith("to check")]
+        expected = [again.uncertainty_node] if uncertainty_again else []
+        assert maps == expected and lists == ([again.check_points] if uncertainty_again else [])
+
 
 def test_failed_run_leaves_the_scene_unchanged(scene, ct_volume):
     add_volume_node(scene, ct_volume)

@@ -276,6 +276,10 @@ class BackgroundJob:
             self.workdir = None
 
 
+# the segmentation node's references to its last run's uncertainty map and regions to check
+UNCERTAINTY_ROLES = ("AIReconstructUncertainty", "AIReconstructRegionsToCheck")
+
+
 class SegmentationJob(BackgroundJob):
     """Segment MRML volume nodes with a model in the background; import the result on success."""
 
@@ -309,16 +313,23 @@ class SegmentationJob(BackgroundJob):
             raise
 
     def _on_success(self, result: dict) -> None:
-        """Read every result file first, then change the scene: segmentation, uncertainty, points."""
+        """Read every result file first, then change the scene: segmentation, uncertainty, points. The
+        uncertainty map and regions to check of an earlier run into the same segmentation leave the
+        scene (they describe segments just replaced); the segmentation refers to this run's."""
         seg_file = next(p for p in result["outputs"] if p.endswith(".seg.nrrd"))
         uncertainty_file = next((p for p in result["outputs"] if p.endswith("_uncertainty.nii.gz")), None)
         uncertainty = read_volume(uncertainty_file) if uncertainty_file else None
         name = f"{self.input_nodes[0].GetName()} {result['summary']['model']}"
+        earlier = [self.target.GetNodeReference(role) for role in UNCERTAINTY_ROLES] if self.target else []
         self.segmentation_node = import_segmentation(self.scene, seg_file, self.input_nodes[0], self.target, name)
+        for node in filter(None, earlier):
+            self.scene.RemoveNode(node)
         if uncertainty is not None:
             self.uncertainty_node = add_volume_node(self.scene, uncertainty, f"{name} uncertainty")
             self.check_points = add_check_points(self.scene, result["summary"].get("flagged_regions", []),
                                                  f"{name} regions to check")
+        for role, node in zip(UNCERTAINTY_ROLES, (self.uncertainty_node, self.check_points)):
+            self.segmentation_node.SetNodeReferenceID(role, node.GetID() if node is not None else None)
 
 
 class FineTuningJob(BackgroundJob):
