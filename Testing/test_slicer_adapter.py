@@ -446,14 +446,17 @@ def test_saved_corrections_fine_tune_the_model_into_a_new_installed_version(scen
     logic = AdapterLogic()
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     organ = ct_volume.array > 100
-    for name in ("First CT", "Second CT (arterial)"):
-        volume_node = add_volume_node(scene, ct_volume, name)
+    next_patient = ct_volume.with_array(ct_volume.array[::-1].copy())  # another image under the same name
+    for name, image in (("First CT", ct_volume), ("Second CT (arterial)", ct_volume), ("First CT", next_patient),
+                        ("First CT", ct_volume)):  # the last, the first again: saved once more, it replaces
+        volume_node = add_volume_node(scene, image, name)
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
         segment_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName("organ") or \
             segmentation.GetSegmentation().AddEmptySegment("", "organ")
         set_segment_mask(segmentation, segment_id, volume_node, organ)
         dataset = logic.saveForTraining(segmentation, [volume_node], str(tiny_model), tmp_path / "corrections")
-    assert [case.case_id for case in dataset.cases] == ["First_CT", "Second_CT_arterial"]
+    names = sorted(case.case_id for case in dataset.cases)
+    assert len(names) == 3 and [n.rsplit("_", 1)[0] for n in names] == ["First_CT", "First_CT", "Second_CT_arterial"]
 
     models = tmp_path / "models"
     failed = logic.startFineTuning("brain-tumour-flair", tmp_path / "corrections", device="cpu",

@@ -111,8 +111,11 @@ class AdapterLogic:
 
     def saveForTraining(self, segmentation_node, volume_nodes: list, model: str, folder: str | Path | None = None):
         """Save the input volume(s) and the corrected segments as a training case named after the
-        first volume (saving it again replaces it); returns the data set."""
-        case_id = re.sub(r"[^A-Za-z0-9_-]+", "_", volume_nodes[0].GetName()).strip("_") or "case"
+        first volume and a fingerprint of its image: saving the same image again replaces its case,
+        another patient's volume of the same name ("3: FLAIR") gets a case of its own. Returns the
+        data set."""
+        name = re.sub(r"[^A-Za-z0-9_-]+", "_", volume_nodes[0].GetName()).strip("_") or "case"
+        case_id = f"{name}_{nodes.image_fingerprint(volume_nodes[0])}"
         return nodes.save_for_training(segmentation_node, volume_nodes, find_model(model),
                                        folder or self.correctionsFolder(model), case_id)
 

@@ -9,6 +9,7 @@ The scene is changed only once everything has been read successfully.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,16 @@ def set_segment_mask(segmentation_node, segment_id: str, reference_volume_node, 
 def source_volume(segmentation_node):
     """The volume node a segmentation was made on (its reference geometry's volume), or None."""
     return segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())
+
+
+def image_fingerprint(volume_node) -> str:
+    """Eight hexadecimal digits of a SHA-256 over a volume node's voxels and geometry: the same
+    image gives the same digits, another image (almost surely) others."""
+    digest = hashlib.sha256(np.ascontiguousarray(slicer.util.arrayFromVolume(volume_node)).tobytes())
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    digest.update(np.array([matrix.GetElement(r, c) for r in range(4) for c in range(4)]).tobytes())
+    return digest.hexdigest()[:8]
 
 
 def save_for_training(segmentation_node, volume_nodes: list, card, folder: str | Path, case_id: str):
