@@ -432,6 +432,11 @@ def test_save_for_training_adds_a_case_the_trainer_reads(scene, tmp_path, tiny_m
     other = dict(card.data, labels=card.data["labels"][:1])
     with pytest.raises(InputError, match="other channels or labels"):
         save_for_training(segmentation, [volume_node], type(card)(other, card.folder), tmp_path / "corrections", "x")
+    renamed = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "renamed")
+    renamed.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    set_segment_mask(renamed, renamed.GetSegmentation().AddEmptySegment("", "organ (corrected)"), volume_node, organ)
+    with pytest.raises(InputError, match="No segment of 'renamed' is named as a label of model"):
+        save_for_training(renamed, [volume_node], card, tmp_path / "corrections", "case_003")
     next_patient = add_volume_node(scene, ct_volume.with_array(ct_volume.array[:, ::-1].copy()), "next patient")
     with pytest.raises(InputError, match="segmentation was made on 'CT', not on 'next patient'"):
         save_for_training(segmentation, [next_patient], card, tmp_path / "corrections", "case_003")

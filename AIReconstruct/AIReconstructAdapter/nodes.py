@@ -125,11 +125,14 @@ def save_for_training(segmentation_node, volume_nodes: list, card, folder: str |
     if source is not None and source is not volume_nodes[0]:
         raise InputError(f"The segmentation was made on '{source.GetName()}', not on '{volume_nodes[0].GetName()}': "
                          "choose that volume as the input to save it for training")
+    segmentation = segmentation_node.GetSegmentation()
+    named = [(label, segmentation.GetSegmentIdBySegmentName(label.name)) for label in card.labels]
+    if not any(segment_id for _, segment_id in named):  # all background: it would teach the model to find nothing
+        raise InputError(f"No segment of '{segmentation_node.GetName()}' is named as a label of model '{card.name}' "
+                         f"({', '.join(label.name for label in card.labels)})")
     channels = [volume_from_node(node) for node in volume_nodes]
     array = np.zeros(channels[0].array.shape, np.uint16 if card.num_classes > 256 else np.uint8)
-    segmentation = segmentation_node.GetSegmentation()
-    for label in card.labels:
-        segment_id = segmentation.GetSegmentIdBySegmentName(label.name)
+    for label, segment_id in named:
         if segment_id:
             array[segment_mask(segmentation_node, segment_id, volume_nodes[0]) & (array == 0)] = label.value
     return save_case(folder, case_id, channels, channels[0].with_array(array), card)
