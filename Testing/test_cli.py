@@ -11,10 +11,10 @@ import pytest
 
 from AIReconstructLib.cli import main
 from AIReconstructLib.io import read_labelmap, read_volume, write_volume
-from AIReconstructLib.modelcard import Label
+from AIReconstructLib.modelcard import Label, load_card
 from AIReconstructLib.segnrrd import read_seg_nrrd, write_seg_nrrd
 from AIReconstructLib.volume import Volume
-from conftest import noise_ct
+from conftest import noise_ct, tiny_card, write_model
 
 
 @pytest.fixture
@@ -91,6 +91,17 @@ def test_segment_folder_segments_every_case_and_goes_on_past_a_bad_one(tmp_path,
     assert rerun[1].split(",")[4] == table[1].split(",")[4]
     assert main(command + ["--overwrite"]) == 2
     assert (out / "anna" / "anna.seg.nrrd").stat().st_mtime_ns != written
+
+    assert main(command + ["--tta"]) == 2  # other options: the earlier results are not this run's
+    rerun = (out / "cases.csv").read_text(encoding="utf-8").splitlines()
+    assert [row.split(",")[1] for row in rerun[1:]] == ["done", "done", "failed"]
+    summary = json.loads((out / "anna" / "anna_summary.json").read_text(encoding="utf-8"))
+    assert summary["options"]["tta"] and summary["model_version"] == load_card(tiny_model).data["version"]
+    newer = write_model(tmp_path / "newer", {**tiny_card(), "version": "9.9.9"})
+    assert main(["segment-folder", str(cases), "-m", str(newer), "-o", str(out), "--device", "cpu",
+                 "--tta"]) == 2  # another version of the model: segmented again
+    rerun = (out / "cases.csv").read_text(encoding="utf-8").splitlines()
+    assert [row.split(",")[1] for row in rerun[1:]] == ["done", "done", "failed"]
 
 
 def test_evaluate_and_surfaces_commands(tmp_path, capsys):

@@ -79,6 +79,17 @@ class Reporter:
         return self.cancelled
 
 
+# arguments that do not change what segment writes: where from and to, which model (recorded by name
+# and version), and what runs the network
+NOT_SHAPING_THE_RESULT = {"func", "command", "json_progress", "debug", "inputs", "folder", "output", "overwrite",
+                          "model", "device", "backend"}
+
+
+def _result_options(args) -> dict:
+    """The options a result is made with (every other argument of segment / segment-folder)."""
+    return {key: value for key, value in sorted(vars(args).items()) if key not in NOT_SHAPING_THE_RESULT}
+
+
 def _segment_and_write(inputs, stem: str, output, card, args, progress, cancel_requested) -> tuple[list, dict]:
     """Segment one case (an input per channel) and write its result set into ``output``, all files
     at once or none: (the files written, the summary)."""
@@ -103,7 +114,7 @@ def _segment_and_write(inputs, stem: str, output, card, args, progress, cancel_r
         summary = export_segmentation(result, out, stem, formats, args.smoothing, args.decimate, args.coordinates,
                                       args.max_triangles, report_image=channels[0] if args.report else None,
                                       margin_mm=args.margin, for_import=args.for_import,
-                                      dicom_series=inputs[0] if args.dicom_seg else None)
+                                      dicom_series=inputs[0] if args.dicom_seg else None, options=_result_options(args))
         if cancel_requested():
             raise Cancelled("Cancelled by the user; nothing was written")
         return out.commit(), summary
@@ -124,17 +135,22 @@ def cmd_segment(args, reporter: Reporter) -> None:
                     {"outputs": [str(p) for p in written], "summary": summary})
 
 
-def _earlier_summary(path: Path) -> dict | None:
-    """The summary a previous run wrote for a case, or None where there is none to trust."""
+def _earlier_summary(path: Path, card, args) -> dict | None:
+    """The summary a previous run wrote for a case with this model (name and version) and these
+    options, or None where there is none (or it was made otherwise: its result is not this run's)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        summary = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    made_alike = (summary.get("model"), summary.get("model_version"), summary.get("options")) == \
+        (card.name, card.data["version"], _result_options(args))
+    return summary if made_alike else None
 
 
 def cmd_segment_folder(args, reporter: Reporter) -> None:
     """Every case of a folder into ``OUTPUT/<case>/``; a case whose input is unusable is noted and
-    skipped, and cases already segmented there are kept (unless ``--overwrite``). ``cases.csv``
+    skipped, and cases already segmented there with the same model, version and options are kept
+    (unless ``--overwrite``); the others are segmented again. ``cases.csv``
     (status, volumes, seconds per case) is rewritten after each case."""
     from .io import find_cases, write_csv
     from .modelcard import find_model
@@ -149,7 +165,7 @@ def cmd_segment_folder(args, reporter: Reporter) -> None:
     rows = []
     for n, (case, inputs) in enumerate(cases):
         row = {"case": case, "status": "done", "error": ""}
-        summary = None if args.overwrite else _earlier_summary(output / case / f"{case}_summary.json")
+        summary = None if args.overwrite else _earlier_summary(output / case / f"{case}_summary.json", card, args)
         try:
             if summary is not None:
                 row["status"] = "done before"

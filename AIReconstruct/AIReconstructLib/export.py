@@ -51,11 +51,12 @@ def _rounded_for_storage(volume):
 def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str, surface_formats=(),
                         smoothing: float = 0.5, decimate: float = 0.0, coordinates: str = "LPS",
                         max_triangles: int | None = None, report_image=None, margin_mm: float = 10.0,
-                        for_import: bool = False, dicom_series=None) -> dict:
+                        for_import: bool = False, dicom_series=None, options: dict | None = None) -> dict:
     """Write the label map, the ``.seg.nrrd``, meshes (if formats are given), the HTML report (if
     ``report_image``, the input, is given; its measurements go into the summary), a DICOM-SEG
     ``<stem>_seg.dcm`` referring to the input's images (if ``dicom_series``, the input's DICOM series
-    folder, is given) and a summary. ``for_import``: for a caller that imports the result at once
+    folder, is given) and a summary, which records the model's name and version and ``options``, the
+    options the result was made with. ``for_import``: for a caller that imports the result at once
     (the Slicer module), only the ``.seg.nrrd``, uncompressed."""
     labels = segmentation.card.labels
     with ThreadPoolExecutor(1) as writer:  # the label files are written (outside the GIL) while the rest runs
@@ -63,9 +64,12 @@ def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str
         seconds = dict(segmentation.seconds)
         summary = {
             "model": segmentation.card.name,
+            "model_version": segmentation.card.data["version"],
             "intended_use": segmentation.card.data["intended_use"],
             "volumes_ml": label_volumes_ml(segmentation.labelmap, segmentation.label_names),
         }
+        if options is not None:
+            summary["options"] = options
         if segmentation.peak_gpu_memory_mib is not None:
             summary["peak_gpu_memory_mib"] = round(segmentation.peak_gpu_memory_mib, 1)
         if segmentation.uncertainty is not None:
