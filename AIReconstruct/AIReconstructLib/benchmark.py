@@ -9,9 +9,10 @@ out-of-fold results, the segments ``train-guided --start-segments`` teaches a gu
 ``table.csv`` and ``table.md`` (mean ± standard deviation over folds, parameters, training time
 per epoch, inference time per volume, peak training memory), ``dice.png`` and, per architecture,
 a Wilcoxon signed-rank test over cases of adversarial vs plain Dice: a difference is claimed only
-when p < 0.05. A configuration already trained in the output folder (an interrupted comparison
-run again) is reused, not retrained, and so is its evaluation while its card, the device and the
-engine's version are those it was evaluated with.
+when p < 0.05. A configuration already trained in the output folder with the same settings (an
+interrupted comparison run again) is reused, not retrained, and so is its evaluation while its card,
+the device and the engine's version are those it was evaluated with; one trained with other
+settings (epochs, training arguments, ...) is refused, not reused under the new run's table.
 """
 
 from __future__ import annotations
@@ -65,18 +66,22 @@ def _train_in_child(config: BenchmarkConfig, architecture: str, adversarial: boo
     resident memory in MiB, or None where an earlier run trained it without recording it. When
     ``cancel()`` turns true the child is asked to stop (SIGTERM: it cancels at its next iteration),
     waited for, and :class:`Cancelled` raised."""
+    settings = ["--name", f"{architecture.lower()}{'-adv' if adversarial else ''}-fold{fold}",
+                "--architecture", architecture, "--folds", str(config.folds), "--fold", str(fold),
+                "--epochs", str(config.epochs), "--iterations", str(config.iterations),
+                "--batch-size", str(config.batch_size), "--validate-every", str(config.epochs),
+                "--seed", str(config.seed), "--device", config.device,
+                *(["--adversarial"] if adversarial else []), *config.extra_train_arguments]
+    record = folder / RUN_RECORD
     if (folder / "card.json").is_file():
-        record = folder / RUN_RECORD
-        return json.loads(record.read_text(encoding="utf-8"))["peak_rss_mib"] if record.is_file() else None
+        earlier = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
+        if earlier.get("settings", settings) != settings:  # (records older than the settings: not checked)
+            raise AIReconstructError(f"{folder} holds a model trained otherwise ({' '.join(earlier['settings'])}); "
+                                     "give the benchmark another output folder, or remove that one")
+        return earlier.get("peak_rss_mib")
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "AIReconstructLib", "train", config.dataset, "-o", str(folder),
-               "--name", f"{architecture.lower()}{'-adv' if adversarial else ''}-fold{fold}",
-               "--architecture", architecture, "--folds", str(config.folds), "--fold", str(fold),
-               "--epochs", str(config.epochs), "--iterations", str(config.iterations),
-               "--batch-size", str(config.batch_size), "--validate-every", str(config.epochs),
-               "--seed", str(config.seed), "--device", config.device, "--json-progress",
-               "--cache", str(Path(config.output) / "cache"),
-               *(["--adversarial"] if adversarial else []), *config.extra_train_arguments]
+    command = [sys.executable, "-m", "AIReconstructLib", "train", config.dataset, "-o", str(folder), *settings,
+               "--json-progress", "--cache", str(Path(config.output) / "cache")]
     with open(folder / "train.log", "w", encoding="utf-8") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         status, usage = _wait_for_child(process, cancel)
@@ -86,7 +91,7 @@ def _train_in_child(config: BenchmarkConfig, architecture: str, adversarial: boo
         raise AIReconstructError(f"Training {architecture}{' + adversarial' if adversarial else ''} failed (see "
                                  f"{folder / 'train.log'}): {last[0][:300]}")
     peak = usage.ru_maxrss / 1024
-    (folder / RUN_RECORD).write_text(json.dumps({"peak_rss_mib": peak}), encoding="utf-8")
+    record.write_text(json.dumps({"peak_rss_mib": peak, "settings": settings}), encoding="utf-8")
     return peak
 
 
