@@ -89,6 +89,12 @@ def test_resume_continues_where_an_interrupted_run_stopped(tmp_path, tiny_datase
         == [(int(row["epoch"]), float(row["loss"])) for row in rows]
     assert [event.step for event in tensorboard_scalars(resumed / "tensorboard", "val_mean_dice")] == [2, 4]
 
+    card = (resumed / "card.json").read_text(encoding="utf-8")
+    wider = [*TINY[:-1], '{"channels": [8, 16], "strides": [2], "num_res_units": 0}']
+    assert main(["train", str(tiny_dataset), "-o", str(resumed), "--name", "r", "--epochs", "5", "--resume",
+                 *wider]) == 2  # another network than the checkpoint's: one line, the folder as it was
+    assert (resumed / "card.json").read_text(encoding="utf-8") == card
+
 
 def test_cached_cases_are_read_back_until_a_file_or_the_grid_changes(tmp_path, tiny_dataset, monkeypatch):
     from AIReconstructLib import training_data

@@ -60,8 +60,12 @@ def save_checkpoint(path: Path, network, optimiser, adversarial, state: dict) ->
 def load_checkpoint(path: Path, network, optimiser, adversarial, device) -> dict:
     """Restore a run's weights, optimiser and progress (no pickle: tensors and plain values only)."""
     checkpoint = torch.load(path, map_location=device, weights_only=True)
-    network.load_state_dict(checkpoint.pop("network"))
-    optimiser.load_state_dict(checkpoint.pop("optimiser"))
+    try:
+        network.load_state_dict(checkpoint.pop("network"))
+        optimiser.load_state_dict(checkpoint.pop("optimiser"))
+    except (RuntimeError, ValueError):
+        raise InputError(f"{path} holds another network than this run's (architecture, its arguments, channels or "
+                         "labels): it cannot be resumed; train into another folder, or without --resume") from None
     adversarial_state = checkpoint.pop("adversarial", None)
     if adversarial is not None:
         if adversarial_state is None:
