@@ -94,6 +94,11 @@ def test_resume_continues_where_an_interrupted_run_stopped(tmp_path, tiny_datase
     assert main(["train", str(tiny_dataset), "-o", str(resumed), "--name", "r", "--epochs", "5", "--resume",
                  *wider]) == 2  # another network than the checkpoint's: one line, the folder as it was
     assert (resumed / "card.json").read_text(encoding="utf-8") == card
+    again = ["train", str(tiny_dataset), "-o", str(resumed), "--name", "r", "--epochs", "1", *TINY]
+    assert main(again) == 2  # a model is there: kept, unless asked to replace it
+    assert (resumed / "card.json").read_text(encoding="utf-8") == card
+    assert main([*again, "--overwrite"]) == 0
+    assert json.loads((resumed / "card.json").read_text(encoding="utf-8"))["training"]["epochs_run"] == 1
 
 
 def test_cached_cases_are_read_back_until_a_file_or_the_grid_changes(tmp_path, tiny_dataset, monkeypatch):

@@ -81,7 +81,8 @@ def _train_in_child(config: BenchmarkConfig, architecture: str, adversarial: boo
         return earlier.get("peak_rss_mib")
     folder.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "AIReconstructLib", "train", config.dataset, "-o", str(folder), *settings,
-               "--json-progress", "--cache", str(Path(config.output) / "cache")]
+               "--json-progress", "--cache", str(Path(config.output) / "cache"),
+               "--overwrite"]  # what a cancelled run of this configuration left there
     with open(folder / "train.log", "w", encoding="utf-8") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         status, usage = _wait_for_child(process, cancel)

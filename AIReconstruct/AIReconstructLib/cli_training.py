@@ -41,7 +41,7 @@ def config_from_arguments(args):
         validate_every=args.validate_every, seed=args.seed, device=args.device,
         time_limit_minutes=args.time_limit, intended_use=args.intended_use, labels_file=args.labels,
         licence=args.licence, architecture=args.architecture, folds=args.folds, fold=args.fold,
-        validation_fraction=args.validation_fraction, resume=args.resume,
+        validation_fraction=args.validation_fraction, resume=args.resume, overwrite=args.overwrite,
         adversarial=args.adversarial, adversarial_weight=args.adversarial_weight,
         adversarial_warmup_epochs=args.adversarial_warmup, mirror_axes=args.mirror_axes, cache=args.cache,
         normalisation=args.normalisation,
@@ -77,7 +77,8 @@ def cmd_finetune(args, reporter: Reporter) -> None:
         freeze_encoder=args.freeze_encoder, rehearse=args.rehearse, rehearsal_share=args.rehearsal_share,
         epochs=args.epochs, iterations_per_epoch=args.iterations,
         batch_size=args.batch_size, learning_rate=args.learning_rate, validate_every=args.validate_every,
-        seed=args.seed, device=args.device, time_limit_minutes=args.time_limit, resume=args.resume)
+        seed=args.seed, device=args.device, time_limit_minutes=args.time_limit, resume=args.resume,
+        overwrite=args.overwrite)
     card_path = train(config, reporter.progress, reporter.cancel_requested)
     lineage = json.loads(card_path.read_text(encoding="utf-8"))["training"]["fine_tuned_from"]
     reporter.result(f"wrote {card_path} (validation Dice {lineage['validation_mean_dice']} before fine-tuning)",
@@ -172,6 +173,7 @@ def add_training_commands(sub, common: argparse.ArgumentParser) -> None:
                    help="with --folds 0: the share of cases held out for validation (0: train on every case and "
                         "keep the last weights, nnU-Net's fold 'all')")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in the output folder")
     p.add_argument("--adversarial", action="store_true", help="add adversarial refinement (a discriminator)")
     p.add_argument("--adversarial-weight", type=number(at_least=0), default=0.01)
     p.add_argument("--adversarial-warmup", type=number(int, at_least=0), default=5, help="epochs before the adversarial loss starts")
@@ -195,6 +197,7 @@ def add_training_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--rehearsal-share", type=number(above=0, below=1), default=0.5, help="share of training patches from those scans")
     _add_schedule_options(p, epochs=6, iterations=10, learning_rate=1e-3, validate_every=1)
     p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in the output folder")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("federated", parents=[common],

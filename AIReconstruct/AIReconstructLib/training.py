@@ -28,7 +28,7 @@ from monai.losses import DeepSupervisionLoss, DiceCELoss
 from .adversarial import AdversarialRefinement
 from .dataset import read_dataset
 from .distributed import Distributed
-from .errors import Cancelled, InputError
+from .errors import Cancelled, InputError, OutputError
 from .metrics import overlap_scores
 from .modelcard import CARD_FILE, ModelCard, find_model
 from .networks import (DEFAULT_ARGUMENTS, ENCODER_PARAMETERS, build_network, check_patch_size, default_patch_size,
@@ -65,6 +65,7 @@ class TrainConfig:
     device: str = "auto"
     time_limit_minutes: float | None = None
     resume: bool = False
+    overwrite: bool = False  # replace a model (or an interrupted run) already in the output folder
     adversarial: bool = False
     adversarial_weight: float = 0.01
     adversarial_warmup_epochs: int = 5
@@ -98,8 +99,11 @@ def _seed(seed: int) -> None:
 def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> Path:
     start = time.time()
     _seed(config.seed)
-    dataset = read_dataset(config.dataset)
     output = Path(config.output)
+    if not (config.resume or config.overwrite) and any((output / name).is_file() for name in (CARD_FILE, CHECKPOINT_FILE)):
+        raise OutputError(f"{output} already holds a model or an interrupted run: --resume continues it, "
+                          "--overwrite replaces it, another output folder keeps it")
+    dataset = read_dataset(config.dataset)
     base = _fine_tuning_base(config, dataset) if config.base_model else None
     if base is not None:
         spacing, channel_specs, labels = list(base.spacing()), base.channels, base.data["labels"]
