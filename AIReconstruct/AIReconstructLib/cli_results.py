@@ -239,13 +239,13 @@ def cmd_refine(args, reporter: Reporter) -> None:
 
 
 def cmd_saliency(args, reporter: Reporter) -> None:
-    from .io import read_image_for_model, write_volume
+    from .io import read_image_for_model, write_map
     from .modelcard import find_model
     from .saliency import saliency
 
     channels = [read_image_for_model(path) for path in args.inputs]
     device = "cuda" if args.device == "cuda" else "cpu"
-    path = write_volume(saliency(channels, find_model(args.model), args.segment, device), args.output)
+    path = write_map(saliency(channels, find_model(args.model), args.segment, device), args.output)
     reporter.result(f"wrote {path}", {"outputs": [str(path)]})
 
 

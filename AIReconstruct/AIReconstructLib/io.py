@@ -321,6 +321,16 @@ def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True)
     return path
 
 
+MAP_STEP = 1 / 1024  # the precision 0-1 maps are stored with: exact in float32, 0.0005 at most from the value
+
+
+def write_map(volume: Volume, path: str | os.PathLike) -> Path:
+    """Write a 0-1 map (uncertainty, confidence, saliency) in steps of ``MAP_STEP``: its full float32
+    precision is noise gzip cannot compress (a 240 x 240 x 155 uncertainty map: 30 MB, written in
+    0.9 s; rounded: under 1 MB in 0.1 s), and no reader needs more than three decimals of it."""
+    return write_volume(volume.with_array((np.round(volume.array / MAP_STEP) * MAP_STEP).astype(np.float32)), path)
+
+
 STAGING_PREFIX = ".aireconstruct-partial-"
 
 
