@@ -416,7 +416,8 @@ class AIReconstructLogic(ScriptedLoadableModuleLogic):
 
 
 class AIReconstructTest(ScriptedLoadableModuleTest):
-    """In-Slicer self-test: a phantom volume segmented end to end with the demo model."""
+    """In-Slicer self-test: a phantom volume segmented end to end with the demo model, then a
+    segment corrected with a point and the point undone."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -466,5 +467,16 @@ class AIReconstructTest(ScriptedLoadableModuleTest):
         self.assertGreater(dice, 0.85)
         logic.adapter.showSurfaces(segmentationNode, 0.5)
         self.assertTrue(segmentation.ContainsRepresentation("Closed surface"))
+
+        self.delayDisplay(_("Correcting the liver with a point"))
+        correction = logic.adapter.startCorrection(slicer.mrmlScene, segmentationNode, liverId, volumeNode)
+        centre = np.argwhere(truth).mean(axis=0).round().astype(int)  # (k, j, i)
+        correction.points[True].AddControlPoint(vtk.vtkVector3d(*(phantom.image.ijk_to_ras() @ [*centre[::-1], 1])[:3]))
+        self.assertEqual(len(correction.clicks), 1)  # placing the point re-segmented the liver
+        self.assertTrue(correction.undo())
+        np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, liverId, volumeNode),
+                                      liver)
+        logic.endCorrection()
+        self.assertIsNone(logic.adapter.correction)
         logging.info(f"AIReconstruct self-test: liver Dice {dice:.3f}")
         self.delayDisplay(_("Test passed"))
