@@ -34,6 +34,14 @@ def test_openvino_gives_pytorchs_logits_and_keeps_the_converted_network(tiny_mod
                                atol=1e-4, rtol=1e-4)
     assert sorted(cache_folder().glob("*.xml")) == cached
 
+    weights = cached[0].with_suffix(".bin")  # changed in the cache: found, and converted again
+    weights.write_bytes(bytes(len(weights.read_bytes())))
+    monkeypatch.setattr(backends, "_COMPILED", {})
+    again = Predictor(network, (32, 32, 32), 0.5, "cpu")(image)
+    torch.testing.assert_close(again, Predictor(network, (32, 32, 32), 0.5, "cpu", backend="torch")(image),
+                               atol=1e-4, rtol=1e-4)
+    assert backends.cached_for_cpu(next(iter(backends._COMPILED)), (1, 1, 32, 32, 32)) is not None
+
     card = load_card(tiny_model)
     labels = {backend: segment([ct_volume], card, SegmentOptions(device="cpu", backend=backend)).labelmap.array
               for backend in ("torch", "openvino")}

@@ -69,6 +69,33 @@ def card_fingerprint(card, input_shape: tuple[int, ...]) -> str:
     return "card-" + hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def _digests(xml: Path) -> dict:
+    """SHA-256 of a converted network's two files."""
+    from .modelcard import sha256_of
+
+    return {"xml": sha256_of(xml), "bin": sha256_of(xml.with_suffix(".bin"))}
+
+
+def _write_digests(xml: Path, sidecar: Path) -> None:
+    """Record the digests of a converted network's files (checked before it is compiled again)."""
+    from .io import atomic_path
+
+    with atomic_path(sidecar) as tmp:
+        tmp.write_text(json.dumps(_digests(xml)), encoding="utf-8")
+
+
+def _intact(xml: Path) -> bool:
+    """Whether a converted network is in the cache as it was written: the weights the card's checksum
+    verified are not to be replaced by a changed copy behind it."""
+    sidecar = xml.with_suffix(".sha256")
+    if not (xml.is_file() and xml.with_suffix(".bin").is_file() and sidecar.is_file()):
+        return False
+    try:
+        return json.loads(sidecar.read_text(encoding="utf-8")) == _digests(xml)
+    except ValueError:
+        return False
+
+
 class OpenVinoNetwork:
     """A network compiled by OpenVINO for windows ``[1, channels, z, y, x]``; called on CPU tensors
     of such windows it returns their logits as a CPU tensor."""
@@ -79,7 +106,9 @@ class OpenVinoNetwork:
 
         self.input_shape = tuple(input_shape)
         path = cache_folder() / f"{fingerprint}.xml"
-        if not path.is_file():
+        if not _intact(path):
+            if network is None:
+                raise ValueError(f"{path.name} is missing, damaged or changed in the cache")
             from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
 
             with torch.inference_mode():
@@ -95,6 +124,7 @@ class OpenVinoNetwork:
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary = path.with_name(f".{path.stem}.{os.getpid()}.xml")
             ov.save_model(model, str(temporary), compress_to_fp16=False)  # the .bin beside it
+            _write_digests(temporary, path.with_suffix(".sha256"))
             temporary.with_suffix(".bin").replace(path.with_suffix(".bin"))
             temporary.replace(path)
             del model
