@@ -86,6 +86,8 @@ def test_a_simulated_federation_averages_the_sites_weights_and_writes_a_card(sit
                  "--local-iterations", "2", "--patch-size", "32", "32", "32", "--validation", validation,
                  "--architecture-args", json.dumps(TINY_UNET)]) == 0
     card = load_card(root / "out" / "card.json")  # validated, checksum checked
+    assert main(["federated", *folders, "-o", config.output, "--name", config.name]) == 2  # kept, not replaced
+    assert load_card(root / "out" / "card.json").data == card.data
     federated = card.data["training"]["federated"]
     assert federated["sites"] == 3 and federated["cases_per_site"] == {"site_0": 1, "site_1": 2, "site_2": 1} and federated["strategy"] == "fedavg"
     assert card.data["training"]["validation_mean_dice"] is not None

@@ -96,7 +96,7 @@ def cmd_federated(args, reporter: Reporter) -> None:
         mirror_axes=args.mirror_axes, validation=args.validation, validate_every=args.validate_every,
         dp_noise_multiplier=args.dp_noise_multiplier, dp_max_grad_norm=args.dp_max_grad_norm, dp_delta=args.dp_delta,
         seed=args.seed, device=args.device, intended_use=args.intended_use, licence=args.licence)
-    card_path = simulate(config, reporter.progress)
+    card_path = simulate(config, reporter.progress, overwrite=args.overwrite)
     training = json.loads(card_path.read_text(encoding="utf-8"))["training"]
     reporter.result(f"wrote {card_path} (validation Dice {training['validation_mean_dice']})",
                     {"card": str(card_path), "validation_mean_dice": training["validation_mean_dice"]})
@@ -227,6 +227,7 @@ def add_training_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--intended-use", default="Research use only; not for clinical use")
     p.add_argument("--licence", default="Apache-2.0")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in the output folder")
     p.set_defaults(func=cmd_federated)
 
     p = sub.add_parser("benchmark", parents=[common],

@@ -40,7 +40,8 @@ from .federated_site import client_app, plan_network, privacy_spent, site_cases
 from .modelcard import CARD_FILE, save_card
 from .networks import DEFAULT_ARGUMENTS, check_patch_size, default_patch_size
 from .training import mean_dice, validation_dice
-from .training_outputs import WEIGHTS_FILE, log_figures, tensorboard_writer, trained_card, write_weights
+from .training_outputs import (WEIGHTS_FILE, check_output_free, log_figures, tensorboard_writer, trained_card,
+                               write_weights)
 
 STRATEGIES = ("fedavg", "fedprox")
 
@@ -240,15 +241,17 @@ def deployment_server_app():
     return app
 
 
-def simulate(config: FederatedConfig, progress=None) -> Path:
+def simulate(config: FederatedConfig, progress=None, overwrite: bool = False) -> Path:
     """Run federated training in Flower's simulation runtime on this machine, one virtual site per
-    data set folder in ``config.sites``, one site training at a time; returns the model card."""
+    data set folder in ``config.sites``, one site training at a time; returns the model card. A
+    model already in the output folder is replaced only with ``overwrite``."""
     from flwr.simulation import run_simulation
 
+    output = Path(config.output)
+    check_output_free(output, overwrite)
     for folder in config.sites:
         read_dataset(folder)  # a missing or empty site fails here, before Ray starts
-    output = Path(config.output)
-    (output / CARD_FILE).unlink(missing_ok=True)
+    (output / CARD_FILE).unlink(missing_ok=True)  # written again when the run finishes
     cpus = os.cpu_count() or 1
     os.environ.setdefault("AIRECONSTRUCT_SITE_THREADS", str(cpus))
     backend = {"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},

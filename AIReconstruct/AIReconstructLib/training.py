@@ -28,7 +28,7 @@ from monai.losses import DeepSupervisionLoss, DiceCELoss
 from .adversarial import AdversarialRefinement
 from .dataset import read_dataset
 from .distributed import Distributed
-from .errors import Cancelled, InputError, OutputError
+from .errors import Cancelled, InputError
 from .metrics import overlap_scores
 from .modelcard import CARD_FILE, ModelCard, find_model
 from .networks import (DEFAULT_ARGUMENTS, ENCODER_PARAMETERS, build_network, check_patch_size, default_patch_size,
@@ -36,8 +36,8 @@ from .networks import (DEFAULT_ARGUMENTS, ENCODER_PARAMETERS, build_network, che
 from .predict import Predictor
 from .training_data import (PatchSampler, channel_normalisation, check_label_values, label_entries, load_case,
                             make_folds, median_spacing, rehearsal_cases)
-from .training_outputs import (CHECKPOINT_FILE, WEIGHTS_FILE, load_checkpoint, log_figures, save_checkpoint,
-                               tensorboard_writer, write_card, write_weights)
+from .training_outputs import (CHECKPOINT_FILE, WEIGHTS_FILE, check_output_free, load_checkpoint, log_figures,
+                               save_checkpoint, tensorboard_writer, write_card, write_weights)
 
 
 @dataclass
@@ -100,9 +100,7 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
     start = time.time()
     _seed(config.seed)
     output = Path(config.output)
-    if not (config.resume or config.overwrite) and any((output / name).is_file() for name in (CARD_FILE, CHECKPOINT_FILE)):
-        raise OutputError(f"{output} already holds a model or an interrupted run: --resume continues it, "
-                          "--overwrite replaces it, another output folder keeps it")
+    check_output_free(output, config.resume or config.overwrite)
     dataset = read_dataset(config.dataset)
     base = _fine_tuning_base(config, dataset) if config.base_model else None
     if base is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, OutputError
 from .io import atomic_path, write_csv
 from .modelcard import CARD_FILE, ModelCard, save_card, sha256_of, version_key
 from .networks import save_weights
@@ -46,6 +46,16 @@ def write_weights(network, path: Path) -> None:
     """A network's weights as safetensors, written atomically."""
     with atomic_path(path) as tmp:
         save_weights(network, tmp)
+
+
+def check_output_free(output: Path, overwrite: bool) -> None:
+    """Refuse to train into a folder that holds a model or an interrupted run's checkpoint, unless
+    ``overwrite``: a repeated command must not replace a model trained for hours."""
+    resumable = (Path(output) / CHECKPOINT_FILE).is_file()
+    if not overwrite and (resumable or (Path(output) / CARD_FILE).is_file()):
+        raise OutputError(f"{output} already holds a model or an interrupted run: "
+                          + ("--resume continues it, " if resumable else "")
+                          + "--overwrite replaces it, another output folder keeps it")
 
 
 def save_checkpoint(path: Path, network, optimiser, adversarial, state: dict) -> None:
