@@ -9,7 +9,7 @@ import torch
 
 from AIReconstructLib.cli import main
 from AIReconstructLib.dataset import write_phantom_dataset
-from AIReconstructLib.errors import InputError
+from AIReconstructLib.errors import InputError, OutputError
 from AIReconstructLib.guided import (GuidedRefiner, edit_as_the_points_ask, guidance_maps, simulated_guidance,
                                      train_guided, warm_started_network, weakened_evidence)
 from AIReconstructLib.interaction import Click
@@ -119,6 +119,8 @@ def guided_model(tmp_path_factory):
     base = load_card(write_model(work / "base"))
     write_phantom_dataset(work / "data", count=2, first_seed=600, spacing=(4.0, 4.0, 4.0))
     card_path = train_guided(work / "data", base, work / "guided", minutes=0.05, seed=1)
+    with pytest.raises(OutputError, match="already holds a model"):  # a second run keeps it
+        train_guided(work / "data", base, work / "guided", minutes=0.05, seed=2)
     return work, base, card_path
 
 

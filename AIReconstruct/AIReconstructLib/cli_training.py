@@ -19,7 +19,7 @@ def cmd_train_guided(args, reporter: Reporter) -> None:
     from .modelcard import find_model
 
     card = train_guided(args.dataset, find_model(args.base), args.output, args.minutes, args.cases, args.seed,
-                        start_segments=args.start_segments, progress=reporter.progress)
+                        start_segments=args.start_segments, progress=reporter.progress, overwrite=args.overwrite)
     reporter.result(f"wrote {card}", {"outputs": [str(card)]})
 
 
@@ -140,6 +140,7 @@ def add_training_commands(sub, common: argparse.ArgumentParser) -> None:
                    help="each training case's segment to correct (CASE.nii.gz: a model's result on it from a model "
                         "that never saw it, e.g. cross-validation folds); half the patches correct these")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in the output folder")
     p.set_defaults(func=cmd_train_guided)
 
     p = sub.add_parser("phantoms", parents=[common], help="write synthetic CT phantoms as a data set")

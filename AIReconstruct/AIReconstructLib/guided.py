@@ -173,15 +173,17 @@ def _guided_batch(sampler: PatchSampler, size: int, rng, spacing_kji, radius_mm:
 
 def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=None, seed: int = 0,
                  radius_mm: float = 3.0, batch_size: int = 2, learning_rate: float = 1e-3,
-                 start_segments=None, progress=None) -> Path:
+                 start_segments=None, progress=None, overwrite: bool = False) -> Path:
     """Train a guided model for ``minutes`` on a data set's cases (all, or ``cases``), started from the
     ``base`` model (its image channels, spacing, patch size, architecture and weights), for the base's
     first label (the others count as background); returns the card's path. With ``start_segments``
     (a folder of each case's segment to correct, see :func:`start_segments_on_grid`) half the patches
     correct those segments, and patches are centred on their misses and false parts as often as on
-    tumour and on background."""
+    tumour and on background. A model already in ``output`` is replaced only with ``overwrite``."""
     from .training import segmentation_loss
+    from .training_outputs import check_output_free
 
+    check_output_free(output, overwrite)
     started = time.time()
     random.seed(seed)
     torch.manual_seed(seed)
