@@ -17,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError, OutputError
+from .dicom_series import read_dicom_series
 from .integrity import check_image_file
 from .volume import Volume
 
@@ -96,7 +97,9 @@ def _read_sitk(path: Path) -> sitk.Image:
     check_image_file(path)
     try:
         if path.is_dir():
-            return _read_dicom_series(path)
+            image = read_dicom_series(path)
+            _check_size(image.GetSize(), image.GetNumberOfComponentsPerPixel(), path.name)
+            return image
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
@@ -118,65 +121,6 @@ def _check_size(size, components: int, name: str) -> None:
         raise InputError(
             f"{name} is too large to process here: {' x '.join(map(str, size))} voxels need "
             f"{needed / 2**30:.1f} GiB as float32, more than the {allowed / 2**30:.1f} GiB allowed"
-        )
-
-
-def _read_dicom_series(folder: Path) -> sitk.Image:
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not series_ids:
-        raise InputError(f"{folder.name} holds no DICOM image series")
-    if len(series_ids) > 1:
-        raise InputError(f"{folder.name} holds {len(series_ids)} DICOM series ({_series_names(folder, series_ids)}); "
-                         "put the one to segment in a folder of its own")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
-    try:
-        _check_slice_positions(files, folder.name)
-    except InputError as error:  # name the files GDCM did not read as slices: a damaged slice is one
-        in_series = set(files)
-        unread = sorted(p.name for p in folder.iterdir() if p.is_file() and str(p) not in in_series)
-        if not unread:
-            raise
-        more = f" and {len(unread) - 3} more" if len(unread) > 3 else ""
-        raise InputError(f"{error}; files not read as slices (truncated, corrupt or not DICOM): "
-                         f"{', '.join(unread[:3])}{more}") from None
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    image = reader.Execute()
-    _check_size(image.GetSize(), image.GetNumberOfComponentsPerPixel(), folder.name)
-    return image
-
-
-def _series_names(folder: Path, series_ids) -> str:
-    """The series of a folder as "'description' (N images)", for a message: the user's way to tell them apart."""
-    reader = sitk.ImageFileReader()
-    names = []
-    for uid in series_ids:
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-        reader.SetFileName(files[0])
-        reader.ReadImageInformation()
-        description = reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
-        names.append(f"'{description or 'series ' + uid}' ({len(files)} images)")
-    return ", ".join(names)
-
-
-def _check_slice_positions(files, name: str) -> None:
-    """Refuse a series whose slices are not evenly spaced (missing, duplicated or mixed slices)."""
-    positions = []
-    for file in files:
-        header = sitk.ImageFileReader()
-        header.SetFileName(file)
-        header.ReadImageInformation()
-        if not header.HasMetaDataKey("0020|0032"):
-            return  # no positions to check (a single multi-frame file, for instance)
-        positions.append([float(v) for v in header.GetMetaData("0020|0032").split("\\")])
-    if len(positions) < 3:
-        return
-    along = np.diff(np.asarray(positions), axis=0)
-    gaps = np.linalg.norm(along, axis=1)
-    if gaps.min() < 1e-3 or gaps.max() > 1.05 * np.median(gaps) or gaps.min() < 0.95 * np.median(gaps):
-        raise InputError(
-            f"{name}: slice spacing is uneven ({gaps.min():.2f} to {gaps.max():.2f} mm); "
-            "slices are missing, duplicated or from another series"
         )
 
 
