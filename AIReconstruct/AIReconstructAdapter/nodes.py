@@ -38,15 +38,20 @@ def ensure_converter_rules() -> None:
             factory.RegisterConverterRule(getattr(slicer, name)())
 
 
+def _ijk_to_ras(volume_node) -> np.ndarray:
+    """A volume node's own IJK to RAS matrix (4 x 4), its parent transforms left out."""
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    return np.array([[ijk_to_ras.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
 def volume_from_node(volume_node) -> Volume:
     """The engine's :class:`Volume` of a scalar volume node, in world coordinates."""
     if volume_node is None or volume_node.GetImageData() is None:
         raise InputError("No input volume is selected, or it has no image data")
     if volume_node.GetImageData().GetNumberOfScalarComponents() != 1:
         raise InputError(f"Volume '{volume_node.GetName()}' is not a scalar volume")
-    ijk_to_ras = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(ijk_to_ras)
-    matrix = np.array([[ijk_to_ras.GetElement(r, c) for c in range(4)] for r in range(4)])
+    matrix = _ijk_to_ras(volume_node)
     transform = volume_node.GetParentTransformNode()
     if transform is not None:
         if not transform.IsTransformToWorldLinear():
@@ -110,9 +115,7 @@ def image_fingerprint(volume_node) -> str:
     """Eight hexadecimal digits of a SHA-256 over a volume node's voxels and geometry: the same
     image gives the same digits, another image (almost surely) others."""
     digest = hashlib.sha256(np.ascontiguousarray(slicer.util.arrayFromVolume(volume_node)).tobytes())
-    matrix = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(matrix)
-    digest.update(np.array([matrix.GetElement(r, c) for r in range(4) for c in range(4)]).tobytes())
+    digest.update(_ijk_to_ras(volume_node).tobytes())
     return digest.hexdigest()[:8]
 
 
