@@ -99,6 +99,10 @@ def test_resume_continues_where_an_interrupted_run_stopped(tmp_path, tiny_datase
     assert (resumed / "card.json").read_text(encoding="utf-8") == card
     assert main([*again, "--overwrite"]) == 0
     assert json.loads((resumed / "card.json").read_text(encoding="utf-8"))["training"]["epochs_run"] == 1
+    (resumed / "checkpoint.pt").unlink()  # a model with nothing to resume: --resume does not replace it
+    card = (resumed / "card.json").read_text(encoding="utf-8")
+    assert main([*again, "--resume"]) == 2
+    assert (resumed / "card.json").read_text(encoding="utf-8") == card
 
 
 def test_cached_cases_are_read_back_until_a_file_or_the_grid_changes(tmp_path, tiny_dataset, monkeypatch):

@@ -100,7 +100,7 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
     start = time.time()
     _seed(config.seed)
     output = Path(config.output)
-    check_output_free(output, config.resume or config.overwrite)
+    check_output_free(output, config.overwrite, config.resume)
     dataset = read_dataset(config.dataset)
     base = _fine_tuning_base(config, dataset) if config.base_model else None
     if base is not None:

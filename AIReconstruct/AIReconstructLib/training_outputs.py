@@ -48,11 +48,12 @@ def write_weights(network, path: Path) -> None:
         save_weights(network, tmp)
 
 
-def check_output_free(output: Path, overwrite: bool) -> None:
+def check_output_free(output: Path, overwrite: bool, resume: bool = False) -> None:
     """Refuse to train into a folder that holds a model or an interrupted run's checkpoint, unless
-    ``overwrite``: a repeated command must not replace a model trained for hours."""
+    ``overwrite``, or ``resume`` and there is a checkpoint to continue: a repeated command must not
+    replace a model trained for hours."""
     resumable = (Path(output) / CHECKPOINT_FILE).is_file()
-    if not overwrite and (resumable or (Path(output) / CARD_FILE).is_file()):
+    if not (overwrite or (resume and resumable)) and (resumable or (Path(output) / CARD_FILE).is_file()):
         raise OutputError(f"{output} already holds a model or an interrupted run: "
                           + ("--resume continues it, " if resumable else "")
                           + "--overwrite replaces it, another output folder keeps it")
