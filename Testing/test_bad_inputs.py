@@ -18,6 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from AIReconstructLib.cli import main
+from AIReconstructLib.errors import InputError
 from AIReconstructLib.io import write_volume
 from AIReconstructLib.modelcard import Label, sha256_of
 from AIReconstructLib.segnrrd import write_seg_nrrd
@@ -332,3 +333,65 @@ def test_spaces_and_non_ascii_in_paths_work(tmp_path, capsys, tiny_model):
     image = _image(folder, "séance 1.nii.gz")
     assert main(["segment", str(image), "-m", str(tiny_model), "-o", str(folder / "résultat"), "--device", "cpu"]) == 0
     assert (folder / "résultat" / "séance 1.seg.nrrd").is_file()
+
+
+def _mr_head(stripped: bool, air_noise: bool = True) -> Volume:
+    """A 1.5 mm FLAIR-like head: a 1.2 L brain; unless ``stripped``, a dark skull and bright scalp
+    around it (2.2 L in all) and, with ``air_noise``, the scanner's noise in the air (else zeros)."""
+    z, y, x = np.indices((110, 160, 140)) * 1.5
+    def inside(extra_mm):
+        return ((z - 82) / (55 + extra_mm)) ** 2 + ((y - 120) / (80 + extra_mm)) ** 2 + ((x - 105) / (65 + extra_mm)) ** 2 < 1
+    rng = np.random.default_rng(0)
+    image = np.where(inside(0), rng.normal(100, 10, z.shape), 0.0)
+    if not stripped:
+        image = np.where(inside(15) & ~inside(0), np.where(inside(7), 5.0, 150.0), image)
+        if air_noise:
+            image = np.where(inside(15), image, np.abs(rng.normal(0, 3, z.shape)))
+    return Volume(image.astype(np.float32), (1.5, 1.5, 1.5))
+
+
+@pytest.mark.parametrize("air_noise", [True, False])
+def test_a_head_that_is_not_skull_stripped_is_refused_by_a_model_for_brains(tmp_path, capsys, air_noise):
+    """The brain-tumour model was trained on skull-stripped FLAIR: a clinical head (skull, scalp, noise
+    in the air or zeros there) is refused in one line instead of segmented into nonsense."""
+    path = tmp_path / "head.nii.gz"
+    write_volume(_mr_head(stripped=False, air_noise=air_noise), path)
+    err = _run_and_check(tmp_path, capsys, ["segment", str(path), "-m", "brain-tumour-flair", "--device", "cpu"],
+                         "The FLAIR image for model 'brain-tumour-flair' is not skull-stripped")
+    assert "strip the skull first" in err
+
+
+def test_skull_stripped_brains_pass_the_check_whatever_their_background():
+    from AIReconstructLib.preprocess import check_skull_stripped
+
+    brain = _mr_head(stripped=True)
+    check_skull_stripped(brain, "The brain")
+    inside = brain.array > 0
+    scored = np.where(inside, (brain.array - brain.array[inside].mean()) / brain.array[inside].std(), 0)
+    scored[~inside] = scored[inside].min() - 0.5  # BraTS 2013: z-scored, its minimum outside the brain
+    check_skull_stripped(brain.with_array(scored.astype(np.float32)), "The z-scored brain")
+    with pytest.raises(InputError, match=r"^The head is not skull-stripped: 2\.2 L of it holds signal"):
+        check_skull_stripped(_mr_head(stripped=False, air_noise=False), "The head")
+
+
+def test_training_marked_skull_stripped_refuses_a_case_that_is_not(tmp_path):
+    """``train --skull-stripped``: the card says so (its model then refuses heads), and a data set case that
+    is a whole head is named before any training."""
+    from AIReconstructLib.dataset import read_dataset
+    from AIReconstructLib.training_data import channel_normalisation, load_case
+
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    for case, stripped in (("brain", True), ("head", False)):
+        volume = _mr_head(stripped)
+        write_volume(volume, tmp_path / "imagesTr" / f"{case}_0000.nii.gz")
+        write_volume(volume.with_array((volume.array > 115).astype(np.uint8)), tmp_path / "labelsTr" / f"{case}.nii.gz")
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "FLAIR"}, "file_ending": ".nii.gz",
+                                                       "labels": {"background": 0, "tumour": 1}}), encoding="utf-8")
+    dataset = read_dataset(tmp_path)
+    channels = channel_normalisation(dataset, "nonzero", skull_stripped=True)
+    assert channels == [{"name": "FLAIR", "skull_stripped": True, "normalisation": {"scheme": "zscore_nonzero"}}]
+    brain, head = dataset.cases
+    load_case(brain, channels, [3.0, 3.0, 3.0])
+    with pytest.raises(InputError, match="^The FLAIR image of case head is not skull-stripped"):
+        load_case(head, channels, [3.0, 3.0, 3.0])

@@ -44,7 +44,7 @@ def config_from_arguments(args):
         validation_fraction=args.validation_fraction, resume=args.resume, overwrite=args.overwrite,
         adversarial=args.adversarial, adversarial_weight=args.adversarial_weight,
         adversarial_warmup_epochs=args.adversarial_warmup, mirror_axes=args.mirror_axes, cache=args.cache,
-        normalisation=args.normalisation,
+        normalisation=args.normalisation, skull_stripped=args.skull_stripped,
     )
     config.architecture_args = architecture_arguments(args)
     return config
@@ -184,6 +184,9 @@ def add_training_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--normalisation", default="foreground",
                    help="channels other than CT are z-scored inside the body, whatever value the image holds outside "
                         "it (foreground), or inside their non-zero voxels (nonzero: nnU-Net's and MONAI's rule)")
+    p.add_argument("--skull-stripped", action="store_true",
+                   help="the data set's MR images are skull-stripped brains: each case is checked, and the model "
+                        "refuses images that are not")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", parents=[common],

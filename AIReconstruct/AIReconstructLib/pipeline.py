@@ -22,7 +22,8 @@ from .modelcard import ModelCard, verified_weight_paths
 from .networks import load_network
 from .postprocess import postprocess
 from .predict import CancelCheck, Predictor, ProgressCallback, choose_device, runs_through_openvino
-from .preprocess import body_box, in_array_order, prepare_for_card, restore_labels, restore_scalar
+from .preprocess import (body_box, check_skull_stripped, in_array_order, prepare_for_card, restore_labels,
+                         restore_scalar)
 from .uncertainty import DROPOUT_SAMPLES, dropout_layers, member_maps, segment_confidence
 from .volume import Volume
 
@@ -79,6 +80,16 @@ def check_modality(volume: Volume, card: ModelCard) -> None:
         raise InputError(f"The image does not look like CT (no voxel below -500 HU) but model '{card.name}' is for CT")
     if modality == "MR" and np.count_nonzero(volume.array < -500) > 0.05 * volume.array.size:
         raise InputError(f"The image looks like CT (many voxels near air's -1000 HU) but model '{card.name}' is for MR")
+
+
+def check_inputs(channels: list[Volume], card: ModelCard) -> None:
+    """Refuse inputs the model cannot segment: another count or grid of channels, another
+    modality, an image that is not skull-stripped for a channel the card marks so."""
+    check_channels(channels, card)
+    check_modality(channels[0], card)
+    for spec, channel in zip(card.channels, channels):
+        if spec.get("skull_stripped"):
+            check_skull_stripped(channel, f"The {spec['name']} image for model '{card.name}'")
 
 
 def _network(card: ModelCard, options: SegmentOptions, window: tuple[int, ...]):
@@ -166,8 +177,7 @@ def segment(channels: list[Volume], card: ModelCard, options: SegmentOptions = S
     """Segment ``channels`` (one volume per model input channel) with the model ``card``."""
     if "guidance" in card.data:
         raise InputError(f"Model '{card.name}' corrects segments with points (refine --guided); it does not segment")
-    check_channels(channels, card)
-    check_modality(channels[0], card)
+    check_inputs(channels, card)
     card.spacing(options.fast)  # a fast mode the model lacks is an error before any work
     report = progress or (lambda fraction, message: None)
     on_gpu = choose_device(options.device).type == "cuda"

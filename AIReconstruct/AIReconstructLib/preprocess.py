@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ModelCardError
+from .errors import InputError, ModelCardError
 from .volume import Volume
 
 
@@ -100,6 +100,24 @@ def fill_value(array: np.ndarray) -> float:
     as BraTS 2013's FLAIR, z-scored inside the brain)."""
     lowest = float(array.min())
     return lowest if np.count_nonzero(array == lowest) > np.count_nonzero(array == 0) else 0.0
+
+
+BRAIN_ML_AT_MOST = 2100.0  # a skull-stripped adult brain holds 1.1-1.9 L (BraTS: 1.1-1.7 L); a head 2.5 L and more
+SIGNAL_SHARE = 0.01  # a voxel holds signal above its background by 1 % of the 99th percentile's height
+
+
+def check_skull_stripped(volume: Volume, subject: str) -> None:
+    """Refuse an image that is not a skull-stripped brain: more of it holds signal (voxels 1 % of
+    the 99th percentile above its background value, :func:`fill_value`) than a brain fills. A head
+    with skull, scalp and the noise of the air around it is several litres. ``subject`` names the
+    image in the message ("The FLAIR image for model ...")."""
+    background = fill_value(volume.array)
+    height = float(np.percentile(volume.array[::4, ::4, ::4], 99)) - background  # every 64th voxel suffices
+    signal_ml = np.count_nonzero(volume.array > background + SIGNAL_SHARE * height) * volume.voxel_volume_ml
+    if signal_ml > BRAIN_ML_AT_MOST:
+        raise InputError(f"{subject} is not skull-stripped: {signal_ml / 1000:.1f} L of it holds signal, more than "
+                         f"a brain ({BRAIN_ML_AT_MOST / 1000:.1f} L at most); strip the skull first "
+                         "(e.g. with HD-BET or SynthStrip)")
 
 
 def normalise(array: np.ndarray, scheme: dict, mask: np.ndarray | None = None) -> np.ndarray:

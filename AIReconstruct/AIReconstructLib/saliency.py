@@ -17,6 +17,7 @@ from scipy import ndimage
 from .errors import InputError
 from .modelcard import ModelCard
 from .networks import EXPORTED, load_network
+from .pipeline import check_inputs
 from .predict import Predictor, pad_to_patch
 from .preprocess import in_array_order, prepare_for_card, restore_scalar
 from .volume import Volume
@@ -29,6 +30,7 @@ def saliency(channels: list[Volume], card: ModelCard, segment_name: str, device:
         raise InputError(f"Model '{card.name}' has no segment named '{segment_name}' (it has: {', '.join(values)})")
     if card.data["architecture"]["name"] in EXPORTED or card.data["architecture"]["name"] == "nnUNet":
         raise InputError(f"Saliency needs a network the engine builds itself; '{card.name}' is an imported model")
+    check_inputs(channels, card)
     network = load_network(card).to(device)
     prepared = prepare_for_card(channels, card)
     patch = in_array_order(card.patch_size, card.orientation)

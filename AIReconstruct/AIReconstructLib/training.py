@@ -71,6 +71,7 @@ class TrainConfig:
     adversarial_warmup_epochs: int = 5
     mirror_axes: list = ()  # array axes (0 z, 1 y, 2 x) to mirror in augmentation and test-time augmentation
     normalisation: str = "foreground"  # channels other than CT: training_data.MRI_NORMALISATIONS
+    skull_stripped: bool = False  # channels other than CT are skull-stripped brains (checked here, then at inference)
     cache: str | None = None  # folder keeping the cases on the model grid for later runs (training_data.load_case)
     labels_file: str | None = None  # model-card label entries (names, colours, codes) for the data set's values
     intended_use: str = "Research use only; not for clinical use"
@@ -107,7 +108,7 @@ def _train(config: TrainConfig, distributed: Distributed, progress, cancel) -> P
         spacing, channel_specs, labels = list(base.spacing()), base.channels, base.data["labels"]
     else:
         spacing = config.spacing or median_spacing(dataset)
-        channel_specs = channel_normalisation(dataset, config.normalisation)
+        channel_specs = channel_normalisation(dataset, config.normalisation, config.skull_stripped)
         labels = label_entries(dataset, config.labels_file)
     num_classes = max(entry["value"] for entry in labels) + 1
 

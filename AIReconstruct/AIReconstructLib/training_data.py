@@ -28,7 +28,7 @@ from .errors import InputError
 from .io import atomic_path, find_cases, read_labelmap, read_volume
 from .modelcard import read_json
 from .predict import Predictor
-from .preprocess import prepare, to_canonical
+from .preprocess import check_skull_stripped, prepare, to_canonical
 
 
 def median_spacing(dataset: Dataset) -> list[float]:
@@ -40,16 +40,18 @@ def median_spacing(dataset: Dataset) -> list[float]:
 MRI_NORMALISATIONS = ("foreground", "nonzero")  # z-scored inside the body, or inside the non-zero voxels
 
 
-def channel_normalisation(dataset: Dataset, mri: str = "foreground") -> list[dict]:
+def channel_normalisation(dataset: Dataset, mri: str = "foreground", skull_stripped: bool = False) -> list[dict]:
     """Model-card channel entries with each channel's normalisation: nnU-Net's CT scheme for CT, else
     a z-score inside the body (``zscore_foreground``, see ``preprocess.normalise``) or, with
-    ``mri="nonzero"``, inside the non-zero voxels (nnU-Net's and MONAI's rule)."""
+    ``mri="nonzero"``, inside the non-zero voxels (nnU-Net's and MONAI's rule); with
+    ``skull_stripped`` those channels are marked as skull-stripped brains."""
     if mri not in MRI_NORMALISATIONS:
         raise InputError(f"Unknown normalisation '{mri}' (known: {', '.join(MRI_NORMALISATIONS)})")
     specs = []
     for index, channel in enumerate(dataset.channel_names):
         if channel.upper() != "CT":
-            specs.append({"name": channel, "normalisation": {"scheme": f"zscore_{mri}"}})
+            specs.append({"name": channel, **({"skull_stripped": True} if skull_stripped else {}),
+                          "normalisation": {"scheme": f"zscore_{mri}"}})
             continue
         samples = []
         rng = np.random.default_rng(0)
@@ -124,12 +126,21 @@ def _cache_key(case, channel_specs, spacing) -> str:
 
 
 def _case_on_grid(case, channel_specs, spacing) -> tuple[torch.Tensor, torch.Tensor]:
-    channels = [read_volume(path) for path in case.images]
+    channels = _read_channels(case.images, channel_specs, f"case {case.case_id}")
     prepared = prepare(channels, channel_specs, spacing)
     labels = read_labelmap(case.label, like=channels[0])
     canonical = torch.from_numpy(np.ascontiguousarray(to_canonical(labels.array, prepared.reorientation)))
     shape = tuple(prepared.tensor.shape[1:])
     return prepared.tensor, F.interpolate(canonical[None, None].float(), size=shape, mode="nearest-exact")[0]
+
+
+def _read_channels(paths, channel_specs, case_name: str) -> list:
+    """The volumes of one case's channels, each checked to be skull-stripped where its spec says so."""
+    channels = [read_volume(path) for path in paths]
+    for channel, spec in zip(channels, channel_specs):
+        if spec.get("skull_stripped"):
+            check_skull_stripped(channel, f"The {spec['name']} image of {case_name}")
+    return channels
 
 
 def rehearsal_cases(folder: str | Path, network: torch.nn.Module, channel_specs, spacing, patch_zyx,
@@ -139,8 +150,8 @@ def rehearsal_cases(folder: str | Path, network: torch.nn.Module, channel_specs,
     model already does well, without expert labels (pseudo-rehearsal)."""
     predictor = Predictor(network, patch_zyx, 0.5, device, backend="torch")
     cases = []
-    for _, paths in find_cases(folder, len(channel_specs)):
-        image = prepare([read_volume(path) for path in paths], channel_specs, spacing).tensor
+    for case_id, paths in find_cases(folder, len(channel_specs)):
+        image = prepare(_read_channels(paths, channel_specs, f"earlier scan {case_id}"), channel_specs, spacing).tensor
         cases.append((image, predictor(image).argmax(0, keepdim=True).float()))
     network.train()
     return cases
