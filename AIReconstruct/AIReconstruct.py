@@ -100,6 +100,7 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportFilesButton.connect("clicked(bool)", self.onExportFiles)
         self.ui.exportModelsButton.connect("clicked(bool)", self.onExportModels)
         self.ui.editButton.connect("clicked(bool)", self.onEdit)
+        self.ui.saveReportButton.connect("clicked(bool)", self.onSaveReport)
         self.ui.includePointsButton.connect("clicked(bool)", lambda: self.onPlacePoints(True))
         self.ui.excludePointsButton.connect("clicked(bool)", lambda: self.onPlacePoints(False))
         self.ui.undoCorrectionButton.connect("clicked(bool)", self.onUndoCorrection)
@@ -187,8 +188,8 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fineTuneButton.enabled = not running
         hasResult = bool(self._parameterNode and self._parameterNode.outputSegmentation)
         for button in (self.ui.exportFilesButton, self.ui.exportModelsButton, self.ui.editButton,
-                       self.ui.includePointsButton, self.ui.excludePointsButton, self.ui.undoCorrectionButton,
-                       self.ui.saveForTrainingButton):
+                       self.ui.saveReportButton, self.ui.includePointsButton, self.ui.excludePointsButton,
+                       self.ui.undoCorrectionButton, self.ui.saveForTrainingButton):
             button.enabled = hasResult and not running
         self.refreshCorrectionSegments()
 
@@ -330,6 +331,15 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Surfaces could not be exported."), waitCursor=True):
             self.logic.adapter.exportSurfacesToModels(slicer.mrmlScene, self._parameterNode.outputSegmentation)
 
+    def onSaveReport(self) -> None:
+        segmentation = self._parameterNode.outputSegmentation
+        path = qt.QFileDialog.getSaveFileName(None, _("Save report"), f"{segmentation.GetName()} report.html",
+                                              _("HTML page (*.html)"))
+        if path:
+            with slicer.util.tryWithErrorDisplay(_("The report could not be saved."), waitCursor=True):
+                written = self.logic.adapter.saveReport(segmentation, path)
+                self.ui.logTextEdit.appendPlainText(_("Report saved: {path}").format(path=written))
+
     def onEdit(self) -> None:
         self.logic.openInSegmentEditor(self._parameterNode.outputSegmentation, self._parameterNode.inputVolume0)
 
@@ -417,7 +427,7 @@ class AIReconstructLogic(ScriptedLoadableModuleLogic):
 
 class AIReconstructTest(ScriptedLoadableModuleTest):
     """In-Slicer self-test: a phantom volume segmented end to end with the demo model, then a
-    segment corrected with a point and the point undone."""
+    segment corrected with a point and the point undone, then the report saved."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -427,6 +437,8 @@ class AIReconstructTest(ScriptedLoadableModuleTest):
         self.test_DemoModelOnPhantom()
 
     def test_DemoModelOnPhantom(self):
+        import tempfile
+
         import numpy as np
 
         from AIReconstructLib.phantom import make_phantom
@@ -478,5 +490,12 @@ class AIReconstructTest(ScriptedLoadableModuleTest):
                                       liver)
         logic.endCorrection()
         self.assertIsNone(logic.adapter.correction)
+
+        self.delayDisplay(_("Saving the report"))
+        with tempfile.TemporaryDirectory() as folder:
+            report = logic.adapter.saveReport(segmentationNode, pathlib.Path(folder) / "report.html")
+            page = report.read_text(encoding="utf-8")
+        self.assertIn("demo-abdomen-ct, version", page)
+        self.assertIn("liver</td>", page)
         logging.info(f"AIReconstruct self-test: liver Dice {dice:.3f}")
         self.delayDisplay(_("Test passed"))

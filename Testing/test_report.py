@@ -28,7 +28,8 @@ def phantom_report(tmp_path_factory):
     phantom = make_phantom(11, field_of_view_mm=(300.0, 220.0, 260.0))
     card = find_model("demo-abdomen-ct")
     prediction = phantom.labels.with_array(np.where(phantom.labels.array == 9, 0, phantom.labels.array).astype(np.uint8))
-    page, measured = build_report(phantom.image, prediction, card.labels, card.data, reference=phantom.labels)
+    page, measured = build_report(phantom.image, prediction, card.labels, card.data, reference=phantom.labels,
+                                  image_name="patient<7>.nii.gz")
     path = write_report(page, tmp_path_factory.mktemp("report") / "report.html")
     return path, page, measured
 
@@ -45,8 +46,22 @@ def test_report_is_self_contained_and_shows_the_measurements(phantom_report):
     assert f"{liver['volume_ml']:.2f}" in page and f"{liver['largest_diameter_mm']:.1f}" in page
     assert "Agreement with the reference" in page and "Research" not in page
     assert "Demo model trained on synthetic phantoms, not for clinical use" in page
+    assert "Image <b>patient&lt;7&gt;.nii.gz</b>, " in page  # which scan, escaped
+    assert f"(demo-abdomen-ct, version {find_model('demo-abdomen-ct').data['version']})" in page
     (lesion,) = measured["lesions"]
     assert f"{lesion['remnant_ml']:.1f}" in page
+
+
+
+def test_a_lesion_alone_gets_no_table_of_organs_around_it():
+    """The brain-tumour model segments the tumour and nothing else: no lesion table of dashes."""
+    card = find_model("brain-tumour-flair")
+    z, y, x = np.indices((40, 48, 48))
+    image = Volume(np.where((z - 20) ** 2 + (y - 24) ** 2 + (x - 24) ** 2 < 300, 100.0, 0.0).astype(np.float32), (2.0,) * 3)
+    tumour = image.with_array(((z - 20) ** 2 + (y - 24) ** 2 + (x - 30) ** 2 < 25).astype(np.uint8))
+    page, measured = build_report(image, tumour, card.labels, card.data)
+    assert [lesion["name"] for lesion in measured["lesions"]] == ["whole tumour"]
+    assert "<h2>Lesions" not in page and "<h2>Measurements</h2>" in page
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make test installs Debian's chromium as root)")

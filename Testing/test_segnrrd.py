@@ -3,8 +3,9 @@
 import nrrd
 import numpy as np
 
-from AIReconstructLib.modelcard import load_card
-from AIReconstructLib.segnrrd import read_seg_nrrd, terminology_string, write_seg_nrrd
+from AIReconstructLib.modelcard import Label, load_card
+from AIReconstructLib.segnrrd import (read_seg_nrrd, read_segmentation, terminology_from_string, terminology_string,
+                                      write_seg_nrrd)
 from AIReconstructLib.volume import Volume
 from conftest import oblique_direction
 
@@ -51,3 +52,16 @@ def test_terminology_with_modifier_and_region():
     text = terminology_string({"category": ["SCT", "49755003", "Morphologically Altered Structure"],
                                "type": ["SCT", "108369006", "Neoplasm"], "region": ["SCT", "10200004", "Liver"]})
     assert text.endswith("~SCT^108369006^Neoplasm~^^~Anatomic codes - DICOM master list~SCT^10200004^Liver~^^")
+
+
+def test_a_segments_own_terminology_is_read_back_and_slicers_default_for_a_new_segment_is_none(tmp_path):
+    codes = {"category": ["SCT", "49755003", "Morphologically Altered Structure"],
+             "type": ["SCT", "108369006", "Neoplasm"], "region": ["SCT", "10200004", "Liver"]}
+    assert terminology_from_string(terminology_string(codes)) == codes
+    assert terminology_from_string("Segmentation category and type - 3D Slicer General Anatomy list~SCT^85756007^Tissue"
+                                   "~SCT^85756007^Tissue~^^~Anatomic codes - DICOM master list~^^~^^") == {}
+    assert terminology_from_string("not a terminology") == {}
+    labels = [Label(1, "tumour", (1.0, 0.0, 0.0), codes, {}), Label(2, "notes", (0.0, 1.0, 0.0), {}, {})]
+    path = write_seg_nrrd(_labelmap(), labels, tmp_path / "edited.seg.nrrd")
+    _, read = read_segmentation(path)  # no model: each segment's terminology from the file itself
+    assert [(label.name, label.terminology) for label in read] == [("tumour", codes), ("notes", {})]

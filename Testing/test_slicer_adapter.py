@@ -195,6 +195,7 @@ def test_background_run_creates_segments_surfaces_and_models(tmp_path, scene, ti
     assert set(_segment_names(node)) <= {"organ", "lesion"} and _segment_names(node)
     reference = node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole())
     assert reference is volume_node
+    assert [node.GetAttribute(a) for a in ("AIReconstruct.Model", "AIReconstruct.ModelVersion")] == ["tiny-test-model", "0.0.1"]
     show_3d(node, smoothing=0.3)
     assert node.GetSegmentation().ContainsRepresentation("Closed surface")
     models = export_to_models(scene, node)
@@ -441,6 +442,51 @@ def test_save_for_training_adds_a_case_the_trainer_reads(scene, tmp_path, tiny_m
     with pytest.raises(InputError, match="segmentation was made on 'CT', not on 'next patient'"):
         save_for_training(segmentation, [next_patient], card, tmp_path / "corrections", "case_003")
     assert len(read_dataset(tmp_path / "corrections").cases) == 2
+
+
+def test_report_of_the_segmentation_as_corrected_names_its_scan_and_the_model_that_made_it(scene, tmp_path, ct_volume):
+    """*Save report...*: the segments as they are now (a corrected liver, the tumour, a segment of the user's
+    own), on the volume the segmentation was made on; the model and version recorded by the run that made it."""
+    from AIReconstructAdapter.logic import AdapterLogic
+    from AIReconstructLib.errors import InputError
+
+    volume_node = add_volume_node(scene, ct_volume, "CT 2026-11-30")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "CT demo-abdomen-ct")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    for attribute, value in (("AIReconstruct.Model", "demo-abdomen-ct"), ("AIReconstruct.ModelVersion", "0.9.0")):
+        segmentation.SetAttribute(attribute, value)
+    liver = np.zeros(ct_volume.array.shape, bool)
+    liver[5:15, 10:30, 10:30] = True
+    tumour = np.zeros_like(liver)
+    tumour[8:11, 15:20, 15:20] = True
+    notes = np.zeros_like(liver)
+    notes[18:22, 2:6, 2:6] = True
+    for name, mask in (("liver", liver & ~tumour), ("liver tumour", tumour), ("my notes", notes)):
+        set_segment_mask(segmentation, segmentation.GetSegmentation().AddEmptySegment("", name), volume_node, mask)
+    voxel_ml = np.prod(ct_volume.spacing) / 1000
+
+    path = AdapterLogic().saveReport(segmentation, tmp_path / "report.html")
+    page = path.read_text(encoding="utf-8")
+    assert "Image <b>CT 2026-11-30</b>, " in page and "(demo-abdomen-ct, version 0.9.0)" in page
+    for name, mask in (("liver", liver & ~tumour), ("liver tumour", tumour), ("my notes", notes)):
+        assert f"{name}</td><td>{mask.sum() * voxel_ml:.2f}</td>" in page, name  # volumes as segmented now
+    assert "<h2>Lesions (safety margin 10 mm)</h2>" in page  # the model's label of that name is a lesion
+
+    drawn = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn by hand")
+    drawn.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    segment_id = drawn.GetSegmentation().AddEmptySegment("", "nodule")
+    set_segment_mask(drawn, segment_id, volume_node, tumour)
+    drawn.GetSegmentation().GetSegment(segment_id).SetTag(
+        "TerminologyEntry", "Segmentation category and type - 3D Slicer General Anatomy list~SCT^49755003^Morphologically"
+        " Altered Structure~SCT^27925004^Nodule~^^~Anatomic codes - DICOM master list~^^~^^")
+    set_segment_mask(drawn, drawn.GetSegmentation().AddEmptySegment("", "lung"), volume_node, liver & ~tumour)
+    page = AdapterLogic().saveReport(drawn, tmp_path / "drawn.html").read_text(encoding="utf-8")
+    assert "(drawn by hand)" in page and "made or edited in 3D Slicer" in page and "version" not in page.split("<h2>")[0]
+    assert "<h2>Lesions" in page  # the segment's own terminology: a nodule, inside the lung
+    unplaced = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "loaded from a file")
+    with pytest.raises(InputError, match="'loaded from a file' has no volume it was made on"):
+        AdapterLogic().saveReport(unplaced, tmp_path / "none.html")
+    assert not (tmp_path / "none.html").exists()
 
 
 def test_saved_corrections_fine_tune_the_model_into_a_new_installed_version(scene, tmp_path, tiny_model, ct_volume):

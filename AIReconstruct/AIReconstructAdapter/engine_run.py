@@ -29,7 +29,7 @@ from pathlib import Path
 from AIReconstructLib.errors import AIReconstructError
 from AIReconstructLib.io import read_volume, remove_stale_folders
 
-from .nodes import add_check_points, add_volume_node, import_segmentation, voxel_bytes, write_volume_node
+from .nodes import MADE_BY, add_check_points, add_volume_node, import_segmentation, voxel_bytes, write_volume_node
 
 ENGINE_FOLDER = Path(__file__).resolve().parents[1]  # the folder holding AIReconstructLib
 MEMORY_FOLDER = Path("/dev/shm")  # Linux's file system in memory
@@ -322,6 +322,8 @@ class SegmentationJob(BackgroundJob):
         name = f"{self.input_nodes[0].GetName()} {result['summary']['model']}"
         earlier = [self.target.GetNodeReference(role) for role in UNCERTAINTY_ROLES] if self.target else []
         self.segmentation_node = import_segmentation(self.scene, seg_file, self.input_nodes[0], self.target, name)
+        for attribute, value in zip(MADE_BY, (result["summary"]["model"], result["summary"]["model_version"])):
+            self.segmentation_node.SetAttribute(attribute, value)
         for node in filter(None, earlier):
             self.scene.RemoveNode(node)
         if uncertainty is not None:

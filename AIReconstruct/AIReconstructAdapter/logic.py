@@ -104,6 +104,9 @@ class AdapterLogic:
     def exportSurfacesToFiles(self, segmentation_node, folder: str | Path, suffix: str = ".stl") -> list[Path]:
         return nodes.export_to_files(segmentation_node, folder, suffix)
 
+    def saveReport(self, segmentation_node, path: str | Path) -> Path:
+        """Write the HTML report of the segmentation as it is now (corrections included) to ``path``."""
+        return nodes.save_report(segmentation_node, path)
 
     def correctionsFolder(self, model: str) -> Path:
         """Where corrected cases of a model are saved for training unless the user picks a folder."""

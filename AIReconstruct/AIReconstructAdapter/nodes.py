@@ -3,7 +3,7 @@
 - a scalar volume node (with any linear parent transform) -> a file the engine reads;
 - the engine's ``.seg.nrrd`` -> segments in a segmentation node (new, or replacing segments of the
   same name in an existing one), with names, colours and terminology, geometry from the input;
-- segments -> closed surfaces, model nodes, or mesh files.
+- segments -> closed surfaces, model nodes, mesh files, or the engine's HTML report.
 The scene is changed only once everything has been read successfully.
 """
 
@@ -17,14 +17,17 @@ import slicer
 import vtk
 
 from AIReconstructLib.dataset import save_case
-from AIReconstructLib.errors import InputError
+from AIReconstructLib.errors import InputError, ModelCardError
 from AIReconstructLib.io import write_volume
-from AIReconstructLib.modelcard import Label
+from AIReconstructLib.modelcard import Label, find_model
+from AIReconstructLib.report import build_report, write_report
 from AIReconstructLib.scene import write_scene
+from AIReconstructLib.segnrrd import terminology_from_string
 from AIReconstructLib.surfaces import SCENE_FORMATS, Surface, mesh_file_name, write_mesh
 from AIReconstructLib.volume import Volume
 
 
+MADE_BY = ("AIReconstruct.Model", "AIReconstruct.ModelVersion")  # node attributes: the model that made a segmentation
 CONVERTER_RULES = ("vtkBinaryLabelmapToClosedSurfaceConversionRule", "vtkClosedSurfaceToBinaryLabelmapConversionRule")
 
 
@@ -139,6 +142,42 @@ def save_for_training(segmentation_node, volume_nodes: list, card, folder: str |
         if segment_id:
             array[segment_mask(segmentation_node, segment_id, volume_nodes[0]) & (array == 0)] = label.value
     return save_case(folder, case_id, channels, channels[0].with_array(array), card)
+
+
+def save_report(segmentation_node, path: str | Path) -> Path:
+    """Write the engine's HTML report (volumes, diameters, lesions' distances and resection
+    volumes, slices, 3D view) of every segment as it is now, corrections included, on the volume
+    the segmentation was made on, naming the model and version that made it (:data:`MADE_BY`). A
+    segment's terminology tells lesions from organs (that model's label of the same name where the
+    segment has none)."""
+    volume_node = source_volume(segmentation_node)
+    if volume_node is None:
+        raise InputError(f"'{segmentation_node.GetName()}' has no volume it was made on; segment a volume first")
+    segmentation = segmentation_node.GetSegmentation()
+    count = segmentation.GetNumberOfSegments()
+    if count == 0:
+        raise InputError(f"'{segmentation_node.GetName()}' has no segments to report on")
+    model_name, version = (segmentation_node.GetAttribute(attribute) for attribute in MADE_BY)
+    try:
+        card = find_model(model_name) if model_name else None
+    except ModelCardError:  # no longer installed
+        card = None
+    card_terminology = {label.name: label.terminology for label in card.labels} if card else {}
+    image = volume_from_node(volume_node)
+    array = np.zeros(image.array.shape, np.uint16 if count > 255 else np.uint8)
+    labels = []
+    for value in range(1, count + 1):
+        segment = segmentation.GetNthSegment(value - 1)
+        terminology = terminology_from_string(segment.GetTerminology()) or card_terminology.get(segment.GetName(), {})
+        labels.append(Label(value, segment.GetName(), tuple(segment.GetColor()), terminology, {}))
+        mask = segment_mask(segmentation_node, segmentation.GetNthSegmentID(value - 1), volume_node)
+        array[mask & (array == 0)] = value
+    model = dict(card.data if card else {"name": model_name or segmentation_node.GetName(),
+                                         "intended_use": "Segmentation made or edited in 3D Slicer; not for clinical use"})
+    if version:
+        model["version"] = version  # the version that made it, though a later one may be installed now
+    page, _ = build_report(image, image.with_array(array), labels, model, image_name=volume_node.GetName())
+    return write_report(page, path)
 
 
 def add_check_points(scene, regions: list[dict], name: str, coordinates: str = "LPS"):

@@ -203,7 +203,8 @@ def cmd_report(args, reporter: Reporter) -> None:
     reference = read_segmentation(args.reference, like=image)[0] if args.reference else None
     model = card.data if card else {"name": Path(args.labelmap).name,
                                     "intended_use": "Segmentation read from a file; not for clinical use"}
-    page, measured = build_report(image, labelmap, labels, model, reference, args.margin, args.coordinates)
+    page, measured = build_report(image, labelmap, labels, model, reference, args.margin, args.coordinates,
+                                  image_name=Path(args.image).name)
     path = write_report(page, args.output)
     lines = [f"{s['name']}: {s['volume_ml']:.1f} mL, largest diameter {s['largest_diameter_mm']:.1f} mm"
              for s in measured["segments"]]

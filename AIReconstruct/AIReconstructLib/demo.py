@@ -63,7 +63,7 @@ def run_demo(output: Path, seed: int = 7, extra_cases: int = 2, device: str = "a
                 write_volume(phantom.image, out.path(f"{stem}_ct.nii.gz"))
                 summary = export_segmentation(result, out, stem, (".stl", ".vtp", ".glb"))
                 page, summary["measurements"] = build_report(phantom.image, result.labelmap, card.labels, card.data,
-                                                             reference=phantom.labels)
+                                                             reference=phantom.labels, image_name=f"{stem}_ct.nii.gz")
                 write_report(page, out.path(f"{stem}_report.html"))
                 summary["dice"] = {name: s["dice"] for name, s in scores["labels"].items()}
                 summary["mean_dice"] = scores["mean"]["dice"]

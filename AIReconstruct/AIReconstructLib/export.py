@@ -80,7 +80,7 @@ def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str
             page, summary["measurements"] = build_report(report_image, segmentation.labelmap, labels,
                                                          segmentation.card.data, margin_mm=margin_mm,
                                                          coordinates=coordinates, uncertainty=segmentation.uncertainty,
-                                                         confidence=segmentation.confidence)
+                                                         confidence=segmentation.confidence, image_name=stem)
             write_report(page, out.path(f"{stem}_report.html"))
             seconds["report"] = time.perf_counter() - started
         if dicom_series is not None:

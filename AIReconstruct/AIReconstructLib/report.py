@@ -170,7 +170,7 @@ def _sections(image, labelmap, labels, measured, metrics, surfaces) -> list[str]
         ["Segment", "Volume (mL)", "Surface area (cm²)", "Largest diameter (mm)", f"Centroid {measured['coordinates']} (mm)"],
         [[_swatch(by_name.get(s["name"]), s["name"]), f"{s['volume_ml']:.2f}", f"{s['surface_area_cm2']:.1f}",
           f"{s['largest_diameter_mm']:.1f}", ", ".join(f"{c:.1f}" for c in s["centroid_mm"])] for s in measured["segments"]])]
-    if measured["lesions"]:
+    if any(lesion["organ"] or lesion["distances_mm"] for lesion in measured["lesions"]):  # else only names
         rows = []
         for lesion in measured["lesions"]:
             nearest = sorted(lesion["distances_mm"].items(), key=lambda item: item[1])[:4]
@@ -206,10 +206,11 @@ figure{margin:0}figcaption{text-align:center;font-size:90%}.use{background:#fff4
 
 def build_report(image: Volume, labelmap: Volume, labels: list[Label], model: dict, reference: Volume | None = None,
                  margin_mm: float = 10.0, coordinates: str = "LPS", uncertainty: Volume | None = None,
-                 confidence: dict | None = None) -> tuple[str, dict]:
+                 confidence: dict | None = None, image_name: str = "") -> tuple[str, dict]:
     """The report's HTML and the measurements it shows. ``model`` gives the card's ``name``,
-    ``title`` and ``intended_use``; ``reference`` (a label map on the same grid) adds metrics;
-    ``uncertainty`` and ``confidence`` (from ``segment`` with uncertainty) add the confidence sections."""
+    ``title``, ``version`` and ``intended_use``; ``image_name`` says which scan it is (its file);
+    ``reference`` (a label map on the same grid) adds metrics; ``uncertainty`` and ``confidence``
+    (from ``segment`` with uncertainty) add the confidence sections."""
     from .surfaces import extract_surfaces
 
     if not labelmap.same_grid(image):
@@ -222,9 +223,11 @@ def build_report(image: Volume, labelmap: Volume, labels: list[Label], model: di
         metrics = evaluate(labelmap, reference, {label.value: label.name for label in labels})
     surfaces = extract_surfaces(labelmap, labels, coordinates=coordinates, max_triangles=REPORT_TRIANGLES)
     spacing = " × ".join(f"{s:.3g}" for s in image.spacing)
-    header = (f"<h1>AIReconstruct report</h1><p>Image {' × '.join(map(str, image.shape_ijk))} voxels, spacing "
-              f"{spacing} mm. Model <b>{html.escape(model.get('title') or model['name'])}</b> ({html.escape(model['name'])}). "
-              f"Generated {datetime.date.today().isoformat()}.</p>"
+    version = f", version {html.escape(model['version'])}" if model.get("version") else ""
+    named = f"<b>{html.escape(image_name)}</b>, " if image_name else ""
+    header = (f"<h1>AIReconstruct report</h1><p>Image {named}{' × '.join(map(str, image.shape_ijk))} voxels, spacing "
+              f"{spacing} mm. Model <b>{html.escape(model.get('title') or model['name'])}</b> ({html.escape(model['name'])}"
+              f"{version}). Generated {datetime.date.today().isoformat()}.</p>"
               f'<p class="use">{html.escape(model.get("intended_use", ""))}</p>')
     sections = _sections(image, labelmap, labels, measured, metrics, surfaces)
     if uncertainty is not None:

@@ -41,6 +41,27 @@ def terminology_string(terminology: dict) -> str:
     ])
 
 
+TERMINOLOGY_PARTS = ("context", "category", "type", "type_modifier", "anatomic_context", "region", "region_modifier")
+NEW_SEGMENT_TYPE = "85756007"  # SNOMED CT "Tissue": what Slicer names every segment added without a choice
+
+
+def terminology_from_string(entry: str) -> dict:
+    """The codes of a serialised terminology entry (a Slicer segment's): the inverse of
+    :func:`terminology_string`; {} when it holds none, or only Slicer's default for a new segment."""
+    parts = entry.split("~")
+    if len(parts) != len(TERMINOLOGY_PARTS):
+        return {}
+    codes = {key: part.split("^") for key, part in zip(TERMINOLOGY_PARTS, parts) if "context" not in key}
+    codes = {key: code for key, code in codes.items() if len(code) == 3 and code[1]}
+    return {} if codes.get("type", [None, None])[1] == NEW_SEGMENT_TYPE else codes
+
+
+def _tagged_terminology(tags: str) -> dict:
+    """The codes in a ``.seg.nrrd`` segment's ``Tags`` field, {} where it has no terminology entry."""
+    entry = next((tag.split(":", 1)[1] for tag in tags.split("|") if tag.startswith("TerminologyEntry:")), "")
+    return terminology_from_string(entry)
+
+
 def _segment_id(label: Label) -> str:
     return "".join(c if c.isalnum() else "_" for c in label.name)
 
@@ -130,16 +151,17 @@ def read_seg_nrrd(path: str | os.PathLike) -> tuple[Volume, list[dict]]:
 
 def read_segmentation(path: str | os.PathLike, card: ModelCard | None = None,
                       like: Volume | None = None) -> tuple[Volume, list[Label]]:
-    """A label map (NIfTI, NRRD or .seg.nrrd) and its labels: the .seg.nrrd's segments (with the
-    card's terminology where names match), else the card's labels, else numbered ones. With
-    ``like``, the label map must lie on that image's grid."""
+    """A label map (NIfTI, NRRD or .seg.nrrd) and its labels: the .seg.nrrd's segments (with their
+    own terminology, else the card's where names match), else the card's labels, else numbered
+    ones. With ``like``, the label map must lie on that image's grid."""
     if Path(path).name.lower().endswith(".seg.nrrd"):
         labelmap, segments = read_seg_nrrd(path)
         if like is not None and not labelmap.same_grid(like):
             raise InputError(f"{Path(path).name} does not match its image's grid")
         terminology = {label.name: label.terminology for label in card.labels} if card else {}
         return labelmap, [Label(int(s["LabelValue"]), s["Name"], tuple(map(float, s["Color"].split())),
-                                terminology.get(s["Name"], {}), {}) for s in segments]
+                                _tagged_terminology(s.get("Tags", "")) or terminology.get(s["Name"], {}), {})
+                          for s in segments]
     labelmap = read_labelmap(path, like=like)
     if card is not None:
         return labelmap, card.labels
