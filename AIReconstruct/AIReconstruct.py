@@ -263,6 +263,8 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSegmentationDone(self, job) -> None:
         self.logic.endCorrection()  # its points were placed on the result before
         self._parameterNode.outputSegmentation = job.segmentation_node
+        for name, volume in job.volumes_ml.items():
+            self.ui.logTextEdit.appendPlainText(_("{name}: {volume:.1f} mL").format(name=name, volume=volume))
         if self._parameterNode.show3D:
             self.logic.adapter.showSurfaces(job.segmentation_node, self._parameterNode.surfaceSmoothing)
         if job.uncertainty_node is not None:

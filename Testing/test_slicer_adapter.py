@@ -193,6 +193,7 @@ def test_background_run_creates_segments_surfaces_and_models(tmp_path, scene, ti
     node = job.segmentation_node
     assert node.GetName() == "patient CT tiny-test-model"
     assert set(_segment_names(node)) <= {"organ", "lesion"} and _segment_names(node)
+    assert set(job.volumes_ml) == set(_segment_names(node)) and all(v > 0 for v in job.volumes_ml.values())
     reference = node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole())
     assert reference is volume_node
     assert [node.GetAttribute(a) for a in ("AIReconstruct.Model", "AIReconstruct.ModelVersion")] == ["tiny-test-model", "0.0.1"]
