@@ -29,18 +29,30 @@ def is_lesion(label: Label) -> bool:
 
 
 def largest_diameter(points: np.ndarray) -> float:
-    """The largest distance between two points (on the convex hull, compared in blocks)."""
+    """The largest distance between two points: of the convex hull's vertices, every pair compared in
+    blocks, each block's squared distances as |a|² + |b|² - 2 a·b (one matrix product)."""
     if len(points) < 2:
         return 0.0
     try:
         points = points[ConvexHull(points).vertices]
     except Exception:  # flat or tiny point sets: compare all points
         pass
+    points = np.asarray(points, np.float64) - points.mean(axis=0)  # centred: small norms, small rounding
+    squared_norms = (points ** 2).sum(axis=1)
     best = 0.0
-    for start in range(0, len(points), 1024):
-        block = points[start:start + 1024]
-        best = max(best, float(np.sqrt(((block[:, None, :] - points[None, :, :]) ** 2).sum(-1).max())))
-    return best
+    for start in range(0, len(points), 2048):
+        block = slice(start, start + 2048)
+        squared = squared_norms[block, None] + squared_norms[None, :] - 2.0 * (points[block] @ points.T)
+        best = max(best, float(squared.max()))
+    return float(np.sqrt(best))
+
+
+def mask_centre(mask: np.ndarray) -> np.ndarray:
+    """The mean index of a boolean mask's voxels along each axis, from its per-axis counts (no list
+    of voxels is made)."""
+    axes = range(mask.ndim)
+    counts = [np.count_nonzero(mask, axis=tuple(other for other in axes if other != axis)) for axis in axes]
+    return np.array([(count * np.arange(len(count))).sum() / count.sum() for count in counts])
 
 
 def _vertices(mesh: SharedMesh, faces: np.ndarray) -> np.ndarray:
@@ -85,13 +97,14 @@ def measure(labelmap: Volume, labels: list[Label], margin_mm: float = 10.0, smoo
     mesh = shared_mesh(labelmap, [label.value for label in present], smoothing, coordinates)
     surfaces = {s.label.value: s for s in surfaces_of(mesh, present, coordinates)}
     matrix = labelmap.ijk_to_lps() if coordinates == "LPS" else labelmap.ijk_to_ras()
-    segments, volumes = [], {}
+    segments, volumes, faces = [], {}, {}
     for label in present:
         box = boxes[label.value - 1]
-        kji = np.argwhere(labelmap.array[box] == label.value) + [s.start for s in box]
-        volumes[label.value] = len(kji) * labelmap.voxel_volume_ml
-        centroid = matrix[:3, :3] @ kji.mean(axis=0)[::-1] + matrix[:3, 3]
-        on_surface = np.flatnonzero((mesh.pairs == label.value).any(axis=1))
+        inside = labelmap.array[box] == label.value
+        volumes[label.value] = np.count_nonzero(inside) * labelmap.voxel_volume_ml
+        kji = mask_centre(inside) + [s.start for s in box]
+        centroid = matrix[:3, :3] @ kji[::-1] + matrix[:3, 3]
+        on_surface = faces[label.value] = np.flatnonzero((mesh.pairs == label.value).any(axis=1))
         surface = mesh_measurements(surfaces[label.value].polydata)
         segments.append({"name": label.name, "value": label.value, "lesion": is_lesion(label),
                          "volume_ml": volumes[label.value], "surface_area_cm2": surface["area_cm2"],
@@ -100,8 +113,7 @@ def measure(labelmap: Volume, labels: list[Label], margin_mm: float = 10.0, smoo
 
     lesion_values = {label.value for label in present if is_lesion(label)}
     names = {label.value: label.name for label in present}
-    trees = {label.value: cKDTree(_vertices(mesh, np.flatnonzero((mesh.pairs == label.value).any(axis=1))))
-             for label in present}
+    trees = {value: cKDTree(_vertices(mesh, faces[value])) for value in faces} if lesion_values else {}
     lesions = []
     for value in sorted(lesion_values):
         box = boxes[value - 1]

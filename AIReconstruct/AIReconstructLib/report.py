@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import InputError
 from .io import atomic_path
-from .measurements import is_lesion, measure
+from .measurements import is_lesion, mask_centre, measure
 from .metrics import evaluate
 from .modelcard import Label
 from .preprocess import reorientation_of, to_canonical
@@ -71,20 +71,19 @@ def slice_views(image: Volume, labelmap: Volume, labels: list[Label], through: n
     anterior on the left of the sagittal view, superior up), with the labels' colours or, given
     ``heat`` (0-1, e.g. the uncertainty), a red heat overlay; each as {"plane", "uri", "width", "height"}."""
     how = reorientation_of(image, "SPL")
-    grey = to_canonical(image.array, how).astype(np.float32)
+    grey = to_canonical(image.array, how)  # views: only the three slices are copied
     lab = to_canonical(labelmap.array, how)
     hot = to_canonical(heat.array, how) if heat is not None else None
     low, high = np.percentile(grey[::2, ::2, ::2], [1, 99.5])
-    grey = np.clip((grey - low) / max(high - low, 1e-6) * 255, 0, 255)
     colours = {label.value: np.array(label.color, np.float32) * 255 for label in labels}
-    s, p, l_ = np.round(np.argwhere(to_canonical(through, how)).mean(axis=0)).astype(int)
+    s, p, l_ = np.round(mask_centre(to_canonical(through, how))).astype(int)
     dz, dy, dx = how.spacing_zyx
     cuts = [("axial", np.s_[s], (dy, dx), False), ("coronal", np.s_[:, p], (dz, dx), True),
             ("sagittal", np.s_[:, :, l_], (dz, dy), True)]
     views = []
     for plane, cut, (row_mm, column_mm), superior_up in cuts:
         flip = np.s_[::-1] if superior_up else np.s_[:]
-        picture = grey[cut][flip]
+        picture = np.clip((grey[cut][flip].astype(np.float32) - low) / max(high - low, 1e-6) * 255, 0, 255)
         if hot is None:
             rgb = _overlay(picture, lab[cut][flip], colours)
         else:
