@@ -2,7 +2,9 @@
 
 import nrrd
 import numpy as np
+import pytest
 
+from AIReconstructLib.errors import InputError
 from AIReconstructLib.modelcard import Label, load_card
 from AIReconstructLib.segnrrd import (read_seg_nrrd, read_segmentation, terminology_from_string, terminology_string,
                                       write_seg_nrrd)
@@ -65,3 +67,22 @@ def test_a_segments_own_terminology_is_read_back_and_slicers_default_for_a_new_s
     path = write_seg_nrrd(_labelmap(), labels, tmp_path / "edited.seg.nrrd")
     _, read = read_segmentation(path)  # no model: each segment's terminology from the file itself
     assert [(label.name, label.terminology) for label in read] == [("tumour", codes), ("notes", {})]
+
+
+def test_a_seg_nrrd_saved_cropped_to_its_segments_is_placed_on_its_image(tmp_path):
+    """Slicer's "crop to minimum extent" saves only the segments' box: read on the image's grid it is
+    placed where it belongs; a box off the grid's voxels or reaching outside the image is refused."""
+    image = _labelmap().with_array(np.zeros((5, 6, 7), np.int16))
+    full = _labelmap()
+    labels = [Label(1, "organ", (1.0, 0.0, 0.0), {}, {}), Label(2, "lesion", (0.0, 1.0, 0.0), {}, {})]
+    block = (slice(1, 5), slice(2, 6), slice(3, 7))  # [k, j, i]: every labelled voxel
+    corner = full.ijk_to_lps() @ [3, 2, 1, 1]
+    cropped = Volume(full.array[block].copy(), full.spacing, tuple(corner[:3]), full.direction)
+    path = write_seg_nrrd(cropped, labels, tmp_path / "cropped.seg.nrrd")
+    placed, _ = read_segmentation(path, like=image)
+    np.testing.assert_array_equal(placed.array, full.array)
+    assert placed.same_grid(image)
+    for origin in (tuple(corner[:3] + 0.4), tuple(full.ijk_to_lps() @ [5, 4, 3, 1])[:3]):  # off the voxels; outside
+        path = write_seg_nrrd(Volume(cropped.array, full.spacing, origin, full.direction), labels, tmp_path / "off.seg.nrrd")
+        with pytest.raises(InputError, match="off.seg.nrrd does not match its image's grid"):
+            read_segmentation(path, like=image)

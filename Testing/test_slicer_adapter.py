@@ -477,9 +477,15 @@ def test_report_of_the_segmentation_as_corrected_names_its_scan_and_the_model_th
     drawn.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     segment_id = drawn.GetSegmentation().AddEmptySegment("", "nodule")
     set_segment_mask(drawn, segment_id, volume_node, tumour)
+    entry = slicer.vtkSlicerTerminologyEntry()  # "Nodule" chosen in Slicer's terminology selector
+    entry.SetTerminologyContextName("Segmentation category and type - DICOM master list")
+    for code, (value, meaning) in ((entry.GetCategoryObject(), ("49755003", "Morphologically Altered Structure")),
+                                   (entry.GetTypeObject(), ("27925004", "Nodule"))):
+        code.SetCodingSchemeDesignator("SCT")
+        code.SetCodeValue(value)
+        code.SetCodeMeaning(meaning)
     drawn.GetSegmentation().GetSegment(segment_id).SetTag(
-        "TerminologyEntry", "Segmentation category and type - 3D Slicer General Anatomy list~SCT^49755003^Morphologically"
-        " Altered Structure~SCT^27925004^Nodule~^^~Anatomic codes - DICOM master list~^^~^^")
+        "TerminologyEntry", slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(entry))
     set_segment_mask(drawn, drawn.GetSegmentation().AddEmptySegment("", "lung"), volume_node, liver & ~tumour)
     page = AdapterLogic().saveReport(drawn, tmp_path / "drawn.html").read_text(encoding="utf-8")
     assert "(drawn by hand)" in page and "made or edited in 3D Slicer" in page and "version" not in page.split("<h2>")[0]
@@ -488,6 +494,32 @@ def test_report_of_the_segmentation_as_corrected_names_its_scan_and_the_model_th
     with pytest.raises(InputError, match="'loaded from a file' has no volume it was made on"):
         AdapterLogic().saveReport(unplaced, tmp_path / "none.html")
     assert not (tmp_path / "none.html").exists()
+
+
+def test_a_segmentation_slicer_saved_cropped_is_read_on_its_image_by_the_command_line(scene, tmp_path, ct_volume, capsys):
+    """File > Save with "crop to minimum extent": Slicer writes only the segments' box; ``aireconstruct
+    evaluate`` and ``report`` read it on the image's grid."""
+    import json
+
+    from AIReconstructLib.cli import main
+
+    volume_node = add_volume_node(scene, ct_volume, "CT")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    tumour = np.zeros(ct_volume.array.shape, bool)
+    tumour[8:11, 15:21, 14:20] = True
+    set_segment_mask(segmentation, segmentation.GetSegmentation().AddEmptySegment("", "tumour"), volume_node, tumour)
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetCropToMinimumExtent(True)
+    storage.SetFileName(str(tmp_path / "saved.seg.nrrd"))
+    assert storage.WriteData(segmentation)
+    write_volume(ct_volume, tmp_path / "ct.nrrd")
+    write_volume(ct_volume.with_array(tumour.astype(np.uint8)), tmp_path / "truth.nii.gz")
+    assert main(["evaluate", str(tmp_path / "saved.seg.nrrd"), str(tmp_path / "truth.nii.gz"),
+                 "--json", str(tmp_path / "scores.json")]) == 0
+    assert json.loads((tmp_path / "scores.json").read_text())["mean"]["dice"] == 1.0
+    assert main(["report", str(tmp_path / "ct.nrrd"), str(tmp_path / "saved.seg.nrrd"), "-o", str(tmp_path / "r.html")]) == 0
+    assert f"{tumour.sum() * np.prod(ct_volume.spacing) / 1000:.2f}" in (tmp_path / "r.html").read_text(encoding="utf-8")
 
 
 def test_saved_corrections_fine_tune_the_model_into_a_new_installed_version(scene, tmp_path, tiny_model, ct_volume):

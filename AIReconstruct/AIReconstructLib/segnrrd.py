@@ -153,11 +153,14 @@ def read_segmentation(path: str | os.PathLike, card: ModelCard | None = None,
                       like: Volume | None = None) -> tuple[Volume, list[Label]]:
     """A label map (NIfTI, NRRD or .seg.nrrd) and its labels: the .seg.nrrd's segments (with their
     own terminology, else the card's where names match), else the card's labels, else numbered
-    ones. With ``like``, the label map must lie on that image's grid."""
+    ones. With ``like``, the label map must lie on that image's grid; a .seg.nrrd may also be a block
+    of it (saved cropped to its segments), placed there."""
     if Path(path).name.lower().endswith(".seg.nrrd"):
         labelmap, segments = read_seg_nrrd(path)
         if like is not None and not labelmap.same_grid(like):
-            raise InputError(f"{Path(path).name} does not match its image's grid")
+            labelmap = labelmap.placed_on(like)  # saved cropped to its segments (Slicer's "crop to minimum extent")
+            if labelmap is None:
+                raise InputError(f"{Path(path).name} does not match its image's grid")
         terminology = {label.name: label.terminology for label in card.labels} if card else {}
         return labelmap, [Label(int(s["LabelValue"]), s["Name"], tuple(map(float, s["Color"].split())),
                                 _tagged_terminology(s.get("Tags", "")) or terminology.get(s["Name"], {}), {})

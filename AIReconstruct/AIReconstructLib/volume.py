@@ -71,6 +71,25 @@ class Volume:
             and np.allclose(self.direction, other.direction, atol=tolerance)
         )
 
+    def placed_on(self, grid: "Volume", tolerance: float = 1e-4) -> "Volume | None":
+        """This volume on ``grid``'s voxels, zeros around it, when it is a block of that grid: the same
+        spacing and direction, its first voxel on one of the grid's, all of it inside (a segmentation
+        saved cropped to its segments, as Slicer does with "crop to minimum extent"); else None."""
+        if not (np.allclose(self.spacing, grid.spacing, atol=tolerance)
+                and np.allclose(self.direction, grid.direction, atol=tolerance)):
+            return None
+        offset = np.linalg.solve(grid.ijk_to_lps()[:3, :3], np.subtract(self.origin, grid.origin))
+        start = np.round(offset)
+        if not np.allclose(offset, start, atol=tolerance):
+            return None
+        start = start.astype(int)
+        stop = start + self.shape_ijk
+        if (start < 0).any() or (stop > grid.shape_ijk).any():
+            return None
+        array = np.zeros(grid.array.shape, self.array.dtype)
+        array[start[2]:stop[2], start[1]:stop[1], start[0]:stop[0]] = self.array
+        return grid.with_array(array)
+
     @classmethod
     def from_ijk_to_ras(cls, array: np.ndarray, ijk_to_ras: np.ndarray) -> "Volume":
         """Build a volume from an array ``[k, j, i]`` and Slicer's 4x4 IJK-to-RAS matrix."""
