@@ -135,8 +135,10 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume0:
-            self._parameterNode.inputVolume0 = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        if not self._parameterNode.inputVolume0:  # the first image loaded, not a label map
+            images = [node for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                      if not node.IsA("vtkMRMLLabelMapVolumeNode")]
+            self._parameterNode.inputVolume0 = images[0] if images else None
 
     def setParameterNode(self, parameterNode) -> None:
         if self._parameterNode:

@@ -70,3 +70,12 @@ def test_the_export_menu_offers_the_engine_formats():
 
     assignment = next(node for node in TREE.body if isinstance(node, ast.Assign) and node.targets[0].id == "MESH_FORMATS")
     assert ast.literal_eval(assignment.value) == list(MESH_FORMATS)
+
+
+def test_input_selectors_offer_images_not_label_maps():
+    """Slicer's convention for an image input: scalar volumes without their label-map subclass."""
+    for n in range(4):
+        selector = next(w for w in UI.iter("widget") if w.get("name") == f"inputVolumeSelector{n}")
+        properties = {p.get("name"): p for p in selector.findall("property")}
+        assert [s.text for s in properties["nodeTypes"].iter("string")] == ["vtkMRMLScalarVolumeNode"]
+        assert properties["showChildNodeTypes"].find("bool").text == "false"
