@@ -117,7 +117,7 @@ def check_skull_stripped(volume: Volume, subject: str) -> None:
     if signal_ml > BRAIN_ML_AT_MOST:
         raise InputError(f"{subject} is not skull-stripped: {signal_ml / 1000:.1f} L of it holds signal, more than "
                          f"a brain ({BRAIN_ML_AT_MOST / 1000:.1f} L at most); strip the skull first "
-                         "(e.g. with HD-BET or SynthStrip)")
+                         "(e.g. with HD-BET, in Slicer its HDBrainExtraction extension, or SynthStrip)")
 
 
 def normalise(array: np.ndarray, scheme: dict, mask: np.ndarray | None = None) -> np.ndarray:
