@@ -88,6 +88,10 @@ def test_import_reads_network_preprocessing_and_labels(tmp_path):
                                                                   "num_res_units": 1}}
     assert card.channels[0]["normalisation"] == {"scheme": "ct", "clip": [-200.0, 300.0], "mean": -200.0, "std": 500.0}
     assert card.data["weights"][0]["file"] == "model.safetensors" and card.data["modality"] == "CT"
+    assert "skull_stripped" not in card.channels[0]
+    assert main(["import-model", "monai-bundle", str(tmp_path / "bundle"), "-o", str(tmp_path / "stripped"),
+                 "--skull-stripped"]) == 0
+    assert load_card(tmp_path / "stripped").channels[0]["skull_stripped"] is True
 
 
 CASES = {  # spacing, field of view (mm), blending

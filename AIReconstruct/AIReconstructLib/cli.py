@@ -207,7 +207,7 @@ def cmd_import_model(args, reporter: Reporter) -> None:
                          task=args.task, download=args.download, url=args.url, configuration=args.configuration,
                          folds=args.folds, checkpoint=args.checkpoint, modality=args.modality,
                          orientation=args.orientation, licence=args.licence, intended_use=args.intended_use,
-                         previous_stage=args.previous_stage)
+                         previous_stage=args.previous_stage, skull_stripped=args.skull_stripped)
     reporter.result(f"imported {saved.summary()}\ncard: {saved.folder / 'card.json'}",
                     {"card": str(saved.folder / "card.json"), "name": saved.name})
 
@@ -309,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="JSON object: label name -> {name, color, terminology} for the card")
     p.add_argument("--licence", default="See the model's source")
     p.add_argument("--intended-use")
+    p.add_argument("--skull-stripped", action="store_true",
+                   help="the model was trained on skull-stripped brains: images that are not are refused")
     p.set_defaults(func=cmd_import_model)
 
     p = sub.add_parser("demo", parents=[common], help="segment a synthetic CT phantom with the demo model")

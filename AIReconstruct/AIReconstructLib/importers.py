@@ -13,11 +13,14 @@ KINDS = ("nnunet", "totalsegmentator", "monai-bundle", "torchscript", "onnx")
 
 def import_model(kind: str, path: str | Path, output: str | Path | None = None, *, name: str | None = None,
                  card: str | None = None, labels: str | None = None, task: str = "total-fast",
-                 download: bool = False, url: str | None = None, **nnunet_options) -> ModelCard:
+                 download: bool = False, url: str | None = None, skull_stripped: bool = False,
+                 **nnunet_options) -> ModelCard:
     """Write the card for the model at ``path`` into ``output`` (default ``~/.aireconstruct/models/NAME``).
 
     ``card``: a hand-written card file (torchscript, onnx); ``labels``: a label-info file (nnunet);
     ``task``, ``download``, ``url``: TotalSegmentator's task and where its weights come from;
+    ``skull_stripped``: the model was trained on skull-stripped brains (its channels are marked so,
+    and images that are not are refused);
     ``nnunet_options``: configuration, folds, checkpoint, modality, orientation, licence, intended_use,
     previous_stage.
     """
@@ -45,4 +48,7 @@ def import_model(kind: str, path: str | Path, output: str | Path | None = None, 
 
         label_info = read_json(labels, "Label file") if labels else {}
         data = import_nnunet(path, name=name, label_info=label_info, **nnunet_options)
+    if skull_stripped:
+        for channel in data["channels"]:
+            channel["skull_stripped"] = True
     return save_card(data, output or USER_MODELS / data["name"])
