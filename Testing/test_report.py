@@ -53,8 +53,9 @@ def test_report_is_self_contained_and_shows_the_measurements(phantom_report):
 
 
 
-def test_a_lesion_alone_gets_no_table_of_organs_around_it():
-    """The brain-tumour model segments the tumour and nothing else: no lesion table of dashes."""
+def test_a_brain_tumour_is_shown_in_its_brain_and_gets_no_table_of_organs_around_it():
+    """The brain-tumour model segments the tumour and nothing else: no lesion table of dashes; its
+    skull-stripped input's brain is drawn faintly around the tumour in the 3D view."""
     card = find_model("brain-tumour-flair")
     z, y, x = np.indices((40, 48, 48))
     image = Volume(np.where((z - 20) ** 2 + (y - 24) ** 2 + (x - 24) ** 2 < 300, 100.0, 0.0).astype(np.float32), (2.0,) * 3)
@@ -62,6 +63,9 @@ def test_a_lesion_alone_gets_no_table_of_organs_around_it():
     page, measured = build_report(image, tumour, card.labels, card.data)
     assert [lesion["name"] for lesion in measured["lesions"]] == ["whole tumour"]
     assert "<h2>Lesions" not in page and "<h2>Measurements</h2>" in page
+    assert page.count('"name":"brain (skull-stripped image)"') == 1 and '"opacity":0.15' in page
+    demo = find_model("demo-abdomen-ct")
+    assert "skull-stripped image" not in build_report(image, tumour, demo.labels, demo.data)[0]  # CT: no brain
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make test installs Debian's chromium as root)")

@@ -28,6 +28,8 @@ from .volume import Volume
 
 SLICE_WIDTH_PX = 280
 REPORT_TRIANGLES = 20000  # per segment in the 3D view, to keep the file small
+BRAIN = Label(1, "brain (skull-stripped image)", (0.8, 0.8, 0.8), {}, {})
+CONTEXT_OPACITY = 0.15
 # Errors of any script on the page are collected before anything else runs; the 3D view marks itself drawn.
 WATCH_ERRORS = """<script>window.reportErrors = [];
 window.addEventListener("error", function (e) { window.reportErrors.push(String(e.message));
@@ -101,19 +103,21 @@ def _figures(views: list[dict]) -> str:
         f'<figcaption>{v["plane"]}</figcaption></figure>' for v in views) + "</div>"
 
 
-def view_3d(surfaces) -> str:
+def view_3d(surfaces, context=()) -> str:
     """The surfaces as one interactive plotly figure (a div with plotly.js embedded), seen from the
-    patient's front; organs are see-through where there are lesions to show inside them."""
+    patient's front; organs are see-through where there are lesions to show inside them, and the
+    ``context`` surfaces (the brain around a brain tumour) faint."""
     import plotly.graph_objects as go
     from vtkmodules.util import numpy_support
 
     figure = go.Figure()
     any_lesion = any(is_lesion(surface.label) for surface in surfaces)
-    for surface in surfaces:
+    shown = [(surface, CONTEXT_OPACITY) for surface in context]
+    shown += [(surface, 1.0 if is_lesion(surface.label) or not any_lesion else 0.4) for surface in surfaces]
+    for surface, opacity in shown:
         points = numpy_support.vtk_to_numpy(surface.polydata.GetPoints().GetData())
         faces = numpy_support.vtk_to_numpy(surface.polydata.GetPolys().GetConnectivityArray()).reshape(-1, 3)
         r, g, b = (int(255 * c) for c in surface.label.color)
-        opacity = 1.0 if is_lesion(surface.label) or not any_lesion else 0.4
         figure.add_trace(go.Mesh3d(x=points[:, 0].round(1), y=points[:, 1].round(1), z=points[:, 2].round(1),
                                    i=faces[:, 0], j=faces[:, 1], k=faces[:, 2], color=f"rgb({r},{g},{b})",
                                    name=surface.label.name, showlegend=True, opacity=opacity, flatshading=False))
@@ -125,6 +129,16 @@ def view_3d(surfaces) -> str:
                          scene=dict(aspectmode="data", camera=camera, **axes))
     return figure.to_html(full_html=False, include_plotlyjs=True, div_id="view3d", post_script=MARK_DRAWN,
                           config={"displaylogo": False})
+
+
+def brain_outline(image: Volume, coordinates: str) -> list:
+    """The surface of a skull-stripped image's brain (the voxels that differ from its background),
+    to show a brain tumour in place."""
+    from .preprocess import fill_value
+    from .surfaces import extract_surfaces
+
+    brain = image.with_array((image.array != fill_value(image.array)).view(np.uint8))
+    return extract_surfaces(brain, [BRAIN], coordinates=coordinates, max_triangles=REPORT_TRIANGLES)
 
 
 def _table(headers: list[str], rows: list[list]) -> str:
@@ -163,7 +177,7 @@ def _largest_region(mask: np.ndarray) -> np.ndarray:
     return components == np.argmax(np.bincount(components.ravel())[1:]) + 1
 
 
-def _sections(image, labelmap, labels, measured, metrics, surfaces) -> list[str]:
+def _sections(image, labelmap, labels, measured, metrics, surfaces, context) -> list[str]:
     by_name = {label.name: label for label in labels}
     parts = ["<h2>Measurements</h2>", _table(
         ["Segment", "Volume (mL)", "Surface area (cm²)", "Largest diameter (mm)", f"Centroid {measured['coordinates']} (mm)"],
@@ -192,7 +206,7 @@ def _sections(image, labelmap, labels, measured, metrics, surfaces) -> list[str]
     for segment in focus:
         views = slice_views(image, labelmap, labels, labelmap.array == segment["value"])
         parts.append(f'<h2>Slices through {html.escape(segment["name"])}</h2>{_figures(views)}')
-    parts += ["<h2>3D view</h2>", view_3d(surfaces) if surfaces else "<p>No segment to show.</p>"]
+    parts += ["<h2>3D view</h2>", view_3d(surfaces, context) if surfaces else "<p>No segment to show.</p>"]
     return parts
 
 
@@ -228,7 +242,9 @@ def build_report(image: Volume, labelmap: Volume, labels: list[Label], model: di
               f"{spacing} mm. Model <b>{html.escape(model.get('title') or model['name'])}</b> ({html.escape(model['name'])}"
               f"{version}). Generated {datetime.date.today().isoformat()}.</p>"
               f'<p class="use">{html.escape(model.get("intended_use", ""))}</p>')
-    sections = _sections(image, labelmap, labels, measured, metrics, surfaces)
+    stripped = any(channel.get("skull_stripped") for channel in model.get("channels", ()))
+    context = brain_outline(image, coordinates) if stripped and surfaces else []
+    sections = _sections(image, labelmap, labels, measured, metrics, surfaces, context)
     if uncertainty is not None:
         sections[-2:-2] = _confidence_sections(image, labelmap, labels, uncertainty, confidence or {}, coordinates)
     body = "\n".join([header, *sections])
