@@ -5,6 +5,7 @@ output folder that already holds an earlier result: afterwards that folder must 
 was and the error must be one line naming the problem.
 """
 
+import dataclasses
 import json
 import os
 import pickle
@@ -393,5 +394,8 @@ def test_training_marked_skull_stripped_refuses_a_case_that_is_not(tmp_path):
     assert channels == [{"name": "FLAIR", "skull_stripped": True, "normalisation": {"scheme": "zscore_nonzero"}}]
     brain, head = dataset.cases
     load_case(brain, channels, [3.0, 3.0, 3.0])
+    ct = dataclasses.replace(dataset, channel_names=["CT"])
+    with pytest.raises(InputError, match="this data set's channels are all CT"):
+        channel_normalisation(ct, "nonzero", skull_stripped=True)
     with pytest.raises(InputError, match="^The FLAIR image of case head is not skull-stripped"):
         load_case(head, channels, [3.0, 3.0, 3.0])

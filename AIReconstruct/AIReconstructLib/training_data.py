@@ -47,6 +47,8 @@ def channel_normalisation(dataset: Dataset, mri: str = "foreground", skull_strip
     ``skull_stripped`` those channels are marked as skull-stripped brains."""
     if mri not in MRI_NORMALISATIONS:
         raise InputError(f"Unknown normalisation '{mri}' (known: {', '.join(MRI_NORMALISATIONS)})")
+    if skull_stripped and all(channel.upper() == "CT" for channel in dataset.channel_names):
+        raise InputError("Skull-stripped is said of MR brains; this data set's channels are all CT")
     specs = []
     for index, channel in enumerate(dataset.channel_names):
         if channel.upper() != "CT":
