@@ -21,6 +21,7 @@ def test_card_describes_a_flair_whole_tumour_model_for_research_only():
     assert "not for clinical use" in card.data["intended_use"] and "BraTS" in card.data["licence"]
     assert sha256_of(card.weight_paths[0]) == card.data["weights"][0]["sha256"]
     assert card.weight_paths[0].stat().st_size < 50 * 1024 * 1024
+    assert card.channels[0]["skull_stripped"] and card.summary().startswith("brain-tumour-flair (MR, skull-stripped; ")
 
 
 @pytest.mark.skipif(not BRATS.is_dir(), reason="../shared/data/Dataset001_BrainTumourFLAIR (real BraTS cases) is absent")

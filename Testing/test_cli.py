@@ -340,3 +340,12 @@ def test_a_number_no_run_can_use_is_a_one_line_usage_error(tmp_path, monkeypatch
     error = capsys.readouterr().err.strip().splitlines()
     assert message in error[-1]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """``aireconstruct models | head -1``: the pipe is closed before the listing is printed."""
+    process = subprocess.Popen([sys.executable, "-m", "AIReconstructLib", "models"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    process.stdout.close()  # the reader is gone before the engine has even started
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 1 and "Traceback" not in err and "BrokenPipe" not in err, err

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -357,7 +358,11 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, request_cancel)
     signal.signal(signal.SIGINT, request_cancel)
-    return run_command(args, reporter)
+    try:
+        return run_command(args, reporter)
+    except BrokenPipeError:  # the reader of stdout went away (``aireconstruct models | head``): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout again at exit
+        return 1
 
 
 if __name__ == "__main__":

@@ -95,9 +95,12 @@ class ModelCard:
         return {"overlap": 0.5, "mirror_axes": [], **self.data.get("inference", {})}
 
     def summary(self) -> str:
-        """One line for listings: name, modality, labels, licence, intended use."""
+        """One line for listings: name, modality (skull-stripped where the model needs it), labels,
+        licence, intended use."""
         names = ", ".join(label.name for label in self.labels)
-        return f"{self.name} ({self.data['modality']}; {names}; licence {self.data['licence']}) — {self.data['intended_use']}"
+        stripped = ", skull-stripped" if any(channel.get("skull_stripped") for channel in self.channels) else ""
+        return (f"{self.name} ({self.data['modality']}{stripped}; {names}; licence {self.data['licence']}) — "
+                f"{self.data['intended_use']}")
 
 
 @lru_cache(maxsize=1)
