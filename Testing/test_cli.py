@@ -12,7 +12,7 @@ import pytest
 from AIReconstructLib.cli import main
 from AIReconstructLib.io import read_labelmap, read_volume, write_volume
 from AIReconstructLib.modelcard import Label, load_card
-from AIReconstructLib.segnrrd import read_seg_nrrd, write_seg_nrrd
+from AIReconstructLib.segnrrd import made_by, read_seg_nrrd, write_seg_nrrd
 from AIReconstructLib.volume import Volume
 from conftest import noise_ct, tiny_card, write_model
 
@@ -43,6 +43,7 @@ def test_segment_writes_every_output(tmp_path, tiny_model, ct_file, capsys):
     assert not [n for n in names if "partial" in n]
     assert labels.array.shape == read_volume(ct_file).array.shape
     assert "wrote" in capsys.readouterr().out
+    assert made_by(out / "patient one.seg.nrrd") == ("tiny-test-model", "0.0.1")  # the result says what made it
 
 
 def test_outputs_for_import_are_the_seg_nrrd_alone_uncompressed(tmp_path, tiny_model, ct_file):

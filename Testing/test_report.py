@@ -15,6 +15,7 @@ from AIReconstructLib.io import write_volume
 from AIReconstructLib.modelcard import find_model
 from AIReconstructLib.phantom import make_phantom
 from AIReconstructLib.report import build_report, png_data_uri, write_report
+from AIReconstructLib.segnrrd import write_seg_nrrd
 from AIReconstructLib.volume import Volume
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -66,6 +67,26 @@ def test_a_brain_tumour_is_shown_in_its_brain_and_gets_no_table_of_organs_around
     assert page.count('"name":"brain (skull-stripped image)"') == 1 and '"opacity":0.15' in page
     demo = find_model("demo-abdomen-ct")
     assert "skull-stripped image" not in build_report(image, tumour, demo.labels, demo.data)[0]  # CT: no brain
+
+
+
+def test_a_report_names_the_model_recorded_in_the_seg_nrrd_also_after_refine(tmp_path, capsys):
+    """``segment`` records its model and version in the .seg.nrrd: ``report`` names them without ``-m``,
+    and a result corrected with ``refine`` stays that model's."""
+    phantom = make_phantom(12, field_of_view_mm=(200.0, 160.0, 160.0))
+    card = find_model("demo-abdomen-ct")
+    image = write_volume(phantom.image, tmp_path / "ct.nii.gz")
+    seg = write_seg_nrrd(phantom.labels, card.labels, tmp_path / "ct.seg.nrrd", made_by=("demo-abdomen-ct", "0.9.0"))
+    centre_mm = phantom.image.ijk_to_lps() @ [*np.argwhere(phantom.labels.array == 1).mean(axis=0)[::-1], 1]
+    assert main(["refine", str(image), str(seg), "--label", "liver", "--include", *map(str, centre_mm[:3]),
+                 "-o", str(tmp_path / "corrected.seg.nrrd")]) == 0
+    for name in ("ct.seg.nrrd", "corrected.seg.nrrd"):
+        assert main(["report", str(image), str(tmp_path / name), "-o", str(tmp_path / f"{name}.html")]) == 0
+        page = (tmp_path / f"{name}.html").read_text(encoding="utf-8")
+        assert "(demo-abdomen-ct, version 0.9.0)" in page and "<h2>Lesions" in page, name
+    unrecorded = write_seg_nrrd(phantom.labels, card.labels, tmp_path / "other.seg.nrrd")
+    assert main(["report", str(image), str(unrecorded), "-o", str(tmp_path / "other.html")]) == 0
+    assert "(other.seg.nrrd)" in (tmp_path / "other.html").read_text(encoding="utf-8")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make test installs Debian's chromium as root)")

@@ -488,7 +488,7 @@ def test_report_of_the_segmentation_as_corrected_names_its_scan_and_the_model_th
         "TerminologyEntry", slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(entry))
     set_segment_mask(drawn, drawn.GetSegmentation().AddEmptySegment("", "lung"), volume_node, liver & ~tumour)
     page = AdapterLogic().saveReport(drawn, tmp_path / "drawn.html").read_text(encoding="utf-8")
-    assert "(drawn by hand)" in page and "made or edited in 3D Slicer" in page and "version" not in page.split("<h2>")[0]
+    assert "(drawn by hand)" in page and "without a model card" in page and "version" not in page.split("<h2>")[0]
     assert "<h2>Lesions" in page  # the segment's own terminology: a nodule, inside the lung
     unplaced = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "loaded from a file")
     with pytest.raises(InputError, match="'loaded from a file' has no volume it was made on"):

@@ -17,10 +17,10 @@ import slicer
 import vtk
 
 from AIReconstructLib.dataset import save_case
-from AIReconstructLib.errors import InputError, ModelCardError
+from AIReconstructLib.errors import InputError
 from AIReconstructLib.io import write_volume
-from AIReconstructLib.modelcard import Label, find_model
-from AIReconstructLib.report import build_report, write_report
+from AIReconstructLib.modelcard import Label
+from AIReconstructLib.report import build_report, model_of_record, write_report
 from AIReconstructLib.scene import write_scene
 from AIReconstructLib.segnrrd import terminology_from_string
 from AIReconstructLib.surfaces import SCENE_FORMATS, Surface, mesh_file_name, write_mesh
@@ -157,11 +157,8 @@ def save_report(segmentation_node, path: str | Path) -> Path:
     count = segmentation.GetNumberOfSegments()
     if count == 0:
         raise InputError(f"'{segmentation_node.GetName()}' has no segments to report on")
-    model_name, version = (segmentation_node.GetAttribute(attribute) for attribute in MADE_BY)
-    try:
-        card = find_model(model_name) if model_name else None
-    except ModelCardError:  # no longer installed
-        card = None
+    recorded = (segmentation_node.GetAttribute(attribute) for attribute in MADE_BY)
+    card, model = model_of_record(*recorded, segmentation_node.GetName())
     card_terminology = {label.name: label.terminology for label in card.labels} if card else {}
     image = volume_from_node(volume_node)
     array = np.zeros(image.array.shape, np.uint16 if count > 255 else np.uint8)
@@ -172,10 +169,6 @@ def save_report(segmentation_node, path: str | Path) -> Path:
         labels.append(Label(value, segment.GetName(), tuple(segment.GetColor()), terminology, {}))
         mask = segment_mask(segmentation_node, segmentation.GetNthSegmentID(value - 1), volume_node)
         array[mask & (array == 0)] = value
-    model = dict(card.data if card else {"name": model_name or segmentation_node.GetName(),
-                                         "intended_use": "Segmentation made or edited in 3D Slicer; not for clinical use"})
-    if version:
-        model["version"] = version  # the version that made it, though a later one may be installed now
     page, _ = build_report(image, image.with_array(array), labels, model, image_name=volume_node.GetName())
     return write_report(page, path)
 

@@ -194,15 +194,17 @@ def cmd_surfaces(args, reporter: Reporter) -> None:
 def cmd_report(args, reporter: Reporter) -> None:
     from .io import read_volume
     from .modelcard import find_model
-    from .report import build_report, write_report
-    from .segnrrd import read_segmentation
+    from .report import build_report, model_of_record, write_report
+    from .segnrrd import made_by, read_segmentation
 
     image = read_volume(args.image)
-    card = find_model(args.model) if args.model else None
+    if args.model:
+        card = find_model(args.model)
+        model = card.data
+    else:  # the model recorded in the engine's .seg.nrrd, if any
+        card, model = model_of_record(*(made_by(args.labelmap) or (None, None)), Path(args.labelmap).name)
     labelmap, labels = read_segmentation(args.labelmap, card, like=image)
     reference = read_segmentation(args.reference, like=image)[0] if args.reference else None
-    model = card.data if card else {"name": Path(args.labelmap).name,
-                                    "intended_use": "Segmentation read from a file; not for clinical use"}
     page, measured = build_report(image, labelmap, labels, model, reference, args.margin, args.coordinates,
                                   image_name=Path(args.image).name)
     path = write_report(page, args.output)
@@ -215,7 +217,7 @@ def cmd_refine(args, reporter: Reporter) -> None:
     from .interaction import refine_labelmap
     from .io import read_volume, write_volume
     from .modelcard import find_model
-    from .segnrrd import read_segmentation, write_seg_nrrd
+    from .segnrrd import made_by, read_segmentation, write_seg_nrrd
 
     image = read_volume(args.image)
     labelmap, labels = read_segmentation(args.labelmap, find_model(args.model) if args.model else None, like=image)
@@ -233,8 +235,8 @@ def cmd_refine(args, reporter: Reporter) -> None:
     refined = refine_labelmap(image, labelmap, value, args.include or [], args.exclude or [], box, args.coordinates,
                               method=method)
     output = Path(args.output)
-    path = (write_seg_nrrd(refined, labels, output) if output.name.lower().endswith(".seg.nrrd")
-            else write_volume(refined, output))
+    path = (write_seg_nrrd(refined, labels, output, made_by=made_by(args.labelmap))  # still that model's, corrected
+            if output.name.lower().endswith(".seg.nrrd") else write_volume(refined, output))
     change = int((refined.array != labelmap.array).sum())
     reporter.result(f"{change} voxels changed; wrote {path}", {"outputs": [str(path)], "changed_voxels": change})
 

@@ -48,7 +48,8 @@ def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str
     (the Slicer module), only the ``.seg.nrrd``, uncompressed."""
     labels = segmentation.card.labels
     with ThreadPoolExecutor(1) as writer:  # the label files are written (outside the GIL) while the rest runs
-        label_files = writer.submit(_write_label_files, segmentation.labelmap, labels, out, stem, for_import)
+        made_by = (segmentation.card.name, segmentation.card.data["version"])
+        label_files = writer.submit(_write_label_files, segmentation.labelmap, labels, out, stem, for_import, made_by)
         seconds = dict(segmentation.seconds)
         summary = {
             "model": segmentation.card.name,
@@ -95,11 +96,11 @@ def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str
     return summary
 
 
-def _write_label_files(labelmap, labels, out: StagedOutput, stem: str, for_import: bool) -> float:
-    """Write ``<stem>.seg.nrrd`` and ``<stem>_labels.nii.gz`` (``for_import``: only the first,
-    uncompressed); returns the seconds it took."""
+def _write_label_files(labelmap, labels, out: StagedOutput, stem: str, for_import: bool, made_by) -> float:
+    """Write ``<stem>.seg.nrrd`` (recording ``made_by``: model name and version) and
+    ``<stem>_labels.nii.gz`` (``for_import``: only the first, uncompressed); returns the seconds it took."""
     started = time.perf_counter()
-    write_seg_nrrd(labelmap, labels, out.path(f"{stem}.seg.nrrd"), compress=not for_import)
+    write_seg_nrrd(labelmap, labels, out.path(f"{stem}.seg.nrrd"), compress=not for_import, made_by=made_by)
     if not for_import:
         write_volume(labelmap, out.path(f"{stem}_labels.nii.gz"))
     return time.perf_counter() - started

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, ModelCardError
 from .io import atomic_path
 from .measurements import is_lesion, mask_centre, measure
 from .metrics import evaluate
-from .modelcard import Label
+from .modelcard import Label, ModelCard, find_model
 from .preprocess import reorientation_of, to_canonical
 from .volume import Volume
 
@@ -251,6 +251,22 @@ def build_report(image: Volume, labelmap: Volume, labels: list[Label], model: di
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>AIReconstruct report</title>'
             f"<style>{STYLE}</style>{WATCH_ERRORS}</head><body>{body}</body></html>")
     return page, measured
+
+
+def model_of_record(name: str | None, version: str | None, unnamed: str) -> tuple[ModelCard | None, dict]:
+    """The model a segmentation records it was made with (name and version, or None): its installed
+    card (None where it is not installed or none is recorded), and the ``model`` entry for
+    :func:`build_report`: that card's data with the recorded version, else the recorded name (or
+    ``unnamed``) alone."""
+    try:
+        card = find_model(name) if name else None
+    except ModelCardError:  # no longer installed
+        card = None
+    model = dict(card.data) if card else {"name": name or unnamed,
+                                          "intended_use": "Segmentation without a model card; not for clinical use"}
+    if version:
+        model["version"] = version  # the version that made it, though a later one may be installed now
+    return card, model
 
 
 def write_report(page: str, path: str | os.PathLike) -> Path:

@@ -73,8 +73,12 @@ def _extent(box) -> str:
     return f"{i.start} {i.stop - 1} {j.start} {j.stop - 1} {k.start} {k.stop - 1}"
 
 
-def seg_nrrd_header(labelmap: Volume, labels: list[Label]) -> dict:
-    """The NRRD header (geometry and Slicer's segmentation fields) for a label map."""
+MADE_BY_FIELDS = ("AIReconstruct_Model", "AIReconstruct_ModelVersion")  # custom NRRD fields (Slicer ignores them)
+
+
+def seg_nrrd_header(labelmap: Volume, labels: list[Label], made_by: tuple[str, str] | None = None) -> dict:
+    """The NRRD header (geometry and Slicer's segmentation fields) for a label map, with the name and
+    version of the model that made it where given."""
     array = labelmap.array
     boxes = ndimage.find_objects(array if np.issubdtype(array.dtype, np.integer) else array.astype(np.int32))
     header = {
@@ -90,6 +94,8 @@ def seg_nrrd_header(labelmap: Volume, labels: list[Label]) -> dict:
         "Segmentation_ConversionParameters": "",
     }
     header["space directions"] = header["space directions"].T  # pynrrd: one row per axis
+    if made_by:
+        header.update(zip(MADE_BY_FIELDS, made_by))
     for index, label in enumerate(labels):
         box = boxes[label.value - 1] if label.value - 1 < len(boxes) else None
         tags = "Segmentation.Status:inprogress|"
@@ -110,11 +116,12 @@ def seg_nrrd_header(labelmap: Volume, labels: list[Label]) -> dict:
     return header
 
 
-def write_seg_nrrd(labelmap: Volume, labels: list[Label], path: str | os.PathLike, compress: bool = True) -> Path:
-    """Write ``labelmap`` with the card's labels as a Slicer ``.seg.nrrd`` (atomically); uncompressed
-    for a reader that takes it at once (the Slicer module)."""
+def write_seg_nrrd(labelmap: Volume, labels: list[Label], path: str | os.PathLike, compress: bool = True,
+                   made_by: tuple[str, str] | None = None) -> Path:
+    """Write ``labelmap`` with the card's labels as a Slicer ``.seg.nrrd`` (atomically), recording
+    ``made_by`` (model name, version); uncompressed for a reader that takes it at once (the Slicer module)."""
     path = Path(path)
-    header = seg_nrrd_header(labelmap, labels)
+    header = seg_nrrd_header(labelmap, labels, made_by)
     if not compress:
         header["encoding"] = "raw"
     dtype = np.uint16 if header["type"] == "unsigned short" else np.uint8
@@ -147,6 +154,18 @@ def read_seg_nrrd(path: str | os.PathLike) -> tuple[Volume, list[dict]]:
         segments.append(fields)
         index += 1
     return volume, segments
+
+
+def made_by(path: str | os.PathLike) -> tuple[str, str] | None:
+    """The model name and version recorded in a ``.seg.nrrd`` the engine wrote; None for another file."""
+    if not Path(path).name.lower().endswith(".seg.nrrd"):
+        return None
+    try:
+        header = nrrd.read_header(str(path))
+    except (nrrd.NRRDError, OSError, ValueError):
+        return None  # read_segmentation says what is wrong with the file
+    recorded = tuple(header.get(field) for field in MADE_BY_FIELDS)
+    return recorded if all(recorded) else None
 
 
 def read_segmentation(path: str | os.PathLike, card: ModelCard | None = None,
