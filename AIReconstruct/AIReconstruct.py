@@ -340,9 +340,13 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         path = qt.QFileDialog.getSaveFileName(None, _("Save report"), f"{segmentation.GetName()} report.html",
                                               _("HTML page (*.html)"))
         if path:
-            with slicer.util.tryWithErrorDisplay(_("The report could not be saved."), waitCursor=True):
-                written = self.logic.adapter.saveReport(segmentation, path)
-                self.ui.logTextEdit.appendPlainText(_("Report saved: {path}").format(path=written))
+            with slicer.util.tryWithErrorDisplay(_("The report could not be made."), waitCursor=True):
+                self.startJob(self.logic.adapter.startReport(segmentation, path, **self.logic.engineProcess()),
+                              self.onReportDone)
+            self.updateButtons()
+
+    def onReportDone(self, job) -> None:
+        self.ui.logTextEdit.appendPlainText(_("Report saved: {path}").format(path=job.report_path))
 
     def onEdit(self) -> None:
         self.logic.openInSegmentEditor(self._parameterNode.outputSegmentation, self._parameterNode.inputVolume0)
@@ -497,8 +501,11 @@ class AIReconstructTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay(_("Saving the report"))
         with tempfile.TemporaryDirectory() as folder:
-            report = logic.adapter.saveReport(segmentationNode, pathlib.Path(folder) / "report.html")
-            page = report.read_text(encoding="utf-8")
+            job = logic.adapter.startReport(segmentationNode, pathlib.Path(folder) / "report.html",
+                                            **logic.engineProcess())
+            state = job.wait(timeout=300)
+            self.assertEqual(state.status, "done", state.error)
+            page = job.report_path.read_text(encoding="utf-8")
         self.assertIn("demo-abdomen-ct, version", page)
         self.assertIn("liver</td>", page)
         logging.info(f"AIReconstruct self-test: liver Dice {dice:.3f}")

@@ -466,8 +466,10 @@ def test_report_of_the_segmentation_as_corrected_names_its_scan_and_the_model_th
         set_segment_mask(segmentation, segmentation.GetSegmentation().AddEmptySegment("", name), volume_node, mask)
     voxel_ml = np.prod(ct_volume.spacing) / 1000
 
-    path = AdapterLogic().saveReport(segmentation, tmp_path / "report.html")
-    page = path.read_text(encoding="utf-8")
+    job = AdapterLogic().startReport(segmentation, tmp_path / "report.html")
+    workdir = job.workdir
+    assert job.wait(timeout=300).status == "done" and not workdir.exists()  # made in the engine's worker
+    page = job.report_path.read_text(encoding="utf-8")
     assert "Image <b>CT 2026-11-30</b>, " in page and "(demo-abdomen-ct, version 0.9.0)" in page
     for name, mask in (("liver", liver & ~tumour), ("liver tumour", tumour), ("my notes", notes)):
         assert f"{name}</td><td>{mask.sum() * voxel_ml:.2f}</td>" in page, name  # volumes as segmented now
@@ -487,13 +489,34 @@ def test_report_of_the_segmentation_as_corrected_names_its_scan_and_the_model_th
     drawn.GetSegmentation().GetSegment(segment_id).SetTag(
         "TerminologyEntry", slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(entry))
     set_segment_mask(drawn, drawn.GetSegmentation().AddEmptySegment("", "lung"), volume_node, liver & ~tumour)
-    page = AdapterLogic().saveReport(drawn, tmp_path / "drawn.html").read_text(encoding="utf-8")
-    assert "(drawn by hand)" in page and "without a model card" in page and "version" not in page.split("<h2>")[0]
+    job = AdapterLogic().startReport(drawn, tmp_path / "drawn.html")
+    assert job.wait(timeout=300).status == "done"
+    page = job.report_path.read_text(encoding="utf-8")
+    assert "(drawn by hand.seg.nrrd)" in page and "without a model card" in page and "version" not in page.split("<h2>")[0]
     assert "<h2>Lesions" in page  # the segment's own terminology: a nodule, inside the lung
     unplaced = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "loaded from a file")
     with pytest.raises(InputError, match="'loaded from a file' has no volume it was made on"):
-        AdapterLogic().saveReport(unplaced, tmp_path / "none.html")
+        AdapterLogic().startReport(unplaced, tmp_path / "none.html")
     assert not (tmp_path / "none.html").exists()
+
+
+def test_a_cancelled_report_writes_nothing(scene, tmp_path):
+    from AIReconstructAdapter.logic import AdapterLogic
+
+    volume = noise_ct((160, 192, 192), spacing=(1.0, 1.0, 1.0))
+    volume_node = add_volume_node(scene, volume, "large CT")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "large")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    k, j, i = np.indices(volume.array.shape)
+    for n, name in enumerate(("organ", "lesion", "vessel")):
+        ball = (k - 80) ** 2 + (j - 50 - 45 * n) ** 2 + (i - 96) ** 2 < 40 ** 2
+        set_segment_mask(segmentation, segmentation.GetSegmentation().AddEmptySegment("", name), volume_node, ball)
+    job = AdapterLogic().startReport(segmentation, tmp_path / "report.html")
+    workdir = job.workdir
+    job.cancel()
+    state = job.wait(timeout=120)
+    assert state.status == "cancelled", state
+    assert not (tmp_path / "report.html").exists() and list(tmp_path.iterdir()) == [] and not workdir.exists()
 
 
 def test_a_segmentation_slicer_saved_cropped_is_read_on_its_image_by_the_command_line(scene, tmp_path, ct_volume, capsys):

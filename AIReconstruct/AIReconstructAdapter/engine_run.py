@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -28,8 +29,10 @@ from pathlib import Path
 
 from AIReconstructLib.errors import AIReconstructError
 from AIReconstructLib.io import read_volume, remove_stale_folders
+from AIReconstructLib.segnrrd import write_seg_nrrd
 
-from .nodes import MADE_BY, add_check_points, add_volume_node, import_segmentation, voxel_bytes, write_volume_node
+from .nodes import (MADE_BY, add_check_points, add_volume_node, import_segmentation, segments_for_report, voxel_bytes,
+                    write_volume_node)
 
 ENGINE_FOLDER = Path(__file__).resolve().parents[1]  # the folder holding AIReconstructLib
 MEMORY_FOLDER = Path("/dev/shm")  # Linux's file system in memory
@@ -334,6 +337,38 @@ class SegmentationJob(BackgroundJob):
                                                  f"{name} regions to check")
         for role, node in zip(UNCERTAINTY_ROLES, (self.uncertainty_node, self.check_points)):
             self.segmentation_node.SetNodeReferenceID(role, node.GetID() if node is not None else None)
+
+
+class ReportJob(BackgroundJob):
+    """The engine's HTML report of a segmentation node as it is now (corrections and the user's own
+    segments included), written in the engine's worker to ``path``; it names the scan and the model
+    and version recorded on the node by the run that made it. A cancelled or failed run writes nothing."""
+
+    def __init__(self, segmentation_node, path: str | Path, python: str | None = None, env: dict | None = None):
+        self.segmentation_node, self.path = segmentation_node, Path(path)
+        self.python, self.env = python, env
+        self.report_path: Path | None = None
+
+    def start(self) -> None:
+        """Write the volume and the segments to a temporary folder and start the engine's ``report``."""
+        volume_node, labelmap, labels = segments_for_report(self.segmentation_node)  # refused before any work
+        recorded = tuple(self.segmentation_node.GetAttribute(attribute) for attribute in MADE_BY)
+        self.workdir = exchange_folder(2 * voxel_bytes(volume_node))
+        try:  # whatever fails here, no temporary folder is left behind
+            image = write_volume_node(volume_node, self.workdir / "image.nrrd")
+            # named after the node: the report names a segmentation by its file where no model is recorded
+            name = re.sub(r"[/\\\x00]", "_", self.segmentation_node.GetName()) or "segmentation"
+            segments = write_seg_nrrd(labelmap, labels, self.workdir / f"{name}.seg.nrrd", compress=False,
+                                      made_by=recorded if all(recorded) else None)
+            self.engine = EngineRun(["report", str(image), str(segments), "-o", str(self.path),
+                                     "--image-name", volume_node.GetName()], self.python, self.env)
+            self.engine.start()
+        except BaseException:
+            self._remove_workdir()
+            raise
+
+    def _on_success(self, result: dict) -> None:
+        self.report_path = Path(result["outputs"][0])
 
 
 class FineTuningJob(BackgroundJob):

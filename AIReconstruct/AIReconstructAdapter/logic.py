@@ -15,7 +15,7 @@ from AIReconstructLib.modelcard import USER_MODELS, find_model, installed_models
 
 from . import nodes
 from .correction import SegmentCorrection
-from .engine_run import WARM_ENGINE, FineTuningJob, SegmentationJob
+from .engine_run import WARM_ENGINE, FineTuningJob, ReportJob, SegmentationJob
 
 CORRECTIONS = USER_MODELS.parent / "corrections"  # a data set folder per model, for fine-tuning
 
@@ -104,9 +104,13 @@ class AdapterLogic:
     def exportSurfacesToFiles(self, segmentation_node, folder: str | Path, suffix: str = ".stl") -> list[Path]:
         return nodes.export_to_files(segmentation_node, folder, suffix)
 
-    def saveReport(self, segmentation_node, path: str | Path) -> Path:
-        """Write the HTML report of the segmentation as it is now (corrections included) to ``path``."""
-        return nodes.save_report(segmentation_node, path)
+    def startReport(self, segmentation_node, path: str | Path, python: str | None = None,
+                    env: dict | None = None) -> ReportJob:
+        """Write the HTML report of the segmentation as it is now (corrections included) to ``path``
+        in the background; poll the returned job."""
+        job = ReportJob(segmentation_node, path, python, env)
+        job.start()
+        return job
 
     def correctionsFolder(self, model: str) -> Path:
         """Where corrected cases of a model are saved for training unless the user picks a folder."""

@@ -3,7 +3,7 @@
 - a scalar volume node (with any linear parent transform) -> a file the engine reads;
 - the engine's ``.seg.nrrd`` -> segments in a segmentation node (new, or replacing segments of the
   same name in an existing one), with names, colours and terminology, geometry from the input;
-- segments -> closed surfaces, model nodes, mesh files, or the engine's HTML report.
+- segments -> closed surfaces, model nodes, mesh files, or a label map for the engine's HTML report.
 The scene is changed only once everything has been read successfully.
 """
 
@@ -20,7 +20,6 @@ from AIReconstructLib.dataset import save_case
 from AIReconstructLib.errors import InputError
 from AIReconstructLib.io import write_volume
 from AIReconstructLib.modelcard import Label
-from AIReconstructLib.report import build_report, model_of_record, write_report
 from AIReconstructLib.scene import write_scene
 from AIReconstructLib.segnrrd import terminology_from_string
 from AIReconstructLib.surfaces import SCENE_FORMATS, Surface, mesh_file_name, write_mesh
@@ -79,19 +78,27 @@ def add_volume_node(scene, volume: Volume, name: str = "Volume"):
     return node
 
 
-def segment_mask(segmentation_node, segment_id: str, reference_volume_node) -> np.ndarray:
-    """A segment's voxels on a volume node's grid (boolean ``[k, j, i]``), through the Segmentations logic."""
+def segments_array(segmentation_node, segment_ids: list[str], reference_volume_node) -> np.ndarray:
+    """Segments on a volume node's grid as one label array ``[k, j, i]``, the n-th of ``segment_ids``
+    with the value n + 1 (where segments overlap, the later one's), through the Segmentations logic."""
     scene = segmentation_node.GetScene()
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "AIReconstruct temporary")
     try:
         ids = vtk.vtkStringArray()
-        ids.InsertNextValue(segment_id)
+        for segment_id in segment_ids:
+            ids.InsertNextValue(segment_id)
         if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
                 segmentation_node, ids, labelmap, reference_volume_node):
-            raise InputError(f"Segment '{segment_id}' cannot be read on the grid of '{reference_volume_node.GetName()}'")
-        return slicer.util.arrayFromVolume(labelmap) > 0
+            raise InputError(f"The segments of '{segmentation_node.GetName()}' cannot be read on the grid of "
+                             f"'{reference_volume_node.GetName()}'")
+        return slicer.util.arrayFromVolume(labelmap).copy()
     finally:
         scene.RemoveNode(labelmap)
+
+
+def segment_mask(segmentation_node, segment_id: str, reference_volume_node) -> np.ndarray:
+    """A segment's voxels on a volume node's grid (boolean ``[k, j, i]``)."""
+    return segments_array(segmentation_node, [segment_id], reference_volume_node) > 0
 
 
 def set_segment_mask(segmentation_node, segment_id: str, reference_volume_node, mask: np.ndarray) -> None:
@@ -144,12 +151,11 @@ def save_for_training(segmentation_node, volume_nodes: list, card, folder: str |
     return save_case(folder, case_id, channels, channels[0].with_array(array), card)
 
 
-def save_report(segmentation_node, path: str | Path) -> Path:
-    """Write the engine's HTML report (volumes, diameters, lesions' distances and resection
-    volumes, slices, 3D view) of every segment as it is now, corrections included, on the volume
-    the segmentation was made on, naming the model and version that made it (:data:`MADE_BY`). A
-    segment's terminology tells lesions from organs (that model's label of the same name where the
-    segment has none)."""
+def segments_for_report(segmentation_node) -> tuple:
+    """Every segment as it is now (corrections included) as one label map on the volume the
+    segmentation was made on, for the engine's report: (that volume node, the label map, its labels
+    with each segment's name, colour and own terminology, in the segments' order; where segments
+    overlap, the later one's)."""
     volume_node = source_volume(segmentation_node)
     if volume_node is None:
         raise InputError(f"'{segmentation_node.GetName()}' has no volume it was made on; segment a volume first")
@@ -157,20 +163,12 @@ def save_report(segmentation_node, path: str | Path) -> Path:
     count = segmentation.GetNumberOfSegments()
     if count == 0:
         raise InputError(f"'{segmentation_node.GetName()}' has no segments to report on")
-    recorded = (segmentation_node.GetAttribute(attribute) for attribute in MADE_BY)
-    card, model = model_of_record(*recorded, segmentation_node.GetName())
-    card_terminology = {label.name: label.terminology for label in card.labels} if card else {}
+    ids = [segmentation.GetNthSegmentID(index) for index in range(count)]
+    array = segments_array(segmentation_node, ids, volume_node)  # one export for all of them
+    labels = [Label(value, segment.GetName(), tuple(segment.GetColor()), terminology_from_string(segment.GetTerminology()), {})
+              for value, segment in enumerate(map(segmentation.GetSegment, ids), start=1)]
     image = volume_from_node(volume_node)
-    array = np.zeros(image.array.shape, np.uint16 if count > 255 else np.uint8)
-    labels = []
-    for value in range(1, count + 1):
-        segment = segmentation.GetNthSegment(value - 1)
-        terminology = terminology_from_string(segment.GetTerminology()) or card_terminology.get(segment.GetName(), {})
-        labels.append(Label(value, segment.GetName(), tuple(segment.GetColor()), terminology, {}))
-        mask = segment_mask(segmentation_node, segmentation.GetNthSegmentID(value - 1), volume_node)
-        array[mask & (array == 0)] = value
-    page, _ = build_report(image, image.with_array(array), labels, model, image_name=volume_node.GetName())
-    return write_report(page, path)
+    return volume_node, image.with_array(array.astype(np.uint16 if count > 255 else np.uint8, copy=False)), labels
 
 
 def add_check_points(scene, regions: list[dict], name: str, coordinates: str = "LPS"):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, ModelCardError
+from .errors import Cancelled, InputError, ModelCardError
 from .io import atomic_path
 from .measurements import is_lesion, mask_centre, measure
 from .metrics import evaluate
@@ -219,21 +219,31 @@ figure{margin:0}figcaption{text-align:center;font-size:90%}.use{background:#fff4
 
 def build_report(image: Volume, labelmap: Volume, labels: list[Label], model: dict, reference: Volume | None = None,
                  margin_mm: float = 10.0, coordinates: str = "LPS", uncertainty: Volume | None = None,
-                 confidence: dict | None = None, image_name: str = "") -> tuple[str, dict]:
+                 confidence: dict | None = None, image_name: str = "", progress=None,
+                 cancel=None) -> tuple[str, dict]:
     """The report's HTML and the measurements it shows. ``model`` gives the card's ``name``,
     ``title``, ``version`` and ``intended_use``; ``image_name`` says which scan it is (its file);
     ``reference`` (a label map on the same grid) adds metrics; ``uncertainty`` and ``confidence``
-    (from ``segment`` with uncertainty) add the confidence sections."""
+    (from ``segment`` with uncertainty) add the confidence sections. ``progress(fraction, message)``
+    follows its steps; ``cancel()`` returning True between them stops it (``Cancelled``)."""
     from .surfaces import extract_surfaces
+
+    def step(fraction: float, message: str) -> None:
+        if cancel is not None and cancel():
+            raise Cancelled("Cancelled by the user; no report was written")
+        if progress is not None:
+            progress(fraction, message)
 
     if not labelmap.same_grid(image):
         raise InputError("The label map does not match its image (size, spacing, origin or direction differ)")
+    step(0.0, "measuring the segments")
     measured = measure(labelmap, labels, margin_mm, coordinates=coordinates)
     metrics = None
     if reference is not None:
         if not reference.same_grid(image):
             raise InputError("The reference label map does not match the image (size, spacing, origin or direction differ)")
         metrics = evaluate(labelmap, reference, {label.value: label.name for label in labels})
+    step(0.6, "surfaces for the 3D view")
     surfaces = extract_surfaces(labelmap, labels, coordinates=coordinates, max_triangles=REPORT_TRIANGLES)
     spacing = " × ".join(f"{s:.3g}" for s in image.spacing)
     version = f", version {html.escape(model['version'])}" if model.get("version") else ""
@@ -244,6 +254,7 @@ def build_report(image: Volume, labelmap: Volume, labels: list[Label], model: di
               f'<p class="use">{html.escape(model.get("intended_use", ""))}</p>')
     stripped = any(channel.get("skull_stripped") for channel in model.get("channels", ()))
     context = brain_outline(image, coordinates) if stripped and surfaces else []
+    step(0.8, "slices and the page")
     sections = _sections(image, labelmap, labels, measured, metrics, surfaces, context)
     if uncertainty is not None:
         sections[-2:-2] = _confidence_sections(image, labelmap, labels, uncertainty, confidence or {}, coordinates)
