@@ -35,3 +35,19 @@ def test_extension_metadata():
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "find_package(Slicer REQUIRED)" in text and "add_subdirectory(AIReconstruct)" in text
     assert (ROOT / "AIReconstruct.png").is_file()
+
+
+def test_slicer_installs_what_the_engine_needs():
+    """The module's requirements are the engine's dependencies (same versions) but those 3D Slicer
+    ships or installs otherwise: numpy, SimpleITK, VTK, torch (PyTorch Utils) and meshoptimizer (needs a
+    compiler; the engine decimates with VTK without it)."""
+    import tomllib
+
+    def specifiers(lines):
+        entries = [line.split("#")[0].strip() for line in lines]
+        return {re.split(r"[<>=!~\[ ;]", entry, maxsplit=1)[0].lower(): entry for entry in entries if entry}
+
+    engine = specifiers(tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"])
+    slicer = specifiers((MODULE / "Resources" / "requirements.txt").read_text(encoding="utf-8").splitlines())
+    provided = {"numpy", "simpleitk", "vtk", "torch", "meshoptimizer"}
+    assert slicer == {name: entry for name, entry in engine.items() if name not in provided}
