@@ -36,7 +36,9 @@ class AIReconstruct(ScriptedLoadableModule):
         self.parent.contributors = ["AIReconstruct developers"]
         self.parent.helpText = _(
             "Segment organs, lesions and bones of a CT or MRI with a deep network, as editable segments and "
-            "smooth 3D surfaces for pre-surgical review. Pick a model and an input volume, press Apply. "
+            "smooth 3D surfaces for pre-surgical review. Pick a model and an input volume, press Apply; "
+            "correct a segment with include/exclude points, save a report of the measurements, and save "
+            "corrected cases to fine-tune the model. "
             'See the <a href="https://github.com/AIReconstruct/SlicerAIReconstruct#readme">user guide</a>.')
         self.parent.acknowledgementText = _(
             "Built on 3D Slicer, PyTorch, MONAI, SimpleITK and VTK. The bundled demo model was trained on "
@@ -337,8 +339,8 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSaveReport(self) -> None:
         segmentation = self._parameterNode.outputSegmentation
-        path = qt.QFileDialog.getSaveFileName(None, _("Save report"), f"{segmentation.GetName()} report.html",
-                                              _("HTML page (*.html)"))
+        suggested = pathlib.Path(slicer.app.defaultScenePath) / f"{segmentation.GetName()} report.html"
+        path = qt.QFileDialog.getSaveFileName(None, _("Save report"), str(suggested), _("HTML page (*.html)"))
         if path:
             with slicer.util.tryWithErrorDisplay(_("The report could not be made."), waitCursor=True):
                 self.startJob(self.logic.adapter.startReport(segmentation, path, **self.logic.engineProcess()),
