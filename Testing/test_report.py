@@ -89,6 +89,23 @@ def test_a_report_names_the_model_recorded_in_the_seg_nrrd_also_after_refine(tmp
     assert "(other.seg.nrrd)" in (tmp_path / "other.html").read_text(encoding="utf-8")
 
 
+def test_report_command_shows_the_regions_to_check_of_an_uncertainty_map(tmp_path, capsys):
+    phantom = make_phantom(12, field_of_view_mm=(200.0, 160.0, 160.0))
+    image = write_volume(phantom.image, tmp_path / "ct.nii.gz")
+    labels = write_volume(phantom.labels, tmp_path / "labels.nii.gz")
+    unsure = np.zeros(phantom.image.array.shape, np.float32)
+    unsure[20:26, 30:40, 30:40] = 0.8  # one region to check
+    uncertainty = write_volume(phantom.image.with_array(unsure), tmp_path / "uncertainty.nii.gz")
+    assert main(["report", str(image), str(labels), "-m", "demo-abdomen-ct", "--uncertainty", str(uncertainty),
+                 "-o", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "<h2>Regions to check (uncertainty above 0.5)</h2>" in page and "<h2>Confidence</h2>" not in page
+    other = write_volume(Volume(unsure[:, :, :-1].copy(), phantom.image.spacing), tmp_path / "other.nii.gz")
+    assert main(["report", str(image), str(labels), "--uncertainty", str(other), "-o", str(tmp_path / "bad.html")]) != 0
+    assert "The uncertainty map does not match the image" in capsys.readouterr().err
+    assert not (tmp_path / "bad.html").exists()
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make test installs Debian's chromium as root)")
 def test_report_renders_in_headless_chromium(phantom_report, tmp_path):
     path, _, _ = phantom_report

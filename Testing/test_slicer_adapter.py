@@ -474,6 +474,14 @@ def test_report_of_the_segmentation_as_corrected_names_its_scan_and_the_model_th
     for name, mask in (("liver", liver & ~tumour), ("liver tumour", tumour), ("my notes", notes)):
         assert f"{name}</td><td>{mask.sum() * voxel_ml:.2f}</td>" in page, name  # volumes as segmented now
     assert "<h2>Lesions (safety margin 10 mm)</h2>" in page  # the model's label of that name is a lesion
+    assert "Regions to check" not in page
+    unsure = np.zeros(ct_volume.array.shape, np.float32)
+    unsure[8:12, 14:21, 14:21] = 0.9
+    uncertainty = add_volume_node(scene, ct_volume.with_array(unsure), "CT uncertainty")
+    segmentation.SetNodeReferenceID("AIReconstructUncertainty", uncertainty.GetID())  # as a run with Uncertainty does
+    job = AdapterLogic().startReport(segmentation, tmp_path / "with uncertainty.html")
+    assert job.wait(timeout=300).status == "done"
+    assert "<h2>Regions to check (uncertainty above 0.5)</h2>" in job.report_path.read_text(encoding="utf-8")
 
     drawn = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn by hand")
     drawn.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)

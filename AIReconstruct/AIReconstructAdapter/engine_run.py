@@ -342,7 +342,8 @@ class SegmentationJob(BackgroundJob):
 class ReportJob(BackgroundJob):
     """The engine's HTML report of a segmentation node as it is now (corrections and the user's own
     segments included), written in the engine's worker to ``path``; it names the scan and the model
-    and version recorded on the node by the run that made it. A cancelled or failed run writes nothing."""
+    and version recorded on the node by the run that made it, and shows the regions to check where
+    that run made an uncertainty map. A cancelled or failed run writes nothing."""
 
     def __init__(self, segmentation_node, path: str | Path, python: str | None = None, env: dict | None = None):
         self.segmentation_node, self.path = segmentation_node, Path(path)
@@ -353,15 +354,18 @@ class ReportJob(BackgroundJob):
         """Write the volume and the segments to a temporary folder and start the engine's ``report``."""
         volume_node, labelmap, labels = segments_for_report(self.segmentation_node)  # refused before any work
         recorded = tuple(self.segmentation_node.GetAttribute(attribute) for attribute in MADE_BY)
-        self.workdir = exchange_folder(2 * voxel_bytes(volume_node))
+        self.workdir = exchange_folder(4 * voxel_bytes(volume_node))  # image, segments, a float uncertainty map
         try:  # whatever fails here, no temporary folder is left behind
             image = write_volume_node(volume_node, self.workdir / "image.nrrd")
             # named after the node: the report names a segmentation by its file where no model is recorded
             name = re.sub(r"[/\\\x00]", "_", self.segmentation_node.GetName()) or "segmentation"
             segments = write_seg_nrrd(labelmap, labels, self.workdir / f"{name}.seg.nrrd", compress=False,
                                       made_by=recorded if all(recorded) else None)
-            self.engine = EngineRun(["report", str(image), str(segments), "-o", str(self.path),
-                                     "--image-name", volume_node.GetName()], self.python, self.env)
+            arguments = ["report", str(image), str(segments), "-o", str(self.path), "--image-name", volume_node.GetName()]
+            uncertainty = self.segmentation_node.GetNodeReference(UNCERTAINTY_ROLES[0])  # of the run that made it
+            if uncertainty is not None:
+                arguments += ["--uncertainty", str(write_volume_node(uncertainty, self.workdir / "uncertainty.nrrd"))]
+            self.engine = EngineRun(arguments, self.python, self.env)
             self.engine.start()
         except BaseException:
             self._remove_workdir()

@@ -205,9 +205,10 @@ def cmd_report(args, reporter: Reporter) -> None:
         card, model = model_of_record(*(made_by(args.labelmap) or (None, None)), Path(args.labelmap).name)
     labelmap, labels = read_segmentation(args.labelmap, card, like=image)
     reference = read_segmentation(args.reference, like=image)[0] if args.reference else None
+    uncertainty = read_volume(args.uncertainty) if args.uncertainty else None
     page, measured = build_report(image, labelmap, labels, model, reference, args.margin, args.coordinates,
-                                  image_name=args.image_name or Path(args.image).name, progress=reporter.progress,
-                                  cancel=reporter.cancel_requested)
+                                  uncertainty=uncertainty, image_name=args.image_name or Path(args.image).name,
+                                  progress=reporter.progress, cancel=reporter.cancel_requested)
     path = write_report(page, args.output)
     lines = [f"{s['name']}: {s['volume_ml']:.1f} mL, largest diameter {s['largest_diameter_mm']:.1f} mm"
              for s in measured["segments"]]
@@ -292,6 +293,7 @@ def add_result_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--margin", type=number(at_least=0), default=10.0, help="safety margin around lesions for the remnant, mm")
     p.add_argument("--coordinates", choices=["LPS", "RAS"], default="LPS", help="coordinates of centroids and 3D view")
     p.add_argument("--image-name", help="how the report names the scan (default: the image file's name)")
+    p.add_argument("--uncertainty", help="the 0-1 uncertainty map segment --uncertainty wrote: adds the regions to check")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("refine", parents=[common], help="correct one segment with include/exclude points or a box")

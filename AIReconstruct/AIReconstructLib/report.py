@@ -153,12 +153,14 @@ def _swatch(label: Label | None, name: str) -> str:
 
 
 def _confidence_sections(image, labelmap, labels, uncertainty: Volume, confidence: dict, coordinates: str) -> list[str]:
-    """Per-segment confidence, the regions to check and slices through the largest, with the uncertainty."""
+    """Per-segment confidence (where ``confidence`` gives it: the run's own figures), the regions to
+    check and slices through the largest, with the uncertainty."""
     from .uncertainty import flagged_regions
 
     parts = ["<h2>Confidence</h2>", _table(
         ["Segment", "Boundary uncertainty (0-1)", "Agreement of the TTA members (Dice)"],
-        [[html.escape(name), f"{c['boundary_uncertainty']:.3f}", f"{c['member_dice']:.3f}"] for name, c in confidence.items()])]
+        [[html.escape(name), f"{c['boundary_uncertainty']:.3f}", f"{c['member_dice']:.3f}"] for name, c in confidence.items()])
+    ] if confidence else []
     regions = flagged_regions(uncertainty, coordinates=coordinates)
     if regions:
         parts += ["<h2>Regions to check (uncertainty above 0.5)</h2>", _table(
@@ -223,8 +225,9 @@ def build_report(image: Volume, labelmap: Volume, labels: list[Label], model: di
                  cancel=None) -> tuple[str, dict]:
     """The report's HTML and the measurements it shows. ``model`` gives the card's ``name``,
     ``title``, ``version`` and ``intended_use``; ``image_name`` says which scan it is (its file);
-    ``reference`` (a label map on the same grid) adds metrics; ``uncertainty`` and ``confidence``
-    (from ``segment`` with uncertainty) add the confidence sections. ``progress(fraction, message)``
+    ``reference`` (a label map on the same grid) adds metrics; ``uncertainty`` (a 0-1 map on the
+    same grid) adds the regions to check, and ``confidence`` (from ``segment`` with uncertainty) the
+    per-segment confidence. ``progress(fraction, message)``
     follows its steps; ``cancel()`` returning True between them stops it (``Cancelled``)."""
     from .surfaces import extract_surfaces
 
@@ -236,6 +239,8 @@ def build_report(image: Volume, labelmap: Volume, labels: list[Label], model: di
 
     if not labelmap.same_grid(image):
         raise InputError("The label map does not match its image (size, spacing, origin or direction differ)")
+    if uncertainty is not None and not uncertainty.same_grid(image):
+        raise InputError("The uncertainty map does not match the image (size, spacing, origin or direction differ)")
     step(0.0, "measuring the segments")
     measured = measure(labelmap, labels, margin_mm, coordinates=coordinates)
     metrics = None
