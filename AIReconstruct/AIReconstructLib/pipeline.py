@@ -22,7 +22,7 @@ from .modelcard import ModelCard, verified_weight_paths
 from .networks import load_network
 from .postprocess import postprocess
 from .predict import CancelCheck, Predictor, ProgressCallback, choose_device, runs_through_openvino
-from .preprocess import (body_box, check_skull_stripped, in_array_order, prepare_for_card, restore_labels,
+from .preprocess import (body_box, check_stripped_channels, in_array_order, prepare_for_card, restore_labels,
                          restore_scalar)
 from .uncertainty import DROPOUT_SAMPLES, dropout_layers, member_maps, segment_confidence
 from .volume import Volume
@@ -87,9 +87,7 @@ def check_inputs(channels: list[Volume], card: ModelCard) -> None:
     modality, an image that is not skull-stripped for a channel the card marks so."""
     check_channels(channels, card)
     check_modality(channels[0], card)
-    for spec, channel in zip(card.channels, channels):
-        if spec.get("skull_stripped"):
-            check_skull_stripped(channel, f"The {spec['name']} image for model '{card.name}'")
+    check_stripped_channels(channels, card.channels, f"for model '{card.name}'")
 
 
 def _network(card: ModelCard, options: SegmentOptions, window: tuple[int, ...]):

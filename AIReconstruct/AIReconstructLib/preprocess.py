@@ -120,6 +120,14 @@ def check_skull_stripped(volume: Volume, subject: str) -> None:
                          "(e.g. with HD-BET, in Slicer its HDBrainExtraction extension, or SynthStrip)")
 
 
+def check_stripped_channels(channels: list[Volume], channel_specs: list[dict], whose: str) -> None:
+    """:func:`check_skull_stripped` on every channel its card entry marks ``skull_stripped``;
+    ``whose`` completes the image's name in the message ("for model ...", "of case ...")."""
+    for channel, spec in zip(channels, channel_specs):
+        if spec.get("skull_stripped"):
+            check_skull_stripped(channel, f"The {spec['name']} image {whose}")
+
+
 def normalise(array: np.ndarray, scheme: dict, mask: np.ndarray | None = None) -> np.ndarray:
     """Intensity normalisation of one channel as a model card describes it (float32 out); the
     z-score of ``zscore_nonzero`` is over ``mask`` where given (nnU-Net's filled non-zero region),

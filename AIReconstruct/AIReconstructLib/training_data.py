@@ -28,7 +28,7 @@ from .errors import InputError
 from .io import atomic_path, find_cases, read_labelmap, read_volume
 from .modelcard import read_json
 from .predict import Predictor
-from .preprocess import check_skull_stripped, prepare, to_canonical
+from .preprocess import check_stripped_channels, prepare, to_canonical
 
 
 def median_spacing(dataset: Dataset) -> list[float]:
@@ -139,9 +139,7 @@ def _case_on_grid(case, channel_specs, spacing) -> tuple[torch.Tensor, torch.Ten
 def _read_channels(paths, channel_specs, case_name: str) -> list:
     """The volumes of one case's channels, each checked to be skull-stripped where its spec says so."""
     channels = [read_volume(path) for path in paths]
-    for channel, spec in zip(channels, channel_specs):
-        if spec.get("skull_stripped"):
-            check_skull_stripped(channel, f"The {spec['name']} image of {case_name}")
+    check_stripped_channels(channels, channel_specs, f"of {case_name}")
     return channels
 
 
