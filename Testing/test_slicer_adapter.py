@@ -10,7 +10,8 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="the slicer-core package (Slicer's MRML libraries) is not installed")
 vtk = pytest.importorskip("vtk")
 
-from AIReconstructAdapter.engine_run import EXCHANGE_PREFIX, SegmentationJob, exchange_folder  # noqa: E402
+from AIReconstructAdapter.engine_run import EXCHANGE_PREFIX, exchange_folder  # noqa: E402
+from AIReconstructAdapter.jobs import SegmentationJob  # noqa: E402
 from AIReconstructAdapter.nodes import (add_volume_node, ensure_converter_rules, export_to_files,  # noqa: E402
                                         export_to_models, import_segmentation, segment_mask, set_segment_mask, show_3d,
                                         volume_from_node)

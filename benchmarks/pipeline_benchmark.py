@@ -66,7 +66,8 @@ def slicer_run_seconds(image_path: Path, model: str, device: str, fast: bool, ru
     node to the segmentation node for each run, the engine worker's peak RSS in MiB)."""
     import slicer
 
-    from AIReconstructAdapter.engine_run import WARM_ENGINE, SegmentationJob
+    from AIReconstructAdapter.engine_run import WARM_ENGINE
+    from AIReconstructAdapter.jobs import SegmentationJob
     from AIReconstructAdapter.nodes import add_volume_node, ensure_converter_rules
     from AIReconstructLib.io import read_volume
 

@@ -1,6 +1,6 @@
 """Run the engine in a separate process and follow it through its JSON progress lines.
 
-Slicer's UI polls :meth:`SegmentationJob.poll` from a timer, so it stays responsive. The process is
+The panel's jobs (``jobs.py``) are :class:`BackgroundJob` s; Slicer's UI polls them from a timer, so it stays responsive. The process is
 a worker that stays for the next run (``aireconstruct serve``), so only the first run pays Python's
 start-up, the imports and the network's compilation. Cancel signals the worker, which stops the
 run and removes its partial output (a worker that does not stop in time is killed); a crash or an
@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import queue
-import re
 import shutil
 import subprocess
 import sys
@@ -28,11 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from AIReconstructLib.errors import AIReconstructError
-from AIReconstructLib.io import read_volume, remove_stale_folders
-from AIReconstructLib.segnrrd import write_seg_nrrd
-
-from .nodes import (MADE_BY, add_check_points, add_volume_node, import_segmentation, segments_for_report, voxel_bytes,
-                    write_volume_node)
+from AIReconstructLib.io import remove_stale_folders
 
 ENGINE_FOLDER = Path(__file__).resolve().parents[1]  # the folder holding AIReconstructLib
 MEMORY_FOLDER = Path("/dev/shm")  # Linux's file system in memory
@@ -277,138 +272,3 @@ class BackgroundJob:
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
-
-
-# the segmentation node's references to its last run's uncertainty map and regions to check
-UNCERTAINTY_ROLES = ("AIReconstructUncertainty", "AIReconstructRegionsToCheck")
-
-
-class SegmentationJob(BackgroundJob):
-    """Segment MRML volume nodes with a model in the background; import the result on success."""
-
-    def __init__(self, scene, input_nodes: list, model: str, device: str = "auto", fast: bool = False,
-                 tta: bool = False, target_segmentation=None, python: str | None = None, env: dict | None = None,
-                 uncertainty: bool = False):
-        self.scene = scene
-        self.input_nodes = list(input_nodes)
-        self.model = model
-        self.options = (["--device", device] + (["--fast"] if fast else []) + (["--tta"] if tta else [])
-                        + (["--uncertainty"] if uncertainty else []))
-        self.target = target_segmentation
-        self.python, self.env = python, env
-        self.workdir: Path | None = None
-        self.engine: EngineRun | None = None
-        self.segmentation_node = None
-        self.uncertainty_node = None  # with uncertainty: the 0-1 map as a volume node
-        self.check_points = None  # and a point list of the regions to check
-        self.volumes_ml: dict = {}  # each segment's volume, as the engine measured it
-
-    def start(self) -> None:
-        """Write the inputs to a temporary folder and start the engine on them."""
-        self.workdir = exchange_folder(sum(map(voxel_bytes, self.input_nodes)))
-        try:  # whatever fails here, no temporary folder is left behind
-            inputs = [str(write_volume_node(node, self.workdir / f"input_{n}.nrrd"))
-                      for n, node in enumerate(self.input_nodes)]
-            self.engine = EngineRun(["segment", *inputs, "-m", str(self.model), "-o", str(self.workdir / "output"),
-                                     "--for-import", *self.options], self.python, self.env)
-            self.engine.start()
-        except BaseException:
-            self._remove_workdir()
-            raise
-
-    def _on_success(self, result: dict) -> None:
-        """Read every result file first, then change the scene: segmentation, uncertainty, points. The
-        uncertainty map and regions to check of an earlier run into the same segmentation leave the
-        scene (they describe segments just replaced); the segmentation refers to this run's."""
-        seg_file = next(p for p in result["outputs"] if p.endswith(".seg.nrrd"))
-        uncertainty_file = next((p for p in result["outputs"] if p.endswith("_uncertainty.nii.gz")), None)
-        uncertainty = read_volume(uncertainty_file) if uncertainty_file else None
-        name = f"{self.input_nodes[0].GetName()} {result['summary']['model']}"
-        self.volumes_ml = result["summary"]["volumes_ml"]
-        earlier = [self.target.GetNodeReference(role) for role in UNCERTAINTY_ROLES] if self.target else []
-        self.segmentation_node = import_segmentation(self.scene, seg_file, self.input_nodes[0], self.target, name)
-        for attribute, value in zip(MADE_BY, (result["summary"]["model"], result["summary"]["model_version"])):
-            self.segmentation_node.SetAttribute(attribute, value)
-        for node in filter(None, earlier):
-            self.scene.RemoveNode(node)
-        if uncertainty is not None:
-            self.uncertainty_node = add_volume_node(self.scene, uncertainty, f"{name} uncertainty")
-            self.check_points = add_check_points(self.scene, result["summary"].get("flagged_regions", []),
-                                                 f"{name} regions to check")
-        for role, node in zip(UNCERTAINTY_ROLES, (self.uncertainty_node, self.check_points)):
-            self.segmentation_node.SetNodeReferenceID(role, node.GetID() if node is not None else None)
-
-
-class ReportJob(BackgroundJob):
-    """The engine's HTML report of a segmentation node as it is now (corrections and the user's own
-    segments included), written in the engine's worker to ``path``; it names the scan and the model
-    and version recorded on the node by the run that made it, and shows the regions to check where
-    that run made an uncertainty map. A cancelled or failed run writes nothing."""
-
-    def __init__(self, segmentation_node, path: str | Path, python: str | None = None, env: dict | None = None):
-        self.segmentation_node, self.path = segmentation_node, Path(path)
-        self.python, self.env = python, env
-        self.report_path: Path | None = None
-
-    def start(self) -> None:
-        """Write the volume and the segments to a temporary folder and start the engine's ``report``."""
-        volume_node, labelmap, labels = segments_for_report(self.segmentation_node)  # refused before any work
-        recorded = tuple(self.segmentation_node.GetAttribute(attribute) for attribute in MADE_BY)
-        self.workdir = exchange_folder(4 * voxel_bytes(volume_node))  # image, segments, a float uncertainty map
-        try:  # whatever fails here, no temporary folder is left behind
-            image = write_volume_node(volume_node, self.workdir / "image.nrrd")
-            # named after the node: the report names a segmentation by its file where no model is recorded
-            name = re.sub(r"[/\\\x00]", "_", self.segmentation_node.GetName()) or "segmentation"
-            segments = write_seg_nrrd(labelmap, labels, self.workdir / f"{name}.seg.nrrd", compress=False,
-                                      made_by=recorded if all(recorded) else None)
-            arguments = ["report", str(image), str(segments), "-o", str(self.path), "--image-name", volume_node.GetName()]
-            uncertainty = self.segmentation_node.GetNodeReference(UNCERTAINTY_ROLES[0])  # of the run that made it
-            if uncertainty is not None:
-                arguments += ["--uncertainty", str(write_volume_node(uncertainty, self.workdir / "uncertainty.nrrd"))]
-            self.engine = EngineRun(arguments, self.python, self.env)
-            self.engine.start()
-        except BaseException:
-            self._remove_workdir()
-            raise
-
-    def _on_success(self, result: dict) -> None:
-        self.report_path = Path(result["outputs"][0])
-
-
-class FineTuningJob(BackgroundJob):
-    """Fine-tune a model on a folder of corrected cases in the background. The new version is
-    written to a hidden folder among the user's models and moved into place (``NAME-VERSION``) only
-    when training succeeds; then it supersedes the base model (the highest version of a name wins).
-    A cancelled or failed run leaves the installed models as they were."""
-
-    def __init__(self, model: str, dataset_folder: str | Path, models_folder: Path, freeze_encoder: bool = True,
-                 device: str = "auto", python: str | None = None, env: dict | None = None,
-                 rehearse: str | Path | None = None):
-        self.model, self.dataset_folder, self.models_folder = model, Path(dataset_folder), Path(models_folder)
-        self.options = ["--device", device] + (["--freeze-encoder"] if freeze_encoder else []) \
-            + (["--rehearse", str(rehearse)] if rehearse else [])
-        self.python, self.env = python, env
-        self.workdir: Path | None = None
-        self.engine: EngineRun | None = None
-        self.model_folder: Path | None = None  # where the new version was installed
-
-    def start(self) -> None:
-        self.models_folder.mkdir(parents=True, exist_ok=True)
-        self.workdir = Path(tempfile.mkdtemp(prefix=".fine-tuning-", dir=self.models_folder))
-        self.engine = EngineRun(["finetune", self.model, str(self.dataset_folder), "-o", str(self.workdir),
-                                 *self.options], self.python, self.env)
-        try:
-            self.engine.start()
-        except BaseException:
-            self._remove_workdir()
-            raise
-
-    def _on_success(self, result: dict) -> None:
-        """Move the new version among the installed models."""
-        card = json.loads((self.workdir / "card.json").read_text(encoding="utf-8"))
-        destination = self.models_folder / f"{card['name']}-{card['version']}"
-        if destination.exists():
-            raise OSError(f"{destination} already exists; remove it or fine-tune into another version")
-        (self.workdir / "checkpoint.pt").unlink(missing_ok=True)  # resuming is for the command line
-        self.workdir.rename(destination)
-        self.workdir, self.model_folder = None, destination

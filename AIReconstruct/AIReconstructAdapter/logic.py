@@ -15,7 +15,8 @@ from AIReconstructLib.modelcard import USER_MODELS, find_model, installed_models
 
 from . import nodes
 from .correction import SegmentCorrection
-from .engine_run import WARM_ENGINE, FineTuningJob, ReportJob, SegmentationJob
+from .engine_run import WARM_ENGINE
+from .jobs import FineTuningJob, ReportJob, SegmentationJob
 
 CORRECTIONS = USER_MODELS.parent / "corrections"  # a data set folder per model, for fine-tuning
 

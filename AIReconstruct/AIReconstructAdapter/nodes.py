@@ -153,9 +153,9 @@ def save_for_training(segmentation_node, volume_nodes: list, card, folder: str |
 
 def segments_for_report(segmentation_node) -> tuple:
     """Every segment as it is now (corrections included) as one label map on the volume the
-    segmentation was made on, for the engine's report: (that volume node, the label map, its labels
-    with each segment's name, colour and own terminology, in the segments' order; where segments
-    overlap, the later one's)."""
+    segmentation was made on, for the engine's report: (that volume node, its image, the label map,
+    its labels with each segment's name, colour and own terminology, in the segments' order; where
+    segments overlap, the later one's)."""
     volume_node = source_volume(segmentation_node)
     if volume_node is None:
         raise InputError(f"'{segmentation_node.GetName()}' has no volume it was made on; segment a volume first")
@@ -168,7 +168,8 @@ def segments_for_report(segmentation_node) -> tuple:
     labels = [Label(value, segment.GetName(), tuple(segment.GetColor()), terminology_from_string(segment.GetTerminology()), {})
               for value, segment in enumerate(map(segmentation.GetSegment, ids), start=1)]
     image = volume_from_node(volume_node)
-    return volume_node, image.with_array(array.astype(np.uint16 if count > 255 else np.uint8, copy=False)), labels
+    labelmap = image.with_array(array.astype(np.uint16 if count > 255 else np.uint8, copy=False))
+    return volume_node, image, labelmap, labels
 
 
 def add_check_points(scene, regions: list[dict], name: str, coordinates: str = "LPS"):
