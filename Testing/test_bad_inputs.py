@@ -6,6 +6,7 @@ was and the error must be one line naming the problem.
 """
 
 import dataclasses
+import gzip
 import json
 import os
 import pickle
@@ -51,6 +52,12 @@ def _damaged(suffix):
         path.write_bytes(bytes(data))
         return path
     return make
+
+
+# a gzip NRRD whose "space origin" is empty, which pynrrd's header parser fails on with an IndexError
+EMPTY_ORIGIN_NRRD = (b"NRRD0004\ntype: short\ndimension: 3\nsizes: 4 4 4\nspace: left-posterior-superior\n"
+                     b"space directions: (1,0,0) (0,1,0) (0,0,1)\nspace origin: \nencoding: gzip\n\n"
+                     + gzip.compress(np.arange(64, dtype=np.int16).tobytes()))
 
 
 def _raw(name, content: bytes):
@@ -121,6 +128,7 @@ IMAGE_CASES = {
     "random bytes as NIfTI": (_raw("noise.nii.gz", bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8))),
                               "truncated or corrupt"),
     "text as NRRD": (_raw("notes.nrrd", b"these are my notes, not an image"), "corrupt"),
+    "NRRD with an empty space origin": (_raw("no-origin.nrrd", EMPTY_ORIGIN_NRRD), "corrupt"),
     "empty file": (_raw("empty.mha", b""), "corrupt"),
     "missing file": (lambda tmp: tmp / "absent.nii.gz", "not found"),
     "DICOM with a missing slice": (_dicom(skip_slices=(5,)), "uneven"),

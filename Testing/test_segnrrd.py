@@ -6,8 +6,8 @@ import pytest
 
 from AIReconstructLib.errors import InputError
 from AIReconstructLib.modelcard import Label, load_card
-from AIReconstructLib.segnrrd import (read_seg_nrrd, read_segmentation, terminology_from_string, terminology_string,
-                                      write_seg_nrrd)
+from AIReconstructLib.segnrrd import (made_by, read_seg_nrrd, read_segmentation, terminology_from_string,
+                                      terminology_string, write_seg_nrrd)
 from AIReconstructLib.volume import Volume
 from conftest import oblique_direction
 
@@ -86,3 +86,13 @@ def test_a_seg_nrrd_saved_cropped_to_its_segments_is_placed_on_its_image(tmp_pat
         path = write_seg_nrrd(Volume(cropped.array, full.spacing, origin, full.direction), labels, tmp_path / "off.seg.nrrd")
         with pytest.raises(InputError, match="off.seg.nrrd does not match its image's grid"):
             read_segmentation(path, like=image)
+
+
+def test_a_seg_nrrd_whose_header_cannot_be_parsed_is_refused_in_one_line(tmp_path):
+    from test_bad_inputs import EMPTY_ORIGIN_NRRD
+
+    path = tmp_path / "damaged.seg.nrrd"
+    path.write_bytes(EMPTY_ORIGIN_NRRD)
+    assert made_by(path) is None
+    with pytest.raises(InputError, match="^Cannot read damaged.seg.nrrd as a segmentation"):
+        read_segmentation(path)

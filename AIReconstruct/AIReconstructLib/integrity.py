@@ -21,6 +21,8 @@ import numpy as np
 from .errors import InputError
 
 CHUNK = 1 << 16  # compressed bytes read at a time (at most ~64 MiB once inflated)
+# what pynrrd raises on a header it cannot parse (an empty vector field such as "space origin: " is an IndexError)
+NRRD_HEADER_ERRORS = (nrrd.NRRDError, ValueError, IndexError)
 NRRD_CODECS = {"gzip": "gzip", "gz": "gzip", "bzip2": "bzip2", "bz2": "bzip2"}
 DAMAGED = (EOFError, OSError, zlib.error)  # what the decompressors raise for damaged or cut data
 
@@ -122,7 +124,7 @@ def _nrrd_data(path: Path) -> tuple[Path, int, str] | None:
         with open(path, "rb") as handle:
             fields = nrrd.read_header(handle)
             attached_at = handle.tell()  # the header's empty line read: attached data starts here
-    except (nrrd.NRRDError, ValueError):
+    except NRRD_HEADER_ERRORS:
         return None
     codec = NRRD_CODECS.get(str(fields.get("encoding", "")).lower())
     if codec is None or "line skip" in fields or "lineskip" in fields:

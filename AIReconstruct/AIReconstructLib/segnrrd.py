@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import InputError, OutputError
-from .integrity import check_image_file
+from .integrity import NRRD_HEADER_ERRORS, check_image_file
 from .io import atomic_path, read_labelmap
 from .modelcard import Label, ModelCard, label_colour
 from .volume import Volume
@@ -140,7 +140,7 @@ def read_seg_nrrd(path: str | os.PathLike) -> tuple[Volume, list[dict]]:
     check_image_file(Path(path))  # pynrrd does not always check the data's checksum
     try:
         data, header = nrrd.read(str(path), index_order="F")
-    except (nrrd.NRRDError, OSError, ValueError) as error:
+    except (*NRRD_HEADER_ERRORS, OSError) as error:
         raise InputError(f"Cannot read {Path(path).name} as a segmentation: {error}") from None
     if data.ndim != 3:
         raise InputError(f"{Path(path).name} has {data.ndim} dimensions; only single-layer 3D segmentations are read")
@@ -162,7 +162,7 @@ def made_by(path: str | os.PathLike) -> tuple[str, str] | None:
         return None
     try:
         header = nrrd.read_header(str(path))
-    except (nrrd.NRRDError, OSError, ValueError):
+    except (*NRRD_HEADER_ERRORS, OSError):
         return None  # read_segmentation says what is wrong with the file
     recorded = tuple(header.get(field) for field in MADE_BY_FIELDS)
     return recorded if all(recorded) else None
