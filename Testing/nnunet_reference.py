@@ -4,11 +4,13 @@ iterations) and predict with ``nnUNetPredictor``. Used by the import tests and t
 
     python nnunet_reference.py make-model WORK_FOLDER [--configurations 3d_fullres 2d cascade regions]
                                           [--phantom-spacing X Y Z]
-    python nnunet_reference.py make-totalsegmentator-model WORK_FOLDER CT REFERENCE_LABELS LABELS_JSON
+    python nnunet_reference.py make-totalsegmentator-model WORK_FOLDER CT REFERENCE_LABELS LABELS_JSON [--dataset NAME]
     python nnunet_reference.py predict JOBS.json
 
 ``make-model`` prints one line per trained model folder, "CONFIGURATION FOLDER" ("cascade" trains
-3d_lowres and then 3d_cascade_fullres); ``make-totalsegmentator-model`` prints the model folder.
+3d_lowres and then 3d_cascade_fullres); ``make-totalsegmentator-model`` prints the model folder
+(by default laid out as TotalSegmentator's fast "total" model; ``--dataset`` names another of its
+data-set folders, ``DatasetNNN_...``).
 ``predict`` runs a JSON list of predictions in one process (see ``predict_jobs``).
 """
 
@@ -181,19 +183,21 @@ def _make_region_model(work: Path, spacing) -> Path:
     return _train(work, REGION_DATASET, "3d_fullres", (0,), nnUNetTrainer, iterations=0)
 
 
-def make_totalsegmentator_model(work: Path, ct: Path, reference: Path, label_names: Path) -> Path:
-    """A model folder laid out as TotalSegmentator's fast "total" model (Dataset297, one fold, no
-    mirroring, its 117 label names, 3 mm) planned by nnU-Net on a RAS-canonical CT and
-    TotalSegmentator's own labels for it, with nnU-Net's initial weights (training 118 classes on
-    two CPU cores would take minutes per iteration)."""
+def make_totalsegmentator_model(work: Path, ct: Path, reference: Path, label_names: Path,
+                                dataset: str = TOTALSEG_DATASET) -> Path:
+    """A model folder laid out as one of TotalSegmentator's (by default its fast "total" model:
+    Dataset297, one fold, no mirroring, its 117 label names, 3 mm) planned by nnU-Net on a
+    RAS-canonical CT and labels for it (``label_names``: value -> name), with nnU-Net's initial
+    weights (training 118 classes on two CPU cores would take minutes per iteration)."""
     from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring import (
         nnUNetTrainerNoMirroring)
 
     names = json.loads(label_names.read_text())
     labels = {"background": 0, **{name: int(value) for value, name in names.items()}}
-    _plan(work, 297, TOTALSEG_DATASET, {"ct001": (ct, reference)}, labels)
-    _preprocess(297, ["3d_fullres"])
-    return _train(work, TOTALSEG_DATASET, "3d_fullres", (0,), nnUNetTrainerNoMirroring, iterations=0)
+    dataset_id = int(dataset.split("_")[0].removeprefix("Dataset"))
+    _plan(work, dataset_id, dataset, {"ct001": (ct, reference)}, labels)
+    _preprocess(dataset_id, ["3d_fullres"])
+    return _train(work, dataset, "3d_fullres", (0,), nnUNetTrainerNoMirroring, iterations=0)
 
 
 @contextlib.contextmanager
@@ -283,6 +287,7 @@ def _arguments():
     totalsegmentator = commands.add_parser("make-totalsegmentator-model")
     for name in ("work", "ct", "reference", "label_names"):
         totalsegmentator.add_argument(name, type=Path)
+    totalsegmentator.add_argument("--dataset", default=TOTALSEG_DATASET)
     commands.add_parser("predict").add_argument("jobs", type=Path, help="a JSON list of jobs (see predict_jobs)")
     return parser.parse_args()
 
@@ -326,4 +331,5 @@ if __name__ == "__main__":
                                                     arguments.phantom_spacing).items():
                 print(configuration, folder)
         else:
-            print(make_totalsegmentator_model(arguments.work, arguments.ct, arguments.reference, arguments.label_names))
+            print(make_totalsegmentator_model(arguments.work, arguments.ct, arguments.reference, arguments.label_names,
+                                              arguments.dataset))

@@ -1,5 +1,7 @@
 """The segmentation pipeline on the input's own grid, with a tiny model the test makes."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ from AIReconstructLib.errors import InputError, ModelCardError
 from AIReconstructLib.modelcard import load_card
 from AIReconstructLib.pipeline import SegmentOptions, segment
 from AIReconstructLib.volume import Volume
-from conftest import oblique_direction
+from conftest import oblique_direction, tiny_card, write_model
 
 
 def test_labels_land_on_the_oblique_input_grid(tiny_model, ct_volume):
@@ -90,3 +92,72 @@ def test_crop_to_body_runs_the_network_on_the_body_only():
     mri = Volume(np.random.default_rng(0).uniform(50, 150, (40, 48, 48)).astype(np.float32), (2.0, 2.0, 2.0))
     with pytest.raises(ModelCardError, match="crops to the body, which needs a CT channel"):
         segment([mri], brain, SegmentOptions(device="cpu"))
+
+
+def _cropped_by_demo_model(tmp_path, segments=("liver",), margin_mm=10.0, crop_model="demo-abdomen-ct") -> Path:
+    """The tiny test model, run only inside the box around ``segments`` of the demo model's result."""
+    card = tiny_card("tiny-inside-the-liver")
+    card["inference"]["crop_to_segments"] = {"model": crop_model, "segments": list(segments), "margin_mm": margin_mm}
+    return write_model(tmp_path / "tiny-inside-the-liver", card)
+
+
+def test_a_model_cropped_to_segments_runs_in_their_box_only(tmp_path):
+    """The model's labels inside the box around the liver that the demo model finds (grown by the
+    card's 10 mm), background around it; inside, exactly the labels of the model on that block of
+    the image cut out by SimpleITK (its own origin arithmetic), so the block is placed right."""
+    from AIReconstructLib.io import volume_from_sitk, volume_to_sitk
+    from AIReconstructLib.modelcard import find_model
+    from AIReconstructLib.phantom import make_phantom
+    from AIReconstructLib.saliency import saliency
+
+    phantom = make_phantom(7, spacing=(2.5, 2.5, 4.0), direction=oblique_direction(10))
+    card = load_card(_cropped_by_demo_model(tmp_path))
+    result = segment([phantom.image], card, SegmentOptions(device="cpu"))
+    assert result.labelmap.same_grid(phantom.image, tolerance=0)
+    assert "crop model (demo-abdomen-ct)" in result.seconds and "predict" in result.seconds
+
+    liver = segment([phantom.image], find_model("demo-abdomen-ct"), SegmentOptions(device="cpu")).labelmap.array == 1
+    corners = np.transpose(np.nonzero(liver))
+    grow = np.ceil(10.0 / np.asarray(phantom.image.spacing[::-1])).astype(int)
+    low, high = np.maximum(corners.min(0) - grow, 0), np.minimum(corners.max(0) + grow + 1, liver.shape)
+    box = tuple(slice(a, b) for a, b in zip(low, high))
+    outside = np.ones(liver.shape, bool)
+    outside[box] = False
+    assert outside.sum() > 0.3 * outside.size and not result.labelmap.array[outside].any()
+
+    (k0, j0, i0), (k1, j1, i1) = low, high
+    block = volume_from_sitk(volume_to_sitk(phantom.image)[int(i0):int(i1), int(j0):int(j1), int(k0):int(k1)])
+    plain = load_card(write_model(tmp_path / "tiny-plain"))  # the same weights (seed 0), no crop
+    inside = segment([block], plain, SegmentOptions(device="cpu")).labelmap.array
+    assert inside.any()
+    assert phantom.image.cropped(box).same_grid(block)
+    np.testing.assert_array_equal(result.labelmap.array[box], inside)
+
+    certain = segment([phantom.image], card, SegmentOptions(device="cpu", uncertainty=True))
+    assert not certain.uncertainty.array[outside].any() and (certain.probability.array[outside] == 1).all()
+    assert certain.uncertainty.array[box].any()
+    with pytest.raises(InputError, match="runs only inside what model 'demo-abdomen-ct' finds first"):
+        saliency([phantom.image], card, "organ")
+
+
+def test_a_crop_that_cannot_be_made_is_refused_in_one_line(tmp_path):
+    water_cube = np.full((40, 60, 60), -1000, np.int16)
+    water_cube[10:30, 20:40, 20:40] = 0
+    image = Volume(water_cube, (4.0, 4.0, 4.0))
+    cases = {"nowhere-model": "is not installed", "liver tumour": "finds none in this image",
+             "lungs": None, "bone marrow": "does not have: bone marrow"}
+    for case, message in cases.items():
+        card = load_card(_cropped_by_demo_model(tmp_path / case.replace(" ", "-"), segments=[case])
+                         if case != "nowhere-model" else _cropped_by_demo_model(tmp_path / case, crop_model=case))
+        if message is None:  # the demo model finds "lungs" in the cube: no error
+            segment([image], card, SegmentOptions(device="cpu"))
+            continue
+        with pytest.raises((InputError, ModelCardError), match=message):
+            segment([image], card, SegmentOptions(device="cpu"))
+
+    inner = tiny_card("crops-itself")
+    inner["inference"]["crop_to_segments"] = {"model": "demo-abdomen-ct", "segments": ["liver"]}
+    write_model(tmp_path / "chain" / "crops-itself", inner)
+    outer = _cropped_by_demo_model(tmp_path / "chain", segments=["organ"], crop_model="crops-itself")
+    with pytest.raises(ModelCardError, match="one crop model at most"):
+        segment([image], load_card(outer), SegmentOptions(device="cpu"))

@@ -1,6 +1,7 @@
 """TotalSegmentator's models: download and unpack, label names and SNOMED CT codes, and geometry end
 to end on the real CT in ../shared/data/CT_TotalSegExample (its 30-slice crop ``ct_small``, so
-that nnU-Net plans a small network for it).
+that nnU-Net plans a small network for it); its liver-lesion model imported with the model that
+finds the liver it runs inside; its MRI model imported for MRI.
 
 The weights here are a model folder laid out as TotalSegmentator's fast "total" model (Dataset297,
 nnU-Net's NoMirroring trainer, one fold, its 117 label names), made by nnU-Net itself from that CT
@@ -23,6 +24,8 @@ import SimpleITK as sitk
 from AIReconstructLib.cli import main
 from AIReconstructLib.errors import AIReconstructError
 from AIReconstructLib.modelcard import load_card
+from AIReconstructLib.measurements import is_lesion
+from AIReconstructLib.pipeline import crop_model_of
 from AIReconstructLib.totalsegmentator import TASKS, download_weights
 from conftest import SHARED_DATA
 from test_nnunet import _predict_with_nnunet, _reference
@@ -30,6 +33,7 @@ from test_nnunet import _predict_with_nnunet, _reference
 EXAMPLE = SHARED_DATA / "CT_TotalSegExample"
 CT = EXAMPLE / "ct_small.nii.gz"
 DATASET = TASKS["total-fast"]["datasets"][0]
+LESION_DATASET = TASKS["liver-lesions"]["datasets"][0]
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("nnunetv2") is None, reason="nnunetv2 is not installed (test extra)"),
     pytest.mark.skipif(not EXAMPLE.is_dir(), reason=f"{EXAMPLE} is absent (the shared data folder is not beside the checkout)"),
@@ -116,3 +120,55 @@ def test_geometry_end_to_end_on_a_reoriented_ct(imported, trained, tmp_path, rec
     record_property("voxel agreement with nnUNetPredictor on the RAS image", agreement)
     print(f"voxel agreement with nnUNetPredictor (initial weights, 118 classes): {agreement:.5f}")
     assert agreement >= 0.99 and len(np.unique(expected)) > 50
+
+
+@pytest.fixture(scope="module")
+def lesion_release(release, tmp_path_factory) -> Path:
+    """The release folder with an archive laid out as TotalSegmentator's liver-lesion model too
+    (Dataset591, made by nnU-Net on the same CT with its liver as the one label, initial weights)."""
+    work = tmp_path_factory.mktemp("lesion-train")
+    liver_value = next(int(v) for v, name in json.loads((EXAMPLE / "labels.json").read_text()).items() if name == "liver")
+    reference = sitk.ReadImage(str(EXAMPLE / "reference_totalseg_small.nii.gz")) == liver_value
+    sitk.WriteImage(sitk.Cast(reference, sitk.sitkUInt8), str(work / "lesion.nii.gz"))
+    (work / "labels.json").write_text(json.dumps({"1": "liver_lesions"}))
+    _reference("make-totalsegmentator-model", work, CT, work / "lesion.nii.gz", work / "labels.json",
+               "--dataset", LESION_DATASET)
+    (release / TASKS["liver-lesions"]["release"]).mkdir(exist_ok=True)
+    shutil.make_archive(str(release / TASKS["liver-lesions"]["release"] / LESION_DATASET), "zip",
+                        work / "nnUNet_results", LESION_DATASET)
+    return release
+
+
+def test_a_lesion_model_comes_with_the_model_that_finds_its_organ(lesion_release, tmp_path):
+    """``--task liver-lesions`` downloads and imports TotalSegmentator's fast "total" model beside
+    it, which the lesion model's card names as the model whose liver it is run inside."""
+    weights, cards = tmp_path / "weights", tmp_path / "cards"
+    assert main(["import-model", "totalsegmentator", str(weights), "--task", "liver-lesions", "--download",
+                 "--url", lesion_release.as_uri(), "-o", str(cards / "lesions")]) == 0
+    assert sorted(p.name for p in weights.iterdir()) == sorted([DATASET, LESION_DATASET])
+    card = load_card(cards / "lesions")
+    assert card.name == "totalsegmentator-liver-lesions" and card.data["modality"] == "CT"
+    assert card.inference["crop_to_segments"] == {"model": "totalsegmentator-total-fast", "segments": ["liver"],
+                                                  "margin_mm": 20.0}
+    crop_card = crop_model_of(card)
+    assert crop_card.folder == cards / "totalsegmentator-total-fast" and len(crop_card.labels) == 117
+    [lesion] = card.labels
+    assert lesion.name == "liver_lesions" and is_lesion(lesion)
+    assert lesion.terminology["region"] == ["SCT", "10200004", "Liver"]
+    assert "liver lesions" in card.data["intended_use"] and "not for clinical use" in card.data["intended_use"]
+    assert "liver_lesions inside the liver found by totalsegmentator-total-fast" in card.summary()
+
+
+def test_the_mri_model_is_imported_for_mri(trained, tmp_path, capsys):
+    """TotalSegmentator's MRI model (here the stand-in model folder under its data-set name) gets an
+    MR card, which refuses a CT in one line."""
+    [mr_dataset] = TASKS["total-mr-fast"]["datasets"]
+    shutil.copytree(trained / "nnUNet_results" / DATASET, tmp_path / "weights" / mr_dataset)
+    assert main(["import-model", "totalsegmentator", str(tmp_path / "weights"), "--task", "total-mr-fast",
+                 "-o", str(tmp_path / "card")]) == 0
+    card = load_card(tmp_path / "card")
+    assert card.name == "totalsegmentator-total-mr-fast" and card.data["modality"] == "MR"
+    assert "on MRI" in card.data["intended_use"] and "crop_to_segments" not in card.inference
+    capsys.readouterr()
+    assert main(["segment", "-m", str(tmp_path / "card"), "-o", str(tmp_path / "out"), str(CT)]) != 0
+    assert "looks like CT" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -235,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_results import add_mesh_options, add_result_commands
     from .cli_training import add_training_commands
     from .importers import KINDS
+    from .totalsegmentator import TASKS as TOTALSEGMENTATOR_TASKS
 
     parser = argparse.ArgumentParser(prog="aireconstruct", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -294,8 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "totalsegmentator: the folder that holds (or gets, with --download) its weights; "
                                 "monai-bundle: the bundle folder (configs/, models/); torchscript, onnx: the network file")
     p.add_argument("--card", help="torchscript, onnx: hand-written card JSON (all but architecture and weights)")
-    p.add_argument("--task", default="total-fast", choices=["total", "total-fast"],
-                   help="totalsegmentator: the five-part 1.5 mm model or the single 3 mm one")
+    p.add_argument("--task", default="total-fast", choices=list(TOTALSEGMENTATOR_TASKS),
+                   help="totalsegmentator: total (five part models, 1.5 mm), total-fast (one, 3 mm), their MRI "
+                        "models total-mr and total-mr-fast, lung-nodules or liver-lesions (each run inside the "
+                        "lungs or liver that total-fast finds first, imported with it)")
     p.add_argument("--download", action="store_true", help="totalsegmentator: download the weights first")
     p.add_argument("--url", help="totalsegmentator: a mirror of its GitHub release archives, laid out the same way")
     p.add_argument("-o", "--output", help="folder for the card (default ~/.aireconstruct/models/NAME)")

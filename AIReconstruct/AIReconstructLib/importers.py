@@ -18,7 +18,8 @@ def import_model(kind: str, path: str | Path, output: str | Path | None = None, 
     """Write the card for the model at ``path`` into ``output`` (default ``~/.aireconstruct/models/NAME``).
 
     ``card``: a hand-written card file (torchscript, onnx); ``labels``: a label-info file (nnunet);
-    ``task``, ``download``, ``url``: TotalSegmentator's task and where its weights come from;
+    ``task``, ``download``, ``url``: TotalSegmentator's task and where its weights come from (a task
+    cropped to organs also imports the model that finds them, beside the card);
     ``skull_stripped``: the model was trained on skull-stripped brains (its channels are marked so,
     and images that are not are refused);
     ``nnunet_options``: configuration, folds, checkpoint, modality, orientation, licence, intended_use,
@@ -38,10 +39,15 @@ def import_model(kind: str, path: str | Path, output: str | Path | None = None, 
         output = output or USER_MODELS / (name or default_name(path))  # the weights are written there too
         data = import_bundle(path, output, name)
     elif kind == "totalsegmentator":
-        from .totalsegmentator import download_weights, import_totalsegmentator
+        from .totalsegmentator import card_name, download_weights, import_totalsegmentator, task_names
 
+        needed = task_names(task)  # a task cropped to organs needs the model that finds them first
         if download:
-            download_weights(task, path, url)
+            for each in needed:
+                download_weights(each, path, url)
+        for crop_task in needed[:-1]:
+            folder = (Path(output).parent if output else USER_MODELS) / card_name(crop_task)
+            save_card(import_totalsegmentator(crop_task, path), folder)
         data = import_totalsegmentator(task, path)
     else:
         from .nnunet_import import import_nnunet

@@ -95,11 +95,14 @@ class ModelCard:
         return {"overlap": 0.5, "mirror_axes": [], **self.data.get("inference", {})}
 
     def summary(self) -> str:
-        """One line for listings: name, modality (skull-stripped where the model needs it), labels,
-        licence, intended use."""
+        """One line for listings: name, modality (skull-stripped where the model needs it), labels
+        (and what they are found inside, for a model cropped to another's segments), licence,
+        intended use."""
         names = ", ".join(label.name for label in self.labels)
         stripped = ", skull-stripped" if any(channel.get("skull_stripped") for channel in self.channels) else ""
-        return (f"{self.name} ({self.data['modality']}{stripped}; {names}; licence {self.data['licence']}) — "
+        crop = self.inference.get("crop_to_segments")
+        inside = f" inside the {', '.join(crop['segments'])} found by {crop['model']}" if crop else ""
+        return (f"{self.name} ({self.data['modality']}{stripped}; {names}{inside}; licence {self.data['licence']}) — "
                 f"{self.data['intended_use']}")
 
 

@@ -4,7 +4,9 @@
              ─► restore_labels (resample logits back slab by slab, argmax, undo reorientation) ─► postprocess
 
 Models imported from nnU-Net take their own preprocessing and export path (``nnunet.py``) around
-the same Predictor and slab-wise restore.
+the same Predictor and slab-wise restore. A model whose card crops it to another model's segments
+(``inference.crop_to_segments``: TotalSegmentator's lung-nodule model inside the lungs) runs after
+that model, on the box around those segments only, its labels pasted back on the input's grid.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from . import nnunet
 from .backends import cached_for_cpu, card_fingerprint, openvino_available
-from .errors import InputError
-from .modelcard import ModelCard, verified_weight_paths
+from .errors import InputError, ModelCardError
+from .modelcard import CARD_FILE, ModelCard, find_model, load_card, verified_weight_paths
 from .networks import load_network
 from .postprocess import postprocess
 from .predict import CancelCheck, Predictor, ProgressCallback, choose_device, runs_through_openvino
@@ -178,6 +181,14 @@ def segment(channels: list[Volume], card: ModelCard, options: SegmentOptions = S
     check_inputs(channels, card)
     card.spacing(options.fast)  # a fast mode the model lacks is an error before any work
     report = progress or (lambda fraction, message: None)
+    if "crop_to_segments" in card.inference:
+        return _segment_in_box_of_segments(channels, card, options, report, cancel)
+    return _segment_checked(channels, card, options, report, cancel)
+
+
+def _segment_checked(channels: list[Volume], card: ModelCard, options: SegmentOptions, report: ProgressCallback,
+                     cancel: CancelCheck | None) -> Segmentation:
+    """The segmentation of inputs already checked against the card."""
     on_gpu = choose_device(options.device).type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -201,3 +212,76 @@ def segment(channels: list[Volume], card: ModelCard, options: SegmentOptions = S
         result.confidence = segment_confidence(labelmap, maps["uncertainty"], card.labels, maps["agreement"])
     report(1.0, "segmentation done")
     return result
+
+
+CROP_MARGIN_MM = 20.0  # around the segments a model is cropped to, unless its card says otherwise
+CROP_MODEL_SHARE = 0.3  # of the progress bar: the model that finds the segments
+
+
+def crop_model_of(card: ModelCard) -> ModelCard:
+    """The model that finds the segments ``card`` is cropped to: the installed model of that name,
+    or one of that name in a folder beside the card's (as ``import-model -o`` leaves them)."""
+    name = card.inference["crop_to_segments"]["model"]
+    beside = card.folder.parent / name / CARD_FILE
+    crop_card = load_card(beside) if beside.is_file() else None
+    if crop_card is None or crop_card.name != name:
+        try:
+            crop_card = find_model(name)
+        except ModelCardError as error:
+            raise ModelCardError(f"Model '{card.name}' segments inside what model '{name}' finds first, "
+                                 f"and that model is not installed ({error})") from None
+    if "crop_to_segments" in crop_card.inference:
+        raise ModelCardError(f"Model '{card.name}' is cropped by model '{name}', which is cropped by another model "
+                             "itself: one crop model at most")
+    return crop_card
+
+
+def _segment_in_box_of_segments(channels: list[Volume], card: ModelCard, options: SegmentOptions,
+                                report: ProgressCallback, cancel: CancelCheck | None) -> Segmentation:
+    """Segment with ``card`` only inside the box around the segments that its crop model finds first
+    (grown by the card's margin); outside it, background."""
+    crop = card.inference["crop_to_segments"]
+    crop_card = crop_model_of(card)
+    values = {label.name: label.value for label in crop_card.labels}
+    unknown = [name for name in crop["segments"] if name not in values]
+    if unknown:
+        raise ModelCardError(f"Model '{card.name}' is cropped to segments that model '{crop_card.name}' does not have: "
+                             f"{', '.join(unknown)}")
+    check_inputs(channels, crop_card)
+    started = time.perf_counter()
+    found = _segment_checked(channels, crop_card, SegmentOptions(options.device, backend=options.backend,
+                                                                  cpu_bfloat16=options.cpu_bfloat16),
+                             lambda f, message: report(CROP_MODEL_SHARE * f, f"{crop_card.name}: {message}"), cancel)
+    crop_seconds = time.perf_counter() - started
+    box = _box_around(np.isin(found.labelmap.array, [values[name] for name in crop["segments"]]),
+                      channels[0].spacing, crop.get("margin_mm", CROP_MARGIN_MM))
+    if box is None:
+        raise InputError(f"Model '{card.name}' segments inside the {', '.join(crop['segments'])} that model "
+                         f"'{crop_card.name}' finds, and it finds none in this image")
+    inside = _segment_checked([channel.cropped(box) for channel in channels], card, options,
+                              lambda f, message: report(CROP_MODEL_SHARE + (1 - CROP_MODEL_SHARE) * f, message),
+                              cancel)
+    result = Segmentation(_pasted(inside.labelmap, box, channels[0], 0), card,
+                          {f"crop model ({crop_card.name})": crop_seconds, **inside.seconds},
+                          confidence=inside.confidence, peak_gpu_memory_mib=inside.peak_gpu_memory_mib)
+    if inside.uncertainty is not None:  # outside the box: certain background
+        result.uncertainty = _pasted(inside.uncertainty, box, channels[0], 0.0)
+        result.probability = _pasted(inside.probability, box, channels[0], 1.0)
+    return result
+
+
+def _box_around(mask: np.ndarray, spacing: tuple[float, float, float], margin_mm: float):
+    """The box (slices of the array ``[k, j, i]``) around ``mask`` grown by ``margin_mm``, or None
+    where the mask is empty."""
+    box = ndimage.find_objects(mask.view(np.uint8))
+    if not box:
+        return None
+    margins = [int(np.ceil(margin_mm / s)) for s in spacing[::-1]]
+    return tuple(slice(max(b.start - m, 0), min(b.stop + m, n)) for b, m, n in zip(box[0], margins, mask.shape))
+
+
+def _pasted(block: Volume, box: tuple[slice, ...], grid: Volume, outside) -> Volume:
+    """``block`` (a box of ``grid``) on the whole of ``grid``, ``outside`` elsewhere."""
+    array = np.full(grid.array.shape, outside, block.array.dtype)
+    array[box] = block.array
+    return grid.with_array(array)

@@ -30,6 +30,9 @@ def saliency(channels: list[Volume], card: ModelCard, segment_name: str, device:
         raise InputError(f"Model '{card.name}' has no segment named '{segment_name}' (it has: {', '.join(values)})")
     if card.data["architecture"]["name"] in EXPORTED or card.data["architecture"]["name"] == "nnUNet":
         raise InputError(f"Saliency needs a network the engine builds itself; '{card.name}' is an imported model")
+    if "crop_to_segments" in card.inference:
+        raise InputError(f"Saliency of '{card.name}' is not computed: the model runs only inside what model "
+                         f"'{card.inference['crop_to_segments']['model']}' finds first")
     check_inputs(channels, card)
     network = load_network(card).to(device)
     prepared = prepare_for_card(channels, card)

@@ -1,5 +1,8 @@
-"""TotalSegmentator's CT models: download their nnU-Net v2 folders, import them with TotalSegmentator's
-label names mapped to SNOMED CT codes and colours, and run them like any other model.
+"""TotalSegmentator's CT and MR models: download their nnU-Net v2 folders, import them with
+TotalSegmentator's label names mapped to SNOMED CT codes and colours, and run them like any other model.
+Its lung-nodule and liver-lesion models see only the box around the lungs or the liver that its
+"total" model finds first: their cards name that model (``inference.crop_to_segments``), which is
+imported with them.
 
 TotalSegmentator reorients every image to RAS before its nnU-Net models see it and reads it with
 SimpleITK, so the network's array axes run toward S, A, R: imported cards say orientation "SAR"
@@ -20,24 +23,64 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import AIReconstructError, ModelCardError
-from .nnunet_import import combine_parts, import_nnunet
 
 log = logging.getLogger(__name__)
 
 RELEASES = "https://github.com/wasserth/TotalSegmentator/releases/download"
-# task -> the release and data-set folders of its weights (TotalSegmentator v2 "total" task: five
-# part models at 1.5 mm whose labels, numbered on part after part, are the 117 "total" labels; or one
-# model at 3 mm for all of them)
+LUNG_LOBES = ["lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right", "lung_middle_lobe_right",
+              "lung_lower_lobe_right"]
+# task -> where its weights are (release and data-set folders, which TotalSegmentator names after its
+# task ids: "total" is five part models at 1.5 mm whose labels, numbered on part after part, are its
+# 117 labels; "total-fast" one model at 3 mm for all of them), its modality and what it segments, and
+# for the tasks TotalSegmentator runs only around organs its "total" model finds first, those organs
+# (its lung-nodule and liver-lesion models, trained on such crops)
 TASKS = {
-    "total": {"release": "v2.0.0-weights", "datasets": [
-        "Dataset291_TotalSegmentator_part1_organs_1559subj", "Dataset292_TotalSegmentator_part2_vertebrae_1532subj",
-        "Dataset293_TotalSegmentator_part3_cardiac_1559subj", "Dataset294_TotalSegmentator_part4_muscles_1559subj",
-        "Dataset295_TotalSegmentator_part5_ribs_1559subj"]},
-    "total-fast": {"release": "v2.0.0-weights", "datasets": ["Dataset297_TotalSegmentator_total_3mm_1559subj"]},
+    "total": {"release": "v2.0.0-weights", "modality": "CT", "structures": "117 anatomical structures on CT",
+              "datasets": ["Dataset291_TotalSegmentator_part1_organs_1559subj",
+                           "Dataset292_TotalSegmentator_part2_vertebrae_1532subj",
+                           "Dataset293_TotalSegmentator_part3_cardiac_1559subj",
+                           "Dataset294_TotalSegmentator_part4_muscles_1559subj",
+                           "Dataset295_TotalSegmentator_part5_ribs_1559subj"]},
+    "total-fast": {"release": "v2.0.0-weights", "modality": "CT", "structures": "117 anatomical structures on CT",
+                   "datasets": ["Dataset297_TotalSegmentator_total_3mm_1559subj"]},
+    "total-mr": {"release": "v2.5.0-weights", "modality": "MR", "structures": "50 anatomical structures on MRI",
+                 "datasets": ["Dataset850_TotalSegMRI_part1_organs_1088subj",
+                              "Dataset851_TotalSegMRI_part2_muscles_1088subj"]},
+    "total-mr-fast": {"release": "v2.5.0-weights", "modality": "MR", "structures": "50 anatomical structures on MRI",
+                      "datasets": ["Dataset852_TotalSegMRI_total_3mm_1088subj"]},
+    "lung-nodules": {"release": "v2.5.0-weights", "modality": "CT", "structures": "the lungs and lung nodules on CT",
+                     "datasets": ["Dataset913_lung_nodules"], "crop": {"task": "total-fast", "segments": LUNG_LOBES}},
+    "liver-lesions": {"release": "v2.5.0-weights", "modality": "CT", "structures": "liver lesions on CT",
+                      "datasets": ["Dataset591_ct_liver_lesions_842subj"], "crop": {"task": "total-fast", "segments": ["liver"]}},
+}
+# TotalSegmentator adds 20 voxels of the image around the organs it crops to: 20 mm at 1 mm
+CROP_MARGIN_MM = 20.0
+# labels of the tasks above that TotalSegmentator's own SNOMED CT mapping lacks
+EXTRA_LABEL_INFO = {
+    "lung": {"color": [0.4, 0.8, 0.85], "terminology": {
+        "category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "39607008", "Lung"]}},
+    "lung_nodules": {"color": [1.0, 0.55, 0.0], "terminology": {
+        "category": ["SCT", "49755003", "Morphologically Altered Structure"], "type": ["SCT", "27925004", "Nodule"],
+        "region": ["SCT", "39607008", "Lung"]}},
+    "liver_lesions": {"color": [1.0, 0.0, 0.78], "terminology": {
+        "category": ["SCT", "49755003", "Morphologically Altered Structure"], "type": ["SCT", "52988006", "Lesion"],
+        "region": ["SCT", "10200004", "Liver"]}},
 }
 ORIENTATION = "SAR"
 LICENCE = "Apache-2.0 (TotalSegmentator code and weights, github.com/wasserth/TotalSegmentator); cite Wasserthal et al. 2023"
-INTENDED_USE = "Research use only, not for clinical use: 117 anatomical structures on CT (TotalSegmentator 'total' task)"
+
+
+def task_names(task: str) -> list[str]:
+    """The tasks whose weights ``task`` needs: itself, after the task that finds the organs it is cropped to."""
+    known(task)
+    crop = TASKS[task].get("crop")
+    return [crop["task"], task] if crop else [task]
+
+
+def known(task: str) -> None:
+    """Refuse a task this importer does not know."""
+    if task not in TASKS:
+        raise AIReconstructError(f"Unknown TotalSegmentator task '{task}' (known: {', '.join(TASKS)})")
 
 
 def _unpack(archive: Path, destination: Path) -> None:
@@ -56,8 +99,7 @@ def download_weights(task: str, destination: str | Path, base_url: str | None = 
     sets already there) from its GitHub releases or a mirror laid out the same way (``base_url``);
     returns the data-set folders. Each archive is unpacked into a hidden staging folder and moved
     into place only when complete."""
-    if task not in TASKS:
-        raise AIReconstructError(f"Unknown TotalSegmentator task '{task}' (known: {', '.join(TASKS)})")
+    known(task)
     base_url = base_url or RELEASES
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
@@ -120,22 +162,33 @@ def trained_model_folder(dataset_folder: Path) -> Path:
     return found[0]
 
 
+def card_name(task: str) -> str:
+    """The name of the card imported for ``task``."""
+    return f"totalsegmentator-{task}"
+
+
 def import_totalsegmentator(task: str, weights_folder: str | Path) -> dict:
     """A model card for a downloaded TotalSegmentator task (``weights_folder`` holds its data-set
     folders, as :func:`download_weights` leaves them); a task of several part models gets one card
-    that runs them in turn and merges their labels as TotalSegmentator does."""
-    if task not in TASKS:
-        raise ModelCardError(f"Unknown TotalSegmentator task '{task}' (known: {', '.join(TASKS)})")
-    info, cards = label_info(), []
-    for dataset in TASKS[task]["datasets"]:
+    that runs them in turn and merges their labels as TotalSegmentator does; a task TotalSegmentator
+    runs around organs only is cropped to the organs that its card's crop model finds."""
+    from .nnunet_import import combine_parts, import_nnunet  # torch: not needed to list the tasks
+
+    known(task)
+    spec = TASKS[task]
+    info, cards = {**EXTRA_LABEL_INFO, **label_info()}, []
+    intended_use = f"Research use only, not for clinical use: {spec['structures']} (TotalSegmentator '{task}' task)"
+    for dataset in spec["datasets"]:
         folder = Path(weights_folder) / dataset
         if not folder.is_dir():
             raise ModelCardError(f"No {dataset} in {weights_folder}: download the weights first "
-                                 "(aireconstruct import-model totalsegmentator --download)")
-        cards.append(import_nnunet(trained_model_folder(folder), name=f"totalsegmentator-{task}", modality="CT",
+                                 f"(aireconstruct import-model totalsegmentator --task {task} --download)")
+        cards.append(import_nnunet(trained_model_folder(folder), name=card_name(task), modality=spec["modality"],
                                    orientation=ORIENTATION, label_info=info, licence=LICENCE,
-                                   intended_use=INTENDED_USE))
-    title = f"TotalSegmentator {task} (117 CT structures)"
-    if len(cards) > 1:
-        return combine_parts(cards, f"totalsegmentator-{task}", title)
-    return {**cards[0], "title": title}
+                                   intended_use=intended_use))
+    title = f"TotalSegmentator {task} ({spec['structures']})"
+    card = combine_parts(cards, card_name(task), title) if len(cards) > 1 else {**cards[0], "title": title}
+    if "crop" in spec:
+        card["inference"]["crop_to_segments"] = {"model": card_name(spec["crop"]["task"]),
+                                                 "segments": spec["crop"]["segments"], "margin_mm": CROP_MARGIN_MM}
+    return card

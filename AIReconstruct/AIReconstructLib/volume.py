@@ -71,6 +71,11 @@ class Volume:
             and np.allclose(self.direction, other.direction, atol=tolerance)
         )
 
+    def cropped(self, box: tuple[slice, slice, slice]) -> "Volume":
+        """The block ``array[box]`` (slices along k, j, i with steps of 1) where it lies in space."""
+        first_voxel = [box[2].start, box[1].start, box[0].start, 1]
+        return replace(self, array=self.array[box], origin=tuple((self.ijk_to_lps() @ first_voxel)[:3]))
+
     def placed_on(self, grid: "Volume", tolerance: float = 1e-4) -> "Volume | None":
         """This volume on ``grid``'s voxels, zeros around it, when it is a block of that grid: the same
         spacing and direction, its first voxel on one of the grid's, all of it inside (a segmentation
