@@ -130,7 +130,7 @@ def lesion_release(release, tmp_path_factory) -> Path:
     liver_value = next(int(v) for v, name in json.loads((EXAMPLE / "labels.json").read_text()).items() if name == "liver")
     reference = sitk.ReadImage(str(EXAMPLE / "reference_totalseg_small.nii.gz")) == liver_value
     sitk.WriteImage(sitk.Cast(reference, sitk.sitkUInt8), str(work / "lesion.nii.gz"))
-    (work / "labels.json").write_text(json.dumps({"1": "liver_lesions"}))
+    (work / "labels.json").write_text(json.dumps({"1": "lesion"}))  # the card names it as TotalSegmentator does
     _reference("make-totalsegmentator-model", work, CT, work / "lesion.nii.gz", work / "labels.json",
                "--dataset", LESION_DATASET)
     (release / TASKS["liver-lesions"]["release"]).mkdir(exist_ok=True)

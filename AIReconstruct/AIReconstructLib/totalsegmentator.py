@@ -49,10 +49,12 @@ TASKS = {
     "total-mr-fast": {"release": "v2.5.0-weights", "modality": "MR", "structures": "50 anatomical structures on MRI",
                       "datasets": ["Dataset852_TotalSegMRI_total_3mm_1088subj"]},
     "lung-nodules": {"release": "v2.5.0-weights", "modality": "CT", "structures": "the lungs and lung nodules on CT",
-                     "datasets": ["Dataset913_lung_nodules"], "crop": {"task": "total-fast", "segments": LUNG_LOBES}},
+                     "datasets": ["Dataset913_lung_nodules"], "labels": {1: "lung", 2: "lung_nodules"},
+                     "crop": {"task": "total-fast", "segments": LUNG_LOBES}},
     "liver-lesions": {"release": "v2.5.0-weights", "modality": "CT", "structures": "liver lesions on CT",
-                      "datasets": ["Dataset591_ct_liver_lesions_842subj"], "crop": {"task": "total-fast", "segments": ["liver"]}},
-}
+                      "datasets": ["Dataset591_ct_liver_lesions_842subj"], "labels": {1: "liver_lesions"},
+                      "crop": {"task": "total-fast", "segments": ["liver"]}},
+}  # "labels": the names TotalSegmentator gives its output values (else those of the folder's dataset.json)
 # TotalSegmentator adds 20 voxels of the image around the organs it crops to: 20 mm at 1 mm
 CROP_MARGIN_MM = 20.0
 # labels of the tasks above that TotalSegmentator's own SNOMED CT mapping lacks
@@ -188,6 +190,10 @@ def import_totalsegmentator(task: str, weights_folder: str | Path) -> dict:
                                    intended_use=intended_use))
     title = f"TotalSegmentator {task} ({spec['structures']})"
     card = combine_parts(cards, card_name(task), title) if len(cards) > 1 else {**cards[0], "title": title}
+    for label in card["labels"]:
+        if label["value"] in spec.get("labels", {}):
+            label["name"] = spec["labels"][label["value"]]
+            label.update(info.get(label["name"], {}))
     if "crop" in spec:
         card["inference"]["crop_to_segments"] = {"model": card_name(spec["crop"]["task"]),
                                                  "segments": spec["crop"]["segments"], "margin_mm": CROP_MARGIN_MM}
