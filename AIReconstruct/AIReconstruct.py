@@ -98,6 +98,7 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.addModelButton.connect("clicked(bool)", self.onAddModel)
+        self.ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModel)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.exportFilesButton.connect("clicked(bool)", self.onExportFiles)
         self.ui.exportModelsButton.connect("clicked(bool)", self.onExportModels)
@@ -167,6 +168,9 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.setCurrentIndex(max(index, 0))
         self.onModelChanged()
         self.ui.deviceInfoLabel.text = self.logic.adapter.deviceDescription()
+        if not self.ui.downloadTaskComboBox.count:
+            for task, structures in self.logic.adapter.downloadableModels().items():
+                self.ui.downloadTaskComboBox.addItem(f"TotalSegmentator {task}: {structures}", task)
 
     def onModelChanged(self, index=None) -> None:
         model = self.ui.modelComboBox.currentData
@@ -190,6 +194,7 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = ready and not running
         self.ui.cancelButton.enabled = running
         self.ui.fineTuneButton.enabled = not running
+        self.ui.downloadModelButton.enabled = not running and self.ui.downloadTaskComboBox.count > 0
         hasResult = bool(self._parameterNode and self._parameterNode.outputSegmentation)
         for button in (self.ui.exportFilesButton, self.ui.exportModelsButton, self.ui.editButton,
                        self.ui.saveReportButton, self.ui.includePointsButton, self.ui.excludePointsButton,
@@ -323,6 +328,18 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay(_("The model could not be added.")):
                 self.logic.adapter.addModel(folder)
                 self.refreshModels()
+
+    def onDownloadModel(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("The model could not be downloaded."), waitCursor=True):
+            job = self.logic.adapter.startModelDownload(self.ui.downloadTaskComboBox.currentData,
+                                                        **self.logic.engineProcess())
+            self.startJob(job, self.onModelDownloaded)
+        self.updateButtons()
+
+    def onModelDownloaded(self, job) -> None:
+        self._parameterNode.model = job.model_name
+        self.refreshModels()
+        self.ui.logTextEdit.appendPlainText(_("Model installed: {name}").format(name=job.model_name))
 
     def onExportFiles(self) -> None:
         folder = qt.QFileDialog.getExistingDirectory(None, _("Export surfaces to folder"))

@@ -19,7 +19,7 @@ from AIReconstructLib.io import write_volume  # noqa: E402
 from AIReconstructLib.modelcard import load_card  # noqa: E402
 from AIReconstructLib.segnrrd import write_seg_nrrd  # noqa: E402
 from AIReconstructLib.volume import Volume  # noqa: E402
-from conftest import noise_ct, oblique_direction  # noqa: E402
+from conftest import noise_ct, oblique_direction, tiny_card, write_model  # noqa: E402
 
 
 def _matrix(array4x4):
@@ -624,3 +624,32 @@ def test_runs_use_the_prepared_engine_worker_and_a_dead_one_is_replaced(scene, t
     assert after.wait(timeout=300).status == "done" and after_pid != first_pid
     WARM_ENGINE.shutdown()
     assert after.engine.worker.process.wait(timeout=30) == 0  # ends when the module cleans up
+
+
+def test_add_model_checks_the_folder_and_brings_the_model_it_runs_inside(tmp_path):
+    """*Add model...*: a model folder is checked (card, weights' checksum) before it is copied
+    among the user's models; a model cropped to another model's segments brings that model from
+    beside it, and without it is refused, nothing copied."""
+    from AIReconstructAdapter.logic import AdapterLogic
+    from AIReconstructLib.errors import ModelCardError, WeightsError
+
+    logic, installed = AdapterLogic(), tmp_path / "installed"
+    source = tmp_path / "downloads"
+    write_model(source / "finder", tiny_card("finder"))
+    cropped = tiny_card("inside-the-organ")
+    cropped["inference"]["crop_to_segments"] = {"model": "finder", "segments": ["organ"]}
+    write_model(source / "inside-the-organ", cropped)
+    assert logic.addModel(source / "inside-the-organ", installed) == "inside-the-organ"
+    assert sorted(p.name for p in installed.iterdir()) == ["finder", "inside-the-organ"]
+    with pytest.raises(ModelCardError, match="already installed"):
+        logic.addModel(source / "inside-the-organ", installed)
+
+    alone = tmp_path / "alone"
+    shutil.copytree(source / "inside-the-organ", alone / "inside-the-organ")
+    with pytest.raises(ModelCardError, match="model 'finder' finds first, and that model is not installed"):
+        logic.addModel(alone / "inside-the-organ", tmp_path / "elsewhere")
+    tampered = write_model(tmp_path / "tampered", tiny_card("tampered")).parent / "model.safetensors"
+    tampered.write_bytes(tampered.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(WeightsError, match="does not match the SHA-256"):
+        logic.addModel(tampered.parent, tmp_path / "elsewhere")
+    assert not (tmp_path / "elsewhere").exists()

@@ -22,10 +22,9 @@ import pytest
 import SimpleITK as sitk
 
 from AIReconstructLib.cli import main
-from AIReconstructLib.errors import AIReconstructError
-from AIReconstructLib.modelcard import load_card
+from AIReconstructLib.errors import AIReconstructError, Cancelled
 from AIReconstructLib.measurements import is_lesion
-from AIReconstructLib.pipeline import crop_model_of
+from AIReconstructLib.modelcard import crop_model_of, load_card
 from AIReconstructLib.totalsegmentator import TASKS, download_weights
 from conftest import SHARED_DATA
 from test_nnunet import _predict_with_nnunet, _reference
@@ -82,6 +81,14 @@ def test_download_skips_what_is_there_and_refuses_escaping_archives(release, tmp
     assert not list(tmp_path.rglob("escaped.txt")) and not (tmp_path / "other" / DATASET).exists()
     with pytest.raises(AIReconstructError, match="Cannot download"):
         download_weights("total-fast", tmp_path / "third", (tmp_path / "missing").as_uri())
+
+    seen = []
+    with pytest.raises(Cancelled, match="nothing was kept"):  # cancelled after the first megabyte
+        download_weights("total-fast", tmp_path / "fourth", release.as_uri(),
+                         progress=lambda fraction, message: seen.append((fraction, message)), cancel=lambda: bool(seen))
+    assert not list((tmp_path / "fourth").iterdir())
+    [(fraction, message)] = seen
+    assert 0 < fraction < 1 and message.startswith(f"downloading {DATASET}: 1 of ")
 
 
 def test_labels_keep_totalsegmentator_ids_names_and_snomed_codes(imported):
@@ -172,3 +179,27 @@ def test_the_mri_model_is_imported_for_mri(trained, tmp_path, capsys):
     capsys.readouterr()
     assert main(["segment", "-m", str(tmp_path / "card"), "-o", str(tmp_path / "out"), str(CT)]) != 0
     assert "looks like CT" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_the_slicer_panel_downloads_a_model_in_the_background(lesion_release, tmp_path):
+    """*Download model* in the panel: the engine's worker downloads TotalSegmentator's liver-lesion
+    model and the model it runs inside, with the download's progress in the log, and both are
+    installed among the user's models, nothing else left there."""
+    pytest.importorskip("slicer", reason="the slicer-core package (Slicer's MRML libraries) is not installed")
+    from AIReconstructAdapter.engine_run import WARM_ENGINE
+    from AIReconstructAdapter.logic import AdapterLogic
+
+    logic = AdapterLogic()
+    assert "liver-lesions" in logic.downloadableModels()
+    models = tmp_path / "models"
+    try:
+        job = logic.startModelDownload("liver-lesions", models_folder=models, weights_folder=tmp_path / "weights",
+                                       url=lesion_release.as_uri())
+        state = job.wait(timeout=300)
+    finally:
+        WARM_ENGINE.shutdown()
+    assert state.status == "done", state.error
+    assert job.model_name == "totalsegmentator-liver-lesions"
+    assert sorted(p.name for p in models.iterdir()) == ["totalsegmentator-liver-lesions", "totalsegmentator-total-fast"]
+    assert any(f"downloading {LESION_DATASET}" in line for line in state.log)
+    assert load_card(models / "totalsegmentator-liver-lesions").inference["crop_to_segments"]["segments"] == ["liver"]

@@ -1,11 +1,13 @@
 """The panel's background jobs, each an engine run on files in a temporary folder: segment volume
 nodes and import the result, write the report of a segmentation node, fine-tune a model on saved
-corrections. The scene (or the installed models) changes only when a job succeeds."""
+corrections, download a TotalSegmentator model. The scene (or the installed models) changes only
+when a job succeeds."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -151,3 +153,41 @@ class FineTuningJob(BackgroundJob):
         (self.workdir / "checkpoint.pt").unlink(missing_ok=True)  # resuming is for the command line
         self.workdir.rename(destination)
         self.workdir, self.model_folder = None, destination
+
+
+class ModelDownloadJob(BackgroundJob):
+    """Download one of TotalSegmentator's models (``import-model totalsegmentator --download``: its
+    weights into ``weights_folder``, once) in the background and install its card among the user's
+    models, with the card of the model whose organs it runs inside where it has one. The cards are
+    written to a hidden folder there and moved into place only when the import succeeds."""
+
+    def __init__(self, task: str, models_folder: Path, weights_folder: Path, url: str | None = None,
+                 python: str | None = None, env: dict | None = None):
+        self.task, self.models_folder, self.weights_folder = task, Path(models_folder), Path(weights_folder)
+        self.options = ["--url", url] if url else []
+        self.python, self.env = python, env
+        self.workdir: Path | None = None
+        self.engine: EngineRun | None = None
+        self.model_name: str | None = None  # the installed model, on success
+
+    def start(self) -> None:
+        self.models_folder.mkdir(parents=True, exist_ok=True)
+        self.workdir = Path(tempfile.mkdtemp(prefix=".download-", dir=self.models_folder))
+        self.engine = EngineRun(["import-model", "totalsegmentator", str(self.weights_folder), "--task", self.task,
+                                 "--download", "-o", str(self.workdir / self.task), *self.options],
+                                self.python, self.env)
+        try:
+            self.engine.start()
+        except BaseException:
+            self._remove_workdir()
+            raise
+
+    def _on_success(self, result: dict) -> None:
+        """Install the imported cards (a card of the same name, imported before, is replaced)."""
+        for folder in sorted(self.workdir.iterdir()):
+            name = json.loads((folder / "card.json").read_text(encoding="utf-8"))["name"]
+            destination = self.models_folder / name
+            if destination.exists():
+                shutil.rmtree(destination)
+            folder.rename(destination)
+        self.model_name = result["name"]

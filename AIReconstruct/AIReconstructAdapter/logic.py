@@ -11,14 +11,17 @@ import shutil
 from pathlib import Path
 
 from AIReconstructLib.errors import ModelCardError
-from AIReconstructLib.modelcard import USER_MODELS, find_model, installed_models, load_card, verified_weight_paths
+from AIReconstructLib.modelcard import (USER_MODELS, crop_model_of, find_model, installed_models, load_card,
+                                        verified_weight_paths)
+from AIReconstructLib.totalsegmentator import TASKS as TOTALSEGMENTATOR_TASKS
 
 from . import nodes
 from .correction import SegmentCorrection
 from .engine_run import WARM_ENGINE
-from .jobs import FineTuningJob, ReportJob, SegmentationJob
+from .jobs import FineTuningJob, ModelDownloadJob, ReportJob, SegmentationJob
 
 CORRECTIONS = USER_MODELS.parent / "corrections"  # a data set folder per model, for fine-tuning
+DOWNLOADED_WEIGHTS = USER_MODELS.parent / "totalsegmentator"  # TotalSegmentator's weights, downloaded once
 
 
 class AdapterLogic:
@@ -35,14 +38,34 @@ class AdapterLogic:
         return [channel["name"] for channel in find_model(model).channels]
 
     def addModel(self, path: str | Path, models_folder: Path = USER_MODELS) -> str:
-        """Check a model folder (card and weights) and copy it into the user's models; returns its name."""
+        """Check a model folder (card and weights) and copy it into the user's models; returns its name.
+        A model run inside another model's segments brings that model along from beside its folder
+        unless it is installed already."""
         card = load_card(path)
         verified_weight_paths(card)
         destination = Path(models_folder) / card.name
         if destination.exists():
             raise ModelCardError(f"A model named '{card.name}' is already installed in {destination}")
+        crop_card = crop_model_of(card) if "crop_to_segments" in card.inference else None  # missing: refused
+        if crop_card is not None and crop_card.folder.parent == card.folder.parent:  # found beside, not installed
+            verified_weight_paths(crop_card)
+            if not (Path(models_folder) / crop_card.name).exists():
+                shutil.copytree(crop_card.folder, Path(models_folder) / crop_card.name)
         shutil.copytree(card.folder, destination)
         return card.name
+
+    def downloadableModels(self) -> dict[str, str]:
+        """TotalSegmentator's models the panel can download: task -> what it segments."""
+        return {task: spec["structures"] for task, spec in TOTALSEGMENTATOR_TASKS.items()}
+
+    def startModelDownload(self, task: str, python: str | None = None, env: dict | None = None,
+                           models_folder: Path = USER_MODELS, weights_folder: Path = DOWNLOADED_WEIGHTS,
+                           url: str | None = None) -> ModelDownloadJob:
+        """Download a TotalSegmentator model (``url``: a mirror of its releases) in the background and
+        install it among the user's models on success; poll the returned job."""
+        job = ModelDownloadJob(task, models_folder, weights_folder, url, python, env)
+        job.start()
+        return job
 
     def deviceDescription(self) -> str:
         """The GPU the engine would use, with its memory, or why the CPU will be used."""

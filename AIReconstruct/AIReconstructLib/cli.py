@@ -208,7 +208,8 @@ def cmd_import_model(args, reporter: Reporter) -> None:
                          task=args.task, download=args.download, url=args.url, configuration=args.configuration,
                          folds=args.folds, checkpoint=args.checkpoint, modality=args.modality,
                          orientation=args.orientation, licence=args.licence, intended_use=args.intended_use,
-                         previous_stage=args.previous_stage, skull_stripped=args.skull_stripped)
+                         previous_stage=args.previous_stage, skull_stripped=args.skull_stripped,
+                         progress=reporter.progress, cancel=reporter.cancel_requested)
     reporter.result(f"imported {saved.summary()}\ncard: {saved.folder / 'card.json'}",
                     {"card": str(saved.folder / "card.json"), "name": saved.name})
 

@@ -14,12 +14,13 @@ KINDS = ("nnunet", "totalsegmentator", "monai-bundle", "torchscript", "onnx")
 def import_model(kind: str, path: str | Path, output: str | Path | None = None, *, name: str | None = None,
                  card: str | None = None, labels: str | None = None, task: str = "total-fast",
                  download: bool = False, url: str | None = None, skull_stripped: bool = False,
-                 **nnunet_options) -> ModelCard:
+                 progress=None, cancel=None, **nnunet_options) -> ModelCard:
     """Write the card for the model at ``path`` into ``output`` (default ``~/.aireconstruct/models/NAME``).
 
     ``card``: a hand-written card file (torchscript, onnx); ``labels``: a label-info file (nnunet);
     ``task``, ``download``, ``url``: TotalSegmentator's task and where its weights come from (a task
-    cropped to organs also imports the model that finds them, beside the card);
+    cropped to organs also imports the model that finds them, beside the card); ``progress`` and
+    ``cancel`` follow and stop the download (see :func:`totalsegmentator.download_weights`);
     ``skull_stripped``: the model was trained on skull-stripped brains (its channels are marked so,
     and images that are not are refused);
     ``nnunet_options``: configuration, folds, checkpoint, modality, orientation, licence, intended_use,
@@ -43,8 +44,9 @@ def import_model(kind: str, path: str | Path, output: str | Path | None = None, 
 
         needed = task_names(task)  # a task cropped to organs needs the model that finds them first
         if download:
-            for each in needed:
-                download_weights(each, path, url)
+            for number, each in enumerate(needed):
+                download_weights(each, path, url, cancel=cancel, progress=None if progress is None else
+                                 lambda f, message, n=number: progress((n + f) / len(needed), message))
         for crop_task in needed[:-1]:
             folder = (Path(output).parent if output else USER_MODELS) / card_name(crop_task)
             save_card(import_totalsegmentator(crop_task, path), folder)

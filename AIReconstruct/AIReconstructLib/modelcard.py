@@ -255,3 +255,22 @@ def verified_weight_paths(card: ModelCard) -> list[Path]:
                 "(corrupt or tampered); refusing to load it"
             )
     return card.weight_paths
+
+
+def crop_model_of(card: ModelCard) -> ModelCard:
+    """The model that finds the segments ``card`` is cropped to (``inference.crop_to_segments``): the
+    one of that name in a folder beside the card's (as ``import-model -o`` leaves it), else the
+    installed one."""
+    name = card.inference["crop_to_segments"]["model"]
+    beside = card.folder.parent / name / CARD_FILE
+    crop_card = load_card(beside) if beside.is_file() else None
+    if crop_card is None or crop_card.name != name:
+        try:
+            crop_card = find_model(name)
+        except ModelCardError as error:
+            raise ModelCardError(f"Model '{card.name}' segments inside what model '{name}' finds first, "
+                                 f"and that model is not installed ({error})") from None
+    if "crop_to_segments" in crop_card.inference:
+        raise ModelCardError(f"Model '{card.name}' is cropped by model '{name}', which is cropped by another model "
+                             "itself: one crop model at most")
+    return crop_card

@@ -21,7 +21,7 @@ from scipy import ndimage
 from . import nnunet
 from .backends import cached_for_cpu, card_fingerprint, openvino_available
 from .errors import InputError, ModelCardError
-from .modelcard import CARD_FILE, ModelCard, find_model, load_card, verified_weight_paths
+from .modelcard import ModelCard, crop_model_of, verified_weight_paths
 from .networks import load_network
 from .postprocess import postprocess
 from .predict import CancelCheck, Predictor, ProgressCallback, choose_device, runs_through_openvino
@@ -216,24 +216,6 @@ def _segment_checked(channels: list[Volume], card: ModelCard, options: SegmentOp
 
 CROP_MARGIN_MM = 20.0  # around the segments a model is cropped to, unless its card says otherwise
 CROP_MODEL_SHARE = 0.3  # of the progress bar: the model that finds the segments
-
-
-def crop_model_of(card: ModelCard) -> ModelCard:
-    """The model that finds the segments ``card`` is cropped to: the installed model of that name,
-    or one of that name in a folder beside the card's (as ``import-model -o`` leaves them)."""
-    name = card.inference["crop_to_segments"]["model"]
-    beside = card.folder.parent / name / CARD_FILE
-    crop_card = load_card(beside) if beside.is_file() else None
-    if crop_card is None or crop_card.name != name:
-        try:
-            crop_card = find_model(name)
-        except ModelCardError as error:
-            raise ModelCardError(f"Model '{card.name}' segments inside what model '{name}' finds first, "
-                                 f"and that model is not installed ({error})") from None
-    if "crop_to_segments" in crop_card.inference:
-        raise ModelCardError(f"Model '{card.name}' is cropped by model '{name}', which is cropped by another model "
-                             "itself: one crop model at most")
-    return crop_card
 
 
 def _segment_in_box_of_segments(channels: list[Volume], card: ModelCard, options: SegmentOptions,

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import csv
 import logging
-import shutil
 import tempfile
 import urllib.request
 import zipfile
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
-from .errors import AIReconstructError, ModelCardError
+from .errors import AIReconstructError, Cancelled, ModelCardError
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +96,22 @@ def _unpack(archive: Path, destination: Path) -> None:
         bundle.extractall(root)
 
 
-def download_weights(task: str, destination: str | Path, base_url: str | None = None) -> list[Path]:
+def download_weights(task: str, destination: str | Path, base_url: str | None = None,
+                     progress: Callable[[float, str], None] | None = None,
+                     cancel: Callable[[], bool] | None = None) -> list[Path]:
     """Download and unpack the weights of a TotalSegmentator task into ``destination`` (skipping data
     sets already there) from its GitHub releases or a mirror laid out the same way (``base_url``);
     returns the data-set folders. Each archive is unpacked into a hidden staging folder and moved
-    into place only when complete."""
+    into place only when complete; ``progress(fraction, message)`` follows the download, and
+    ``cancel()`` returning True stops it (raising :class:`Cancelled`) with nothing kept."""
     known(task)
     base_url = base_url or RELEASES
+    report = progress or (lambda fraction, message: None)
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
+    datasets = TASKS[task]["datasets"]
     folders = []
-    for dataset in TASKS[task]["datasets"]:
+    for number, dataset in enumerate(datasets):
         target = destination / dataset
         if not target.is_dir():
             url = f"{base_url}/{TASKS[task]['release']}/{dataset}.zip"
@@ -115,7 +120,14 @@ def download_weights(task: str, destination: str | Path, base_url: str | None = 
                 log.info("downloading %s", url)
                 try:
                     with urllib.request.urlopen(url) as response, open(archive, "wb") as handle:
-                        shutil.copyfileobj(response, handle, 1 << 20)
+                        size, done = int(response.headers.get("Content-Length") or 0), 0
+                        while chunk := response.read(1 << 20):
+                            handle.write(chunk)
+                            done += len(chunk)
+                            if cancel is not None and cancel():
+                                raise Cancelled("Download cancelled by the user; nothing was kept")
+                            report((number + (done / size if size else 0)) / len(datasets),
+                                   f"downloading {dataset}: {done >> 20} of {size >> 20} MB")
                 except OSError as error:
                     raise AIReconstructError(f"Cannot download {url}: {error}") from None
                 try:
