@@ -36,13 +36,15 @@ class AIReconstruct(ScriptedLoadableModule):
         self.parent.contributors = ["AIReconstruct developers"]
         self.parent.helpText = _(
             "Segment organs, lesions and bones of a CT or MRI with a deep network, as editable segments and "
-            "smooth 3D surfaces for pre-surgical review. Pick a model and an input volume, press Apply; "
+            "smooth 3D surfaces for pre-surgical review. Pick a model (or download one of TotalSegmentator's: "
+            "117 CT structures, MRI organs, lung nodules, liver lesions) and an input volume, press Apply; "
             "correct a segment with include/exclude points, save a report of the measurements, and save "
             "corrected cases to fine-tune the model. "
             'See the <a href="https://github.com/AIReconstruct/SlicerAIReconstruct#readme">user guide</a>.')
         self.parent.acknowledgementText = _(
-            "Built on 3D Slicer, PyTorch, MONAI, SimpleITK and VTK. The bundled demo model was trained on "
-            "synthetic phantoms and is not for clinical use.")
+            "Built on 3D Slicer, PyTorch, MONAI, SimpleITK and VTK; TotalSegmentator's models are by "
+            "Wasserthal et al. (Apache-2.0). The bundled demo model was trained on synthetic phantoms and is not "
+            "for clinical use.")
 
 
 @parameterNodeWrapper

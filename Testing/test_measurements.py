@@ -55,6 +55,7 @@ def test_lesion_distances_organ_and_remnant(phantom):
     volume, _ = phantom
     (lesion,) = measure(volume, LABELS, margin_mm=10.0)["lesions"]
     assert lesion["name"] == "lesion" and lesion["organ"] == "organ"
+    assert lesion["part_count"] == 1 and "parts" not in lesion  # one part: the label's own figures
     gap_to_vessel = VESSEL_X - VESSEL_RADIUS - (LESION_OFFSET + LESION_RADIUS)
     assert lesion["distances_mm"]["vessel"] == pytest.approx(gap_to_vessel, abs=1.0)
     assert "organ" not in lesion["distances_mm"]
@@ -66,6 +67,33 @@ def test_lesion_distances_organ_and_remnant(phantom):
     assert resection <= lesion["resection_ml"] <= 1.06 * resection  # errs toward removing more
     assert lesion["remnant_ml"] == pytest.approx(count[1] + count[2] - lesion["resection_ml"])
     assert lesion["remnant_percent"] == pytest.approx(100 * lesion["remnant_ml"] / lesion["organ_with_lesion_ml"])
+
+
+def test_each_part_of_a_lesion_label_is_measured_largest_first():
+    """Three separate lesions of one label (metastases, nodules) inside the organ, on an oblique,
+    anisotropic grid: each part's volume, diameter, centroid and distance to the capsule, largest
+    first; the label as a whole spans them."""
+    shape_ijk = (150, 120, 80)
+    k, j, i = np.mgrid[0:shape_ijk[2], 0:shape_ijk[1], 0:shape_ijk[0]]
+    centre = (np.array(shape_ijk) - 1) / 2 * SPACING
+    x, y, z = (i * SPACING[0] - centre[0], j * SPACING[1] - centre[1], k * SPACING[2] - centre[2])
+    array = np.zeros(x.shape, np.uint8)
+    array[x ** 2 + y ** 2 + z ** 2 < ORGAN_RADIUS ** 2] = 1
+    balls = [(4.0, (-20.0, 0.0, 0.0)), (8.0, (15.0, 0.0, 0.0)), (5.0, (0.0, 20.0, 5.0))]  # radius, offset (mm)
+    for radius, (dx, dy, dz) in balls:
+        array[(x - dx) ** 2 + (y - dy) ** 2 + (z - dz) ** 2 < radius ** 2] = 2
+    direction, origin = oblique_direction(20), np.array([10.0, -20.0, 5.0])
+    volume = Volume(array, SPACING, origin, direction)
+    (lesion,) = measure(volume, LABELS)["lesions"]
+    assert lesion["part_count"] == 3 and [p["number"] for p in lesion["parts"]] == [1, 2, 3]
+    whole = next(s for s in measure(volume, LABELS)["segments"] if s["name"] == "lesion")
+    assert whole["largest_diameter_mm"] == pytest.approx(35 + 4 + 8, abs=1.0)  # from the first part to the second
+    for part, (radius, offset) in zip(lesion["parts"], sorted(balls, reverse=True)):
+        assert part["volume_ml"] == pytest.approx(4 / 3 * np.pi * radius ** 3 / 1000, rel=0.08)
+        assert part["largest_diameter_mm"] == pytest.approx(2 * radius, abs=1.0)
+        np.testing.assert_allclose(part["centroid_mm"], origin + direction @ (centre + offset), atol=0.3)
+        assert part["capsule_distance_mm"] == pytest.approx(ORGAN_RADIUS - np.linalg.norm(offset) - radius, abs=1.0)
+    assert sum(p["volume_ml"] for p in lesion["parts"]) == pytest.approx(whole["volume_ml"])
 
 
 def test_a_lesion_outside_any_organ_has_distances_but_no_remnant():

@@ -67,6 +67,15 @@ def test_a_brain_tumour_is_shown_in_its_brain_and_gets_no_table_of_organs_around
     assert page.count('"name":"brain (skull-stripped image)"') == 1 and '"opacity":0.15' in page
     demo = find_model("demo-abdomen-ct")
     assert "skull-stripped image" not in build_report(image, tumour, demo.labels, demo.data)[0]  # CT: no brain
+    assert "separate parts" not in page
+
+    second = tumour.with_array(tumour.array | ((z - 20) ** 2 + (y - 24) ** 2 + (x - 14) ** 2 < 9).astype(np.uint8))
+    page, measured = build_report(image, second, card.labels, card.data)
+    (lesion,) = measured["lesions"]
+    assert "<h3>whole tumour: 2 separate parts</h3>" in page  # each measured, though in no organ
+    assert [p["volume_ml"] for p in lesion["parts"]] == pytest.approx([tumour.array.sum() * 0.008,
+                                                                       (second.array - tumour.array).sum() * 0.008])
+    assert all(f"<td>{p['largest_diameter_mm']:.1f}</td>" in page for p in lesion["parts"])
 
 
 

@@ -6,7 +6,9 @@ terminology category is SNOMED CT 49755003, "Morphologically Altered Structure")
 distance from its surface to every other segment's surface; the organ it lies in (the label that
 holds most of the voxels touching it); the distance to that organ's capsule (the outer surface of
 organ and lesion together); and a remnant estimate: the organ's volume with the lesion, the volume
-removed with a safety margin around the lesion, and what remains.
+removed with a safety margin around the lesion, and what remains. A lesion label of several separate
+parts (metastases, lung nodules) also gets each part's volume, largest diameter, centroid and
+distance to the capsule, largest first.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .surfaces import SharedMesh, mesh_measurements, shared_mesh, surfaces_of
 from .volume import Volume
 
 LESION_CATEGORY = "49755003"  # SNOMED CT "Morphologically Altered Structure"
+MAX_LESION_PARTS = 20  # separate parts of a lesion label measured one by one, largest first
 
 
 def is_lesion(label: Label) -> bool:
@@ -87,6 +90,33 @@ def _resection_ml(labelmap: Volume, box, value: int, organ: int, margin_mm: floa
     return float(np.count_nonzero(removed)) * labelmap.voxel_volume_ml
 
 
+def _parts(labelmap: Volume, box, value: int, lesion_points: np.ndarray, matrix: np.ndarray,
+           capsule: cKDTree | None) -> tuple[int, list[dict]]:
+    """How many separate parts (26-connected) a lesion label has and, where more than one, the
+    measurements of the largest :data:`MAX_LESION_PARTS`: each surface vertex belongs to the part of
+    its nearest boundary voxel."""
+    inside = labelmap.array[box] == value
+    components, count = ndimage.label(inside, structure=np.ones((3, 3, 3)))
+    if count < 2:
+        return count, []
+    starts = np.array([s.start for s in box])
+    boundary = inside & ~ndimage.binary_erosion(inside)
+    kji = np.argwhere(boundary) + starts
+    centres = kji[:, ::-1] @ matrix[:3, :3].T + matrix[:3, 3]
+    owner = components[boundary][cKDTree(centres).query(lesion_points)[1]]  # each vertex's part
+    sizes = np.bincount(components.ravel())[1:]
+    parts = []
+    for number, index in enumerate(np.argsort(-sizes, kind="stable")[:MAX_LESION_PARTS], start=1):
+        points = lesion_points[owner == index + 1]
+        centroid = matrix[:3, :3] @ (mask_centre(components == index + 1) + starts)[::-1] + matrix[:3, 3]
+        part = {"number": number, "volume_ml": float(sizes[index]) * labelmap.voxel_volume_ml,
+                "largest_diameter_mm": largest_diameter(points), "centroid_mm": [round(float(c), 2) for c in centroid]}
+        if capsule is not None and len(points):
+            part["capsule_distance_mm"] = float(capsule.query(points)[0].min())
+        parts.append(part)
+    return count, parts
+
+
 def measure(labelmap: Volume, labels: list[Label], margin_mm: float = 10.0, smoothing: float = 0.5,
             coordinates: str = "LPS") -> dict:
     """Measurements of every present segment and every lesion (see the module's docstring)."""
@@ -122,14 +152,17 @@ def measure(labelmap: Volume, labels: list[Label], margin_mm: float = 10.0, smoo
         distances = {names[other]: float(trees[other].query(lesion_points)[0].min())
                      for other in trees if other not in (value, organ)}
         entry = {"name": names[value], "organ": names.get(organ), "distances_mm": distances}
+        capsule = None
         if organ is not None:
-            union = {organ, value}
-            capsule = np.isin(mesh.pairs, list(union)).sum(axis=1) == 1  # one side in, the other out
-            capsule_points = _vertices(mesh, np.flatnonzero(capsule))
-            entry["capsule_distance_mm"] = float(cKDTree(capsule_points).query(lesion_points)[0].min())
+            outer = np.isin(mesh.pairs, [organ, value]).sum(axis=1) == 1  # one side in, the other out
+            capsule = cKDTree(_vertices(mesh, np.flatnonzero(outer)))
+            entry["capsule_distance_mm"] = float(capsule.query(lesion_points)[0].min())
             with_lesion = volumes[organ] + volumes[value]
             resection = _resection_ml(labelmap, box, value, organ, margin_mm)
             entry.update(organ_volume_ml=volumes[organ], organ_with_lesion_ml=with_lesion, resection_ml=resection,
                          remnant_ml=with_lesion - resection, remnant_percent=100.0 * (with_lesion - resection) / with_lesion)
+        entry["part_count"], parts = _parts(labelmap, box, value, lesion_points, matrix, capsule)
+        if parts:
+            entry["parts"] = parts
         lesions.append(entry)
     return {"coordinates": coordinates, "margin_mm": margin_mm, "segments": segments, "lesions": lesions}

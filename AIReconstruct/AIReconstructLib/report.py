@@ -198,6 +198,14 @@ def _sections(image, labelmap, labels, measured, metrics, surfaces, context) -> 
         parts += [f"<h2>Lesions (safety margin {measured['margin_mm']:g} mm)</h2>", _table(
             ["Lesion", "In organ", "To capsule (mm)", "Nearest structures (mm)", "Organ + lesion (mL)",
              "Resection (mL)", "Remnant (mL)"], rows)]
+    for lesion in measured["lesions"]:
+        if "parts" in lesion:
+            listed = "" if lesion["part_count"] == len(lesion["parts"]) else f", the largest {len(lesion['parts'])}"
+            parts += [f"<h3>{html.escape(lesion['name'])}: {lesion['part_count']} separate parts{listed}</h3>", _table(
+                ["#", "Volume (mL)", "Largest diameter (mm)", f"Centroid {measured['coordinates']} (mm)", "To capsule (mm)"],
+                [[str(p["number"]), f"{p['volume_ml']:.2f}", f"{p['largest_diameter_mm']:.1f}",
+                  ", ".join(f"{c:.1f}" for c in p["centroid_mm"]),
+                  f"{p['capsule_distance_mm']:.1f}" if "capsule_distance_mm" in p else "—"] for p in lesion["parts"]])]
     if metrics is not None:
         rows = [[html.escape(name), f"{s['dice']:.3f}", f"{s['iou']:.3f}", f"{s['hd95_mm']:.2f}"]
                 for name, s in metrics["labels"].items() if s["present"]]
