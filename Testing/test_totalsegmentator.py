@@ -146,10 +146,13 @@ def lesion_release(release, tmp_path_factory) -> Path:
     return release
 
 
-def test_a_lesion_model_comes_with_the_model_that_finds_its_organ(lesion_release, tmp_path):
+def test_a_lesion_model_comes_with_the_model_that_finds_its_organ(lesion_release, tmp_path, capsys):
     """``--task liver-lesions`` downloads and imports TotalSegmentator's fast "total" model beside
     it, which the lesion model's card names as the model whose liver it is run inside."""
     weights, cards = tmp_path / "weights", tmp_path / "cards"
+    assert main(["import-model", "totalsegmentator", str(tmp_path), "--task", "liver-lesions"]) != 0
+    assert f"No {DATASET}, {LESION_DATASET} in {tmp_path}: download the weights first (aireconstruct import-model " \
+           "totalsegmentator --task liver-lesions --download)" in capsys.readouterr().err
     assert main(["import-model", "totalsegmentator", str(weights), "--task", "liver-lesions", "--download",
                  "--url", lesion_release.as_uri(), "-o", str(cards / "lesions")]) == 0
     assert sorted(p.name for p in weights.iterdir()) == sorted([DATASET, LESION_DATASET])

@@ -176,6 +176,16 @@ def trained_model_folder(dataset_folder: Path) -> Path:
     return found[0]
 
 
+def check_weights(task: str, weights_folder: str | Path) -> None:
+    """Refuse, in one line, a weights folder that lacks a data set ``task`` needs (its own, and those
+    of the model it runs inside)."""
+    missing = [dataset for needed in task_names(task) for dataset in TASKS[needed]["datasets"]
+               if not (Path(weights_folder) / dataset).is_dir()]
+    if missing:
+        raise ModelCardError(f"No {', '.join(missing)} in {weights_folder}: download the weights first "
+                             f"(aireconstruct import-model totalsegmentator --task {task} --download)")
+
+
 def card_name(task: str) -> str:
     """The name of the card imported for ``task``."""
     return f"totalsegmentator-{task}"
@@ -192,11 +202,9 @@ def import_totalsegmentator(task: str, weights_folder: str | Path) -> dict:
     spec = TASKS[task]
     info, cards = {**EXTRA_LABEL_INFO, **label_info()}, []
     intended_use = f"Research use only, not for clinical use: {spec['structures']} (TotalSegmentator '{task}' task)"
+    check_weights(task, weights_folder)
     for dataset in spec["datasets"]:
         folder = Path(weights_folder) / dataset
-        if not folder.is_dir():
-            raise ModelCardError(f"No {dataset} in {weights_folder}: download the weights first "
-                                 f"(aireconstruct import-model totalsegmentator --task {task} --download)")
         cards.append(import_nnunet(trained_model_folder(folder), name=card_name(task), modality=spec["modality"],
                                    orientation=ORIENTATION, label_info=info, licence=LICENCE,
                                    intended_use=intended_use))
