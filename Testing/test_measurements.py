@@ -17,15 +17,22 @@ SPACING = (0.8, 0.9, 1.2)
 ORGAN_RADIUS, LESION_RADIUS, LESION_OFFSET, VESSEL_RADIUS, VESSEL_X = 40.0, 10.0, 15.0, 4.0, 60.0
 
 
-@pytest.fixture(scope="module")
-def phantom():
-    """Physical positions (mm, relative to the grid's centre along its own axes) decide each voxel."""
+def _organ_grid():
+    """Each voxel's position (mm, relative to the grid's centre along its own axes: x, y, z), that
+    centre (along the axes from the first voxel) and the organ ball painted as label 1."""
     shape_ijk = (150, 120, 80)
     k, j, i = np.mgrid[0:shape_ijk[2], 0:shape_ijk[1], 0:shape_ijk[0]]
     centre = (np.array(shape_ijk) - 1) / 2 * SPACING
     x, y, z = (i * SPACING[0] - centre[0], j * SPACING[1] - centre[1], k * SPACING[2] - centre[2])
     array = np.zeros(x.shape, np.uint8)
     array[x ** 2 + y ** 2 + z ** 2 < ORGAN_RADIUS ** 2] = 1
+    return (x, y, z), centre, array
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    """Physical positions (mm, relative to the grid's centre along its own axes) decide each voxel."""
+    (x, y, z), centre, array = _organ_grid()
     array[(x - LESION_OFFSET) ** 2 + y ** 2 + z ** 2 < LESION_RADIUS ** 2] = 2
     array[(x - VESSEL_X) ** 2 + y ** 2 < VESSEL_RADIUS ** 2] = 3
     direction = oblique_direction(20)
@@ -73,12 +80,7 @@ def test_each_part_of_a_lesion_label_is_measured_largest_first():
     """Three separate lesions of one label (metastases, nodules) inside the organ, on an oblique,
     anisotropic grid: each part's volume, diameter, centroid and distance to the capsule, largest
     first; the label as a whole spans them."""
-    shape_ijk = (150, 120, 80)
-    k, j, i = np.mgrid[0:shape_ijk[2], 0:shape_ijk[1], 0:shape_ijk[0]]
-    centre = (np.array(shape_ijk) - 1) / 2 * SPACING
-    x, y, z = (i * SPACING[0] - centre[0], j * SPACING[1] - centre[1], k * SPACING[2] - centre[2])
-    array = np.zeros(x.shape, np.uint8)
-    array[x ** 2 + y ** 2 + z ** 2 < ORGAN_RADIUS ** 2] = 1
+    (x, y, z), centre, array = _organ_grid()
     balls = [(4.0, (-20.0, 0.0, 0.0)), (8.0, (15.0, 0.0, 0.0)), (5.0, (0.0, 20.0, 5.0))]  # radius, offset (mm)
     for radius, (dx, dy, dz) in balls:
         array[(x - dx) ** 2 + (y - dy) ** 2 + (z - dz) ** 2 < radius ** 2] = 2

@@ -255,6 +255,18 @@ class BackgroundJob:
     def _on_success(self, result: dict) -> None:
         raise NotImplementedError
 
+    def _start_in_hidden_folder(self, parent: Path, prefix: str, arguments) -> None:
+        """Start the engine with ``arguments(workdir)``, its work folder a hidden one made in ``parent``
+        (where the installed models are, so that results move into place), removed if it fails."""
+        parent.mkdir(parents=True, exist_ok=True)
+        self.workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        try:
+            self.engine = EngineRun(arguments(self.workdir), self.python, self.env)
+            self.engine.start()
+        except BaseException:
+            self._remove_workdir()
+            raise
+
     def cancel(self) -> None:
         if self.engine is not None:
             self.engine.cancel()

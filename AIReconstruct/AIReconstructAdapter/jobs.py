@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 from AIReconstructLib.io import read_volume, write_volume
@@ -134,15 +133,8 @@ class FineTuningJob(BackgroundJob):
         self.model_folder: Path | None = None  # where the new version was installed
 
     def start(self) -> None:
-        self.models_folder.mkdir(parents=True, exist_ok=True)
-        self.workdir = Path(tempfile.mkdtemp(prefix=".fine-tuning-", dir=self.models_folder))
-        self.engine = EngineRun(["finetune", self.model, str(self.dataset_folder), "-o", str(self.workdir),
-                                 *self.options], self.python, self.env)
-        try:
-            self.engine.start()
-        except BaseException:
-            self._remove_workdir()
-            raise
+        self._start_in_hidden_folder(self.models_folder, ".fine-tuning-", lambda workdir: [
+            "finetune", self.model, str(self.dataset_folder), "-o", str(workdir), *self.options])
 
     def _on_success(self, result: dict) -> None:
         """Move the new version among the installed models."""
@@ -171,16 +163,9 @@ class ModelDownloadJob(BackgroundJob):
         self.model_name: str | None = None  # the installed model, on success
 
     def start(self) -> None:
-        self.models_folder.mkdir(parents=True, exist_ok=True)
-        self.workdir = Path(tempfile.mkdtemp(prefix=".download-", dir=self.models_folder))
-        self.engine = EngineRun(["import-model", "totalsegmentator", str(self.weights_folder), "--task", self.task,
-                                 "--download", "-o", str(self.workdir / self.task), *self.options],
-                                self.python, self.env)
-        try:
-            self.engine.start()
-        except BaseException:
-            self._remove_workdir()
-            raise
+        self._start_in_hidden_folder(self.models_folder, ".download-", lambda workdir: [
+            "import-model", "totalsegmentator", str(self.weights_folder), "--task", self.task, "--download",
+            "-o", str(workdir / self.task), *self.options])
 
     def _on_success(self, result: dict) -> None:
         """Install the imported cards (a card of the same name, imported before, is replaced)."""
