@@ -275,7 +275,9 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.endCorrection()  # its points were placed on the result before
         self._parameterNode.outputSegmentation = job.segmentation_node
         for name, volume in job.volumes_ml.items():
-            self.ui.logTextEdit.appendPlainText(_("{name}: {volume:.1f} mL").format(name=name, volume=volume))
+            parts = job.lesion_parts.get(name, 1)
+            line = _("{name}: {volume:.1f} mL in {parts} separate parts") if parts > 1 else _("{name}: {volume:.1f} mL")
+            self.ui.logTextEdit.appendPlainText(line.format(name=name, volume=volume, parts=parts))
         if self._parameterNode.show3D:
             self.logic.adapter.showSurfaces(job.segmentation_node, self._parameterNode.surfaceSmoothing)
         if job.uncertainty_node is not None:

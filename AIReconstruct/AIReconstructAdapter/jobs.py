@@ -41,6 +41,7 @@ class SegmentationJob(BackgroundJob):
         self.uncertainty_node = None  # with uncertainty: the 0-1 map as a volume node
         self.check_points = None  # and a point list of the regions to check
         self.volumes_ml: dict = {}  # each segment's volume, as the engine measured it
+        self.lesion_parts: dict = {}  # how many separate parts each lesion segment has
 
     def start(self) -> None:
         """Write the inputs to a temporary folder and start the engine on them."""
@@ -64,6 +65,7 @@ class SegmentationJob(BackgroundJob):
         uncertainty = read_volume(uncertainty_file) if uncertainty_file else None
         name = f"{self.input_nodes[0].GetName()} {result['summary']['model']}"
         self.volumes_ml = result["summary"]["volumes_ml"]
+        self.lesion_parts = result["summary"].get("lesion_parts", {})
         earlier = [self.target.GetNodeReference(role) for role in UNCERTAINTY_ROLES] if self.target else []
         self.segmentation_node = import_segmentation(self.scene, seg_file, self.input_nodes[0], self.target, name)
         for attribute, value in zip(MADE_BY, (result["summary"]["model"], result["summary"]["model_version"])):

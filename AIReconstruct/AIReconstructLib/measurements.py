@@ -90,13 +90,25 @@ def _resection_ml(labelmap: Volume, box, value: int, organ: int, margin_mm: floa
     return float(np.count_nonzero(removed)) * labelmap.voxel_volume_ml
 
 
+def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """The 26-connected parts of a mask, numbered from 1, and how many there are."""
+    return ndimage.label(mask, structure=np.ones((3, 3, 3)))
+
+
+def lesion_part_counts(labelmap: Volume, labels: list[Label]) -> dict[str, int]:
+    """How many separate parts each lesion label present has (several metastases, nodules)."""
+    boxes = ndimage.find_objects(labelmap.array)
+    return {label.name: _components(labelmap.array[boxes[label.value - 1]] == label.value)[1] for label in labels
+            if is_lesion(label) and label.value <= len(boxes) and boxes[label.value - 1] is not None}
+
+
 def _parts(labelmap: Volume, box, value: int, lesion_points: np.ndarray, matrix: np.ndarray,
            capsule: cKDTree | None) -> tuple[int, list[dict]]:
     """How many separate parts (26-connected) a lesion label has and, where more than one, the
     measurements of the largest :data:`MAX_LESION_PARTS`: each surface vertex belongs to the part of
     its nearest boundary voxel."""
     inside = labelmap.array[box] == value
-    components, count = ndimage.label(inside, structure=np.ones((3, 3, 3)))
+    components, count = _components(inside)
     if count < 2:
         return count, []
     starts = np.array([s.start for s in box])
