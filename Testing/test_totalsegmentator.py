@@ -96,6 +96,8 @@ def test_labels_keep_totalsegmentator_ids_names_and_snomed_codes(imported):
     names = json.loads((EXAMPLE / "labels.json").read_text())
     assert {label.value: label.name for label in card.labels} == {int(v): n for v, n in names.items()}
     assert card.data["architecture"]["args"]["orientation"] == "SAR" and card.inference["mirror_axes"] == []
+    assert "; spleen, kidney_right, " in card.summary()
+    assert " and 105 more; licence Apache-2.0" in card.summary()  # a line the Slicer panel can show
     by_name = {label.name: label for label in card.labels}
     if importlib.util.find_spec("totalsegmentator") is not None:
         assert by_name["liver"].terminology["type"] == ["SCT", "10200004", "Liver"]

@@ -22,6 +22,7 @@ import jsonschema
 from .errors import ModelCardError, WeightsError
 
 CARD_FILE = "card.json"
+SUMMARY_LABELS = 12  # label names a card's one-line summary lists (TotalSegmentator's models have 117)
 BUNDLED_MODELS = Path(__file__).parent / "models"
 USER_MODELS = Path.home() / ".aireconstruct" / "models"
 MODEL_PATH_ENV = "AIRECONSTRUCT_MODEL_PATH"
@@ -96,9 +97,10 @@ class ModelCard:
 
     def summary(self) -> str:
         """One line for listings: name, modality (skull-stripped where the model needs it), labels
-        (and what they are found inside, for a model cropped to another's segments), licence,
-        intended use."""
-        names = ", ".join(label.name for label in self.labels)
+        (the first twelve, and how many more; what they are found inside, for a model cropped to
+        another's segments), licence, intended use."""
+        shown = [label.name for label in self.labels[:SUMMARY_LABELS]]
+        names = ", ".join(shown) + (f" and {len(self.labels) - len(shown)} more" if len(self.labels) > len(shown) else "")
         stripped = ", skull-stripped" if any(channel.get("skull_stripped") for channel in self.channels) else ""
         crop = self.inference.get("crop_to_segments")
         inside = f" inside the {', '.join(crop['segments'])} found by {crop['model']}" if crop else ""
