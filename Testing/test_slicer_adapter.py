@@ -653,3 +653,33 @@ def test_add_model_checks_the_folder_and_brings_the_model_it_runs_inside(tmp_pat
     with pytest.raises(WeightsError, match="does not match the SHA-256"):
         logic.addModel(tampered.parent, tmp_path / "elsewhere")
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_lesions_segmented_into_the_segmentation_of_their_organ_are_measured_against_it(scene, tmp_path, ct_volume):
+    """Two runs into one segmentation, as the panel does them (TotalSegmentator's fast model, whose
+    liver includes its lesions, then its liver-lesion model): the lesions, later, are reported
+    inside the liver, each part on its own, with the liver's remnant."""
+    from AIReconstructAdapter.nodes import segments_for_report
+    from AIReconstructLib.measurements import measure
+    from AIReconstructLib.modelcard import Label
+    from AIReconstructLib.totalsegmentator import EXTRA_LABEL_INFO
+
+    volume_node = add_volume_node(scene, ct_volume, "CT")
+    liver = np.zeros(ct_volume.array.shape, np.uint8)
+    liver[4:18, 8:32, 8:36] = 5
+    lesions = np.zeros_like(liver)
+    lesions[8:12, 14:19, 14:19] = lesions[8:11, 22:26, 26:30] = 1
+    runs = [(liver, Label(5, "liver", (0.6, 0.3, 0.2), {"category": ["SCT", "123037004", "Anatomical Structure"],
+                                                         "type": ["SCT", "10200004", "Liver"]}, {})),
+            (lesions, Label(1, "liver_lesions", (1.0, 0.0, 0.8), EXTRA_LABEL_INFO["liver_lesions"]["terminology"], {}))]
+    segmentation = None
+    for number, (array, label) in enumerate(runs):
+        path = write_seg_nrrd(ct_volume.with_array(array), [label], tmp_path / f"run{number}.seg.nrrd")
+        segmentation = import_segmentation(scene, path, volume_node, target=segmentation)
+    assert _segment_names(segmentation) == ["liver", "liver_lesions"]
+    _, _, labelmap, labels = segments_for_report(segmentation)
+    (lesion,) = measure(labelmap, labels)["lesions"]
+    assert lesion["organ"] == "liver" and lesion["part_count"] == 2 and len(lesion["parts"]) == 2
+    voxel_ml = np.prod(ct_volume.spacing) / 1000
+    assert lesion["organ_with_lesion_ml"] == pytest.approx(np.count_nonzero(liver) * voxel_ml)
+    assert 0 < lesion["remnant_ml"] < lesion["organ_with_lesion_ml"]
