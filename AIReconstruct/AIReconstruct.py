@@ -278,6 +278,9 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             parts = job.lesion_parts.get(name, 1)
             line = _("{name}: {volume:.1f} mL in {parts} separate parts") if parts > 1 else _("{name}: {volume:.1f} mL")
             self.ui.logTextEdit.appendPlainText(line.format(name=name, volume=volume, parts=parts))
+        if job.lesion_points is not None:
+            self.ui.logTextEdit.appendPlainText(_("Lesions to review: {count} (Markups module: '{name}')").format(
+                count=job.lesion_points.GetNumberOfControlPoints(), name=job.lesion_points.GetName()))
         if self._parameterNode.show3D:
             self.logic.adapter.showSurfaces(job.segmentation_node, self._parameterNode.surfaceSmoothing)
         if job.uncertainty_node is not None:

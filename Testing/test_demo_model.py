@@ -50,19 +50,20 @@ def test_demo_command_writes_the_promised_files(tmp_path, capsys):
     assert np.isfinite(summary["seconds"]["predict"])
     (lesion,) = summary["measurements"]["lesions"]
     assert lesion["name"] == "liver tumour" and lesion["organ"] == "liver" and 0 < lesion["remnant_percent"] < 100
-    assert lesion["part_count"] == 2 == summary["lesion_parts"]["liver tumour"]  # the phantom's two tumours
+    assert lesion["part_count"] == 2 == summary["lesion_parts"]["liver tumour"]["count"]  # the phantom's two tumours
     assert [part["number"] for part in lesion["parts"]] == [1, 2]
 
 
 def test_segment_says_how_many_separate_lesions_it_found(tmp_path, capsys):
-    """The two liver tumours of phantom 7: the volume printed with the number of separate parts,
-    and the summary's count (which the Slicer panel's log shows too)."""
+    """The two liver tumours of phantom 7 (32 and 4 mL): the volume printed with the number of
+    separate parts, and the summary's count and parts (which the Slicer panel shows too)."""
     from AIReconstructLib.io import write_volume
 
-    image = write_volume(make_phantom(7, spacing=(2.0, 2.0, 3.0)).image, tmp_path / "ct.nii.gz")
+    image = write_volume(make_phantom(7).image, tmp_path / "ct.nii.gz")
     assert main(["segment", str(image), "-m", DEMO_MODEL, "-o", str(tmp_path / "out"), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert " mL in 2 separate parts" in next(line for line in printed.splitlines() if line.startswith("liver tumour:"))
     assert not any("separate" in line for line in printed.splitlines() if line.startswith("liver:"))
     summary = json.loads((tmp_path / "out" / "ct_summary.json").read_text(encoding="utf-8"))
-    assert summary["lesion_parts"] == {"liver tumour": 2}
+    (parts,) = summary["lesion_parts"].values()
+    assert parts["count"] == 2 and parts["largest"][0]["volume_ml"] > parts["largest"][1]["volume_ml"]

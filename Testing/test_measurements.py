@@ -4,7 +4,7 @@ a lesion (radius 10 mm) inside, and a vessel (a tube) at a known gap, on an obli
 import numpy as np
 import pytest
 
-from AIReconstructLib.measurements import is_lesion, largest_diameter, lesion_part_counts, measure
+from AIReconstructLib.measurements import is_lesion, largest_diameter, lesion_parts, measure
 from AIReconstructLib.modelcard import Label
 from AIReconstructLib.volume import Volume
 from conftest import oblique_direction
@@ -96,7 +96,11 @@ def test_each_part_of_a_lesion_label_is_measured_largest_first():
         np.testing.assert_allclose(part["centroid_mm"], origin + direction @ (centre + offset), atol=0.3)
         assert part["capsule_distance_mm"] == pytest.approx(ORGAN_RADIUS - np.linalg.norm(offset) - radius, abs=1.0)
     assert sum(p["volume_ml"] for p in lesion["parts"]) == pytest.approx(whole["volume_ml"])
-    assert lesion_part_counts(volume, LABELS) == {"lesion": 3}  # the organ is no lesion; absent labels left out
+    summary = lesion_parts(volume, LABELS)  # what segment records: counts, volumes, centres (no surface)
+    assert list(summary) == ["lesion"] and summary["lesion"]["count"] == 3  # the organ is no lesion
+    for listed, part in zip(summary["lesion"]["largest"], lesion["parts"]):
+        assert listed["volume_ml"] == pytest.approx(part["volume_ml"], abs=1e-3)
+        np.testing.assert_allclose(listed["centre_mm"], part["centroid_mm"], atol=0.06)
 
 
 def test_a_lesion_outside_any_organ_has_distances_but_no_remnant():

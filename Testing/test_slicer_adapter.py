@@ -6,6 +6,7 @@ import tempfile
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 slicer = pytest.importorskip("slicer", reason="the slicer-core package (Slicer's MRML libraries) is not installed")
 vtk = pytest.importorskip("vtk")
@@ -683,3 +684,37 @@ def test_lesions_segmented_into_the_segmentation_of_their_organ_are_measured_aga
     voxel_ml = np.prod(ct_volume.spacing) / 1000
     assert lesion["organ_with_lesion_ml"] == pytest.approx(np.count_nonzero(liver) * voxel_ml)
     assert 0 < lesion["remnant_ml"] < lesion["organ_with_lesion_ml"]
+
+
+def test_the_parts_of_each_lesion_become_points_to_review(scene):
+    """The demo model on a phantom with two liver tumours: a locked point at each tumour, largest
+    first, named with its volume, which a later run into the same segmentation replaces."""
+    from AIReconstructLib.phantom import make_phantom
+
+    phantom = make_phantom(7)  # the demo's phantom: two liver tumours of 32 and 4 mL
+    volume_node = add_volume_node(scene, phantom.image, "CT")
+    job = SegmentationJob(scene, [volume_node], "demo-abdomen-ct", device="cpu")
+    job.start()
+    state = job.wait(timeout=300)
+    assert state.status == "done", state.error
+    assert job.lesion_parts == {"liver tumour": 2}
+    points = job.lesion_points
+    assert points.GetName() == "CT demo-abdomen-ct lesions" and points.GetNumberOfControlPoints() == 2
+    tumours, count = ndimage.label(phantom.labels.array == 2, structure=np.ones((3, 3, 3)))
+    assert count == 2
+    truth = [phantom.image.ijk_to_ras() @ [*np.argwhere(tumours == n).mean(axis=0)[::-1], 1] for n in (1, 2)]
+    found = []
+    for index in range(2):
+        ras = [0.0, 0.0, 0.0]
+        points.GetNthControlPointPosition(index, ras)
+        found.append(ras)
+        assert points.GetNthControlPointLabel(index).startswith(f"liver tumour {index + 1}: ")
+        assert points.GetNthControlPointLocked(index)
+    distances = [[np.linalg.norm(np.subtract(f, t[:3])) for t in truth] for f in found]
+    assert [np.argmin(d) for d in distances] == [0, 1] and max(min(d) for d in distances) < 3.0  # mm, largest first
+
+    again = SegmentationJob(scene, [volume_node], "demo-abdomen-ct", device="cpu", target_segmentation=job.segmentation_node)
+    again.start()
+    assert again.wait(timeout=300).status == "done"
+    lists = [n for n in scene.GetNodesByClass("vtkMRMLMarkupsFiducialNode") if n.GetName().endswith("lesions")]
+    assert lists == [again.lesion_points]

@@ -14,12 +14,13 @@ from AIReconstructLib.io import read_volume, write_volume
 from AIReconstructLib.segnrrd import write_seg_nrrd
 
 from .engine_run import BackgroundJob, EngineRun, exchange_folder
-from .nodes import (MADE_BY, add_check_points, add_volume_node, import_segmentation, segments_for_report, voxel_bytes,
+from .nodes import (MADE_BY, add_point_list, add_volume_node, import_segmentation, segments_for_report, voxel_bytes,
                     write_volume_node)
 
 
 # the segmentation node's references to its last run's uncertainty map and regions to check
 UNCERTAINTY_ROLES = ("AIReconstructUncertainty", "AIReconstructRegionsToCheck")
+LESIONS_ROLE = "AIReconstructLesions"  # and to the point list of its lesions' separate parts
 
 
 class SegmentationJob(BackgroundJob):
@@ -42,6 +43,7 @@ class SegmentationJob(BackgroundJob):
         self.check_points = None  # and a point list of the regions to check
         self.volumes_ml: dict = {}  # each segment's volume, as the engine measured it
         self.lesion_parts: dict = {}  # how many separate parts each lesion segment has
+        self.lesion_points = None  # a point list of the largest parts of every lesion segment
 
     def start(self) -> None:
         """Write the inputs to a temporary folder and start the engine on them."""
@@ -57,16 +59,19 @@ class SegmentationJob(BackgroundJob):
             raise
 
     def _on_success(self, result: dict) -> None:
-        """Read every result file first, then change the scene: segmentation, uncertainty, points. The
-        uncertainty map and regions to check of an earlier run into the same segmentation leave the
-        scene (they describe segments just replaced); the segmentation refers to this run's."""
+        """Read every result file first, then change the scene: segmentation, uncertainty, points (the
+        regions to check; the largest parts of each lesion segment). The uncertainty map and point
+        lists of an earlier run into the same segmentation leave the scene (they describe segments
+        just replaced); the segmentation refers to this run's."""
         seg_file = next(p for p in result["outputs"] if p.endswith(".seg.nrrd"))
         uncertainty_file = next((p for p in result["outputs"] if p.endswith("_uncertainty.nii.gz")), None)
         uncertainty = read_volume(uncertainty_file) if uncertainty_file else None
         name = f"{self.input_nodes[0].GetName()} {result['summary']['model']}"
         self.volumes_ml = result["summary"]["volumes_ml"]
-        self.lesion_parts = result["summary"].get("lesion_parts", {})
-        earlier = [self.target.GetNodeReference(role) for role in UNCERTAINTY_ROLES] if self.target else []
+        lesions = result["summary"].get("lesion_parts", {})
+        self.lesion_parts = {segment: lesion["count"] for segment, lesion in lesions.items()}
+        roles = (*UNCERTAINTY_ROLES, LESIONS_ROLE)
+        earlier = [self.target.GetNodeReference(role) for role in roles] if self.target else []
         self.segmentation_node = import_segmentation(self.scene, seg_file, self.input_nodes[0], self.target, name)
         for attribute, value in zip(MADE_BY, (result["summary"]["model"], result["summary"]["model_version"])):
             self.segmentation_node.SetAttribute(attribute, value)
@@ -74,9 +79,15 @@ class SegmentationJob(BackgroundJob):
             self.scene.RemoveNode(node)
         if uncertainty is not None:
             self.uncertainty_node = add_volume_node(self.scene, uncertainty, f"{name} uncertainty")
-            self.check_points = add_check_points(self.scene, result["summary"].get("flagged_regions", []),
-                                                 f"{name} regions to check")
-        for role, node in zip(UNCERTAINTY_ROLES, (self.uncertainty_node, self.check_points)):
+            regions = result["summary"].get("flagged_regions", [])
+            self.check_points = add_point_list(
+                self.scene, [(f"check {n}: {r['size_ml']:.2f} mL", r["centre_mm"]) for n, r in enumerate(regions, 1)],
+                f"{name} regions to check")
+        self.lesion_points = add_point_list(
+            self.scene, [(f"{segment} {n}: {part['volume_ml']:.2f} mL", part["centre_mm"])
+                         for segment, lesion in lesions.items() for n, part in enumerate(lesion["largest"], 1)],
+            f"{name} lesions")
+        for role, node in zip(roles, (self.uncertainty_node, self.check_points, self.lesion_points)):
             self.segmentation_node.SetNodeReferenceID(role, node.GetID() if node is not None else None)
 
 

@@ -172,16 +172,15 @@ def segments_for_report(segmentation_node) -> tuple:
     return volume_node, image, labelmap, labels
 
 
-def add_check_points(scene, regions: list[dict], name: str, coordinates: str = "LPS"):
-    """A point list with one point per region to check (largest first, named by size), so that the
-    Markups module's list can jump the slice views to each; ``None`` if there are no regions."""
-    if not regions:
+def add_point_list(scene, places: list[tuple[str, list]], name: str, coordinates: str = "LPS"):
+    """A locked point list with one point per (label, centre in patient mm), so that the Markups
+    module's list can jump the slice views to each; ``None`` if there are none."""
+    if not places:
         return None
     points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
     flip = (-1.0, -1.0, 1.0) if coordinates == "LPS" else (1.0, 1.0, 1.0)  # Slicer's points are RAS
-    for number, region in enumerate(regions, start=1):
-        ras = [c * f for c, f in zip(region["centre_mm"], flip)]
-        index = points.AddControlPoint(vtk.vtkVector3d(*ras), f"check {number}: {region['size_ml']:.2f} mL")
+    for label, centre in places:
+        index = points.AddControlPoint(vtk.vtkVector3d(*[c * f for c, f in zip(centre, flip)]), label)
         points.SetNthControlPointLocked(index, True)
     return points
 

@@ -128,7 +128,7 @@ def cmd_segment(args, reporter: Reporter) -> None:
     card = find_model(args.model)
     written, summary = _segment_and_write(args.inputs, image_stem(args.inputs[0]), args.output, card, args,
                                           reporter.progress, reporter.cancel_requested)
-    parts = summary.get("lesion_parts", {})
+    parts = {name: lesion["count"] for name, lesion in summary.get("lesion_parts", {}).items()}
     lines = [f"{name}: {volume:.1f} mL" + (f" in {parts[name]} separate parts" if parts.get(name, 1) > 1 else "")
              for name, volume in summary["volumes_ml"].items()]
     lines += [f"check: {r['size_ml']:.2f} mL of uncertainty {r['mean_uncertainty']:.2f} around "

@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from .io import StagedOutput, write_map, write_volume
-from .measurements import lesion_part_counts
+from .measurements import lesion_parts
 from .metrics import label_volumes_ml
 from .pipeline import Segmentation
 from .segnrrd import write_seg_nrrd
@@ -58,7 +58,7 @@ def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str
             "intended_use": segmentation.card.data["intended_use"],
             "volumes_ml": label_volumes_ml(segmentation.labelmap, segmentation.label_names),
         }
-        parts = lesion_part_counts(segmentation.labelmap, labels)
+        parts = lesion_parts(segmentation.labelmap, labels, coordinates)
         if parts:
             summary["lesion_parts"] = parts  # each lesion label's separate parts (metastases, nodules)
         if options is not None:

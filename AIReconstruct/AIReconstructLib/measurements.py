@@ -95,11 +95,25 @@ def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return ndimage.label(mask, structure=np.ones((3, 3, 3)))
 
 
-def lesion_part_counts(labelmap: Volume, labels: list[Label]) -> dict[str, int]:
-    """How many separate parts each lesion label present has (several metastases, nodules)."""
+def lesion_parts(labelmap: Volume, labels: list[Label], coordinates: str = "LPS") -> dict[str, dict]:
+    """Each lesion label present: how many separate parts it has (several metastases, nodules), and
+    the largest :data:`MAX_LESION_PARTS` of them, largest first: volume (mL) and centre (patient mm)."""
     boxes = ndimage.find_objects(labelmap.array)
-    return {label.name: _components(labelmap.array[boxes[label.value - 1]] == label.value)[1] for label in labels
-            if is_lesion(label) and label.value <= len(boxes) and boxes[label.value - 1] is not None}
+    matrix = labelmap.ijk_to_lps() if coordinates == "LPS" else labelmap.ijk_to_ras()
+    found = {}
+    for label in labels:
+        if not (is_lesion(label) and label.value <= len(boxes) and boxes[label.value - 1] is not None):
+            continue
+        box = boxes[label.value - 1]
+        components, count = _components(labelmap.array[box] == label.value)
+        sizes = np.bincount(components.ravel())[1:]
+        largest = np.argsort(-sizes, kind="stable")[:MAX_LESION_PARTS]
+        kji = np.array(ndimage.center_of_mass(components > 0, components, largest + 1)) + [s.start for s in box]
+        centres = kji[:, ::-1] @ matrix[:3, :3].T + matrix[:3, 3]
+        found[label.name] = {"count": count, "largest": [
+            {"volume_ml": round(float(sizes[index]) * labelmap.voxel_volume_ml, 3),
+             "centre_mm": [round(float(c), 1) for c in centre]} for index, centre in zip(largest, centres)]}
+    return found
 
 
 def _parts(labelmap: Volume, box, value: int, lesion_points: np.ndarray, matrix: np.ndarray,
