@@ -1,0 +1,106 @@
+"""A closed, consistently oriented triangle surface made manifold.
+
+Where voxels of a label touch only along an edge or at a corner, surface nets give an edge of four
+triangles and vertices where two sheets of the surface meet; 3D printing software calls such a mesh
+non-manifold. :func:`manifold` pairs the triangles around each such edge (on the unsmoothed grid
+points, where their order around the edge is never folded) and gives each vertex one copy per sheet
+through it: the sheets then touch but share no vertex, and nothing moves.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
+
+
+def _edge_keys(points: np.ndarray, triangles: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each half-edge ``3 * face + k`` (corner k to corner k + 1): start vertex, end vertex, and a key
+    shared by the half-edges of the same undirected edge."""
+    start, end = triangles.ravel(), triangles[:, [1, 2, 0]].ravel()
+    return start, end, np.minimum(start, end) * len(points) + np.maximum(start, end)
+
+
+def _twins(points: np.ndarray, triangles: np.ndarray, flipped: set) -> tuple[np.ndarray, np.ndarray] | None:
+    """For each half-edge of a closed, consistently oriented surface, the half-edge that runs the
+    other way along the same edge on the same sheet: the only one where two triangles share the
+    edge; where more do (voxels touching along an edge), the next one around the edge (its order
+    taken from ``points``) toward the solid's inside, or toward its outside for the edges in
+    ``flipped`` (any one where the triangles around the edge are folded out of order); and the
+    half-edges of the edges of more than two triangles. None where the surface is not closed and
+    consistently oriented."""
+    start, end, key = _edge_keys(points, triangles)
+    order = np.lexsort((start > end, key))
+    bounds = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1], True])
+    sizes = np.diff(bounds)
+    twin = np.full(len(key), -1)
+    pairs = order[bounds[:-1][sizes == 2]], order[bounds[:-1][sizes == 2] + 1]
+    if (sizes % 2).any() or (start[pairs[0]] == start[pairs[1]]).any():
+        return None
+    twin[pairs[0]], twin[pairs[1]] = pairs[1], pairs[0]
+    shared = []
+    for begin, stop in zip(bounds[:-1][sizes > 2], bounds[1:][sizes > 2]):  # non-manifold edges: few
+        around = order[begin:stop]
+        shared.append(around)
+        a, b = start[around[0]], end[around[0]]
+        axis = (points[b] - points[a]) / max(np.linalg.norm(points[b] - points[a]), 1e-12)
+        across = points[triangles.ravel()[3 * (around // 3) + (around % 3 + 2) % 3]] - points[a]
+        across -= np.outer(across @ axis, axis)
+        first = across[0] / max(np.linalg.norm(across[0]), 1e-12)
+        angle = np.arctan2(across @ np.cross(axis, first), across @ first)
+        ring = around[np.argsort(angle, kind="stable")]
+        forward = start[ring] == a  # these face the solid on the side of smaller angles
+        if forward.sum() * 2 != len(ring):
+            return None
+        partner = np.roll(ring, -1 if key[around[0]] in flipped else 1)[forward]
+        if (forward == np.roll(forward, 1)).any():  # folded (by decimation): any pairing keeps the
+            partner = ring[~forward]                 # surface closed and manifold
+        twin[ring[forward]], twin[partner] = partner, ring[forward]
+    return twin, np.concatenate(shared) if shared else np.zeros(0, np.int64)
+
+
+def _sheets(twin: np.ndarray) -> np.ndarray:
+    """The sheet of each corner ``3 * face + k``: corners of a vertex joined across twin half-edges.
+    Each corner has two neighbours, one across each of its triangle's edges that meet there."""
+    corner = np.arange(len(twin))
+    face, k = corner // 3, corner % 3
+    out_edge, in_edge = corner, 3 * face + (k + 2) % 3  # the half-edges that start and end at the corner
+    # a half-edge's start corner is its twin's end corner, and its end corner its twin's start
+    across_out = 3 * (twin[out_edge] // 3) + (twin[out_edge] % 3 + 1) % 3
+    across_in = twin[in_edge]
+    graph = csr_matrix((np.ones(2 * len(twin), bool), np.stack([across_out, across_in], axis=1).ravel(),
+                        np.arange(0, 2 * len(twin) + 1, 2)), shape=(len(twin), len(twin)))
+    return connected_components(graph, directed=False)[1]
+
+
+def manifold(points: np.ndarray, unsmoothed: np.ndarray, triangles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The surface with a copy of each vertex for each sheet through it, so that no edge has more
+    than two triangles and no vertex joins sheets that only touch there: the sheets are first
+    separated as the solid's inside suggests (on the ``unsmoothed`` points, where triangles around
+    an edge never fold), and at an edge where that leaves the sheets joined (the solid wraps around
+    the edge's ends) the other way. Unchanged where the surface is already manifold, or not closed
+    and consistently oriented."""
+    flipped: set = set()
+    _, _, key = _edge_keys(points, triangles)
+    for _ in range(3):
+        twins = _twins(unsmoothed, triangles, flipped)
+        if twins is None:
+            return points, triangles
+        twin, shared_edges = twins
+        sheet = _sheets(twin)  # a sheet's corners are all of one vertex: each sheet is a copy of it
+        if not len(shared_edges):
+            break
+        # only edges of more than two triangles before can still have more than two
+        ends = np.stack([sheet[shared_edges], sheet[3 * (shared_edges // 3) + (shared_edges % 3 + 1) % 3]])
+        _, edge, uses = np.unique(ends.min(axis=0) * len(sheet) + ends.max(axis=0), return_inverse=True,
+                                  return_counts=True)
+        still = uses[edge] > 2
+        if not still.any():
+            break
+        flipped |= set(key[shared_edges[still]].tolist())
+    copies = int(sheet.max()) + 1
+    if copies == np.count_nonzero(np.bincount(triangles.ravel())):  # one copy of each vertex
+        return points, triangles
+    vertex = np.empty(copies, np.int64)
+    vertex[sheet] = triangles.ravel()
+    return points[vertex], sheet.reshape(-1, 3)
