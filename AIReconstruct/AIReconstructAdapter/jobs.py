@@ -36,8 +36,6 @@ class SegmentationJob(BackgroundJob):
                         + (["--uncertainty"] if uncertainty else []))
         self.target = target_segmentation
         self.python, self.env = python, env
-        self.workdir: Path | None = None
-        self.engine: EngineRun | None = None
         self.segmentation_node = None
         self.uncertainty_node = None  # with uncertainty: the 0-1 map as a volume node
         self.check_points = None  # and a point list of the regions to check
@@ -141,8 +139,6 @@ class FineTuningJob(BackgroundJob):
         self.options = ["--device", device] + (["--freeze-encoder"] if freeze_encoder else []) \
             + (["--rehearse", str(rehearse)] if rehearse else [])
         self.python, self.env = python, env
-        self.workdir: Path | None = None
-        self.engine: EngineRun | None = None
         self.model_folder: Path | None = None  # where the new version was installed
 
     def start(self) -> None:
@@ -171,8 +167,6 @@ class ModelDownloadJob(BackgroundJob):
         self.task, self.models_folder, self.weights_folder = task, Path(models_folder), Path(weights_folder)
         self.options = ["--url", url] if url else []
         self.python, self.env = python, env
-        self.workdir: Path | None = None
-        self.engine: EngineRun | None = None
         self.model_name: str | None = None  # the installed model, on success
 
     def start(self) -> None:

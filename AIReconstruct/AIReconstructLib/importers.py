@@ -40,19 +40,17 @@ def import_model(kind: str, path: str | Path, output: str | Path | None = None, 
         output = output or USER_MODELS / (name or default_name(path))  # the weights are written there too
         data = import_bundle(path, output, name)
     elif kind == "totalsegmentator":
-        from .totalsegmentator import (card_name, check_weights, download_weights, import_totalsegmentator,
-                                       task_names)
+        from .totalsegmentator import card_name, download_weights, import_totalsegmentator, task_names
 
         needed = task_names(task)  # a task cropped to organs needs the model that finds them first
         if download:
             for number, each in enumerate(needed):
                 download_weights(each, path, url, cancel=cancel, progress=None if progress is None else
                                  lambda f, message, n=number: progress((n + f) / len(needed), message))
-        check_weights(task, path)
+        data = import_totalsegmentator(task, path)  # refuses first a folder that lacks any weights needed
         for crop_task in needed[:-1]:
             folder = (Path(output).parent if output else USER_MODELS) / card_name(crop_task)
             save_card(import_totalsegmentator(crop_task, path), folder)
-        data = import_totalsegmentator(task, path)
     else:
         from .nnunet_import import import_nnunet
 

@@ -90,9 +90,20 @@ def _resection_ml(labelmap: Volume, box, value: int, organ: int, margin_mm: floa
     return float(np.count_nonzero(removed)) * labelmap.voxel_volume_ml
 
 
-def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """The 26-connected parts of a mask, numbered from 1, and how many there are."""
-    return ndimage.label(mask, structure=np.ones((3, 3, 3)))
+def _to_patient(kji: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Voxel indices ``[..., (k, j, i)]`` (fractional too) as patient mm, by a 4x4 index-to-patient matrix."""
+    return kji[..., ::-1] @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def _ranked_parts(inside: np.ndarray, starts) -> tuple[np.ndarray, int, list[tuple[int, int, np.ndarray]]]:
+    """A mask's 26-connected parts (numbered from 1), how many there are, and the largest
+    :data:`MAX_LESION_PARTS` of them, largest first: (number, voxels, mean index ``(k, j, i)``
+    offset by ``starts``, the mask's place in the whole array)."""
+    components, count = ndimage.label(inside, structure=np.ones((3, 3, 3)))
+    sizes = np.bincount(components.ravel())[1:]
+    largest = np.argsort(-sizes, kind="stable")[:MAX_LESION_PARTS] + 1
+    centres = np.reshape(ndimage.center_of_mass(inside, components, largest), (-1, 3)) + starts
+    return components, count, [(int(n), int(sizes[n - 1]), centre) for n, centre in zip(largest, centres)]
 
 
 def lesion_parts(labelmap: Volume, labels: list[Label], coordinates: str = "LPS") -> dict[str, dict]:
@@ -105,14 +116,10 @@ def lesion_parts(labelmap: Volume, labels: list[Label], coordinates: str = "LPS"
         if not (is_lesion(label) and label.value <= len(boxes) and boxes[label.value - 1] is not None):
             continue
         box = boxes[label.value - 1]
-        components, count = _components(labelmap.array[box] == label.value)
-        sizes = np.bincount(components.ravel())[1:]
-        largest = np.argsort(-sizes, kind="stable")[:MAX_LESION_PARTS]
-        kji = np.array(ndimage.center_of_mass(components > 0, components, largest + 1)) + [s.start for s in box]
-        centres = kji[:, ::-1] @ matrix[:3, :3].T + matrix[:3, 3]
+        _, count, ranked = _ranked_parts(labelmap.array[box] == label.value, [s.start for s in box])
         found[label.name] = {"count": count, "largest": [
-            {"volume_ml": round(float(sizes[index]) * labelmap.voxel_volume_ml, 3),
-             "centre_mm": [round(float(c), 1) for c in centre]} for index, centre in zip(largest, centres)]}
+            {"volume_ml": round(voxels * labelmap.voxel_volume_ml, 3),
+             "centre_mm": [round(float(c), 1) for c in _to_patient(centre, matrix)]} for _, voxels, centre in ranked]}
     return found
 
 
@@ -122,21 +129,18 @@ def _parts(labelmap: Volume, box, value: int, lesion_points: np.ndarray, matrix:
     measurements of the largest :data:`MAX_LESION_PARTS`: each surface vertex belongs to the part of
     its nearest boundary voxel."""
     inside = labelmap.array[box] == value
-    components, count = _components(inside)
+    starts = np.array([s.start for s in box])
+    components, count, ranked = _ranked_parts(inside, starts)
     if count < 2:
         return count, []
-    starts = np.array([s.start for s in box])
     boundary = inside & ~ndimage.binary_erosion(inside)
-    kji = np.argwhere(boundary) + starts
-    centres = kji[:, ::-1] @ matrix[:3, :3].T + matrix[:3, 3]
-    owner = components[boundary][cKDTree(centres).query(lesion_points)[1]]  # each vertex's part
-    sizes = np.bincount(components.ravel())[1:]
+    owner = components[boundary][cKDTree(_to_patient(np.argwhere(boundary) + starts, matrix)).query(lesion_points)[1]]
     parts = []
-    for number, index in enumerate(np.argsort(-sizes, kind="stable")[:MAX_LESION_PARTS], start=1):
-        points = lesion_points[owner == index + 1]
-        centroid = matrix[:3, :3] @ (mask_centre(components == index + 1) + starts)[::-1] + matrix[:3, 3]
-        part = {"number": number, "volume_ml": float(sizes[index]) * labelmap.voxel_volume_ml,
-                "largest_diameter_mm": largest_diameter(points), "centroid_mm": [round(float(c), 2) for c in centroid]}
+    for number, (part_number, voxels, centre) in enumerate(ranked, start=1):
+        points = lesion_points[owner == part_number]  # the vertices of this part's surface
+        part = {"number": number, "volume_ml": voxels * labelmap.voxel_volume_ml,
+                "largest_diameter_mm": largest_diameter(points),
+                "centroid_mm": [round(float(c), 2) for c in _to_patient(centre, matrix)]}
         if capsule is not None and len(points):
             part["capsule_distance_mm"] = float(capsule.query(points)[0].min())
         parts.append(part)
@@ -159,7 +163,7 @@ def measure(labelmap: Volume, labels: list[Label], margin_mm: float = 10.0, smoo
         inside = labelmap.array[box] == label.value
         volumes[label.value] = np.count_nonzero(inside) * labelmap.voxel_volume_ml
         kji = mask_centre(inside) + [s.start for s in box]
-        centroid = matrix[:3, :3] @ kji[::-1] + matrix[:3, 3]
+        centroid = _to_patient(kji, matrix)
         on_surface = faces[label.value] = np.flatnonzero((mesh.pairs == label.value).any(axis=1))
         surface = mesh_measurements(surfaces[label.value].polydata)
         segments.append({"name": label.name, "value": label.value, "lesion": is_lesion(label),

@@ -235,20 +235,21 @@ def _segment_in_box_of_segments(channels: list[Volume], card: ModelCard, options
                                                                   cpu_bfloat16=options.cpu_bfloat16),
                              lambda f, message: report(CROP_MODEL_SHARE * f, f"{crop_card.name}: {message}"), cancel)
     crop_seconds = time.perf_counter() - started
+    grid = channels[0]
     box = _box_around(np.isin(found.labelmap.array, [values[name] for name in crop["segments"]]),
-                      channels[0].spacing, crop.get("margin_mm", CROP_MARGIN_MM))
+                      grid.spacing, crop.get("margin_mm", CROP_MARGIN_MM))
     if box is None:
         raise InputError(f"Model '{card.name}' segments inside the {', '.join(crop['segments'])} that model "
                          f"'{crop_card.name}' finds, and it finds none in this image")
     inside = _segment_checked([channel.cropped(box) for channel in channels], card, options,
                               lambda f, message: report(CROP_MODEL_SHARE + (1 - CROP_MODEL_SHARE) * f, message),
                               cancel)
-    result = Segmentation(_pasted(inside.labelmap, box, channels[0], 0), card,
+    result = Segmentation(grid.with_block(inside.labelmap.array, box), card,
                           {f"crop model ({crop_card.name})": crop_seconds, **inside.seconds},
                           confidence=inside.confidence, peak_gpu_memory_mib=inside.peak_gpu_memory_mib)
     if inside.uncertainty is not None:  # outside the box: certain background
-        result.uncertainty = _pasted(inside.uncertainty, box, channels[0], 0.0)
-        result.probability = _pasted(inside.probability, box, channels[0], 1.0)
+        result.uncertainty = grid.with_block(inside.uncertainty.array, box, 0.0)
+        result.probability = grid.with_block(inside.probability.array, box, 1.0)
     return result
 
 
@@ -260,10 +261,3 @@ def _box_around(mask: np.ndarray, spacing: tuple[float, float, float], margin_mm
         return None
     margins = [int(np.ceil(margin_mm / s)) for s in spacing[::-1]]
     return tuple(slice(max(b.start - m, 0), min(b.stop + m, n)) for b, m, n in zip(box[0], margins, mask.shape))
-
-
-def _pasted(block: Volume, box: tuple[slice, ...], grid: Volume, outside) -> Volume:
-    """``block`` (a box of ``grid``) on the whole of ``grid``, ``outside`` elsewhere."""
-    array = np.full(grid.array.shape, outside, block.array.dtype)
-    array[box] = block.array
-    return grid.with_array(array)

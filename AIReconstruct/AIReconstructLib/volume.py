@@ -76,6 +76,12 @@ class Volume:
         first_voxel = [box[2].start, box[1].start, box[0].start, 1]
         return replace(self, array=self.array[box], origin=tuple((self.ijk_to_lps() @ first_voxel)[:3]))
 
+    def with_block(self, block: np.ndarray, box: tuple[slice, slice, slice], fill=0) -> "Volume":
+        """This grid holding ``block`` at ``box`` (as :meth:`cropped` cut it) and ``fill`` elsewhere."""
+        array = np.full(self.array.shape, fill, block.dtype)
+        array[box] = block
+        return self.with_array(array)
+
     def placed_on(self, grid: "Volume", tolerance: float = 1e-4) -> "Volume | None":
         """This volume on ``grid``'s voxels, zeros around it, when it is a block of that grid: the same
         spacing and direction, its first voxel on one of the grid's, all of it inside (a segmentation
@@ -91,9 +97,7 @@ class Volume:
         stop = start + self.shape_ijk
         if (start < 0).any() or (stop > grid.shape_ijk).any():
             return None
-        array = np.zeros(grid.array.shape, self.array.dtype)
-        array[start[2]:stop[2], start[1]:stop[1], start[0]:stop[0]] = self.array
-        return grid.with_array(array)
+        return grid.with_block(self.array, tuple(slice(a, b) for a, b in zip(start[::-1], stop[::-1])))
 
     @classmethod
     def from_ijk_to_ras(cls, array: np.ndarray, ijk_to_ras: np.ndarray) -> "Volume":
