@@ -37,7 +37,8 @@ class AIReconstruct(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Segment organs, lesions and bones of a CT or MRI with a deep network, as editable segments and "
             "smooth 3D surfaces for pre-surgical review. Pick a model (or download one of TotalSegmentator's: "
-            "117 CT structures, MRI organs, lung nodules, liver lesions) and an input volume, press Apply; "
+            "117 CT structures, MRI organs, lung nodules, airways and vessels, liver lesions, segments and "
+            "vessels) and an input volume, press Apply; "
             "correct a segment with include/exclude points, save a report of the measurements, and save "
             "corrected cases to fine-tune the model. "
             'See the <a href="https://github.com/AIReconstruct/SlicerAIReconstruct#readme">user guide</a>.')

@@ -91,6 +91,41 @@ def test_download_skips_what_is_there_and_refuses_escaping_archives(release, tmp
     assert 0 < fraction < 1 and message.startswith(f"downloading {DATASET}: 1 of ")
 
 
+def test_the_task_table_agrees_with_totalsegmentators_own():
+    """Each task downloads the data sets TotalSegmentator 2.18 runs for it, from the release it names,
+    names their outputs as it does, crops to the organs it crops to, and none needs its licence."""
+    from totalsegmentator.map_tasks_config import TASK_CONFIGS, TASK_ID_WEIGHTS_CONFIGS
+    from totalsegmentator.map_to_binary import class_map
+
+    assert {"liver-segments", "liver-vessels", "lung-vessels", "pleural-pericard-effusion"} <= TASKS.keys()
+    for task, spec in TASKS.items():
+        name, fast = task.removesuffix("-fast").replace("-", "_"), task.endswith("-fast")
+        config = TASK_CONFIGS[name]
+        if "sub_modes" in config:
+            config = config["sub_modes"]["fast" if fast else "default"]
+        ids = config["task_id"] if isinstance(config["task_id"], list) else [config["task_id"]]
+        assert spec["datasets"] == [TASK_ID_WEIGHTS_CONFIGS[i]["foldername"] for i in ids], task
+        assert {TASK_ID_WEIGHTS_CONFIGS[i]["version"] for i in ids} == {spec["release"]}, task
+        assert not config.get("commercial") and not config.get("crop_model"), task
+        if "labels" in spec:
+            assert spec["labels"] == class_map[name], task
+        assert spec.get("crop", {}).get("segments") == config.get("crop"), task
+        assert spec["modality"] == ("MR" if name.endswith("_mr") else "CT"), task
+
+
+def test_the_weights_of_another_model_are_refused(trained, tmp_path, capsys):
+    """A data-set folder holding another model's weights (here the 117-label fast model under the
+    liver-segment model's name) is refused in one line, and no card is written."""
+    [segments_dataset] = TASKS["liver-segments"]["datasets"]
+    for dataset in (DATASET, segments_dataset):
+        shutil.copytree(trained / "nnUNet_results" / DATASET, tmp_path / "weights" / dataset)
+    assert main(["import-model", "totalsegmentator", str(tmp_path / "weights"), "--task", "liver-segments",
+                 "-o", str(tmp_path / "cards")]) != 0
+    assert (f"The weights of {segments_dataset} in {tmp_path / 'weights'} segment 117 structures, TotalSegmentator's "
+            "'liver-segments' model 8: not that task's weights") in capsys.readouterr().err
+    assert not (tmp_path / "cards").exists()
+
+
 def test_labels_keep_totalsegmentator_ids_names_and_snomed_codes(imported):
     card = load_card(imported)
     names = json.loads((EXAMPLE / "labels.json").read_text())

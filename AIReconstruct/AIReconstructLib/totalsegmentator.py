@@ -1,8 +1,8 @@
 """TotalSegmentator's CT and MR models: download their nnU-Net v2 folders, import them with
 TotalSegmentator's label names mapped to SNOMED CT codes and colours, and run them like any other model.
-Its lung-nodule and liver-lesion models see only the box around the lungs or the liver that its
-"total" model finds first: their cards name that model (``inference.crop_to_segments``), which is
-imported with them.
+Its lung and liver models (nodules, airways and vessels, effusions; lesions, Couinaud segments,
+vessels) see only the box around the lungs or the liver that its "total" model finds first: their
+cards name that model (``inference.crop_to_segments``), which is imported with them.
 
 TotalSegmentator reorients every image to RAS before its nnU-Net models see it and reads it with
 SimpleITK, so the network's array axes run toward S, A, R: imported cards say orientation "SAR"
@@ -33,7 +33,8 @@ LUNG_LOBES = ["lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_r
 # task ids: "total" is five part models at 1.5 mm whose labels, numbered on part after part, are its
 # 117 labels; "total-fast" one model at 3 mm for all of them), its modality and what it segments, and
 # for the tasks TotalSegmentator runs only around organs its "total" model finds first, those organs
-# (its lung-nodule and liver-lesion models, trained on such crops)
+# (its lung and liver models, trained on such crops). Only tasks whose weights TotalSegmentator
+# publishes openly; those behind its licence server (heart chambers, coronary arteries...) are not here.
 TASKS = {
     "total": {"release": "v2.0.0-weights", "modality": "CT", "structures": "117 anatomical structures on CT",
               "datasets": ["Dataset291_TotalSegmentator_part1_organs_1559subj",
@@ -54,6 +55,24 @@ TASKS = {
     "liver-lesions": {"release": "v2.5.0-weights", "modality": "CT", "structures": "liver lesions on CT",
                       "datasets": ["Dataset591_ct_liver_lesions_842subj"], "labels": {1: "liver_lesions"},
                       "crop": {"task": "total-fast", "segments": ["liver"]}},
+    "liver-segments": {"release": "v2.5.0-weights", "modality": "CT",
+                       "structures": "the eight Couinaud segments of the liver on CT",
+                       "datasets": ["Dataset570_ct_liver_segments"],
+                       "labels": {n: f"liver_segment_{n}" for n in range(1, 9)},
+                       "crop": {"task": "total-fast", "segments": ["liver"]}},
+    "liver-vessels": {"release": "v2.4.0-weights", "modality": "CT", "structures": "the liver's vessels and tumours on CT",
+                      "datasets": ["Dataset008_HepaticVessel"], "labels": {1: "liver_vessels", 2: "liver_tumor"},
+                      "crop": {"task": "total-fast", "segments": ["liver"]}},
+    "lung-vessels": {"release": "v2.5.0-weights", "modality": "CT",
+                     "structures": "the airways and the arteries and veins of the lungs on CT",
+                     "datasets": ["Dataset117_lung_airways_arteries_veins_282subj"],
+                     "labels": {1: "lung_airways", 2: "lung_airways_wall", 3: "lung_arteries", 4: "lung_veins"},
+                     "crop": {"task": "total-fast", "segments": LUNG_LOBES}},
+    "pleural-pericard-effusion": {"release": "v2.0.0-weights", "modality": "CT",
+                                  "structures": "pleural and pericardial effusions on CT",
+                                  "datasets": ["Dataset315_thoraxCT"],
+                                  "labels": {1: "lung_pleural", 2: "pleural_effusion", 3: "pericardial_effusion"},
+                                  "crop": {"task": "total-fast", "segments": LUNG_LOBES}},
 }  # "labels": the names TotalSegmentator gives its output values (else those of the folder's dataset.json)
 # TotalSegmentator adds 20 voxels of the image around the organs it crops to: 20 mm at 1 mm
 CROP_MARGIN_MM = 20.0
@@ -210,9 +229,14 @@ def import_totalsegmentator(task: str, weights_folder: str | Path) -> dict:
                                    intended_use=intended_use))
     title = f"TotalSegmentator {task} ({spec['structures']})"
     card = combine_parts(cards, card_name(task), title) if len(cards) > 1 else {**cards[0], "title": title}
-    for label in card["labels"]:
-        if label["value"] in spec.get("labels", {}):
+    if "labels" in spec:
+        if sorted(label["value"] for label in card["labels"]) != sorted(spec["labels"]):
+            raise ModelCardError(f"The weights of {', '.join(spec['datasets'])} in {weights_folder} segment "
+                                 f"{len(card['labels'])} structures, TotalSegmentator's '{task}' model "
+                                 f"{len(spec['labels'])}: not that task's weights")
+        for label in card["labels"]:  # codes only for the names TotalSegmentator gives
             label["name"] = spec["labels"][label["value"]]
+            label.pop("terminology", None)
             label.update(info.get(label["name"], {}))
     if "crop" in spec:
         card["inference"]["crop_to_segments"] = {"model": card_name(spec["crop"]["task"]),
