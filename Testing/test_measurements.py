@@ -61,7 +61,7 @@ def test_segments_have_volume_area_diameter_and_centroid(phantom):
 def test_lesion_distances_organ_and_remnant(phantom):
     volume, _ = phantom
     (lesion,) = measure(volume, LABELS, margin_mm=10.0)["lesions"]
-    assert lesion["name"] == "lesion" and lesion["organ"] == "organ"
+    assert lesion["name"] == "lesion" and lesion["organ"] == "organ" and lesion["bordering"] == {"organ": 100.0}
     assert lesion["part_count"] == 1 and "parts" not in lesion  # one part: the label's own figures
     gap_to_vessel = VESSEL_X - VESSEL_RADIUS - (LESION_OFFSET + LESION_RADIUS)
     assert lesion["distances_mm"]["vessel"] == pytest.approx(gap_to_vessel, abs=1.0)
@@ -103,12 +103,30 @@ def test_each_part_of_a_lesion_label_is_measured_largest_first():
         np.testing.assert_allclose(listed["centre_mm"], part["centroid_mm"], atol=0.06)
 
 
+def test_each_lesion_part_names_the_segments_around_it():
+    """An organ in two segments (as the liver in its Couinaud segments): a lesion across their border
+    lies half in each, a second part of the lesion label in one only; the label's own figures count
+    both parts, and the organ is the segment holding at least half of the voxels around them."""
+    (x, y, z), centre, array = _organ_grid()
+    array[(array == 1) & (x >= 0)] = 5
+    array[x ** 2 + y ** 2 + z ** 2 < 10.0 ** 2] = 2  # across the border of the two segments
+    array[(x - 25.0) ** 2 + y ** 2 + z ** 2 < 5.0 ** 2] = 2  # inside the second segment
+    labels = LABELS + [Label(5, "segment 2", (0.3, 0.7, 0.3), ORGAN_TERMS, {})]
+    (lesion,) = measure(Volume(array, SPACING, (0.0, 0.0, 0.0), oblique_direction(20)), labels)["lesions"]
+    first, second = lesion["parts"]
+    assert set(first["bordering"]) == {"organ", "segment 2"} and second["bordering"] == {"segment 2": 100.0}
+    assert first["bordering"]["organ"] == pytest.approx(50.0, abs=5.0)
+    assert sum(first["bordering"].values()) == pytest.approx(100.0, abs=0.2)  # nothing else around it
+    assert list(lesion["bordering"]) == ["segment 2", "organ"] and lesion["organ"] == "segment 2"
+    assert sum(lesion["bordering"].values()) == pytest.approx(100.0, abs=0.2)
+
+
 def test_a_lesion_outside_any_organ_has_distances_but_no_remnant():
     array = np.zeros((30, 40, 40), np.uint8)
     array[10:20, 10:20, 5:15] = 2
     array[10:20, 10:20, 25:35] = 3
     (lesion,) = measure(Volume(array, (1.0, 1.0, 1.0)), LABELS)["lesions"]
-    assert lesion["organ"] is None and "remnant_ml" not in lesion
+    assert lesion["organ"] is None and "remnant_ml" not in lesion and lesion["bordering"] == {}
     assert lesion["distances_mm"]["vessel"] == pytest.approx(10.0, abs=1.0)
 
 

@@ -51,6 +51,8 @@ def test_report_is_self_contained_and_shows_the_measurements(phantom_report):
     assert f"(demo-abdomen-ct, version {find_model('demo-abdomen-ct').data['version']})" in page
     (lesion,) = measured["lesions"]
     assert f"{lesion['remnant_ml']:.1f}" in page
+    assert lesion["organ"] == "liver" and lesion["bordering"]["liver"] >= 50  # what lies around it, in a column
+    assert "<th>Borders (%)</th>" in page and f"<td>liver: {lesion['bordering']['liver']:.0f}" in page
 
 
 

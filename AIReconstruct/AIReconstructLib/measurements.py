@@ -3,15 +3,18 @@
 Per segment: volume (voxel count x voxel volume), surface area and largest diameter (of the smoothed
 closed surface), centroid (mean voxel centre) in patient coordinates. Per lesion (a label whose
 terminology category is SNOMED CT 49755003, "Morphologically Altered Structure"): the smallest
-distance from its surface to every other segment's surface; the organ it lies in (the label that
-holds most of the voxels touching it); the distance to that organ's capsule (the outer surface of
-organ and lesion together); and a remnant estimate: the organ's volume with the lesion, the volume
-removed with a safety margin around the lesion, and what remains. A lesion label of several separate
-parts (metastases, lung nodules) also gets each part's volume, largest diameter, centroid and
-distance to the capsule, largest first.
+distance from its surface to every other segment's surface; the segments around it, with the share
+of the voxels around it that each holds (the Couinaud segments a liver lesion lies in); the organ
+it lies in (the segment holding at least half of them); the distance to that organ's capsule (the
+outer surface of organ and lesion together); and a remnant estimate: the organ's volume with the
+lesion, the volume removed with a safety margin around the lesion, and what remains. A lesion label
+of several separate parts (metastases, lung nodules) also gets each part's volume, largest
+diameter, centroid, the segments around it and distance to the capsule, largest first.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -62,18 +65,14 @@ def _vertices(mesh: SharedMesh, faces: np.ndarray) -> np.ndarray:
     return mesh.points[np.unique(mesh.triangles[faces])]
 
 
-def _organ_of(labelmap: Volume, box, value: int, lesions: set[int]) -> int | None:
-    """The non-lesion label that holds at least half of the voxels touching the lesion, if any."""
-    grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
-    crop = labelmap.array[grown]
-    inside = crop == value
-    neighbours = crop[ndimage.binary_dilation(inside) & ~inside]
-    candidates = neighbours[(neighbours != 0) & ~np.isin(neighbours, list(lesions))]
-    if candidates.size == 0:
-        return None
-    values, counts = np.unique(candidates, return_counts=True)
-    best = int(np.argmax(counts))
-    return int(values[best]) if counts[best] >= 0.5 * neighbours.size else None
+def _shares(bordering: np.ndarray, names: dict[int, str]) -> dict[str, float]:
+    """Each segment of ``names`` (the segments that are no lesion) holding at least 1 % of the voxels
+    around a lesion (``bordering``: their labels), with that percentage, largest first."""
+    if bordering.size == 0:
+        return {}
+    values, counts = np.unique(bordering[np.isin(bordering, list(names))], return_counts=True)
+    return {names[int(values[n])]: round(100.0 * int(counts[n]) / bordering.size, 1)
+            for n in np.argsort(-counts, kind="stable") if 100 * int(counts[n]) >= bordering.size}
 
 
 def _resection_ml(labelmap: Volume, box, value: int, organ: int, margin_mm: float) -> float:
@@ -123,28 +122,49 @@ def lesion_parts(labelmap: Volume, labels: list[Label], coordinates: str = "LPS"
     return found
 
 
-def _parts(labelmap: Volume, box, value: int, lesion_points: np.ndarray, matrix: np.ndarray,
-           capsule: cKDTree | None) -> tuple[int, list[dict]]:
-    """How many separate parts (26-connected) a lesion label has and, where more than one, the
-    measurements of the largest :data:`MAX_LESION_PARTS`: each surface vertex belongs to the part of
-    its nearest boundary voxel."""
-    inside = labelmap.array[box] == value
-    starts = np.array([s.start for s in box])
+class _Lesion(NamedTuple):
+    """A lesion label in its box grown by one voxel: its voxels, separate parts and what borders them."""
+    inside: np.ndarray  # the lesion's voxels in the grown box
+    starts: np.ndarray  # the grown box's first index (k, j, i)
+    components: np.ndarray  # its 26-connected parts, numbered from 1
+    count: int
+    ranked: list  # the largest parts, largest first (see _ranked_parts)
+    bordering: np.ndarray  # the labels of the voxels around it (6-connected)
+    bordering_part: np.ndarray  # the part each of them touches
+
+
+def _lesion(labelmap: Volume, box, value: int) -> _Lesion:
+    grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+    crop = labelmap.array[grown]
+    inside = crop == value
+    starts = np.array([s.start for s in grown])
     components, count, ranked = _ranked_parts(inside, starts)
-    if count < 2:
-        return count, []
-    boundary = inside & ~ndimage.binary_erosion(inside)
-    owner = components[boundary][cKDTree(_to_patient(np.argwhere(boundary) + starts, matrix)).query(lesion_points)[1]]
+    owner = ndimage.grey_dilation(components, footprint=ndimage.generate_binary_structure(3, 1))
+    around = (owner > 0) & ~inside
+    return _Lesion(inside, starts, components, count, ranked, crop[around], owner[around])
+
+
+def _parts(labelmap: Volume, lesion: _Lesion, organs: dict[int, str], lesion_points: np.ndarray, matrix: np.ndarray,
+           capsule: cKDTree | None) -> list[dict]:
+    """The measurements of a lesion label's largest :data:`MAX_LESION_PARTS` parts where it has more
+    than one, each with what borders it: each surface vertex belongs to the part of its nearest
+    boundary voxel, each voxel around the lesion to a part it touches."""
+    if lesion.count < 2:
+        return []
+    boundary = lesion.inside & ~ndimage.binary_erosion(lesion.inside)
+    boundary_points = _to_patient(np.argwhere(boundary) + lesion.starts, matrix)
+    nearest = lesion.components[boundary][cKDTree(boundary_points).query(lesion_points)[1]]
     parts = []
-    for number, (part_number, voxels, centre) in enumerate(ranked, start=1):
-        points = lesion_points[owner == part_number]  # the vertices of this part's surface
+    for number, (part_number, voxels, centre) in enumerate(lesion.ranked, start=1):
+        points = lesion_points[nearest == part_number]  # the vertices of this part's surface
         part = {"number": number, "volume_ml": voxels * labelmap.voxel_volume_ml,
                 "largest_diameter_mm": largest_diameter(points),
-                "centroid_mm": [round(float(c), 2) for c in _to_patient(centre, matrix)]}
+                "centroid_mm": [round(float(c), 2) for c in _to_patient(centre, matrix)],
+                "bordering": _shares(lesion.bordering[lesion.bordering_part == part_number], organs)}
         if capsule is not None and len(points):
             part["capsule_distance_mm"] = float(capsule.query(points)[0].min())
         parts.append(part)
-    return count, parts
+    return parts
 
 
 def measure(labelmap: Volume, labels: list[Label], margin_mm: float = 10.0, smoothing: float = 0.5,
@@ -173,12 +193,16 @@ def measure(labelmap: Volume, labels: list[Label], margin_mm: float = 10.0, smoo
 
     lesion_values = {label.value for label in present if is_lesion(label)}
     names = {label.value: label.name for label in present}
+    organs = {value: name for value, name in names.items() if value not in lesion_values}
+    values = {name: value for value, name in organs.items()}
     trees = {value: cKDTree(_vertices(mesh, faces[value])) for value in faces} if lesion_values else {}
     lesions = []
     for value in sorted(lesion_values):
         box = boxes[value - 1]
         lesion_points = trees[value].data
-        organ = _organ_of(labelmap, box, value, lesion_values)
+        lesion = _lesion(labelmap, box, value)
+        bordering = _shares(lesion.bordering, organs)
+        organ = next((values[name] for name, percent in bordering.items() if percent >= 50.0), None)
         distances = {names[other]: float(trees[other].query(lesion_points)[0].min())
                      for other in trees if other not in (value, organ)}
         entry = {"name": names[value], "organ": names.get(organ), "distances_mm": distances}
@@ -191,7 +215,8 @@ def measure(labelmap: Volume, labels: list[Label], margin_mm: float = 10.0, smoo
             resection = _resection_ml(labelmap, box, value, organ, margin_mm)
             entry.update(organ_volume_ml=volumes[organ], organ_with_lesion_ml=with_lesion, resection_ml=resection,
                          remnant_ml=with_lesion - resection, remnant_percent=100.0 * (with_lesion - resection) / with_lesion)
-        entry["part_count"], parts = _parts(labelmap, box, value, lesion_points, matrix, capsule)
+        entry["bordering"] = bordering
+        entry["part_count"], parts = lesion.count, _parts(labelmap, lesion, organs, lesion_points, matrix, capsule)
         if parts:
             entry["parts"] = parts
         lesions.append(entry)

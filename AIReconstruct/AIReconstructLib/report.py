@@ -152,6 +152,11 @@ def _swatch(label: Label | None, name: str) -> str:
     return f'<span class="swatch" style="background:{colour}"></span>{html.escape(name)}'
 
 
+def _bordering(lesion: dict) -> str:
+    """The segments around a lesion (or one of its parts) with their share of the voxels around it."""
+    return "<br>".join(f"{html.escape(name)}: {percent:.0f}" for name, percent in lesion["bordering"].items()) or "—"
+
+
 def _confidence_sections(image, labelmap, labels, uncertainty: Volume, confidence: dict, coordinates: str) -> list[str]:
     """Per-segment confidence (where ``confidence`` gives it: the run's own figures), the regions to
     check and slices through the largest, with the uncertainty."""
@@ -190,21 +195,23 @@ def _sections(image, labelmap, labels, measured, metrics, surfaces, context) -> 
         for lesion in measured["lesions"]:
             nearest = sorted(lesion["distances_mm"].items(), key=lambda item: item[1])[:4]
             rows.append([_swatch(by_name.get(lesion["name"]), lesion["name"]), html.escape(lesion["organ"] or "—"),
+                         _bordering(lesion),
                          f"{lesion['capsule_distance_mm']:.1f}" if "capsule_distance_mm" in lesion else "—",
                          "<br>".join(f"{html.escape(n)}: {d:.1f}" for n, d in nearest) or "—",
                          f"{lesion['organ_with_lesion_ml']:.1f}" if "remnant_ml" in lesion else "—",
                          f"{lesion['resection_ml']:.1f}" if "remnant_ml" in lesion else "—",
                          f"{lesion['remnant_ml']:.1f} ({lesion['remnant_percent']:.0f} %)" if "remnant_ml" in lesion else "—"])
         parts += [f"<h2>Lesions (safety margin {measured['margin_mm']:g} mm)</h2>", _table(
-            ["Lesion", "In organ", "To capsule (mm)", "Nearest structures (mm)", "Organ + lesion (mL)",
+            ["Lesion", "In organ", "Borders (%)", "To capsule (mm)", "Nearest structures (mm)", "Organ + lesion (mL)",
              "Resection (mL)", "Remnant (mL)"], rows)]
     for lesion in measured["lesions"]:
         if "parts" in lesion:
             listed = "" if lesion["part_count"] == len(lesion["parts"]) else f", the largest {len(lesion['parts'])}"
             parts += [f"<h3>{html.escape(lesion['name'])}: {lesion['part_count']} separate parts{listed}</h3>", _table(
-                ["#", "Volume (mL)", "Largest diameter (mm)", f"Centroid {measured['coordinates']} (mm)", "To capsule (mm)"],
+                ["#", "Volume (mL)", "Largest diameter (mm)", f"Centroid {measured['coordinates']} (mm)", "Borders (%)",
+                 "To capsule (mm)"],
                 [[str(p["number"]), f"{p['volume_ml']:.2f}", f"{p['largest_diameter_mm']:.1f}",
-                  ", ".join(f"{c:.1f}" for c in p["centroid_mm"]),
+                  ", ".join(f"{c:.1f}" for c in p["centroid_mm"]), _bordering(p),
                   f"{p['capsule_distance_mm']:.1f}" if "capsule_distance_mm" in p else "—"] for p in lesion["parts"]])]
     if metrics is not None:
         rows = [[html.escape(name), f"{s['dice']:.3f}", f"{s['iou']:.3f}", f"{s['hd95_mm']:.2f}"]
