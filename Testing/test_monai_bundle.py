@@ -25,8 +25,23 @@ NETWORK = {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channel
            "strides": [2, 2], "num_res_units": 1}
 
 
-def make_bundle(root: Path, network=NETWORK, extra_transform=None, blend="gaussian") -> Path:
-    """A small segmentation bundle laid out as MONAI's model zoo bundles are (random, seeded weights)."""
+# the whole-body CT bundle's way (MONAI model zoo, wholeBody_ct_segmentation): spacing and overlap
+# chosen by flags, z-scored over the non-zero voxels then scaled to [-1, 1], small images padded
+# with their border voxels
+WHOLE_BODY_STYLE = {
+    "options": {"displayable_configs": {"highres": True, "sw_overlap": 0.25}},
+    "pixdim": "$[2.0, 2.0, 2.5] if @displayable_configs#highres else [4.0, 4.0, 5.0]",
+    "intensity": [{"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True},
+                  {"_target_": "ScaleIntensityd", "keys": "image", "minv": -1.0, "maxv": 1.0}],
+    "inferer": {"overlap": "@displayable_configs#sw_overlap", "padding_mode": "replicate",
+                "device": "$torch.device('cpu')"},
+}
+
+
+def make_bundle(root: Path, network=NETWORK, extra_transform=None, blend="gaussian", style=None) -> Path:
+    """A small segmentation bundle laid out as MONAI's model zoo bundles are (random, seeded weights);
+    ``style``: :data:`WHOLE_BODY_STYLE` for that bundle's way of configuring."""
+    style = style or {}
     (root / "configs").mkdir(parents=True)
     (root / "models").mkdir()
     transforms = [
@@ -34,19 +49,19 @@ def make_bundle(root: Path, network=NETWORK, extra_transform=None, blend="gaussi
         {"_target_": "EnsureChannelFirstd", "keys": "image"},
         {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
         {"_target_": "Spacingd", "keys": "image", "pixdim": "@pixdim", "mode": "bilinear"},
-        {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -200, "a_max": 300, "b_min": 0.0, "b_max": 1.0,
-         "clip": True},
+        *style.get("intensity", [{"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -200, "a_max": 300,
+                                  "b_min": 0.0, "b_max": 1.0, "clip": True}]),
         {"_target_": "EnsureTyped", "keys": "image"},
     ] + ([extra_transform] if extra_transform else [])
     inference = {
         "imports": ["$import glob"], "bundle_root": str(root), "output_dir": str(root / "eval"),
-        "device": "$torch.device('cpu')", "pixdim": [2.0, 2.0, 2.5],
+        "device": "$torch.device('cpu')", "pixdim": style.get("pixdim", [2.0, 2.0, 2.5]), **style.get("options", {}),
         "network_def": network, "network": "$@network_def.to(@device)", "datalist": [],
         "preprocessing": {"_target_": "Compose", "transforms": transforms},
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False, "num_workers": 0},
         "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [64, 64, 48], "sw_batch_size": 1, "overlap": 0.5,
-                    "mode": blend},
+                    "mode": blend, **style.get("inferer", {})},
         "postprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "Activationsd", "keys": "pred", "softmax": True},
             {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
@@ -83,6 +98,7 @@ def test_import_reads_network_preprocessing_and_labels(tmp_path):
     assert main(["import-model", "monai-bundle", str(make_bundle(tmp_path / "bundle")), "-o", str(card_folder)]) == 0
     card = load_card(card_folder)
     assert [(label.value, label.name) for label in card.labels] == [(1, "liver"), (2, "spleen")]
+    assert card.labels[0].terminology["type"] == ["SCT", "10200004", "Liver"]  # TotalSegmentator's codes by name
     assert card.orientation == "RAS" and card.spacing() == (2.0, 2.0, 2.5) and card.patch_size == (64, 64, 48)
     assert card.data["architecture"] == {"name": "UNet", "args": {"channels": [8, 16, 32], "strides": [2, 2],
                                                                   "num_res_units": 1}}
@@ -94,11 +110,13 @@ def test_import_reads_network_preprocessing_and_labels(tmp_path):
     assert load_card(tmp_path / "stripped").channels[0]["skull_stripped"] is True
 
 
-CASES = {  # spacing, field of view (mm), blending
-    "bundle spacing": ((2.0, 2.0, 2.5), (124.0, 100.0, 110.0), "gaussian"),
-    "resampled": ((1.6, 1.7, 3.1), (124.0, 100.0, 110.0), "gaussian"),
-    "27 windows, gaussian": ((1.6, 1.7, 3.1), (230.0, 200.0, 190.0), "gaussian"),
-    "27 windows, constant": ((1.6, 1.7, 3.1), (230.0, 200.0, 190.0), "constant"),
+CASES = {  # spacing, field of view (mm), blending, bundle style
+    "bundle spacing": ((2.0, 2.0, 2.5), (124.0, 100.0, 110.0), "gaussian", None),
+    "resampled": ((1.6, 1.7, 3.1), (124.0, 100.0, 110.0), "gaussian", None),
+    "27 windows, gaussian": ((1.6, 1.7, 3.1), (230.0, 200.0, 190.0), "gaussian", None),
+    "27 windows, constant": ((1.6, 1.7, 3.1), (230.0, 200.0, 190.0), "constant", None),
+    "whole-body bundle's style, padded": ((1.6, 1.7, 3.1), (124.0, 100.0, 110.0), "gaussian", WHOLE_BODY_STYLE),
+    "whole-body bundle's style, windows": ((1.6, 1.7, 3.1), (230.0, 200.0, 190.0), "gaussian", WHOLE_BODY_STYLE),
 }
 
 
@@ -110,8 +128,8 @@ def test_same_labels_as_the_bundles_own_inference(tmp_path, record_property, cas
     in one window or in several placed and blended as MONAI's SlidingWindowInferer does."""
     from monai.bundle import ConfigWorkflow
 
-    spacing, field_of_view, blend = CASES[case]
-    bundle = make_bundle(tmp_path / "bundle", blend=blend)
+    spacing, field_of_view, blend, style = CASES[case]
+    bundle = make_bundle(tmp_path / "bundle", blend=blend, style=style)
     image = tmp_path / "case.nii.gz"
     write_volume(make_phantom(3, spacing=spacing, field_of_view_mm=field_of_view).image, image)
     workflow = ConfigWorkflow(config_file=str(bundle / "configs" / "inference.json"), workflow_type="infer",
@@ -123,7 +141,8 @@ def test_same_labels_as_the_bundles_own_inference(tmp_path, record_property, cas
 
     assert main(["import-model", "monai-bundle", str(bundle), "-o", str(tmp_path / "card")]) == 0
     card = load_card(tmp_path / "card")
-    assert card.inference["sliding_window"] == {"style": "monai", "blend": blend, "sigma_scale": 0.125}
+    assert card.inference["sliding_window"] == {"style": "monai", "blend": blend, "sigma_scale": 0.125,
+                                                **({"padding": "replicate"} if style else {})}
     ours = segment([read_volume(image)], card, SegmentOptions(device="cpu", postprocess=False)).labelmap.array
     agreement = float(np.mean(ours == theirs))
     record_property("voxel agreement with the bundle's ConfigWorkflow", agreement)
@@ -180,6 +199,23 @@ def test_first_voxel_grid_is_monais_spacing_and_its_inverse():
     torch.testing.assert_close(ours, theirs.as_tensor(), atol=1e-5, rtol=0)
     back = resample(ours, image.shape[1:], [s / t for s, t in zip(spacing, target)])
     assert back.shape == image.shape
+
+
+def test_a_choice_by_a_flag_is_read_without_running_code(tmp_path):
+    """The whole-body bundle's settings: the spacing its resolution flag picks (read as data, never
+    evaluated), the overlap it refers to, and its intensities z-scored then scaled to [-1, 1]."""
+    low_resolution = {**WHOLE_BODY_STYLE, "options": {"displayable_configs": {"highres": False, "sw_overlap": 0.4}}}
+    card = import_bundle(make_bundle(tmp_path / "bundle", style=low_resolution), tmp_path / "card")
+    assert card["spacing"] == [4.0, 4.0, 5.0] and card["inference"]["overlap"] == 0.4
+    assert card["channels"][0]["normalisation"] == {"scheme": "zscore_nonzero", "rescale": [-1.0, 1.0]}
+    assert card["inference"]["normalise"] == "after_resampling"
+    for pixdim in ("$[2.0, 2.0, 2.5] if @no_such_flag else [4.0, 4.0, 5.0]",  # no such flag
+                   "$[2.0, 2.0, 2.5] if @device else [4.0, 4.0, 5.0]",  # not a flag but an expression
+                   "$__import__('os').system('touch PWNED') or [2.0, 2.0, 2.5]"):  # code
+        bundle = make_bundle(tmp_path / str(len(pixdim)), style={**WHOLE_BODY_STYLE, "pixdim": pixdim})
+        with pytest.raises(ModelCardError, match="is an expression"):
+            import_bundle(bundle, tmp_path / "out")
+    assert not Path("PWNED").exists()
 
 
 def test_expressions_and_unknown_transforms_are_refused(tmp_path):

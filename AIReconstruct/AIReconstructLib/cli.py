@@ -300,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--card", help="torchscript, onnx: hand-written card JSON (all but architecture and weights)")
     p.add_argument("--task", default="total-fast", choices=list(TOTALSEGMENTATOR_TASKS),
                    help="totalsegmentator: total (five part models, 1.5 mm), total-fast (one, 3 mm), their MRI "
-                        "models total-mr and total-mr-fast, lung-nodules or liver-lesions (each run inside the "
-                        "lungs or liver that total-fast finds first, imported with it)")
+                        "models total-mr and total-mr-fast, or a lung or liver model (each run inside the lungs "
+                        "or liver that total-fast finds first, imported with it)")
     p.add_argument("--download", action="store_true", help="totalsegmentator: download the weights first")
     p.add_argument("--url", help="totalsegmentator: a mirror of its GitHub release archives, laid out the same way")
     p.add_argument("-o", "--output", help="folder for the card (default ~/.aireconstruct/models/NAME)")

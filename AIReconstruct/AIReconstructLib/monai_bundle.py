@@ -2,17 +2,21 @@
 from its configs and write a model card, so the engine runs it like its own models.
 
 The configs are read as data and never executed: ``@name`` references to plain values are
-followed, ``$`` expressions are refused where the card needs a value. Weights come from
+followed (``@name#key`` into nested ones); of ``$`` expressions, only a choice between two literal
+values by a flag of the config (``$[1.5, 1.5, 1.5] if @options#highres else [3.0, 3.0, 3.0]``) is
+read, without evaluating code; any other is refused where the card needs a value. Weights come from
 ``models/model.pt`` (loaded with ``weights_only=True`` and rewritten as safetensors) or, without
 it, ``models/model.ts`` (TorchScript). Supported preprocessing: loading, channel-first,
-``Orientationd``, ``Spacingd``, ``ScaleIntensityRanged`` (with clipping), ``NormalizeIntensityd``
-and type conversions; outputs must be softmax/argmax label maps. The inferer's window placement and
-blending (``mode``, ``sigma_scale``) go into the card, so windows are placed and blended as MONAI's
-``SlidingWindowInferer`` does.
+``Orientationd``, ``Spacingd``, ``ScaleIntensityRanged`` (with clipping), ``NormalizeIntensityd``,
+``ScaleIntensityd`` after them, and type conversions; outputs must be softmax/argmax label maps. The
+inferer's window placement, blending (``mode``, ``sigma_scale``) and padding go into the card, so
+windows are placed, padded and blended as MONAI's ``SlidingWindowInferer`` does.
 """
 
 from __future__ import annotations
 
+import ast
+import re
 from pathlib import Path
 
 import torch
@@ -20,17 +24,60 @@ import torch
 from .errors import ModelCardError, WeightsError
 from .modelcard import label_colour, model_name, read_json, sha256_of, validate_card
 from .networks import import_exported, load_pickled_weights, save_weights
+from .totalsegmentator import label_info
 
 NETWORK_ARGUMENTS_FROM_CARD = ("spatial_dims", "in_channels", "out_channels")
 PASS_THROUGH = {"LoadImage", "EnsureChannelFirst", "AddChannel", "EnsureType", "CastToType", "ToTensor",
                 "ToDevice", "SaveImage", "Identity"}
 
 
+REFERENCE = re.compile(r"@([A-Za-z_][\w#:]*)")
+MISSING = object()
+
+
+def _lookup(config: dict, reference: str):
+    """The config entry ``name`` or ``name#key#...`` names (MONAI separates nested entries' keys
+    with ``#``, or ``::``); :data:`MISSING` where the config holds none."""
+    value = config
+    for key in reference.replace("::", "#").split("#"):
+        if isinstance(value, list) and key.isdigit() and int(key) < len(value):
+            value = value[int(key)]
+        elif isinstance(value, dict) and key in value:
+            value = value[key]
+        else:
+            return MISSING
+    return value
+
+
+def _choice(config: dict, expression: str):
+    """The value ``$A if @flag else B`` picks (A and B literals, the flag a boolean of the config),
+    read with :mod:`ast` and never run; None for any other expression."""
+    references: list[str] = []
+    source = REFERENCE.sub(lambda match: references.append(match.group(1)) or f"_reference{len(references) - 1}",
+                           expression[1:])
+    try:
+        tree = ast.parse(source.strip(), mode="eval").body
+    except SyntaxError:
+        return None
+    if not (isinstance(tree, ast.IfExp) and isinstance(tree.test, ast.Name) and tree.test.id.startswith("_reference")):
+        return None
+    flag = _value(config, f"@{references[int(tree.test.id.removeprefix('_reference'))]}", expression)
+    if not isinstance(flag, bool):
+        return None
+    try:
+        return ast.literal_eval(tree.body if flag else tree.orelse)
+    except ValueError:
+        return None
+
+
 def _value(config: dict, value, where: str):
-    """A config value with ``@name`` references to other entries followed; expressions are refused."""
+    """A config value with ``@name`` references to other entries followed and a choice between
+    literals read (:func:`_choice`); other expressions are refused."""
     for _ in range(10):
-        if isinstance(value, str) and value.startswith("@") and value[1:] in config:
-            value = config[value[1:]]
+        if isinstance(value, str) and REFERENCE.fullmatch(value) and _lookup(config, value[1:]) is not MISSING:
+            value = _lookup(config, value[1:])
+        elif isinstance(value, str) and value.startswith("$") and (chosen := _choice(config, value)) is not None:
+            value = chosen
         else:
             break
     if isinstance(value, str) and value.startswith(("$", "%")):
@@ -47,7 +94,8 @@ def _target(component: dict) -> str:
     """The class name a component instantiates, without module path or the dictionary ``d`` suffix."""
     name = str(component.get("_target_", "")).rsplit(".", 1)[-1]
     return name[:-1] if name.endswith("d") and name[:-1] in {*PASS_THROUGH, "Orientation", "Spacing",
-                                                               "ScaleIntensityRange", "NormalizeIntensity"} else name
+                                                               "ScaleIntensityRange", "NormalizeIntensity",
+                                                               "ScaleIntensity"} else name
 
 
 def _preprocessing(config: dict) -> dict:
@@ -57,6 +105,8 @@ def _preprocessing(config: dict) -> dict:
     found = {"orientation": None, "spacing": None, "normalisation": None, "normalise": "before_resampling"}
     for transform in transforms:
         name = _target(transform)
+        if name in ("ScaleIntensityRange", "NormalizeIntensity") and "rescale" in (found["normalisation"] or {}):
+            raise ModelCardError(f"Bundle preprocessing: {transform.get('_target_')} after ScaleIntensityd is not supported")
         if name == "Orientation":
             found["orientation"] = transform["axcodes"]
         elif name == "Spacing":
@@ -73,6 +123,12 @@ def _preprocessing(config: dict) -> dict:
             found["normalisation"] = {"scheme": "ct", "clip": [a_min, a_max], "mean": a_min - b_min * scale, "std": scale}
         elif name == "NormalizeIntensity":
             found["normalisation"] = {"scheme": "zscore_nonzero" if transform.get("nonzero") else "zscore"}
+        elif name == "ScaleIntensity":
+            if (transform.get("factor") is not None or transform.get("channel_wise")
+                    or transform.get("minv", 0.0) is None or transform.get("maxv", 1.0) is None):
+                raise ModelCardError("ScaleIntensityd is supported with minv and maxv only (no factor, not channel-wise)")
+            found["normalisation"] = {**(found["normalisation"] or {"scheme": "none"}),
+                                      "rescale": [float(transform.get("minv", 0.0)), float(transform.get("maxv", 1.0))]}
         elif name not in PASS_THROUGH:
             raise ModelCardError(f"Bundle preprocessing transform '{transform.get('_target_')}' is not supported")
     missing = [key for key in ("orientation", "spacing") if found[key] is None]
@@ -98,14 +154,30 @@ def _resampled_back(config: dict) -> str:
     return "logits"
 
 
+def _inferer(config: dict) -> dict:
+    """The inferer's settings the card needs (its device and other expressions are not read)."""
+    inferer = config.get("inferer", {})
+    if isinstance(inferer, str) and REFERENCE.fullmatch(inferer):
+        inferer = _lookup(config, inferer[1:])
+    if not isinstance(inferer, dict) or "roi_size" not in inferer:
+        raise ModelCardError("The bundle's inferer gives no roi_size (a SlidingWindowInferer is needed)")
+    return {key: _value(config, inferer[key], f"inferer.{key}")
+            for key in ("roi_size", "overlap", "mode", "sigma_scale", "padding_mode") if key in inferer}
+
+
 def _sliding_window(inferer: dict) -> dict:
-    """The inferer's window placement and blending (MONAI's defaults: equal weights, sigma 0.125)."""
+    """The inferer's window placement, blending (MONAI's defaults: equal weights, sigma 0.125) and
+    padding of images smaller than a window (MONAI's default: zeros)."""
     blend, sigma_scale = inferer.get("mode", "constant"), inferer.get("sigma_scale", 0.125)
+    padding = inferer.get("padding_mode", "constant")
     if blend not in ("constant", "gaussian"):
         raise ModelCardError(f"The bundle's inferer blends with mode '{blend}' (supported: constant, gaussian)")
     if not isinstance(sigma_scale, (int, float)) or sigma_scale <= 0:
         raise ModelCardError(f"The bundle's inferer has sigma_scale {sigma_scale!r} (supported: one positive number)")
-    return {"style": "monai", "blend": blend, "sigma_scale": float(sigma_scale)}
+    if padding not in ("constant", "replicate"):
+        raise ModelCardError(f"The bundle's inferer pads with '{padding}' (supported: constant, replicate)")
+    window = {"style": "monai", "blend": blend, "sigma_scale": float(sigma_scale)}
+    return {**window, "padding": padding} if padding != "constant" else window
 
 
 def _network(config: dict, in_channels: int, out_channels: int) -> dict:
@@ -121,6 +193,8 @@ def _network(config: dict, in_channels: int, out_channels: int) -> dict:
 
 
 def _labels(metadata: dict) -> tuple[list[dict], str]:
+    """The labels of the output's ``channel_def`` (SNOMED CT codes and colours for the names in
+    TotalSegmentator's mapping) and the input's modality."""
     outputs = metadata.get("network_data_format", {}).get("outputs", {})
     if not outputs:
         raise ModelCardError("The bundle's metadata describes no network outputs")
@@ -128,7 +202,8 @@ def _labels(metadata: dict) -> tuple[list[dict], str]:
     channels = {int(key): name for key, name in output.get("channel_def", {}).items()}
     if not channels or 0 not in channels:
         raise ModelCardError("The bundle's metadata gives no channel_def with a background channel 0")
-    labels = [{"value": value, "name": name, "color": label_colour(index)}
+    info = label_info()  # codes and colours for the structure names TotalSegmentator uses (its data's bundles)
+    labels = [{"value": value, "name": name, "color": label_colour(index), **info.get(name, {})}
               for index, (value, name) in enumerate(sorted(channels.items())) if value > 0]
     inputs = metadata.get("network_data_format", {}).get("inputs", {})
     modality = str(next(iter(inputs.values()), {}).get("modality", "OTHER")).upper()
@@ -165,9 +240,7 @@ def import_bundle(bundle: str | Path, output: str | Path, name: str | None = Non
     preprocessing = _preprocessing(config)
     if preprocessing["normalisation"] is None:
         preprocessing["normalisation"] = {"scheme": "none"}
-    inferer = _value(config, config.get("inferer", {}), "inferer")
-    if "roi_size" not in inferer:
-        raise ModelCardError("The bundle's inferer gives no roi_size (a SlidingWindowInferer is needed)")
+    inferer = _inferer(config)
     card = {
         "schema_version": 1,
         "name": name or default_name(bundle),

@@ -5,7 +5,8 @@ overlap)`` apart, the first at 0 and the last at the far edge) and blended with 
 importance map, so a model imported from nnU-Net predicts what nnU-Net's own predictor does. Models
 imported from MONAI bundles carry MONAI's style in their card (``inference.sliding_window``): fixed
 steps of ``int(patch × (1 - overlap))`` from 0 with the last window moved back inside, blended with
-equal weights or MONAI's Gaussian, as ``SlidingWindowInferer`` does.
+equal weights or MONAI's Gaussian, an image smaller than a window padded with zeros or its border
+voxels, as ``SlidingWindowInferer`` does.
 """
 
 from __future__ import annotations
@@ -111,15 +112,16 @@ def mirror_sets(axes) -> list[tuple[int, ...]]:
     return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(sorted(axes), r)]
 
 
-def pad_to_patch(image: torch.Tensor, patch) -> tuple[torch.Tensor, tuple[slice, ...]]:
-    """Zero-pad ``[C, z, y, x]`` evenly to at least the patch size; the slices that undo it."""
+def pad_to_patch(image: torch.Tensor, patch, mode: str = "constant") -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Pad ``[C, z, y, x]`` evenly to at least the patch size, with zeros (``constant``) or its border
+    voxels (``replicate``); the slices that undo it."""
     below = [max(roi - size, 0) // 2 for size, roi in zip(image.shape[1:], patch)]
     above = [max(roi - size, 0) - b for size, roi, b in zip(image.shape[1:], patch, below)]
     if not any(below) and not any(above):
         return image, (slice(None),) * 3
     padding = [amount for b, a in zip(reversed(below), reversed(above)) for amount in (b, a)]
     unpad = tuple(slice(b, b + size) for b, size in zip(below, image.shape[1:]))
-    return F.pad(image, padding), unpad
+    return F.pad(image, padding, mode=mode), unpad
 
 
 BACKENDS = ("auto", "torch", "openvino")
@@ -143,7 +145,7 @@ class Predictor:
     network runs under float16 autocast; on the CPU in float32, or bfloat16 autocast when
     ``cpu_bfloat16`` (about twice as fast on CPUs with AVX-512 BF16 or AMX, labels may differ at
     near-ties). Blending is always float32. ``sliding_window`` is a card's window style (nnU-Net's
-    by default; ``{"style": "monai", "blend": ..., "sigma_scale": ...}`` for MONAI bundles).
+    by default; ``{"style": "monai", "blend": ..., "sigma_scale": ..., "padding": ...}`` for MONAI bundles).
     ``network`` may also be a network OpenVINO compiled already (CPU windows only), and
     ``fingerprint`` the name under which the network is kept compiled (``backends.card_fingerprint``).
     """
@@ -208,7 +210,8 @@ class Predictor:
     def _run(self, image, mirror_axes, progress, cancel, batch_size, window_device, output_device, members):
         network = self._window_network(window_device, image.shape[0])
         mirrors = mirror_sets(mirror_axes)
-        padded, unpad = pad_to_patch(image.to(output_device, torch.float32), self.patch_zyx)
+        padded, unpad = pad_to_patch(image.to(output_device, torch.float32), self.patch_zyx,
+                                     self.sliding_window.get("padding", "constant"))
         windows = window_positions(padded.shape[1:], self.patch_zyx, self.overlap, self.sliding_window.get("style", "nnunet"))
         weights = importance(self.patch_zyx, self.sliding_window).to(output_device)
         total, done = len(windows) * len(mirrors), 0

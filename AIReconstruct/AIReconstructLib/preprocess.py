@@ -133,7 +133,8 @@ def normalise(array: np.ndarray, scheme: dict, mask: np.ndarray | None = None) -
     z-score of ``zscore_nonzero`` is over ``mask`` where given (nnU-Net's filled non-zero region),
     else over the non-zero voxels (MONAI's ``nonzero``); that of ``zscore_foreground`` (the
     engine's own training for MRI) is over the voxels that differ from :func:`fill_value`, and the
-    others become 0, so an image looks the same to the network whatever its fill.
+    others become 0, so an image looks the same to the network whatever its fill. A ``rescale``
+    range then maps the result's minimum and maximum onto it (MONAI's ``ScaleIntensity``).
 
     Works in place on one float32 copy: no further full-size temporaries.
     """
@@ -155,6 +156,15 @@ def normalise(array: np.ndarray, scheme: dict, mask: np.ndarray | None = None) -
         mean, std = float(data.mean()), max(float(data.std()), 1e-8)
         data -= mean
         data /= std
+    if "rescale" in scheme:
+        low, high = scheme["rescale"]
+        smallest, largest = float(data.min()), float(data.max())
+        if largest > smallest:
+            data -= smallest
+            data *= (high - low) / (largest - smallest)
+            data += low
+        else:  # a constant image: MONAI multiplies it by the minimum
+            data *= low
     return data
 
 

@@ -43,7 +43,7 @@ def saliency(channels: list[Volume], card: ModelCard, segment_name: str, device:
     chosen = logits.argmax(dim=0) == values[segment_name]
     if not chosen.any():
         raise InputError(f"The model finds no '{segment_name}' in this image, so there is nothing to explain")
-    padded, unpad = pad_to_patch(prepared.tensor, patch)
+    padded, unpad = pad_to_patch(prepared.tensor, patch, (card.inference.get("sliding_window") or {}).get("padding", "constant"))
     centre = torch.nonzero(chosen).float().mean(dim=0).round().long().tolist()
     offsets = [u.start or 0 for u in unpad]  # the image's position inside the padded array
     starts = [min(max(c + o - p // 2, 0), n - p) for c, o, p, n in zip(centre, offsets, patch, padded.shape[1:])]
