@@ -38,7 +38,7 @@ class AIReconstruct(ScriptedLoadableModule):
             "Segment organs, lesions and bones of a CT or MRI with a deep network, as editable segments and "
             "smooth 3D surfaces for pre-surgical review. Pick a model (or download one of TotalSegmentator's: "
             "117 CT structures, MRI organs, lung nodules, airways and vessels, liver lesions, segments and "
-            "vessels) and an input volume, press Apply; "
+            "vessels; or MONAI's whole-body model with the heart chambers) and an input volume, press Apply; "
             "correct a segment with include/exclude points, save a report of the measurements, and save "
             "corrected cases to fine-tune the model. "
             'See the <a href="https://github.com/AIReconstruct/SlicerAIReconstruct#readme">user guide</a>.')
@@ -172,8 +172,8 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onModelChanged()
         self.ui.deviceInfoLabel.text = self.logic.adapter.deviceDescription()
         if not self.ui.downloadTaskComboBox.count:
-            for task, structures in self.logic.adapter.downloadableModels().items():
-                self.ui.downloadTaskComboBox.addItem(f"TotalSegmentator {task}: {structures}", task)
+            for key, description in self.logic.adapter.downloadableModels().items():
+                self.ui.downloadTaskComboBox.addItem(description, key)
 
     def onModelChanged(self, index=None) -> None:
         model = self.ui.modelComboBox.currentData

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,10 @@ import SimpleITK as sitk
 import torch
 
 from AIReconstructLib.cli import main
-from AIReconstructLib.errors import ModelCardError, WeightsError
+from AIReconstructLib.errors import AIReconstructError, Cancelled, ModelCardError, WeightsError
 from AIReconstructLib.io import read_volume, write_volume
 from AIReconstructLib.modelcard import load_card
-from AIReconstructLib.monai_bundle import import_bundle
+from AIReconstructLib.monai_bundle import download_bundle, import_bundle
 from AIReconstructLib.phantom import make_phantom
 from AIReconstructLib.pipeline import SegmentOptions, segment
 from conftest import PickleExploit
@@ -216,6 +217,59 @@ def test_a_choice_by_a_flag_is_read_without_running_code(tmp_path):
         with pytest.raises(ModelCardError, match="is an expression"):
             import_bundle(bundle, tmp_path / "out")
     assert not Path("PWNED").exists()
+
+
+def _zipped(bundle: Path) -> Path:
+    """The bundle as the model zoo serves it: a zip holding its folder."""
+    return Path(shutil.make_archive(str(bundle.parent / bundle.name), "zip", bundle.parent, bundle.name))
+
+
+def test_a_model_zoo_bundle_is_downloaded_then_imported(tmp_path, capsys):
+    """``--download`` fetches the bundle named as the folder (through MONAI's own download, here from
+    a file:// URL), once; a failed or cancelled download leaves nothing behind."""
+    archive = _zipped(make_bundle(tmp_path / "zoo" / "wholeBody_ct_segmentation", style=WHOLE_BODY_STYLE))
+    folder = tmp_path / "bundles" / "wholeBody_ct_segmentation"
+    assert main(["import-model", "monai-bundle", str(folder), "--download", "--url", archive.as_uri(),
+                 "-o", str(tmp_path / "card")]) == 0
+    assert (folder / "configs" / "inference.json").is_file() and sorted(p.name for p in folder.parent.iterdir()) == [
+        "wholeBody_ct_segmentation"]  # no staging left
+    card = load_card(tmp_path / "card")
+    assert card.name == "wholebody_ct_segmentation" and card.data["channels"][0]["normalisation"]["rescale"] == [-1, 1]
+    assert download_bundle(folder, "file:///nowhere.zip") == folder  # there already: not downloaded again
+
+    with pytest.raises(AIReconstructError, match="Cannot download the MONAI bundle other: "):
+        download_bundle(tmp_path / "failed" / "other", (tmp_path / "missing.zip").as_uri())
+    with pytest.raises(Cancelled, match="nothing was kept"):
+        download_bundle(tmp_path / "cancelled" / "wholeBody_ct_segmentation", archive.as_uri(), cancel=lambda: True)
+    assert not list((tmp_path / "failed").iterdir()) and not list((tmp_path / "cancelled").iterdir())
+    capsys.readouterr()
+    assert main(["import-model", "monai-bundle", str(tmp_path / "x" / "spleen"), "--download", "--url",
+                 archive.as_uri()]) != 0  # the zip holds another bundle
+    assert "The download of spleen holds no bundle folder spleen/configs" in capsys.readouterr().err
+
+
+def test_the_slicer_panel_downloads_the_whole_body_bundle(tmp_path):
+    """*Download* in the panel offers MONAI's whole-body model; the engine's worker downloads and
+    imports it in the background and installs it among the user's models, nothing else left there."""
+    pytest.importorskip("slicer", reason="the slicer-core package (Slicer's MRML libraries) is not installed")
+    from AIReconstructAdapter.engine_run import WARM_ENGINE
+    from AIReconstructAdapter.logic import AdapterLogic
+
+    logic = AdapterLogic()
+    assert "heart chambers" in logic.downloadableModels()["monai-bundle:wholeBody_ct_segmentation"]
+    archive = _zipped(make_bundle(tmp_path / "zoo" / "wholeBody_ct_segmentation", style=WHOLE_BODY_STYLE))
+    models, downloads = tmp_path / "models", tmp_path / "downloads"
+    try:
+        job = logic.startModelDownload("monai-bundle:wholeBody_ct_segmentation", models_folder=models,
+                                       downloads_folder=downloads, url=archive.as_uri())
+        state = job.wait(timeout=300)
+    finally:
+        WARM_ENGINE.shutdown()
+    assert state.status == "done", state.error
+    assert job.model_name == "wholebody_ct_segmentation" and [p.name for p in models.iterdir()] == [job.model_name]
+    assert (downloads / "monai-bundles" / "wholeBody_ct_segmentation" / "configs").is_dir()
+    assert any("downloading the MONAI bundle wholeBody_ct_segmentation" in line for line in state.log)
+    assert load_card(models / job.model_name).labels[1].name == "spleen"
 
 
 def test_expressions_and_unknown_transforms_are_refused(tmp_path):

@@ -2,7 +2,10 @@
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -718,3 +721,13 @@ def test_the_parts_of_each_lesion_become_points_to_review(scene):
     assert again.wait(timeout=300).status == "done"
     lists = [n for n in scene.GetNodesByClass("vtkMRMLMarkupsFiducialNode") if n.GetName().endswith("lesions")]
     assert lists == [again.lesion_points]
+
+
+def test_the_panel_imports_neither_torch_nor_monai():
+    """Slicer's own process runs the panel's logic and jobs; the engine's PyTorch and MONAI load only
+    in the engine's worker process (the download table, crop models and reports included)."""
+    code = ("import sys, AIReconstructAdapter.logic, AIReconstructAdapter.jobs; "
+            "print(sorted({name.split('.')[0] for name in sys.modules} & {'torch', 'monai'}))")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "AIReconstruct")})
+    assert found.stdout.strip() == "[]"

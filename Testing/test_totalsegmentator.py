@@ -230,11 +230,11 @@ def test_the_slicer_panel_downloads_a_model_in_the_background(lesion_release, tm
     from AIReconstructAdapter.logic import AdapterLogic
 
     logic = AdapterLogic()
-    assert "liver-lesions" in logic.downloadableModels()
+    assert "totalsegmentator:liver-lesions" in logic.downloadableModels()
     models = tmp_path / "models"
     try:
-        job = logic.startModelDownload("liver-lesions", models_folder=models, weights_folder=tmp_path / "weights",
-                                       url=lesion_release.as_uri())
+        job = logic.startModelDownload("totalsegmentator:liver-lesions", models_folder=models,
+                                       downloads_folder=tmp_path / "downloads", url=lesion_release.as_uri())
         state = job.wait(timeout=300)
     finally:
         WARM_ENGINE.shutdown()

@@ -10,6 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
+from AIReconstructLib.importers import download_command
 from AIReconstructLib.io import read_volume, write_volume
 from AIReconstructLib.segnrrd import write_seg_nrrd
 
@@ -157,22 +158,20 @@ class FineTuningJob(BackgroundJob):
 
 
 class ModelDownloadJob(BackgroundJob):
-    """Download one of TotalSegmentator's models (``import-model totalsegmentator --download``: its
-    weights into ``weights_folder``, once) in the background and install its card among the user's
-    models, with the card of the model whose organs it runs inside where it has one. The cards are
-    written to a hidden folder there and moved into place only when the import succeeds."""
+    """Download a model of :func:`importers.downloadable_models` (``import-model ... --download``: its
+    weights or bundle into ``downloads_folder``, once) in the background and install its card among
+    the user's models, with the card of the model whose organs it runs inside where it has one. The
+    cards are written to a hidden folder there and moved into place only when the import succeeds."""
 
-    def __init__(self, task: str, models_folder: Path, weights_folder: Path, url: str | None = None,
+    def __init__(self, key: str, models_folder: Path, downloads_folder: Path, url: str | None = None,
                  python: str | None = None, env: dict | None = None):
-        self.task, self.models_folder, self.weights_folder = task, Path(models_folder), Path(weights_folder)
-        self.options = ["--url", url] if url else []
-        self.python, self.env = python, env
+        self.key, self.models_folder, self.downloads_folder = key, Path(models_folder), Path(downloads_folder)
+        self.url, self.python, self.env = url, python, env
         self.model_name: str | None = None  # the installed model, on success
 
     def start(self) -> None:
-        self._start_in_hidden_folder(self.models_folder, ".download-", lambda workdir: [
-            "import-model", "totalsegmentator", str(self.weights_folder), "--task", self.task, "--download",
-            "-o", str(workdir / self.task), *self.options])
+        self._start_in_hidden_folder(self.models_folder, ".download-", lambda workdir: download_command(
+            self.key, self.downloads_folder, workdir / self.key.split(":", 1)[1], self.url))
 
     def _on_success(self, result: dict) -> None:
         """Install the imported cards (a card of the same name, imported before, is replaced)."""

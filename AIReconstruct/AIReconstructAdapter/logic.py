@@ -11,9 +11,9 @@ import shutil
 from pathlib import Path
 
 from AIReconstructLib.errors import ModelCardError
+from AIReconstructLib.importers import downloadable_models
 from AIReconstructLib.modelcard import (USER_MODELS, crop_model_of, find_model, installed_models, load_card,
                                         verified_weight_paths)
-from AIReconstructLib.totalsegmentator import TASKS as TOTALSEGMENTATOR_TASKS
 
 from . import nodes
 from .correction import SegmentCorrection
@@ -21,7 +21,7 @@ from .engine_run import WARM_ENGINE
 from .jobs import FineTuningJob, ModelDownloadJob, ReportJob, SegmentationJob
 
 CORRECTIONS = USER_MODELS.parent / "corrections"  # a data set folder per model, for fine-tuning
-DOWNLOADED_WEIGHTS = USER_MODELS.parent / "totalsegmentator"  # TotalSegmentator's weights, downloaded once
+DOWNLOADS = USER_MODELS.parent  # downloaded weights and bundles, once: totalsegmentator/, monai-bundles/
 
 
 class AdapterLogic:
@@ -55,15 +55,15 @@ class AdapterLogic:
         return card.name
 
     def downloadableModels(self) -> dict[str, str]:
-        """TotalSegmentator's models the panel can download: task -> what it segments."""
-        return {task: spec["structures"] for task, spec in TOTALSEGMENTATOR_TASKS.items()}
+        """The models the panel can download (TotalSegmentator's, MONAI model-zoo bundles): key -> what it segments."""
+        return downloadable_models()
 
-    def startModelDownload(self, task: str, python: str | None = None, env: dict | None = None,
-                           models_folder: Path = USER_MODELS, weights_folder: Path = DOWNLOADED_WEIGHTS,
+    def startModelDownload(self, key: str, python: str | None = None, env: dict | None = None,
+                           models_folder: Path = USER_MODELS, downloads_folder: Path = DOWNLOADS,
                            url: str | None = None) -> ModelDownloadJob:
-        """Download a TotalSegmentator model (``url``: a mirror of its releases) in the background and
+        """Download a model of :meth:`downloadableModels` (``url``: a mirror) in the background and
         install it among the user's models on success; poll the returned job."""
-        job = ModelDownloadJob(task, models_folder, weights_folder, url, python, env)
+        job = ModelDownloadJob(key, models_folder, downloads_folder, url, python, env)
         job.start()
         return job
 

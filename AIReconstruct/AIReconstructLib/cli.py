@@ -296,14 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=KINDS)
     p.add_argument("path", help="nnunet: the trained model folder (dataset.json, plans.json, fold_N/); "
                                 "totalsegmentator: the folder that holds (or gets, with --download) its weights; "
-                                "monai-bundle: the bundle folder (configs/, models/); torchscript, onnx: the network file")
+                                "monai-bundle: the bundle folder (configs/, models/; with --download, named as the "
+                                "bundle in MONAI's model zoo, e.g. wholeBody_ct_segmentation); torchscript, onnx: the network file")
     p.add_argument("--card", help="torchscript, onnx: hand-written card JSON (all but architecture and weights)")
     p.add_argument("--task", default="total-fast", choices=list(TOTALSEGMENTATOR_TASKS),
                    help="totalsegmentator: total (five part models, 1.5 mm), total-fast (one, 3 mm), their MRI "
                         "models total-mr and total-mr-fast, or a lung or liver model (each run inside the lungs "
                         "or liver that total-fast finds first, imported with it)")
-    p.add_argument("--download", action="store_true", help="totalsegmentator: download the weights first")
-    p.add_argument("--url", help="totalsegmentator: a mirror of its GitHub release archives, laid out the same way")
+    p.add_argument("--download", action="store_true",
+                   help="totalsegmentator: download the weights first; monai-bundle: download the bundle first "
+                        "from MONAI's model zoo (unless the folder holds it)")
+    p.add_argument("--url", help="totalsegmentator: a mirror of its GitHub release archives, laid out the same way; "
+                                 "monai-bundle: a zip of the bundle")
     p.add_argument("-o", "--output", help="folder for the card (default ~/.aireconstruct/models/NAME)")
     p.add_argument("--name", help="model name (default from the data set and configuration)")
     p.add_argument("--configuration", help="nnU-Net configuration (default: the checkpoint's)")

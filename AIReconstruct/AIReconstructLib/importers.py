@@ -9,6 +9,30 @@ from .errors import AIReconstructError
 from .modelcard import USER_MODELS, ModelCard, read_json, save_card
 
 KINDS = ("nnunet", "totalsegmentator", "monai-bundle", "torchscript", "onnx")
+# bundles of MONAI's model zoo offered for download (import-model monai-bundle NAME --download): name ->
+# what it segments
+MODEL_ZOO = {"wholeBody_ct_segmentation": "104 CT structures, among them the heart chambers, lung lobes, hip bones "
+                                          "and sacrum (SegResNet trained on TotalSegmentator's first data)"}
+
+
+def downloadable_models() -> dict[str, str]:
+    """The models ``import-model --download`` fetches by name: ``kind:name`` -> what it segments."""
+    from .totalsegmentator import TASKS
+
+    models = {f"totalsegmentator:{task}": f"TotalSegmentator {task}: {spec['structures']}" for task, spec in TASKS.items()}
+    return {**models, **{f"monai-bundle:{name}": f"MONAI {name}: {what}" for name, what in MODEL_ZOO.items()}}
+
+
+def download_command(key: str, downloads: Path, output: Path, url: str | None = None) -> list[str]:
+    """The ``aireconstruct`` arguments that download the model ``key`` (of :func:`downloadable_models`)
+    into ``downloads`` (TotalSegmentator's weights in ``totalsegmentator/``, bundles in
+    ``monai-bundles/NAME``) and write its card to ``output``; ``url``: a mirror."""
+    if key not in downloadable_models():
+        raise AIReconstructError(f"No downloadable model '{key}' (known: {', '.join(downloadable_models())})")
+    kind, name = key.split(":", 1)
+    source = ([str(Path(downloads) / "totalsegmentator"), "--task", name] if kind == "totalsegmentator"
+              else [str(Path(downloads) / "monai-bundles" / name)])
+    return ["import-model", kind, *source, "--download", "-o", str(output), *(["--url", url] if url else [])]
 
 
 def import_model(kind: str, path: str | Path, output: str | Path | None = None, *, name: str | None = None,
@@ -19,8 +43,10 @@ def import_model(kind: str, path: str | Path, output: str | Path | None = None, 
 
     ``card``: a hand-written card file (torchscript, onnx); ``labels``: a label-info file (nnunet);
     ``task``, ``download``, ``url``: TotalSegmentator's task and where its weights come from (a task
-    cropped to organs also imports the model that finds them, beside the card); ``progress`` and
-    ``cancel`` follow and stop the download (see :func:`totalsegmentator.download_weights`);
+    cropped to organs also imports the model that finds them, beside the card); for a MONAI bundle,
+    ``download`` fetches the model-zoo bundle named as ``path``'s folder (``url``: a zip of it);
+    ``progress`` and ``cancel`` follow and stop the download (see
+    :func:`totalsegmentator.download_weights`, :func:`monai_bundle.download_bundle`);
     ``skull_stripped``: the model was trained on skull-stripped brains (its channels are marked so,
     and images that are not are refused);
     ``nnunet_options``: configuration, folds, checkpoint, modality, orientation, licence, intended_use,
@@ -35,8 +61,10 @@ def import_model(kind: str, path: str | Path, output: str | Path | None = None, 
         data = import_exported(path, read_json(card, "Hand-written card"),
                                {"torchscript": "TorchScript", "onnx": "ONNX"}[kind])
     elif kind == "monai-bundle":
-        from .monai_bundle import default_name, import_bundle
+        from .monai_bundle import default_name, download_bundle, import_bundle
 
+        if download:
+            download_bundle(path, url, progress, cancel)
         output = output or USER_MODELS / (name or default_name(path))  # the weights are written there too
         data = import_bundle(path, output, name)
     elif kind == "totalsegmentator":

@@ -16,12 +16,16 @@ windows are placed, padded and blended as MONAI's ``SlidingWindowInferer`` does.
 from __future__ import annotations
 
 import ast
+import logging
 import re
+import tempfile
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .errors import ModelCardError, WeightsError
+from .errors import AIReconstructError, Cancelled, ModelCardError, WeightsError
 from .modelcard import label_colour, model_name, read_json, sha256_of, validate_card
 from .networks import import_exported, load_pickled_weights, save_weights
 from .totalsegmentator import label_info
@@ -218,6 +222,47 @@ def _state_dict(path: Path) -> dict:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path.name} is not a state dict of tensors")
     return state
+
+
+def download_bundle(folder: str | Path, url: str | None = None, progress: Callable[[float, str], None] | None = None,
+                    cancel: Callable[[], bool] | None = None) -> Path:
+    """Download the bundle of MONAI's model zoo that ``folder`` is named after into ``folder``, unless it
+    is there, with MONAI's own download (its latest version from MONAI's hosting; ``url``: a zip of
+    the bundle elsewhere). It is unpacked into a hidden staging folder beside ``folder`` and moved
+    into place only when complete; ``progress(fraction, message)`` says when it starts and ends, and
+    ``cancel()`` is asked when the download has ended (MONAI's
+    download cannot be stopped midway) and raises :class:`Cancelled` with nothing kept."""
+    from monai.bundle import download
+
+    folder = Path(folder)
+    if (folder / "configs").is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    report = progress or (lambda fraction, message: None)
+    report(0.0, f"downloading the MONAI bundle {folder.name} from {url or 'MONAI model zoo'}")
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=folder.parent) as staging:
+        quiet = [logging.getLogger(name) for name in ("monai.bundle.scripts", "monai.apps")]
+        levels = [logger.level for logger in quiet]
+        for logger in quiet:  # not MONAI's summary of its own arguments, nor where it unpacks what
+            logger.setLevel(logging.WARNING)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="No hash value provided")  # the card records hashes
+                download(name=folder.name, bundle_dir=staging, url=url, progress=False)
+        except Exception as error:  # HTTP, network, archive and version-lookup errors alike
+            raise AIReconstructError(f"Cannot download the MONAI bundle {folder.name}: "
+                                     f"{(str(error) or type(error).__name__).splitlines()[0]}") from None
+        finally:
+            for logger, level in zip(quiet, levels):
+                logger.setLevel(level)
+        if cancel is not None and cancel():
+            raise Cancelled("Download cancelled by the user; nothing was kept")
+        unpacked = Path(staging) / folder.name
+        if not (unpacked / "configs").is_dir():
+            raise AIReconstructError(f"The download of {folder.name} holds no bundle folder {folder.name}/configs")
+        unpacked.rename(folder)
+    report(1.0, f"downloaded the MONAI bundle {folder.name}")
+    return folder
 
 
 def default_name(bundle: str | Path) -> str:
