@@ -28,7 +28,7 @@ NETWORK = {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channel
 
 # the whole-body CT bundle's way (MONAI model zoo, wholeBody_ct_segmentation): spacing and overlap
 # chosen by flags, z-scored over the non-zero voxels then scaled to [-1, 1], small images padded
-# with their border voxels
+# with their border voxels, the argmax taken before the spacing is inverted
 WHOLE_BODY_STYLE = {
     "options": {"displayable_configs": {"highres": True, "sw_overlap": 0.25}},
     "pixdim": "$[2.0, 2.0, 2.5] if @displayable_configs#highres else [4.0, 4.0, 5.0]",
@@ -36,6 +36,9 @@ WHOLE_BODY_STYLE = {
                   {"_target_": "ScaleIntensityd", "keys": "image", "minv": -1.0, "maxv": 1.0}],
     "inferer": {"overlap": "@displayable_configs#sw_overlap", "padding_mode": "replicate",
                 "device": "$torch.device('cpu')"},
+    "inverted": [{"_target_": "AsDiscreted", "keys": "pred", "argmax": True},  # labels, then nearest back
+                 {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+                  "nearest_interp": True, "to_tensor": True}],
 }
 
 
@@ -65,9 +68,10 @@ def make_bundle(root: Path, network=NETWORK, extra_transform=None, blend="gaussi
                     "mode": blend, **style.get("inferer", {})},
         "postprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
-             "nearest_interp": False, "to_tensor": True},
-            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+            *style.get("inverted", [
+                {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+                 "nearest_interp": False, "to_tensor": True},
+                {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}]),
             {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
              "resample": False, "separate_folder": False}]},
         "handlers": [{"_target_": "CheckpointLoader", "load_path": "$@bundle_root + '/models/model.pt'",
@@ -209,7 +213,7 @@ def test_a_choice_by_a_flag_is_read_without_running_code(tmp_path):
     card = import_bundle(make_bundle(tmp_path / "bundle", style=low_resolution), tmp_path / "card")
     assert card["spacing"] == [4.0, 4.0, 5.0] and card["inference"]["overlap"] == 0.4
     assert card["channels"][0]["normalisation"] == {"scheme": "zscore_nonzero", "rescale": [-1.0, 1.0]}
-    assert card["inference"]["normalise"] == "after_resampling"
+    assert card["inference"]["normalise"] == "after_resampling" and card["inference"]["resample_back"] == "labels"
     for pixdim in ("$[2.0, 2.0, 2.5] if @no_such_flag else [4.0, 4.0, 5.0]",  # no such flag
                    "$[2.0, 2.0, 2.5] if @device else [4.0, 4.0, 5.0]",  # not a flag but an expression
                    "$__import__('os').system('touch PWNED') or [2.0, 2.0, 2.5]"):  # code

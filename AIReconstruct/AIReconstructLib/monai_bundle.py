@@ -142,20 +142,24 @@ def _preprocessing(config: dict) -> dict:
 
 
 def _resampled_back(config: dict) -> str:
-    """What the bundle's postprocessing inverts the preprocessing on: probabilities when a softmax
-    comes before ``Invertd``, else the network's logits (only the transforms' names and plain
-    ``softmax`` flags are read: postprocessing often holds expressions, such as output folders)."""
+    """What the bundle's postprocessing inverts the preprocessing on: labels when an argmax comes
+    before ``Invertd``, probabilities when a softmax does, else the network's logits (only the
+    transforms' names and plain flags are read: postprocessing often holds expressions, such as
+    output folders)."""
     postprocessing = config.get("postprocessing")
     if isinstance(postprocessing, str) and postprocessing.startswith("@"):
         postprocessing = config.get(postprocessing[1:])
     transforms = postprocessing.get("transforms", []) if isinstance(postprocessing, dict) else []
+    found = "logits"
     for transform in transforms:
         name = _target(transform) if isinstance(transform, dict) else ""
-        if name in ("Activations", "Activationsd") and transform.get("softmax") is True:
-            return "probabilities"
-        if name in ("Invert", "Invertd"):
-            break
-    return "logits"
+        if name in ("Activations", "Activationsd") and transform.get("softmax") is True and found == "logits":
+            found = "probabilities"
+        elif name in ("AsDiscrete", "AsDiscreted") and transform.get("argmax") is True:
+            found = "labels"
+        elif name in ("Invert", "Invertd"):
+            return found
+    return "logits" if found == "labels" else found  # the argmax after inverting: on the input's grid
 
 
 def _inferer(config: dict) -> dict:

@@ -165,7 +165,7 @@ def _predict_native(channels: list[Volume], card: ModelCard, options: SegmentOpt
     report(0.9, "resampling to the input grid")
     if card.inference.get("resample_back") == "probabilities":
         logits = torch.softmax(logits, dim=0)
-    labels = restore_labels(logits, prepared)
+    labels = restore_labels(logits, prepared, nearest=card.inference.get("resample_back") == "labels")
     for name in ("uncertainty", "probability"):
         if name in maps:
             maps[name] = restore_scalar(maps[name], prepared)

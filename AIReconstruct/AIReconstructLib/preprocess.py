@@ -383,7 +383,16 @@ def restore_scalar(values: torch.Tensor, prepared: Prepared) -> np.ndarray:
     return np.ascontiguousarray(from_canonical(restored, prepared.reorientation).numpy())
 
 
-def restore_labels(scores: torch.Tensor, prepared: Prepared) -> np.ndarray:
-    """The argmax label map on the input's grid, in the input array order."""
-    labels = resample_argmax(scores, prepared.canonical_shape, steps=prepared.steps_back)
+def restore_labels(scores: torch.Tensor, prepared: Prepared, nearest: bool = False) -> np.ndarray:
+    """The argmax label map on the input's grid, in the input array order: the scores resampled and
+    then their argmax, or with ``nearest`` the argmax on the model's grid taken to each input voxel
+    from the nearest grid point (ties to the even index, as PyTorch's nearest sampling)."""
+    if not nearest:
+        labels = resample_argmax(scores, prepared.canonical_shape, steps=prepared.steps_back)
+    else:
+        labels = class_argmax(scores, torch.uint8 if scores.shape[0] <= 256 else torch.int16)
+        for axis, (n_out, step) in enumerate(zip(prepared.canonical_shape, prepared.steps_back or (None,) * 3)):
+            source = (nearest_taps(n_out, labels.shape[axis]) if step is None else
+                      (torch.arange(n_out, dtype=torch.float64) * step).round().long().clamp(0, labels.shape[axis] - 1))
+            labels = labels.index_select(axis, source)
     return np.ascontiguousarray(from_canonical(labels, prepared.reorientation).numpy())
