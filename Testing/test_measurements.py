@@ -121,6 +121,29 @@ def test_each_lesion_part_names_the_segments_around_it():
     assert sum(lesion["bordering"].values()) == pytest.approx(100.0, abs=0.2)
 
 
+def test_liver_resections_by_couinaud_segments():
+    """Eight segments as slabs (as TotalSegmentator's liver-segment model names them), a metastasis
+    inside segment VII and one across the border of IV and V: each standard resection's remnant is
+    the kept segments' volume, its share of the liver, and the lesion parts that border it."""
+    z, y, x = np.indices((40, 40, 80))
+    array = (x // 10 + 1).astype(np.uint8)  # segment n at x = 10 (n - 1) ... 10 n - 1
+    array[(x - 65) ** 2 + (y - 20) ** 2 + (z - 20) ** 2 < 16] = 9  # inside VII
+    array[(x - 39.5) ** 2 + (y - 20) ** 2 + (z - 20) ** 2 < 16] = 9  # across IV and V
+    labels = [Label(n, f"liver_segment_{n}", (0.5, 0.3, 0.2), ORGAN_TERMS, {}) for n in range(1, 9)]
+    labels.append(Label(9, "liver metastases", (1.0, 1.0, 0.2), LESION_TERMS, {}))
+    result = measure(Volume(array, (1.0, 1.0, 1.0)), labels)
+    volumes = {n: np.count_nonzero(array == n) / 1000 for n in range(1, 9)}
+    resections = {r["name"]: r for r in result["liver_resections"]}
+    right = resections["right hepatectomy"]
+    assert right["removed_segments"] == [5, 6, 7, 8]
+    assert right["remnant_ml"] == pytest.approx(sum(volumes[n] for n in (1, 2, 3, 4)))
+    assert right["remnant_percent"] == pytest.approx(100 * right["remnant_ml"] / sum(volumes.values()))
+    assert right["lesion_parts_in_remnant"] == 1  # the one across IV and V
+    assert resections["extended right hepatectomy (right trisectionectomy)"]["lesion_parts_in_remnant"] == 0
+    assert resections["left lateral sectionectomy"]["lesion_parts_in_remnant"] == 2
+    assert measure(Volume(np.where(array == 8, 0, array), (1.0, 1.0, 1.0)), labels)["liver_resections"] == []
+
+
 def test_a_lesion_outside_any_organ_has_distances_but_no_remnant():
     array = np.zeros((30, 40, 40), np.uint8)
     array[10:20, 10:20, 5:15] = 2

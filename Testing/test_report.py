@@ -12,7 +12,7 @@ import pytest
 from AIReconstructLib.cli import main
 from AIReconstructLib.errors import InputError
 from AIReconstructLib.io import write_volume
-from AIReconstructLib.modelcard import find_model
+from AIReconstructLib.modelcard import Label, find_model
 from AIReconstructLib.phantom import make_phantom
 from AIReconstructLib.report import build_report, png_data_uri, write_report
 from AIReconstructLib.segnrrd import write_seg_nrrd
@@ -53,6 +53,7 @@ def test_report_is_self_contained_and_shows_the_measurements(phantom_report):
     assert f"{lesion['remnant_ml']:.1f}" in page
     assert lesion["organ"] == "liver" and lesion["bordering"]["liver"] >= 50  # what lies around it, in a column
     assert "<th>Borders (%)</th>" in page and f"<td>liver: {lesion['bordering']['liver']:.0f}" in page
+    assert measured["liver_resections"] == [] and "Couinaud" not in page  # no liver segments here
 
 
 
@@ -165,3 +166,17 @@ def test_png_encoder_writes_a_valid_png(tmp_path):
 
     (tmp_path / "x.png").write_bytes(base64.b64decode(png_data_uri(rgb).split(",", 1)[1]))
     np.testing.assert_array_equal((matplotlib_image.imread(tmp_path / "x.png")[..., :3] * 255).round(), rgb)
+
+
+def test_the_liver_resections_table_names_couinaud_segments():
+    """With the liver's eight Couinaud segments, the report lists the standard resections, the
+    segments each removes in Couinaud's numbering and its remnant."""
+    z, y, x = np.indices((20, 24, 64))
+    image = Volume(np.full((20, 24, 64), 60.0, np.float32), (1.5, 1.5, 1.5))
+    labelmap = image.with_array((x // 8 + 1).astype(np.uint8))
+    labels = [Label(n, f"liver_segment_{n}", (0.6, 0.3, 0.2), {}, {}) for n in range(1, 9)]
+    page, measured = build_report(image, labelmap, labels, find_model("demo-abdomen-ct").data)
+    right = next(r for r in measured["liver_resections"] if r["name"] == "right hepatectomy")
+    assert right["remnant_percent"] == pytest.approx(50.0)
+    assert "<h2>Liver resections by Couinaud segments</h2>" in page
+    assert "<td>right hepatectomy</td><td>V, VI, VII, VIII</td>" in page and f"<td>{right['remnant_ml']:.1f}</td>" in page

@@ -9,7 +9,8 @@ it lies in (the segment holding at least half of them); the distance to that org
 outer surface of organ and lesion together); and a remnant estimate: the organ's volume with the
 lesion, the volume removed with a safety margin around the lesion, and what remains. A lesion label
 of several separate parts (metastases, lung nodules) also gets each part's volume, largest
-diameter, centroid, the segments around it and distance to the capsule, largest first.
+diameter, centroid, the segments around it and distance to the capsule, largest first. Where the
+liver's eight Couinaud segments are segmented: the remnant of each standard anatomical resection.
 """
 
 from __future__ import annotations
@@ -26,6 +27,17 @@ from .volume import Volume
 
 LESION_CATEGORY = "49755003"  # SNOMED CT "Morphologically Altered Structure"
 MAX_LESION_PARTS = 20  # separate parts of a lesion label measured one by one, largest first
+# the liver's Couinaud segments I-VIII, as TotalSegmentator's liver-segment model names them, and the
+# standard anatomical resections by the segments they remove
+LIVER_SEGMENTS = {number: f"liver_segment_{number}" for number in range(1, 9)}
+LIVER_RESECTIONS = {
+    "right hepatectomy": (5, 6, 7, 8),
+    "extended right hepatectomy (right trisectionectomy)": (4, 5, 6, 7, 8),
+    "right posterior sectionectomy": (6, 7),
+    "left hepatectomy": (2, 3, 4),
+    "extended left hepatectomy (left trisectionectomy)": (2, 3, 4, 5, 8),
+    "left lateral sectionectomy": (2, 3),
+}
 
 
 def is_lesion(label: Label) -> bool:
@@ -167,13 +179,33 @@ def _parts(labelmap: Volume, lesion: _Lesion, organs: dict[int, str], lesion_poi
     return parts
 
 
+def liver_resections(segments: list[dict], lesions: list[dict]) -> list[dict]:
+    """Where all eight Couinaud segments are segmented: for each of :data:`LIVER_RESECTIONS`, the
+    segments it removes, the remnant's volume (the segments kept) and its share of the liver without
+    its lesions (all eight segments), and how many lesion parts (of those listed) border a kept
+    segment; else nothing."""
+    volumes = {segment["name"]: segment["volume_ml"] for segment in segments}
+    if not all(name in volumes for name in LIVER_SEGMENTS.values()):
+        return []
+    liver = sum(volumes[name] for name in LIVER_SEGMENTS.values())
+    parts = [part for lesion in lesions for part in lesion.get("parts") or [lesion]]
+    resections = []
+    for name, removed in LIVER_RESECTIONS.items():
+        kept = {LIVER_SEGMENTS[number] for number in LIVER_SEGMENTS if number not in removed}
+        remnant = sum(volumes[segment] for segment in kept)
+        resections.append({"name": name, "removed_segments": list(removed), "remnant_ml": remnant,
+                           "remnant_percent": 100.0 * remnant / liver,
+                           "lesion_parts_in_remnant": sum(1 for part in parts if kept & part["bordering"].keys())})
+    return resections
+
+
 def measure(labelmap: Volume, labels: list[Label], margin_mm: float = 10.0, smoothing: float = 0.5,
             coordinates: str = "LPS") -> dict:
     """Measurements of every present segment and every lesion (see the module's docstring)."""
     boxes = ndimage.find_objects(labelmap.array)
     present = [label for label in labels if 0 < label.value <= len(boxes) and boxes[label.value - 1] is not None]
     if not present:
-        return {"coordinates": coordinates, "margin_mm": margin_mm, "segments": [], "lesions": []}
+        return {"coordinates": coordinates, "margin_mm": margin_mm, "segments": [], "lesions": [], "liver_resections": []}
     mesh = shared_mesh(labelmap, [label.value for label in present], smoothing, coordinates)
     surfaces = {s.label.value: s for s in surfaces_of(mesh, present, coordinates)}
     matrix = labelmap.ijk_to_lps() if coordinates == "LPS" else labelmap.ijk_to_ras()
@@ -220,4 +252,5 @@ def measure(labelmap: Volume, labels: list[Label], margin_mm: float = 10.0, smoo
         if parts:
             entry["parts"] = parts
         lesions.append(entry)
-    return {"coordinates": coordinates, "margin_mm": margin_mm, "segments": segments, "lesions": lesions}
+    return {"coordinates": coordinates, "margin_mm": margin_mm, "segments": segments, "lesions": lesions,
+            "liver_resections": liver_resections(segments, lesions)}

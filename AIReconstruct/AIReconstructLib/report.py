@@ -152,6 +152,9 @@ def _swatch(label: Label | None, name: str) -> str:
     return f'<span class="swatch" style="background:{colour}"></span>{html.escape(name)}'
 
 
+ROMAN = {1: "I", 2: "II", 3: "III", 4: "IV", 5: "V", 6: "VI", 7: "VII", 8: "VIII"}  # Couinaud's numbering
+
+
 def _bordering(lesion: dict) -> str:
     """The segments around a lesion (or one of its parts) with their share of the voxels around it."""
     return "<br>".join(f"{html.escape(name)}: {percent:.0f}" for name, percent in lesion["bordering"].items()) or "—"
@@ -213,6 +216,14 @@ def _sections(image, labelmap, labels, measured, metrics, surfaces, context) -> 
                 [[str(p["number"]), f"{p['volume_ml']:.2f}", f"{p['largest_diameter_mm']:.1f}",
                   ", ".join(f"{c:.1f}" for c in p["centroid_mm"]), _bordering(p),
                   f"{p['capsule_distance_mm']:.1f}" if "capsule_distance_mm" in p else "—"] for p in lesion["parts"]])]
+    if measured["liver_resections"]:
+        parts += ["<h2>Liver resections by Couinaud segments</h2>", _table(
+            ["Resection", "Segments removed", "Remnant (mL)", "Remnant (% of the liver without lesions)",
+             "Lesion parts bordering the remnant"],
+            [[html.escape(r["name"]), ", ".join(ROMAN[n] for n in r["removed_segments"]), f"{r['remnant_ml']:.1f}",
+              f"{r['remnant_percent']:.0f}", str(r["lesion_parts_in_remnant"])] for r in measured["liver_resections"]]),
+            "<p>Anatomical resections by the segments the model found, not a plan: the remnant is the kept "
+            "segments' volume, without vascular or functional assessment.</p>"]
     if metrics is not None:
         rows = [[html.escape(name), f"{s['dice']:.3f}", f"{s['iou']:.3f}", f"{s['hd95_mm']:.2f}"]
                 for name, s in metrics["labels"].items() if s["present"]]
