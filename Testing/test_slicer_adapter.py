@@ -689,6 +689,37 @@ def test_lesions_segmented_into_the_segmentation_of_their_organ_are_measured_aga
     assert 0 < lesion["remnant_ml"] < lesion["organ_with_lesion_ml"]
 
 
+def test_liver_segments_then_lesions_give_the_resections_and_the_segments_of_each_lesion(scene, tmp_path, ct_volume):
+    """TotalSegmentator's liver-segment model, then its liver-lesion model, into one segmentation (the
+    liver-surgery workflow): the report's measurements name the Couinaud segments around each lesion
+    part and list the resections with the parts each would leave."""
+    from AIReconstructAdapter.nodes import segments_for_report
+    from AIReconstructLib.measurements import measure
+    from AIReconstructLib.modelcard import Label
+    from AIReconstructLib.totalsegmentator import EXTRA_LABEL_INFO
+
+    volume_node = add_volume_node(scene, ct_volume, "CT")
+    segments = np.zeros(ct_volume.array.shape, np.uint8)
+    segments[4:18, 8:32, 4:36] = np.arange(4, 36)[None, None, :] // 4  # segments I-VIII, 4 columns each
+    lesions = np.zeros_like(segments)
+    lesions[6:12, 14:20, 29:31] = 1  # inside VII (columns 28-31), the larger part
+    lesions[8:11, 22:26, 10:14] = 1  # across II and III (columns 8-11, 12-15)
+    runs = [(segments, [Label(n, f"liver_segment_{n}", (0.6, 0.3, 0.2), {}, {}) for n in range(1, 9)]),
+            (lesions, [Label(1, "liver_lesions", (1.0, 0.0, 0.8), EXTRA_LABEL_INFO["liver_lesions"]["terminology"], {})])]
+    segmentation = None
+    for number, (array, labels) in enumerate(runs):
+        path = write_seg_nrrd(ct_volume.with_array(array), labels, tmp_path / f"run{number}.seg.nrrd")
+        segmentation = import_segmentation(scene, path, volume_node, target=segmentation)
+    _, _, labelmap, labels = segments_for_report(segmentation)
+    measured = measure(labelmap, labels)
+    (lesion,) = measured["lesions"]
+    first, second = lesion["parts"]
+    assert set(first["bordering"]) == {"liver_segment_7"} and set(second["bordering"]) == {"liver_segment_2", "liver_segment_3"}
+    resections = {r["name"]: r["lesion_parts_in_remnant"] for r in measured["liver_resections"]}
+    assert resections["right hepatectomy"] == 1 and resections["left lateral sectionectomy"] == 1
+    assert resections["right posterior sectionectomy"] == 1 and resections["left hepatectomy"] == 1
+
+
 def test_the_parts_of_each_lesion_become_points_to_review(scene):
     """The demo model on a phantom with two liver tumours: a locked point at each tumour, largest
     first, named with its volume, which a later run into the same segmentation replaces."""
