@@ -138,9 +138,9 @@ def test_liver_resections_by_couinaud_segments():
     assert right["removed_segments"] == [5, 6, 7, 8]
     assert right["remnant_ml"] == pytest.approx(sum(volumes[n] for n in (1, 2, 3, 4)))
     assert right["remnant_percent"] == pytest.approx(100 * right["remnant_ml"] / sum(volumes.values()))
-    assert right["lesion_parts_in_remnant"] == 1  # the one across IV and V
-    assert resections["extended right hepatectomy (right trisectionectomy)"]["lesion_parts_in_remnant"] == 0
-    assert resections["left lateral sectionectomy"]["lesion_parts_in_remnant"] == 2
+    assert right["lesion_parts_bordering_remnant"] == 1  # the one across IV and V
+    assert resections["extended right hepatectomy (right trisectionectomy)"]["lesion_parts_bordering_remnant"] == 0
+    assert resections["left lateral sectionectomy"]["lesion_parts_bordering_remnant"] == 2
     assert measure(Volume(np.where(array == 8, 0, array), (1.0, 1.0, 1.0)), labels)["liver_resections"] == []
 
 

@@ -715,7 +715,7 @@ def test_liver_segments_then_lesions_give_the_resections_and_the_segments_of_eac
     (lesion,) = measured["lesions"]
     first, second = lesion["parts"]
     assert set(first["bordering"]) == {"liver_segment_7"} and set(second["bordering"]) == {"liver_segment_2", "liver_segment_3"}
-    resections = {r["name"]: r["lesion_parts_in_remnant"] for r in measured["liver_resections"]}
+    resections = {r["name"]: r["lesion_parts_bordering_remnant"] for r in measured["liver_resections"]}
     assert resections["right hepatectomy"] == 1 and resections["left lateral sectionectomy"] == 1
     assert resections["right posterior sectionectomy"] == 1 and resections["left hepatectomy"] == 1
 

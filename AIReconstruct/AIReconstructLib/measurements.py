@@ -146,6 +146,7 @@ class _Lesion(NamedTuple):
 
 
 def _lesion(labelmap: Volume, box, value: int) -> _Lesion:
+    """The lesion label ``value`` whose bounding box is ``box``, ready to measure."""
     grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
     crop = labelmap.array[grown]
     inside = crop == value
@@ -195,7 +196,7 @@ def liver_resections(segments: list[dict], lesions: list[dict]) -> list[dict]:
         remnant = sum(volumes[segment] for segment in kept)
         resections.append({"name": name, "removed_segments": list(removed), "remnant_ml": remnant,
                            "remnant_percent": 100.0 * remnant / liver,
-                           "lesion_parts_in_remnant": sum(1 for part in parts if kept & part["bordering"].keys())})
+                           "lesion_parts_bordering_remnant": sum(1 for part in parts if kept & part["bordering"].keys())})
     return resections
 
 

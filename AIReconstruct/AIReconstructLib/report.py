@@ -221,7 +221,7 @@ def _sections(image, labelmap, labels, measured, metrics, surfaces, context) -> 
             ["Resection", "Segments removed", "Remnant (mL)", "Remnant (% of the liver without lesions)",
              "Lesion parts bordering the remnant"],
             [[html.escape(r["name"]), ", ".join(ROMAN[n] for n in r["removed_segments"]), f"{r['remnant_ml']:.1f}",
-              f"{r['remnant_percent']:.0f}", str(r["lesion_parts_in_remnant"])] for r in measured["liver_resections"]]),
+              f"{r['remnant_percent']:.0f}", str(r["lesion_parts_bordering_remnant"])] for r in measured["liver_resections"]]),
             "<p>Anatomical resections by the segments the model found, not a plan: the remnant is the kept "
             "segments' volume, without vascular or functional assessment.</p>"]
     if metrics is not None:
