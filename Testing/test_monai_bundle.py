@@ -30,7 +30,8 @@ NETWORK = {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channel
 # chosen by flags, z-scored over the non-zero voxels then scaled to [-1, 1], small images padded
 # with their border voxels, the argmax taken before the spacing is inverted
 WHOLE_BODY_STYLE = {
-    "options": {"displayable_configs": {"highres": True, "sw_overlap": 0.25}},
+    "options": {"displayable_configs": {"highres": True, "sw_overlap": 0.25},
+                "modelname": "$'model.pt' if @displayable_configs#highres else 'model_lowres.pt'"},
     "pixdim": "$[2.0, 2.0, 2.5] if @displayable_configs#highres else [4.0, 4.0, 5.0]",
     "intensity": [{"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True},
                   {"_target_": "ScaleIntensityd", "keys": "image", "minv": -1.0, "maxv": 1.0}],
@@ -209,8 +210,13 @@ def test_first_voxel_grid_is_monais_spacing_and_its_inverse():
 def test_a_choice_by_a_flag_is_read_without_running_code(tmp_path):
     """The whole-body bundle's settings: the spacing its resolution flag picks (read as data, never
     evaluated), the overlap it refers to, and its intensities z-scored then scaled to [-1, 1]."""
-    low_resolution = {**WHOLE_BODY_STYLE, "options": {"displayable_configs": {"highres": False, "sw_overlap": 0.4}}}
-    card = import_bundle(make_bundle(tmp_path / "bundle", style=low_resolution), tmp_path / "card")
+    low_resolution = {**WHOLE_BODY_STYLE, "options": {**WHOLE_BODY_STYLE["options"],
+                                                      "displayable_configs": {"highres": False, "sw_overlap": 0.4}}}
+    bundle = make_bundle(tmp_path / "bundle", style=low_resolution)
+    with pytest.raises(ModelCardError, match="neither models/model_lowres.pt nor models/model.ts"):
+        import_bundle(bundle, tmp_path / "card")  # its weights for that resolution are not there
+    (bundle / "models" / "model.pt").rename(bundle / "models" / "model_lowres.pt")
+    card = import_bundle(bundle, tmp_path / "card")
     assert card["spacing"] == [4.0, 4.0, 5.0] and card["inference"]["overlap"] == 0.4
     assert card["channels"][0]["normalisation"] == {"scheme": "zscore_nonzero", "rescale": [-1.0, 1.0]}
     assert card["inference"]["normalise"] == "after_resampling" and card["inference"]["resample_back"] == "labels"

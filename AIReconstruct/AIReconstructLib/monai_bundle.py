@@ -5,8 +5,8 @@ The configs are read as data and never executed: ``@name`` references to plain v
 followed (``@name#key`` into nested ones); of ``$`` expressions, only a choice between two literal
 values by a flag of the config (``$[1.5, 1.5, 1.5] if @options#highres else [3.0, 3.0, 3.0]``) is
 read, without evaluating code; any other is refused where the card needs a value. Weights come from
-``models/model.pt`` (loaded with ``weights_only=True`` and rewritten as safetensors) or, without
-it, ``models/model.ts`` (TorchScript). Supported preprocessing: loading, channel-first,
+``models/model.pt`` (or the file the config's ``modelname`` names; loaded with ``weights_only=True``
+and rewritten as safetensors) or, without it, ``models/model.ts`` (TorchScript). Supported preprocessing: loading, channel-first,
 ``Orientationd``, ``Spacingd``, ``ScaleIntensityRanged`` (with clipping), ``NormalizeIntensityd``,
 ``ScaleIntensityd`` after them, and type conversions; outputs must be softmax/argmax label maps. The
 inferer's window placement, blending (``mode``, ``sigma_scale``) and padding go into the card, so
@@ -228,6 +228,15 @@ def _state_dict(path: Path) -> dict:
     return state
 
 
+def _weights_file(config: dict) -> str:
+    """The weights file in ``models/``: the one the config's ``modelname`` names where it has one
+    (the whole-body bundle's choice by resolution), else ``model.pt``."""
+    name = _value(config, config.get("modelname", "model.pt"), "modelname")
+    if not isinstance(name, str) or Path(name).name != name:
+        raise ModelCardError(f"The bundle's modelname {name!r} is not a file name in its models folder")
+    return name
+
+
 def download_bundle(folder: str | Path, url: str | None = None, progress: Callable[[float, str], None] | None = None,
                     cancel: Callable[[], bool] | None = None) -> Path:
     """Download the bundle of MONAI's model zoo that ``folder`` is named after into ``folder``, unless it
@@ -307,11 +316,11 @@ def import_bundle(bundle: str | Path, output: str | Path, name: str | None = Non
                       "resample_back": _resampled_back(config)},
         "labels": labels,
     }
-    checkpoint, torchscript = bundle / "models" / "model.pt", bundle / "models" / "model.ts"
+    checkpoint, torchscript = bundle / "models" / _weights_file(config), bundle / "models" / "model.ts"
     if not checkpoint.is_file():
         if torchscript.is_file():
             return import_exported(torchscript, card, "TorchScript")
-        raise ModelCardError(f"The bundle has neither models/model.pt nor models/model.ts in {bundle}")
+        raise ModelCardError(f"The bundle has neither models/{checkpoint.name} nor models/model.ts in {bundle}")
     card["architecture"] = _network(config, channels, len(labels) + 1)
     card["weights"] = [{"file": str(output / "model.safetensors"), "sha256": "0" * 64}]
     validate_card(card, f"Card for the bundle {bundle.name}")
