@@ -386,7 +386,7 @@ def restore_scalar(values: torch.Tensor, prepared: Prepared) -> np.ndarray:
 def restore_labels(scores: torch.Tensor, prepared: Prepared, nearest: bool = False) -> np.ndarray:
     """The argmax label map on the input's grid, in the input array order: the scores resampled and
     then their argmax, or with ``nearest`` the argmax on the model's grid taken to each input voxel
-    from the nearest grid point (ties to the even index, as PyTorch's nearest sampling)."""
+    from the nearest grid point (as MONAI's ``Invertd`` with nearest interpolation)."""
     if not nearest:
         labels = resample_argmax(scores, prepared.canonical_shape, steps=prepared.steps_back)
     else:
