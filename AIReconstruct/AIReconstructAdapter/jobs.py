@@ -1,6 +1,6 @@
 """The panel's background jobs, each an engine run on files in a temporary folder: segment volume
 nodes and import the result, write the report of a segmentation node, fine-tune a model on saved
-corrections, download a TotalSegmentator model. The scene (or the installed models) changes only
+corrections, download a model (TotalSegmentator's, a MONAI bundle). The scene (or the installed models) changes only
 when a job succeeds."""
 
 from __future__ import annotations

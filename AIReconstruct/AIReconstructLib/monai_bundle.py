@@ -78,8 +78,8 @@ def _value(config: dict, value, where: str):
     """A config value with ``@name`` references to other entries followed and a choice between
     literals read (:func:`_choice`); other expressions are refused."""
     for _ in range(10):
-        if isinstance(value, str) and REFERENCE.fullmatch(value) and _lookup(config, value[1:]) is not MISSING:
-            value = _lookup(config, value[1:])
+        if isinstance(value, str) and REFERENCE.fullmatch(value) and (found := _lookup(config, value[1:])) is not MISSING:
+            value = found
         elif isinstance(value, str) and value.startswith("$") and (chosen := _choice(config, value)) is not None:
             value = chosen
         else:
@@ -92,6 +92,15 @@ def _value(config: dict, value, where: str):
     if isinstance(value, list):
         return [_value(config, item, where) for item in value]
     return value
+
+
+def _component(config: dict, key: str):
+    """The config entry ``key``, followed where it is a reference to another entry; its own fields
+    are left as they are (they often hold expressions the card does not need)."""
+    component = config.get(key)
+    if isinstance(component, str) and REFERENCE.fullmatch(component):
+        component = _lookup(config, component[1:])
+    return component
 
 
 def _target(component: dict) -> str:
@@ -146,9 +155,7 @@ def _resampled_back(config: dict) -> str:
     before ``Invertd``, probabilities when a softmax does, else the network's logits (only the
     transforms' names and plain flags are read: postprocessing often holds expressions, such as
     output folders)."""
-    postprocessing = config.get("postprocessing")
-    if isinstance(postprocessing, str) and postprocessing.startswith("@"):
-        postprocessing = config.get(postprocessing[1:])
+    postprocessing = _component(config, "postprocessing")
     transforms = postprocessing.get("transforms", []) if isinstance(postprocessing, dict) else []
     found = "logits"
     for transform in transforms:
@@ -164,9 +171,7 @@ def _resampled_back(config: dict) -> str:
 
 def _inferer(config: dict) -> dict:
     """The inferer's settings the card needs (its device and other expressions are not read)."""
-    inferer = config.get("inferer", {})
-    if isinstance(inferer, str) and REFERENCE.fullmatch(inferer):
-        inferer = _lookup(config, inferer[1:])
+    inferer = _component(config, "inferer")
     if not isinstance(inferer, dict) or "roi_size" not in inferer:
         raise ModelCardError("The bundle's inferer gives no roi_size (a SlidingWindowInferer is needed)")
     return {key: _value(config, inferer[key], f"inferer.{key}")

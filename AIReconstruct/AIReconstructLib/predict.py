@@ -207,11 +207,14 @@ class Predictor:
                                  "convert this network (pip install openvino)")
         return self.network.to(window_device)
 
+    def pad(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
+        """``image`` padded to at least one window as the card's sliding window pads; the slices that undo it."""
+        return pad_to_patch(image, self.patch_zyx, self.sliding_window.get("padding", "constant"))
+
     def _run(self, image, mirror_axes, progress, cancel, batch_size, window_device, output_device, members):
         network = self._window_network(window_device, image.shape[0])
         mirrors = mirror_sets(mirror_axes)
-        padded, unpad = pad_to_patch(image.to(output_device, torch.float32), self.patch_zyx,
-                                     self.sliding_window.get("padding", "constant"))
+        padded, unpad = self.pad(image.to(output_device, torch.float32))
         windows = window_positions(padded.shape[1:], self.patch_zyx, self.overlap, self.sliding_window.get("style", "nnunet"))
         weights = importance(self.patch_zyx, self.sliding_window).to(output_device)
         total, done = len(windows) * len(mirrors), 0

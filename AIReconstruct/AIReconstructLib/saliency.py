@@ -18,7 +18,7 @@ from .errors import InputError
 from .modelcard import ModelCard
 from .networks import EXPORTED, load_network
 from .pipeline import check_inputs
-from .predict import Predictor, pad_to_patch
+from .predict import Predictor
 from .preprocess import in_array_order, prepare_for_card, restore_scalar
 from .volume import Volume
 
@@ -38,12 +38,13 @@ def saliency(channels: list[Volume], card: ModelCard, segment_name: str, device:
     prepared = prepare_for_card(channels, card)
     patch = in_array_order(card.patch_size, card.orientation)
     with torch.inference_mode():
-        logits = Predictor(network, patch, card.inference["overlap"], device,
-                           sliding_window=card.inference.get("sliding_window"))(prepared.tensor)
+        predictor = Predictor(network, patch, card.inference["overlap"], device,
+                              sliding_window=card.inference.get("sliding_window"))
+        logits = predictor(prepared.tensor)
     chosen = logits.argmax(dim=0) == values[segment_name]
     if not chosen.any():
         raise InputError(f"The model finds no '{segment_name}' in this image, so there is nothing to explain")
-    padded, unpad = pad_to_patch(prepared.tensor, patch, (card.inference.get("sliding_window") or {}).get("padding", "constant"))
+    padded, unpad = predictor.pad(prepared.tensor)
     centre = torch.nonzero(chosen).float().mean(dim=0).round().long().tolist()
     offsets = [u.start or 0 for u in unpad]  # the image's position inside the padded array
     starts = [min(max(c + o - p // 2, 0), n - p) for c, o, p, n in zip(centre, offsets, patch, padded.shape[1:])]
