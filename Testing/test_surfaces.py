@@ -71,6 +71,19 @@ def test_neighbours_share_their_boundary():
     assert ball_points <= shell_points  # the ball's surface is exactly the shell's inner surface
 
 
+@pytest.mark.parametrize("mirror", [1.0, -1.0])
+def test_every_surface_faces_outwards_on_a_grid_mirrored_or_not(mirror):
+    volume, _ = _two_spheres()
+    volume = Volume(volume.array, volume.spacing, volume.origin, volume.direction @ np.diag([1.0, 1.0, mirror]))
+    for surface in extract_surfaces(volume, LABELS):
+        points = _points(surface.polydata).astype(float)
+        triangles = numpy_support.vtk_to_numpy(surface.polydata.GetPolys().GetConnectivityArray()).reshape(-1, 3)
+        a, b, c = (points[triangles[:, n]] - points.mean(axis=0) for n in range(3))
+        enclosed_mm3 = np.einsum("ij,ij->i", a, np.cross(b, c)).sum() / 6.0
+        expected_mm3 = np.count_nonzero(volume.array == surface.label.value) * volume.voxel_volume_ml * 1000.0
+        assert enclosed_mm3 == pytest.approx(expected_mm3, rel=0.01), surface.label.name
+
+
 def test_ras_coordinates_flip_x_and_y():
     volume, _ = _two_spheres()
     lps = extract_surfaces(volume, LABELS[:1], coordinates="LPS")[0].polydata

@@ -78,14 +78,16 @@ def manifold(points: np.ndarray, unsmoothed: np.ndarray, triangles: np.ndarray) 
     than two triangles and no vertex joins sheets that only touch there: the sheets are first
     separated as the solid's inside suggests (on the ``unsmoothed`` points, where triangles around
     an edge never fold), and at an edge where that leaves the sheets joined (the solid wraps around
-    the edge's ends) the other way. Unchanged where the surface is already manifold, or not closed
-    and consistently oriented."""
+    the edge's ends) the other way. Returns only the points its triangles use, and the triangles
+    indexing them; nothing is split where the surface
+    is already manifold, or not closed and consistently oriented."""
     flipped: set = set()
     _, _, key = _edge_keys(points, triangles)
     for _ in range(3):
         twins = _twins(unsmoothed, triangles, flipped)
         if twins is None:
-            return points, triangles
+            used, inverse = np.unique(triangles, return_inverse=True)
+            return points[used], inverse.reshape(-1, 3)
         twin, shared_edges = twins
         sheet = _sheets(twin)  # a sheet's corners are all of one vertex: each sheet is a copy of it
         if not len(shared_edges):
@@ -98,9 +100,6 @@ def manifold(points: np.ndarray, unsmoothed: np.ndarray, triangles: np.ndarray) 
         if not still.any():
             break
         flipped |= set(key[shared_edges[still]].tolist())
-    copies = int(sheet.max()) + 1
-    if copies == np.count_nonzero(np.bincount(triangles.ravel())):  # one copy of each vertex
-        return points, triangles
-    vertex = np.empty(copies, np.int64)
+    vertex = np.empty(int(sheet.max()) + 1, np.int64)
     vertex[sheet] = triangles.ravel()
     return points[vertex], sheet.reshape(-1, 3)

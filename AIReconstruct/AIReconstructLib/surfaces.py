@@ -89,13 +89,13 @@ def _image_data(array: np.ndarray) -> vtkImageData:
 
 
 def _polydata(points: np.ndarray, triangles: np.ndarray) -> vtkPolyData:
-    used, inverse = np.unique(triangles, return_inverse=True)
+    """A triangle mesh of ``points`` (all of them, used or not) and ``triangles`` indexing them."""
     poly = vtkPolyData()
     vtk_points = vtkPoints()
-    vtk_points.SetData(numpy_support.numpy_to_vtk(np.ascontiguousarray(points[used]), deep=True))
+    vtk_points.SetData(numpy_support.numpy_to_vtk(np.ascontiguousarray(points), deep=True))
     poly.SetPoints(vtk_points)
     cells = vtkCellArray()
-    cells.SetData(3, numpy_support.numpy_to_vtkIdTypeArray(inverse.reshape(-1).astype(np.int64), deep=True))
+    cells.SetData(3, numpy_support.numpy_to_vtkIdTypeArray(triangles.reshape(-1).astype(np.int64), deep=True))
     poly.SetPolys(cells)
     return poly
 
@@ -103,13 +103,6 @@ def _polydata(points: np.ndarray, triangles: np.ndarray) -> vtkPolyData:
 def _arrays(poly: vtkPolyData) -> tuple[np.ndarray, np.ndarray]:
     points = numpy_support.vtk_to_numpy(poly.GetPoints().GetData()).astype(np.float64)
     return points, numpy_support.vtk_to_numpy(poly.GetPolys().GetConnectivityArray()).reshape(-1, 3)
-
-
-def _outward(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
-    """Flip every triangle if the mesh's signed volume is negative (normals point inwards)."""
-    a, b, c = (points[triangles[:, n]] for n in range(3))
-    signed_volume = np.einsum("ij,ij->i", a, np.cross(b, c)).sum() / 6.0
-    return triangles if signed_volume >= 0 else triangles[:, ::-1]
 
 
 def _with_normals(poly: vtkPolyData) -> vtkPolyData:
@@ -185,8 +178,8 @@ def _simplified_meshoptimizer(points32: np.ndarray, triangles: np.ndarray, keep:
 def _simplified_vtk(points: np.ndarray, triangles: np.ndarray, keep: int) -> np.ndarray:
     """vtkDecimatePro with border vertices kept, for hosts without meshoptimizer (it needs a C++
     compiler to install); the kept points carry their index in ``points`` through the filter."""
-    used = np.unique(triangles)
-    poly = _polydata(points, triangles)
+    used, inverse = np.unique(triangles, return_inverse=True)
+    poly = _polydata(points[used], inverse.reshape(-1, 3))
     poly.GetPointData().AddArray(numpy_support.numpy_to_vtkIdTypeArray(used.astype(np.int64), deep=True))
     poly.GetPointData().GetArray(0).SetName("index")
     pro = vtkDecimatePro()
@@ -247,16 +240,29 @@ def extract_surfaces(labelmap: Volume, labels: list[Label], smoothing: float = 0
     return surfaces_of(mesh, [by_value[v] for v in sorted(by_value) if v in counts], coordinates)
 
 
+def _signed_volumes(mesh: SharedMesh) -> np.ndarray:
+    """The volume each label's surface encloses as the shared mesh winds it (indexed by label value):
+    negative where its triangles face inwards (the patient coordinates mirror the voxel grid)."""
+    centred = mesh.points - mesh.points.mean(axis=0)  # small numbers: no cancellation far from the origin
+    a, b, c = (centred[mesh.triangles[:, n]] for n in range(3))
+    volume = np.einsum("ij,ij->i", a, np.cross(b, c)) / 6.0  # of the tetrahedron (origin, a, b, c)
+    size = int(mesh.pairs.max()) + 1
+    return np.bincount(mesh.pairs[:, 0], volume, size) - np.bincount(mesh.pairs[:, 1], volume, size)
+
+
 def surfaces_of(mesh: SharedMesh, labels: list[Label], coordinates: str) -> list[Surface]:
     """Cut each label's closed, outward-facing, manifold surface (with normals) out of a shared mesh."""
     owner = np.concatenate([mesh.pairs[:, 0], mesh.pairs[:, 1]])
     faces = np.concatenate([mesh.triangles, mesh.triangles[:, ::-1]])
     order = np.argsort(owner, kind="stable")
     bounds = np.searchsorted(owner[order], [[label.value, label.value + 1] for label in labels])
+    inwards = _signed_volumes(mesh) < 0
 
     def one_label(item):
         label, (begin, end) = item
-        triangles = _outward(mesh.points, faces[order[begin:end]])
+        triangles = faces[order[begin:end]]
+        if inwards[label.value]:
+            triangles = triangles[:, ::-1]
         return Surface(label, _with_normals(_polydata(*manifold(mesh.points, mesh.unsmoothed, triangles))), coordinates)
 
     with ThreadPoolExecutor(_threads()) as pool:
