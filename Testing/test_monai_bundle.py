@@ -3,9 +3,11 @@ bundle's own ``ConfigWorkflow`` inference on the same image."""
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -256,6 +258,50 @@ def test_a_model_zoo_bundle_is_downloaded_then_imported(tmp_path, capsys):
     assert main(["import-model", "monai-bundle", str(tmp_path / "x" / "spleen"), "--download", "--url",
                  archive.as_uri()]) != 0  # the zip holds another bundle
     assert "The download of spleen holds no bundle folder spleen/configs" in capsys.readouterr().err
+
+
+def test_a_bundle_download_reports_what_has_arrived_and_stops_midway_when_cancelled(tmp_path):
+    """Served slowly (half the zip, then a pause): progress counts the MB that have arrived, and a
+    cancel stops the download during the pause, before the rest is sent, with nothing kept."""
+    bundle = make_bundle(tmp_path / "zoo" / "wholeBody_ct_segmentation")
+    (bundle / "models" / "padding.bin").write_bytes(np.random.default_rng(0).bytes(2_000_000))  # incompressible
+    payload = _zipped(bundle).read_bytes()
+    rest_sent, release = threading.Event(), threading.Event()
+
+    class SlowZip(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            half = len(payload) // 2
+            self.wfile.write(payload[:half])
+            self.wfile.flush()
+            if release.wait(timeout=60):
+                try:
+                    self.wfile.write(payload[half:])
+                    rest_sent.set()
+                except OSError:  # the client has gone
+                    pass
+
+        def log_message(self, *arguments):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowZip)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    messages = []
+    folder = tmp_path / "bundles" / "wholeBody_ct_segmentation"
+    try:
+        with pytest.raises(Cancelled, match="nothing was kept"):
+            download_bundle(folder, f"http://127.0.0.1:{server.server_port}/bundle.zip",
+                            progress=lambda fraction, message: messages.append(message),
+                            cancel=lambda: any("MB so far" in message for message in messages))
+        assert not rest_sent.is_set()  # stopped midway, not after the download had ended
+    finally:
+        release.set()
+        server.shutdown()
+    arrived = float(next(m for m in messages if "MB so far" in m).split(": ")[1].split(" MB")[0])
+    assert 0.1 <= arrived <= round(len(payload) / 2e6, 1)  # at most the half sent (as the message rounds it)
+    assert list(folder.parent.iterdir()) == []
 
 
 def test_the_slicer_panel_downloads_the_whole_body_bundle(tmp_path):

@@ -16,10 +16,12 @@ windows are placed, padded and blended as MONAI's ``SlidingWindowInferer`` does.
 from __future__ import annotations
 
 import ast
-import logging
+import os
 import re
+import subprocess
+import sys
 import tempfile
-import warnings
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -242,40 +244,67 @@ def _weights_file(config: dict) -> str:
     return name
 
 
+# MONAI's own download (Hugging Face, NGC, the bundle's release info, or a URL), run in a child
+# process so that a cancel stops it midway; its temporary files go into the staging folder, which
+# shows how far it got and is removed with whatever a stopped download left.
+_DOWNLOAD_IN_CHILD = """
+import logging, sys, warnings
+for name in ("monai.bundle.scripts", "monai.apps"):  # not MONAI's summary of its own arguments
+    logging.getLogger(name).setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message="No hash value provided")  # the card records hashes
+from monai.bundle import download
+try:
+    download(name=sys.argv[1], bundle_dir=sys.argv[2], url=sys.argv[3] or None, progress=False)
+except Exception as error:  # HTTP, network, archive and version-lookup errors alike
+    sys.exit((str(error) or type(error).__name__).splitlines()[0])
+"""
+
+
+def _megabytes(folder: Path) -> float:
+    """What the files under ``folder`` hold, in MB."""
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) / 1e6
+
+
 def download_bundle(folder: str | Path, url: str | None = None, progress: Callable[[float, str], None] | None = None,
                     cancel: Callable[[], bool] | None = None) -> Path:
     """Download the bundle of MONAI's model zoo that ``folder`` is named after into ``folder``, unless it
     is there, with MONAI's own download (its latest version from MONAI's hosting; ``url``: a zip of
     the bundle elsewhere). It is unpacked into a hidden staging folder beside ``folder`` and moved
-    into place only when complete; ``progress(fraction, message)`` says when it starts and ends, and
-    ``cancel()`` is asked when the download has ended (MONAI's
-    download cannot be stopped midway) and raises :class:`Cancelled` with nothing kept."""
-    from monai.bundle import download
-
+    into place only when complete; ``progress(fraction, message)`` says how many MB have arrived
+    (the total is not known beforehand), and ``cancel()`` returning True stops the download at once
+    (raising :class:`Cancelled`) with nothing kept."""
     folder = Path(folder)
     if (folder / "configs").is_dir():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     report = progress or (lambda fraction, message: None)
     report(0.0, f"downloading the MONAI bundle {folder.name} from {url or 'MONAI model zoo'}")
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=folder.parent) as staging:
-        quiet = [logging.getLogger(name) for name in ("monai.bundle.scripts", "monai.apps")]
-        levels = [logger.level for logger in quiet]
-        for logger in quiet:  # not MONAI's summary of its own arguments, nor where it unpacks what
-            logger.setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=folder.parent) as staging, \
+            tempfile.TemporaryFile("w+") as errors:
+        staging = Path(staging)
+        (staging / "tmp").mkdir()
+        environment = {**os.environ, "TMPDIR": str(staging / "tmp"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        child = subprocess.Popen([sys.executable, "-c", _DOWNLOAD_IN_CHILD, folder.name, str(staging / "bundle"),
+                                  url or ""], env=environment, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=errors)
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="No hash value provided")  # the card records hashes
-                download(name=folder.name, bundle_dir=staging, url=url, progress=False)
-        except Exception as error:  # HTTP, network, archive and version-lookup errors alike
-            raise AIReconstructError(f"Cannot download the MONAI bundle {folder.name}: "
-                                     f"{(str(error) or type(error).__name__).splitlines()[0]}") from None
+            arrived = 0.0
+            while child.poll() is None:
+                if cancel is not None and cancel():
+                    raise Cancelled("Download cancelled by the user; nothing was kept")
+                if (megabytes := _megabytes(staging)) >= arrived + 0.1:
+                    arrived = megabytes
+                    report(0.0, f"downloading the MONAI bundle {folder.name}: {arrived:.1f} MB so far")
+                time.sleep(0.2)
         finally:
-            for logger, level in zip(quiet, levels):
-                logger.setLevel(level)
-        if cancel is not None and cancel():
-            raise Cancelled("Download cancelled by the user; nothing was kept")
-        unpacked = Path(staging) / folder.name
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        if child.returncode:
+            errors.seek(0)
+            reason = (errors.read().strip().splitlines() or [f"exit status {child.returncode}"])[-1]
+            raise AIReconstructError(f"Cannot download the MONAI bundle {folder.name}: {reason}")
+        unpacked = staging / "bundle" / folder.name
         if not (unpacked / "configs").is_dir():
             raise AIReconstructError(f"The download of {folder.name} holds no bundle folder {folder.name}/configs")
         unpacked.rename(folder)
