@@ -143,6 +143,17 @@ def test_liver_resections_by_couinaud_segments():
     assert resections["left lateral sectionectomy"]["lesion_parts_bordering_remnant"] == 2
     assert measure(Volume(np.where(array == 8, 0, array), (1.0, 1.0, 1.0)), labels)["liver_resections"] == []
 
+    # the lesions lie in the liver, all eight segments together: the one across IV and V too (half in
+    # each), and the capsule is the liver's outer surface, not the border of the segment around a lesion
+    (lesion,) = result["lesions"]
+    assert lesion["organ"] == "liver" and lesion["organ_volume_ml"] == pytest.approx(sum(volumes.values()))
+    in_seven = next(part for part in lesion["parts"] if part["bordering"] == {"liver_segment_7": 100.0})
+    assert in_seven["capsule_distance_mm"] == pytest.approx(79.5 - 65 - 4, abs=1.0)  # to the liver's end, x = 79.5
+    assert lesion["capsule_distance_mm"] == pytest.approx(79.5 - 65 - 4, abs=1.0)
+    assert not any(name.startswith("liver_segment") for name in lesion["distances_mm"])
+    assert lesion["remnant_ml"] == pytest.approx(sum(volumes.values()) + np.count_nonzero(array == 9) / 1000
+                                                 - lesion["resection_ml"])
+
 
 def test_a_lesion_outside_any_organ_has_distances_but_no_remnant():
     array = np.zeros((30, 40, 40), np.uint8)

@@ -5,7 +5,8 @@ closed surface), centroid (mean voxel centre) in patient coordinates. Per lesion
 terminology category is SNOMED CT 49755003, "Morphologically Altered Structure"): the smallest
 distance from its surface to every other segment's surface; the segments around it, with the share
 of the voxels around it that each holds (the Couinaud segments a liver lesion lies in); the organ
-it lies in (the segment holding at least half of them); the distance to that organ's capsule (the
+it lies in (the segment holding at least half of them, or the liver where its Couinaud segments
+together do); the distance to that organ's capsule (the
 outer surface of organ and lesion together); and a remnant estimate: the organ's volume with the
 lesion, the volume removed with a safety margin around the lesion, and what remains. A lesion label
 of several separate parts (metastases, lung nodules) also gets each part's volume, largest
@@ -87,7 +88,22 @@ def _shares(bordering: np.ndarray, names: dict[int, str]) -> dict[str, float]:
             for n in np.argsort(-counts, kind="stable") if 100 * int(counts[n]) >= bordering.size}
 
 
-def _resection_ml(labelmap: Volume, box, value: int, organ: int, margin_mm: float) -> float:
+def _organ(bordering: np.ndarray, organs: dict[int, str]) -> tuple[str | None, list[int]]:
+    """The organ a lesion lies in and its labels: the segment holding at least half of the voxels
+    around the lesion (``bordering``: their labels), or the liver, all of its Couinaud segments
+    together, where they do (no capsule divides them: a lesion in segment VII lies in the liver, and
+    its capsule is the liver's); none otherwise."""
+    liver = [value for value, name in organs.items() if name in LIVER_SEGMENTS.values()]
+    liver = liver if len(liver) > 1 else []
+    groups = ([("liver", liver)] if liver else []) + [(name, [value]) for value, name in organs.items()
+                                                     if value not in liver]
+    for name, values in groups:
+        if bordering.size and 2 * np.count_nonzero(np.isin(bordering, values)) >= bordering.size:
+            return name, values
+    return None, []
+
+
+def _resection_ml(labelmap: Volume, box, value: int, organ: list[int], margin_mm: float) -> float:
     """Volume of the organ and lesion voxels within ``margin_mm`` of the lesion's surface: voxel
     centres within margin + half the mean voxel size of a lesion voxel centre (the surface lies about
     half a voxel beyond the lesion's outer voxel centres; this errs toward removing more)."""
@@ -97,7 +113,7 @@ def _resection_ml(labelmap: Volume, box, value: int, organ: int, margin_mm: floa
     grown = tuple(slice(max(s.start - r, 0), s.stop + r) for s, r in zip(box, reach))
     crop = labelmap.array[grown]
     distance = ndimage.distance_transform_edt(crop != value, sampling=spacing_kji)
-    removed = (distance <= reach_mm) & ((crop == value) | (crop == organ))
+    removed = (distance <= reach_mm) & ((crop == value) | np.isin(crop, organ))
     return float(np.count_nonzero(removed)) * labelmap.voxel_volume_ml
 
 
@@ -227,28 +243,27 @@ def measure(labelmap: Volume, labels: list[Label], margin_mm: float = 10.0, smoo
     lesion_values = {label.value for label in present if is_lesion(label)}
     names = {label.value: label.name for label in present}
     organs = {value: name for value, name in names.items() if value not in lesion_values}
-    values = {name: value for value, name in organs.items()}
     trees = {value: cKDTree(_vertices(mesh, faces[value])) for value in faces} if lesion_values else {}
     lesions = []
     for value in sorted(lesion_values):
         box = boxes[value - 1]
         lesion_points = trees[value].data
         lesion = _lesion(labelmap, box, value)
-        bordering = _shares(lesion.bordering, organs)
-        organ = next((values[name] for name, percent in bordering.items() if percent >= 50.0), None)
+        organ_name, organ = _organ(lesion.bordering, organs)
         distances = {names[other]: float(trees[other].query(lesion_points)[0].min())
-                     for other in trees if other not in (value, organ)}
-        entry = {"name": names[value], "organ": names.get(organ), "distances_mm": distances}
+                     for other in trees if other != value and other not in organ}
+        entry = {"name": names[value], "organ": organ_name, "distances_mm": distances}
         capsule = None
-        if organ is not None:
-            outer = np.isin(mesh.pairs, [organ, value]).sum(axis=1) == 1  # one side in, the other out
+        if organ:
+            outer = np.isin(mesh.pairs, [*organ, value]).sum(axis=1) == 1  # one side in, the other out
             capsule = cKDTree(_vertices(mesh, np.flatnonzero(outer)))
             entry["capsule_distance_mm"] = float(capsule.query(lesion_points)[0].min())
-            with_lesion = volumes[organ] + volumes[value]
+            organ_ml = sum(volumes[member] for member in organ)
+            with_lesion = organ_ml + volumes[value]
             resection = _resection_ml(labelmap, box, value, organ, margin_mm)
-            entry.update(organ_volume_ml=volumes[organ], organ_with_lesion_ml=with_lesion, resection_ml=resection,
+            entry.update(organ_volume_ml=organ_ml, organ_with_lesion_ml=with_lesion, resection_ml=resection,
                          remnant_ml=with_lesion - resection, remnant_percent=100.0 * (with_lesion - resection) / with_lesion)
-        entry["bordering"] = bordering
+        entry["bordering"] = _shares(lesion.bordering, organs)
         entry["part_count"], parts = lesion.count, _parts(labelmap, lesion, organs, lesion_points, matrix, capsule)
         if parts:
             entry["parts"] = parts
