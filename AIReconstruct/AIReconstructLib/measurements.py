@@ -23,6 +23,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, cKDTree
 
 from .modelcard import Label
+from .postprocess import largest_parts
 from .surfaces import SharedMesh, mesh_measurements, shared_mesh, surfaces_of
 from .volume import Volume
 
@@ -122,17 +123,6 @@ def _to_patient(kji: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return kji[..., ::-1] @ matrix[:3, :3].T + matrix[:3, 3]
 
 
-def _ranked_parts(inside: np.ndarray, starts) -> tuple[np.ndarray, int, list[tuple[int, int, np.ndarray]]]:
-    """A mask's 26-connected parts (numbered from 1), how many there are, and the largest
-    :data:`MAX_LESION_PARTS` of them, largest first: (number, voxels, mean index ``(k, j, i)``
-    offset by ``starts``, the mask's place in the whole array)."""
-    components, count = ndimage.label(inside, structure=np.ones((3, 3, 3)))
-    sizes = np.bincount(components.ravel())[1:]
-    largest = np.argsort(-sizes, kind="stable")[:MAX_LESION_PARTS] + 1
-    centres = np.reshape(ndimage.center_of_mass(inside, components, largest), (-1, 3)) + starts
-    return components, count, [(int(n), int(sizes[n - 1]), centre) for n, centre in zip(largest, centres)]
-
-
 def lesion_parts(labelmap: Volume, labels: list[Label], coordinates: str = "LPS") -> dict[str, dict]:
     """Each lesion label present: how many separate parts it has (several metastases, nodules), and
     the largest :data:`MAX_LESION_PARTS` of them, largest first: volume (mL) and centre (patient mm)."""
@@ -143,10 +133,12 @@ def lesion_parts(labelmap: Volume, labels: list[Label], coordinates: str = "LPS"
         if not (is_lesion(label) and label.value <= len(boxes) and boxes[label.value - 1] is not None):
             continue
         box = boxes[label.value - 1]
-        _, count, ranked = _ranked_parts(labelmap.array[box] == label.value, [s.start for s in box])
+        _, count, ranked = largest_parts(labelmap.array[box] == label.value, MAX_LESION_PARTS, fully_connected=True)
+        starts = [s.start for s in box]
         found[label.name] = {"count": count, "largest": [
             {"volume_ml": round(voxels * labelmap.voxel_volume_ml, 3),
-             "centre_mm": [round(float(c), 1) for c in _to_patient(centre, matrix)]} for _, voxels, centre in ranked]}
+             "centre_mm": [round(float(c), 1) for c in _to_patient(centre + starts, matrix)]}
+            for _, voxels, centre in ranked]}
     return found
 
 
@@ -156,7 +148,7 @@ class _Lesion(NamedTuple):
     starts: np.ndarray  # the grown box's first index (k, j, i)
     components: np.ndarray  # its 26-connected parts, numbered from 1
     count: int
-    ranked: list  # the largest parts, largest first (see _ranked_parts)
+    ranked: list  # the largest parts, largest first, their centres in the whole array (see largest_parts)
     bordering: np.ndarray  # the labels of the voxels around it (6-connected)
     bordering_part: np.ndarray  # the part each of them touches
 
@@ -167,7 +159,8 @@ def _lesion(labelmap: Volume, box, value: int) -> _Lesion:
     crop = labelmap.array[grown]
     inside = crop == value
     starts = np.array([s.start for s in grown])
-    components, count, ranked = _ranked_parts(inside, starts)
+    components, count, ranked = largest_parts(inside, MAX_LESION_PARTS, fully_connected=True)
+    ranked = [(number, voxels, centre + starts) for number, voxels, centre in ranked]
     owner = ndimage.grey_dilation(components, footprint=ndimage.generate_binary_structure(3, 1))
     around = (owner > 0) & ~inside
     return _Lesion(inside, starts, components, count, ranked, crop[around], owner[around])

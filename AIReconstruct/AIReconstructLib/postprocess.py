@@ -22,6 +22,22 @@ from .volume import Volume
 MAX_LABELS_AT_ONCE = 4  # labels post-processed at the same time, which bounds the memory they hold
 
 
+def largest_parts(mask: np.ndarray, limit: int, fully_connected: bool = False) -> tuple[np.ndarray, int, list]:
+    """A boolean mask's connected parts (numbered from 1; 26-connected when ``fully_connected``, else
+    6-connected), how many there are, and the largest ``limit`` of them, largest first, each as
+    (number, voxels, mean index ``(k, j, i)``): several metastases of a lesion label, the regions of
+    an uncertainty map to check."""
+    components, count = ndimage.label(mask, structure=np.ones((3, 3, 3)) if fully_connected else None)
+    sizes = np.bincount(components.ravel())[1:]
+    boxes = ndimage.find_objects(components)
+    parts = []
+    for number in np.argsort(-sizes, kind="stable")[:limit] + 1:
+        box = boxes[number - 1]
+        centre = np.argwhere(components[box] == number).mean(axis=0) + [s.start for s in box]
+        parts.append((int(number), int(sizes[number - 1]), centre))
+    return components, count, parts
+
+
 def _component_image(mask: np.ndarray, fully_connected: bool, threads: int):
     """ITK's connected components of ``mask`` on ``threads`` threads: 26-connected when
     ``fully_connected``, else 6-connected; with the filter, for its object count."""

@@ -17,6 +17,7 @@ import torch
 from scipy import ndimage
 
 from .modelcard import Label
+from .postprocess import largest_parts
 from .volume import Volume
 
 
@@ -94,21 +95,16 @@ def flagged_regions(uncertainty: Volume, threshold: float = 0.5, min_ml: float =
                     coordinates: str = "LPS") -> list[dict]:
     """Connected regions with uncertainty above ``threshold`` and at least ``min_ml``, largest first:
     centre (patient mm), size (mL) and mean uncertainty."""
-    components, count = ndimage.label(uncertainty.array > threshold)
-    if count == 0:
+    components, _, largest = largest_parts(uncertainty.array > threshold, limit)
+    kept = [(number, voxels, centre) for number, voxels, centre in largest
+            if voxels * uncertainty.voxel_volume_ml >= min_ml]
+    if not kept:
         return []
-    sizes = np.bincount(components.ravel())[1:]
+    means = ndimage.mean(uncertainty.array, components, [number for number, _, _ in kept])
     matrix = uncertainty.ijk_to_lps() if coordinates == "LPS" else uncertainty.ijk_to_ras()
-    regions = []
-    for index in np.argsort(-sizes)[:limit]:
-        size_ml = float(sizes[index]) * uncertainty.voxel_volume_ml
-        if size_ml < min_ml:
-            break
-        kji = np.argwhere(components == index + 1)
-        centre = matrix[:3, :3] @ kji.mean(axis=0)[::-1] + matrix[:3, 3]
-        regions.append({"centre_mm": [round(float(c), 1) for c in centre], "size_ml": round(size_ml, 3),
-                        "mean_uncertainty": round(float(uncertainty.array[tuple(kji.T)].mean()), 3)})
-    return regions
+    return [{"centre_mm": [round(float(c), 1) for c in matrix[:3, :3] @ centre[::-1] + matrix[:3, 3]],
+             "size_ml": round(voxels * uncertainty.voxel_volume_ml, 3), "mean_uncertainty": round(float(mean), 3)}
+            for (_, voxels, centre), mean in zip(kept, means)]
 
 
 def error_detection_auc(uncertainty: np.ndarray, prediction: np.ndarray, reference: np.ndarray) -> float | None:
