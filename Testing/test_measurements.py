@@ -95,12 +95,41 @@ def test_each_part_of_a_lesion_label_is_measured_largest_first():
         assert part["largest_diameter_mm"] == pytest.approx(2 * radius, abs=1.0)
         np.testing.assert_allclose(part["centroid_mm"], origin + direction @ (centre + offset), atol=0.3)
         assert part["capsule_distance_mm"] == pytest.approx(ORGAN_RADIUS - np.linalg.norm(offset) - radius, abs=1.0)
+        axes = part["axial_axes"]  # a ball's: its diameter both ways, on the slice nearest its centre
+        assert axes["long_axis_mm"] == pytest.approx(2 * radius, abs=1.0)
+        assert axes["short_axis_mm"] == pytest.approx(2 * radius, abs=1.0)
+    assert "axial_axes" not in lesion  # several lesions in one label: each part has its own
     assert sum(p["volume_ml"] for p in lesion["parts"]) == pytest.approx(whole["volume_ml"])
     summary = lesion_parts(volume, LABELS)  # what segment records: counts, volumes, centres (no surface)
     assert list(summary) == ["lesion"] and summary["lesion"]["count"] == 3  # the organ is no lesion
     for listed, part in zip(summary["lesion"]["largest"], lesion["parts"]):
         assert listed["volume_ml"] == pytest.approx(part["volume_ml"], abs=1e-3)
         np.testing.assert_allclose(listed["centre_mm"], part["centroid_mm"], atol=0.06)
+
+
+@pytest.mark.parametrize("direction", [np.eye(3), oblique_direction(20)], ids=["axial", "oblique"])
+def test_a_lesions_long_and_short_axes_on_the_axial_slices(direction):
+    """An ellipsoid lesion (semi-axes 12, 7 and 5 mm, its long axis turned 30 degrees in the slice
+    plane) in the organ: the long axis is its largest diameter on a slice (24 mm on the slice through
+    its centre, 0.6 mm off it here: 23.8 mm), the short axis the longest line across it at right
+    angles on that slice (14 mm), both with their ends on that slice, as RECIST measures them."""
+    (x, y, z), _, array = _organ_grid()
+    angle = np.radians(30.0)
+    along, across = np.cos(angle) * x + np.sin(angle) * y, -np.sin(angle) * x + np.cos(angle) * y
+    array[(along / 12.0) ** 2 + (across / 7.0) ** 2 + (z / 5.0) ** 2 < 1] = 2
+    volume = Volume(array, SPACING, (10.0, -20.0, 5.0), direction)
+    (lesion,) = measure(volume, LABELS)["lesions"]
+    axes = lesion["axial_axes"]
+    assert axes["long_axis_mm"] == pytest.approx(2 * 12.0 * np.sqrt(1 - (0.6 / 5.0) ** 2), abs=0.6)
+    assert axes["short_axis_mm"] == pytest.approx(2 * 7.0 * np.sqrt(1 - (0.6 / 5.0) ** 2), abs=0.6)
+    long_ends, short_ends = np.array(axes["long_axis_ends_mm"]), np.array(axes["short_axis_ends_mm"])
+    slice_normal = direction[:, 2]  # the grid's k axis: its slices are the axial ones
+    heights = np.concatenate([long_ends, short_ends]) @ slice_normal
+    assert np.ptp(heights) < 0.05  # all four ends on one slice
+    long_direction, short_direction = (long_ends[1] - long_ends[0]), (short_ends[1] - short_ends[0])
+    assert abs(long_direction @ short_direction) / axes["long_axis_mm"] / axes["short_axis_mm"] < 0.02
+    in_grid = (long_direction @ direction) / axes["long_axis_mm"]  # the long axis along the ellipsoid's, 30 degrees
+    assert abs(in_grid[0]) == pytest.approx(np.cos(angle), abs=0.03) and abs(in_grid[1]) == pytest.approx(np.sin(angle), abs=0.03)
 
 
 def test_each_lesion_part_names_the_segments_around_it():

@@ -71,6 +71,10 @@ def test_a_brain_tumour_is_shown_in_its_brain_and_gets_no_table_of_organs_around
     demo = find_model("demo-abdomen-ct")
     assert "skull-stripped image" not in build_report(image, tumour, demo.labels, demo.data)[0]  # CT: no brain
     assert "separate parts" not in page
+    axes = measured["lesions"][0]["axial_axes"]  # a ball of radius 5 voxels (10 mm): its diameter both ways
+    assert axes["long_axis_mm"] == pytest.approx(20.0, abs=2.0) and axes["short_axis_mm"] == pytest.approx(20.0, abs=2.0)
+    assert "<h2>Lesion axes on the axial slices</h2>" in page
+    assert f"<td>whole tumour</td><td>{axes['long_axis_mm']:.1f}</td><td>{axes['short_axis_mm']:.1f}</td>" in page
 
     second = tumour.with_array(tumour.array | ((z - 20) ** 2 + (y - 24) ** 2 + (x - 14) ** 2 < 9).astype(np.uint8))
     page, measured = build_report(image, second, card.labels, card.data)
@@ -79,6 +83,8 @@ def test_a_brain_tumour_is_shown_in_its_brain_and_gets_no_table_of_organs_around
     assert [p["volume_ml"] for p in lesion["parts"]] == pytest.approx([tumour.array.sum() * 0.008,
                                                                        (second.array - tumour.array).sum() * 0.008])
     assert all(f"<td>{p['largest_diameter_mm']:.1f}</td>" in page for p in lesion["parts"])
+    assert all(f"<td>whole tumour #{p['number']}</td><td>{p['axial_axes']['long_axis_mm']:.1f}</td>" in page
+               for p in lesion["parts"])
 
 
 
@@ -127,7 +133,7 @@ def test_report_renders_in_headless_chromium(phantom_report, tmp_path):
     assert "data-errors" not in root, root  # no script raised an error
     drawn = re.search(r'data-view3d="(\d+),(\d+),(\d+),(\d+)"', root)
     assert drawn, "the 3D view never finished drawing"
-    assert dom.count("<table>") == 3 and "gl-container" in dom
+    assert dom.count("<table>") == 4 and "gl-container" in dom  # measurements, axes, lesions, agreement
 
     shot = tmp_path / "report.png"
     subprocess.run([*common, f"--screenshot={shot}", path.as_uri()], capture_output=True, timeout=180, check=True)

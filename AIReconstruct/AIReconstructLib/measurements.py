@@ -48,23 +48,107 @@ def is_lesion(label: Label) -> bool:
     return len(category) > 1 and str(category[1]) == LESION_CATEGORY
 
 
-def largest_diameter(points: np.ndarray) -> float:
-    """The largest distance between two points: of the convex hull's vertices, every pair compared in
-    blocks, each block's squared distances as |a|² + |b|² - 2 a·b (one matrix product)."""
-    if len(points) < 2:
-        return 0.0
+def farthest_pair(points: np.ndarray) -> tuple[int, int]:
+    """The indices of the two points farthest apart: of the convex hull's vertices, every pair
+    compared in blocks, each block's squared distances as |a|² + |b|² - 2 a·b (one matrix product)."""
+    candidates = np.arange(len(points))
     try:
-        points = points[ConvexHull(points).vertices]
+        candidates = ConvexHull(points).vertices
     except Exception:  # flat or tiny point sets: compare all points
         pass
-    points = np.asarray(points, np.float64) - points.mean(axis=0)  # centred: small norms, small rounding
-    squared_norms = (points ** 2).sum(axis=1)
-    best = 0.0
-    for start in range(0, len(points), 2048):
-        block = slice(start, start + 2048)
-        squared = squared_norms[block, None] + squared_norms[None, :] - 2.0 * (points[block] @ points.T)
-        best = max(best, float(squared.max()))
-    return float(np.sqrt(best))
+    chosen = np.asarray(points[candidates], np.float64)
+    chosen -= chosen.mean(axis=0)  # small norms, small rounding
+    squared_norms = (chosen ** 2).sum(axis=1)
+    best, pair = -1.0, (0, 0)
+    for start in range(0, len(chosen), 2048):
+        squared = squared_norms[start:start + 2048, None] + squared_norms[None, :] - 2.0 * (chosen[start:start + 2048] @ chosen.T)
+        row, column = np.unravel_index(int(np.argmax(squared)), squared.shape)
+        if squared[row, column] > best:
+            best, pair = float(squared[row, column]), (start + row, column)
+    return int(candidates[pair[0]]), int(candidates[pair[1]])
+
+
+def largest_diameter(points: np.ndarray) -> float:
+    """The largest distance between two points."""
+    if len(points) < 2:
+        return 0.0
+    first, second = farthest_pair(points)
+    return float(np.linalg.norm(np.asarray(points[first], np.float64) - points[second]))
+
+
+def _axial_planes(labelmap: Volume, matrix: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """The slices a radiologist measures on: the planes through the voxel centres across the grid's
+    axis closest to the patient's head-foot axis (an axial scan's own slices), as (unit normal
+    pointing to the head, position of one plane along it, spacing between planes)."""
+    axes = matrix[:3, :3] / np.linalg.norm(matrix[:3, :3], axis=0)
+    axis = int(np.argmax(np.abs(axes[2])))  # S is the third coordinate in LPS and in RAS alike
+    normal = axes[:, axis] * np.sign(axes[2, axis])
+    return normal, float(normal @ matrix[:3, 3]), labelmap.spacing[axis]
+
+
+def _cut(points: np.ndarray, triangles: np.ndarray, heights: np.ndarray, height: float) -> np.ndarray:
+    """Where a plane (``heights``: each triangle corner's position along its normal) cuts a triangle
+    mesh: one segment (two points) for each triangle it crosses."""
+    above = heights > height
+    crossing = above.any(axis=1) & ~above.all(axis=1)
+    corners, levels, sides = triangles[crossing], heights[crossing], above[crossing]
+    ends, crossed = [], []
+    for a, b in ((0, 1), (1, 2), (2, 0)):
+        crossed.append(sides[:, a] != sides[:, b])
+        with np.errstate(divide="ignore", invalid="ignore"):  # edges not crossed are dropped below
+            fraction = (height - levels[:, a]) / (levels[:, b] - levels[:, a])
+            ends.append(points[corners[:, a]] + fraction[:, None] * (points[corners[:, b]] - points[corners[:, a]]))
+    return np.stack(ends, axis=1)[np.stack(crossed, axis=1)].reshape(-1, 2, 3)  # two crossed edges each
+
+
+def _longest_chord_across(segments: np.ndarray, along: np.ndarray, across: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ends of the longest line along ``across`` from the contour (``segments``, in a plane) to
+    the contour, ``along`` and ``across`` being perpendicular unit vectors of that plane: its length
+    as a function of the position along ``along`` is linear between the contour's points, so the
+    longest lies at one of them."""
+    position, offset = segments @ along, segments @ across  # (S, 2) each
+    best, ends = -1.0, (segments[0, 0], segments[0, 0])
+    for start in range(0, position.size, 256):
+        at = position.ravel()[start:start + 256, None]  # the positions tried, against every segment
+        spans = (position[:, 0] - at) * (position[:, 1] - at) <= 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fraction = np.nan_to_num((at - position[:, 0]) / (position[:, 1] - position[:, 0]))
+        reach = np.where(spans, offset[:, 0] + fraction * (offset[:, 1] - offset[:, 0]), np.nan)
+        low, high = np.nanargmin(reach, axis=1), np.nanargmax(reach, axis=1)
+        rows = np.arange(len(at))
+        lengths = reach[rows, high] - reach[rows, low]
+        row = int(np.argmax(lengths))
+        if lengths[row] > best:
+            best = float(lengths[row])
+            ends = tuple(segments[n, 0] + fraction[row, n] * (segments[n, 1] - segments[n, 0]) for n in (low[row], high[row]))
+    return ends
+
+
+def axial_axes(points: np.ndarray, triangles: np.ndarray, planes: tuple[np.ndarray, float, float]) -> dict | None:
+    """A lesion's long and short axes as RECIST measures them on axial slices: the longest diameter
+    of its cut by any of ``planes`` (see :func:`_axial_planes`; cuts of its smoothed closed surface),
+    and on that slice the longest line across the lesion perpendicular to it; lengths (mm) and ends
+    (patient mm). None where no slice plane cuts the surface."""
+    normal, first, spacing = planes
+    in_plane = np.linalg.svd(normal[None])[2][1:].T  # two unit vectors across the normal
+    heights = (points @ normal)[triangles]
+    best = None
+    for number in range(int(np.ceil((heights.min() - first) / spacing)), int(np.floor((heights.max() - first) / spacing)) + 1):
+        segments = _cut(points, triangles, heights, first + number * spacing)
+        if len(segments):
+            cut = segments.reshape(-1, 3)
+            ends = cut[list(farthest_pair(cut @ in_plane))]  # in the plane's own two axes: a 2D hull
+            length = float(np.linalg.norm(ends[1] - ends[0]))
+            if best is None or length > best[0]:
+                best = (length, ends, segments)
+    if best is None:
+        return None
+    length, long_ends, segments = best
+    along = (long_ends[1] - long_ends[0]) / max(length, 1e-12)
+    short_ends = _longest_chord_across(segments, along, np.cross(normal, along))
+    return {"long_axis_mm": length, "short_axis_mm": float(np.linalg.norm(short_ends[1] - short_ends[0])),
+            "long_axis_ends_mm": [[round(float(c), 2) for c in end] for end in long_ends],
+            "short_axis_ends_mm": [[round(float(c), 2) for c in end] for end in short_ends]}
 
 
 def mask_centre(mask: np.ndarray) -> np.ndarray:
@@ -166,21 +250,25 @@ def _lesion(labelmap: Volume, box, value: int) -> _Lesion:
     return _Lesion(inside, starts, components, count, ranked, crop[around], owner[around])
 
 
-def _parts(labelmap: Volume, lesion: _Lesion, organs: dict[int, str], lesion_points: np.ndarray, matrix: np.ndarray,
-           capsule: cKDTree | None) -> list[dict]:
+def _parts(labelmap: Volume, lesion: _Lesion, organs: dict[int, str], mesh: SharedMesh, triangles: np.ndarray,
+           capsule: cKDTree | None, matrix: np.ndarray, planes) -> list[dict]:
     """The measurements of a lesion label's largest :data:`MAX_LESION_PARTS` parts where it has more
-    than one, each with what borders it: each surface vertex belongs to the part of its nearest
-    boundary voxel, each voxel around the lesion to a part it touches."""
+    than one (``triangles``: its surface in the shared mesh), each with what borders it: each surface
+    vertex belongs to the part of its nearest boundary voxel, each triangle to the part of its first
+    vertex, each voxel around the lesion to a part it touches."""
     if lesion.count < 2:
         return []
+    vertices = np.unique(triangles)
     boundary = lesion.inside & ~ndimage.binary_erosion(lesion.inside)
     boundary_points = _to_patient(np.argwhere(boundary) + lesion.starts, matrix)
-    nearest = lesion.components[boundary][cKDTree(boundary_points).query(lesion_points)[1]]
+    nearest = lesion.components[boundary][cKDTree(boundary_points).query(mesh.points[vertices])[1]]
+    triangle_part = nearest[np.searchsorted(vertices, triangles[:, 0])]
     parts = []
     for number, (part_number, voxels, centre) in enumerate(lesion.ranked, start=1):
-        points = lesion_points[nearest == part_number]  # the vertices of this part's surface
+        points = mesh.points[vertices[nearest == part_number]]  # the vertices of this part's surface
         part = {"number": number, "volume_ml": voxels * labelmap.voxel_volume_ml,
                 "largest_diameter_mm": largest_diameter(points),
+                "axial_axes": axial_axes(mesh.points, triangles[triangle_part == part_number], planes),
                 "centroid_mm": [round(float(c), 2) for c in _to_patient(centre, matrix)],
                 "bordering": _shares(lesion.bordering[lesion.bordering_part == part_number], organs)}
         if capsule is not None and len(points):
@@ -237,6 +325,7 @@ def measure(labelmap: Volume, labels: list[Label], margin_mm: float = 10.0, smoo
     names = {label.value: label.name for label in present}
     organs = {value: name for value, name in names.items() if value not in lesion_values}
     trees = {value: cKDTree(_vertices(mesh, faces[value])) for value in faces} if lesion_values else {}
+    planes = _axial_planes(labelmap, matrix)
     lesions = []
     for value in sorted(lesion_values):
         box = boxes[value - 1]
@@ -257,7 +346,11 @@ def measure(labelmap: Volume, labels: list[Label], margin_mm: float = 10.0, smoo
             entry.update(organ_volume_ml=organ_ml, organ_with_lesion_ml=with_lesion, resection_ml=resection,
                          remnant_ml=with_lesion - resection, remnant_percent=100.0 * (with_lesion - resection) / with_lesion)
         entry["bordering"] = _shares(lesion.bordering, organs)
-        entry["part_count"], parts = lesion.count, _parts(labelmap, lesion, organs, lesion_points, matrix, capsule)
+        triangles = mesh.triangles[faces[value]]
+        entry["part_count"] = lesion.count
+        if lesion.count == 1:  # a label of several lesions has no axes of its own: each part has its own
+            entry["axial_axes"] = axial_axes(mesh.points, triangles, planes)
+        parts = _parts(labelmap, lesion, organs, mesh, triangles, capsule, matrix, planes)
         if parts:
             entry["parts"] = parts
         lesions.append(entry)
