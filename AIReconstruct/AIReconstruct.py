@@ -374,6 +374,10 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onReportDone(self, job) -> None:
         self.ui.logTextEdit.appendPlainText(_("Report saved: {path}").format(path=job.report_path))
+        if job.axis_lines:
+            self.ui.logTextEdit.appendPlainText(
+                _("The lesions' long and short axes on the axial slices are lines in the Markups module: {names}").format(
+                    names=", ".join(line.GetName() for line in job.axis_lines)))
 
     def onEdit(self) -> None:
         self.logic.openInSegmentEditor(self._parameterNode.outputSegmentation, self._parameterNode.inputVolume0)

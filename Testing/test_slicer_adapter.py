@@ -1,6 +1,7 @@
 """The Slicer adapter's logic on Slicer's real MRML libraries (the slicer-core package)."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,6 +55,9 @@ def scene(monkeypatch):
     scene = slicer.vtkMRMLScene()
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
     ensure_converter_rules()  # what the Segmentations module does when Slicer starts
+    selection = slicer.vtkMRMLSelectionNode()  # the application's: measurements (a line's length) take units from it
+    selection.SetSingletonTag("Singleton")
+    scene.AddNode(selection)
     return scene
 
 
@@ -480,6 +484,19 @@ def test_report_of_the_segmentation_as_corrected_names_its_scan_and_the_model_th
         assert f"{name}</td><td>{mask.sum() * voxel_ml:.2f}</td>" in page, name  # volumes as segmented now
     assert "<h2>Lesions (safety margin 10 mm)</h2>" in page  # the model's label of that name is a lesion
     assert "Regions to check" not in page
+    lines = {line.GetName(): line for line in job.axis_lines}  # the tumour's axes as rulers, in its colour
+    assert sorted(lines) == ["liver tumour long axis", "liver tumour short axis"]
+    tumour_colour = segmentation.GetSegmentation().GetSegment(segmentation.GetSegmentation().GetSegmentIdBySegmentName(
+        "liver tumour")).GetColor()
+    for axis, line in lines.items():
+        length = float(re.search(r"<td>liver tumour</td><td>([\d.]+)</td><td>([\d.]+)</td>", page).group(
+            1 if "long" in axis else 2))
+        assert line.GetLineLengthWorld() == pytest.approx(length, abs=0.06)
+        assert line.GetDisplayNode().GetSelectedColor() == pytest.approx(tumour_colour)
+        centre = np.mean([line.GetNthControlPointPositionWorld(n) for n in range(2)], axis=0)
+        kji = np.round(np.linalg.inv(ct_volume.ijk_to_ras()) @ [*centre, 1])[:3][::-1].astype(int)
+        assert tumour[tuple(kji)], axis  # on the tumour, in Slicer's RAS
+    assert segmentation.GetNumberOfNodeReferences("AIReconstructLesionAxes") == 2
     unsure = np.zeros(ct_volume.array.shape, np.float32)
     unsure[8:12, 14:21, 14:21] = 0.9
     uncertainty = add_volume_node(scene, ct_volume.with_array(unsure), "CT uncertainty")
@@ -487,6 +504,8 @@ def test_report_of_the_segmentation_as_corrected_names_its_scan_and_the_model_th
     job = AdapterLogic().startReport(segmentation, tmp_path / "with uncertainty.html")
     assert job.wait(timeout=300).status == "done"
     assert "<h2>Regions to check (uncertainty above 0.5)</h2>" in job.report_path.read_text(encoding="utf-8")
+    assert all(line.GetScene() is None for line in lines.values())  # a later report's axes replace them
+    assert scene.GetNodesByClass("vtkMRMLMarkupsLineNode").GetNumberOfItems() == 2
 
     drawn = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn by hand")
     drawn.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)

@@ -15,13 +15,14 @@ from AIReconstructLib.io import read_volume, write_volume
 from AIReconstructLib.segnrrd import write_seg_nrrd
 
 from .engine_run import BackgroundJob, EngineRun, exchange_folder
-from .nodes import (MADE_BY, add_point_list, add_volume_node, import_segmentation, segments_for_report, voxel_bytes,
-                    write_volume_node)
+from .nodes import (MADE_BY, add_axis_lines, add_point_list, add_volume_node, import_segmentation, segments_for_report,
+                    voxel_bytes, write_volume_node)
 
 
 # the segmentation node's references to its last run's uncertainty map and regions to check
 UNCERTAINTY_ROLES = ("AIReconstructUncertainty", "AIReconstructRegionsToCheck")
 LESIONS_ROLE = "AIReconstructLesions"  # and to the point list of its lesions' separate parts
+AXES_ROLE = "AIReconstructLesionAxes"  # and to the lines of its lesions' axes, from its latest report
 
 
 class SegmentationJob(BackgroundJob):
@@ -100,6 +101,7 @@ class ReportJob(BackgroundJob):
         self.segmentation_node, self.path = segmentation_node, Path(path)
         self.python, self.env = python, env
         self.report_path: Path | None = None
+        self.axis_lines: list = []  # line markups of the lesions' axes, on success
 
     def start(self) -> None:
         """Write the volume and the segments to a temporary folder and start the engine's ``report``."""
@@ -124,7 +126,21 @@ class ReportJob(BackgroundJob):
             raise
 
     def _on_success(self, result: dict) -> None:
+        """The report's path; the lesions' axes it measured become line markups (those of an earlier
+        report on the same segmentation leave the scene)."""
         self.report_path = Path(result["outputs"][0])
+        node, measured = self.segmentation_node, result["measurements"]
+        scene = node.GetScene()
+        for earlier in [node.GetNthNodeReference(AXES_ROLE, n) for n in range(node.GetNumberOfNodeReferences(AXES_ROLE))]:
+            if earlier is not None:
+                scene.RemoveNode(earlier)
+        node.RemoveNodeReferenceIDs(AXES_ROLE)
+        segmentation = node.GetSegmentation()
+        colours = {segment.GetName(): segment.GetColor() for segment in
+                   map(segmentation.GetNthSegment, range(segmentation.GetNumberOfSegments()))}
+        self.axis_lines = add_axis_lines(scene, measured["lesions"], colours, measured["coordinates"])
+        for line in self.axis_lines:
+            node.AddNodeReferenceID(AXES_ROLE, line.GetID())
 
 
 class FineTuningJob(BackgroundJob):

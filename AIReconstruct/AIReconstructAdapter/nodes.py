@@ -185,6 +185,29 @@ def add_point_list(scene, places: list[tuple[str, list]], name: str, coordinates
     return points
 
 
+def add_axis_lines(scene, lesions: list[dict], colours: dict, coordinates: str = "LPS") -> list:
+    """Line markups of each lesion's (or each of its parts') long and short axes on the axial slices
+    (the report's measurements), in the lesion's colour: the rulers a radiologist draws for RECIST,
+    which Slicer labels with their length and which can be moved to adjust them."""
+    flip = (-1.0, -1.0, 1.0) if coordinates == "LPS" else (1.0, 1.0, 1.0)  # Slicer's points are RAS
+    lines = []
+    for lesion in lesions:
+        for part in lesion.get("parts") or [lesion]:
+            axes = part.get("axial_axes")
+            if not axes:
+                continue
+            name = f"{lesion['name']} {part['number']}" if "parts" in lesion else lesion["name"]
+            for axis in ("long", "short"):
+                line = scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", f"{name} {axis} axis")
+                for end in axes[f"{axis}_axis_ends_mm"]:
+                    line.AddControlPoint(vtk.vtkVector3d(*[c * f for c, f in zip(end, flip)]))
+                line.CreateDefaultDisplayNodes()
+                if lesion["name"] in colours:
+                    line.GetDisplayNode().SetSelectedColor(*colours[lesion["name"]])
+                lines.append(line)
+    return lines
+
+
 def voxel_bytes(volume_node) -> int:
     """The size of a volume node's voxels in bytes (0 without a node or image data)."""
     image = volume_node.GetImageData() if volume_node is not None else None
