@@ -18,7 +18,7 @@ def _edge_keys(points: np.ndarray, triangles: np.ndarray) -> tuple[np.ndarray, n
     """Each half-edge ``3 * face + k`` (corner k to corner k + 1): start vertex, end vertex, and a key
     shared by the half-edges of the same undirected edge."""
     start, end = triangles.ravel(), triangles[:, [1, 2, 0]].ravel()
-    return start, end, np.minimum(start, end) * len(points) + np.maximum(start, end)
+    return start, end, np.minimum(start, end).astype(np.int64) * len(points) + np.maximum(start, end)
 
 
 def _twins(points: np.ndarray, triangles: np.ndarray, flipped: set) -> tuple[np.ndarray, np.ndarray] | None:
@@ -33,7 +33,7 @@ def _twins(points: np.ndarray, triangles: np.ndarray, flipped: set) -> tuple[np.
     order = np.lexsort((start > end, key))
     bounds = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1], True])
     sizes = np.diff(bounds)
-    twin = np.full(len(key), -1)
+    twin = np.full(len(key), -1, triangles.dtype)
     pairs = order[bounds[:-1][sizes == 2]], order[bounds[:-1][sizes == 2] + 1]
     if (sizes % 2).any() or (start[pairs[0]] == start[pairs[1]]).any():
         return None
@@ -62,14 +62,14 @@ def _twins(points: np.ndarray, triangles: np.ndarray, flipped: set) -> tuple[np.
 def _sheets(twin: np.ndarray) -> np.ndarray:
     """The sheet of each corner ``3 * face + k``: corners of a vertex joined across twin half-edges.
     Each corner has two neighbours, one across each of its triangle's edges that meet there."""
-    corner = np.arange(len(twin))
+    corner = np.arange(len(twin), dtype=twin.dtype)
     face, k = corner // 3, corner % 3
     out_edge, in_edge = corner, 3 * face + (k + 2) % 3  # the half-edges that start and end at the corner
     # a half-edge's start corner is its twin's end corner, and its end corner its twin's start
     across_out = 3 * (twin[out_edge] // 3) + (twin[out_edge] % 3 + 1) % 3
     across_in = twin[in_edge]
     graph = csr_matrix((np.ones(2 * len(twin), bool), np.stack([across_out, across_in], axis=1).ravel(),
-                        np.arange(0, 2 * len(twin) + 1, 2)), shape=(len(twin), len(twin)))
+                        np.arange(0, 2 * len(twin) + 1, 2, dtype=twin.dtype)), shape=(len(twin), len(twin)))
     return connected_components(graph, directed=False)[1]
 
 
@@ -94,7 +94,7 @@ def manifold(points: np.ndarray, unsmoothed: np.ndarray, triangles: np.ndarray) 
             break
         # only edges of more than two triangles before can still have more than two
         ends = np.stack([sheet[shared_edges], sheet[3 * (shared_edges // 3) + (shared_edges % 3 + 1) % 3]])
-        _, edge, uses = np.unique(ends.min(axis=0) * len(sheet) + ends.max(axis=0), return_inverse=True,
+        _, edge, uses = np.unique(ends.min(axis=0).astype(np.int64) * len(sheet) + ends.max(axis=0), return_inverse=True,
                                   return_counts=True)
         still = uses[edge] > 2
         if not still.any():

@@ -40,6 +40,7 @@ try:  # the fast simplifier; VTK's decimation where it is not installed
 except ImportError:
     meshoptimizer = None
 
+INDEX = np.int32  # point and triangle indices of shared meshes (a label map gives far fewer than 2^31)
 SEGMENT_WRITERS = {".stl": vtkSTLWriter, ".ply": vtkPLYWriter, ".vtp": vtkXMLPolyDataWriter}
 SCENE_FORMATS = (".obj", ".glb")  # one file holding every segment, named and coloured (scene.py)
 MESH_FORMATS = (*SEGMENT_WRITERS, *SCENE_FORMATS)
@@ -61,7 +62,7 @@ class SharedMesh:
     After decimation some points are no longer used by any triangle."""
 
     points: np.ndarray  # (P, 3) patient mm
-    triangles: np.ndarray  # (T, 3) point indices
+    triangles: np.ndarray  # (T, 3) point indices (INDEX: half the memory of VTK's 64-bit ids)
     pairs: np.ndarray  # (T, 2) label values
     unsmoothed: np.ndarray  # (P, 3) the points before smoothing (on the voxel grid), patient mm
 
@@ -89,13 +90,17 @@ def _image_data(array: np.ndarray) -> vtkImageData:
 
 
 def _polydata(points: np.ndarray, triangles: np.ndarray) -> vtkPolyData:
-    """A triangle mesh of ``points`` (all of them, used or not) and ``triangles`` indexing them."""
+    """A triangle mesh of ``points`` (all of them, used or not) and ``triangles`` indexing them, held
+    as float32 points and 32-bit indices (as Slicer's models are; half the memory of doubles and
+    64-bit ids)."""
     poly = vtkPolyData()
     vtk_points = vtkPoints()
-    vtk_points.SetData(numpy_support.numpy_to_vtk(np.ascontiguousarray(points), deep=True))
+    vtk_points.SetData(numpy_support.numpy_to_vtk(np.ascontiguousarray(points, dtype=np.float32), deep=True))
     poly.SetPoints(vtk_points)
     cells = vtkCellArray()
-    cells.SetData(3, numpy_support.numpy_to_vtkIdTypeArray(triangles.reshape(-1).astype(np.int64), deep=True))
+    offsets = np.arange(0, 3 * len(triangles) + 1, 3, dtype=np.int32)
+    cells.SetData(numpy_support.numpy_to_vtk(offsets, deep=True),
+                  numpy_support.numpy_to_vtk(np.ascontiguousarray(triangles, dtype=np.int32).ravel(), deep=True))
     poly.SetPolys(cells)
     return poly
 
@@ -150,7 +155,7 @@ def shared_mesh(labelmap: Volume, values: list[int], smoothing: float = 0.5, coo
     mesh = _smooth(mesh, smoothing)  # moves the points, keeps their order
     points, triangles = _arrays(mesh)
     pairs = numpy_support.vtk_to_numpy(mesh.GetCellData().GetArray("BoundaryLabels")).reshape(-1, 2).astype(np.int64)
-    return SharedMesh(points, triangles, pairs, unsmoothed)
+    return SharedMesh(points, triangles.astype(INDEX), pairs, unsmoothed)
 
 
 def _patches(mesh: SharedMesh):
@@ -172,7 +177,7 @@ def _simplified_meshoptimizer(points32: np.ndarray, triangles: np.ndarray, keep:
     kept = np.empty_like(indices)
     count = meshoptimizer.simplify(kept, indices, points32, target_index_count=3 * keep, target_error=1.0,
                                    options=meshoptimizer.SIMPLIFY_LOCK_BORDER | meshoptimizer.SIMPLIFY_SPARSE)
-    return kept[:count].reshape(-1, 3).astype(np.int64)
+    return kept[:count].reshape(-1, 3).astype(INDEX)
 
 
 def _simplified_vtk(points: np.ndarray, triangles: np.ndarray, keep: int) -> np.ndarray:
@@ -190,7 +195,7 @@ def _simplified_vtk(points: np.ndarray, triangles: np.ndarray, keep: int) -> np.
     pro.SplittingOff()
     pro.Update()
     index = numpy_support.vtk_to_numpy(pro.GetOutput().GetPointData().GetArray("index"))
-    return index[_arrays(pro.GetOutput())[1]].astype(np.int64)
+    return index[_arrays(pro.GetOutput())[1]].astype(INDEX)
 
 
 def decimate(mesh: SharedMesh, reduction: dict[int, float]) -> SharedMesh:
@@ -240,29 +245,36 @@ def extract_surfaces(labelmap: Volume, labels: list[Label], smoothing: float = 0
     return surfaces_of(mesh, [by_value[v] for v in sorted(by_value) if v in counts], coordinates)
 
 
-def _signed_volumes(mesh: SharedMesh) -> np.ndarray:
+def _signed_volumes(mesh: SharedMesh, chunk: int = 1 << 18) -> np.ndarray:
     """The volume each label's surface encloses as the shared mesh winds it (indexed by label value):
-    negative where its triangles face inwards (the patient coordinates mirror the voxel grid)."""
-    centred = mesh.points - mesh.points.mean(axis=0)  # small numbers: no cancellation far from the origin
-    a, b, c = (centred[mesh.triangles[:, n]] for n in range(3))
-    volume = np.einsum("ij,ij->i", a, np.cross(b, c)) / 6.0  # of the tetrahedron (origin, a, b, c)
+    negative where its triangles face inwards (the patient coordinates mirror the voxel grid).
+    Summed over chunks of triangles, so that no copy of the whole mesh's corners is held."""
+    centre = mesh.points.mean(axis=0)  # small numbers: no cancellation far from the origin
     size = int(mesh.pairs.max()) + 1
-    return np.bincount(mesh.pairs[:, 0], volume, size) - np.bincount(mesh.pairs[:, 1], volume, size)
+    volumes = np.zeros(size)
+    for start in range(0, len(mesh.triangles), chunk):
+        a, b, c = (mesh.points[mesh.triangles[start:start + chunk, n]] - centre for n in range(3))
+        volume = np.einsum("ij,ij->i", a, np.cross(b, c)) / 6.0  # of the tetrahedron (centre, a, b, c)
+        pairs = mesh.pairs[start:start + chunk]
+        volumes += np.bincount(pairs[:, 0], volume, size) - np.bincount(pairs[:, 1], volume, size)
+    return volumes
 
 
 def surfaces_of(mesh: SharedMesh, labels: list[Label], coordinates: str) -> list[Surface]:
     """Cut each label's closed, outward-facing, manifold surface (with normals) out of a shared mesh."""
-    owner = np.concatenate([mesh.pairs[:, 0], mesh.pairs[:, 1]])
-    faces = np.concatenate([mesh.triangles, mesh.triangles[:, ::-1]])
-    order = np.argsort(owner, kind="stable")
+    count = len(mesh.triangles)
+    owner = np.concatenate([mesh.pairs[:, 0], mesh.pairs[:, 1]])  # each triangle once for each side's label
+    order = np.argsort(owner.astype(np.min_scalar_type(owner.max())), kind="stable")  # a radix sort when small
     bounds = np.searchsorted(owner[order], [[label.value, label.value + 1] for label in labels])
+    del owner
     inwards = _signed_volumes(mesh) < 0
 
     def one_label(item):
         label, (begin, end) = item
-        triangles = faces[order[begin:end]]
-        if inwards[label.value]:
-            triangles = triangles[:, ::-1]
+        chosen = order[begin:end]
+        triangles = mesh.triangles[chosen % count]
+        flip = (chosen >= count) != inwards[label.value]  # wound outward from the first label of its pair
+        triangles[flip] = triangles[flip, ::-1]
         return Surface(label, _with_normals(_polydata(*manifold(mesh.points, mesh.unsmoothed, triangles))), coordinates)
 
     with ThreadPoolExecutor(_threads()) as pool:
