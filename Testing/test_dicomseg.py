@@ -52,6 +52,57 @@ def test_dicom_seg_refers_to_its_series_with_the_cards_segments(tmp_path, series
     np.testing.assert_array_equal(_labels_per_slice(path, series, labels.shape[0]), expected)
 
 
+def _measurement_groups(sr_path) -> dict:
+    """The SR's volumetric measurement groups by the segment number they refer to: {name: value}."""
+    from pydicom.sr.codedict import codes
+
+    sr = hd.sr.srread(sr_path)
+    report = hd.sr.MeasurementReport.from_sequence([sr])  # the SR document is the root content item
+    groups = {}
+    for group in report.get_volumetric_roi_measurement_groups():
+        measured = {name: group.get_measurements(name=code) for name, code in
+                    (("volume", codes.SCT.Volume), ("long", codes.SCT.LongAxis), ("short", codes.SCT.ShortAxis))}
+        groups[group.referenced_segment.referenced_segment_numbers[0]] = {
+            name: found[0].value for name, found in measured.items() if found}
+    return sr, groups
+
+
+def test_a_measurement_report_refers_to_the_segments_with_their_volumes_and_a_lesions_axes(tmp_path, series):
+    """Beside the DICOM-SEG, a DICOM SR (TID 1500) gives each segment present its volume and a
+    lesion its axial long and short axes (the report's measurements), each group referring to its
+    segment of the SEG, the model as the observing device."""
+    from AIReconstructLib.measurements import measure
+
+    card = tiny_card()
+    card["labels"][1]["terminology"] = {"category": ["SCT", "49755003", "Morphologically Altered Structure"],
+                                        "type": ["SCT", "4147007", "Mass"]}
+    card = load_card(write_model(tmp_path / "model", card))
+    image = read_volume(series)
+    labels = np.zeros(image.array.shape, np.uint8)
+    labels[2:14, 8:32, 10:38] = 1
+    labels[6:10, 15:23, 18:28] = 2
+    labelmap = image.with_array(labels)
+    measured = measure(labelmap, card.labels)
+    write_dicom_seg(labelmap, card, series, tmp_path / "seg.dcm", tmp_path / "sr.dcm", measured)
+    sr, groups = _measurement_groups(tmp_path / "sr.dcm")
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    assert sr.StudyInstanceUID == seg.StudyInstanceUID and sr.SeriesInstanceUID != seg.SeriesInstanceUID
+    assert seg.SOPInstanceUID in {item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                                  for study in sr.CurrentRequestedProcedureEvidenceSequence
+                                  for item in study.ReferencedSeriesSequence}
+    voxel_ml = image.voxel_volume_ml
+    assert groups[1]["volume"] == pytest.approx((labels == 1).sum() * voxel_ml)  # segment 1: organ, no axes
+    assert set(groups[1]) == {"volume"}
+    (lesion,) = measured["lesions"]
+    assert groups[2] == pytest.approx({"volume": (labels == 2).sum() * voxel_ml,
+                                       "long": lesion["axial_axes"]["long_axis_mm"],
+                                       "short": lesion["axial_axes"]["short_axis_mm"]})
+
+    write_dicom_seg(image.with_array(np.where(labels == 2, 0, labels)), card, series, tmp_path / "seg2.dcm",
+                    tmp_path / "sr2.dcm")
+    assert list(_measurement_groups(tmp_path / "sr2.dcm")[1]) == [1]  # only segments present are measured
+
+
 def test_dicom_seg_needs_the_series_the_segmentation_lies_on(tmp_path, series, tiny_model):
     image = read_volume(series)
     card = load_card(tiny_model)
@@ -70,7 +121,12 @@ def test_segment_writes_a_dicom_seg_of_its_dicom_input(tmp_path, series, tiny_mo
     assert main(["segment", str(series), "-m", str(tiny_model), "-o", str(out), "--device", "cpu", "--dicom-seg"]) == 0
     labels = read_labelmap(out / "series_labels.nii.gz").array
     np.testing.assert_array_equal(_labels_per_slice(out / "series_seg.dcm", series, labels.shape[0]), labels)
-    assert "DICOM-SEG" in json.loads((out / "series_summary.json").read_text(encoding="utf-8"))["seconds"]
+    summary = json.loads((out / "series_summary.json").read_text(encoding="utf-8"))
+    assert "DICOM-SEG" in summary["seconds"]
+    names = {label.value: label.name for label in load_card(tiny_model).labels}
+    _, groups = _measurement_groups(out / "series_sr.dcm")  # the volumes the summary gives, in the SR
+    assert {names[number]: group["volume"] for number, group in groups.items()} == pytest.approx(
+        {name: volume for name, volume in summary["volumes_ml"].items() if volume > 0})
     nifti = write_volume(ct_volume, tmp_path / "ct.nii.gz")
     capsys.readouterr()
     assert main(["segment", str(nifti), "-m", str(tiny_model), "-o", str(tmp_path / "no"), "--dicom-seg"]) == 2

@@ -268,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="safety margin around lesions for the remnant, mm")
     segmenting.add_argument("--dicom-seg", action="store_true",
                             help="also write <name>_seg.dcm, a DICOM Segmentation referring to the input's DICOM "
-                                 "series (the input must be a DICOM series folder; needs the dicom extra)")
+                                 "series, and <name>_sr.dcm, a DICOM SR measurement report of its segments' volumes "
+                                 "(with --report also each lesion's axial long and short axes) (the input must be a "
+                                 "DICOM series folder; needs the dicom extra)")
     add_mesh_options(segmenting)
 
     p = sub.add_parser("segment", parents=[common, segmenting], help="segment an image with a model")

@@ -1,6 +1,8 @@
 """Write a segmentation as a DICOM Segmentation object (DICOM-SEG) that refers to the DICOM series
 it was made from, so that it can be stored in a PACS beside the images and opened by DICOM viewers
-(3D Slicer reads it with its QuantitativeReporting extension). Uses highdicom (the ``dicom`` extra).
+(3D Slicer reads it with its QuantitativeReporting extension), and beside it a DICOM SR measurement
+report (TID 1500, the form QuantitativeReporting and PACS viewers read) of each segment's volume and
+each lesion's axial long and short axes. Uses highdicom (the ``dicom`` extra).
 
 Each of the card's labels is one segment (numbered 1, 2, ... in the card's order), with the label's
 SNOMED CT category and type, its colour, and the model as the segmenting algorithm ("AUTOMATIC").
@@ -8,6 +10,7 @@ SNOMED CT category and type, its colour, and the model as the segmenting algorit
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -80,15 +83,11 @@ def _segment_descriptions(labels: list[Label], card: ModelCard) -> list:
     ) for number, label in enumerate(labels, start=1)]
 
 
-def write_dicom_seg(labelmap: Volume, card: ModelCard, series_folder: str | os.PathLike,
-                    path: str | os.PathLike) -> Path:
-    """Write ``labelmap`` (on the grid of the DICOM series in ``series_folder``) with the card's
-    labels as a DICOM-SEG file that refers to that series' images; atomically."""
-    try:
-        import highdicom as hd
-    except ImportError:
-        raise AIReconstructError("DICOM-SEG output needs highdicom: pip install 'aireconstructlib[dicom]'") from None
-    series_folder, path = series_folder_of(series_folder), Path(path)
+def _dicom_segmentation(labelmap: Volume, card: ModelCard, series_folder: Path):
+    """The DICOM-SEG of ``labelmap`` (the card's labels as segments 1, 2, ...), the series' images it
+    refers to, and the labels in segment order."""
+    import highdicom as hd
+
     sources = _source_images(series_folder, labelmap)
     labels = sorted(card.labels, key=lambda label: label.value)
     numbering = np.zeros(max(int(labelmap.array.max(initial=0)), labels[-1].value) + 1, np.uint16)
@@ -108,9 +107,66 @@ def write_dicom_seg(labelmap: Volume, card: ModelCard, series_folder: str | os.P
     except ValueError as error:  # source images that the standard's SEG cannot refer to
         raise InputError(f"Cannot make a DICOM-SEG for the series in {series_folder.name}: "
                          f"{' '.join(str(error).split())}") from None
-    try:
-        with atomic_path(path) as tmp:
-            segmentation.save_as(tmp)
-    except OSError as error:
-        raise OutputError(f"Cannot write {path}: {error.strerror or error}") from None
+    return segmentation, sources, labels
+
+
+def _measurement_report(segmentation, sources: list, labels: list[Label], labelmap: Volume, card: ModelCard,
+                        measured: dict | None):
+    """A DICOM SR measurement report (TID 1500) of the DICOM-SEG ``segmentation``: for each segment
+    present, its volume, and for a lesion of one part measured (``measured``: the report's
+    measurements), its long and short axes on the axial slices; the model as the observing device
+    and the measurements' algorithm."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    millilitre = hd.sr.CodedConcept(value="ml", scheme_designator="UCUM", meaning="milliliter")
+    algorithm = hd.sr.AlgorithmIdentification(name=card.name[:64], version=str(card.data.get("version", "")))
+    axes = {lesion["name"]: lesion["axial_axes"] for lesion in (measured or {}).get("lesions", [])
+            if lesion.get("axial_axes")}
+    counts = np.bincount(labelmap.array.ravel(), minlength=labels[-1].value + 1)
+    groups = []
+    for number, label in enumerate(labels, start=1):
+        if not counts[label.value]:
+            continue
+        measurements = [hd.sr.Measurement(name=codes.SCT.Volume, value=float(counts[label.value]) * labelmap.voxel_volume_ml,
+                                          unit=millilitre, algorithm_id=algorithm)]
+        if label.name in axes:
+            measurements += [hd.sr.Measurement(name=name, value=float(axes[label.name][key]), unit=codes.UCUM.Millimeter,
+                                               algorithm_id=algorithm)
+                             for name, key in ((codes.SCT.LongAxis, "long_axis_mm"), (codes.SCT.ShortAxis, "short_axis_mm"))]
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=label.name[:64]),
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=segmentation.SOPClassUID, sop_instance_uid=segmentation.SOPInstanceUID,
+                segment_number=number, source_series=hd.sr.SourceSeriesForSegmentation(sources[0].SeriesInstanceUID)),
+            finding_type=_coded(label.terminology, "type"), measurements=measurements))
+    device = hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=(
+        hd.sr.DeviceObserverIdentifyingAttributes(uid=hd.UID(), name="AIReconstruct", manufacturer_name="AIReconstruct",
+                                                  model_name=card.name[:64])))
+    report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=device),
+                                     procedure_reported=codes.SCT.ImagingProcedure, imaging_measurements=groups)
+    return hd.sr.Comprehensive3DSR(
+        evidence=[*sources, segmentation], content=report, series_instance_uid=hd.UID(),
+        series_number=int(segmentation.SeriesNumber) + 1, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="AIReconstruct", series_description=f"AIReconstruct {card.name} measurements"[:64])
+
+
+def write_dicom_seg(labelmap: Volume, card: ModelCard, series_folder: str | os.PathLike, path: str | os.PathLike,
+                    report_path: str | os.PathLike | None = None, measured: dict | None = None) -> Path:
+    """Write ``labelmap`` (on the grid of the DICOM series in ``series_folder``) with the card's
+    labels as a DICOM-SEG file that refers to that series' images, and with ``report_path`` a DICOM
+    SR measurement report of its segments (see :func:`_measurement_report`); atomically."""
+    if importlib.util.find_spec("highdicom") is None:
+        raise AIReconstructError("DICOM-SEG output needs highdicom: pip install 'aireconstructlib[dicom]'")
+    series_folder, path = series_folder_of(series_folder), Path(path)
+    segmentation, sources, labels = _dicom_segmentation(labelmap, card, series_folder)
+    written = [(segmentation, path)]
+    if report_path is not None:
+        written.append((_measurement_report(segmentation, sources, labels, labelmap, card, measured), Path(report_path)))
+    for dataset, target in written:
+        try:
+            with atomic_path(target) as tmp:
+                dataset.save_as(tmp)
+        except OSError as error:
+            raise OutputError(f"Cannot write {target}: {error.strerror or error}") from None
     return path

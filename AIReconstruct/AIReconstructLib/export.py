@@ -43,8 +43,8 @@ def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str
                         for_import: bool = False, dicom_series=None, options: dict | None = None) -> dict:
     """Write the label map, the ``.seg.nrrd``, meshes (if formats are given), the HTML report (if
     ``report_image``, the input, is given; its measurements go into the summary), a DICOM-SEG
-    ``<stem>_seg.dcm`` referring to the input's images (if ``dicom_series``, the input's DICOM series
-    folder, is given) and a summary, which records the model's name and version and ``options``, the
+    ``<stem>_seg.dcm`` referring to the input's images and a DICOM SR ``<stem>_sr.dcm`` of its
+    segments' measurements (if ``dicom_series``, the input's DICOM series folder, is given) and a summary, which records the model's name and version and ``options``, the
     options the result was made with. ``for_import``: for a caller that imports the result at once
     (the Slicer module), only the ``.seg.nrrd``, uncompressed."""
     labels = segmentation.card.labels
@@ -92,7 +92,8 @@ def export_segmentation(segmentation: Segmentation, out: StagedOutput, stem: str
             from .dicomseg import write_dicom_seg
 
             started = time.perf_counter()
-            write_dicom_seg(segmentation.labelmap, segmentation.card, dicom_series, out.path(f"{stem}_seg.dcm"))
+            write_dicom_seg(segmentation.labelmap, segmentation.card, dicom_series, out.path(f"{stem}_seg.dcm"),
+                            out.path(f"{stem}_sr.dcm"), summary.get("measurements"))
             seconds["DICOM-SEG"] = time.perf_counter() - started
         seconds["write"] = label_files.result()
     summary["seconds"] = {key: round(value, 3) for key, value in seconds.items()}
