@@ -10,8 +10,6 @@ through it: the sheets then touch but share no vertex, and nothing moves.
 from __future__ import annotations
 
 import numpy as np
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import connected_components
 
 
 def _edge_keys(points: np.ndarray, triangles: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -31,7 +29,9 @@ def _twins(points: np.ndarray, triangles: np.ndarray, flipped: set) -> tuple[np.
     consistently oriented."""
     start, end, key = _edge_keys(points, triangles)
     order = np.lexsort((start > end, key))
-    bounds = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1], True])
+    sorted_keys = key[order]
+    bounds = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1], True])
+    del sorted_keys
     sizes = np.diff(bounds)
     twin = np.full(len(key), -1, triangles.dtype)
     pairs = order[bounds[:-1][sizes == 2]], order[bounds[:-1][sizes == 2] + 1]
@@ -60,17 +60,23 @@ def _twins(points: np.ndarray, triangles: np.ndarray, flipped: set) -> tuple[np.
 
 
 def _sheets(twin: np.ndarray) -> np.ndarray:
-    """The sheet of each corner ``3 * face + k``: corners of a vertex joined across twin half-edges.
-    Each corner has two neighbours, one across each of its triangle's edges that meet there."""
+    """The sheet of each corner ``3 * face + k``: corners of a vertex joined across twin half-edges,
+    numbered in the order of their first corner. Crossing the edge that starts at a corner leads to
+    the next corner around its vertex, and crossing back the other edge returns: the sheets are the
+    cycles of that step, found by pointer jumping (each corner takes the smallest corner within 2,
+    4, 8 ... steps ahead until nothing changes: then every cycle has been seen whole)."""
     corner = np.arange(len(twin), dtype=twin.dtype)
-    face, k = corner // 3, corner % 3
-    out_edge, in_edge = corner, 3 * face + (k + 2) % 3  # the half-edges that start and end at the corner
-    # a half-edge's start corner is its twin's end corner, and its end corner its twin's start
-    across_out = 3 * (twin[out_edge] // 3) + (twin[out_edge] % 3 + 1) % 3
-    across_in = twin[in_edge]
-    graph = csr_matrix((np.ones(2 * len(twin), bool), np.stack([across_out, across_in], axis=1).ravel(),
-                        np.arange(0, 2 * len(twin) + 1, 2, dtype=twin.dtype)), shape=(len(twin), len(twin)))
-    return connected_components(graph, directed=False)[1]
+    # a half-edge's start corner is its twin's end corner
+    ahead = 3 * (twin // 3) + (twin % 3 + 1) % 3
+    smallest = corner.copy()
+    while True:
+        reached = np.minimum(smallest, smallest[ahead])
+        ahead = ahead[ahead]
+        if np.array_equal(reached, smallest):
+            break
+        smallest = reached
+    first = smallest == corner
+    return (np.cumsum(first, dtype=twin.dtype) - 1)[smallest]
 
 
 def manifold(points: np.ndarray, unsmoothed: np.ndarray, triangles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
