@@ -312,13 +312,15 @@ def liver_resections(segments: list[dict], lesions: list[dict]) -> list[dict]:
 
 
 def measure(labelmap: Volume, labels: list[Label], margin_mm: float = 10.0, smoothing: float = 0.5,
-            coordinates: str = "LPS") -> dict:
-    """Measurements of every present segment and every lesion (see the module's docstring)."""
+            coordinates: str = "LPS", mesh: SharedMesh | None = None) -> dict:
+    """Measurements of every present segment and every lesion (see the module's docstring), on the
+    labels' shared mesh (``mesh``, or built here with ``smoothing``)."""
     boxes = ndimage.find_objects(labelmap.array)
     present = [label for label in labels if 0 < label.value <= len(boxes) and boxes[label.value - 1] is not None]
     if not present:
         return {"coordinates": coordinates, "margin_mm": margin_mm, "segments": [], "lesions": [], "liver_resections": []}
-    mesh = shared_mesh(labelmap, [label.value for label in present], smoothing, coordinates)
+    if mesh is None:
+        mesh = shared_mesh(labelmap, [label.value for label in present], smoothing, coordinates)
     surfaces = {s.label.value: s for s in surfaces_of(mesh, present, coordinates)}
     matrix = labelmap.ijk_to_lps() if coordinates == "LPS" else labelmap.ijk_to_ras()
     segments, volumes, faces = [], {}, {}

@@ -264,7 +264,7 @@ def build_report(image: Volume, labelmap: Volume, labels: list[Label], model: di
     same grid) adds the regions to check, and ``confidence`` (from ``segment`` with uncertainty) the
     per-segment confidence. ``progress(fraction, message)``
     follows its steps; ``cancel()`` returning True between them stops it (``Cancelled``)."""
-    from .surfaces import extract_surfaces
+    from .surfaces import shared_mesh, surfaces_from_mesh
 
     def step(fraction: float, message: str) -> None:
         if cancel is not None and cancel():
@@ -277,14 +277,15 @@ def build_report(image: Volume, labelmap: Volume, labels: list[Label], model: di
     if uncertainty is not None and not uncertainty.same_grid(image):
         raise InputError("The uncertainty map does not match the image (size, spacing, origin or direction differ)")
     step(0.0, "measuring the segments")
-    measured = measure(labelmap, labels, margin_mm, coordinates=coordinates)
+    mesh = shared_mesh(labelmap, [label.value for label in labels], coordinates=coordinates) if labelmap.array.any() else None
+    measured = measure(labelmap, labels, margin_mm, coordinates=coordinates, mesh=mesh)
     metrics = None
     if reference is not None:
         if not reference.same_grid(image):
             raise InputError("The reference label map does not match the image (size, spacing, origin or direction differ)")
         metrics = evaluate(labelmap, reference, {label.value: label.name for label in labels})
     step(0.6, "surfaces for the 3D view")
-    surfaces = extract_surfaces(labelmap, labels, coordinates=coordinates, max_triangles=REPORT_TRIANGLES)
+    surfaces = surfaces_from_mesh(mesh, labels, coordinates, max_triangles=REPORT_TRIANGLES) if mesh else []
     spacing = " × ".join(f"{s:.3g}" for s in image.spacing)
     version = f", version {html.escape(model['version'])}" if model.get("version") else ""
     named = f"<b>{html.escape(image_name)}</b>, " if image_name else ""

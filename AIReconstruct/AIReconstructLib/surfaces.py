@@ -233,10 +233,17 @@ def extract_surfaces(labelmap: Volume, labels: list[Label], smoothing: float = 0
     remove (0 to <1) and ``max_triangles`` a cap per surface (whichever removes more). Points are in
     ``coordinates`` ("LPS" or "RAS") millimetres; neighbours share their faces exactly.
     """
-    by_value = {label.value: label for label in labels}
     if not labelmap.array.any():
         return []
-    mesh = shared_mesh(labelmap, list(by_value), smoothing, coordinates)
+    mesh = shared_mesh(labelmap, [label.value for label in labels], smoothing, coordinates)
+    return surfaces_from_mesh(mesh, labels, coordinates, decimate_fraction, max_triangles)
+
+
+def surfaces_from_mesh(mesh: SharedMesh, labels: list[Label], coordinates: str, decimate_fraction: float = 0.0,
+                       max_triangles: int | None = None) -> list[Surface]:
+    """The surfaces of :func:`extract_surfaces` from a shared mesh already built (the report's
+    measurements and its 3D view use one)."""
+    by_value = {label.value: label for label in labels}
     counts = triangle_counts(mesh)
     reduction = {value: max(decimate_fraction, 1.0 - max_triangles / n if max_triangles else 0.0)
                  for value, n in counts.items() if value in by_value}
