@@ -33,7 +33,7 @@ from .networks import build_network, load_network, save_weights, unique_state
 from .predict import Predictor
 from .preprocess import in_array_order, normalise, prepare, restore_labels
 from .training_data import PatchSampler, load_case
-from .volume import Volume
+from .volume import Volume, kji_to_patient
 
 GUIDANCE = ("include points", "exclude points", "current segment")
 
@@ -267,7 +267,7 @@ class GuidedRefiner:
         low = np.maximum(np.floor(centre - half).astype(int), 0)
         high = np.minimum(np.ceil(centre + half).astype(int) + 1, mask.shape)
         region = tuple(slice(a, b) for a, b in zip(low, high))
-        origin = volume.ijk_to_lps()[:3, :3] @ low[::-1] + volume.ijk_to_lps()[:3, 3]
+        origin = kji_to_patient(low, volume.ijk_to_lps())
         image_spec = self.card.channels[0]
         crop = Volume(normalise(volume.array, image_spec["normalisation"])[region], volume.spacing, origin, volume.direction)
         local = [Click(tuple(np.array(c.kji) - low), c.positive) for c in clicks]

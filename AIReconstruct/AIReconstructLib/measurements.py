@@ -25,7 +25,7 @@ from scipy.spatial import ConvexHull, cKDTree
 from .modelcard import Label
 from .postprocess import largest_parts
 from .surfaces import SharedMesh, mesh_measurements, shared_mesh, surfaces_of
-from .volume import Volume
+from .volume import Volume, kji_to_patient
 
 LESION_CATEGORY = "49755003"  # SNOMED CT "Morphologically Altered Structure"
 MAX_LESION_PARTS = 20  # separate parts of a lesion label measured one by one, largest first
@@ -216,11 +216,6 @@ def _resection_ml(labelmap: Volume, box, value: int, organ: list[int], margin_mm
     return float(np.count_nonzero(removed)) * labelmap.voxel_volume_ml
 
 
-def _to_patient(kji: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """Voxel indices ``[..., (k, j, i)]`` (fractional too) as patient mm, by a 4x4 index-to-patient matrix."""
-    return kji[..., ::-1] @ matrix[:3, :3].T + matrix[:3, 3]
-
-
 def lesion_parts(labelmap: Volume, labels: list[Label], coordinates: str = "LPS") -> dict[str, dict]:
     """Each lesion label present: how many separate parts it has (several metastases, nodules), and
     the largest :data:`MAX_LESION_PARTS` of them, largest first: volume (mL) and centre (patient mm)."""
@@ -235,7 +230,7 @@ def lesion_parts(labelmap: Volume, labels: list[Label], coordinates: str = "LPS"
         starts = [s.start for s in box]
         found[label.name] = {"count": count, "largest": [
             {"volume_ml": round(voxels * labelmap.voxel_volume_ml, 3),
-             "centre_mm": [round(float(c), 1) for c in _to_patient(centre + starts, matrix)]}
+             "centre_mm": [round(float(c), 1) for c in kji_to_patient(centre + starts, matrix)]}
             for _, voxels, centre in ranked]}
     return found
 
@@ -274,7 +269,7 @@ def _parts(labelmap: Volume, lesion: _Lesion, organs: dict[int, str], mesh: Shar
         return []
     vertices = _used(triangles, len(mesh.points))
     boundary = lesion.inside & ~ndimage.binary_erosion(lesion.inside)
-    boundary_points = _to_patient(np.argwhere(boundary) + lesion.starts, matrix)
+    boundary_points = kji_to_patient(np.argwhere(boundary) + lesion.starts, matrix)
     nearest = lesion.components[boundary][cKDTree(boundary_points).query(mesh.points[vertices])[1]]
     triangle_part = nearest[np.searchsorted(vertices, triangles[:, 0])]
     parts = []
@@ -283,7 +278,7 @@ def _parts(labelmap: Volume, lesion: _Lesion, organs: dict[int, str], mesh: Shar
         part = {"number": number, "volume_ml": voxels * labelmap.voxel_volume_ml,
                 "largest_diameter_mm": largest_diameter(points),
                 "axial_axes": axial_axes(mesh.points, triangles[triangle_part == part_number], planes),
-                "centroid_mm": [round(float(c), 2) for c in _to_patient(centre, matrix)],
+                "centroid_mm": [round(float(c), 2) for c in kji_to_patient(centre, matrix)],
                 "bordering": _shares(lesion.bordering[lesion.bordering_part == part_number], organs)}
         if capsule is not None and len(points):
             part["capsule_distance_mm"] = _gap(points, capsule)
@@ -329,7 +324,7 @@ def measure(labelmap: Volume, labels: list[Label], margin_mm: float = 10.0, smoo
         inside = labelmap.array[box] == label.value
         volumes[label.value] = np.count_nonzero(inside) * labelmap.voxel_volume_ml
         kji = mask_centre(inside) + [s.start for s in box]
-        centroid = _to_patient(kji, matrix)
+        centroid = kji_to_patient(kji, matrix)
         on_surface = faces[label.value] = np.flatnonzero((mesh.pairs == label.value).any(axis=1))
         surface = mesh_measurements(surfaces[label.value].polydata)
         segments.append({"name": label.name, "value": label.value, "lesion": is_lesion(label),

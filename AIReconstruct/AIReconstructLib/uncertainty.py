@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from .modelcard import Label
 from .postprocess import largest_parts
-from .volume import Volume
+from .volume import Volume, kji_to_patient
 
 
 DROPOUT_SAMPLES = 8  # Monte-Carlo dropout samples unless the card's inference.dropout_samples says otherwise
@@ -102,7 +102,7 @@ def flagged_regions(uncertainty: Volume, threshold: float = 0.5, min_ml: float =
         return []
     means = ndimage.mean(uncertainty.array, components, [number for number, _, _ in kept])
     matrix = uncertainty.ijk_to_lps() if coordinates == "LPS" else uncertainty.ijk_to_ras()
-    return [{"centre_mm": [round(float(c), 1) for c in matrix[:3, :3] @ centre[::-1] + matrix[:3, 3]],
+    return [{"centre_mm": [round(float(c), 1) for c in kji_to_patient(centre, matrix)],
              "size_ml": round(voxels * uncertainty.voxel_volume_ml, 3), "mean_uncertainty": round(float(mean), 3)}
             for (_, voxels, centre), mean in zip(kept, means)]
 

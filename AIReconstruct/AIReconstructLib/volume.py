@@ -19,6 +19,12 @@ import numpy as np
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
+def kji_to_patient(kji: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Voxel indices ``[..., (k, j, i)]`` (fractional too) as patient mm, by a 4x4 index-to-patient
+    matrix (:meth:`Volume.ijk_to_lps` or :meth:`Volume.ijk_to_ras`)."""
+    return np.asarray(kji)[..., ::-1] @ matrix[:3, :3].T + matrix[:3, 3]
+
+
 @dataclass(frozen=True)
 class Volume:
     """A 3D scalar image with its geometry (array ``[k, j, i]``, LPS physical space)."""
@@ -73,8 +79,8 @@ class Volume:
 
     def cropped(self, box: tuple[slice, slice, slice]) -> "Volume":
         """The block ``array[box]`` (slices along k, j, i with steps of 1) where it lies in space."""
-        first_voxel = [box[2].start, box[1].start, box[0].start, 1]
-        return replace(self, array=self.array[box], origin=tuple((self.ijk_to_lps() @ first_voxel)[:3]))
+        first_voxel = [part.start for part in box]
+        return replace(self, array=self.array[box], origin=tuple(kji_to_patient(first_voxel, self.ijk_to_lps())))
 
     def with_block(self, block: np.ndarray, box: tuple[slice, slice, slice], fill=0) -> "Volume":
         """This grid holding ``block`` at ``box`` (as :meth:`cropped` cut it) and ``fill`` elsewhere."""
