@@ -23,7 +23,7 @@ from AIReconstructLib.modelcard import Label
 from AIReconstructLib.scene import write_scene
 from AIReconstructLib.segnrrd import terminology_from_string
 from AIReconstructLib.surfaces import SCENE_FORMATS, Surface, mesh_file_name, write_mesh
-from AIReconstructLib.volume import Volume
+from AIReconstructLib.volume import LPS_TO_RAS, Volume
 
 
 MADE_BY = ("AIReconstruct.Model", "AIReconstruct.ModelVersion")  # node attributes: the model that made a segmentation
@@ -172,15 +172,19 @@ def segments_for_report(segmentation_node) -> tuple:
     return volume_node, image, labelmap, labels
 
 
+def _ras_point(position, coordinates: str):
+    """A position in patient mm (``coordinates``: LPS or RAS) as the RAS point Slicer's markups take."""
+    return vtk.vtkVector3d(*(LPS_TO_RAS @ np.asarray(position, float) if coordinates == "LPS" else position))
+
+
 def add_point_list(scene, places: list[tuple[str, list]], name: str, coordinates: str = "LPS"):
     """A locked point list with one point per (label, centre in patient mm), so that the Markups
     module's list can jump the slice views to each; ``None`` if there are none."""
     if not places:
         return None
     points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
-    flip = (-1.0, -1.0, 1.0) if coordinates == "LPS" else (1.0, 1.0, 1.0)  # Slicer's points are RAS
     for label, centre in places:
-        index = points.AddControlPoint(vtk.vtkVector3d(*[c * f for c, f in zip(centre, flip)]), label)
+        index = points.AddControlPoint(_ras_point(centre, coordinates), label)
         points.SetNthControlPointLocked(index, True)
     return points
 
@@ -189,7 +193,6 @@ def add_axis_lines(scene, lesions: list[dict], colours: dict, coordinates: str =
     """Line markups of each lesion's (or each of its parts') long and short axes on the axial slices
     (the report's measurements), in the lesion's colour: the rulers a radiologist draws for RECIST,
     which Slicer labels with their length and which can be moved to adjust them."""
-    flip = (-1.0, -1.0, 1.0) if coordinates == "LPS" else (1.0, 1.0, 1.0)  # Slicer's points are RAS
     lines = []
     for lesion in lesions:
         for part in lesion.get("parts") or [lesion]:
@@ -200,7 +203,7 @@ def add_axis_lines(scene, lesions: list[dict], colours: dict, coordinates: str =
             for axis in ("long", "short"):
                 line = scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", f"{name} {axis} axis")
                 for end in axes[f"{axis}_axis_ends_mm"]:
-                    line.AddControlPoint(vtk.vtkVector3d(*[c * f for c, f in zip(end, flip)]))
+                    line.AddControlPoint(_ras_point(end, coordinates))
                 line.CreateDefaultDisplayNodes()
                 if lesion["name"] in colours:
                     line.GetDisplayNode().SetSelectedColor(*colours[lesion["name"]])
