@@ -12,6 +12,15 @@ from __future__ import annotations
 import numpy as np
 
 
+def used_points(triangles: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The points (of ``count``) that ``triangles`` use, as their indices in order, and the triangles
+    indexing those: a surface's own points out of a shared mesh's (``np.unique`` with its inverse,
+    without sorting)."""
+    used = np.zeros(count, bool)
+    used[triangles.ravel()] = True
+    return np.flatnonzero(used), (np.cumsum(used) - 1)[triangles]
+
+
 def _edge_keys(points: np.ndarray, triangles: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each half-edge ``3 * face + k`` (corner k to corner k + 1): start vertex, end vertex, and a key
     shared by the half-edges of the same undirected edge."""
@@ -92,8 +101,8 @@ def manifold(points: np.ndarray, unsmoothed: np.ndarray, triangles: np.ndarray) 
     for _ in range(3):
         twins = _twins(unsmoothed, triangles, flipped)
         if twins is None:
-            used, inverse = np.unique(triangles, return_inverse=True)
-            return points[used], inverse.reshape(-1, 3)
+            used, own = used_points(triangles, len(points))
+            return points[used], own
         twin, shared_edges = twins
         sheet = _sheets(twin)  # a sheet's corners are all of one vertex: each sheet is a copy of it
         if not len(shared_edges):

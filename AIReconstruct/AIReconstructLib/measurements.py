@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, cKDTree
 
+from .manifold import used_points
 from .modelcard import Label
 from .postprocess import largest_parts
 from .surfaces import SharedMesh, mesh_measurements, shared_mesh, surfaces_of
@@ -159,15 +160,8 @@ def mask_centre(mask: np.ndarray) -> np.ndarray:
     return np.array([(count * np.arange(len(count))).sum() / count.sum() for count in counts])
 
 
-def _used(triangles: np.ndarray, count: int) -> np.ndarray:
-    """The indices of the points that ``triangles`` use, in order (as ``np.unique``, without sorting)."""
-    used = np.zeros(count, bool)
-    used[triangles.ravel()] = True
-    return np.flatnonzero(used)
-
-
 def _vertices(mesh: SharedMesh, faces: np.ndarray) -> np.ndarray:
-    return mesh.points[_used(mesh.triangles[faces], len(mesh.points))]
+    return mesh.points[used_points(mesh.triangles[faces], len(mesh.points))[0]]
 
 
 def _gap(points: np.ndarray, tree: cKDTree) -> float:
@@ -267,11 +261,11 @@ def _parts(labelmap: Volume, lesion: _Lesion, organs: dict[int, str], mesh: Shar
     vertex, each voxel around the lesion to a part it touches."""
     if lesion.count < 2:
         return []
-    vertices = _used(triangles, len(mesh.points))
+    vertices, own = used_points(triangles, len(mesh.points))
     boundary = lesion.inside & ~ndimage.binary_erosion(lesion.inside)
     boundary_points = kji_to_patient(np.argwhere(boundary) + lesion.starts, matrix)
     nearest = lesion.components[boundary][cKDTree(boundary_points).query(mesh.points[vertices])[1]]
-    triangle_part = nearest[np.searchsorted(vertices, triangles[:, 0])]
+    triangle_part = nearest[own[:, 0]]
     parts = []
     for number, (part_number, voxels, centre) in enumerate(lesion.ranked, start=1):
         points = mesh.points[vertices[nearest == part_number]]  # the vertices of this part's surface

@@ -31,7 +31,7 @@ from vtkmodules.vtkIOXML import vtkXMLPolyDataWriter
 
 from .errors import OutputError
 from .io import atomic_path
-from .manifold import manifold
+from .manifold import manifold, used_points
 from .modelcard import Label
 from .volume import Volume
 
@@ -183,8 +183,8 @@ def _simplified_meshoptimizer(points32: np.ndarray, triangles: np.ndarray, keep:
 def _simplified_vtk(points: np.ndarray, triangles: np.ndarray, keep: int) -> np.ndarray:
     """vtkDecimatePro with border vertices kept, for hosts without meshoptimizer (it needs a C++
     compiler to install); the kept points carry their index in ``points`` through the filter."""
-    used, inverse = np.unique(triangles, return_inverse=True)
-    poly = _polydata(points[used], inverse.reshape(-1, 3))
+    used, own = used_points(triangles, len(points))
+    poly = _polydata(points[used], own)
     poly.GetPointData().AddArray(numpy_support.numpy_to_vtkIdTypeArray(used.astype(np.int64), deep=True))
     poly.GetPointData().GetArray(0).SetName("index")
     pro = vtkDecimatePro()
