@@ -4,6 +4,7 @@ FedAvg computed by hand from each site's own training."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -150,6 +151,20 @@ def _wait_for_port(port: int, seconds: float = 60.0) -> None:
     raise TimeoutError(f"nothing listens on port {port}")
 
 
+def _run_status(bin_folder: Path, env: dict, run_output: str) -> str:
+    """The SuperLink's status of the run that ``flwr run`` printed it started, with its details."""
+    started = re.search(r"Successfully started run (\d+)", run_output)
+    if not started:
+        return "not started"
+    listing = subprocess.run([bin_folder / "flwr", "ls", "test", "--run-id", started[1], "--format", "json"], env=env,
+                             capture_output=True, encoding="utf-8", errors="replace", timeout=60)
+    try:
+        run = json.loads(listing.stdout)["runs"][0]
+    except (ValueError, KeyError, IndexError):
+        return f"unknown ({listing.stdout[-500:]} {listing.stderr[-500:]})"
+    return f"{run['status']} {run['status-details']}"
+
+
 def test_the_flower_app_runs_on_a_real_superlink_with_three_supernodes(sites, tmp_path):
     """The deployment path of docs/federated.md on one machine: a SuperLink, one SuperNode process per
     site naming its data folder, and ``flwr run`` of the project's Flower App (without TLS here)."""
@@ -160,28 +175,37 @@ def test_the_flower_app_runs_on_a_real_superlink_with_three_supernodes(sites, tm
     (tmp_path / "flwr").mkdir()
     (tmp_path / "flwr" / "config.toml").write_text(
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ["superlink", *(f"supernode{n}" for n in range(3))]}
     processes = [subprocess.Popen([bin_folder / "flower-superlink", "--insecure", "--port", str(link),
                                    "--disable-runtime-dependency-installation"], env=env, cwd=tmp_path,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+                                  stdout=logs["superlink"], stderr=subprocess.STDOUT)]
     try:
         _wait_for_port(link)
-        for folder in folders:
+        for n, folder in enumerate(folders):
             processes.append(subprocess.Popen(
                 [bin_folder / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
                  "--port", str(_free_port()), "--node-config", f'data-folder="{folder}"'],
-                env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                env=env, cwd=tmp_path, stdout=logs[f"supernode{n}"], stderr=subprocess.STDOUT))
         output = tmp_path / "model"
-        run = subprocess.run(
-            [bin_folder / "flwr", "run", str(Path(__file__).parents[1] / "federation"), "test", "--stream",
-             "--run-config", f'sites=3 rounds=1 local-iterations=1 output="{output}" name="deployed" '
-                             'patch-size="32 32 32" spacing="8 8 8"'],
-            env=env, cwd=tmp_path, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
-        assert (output / "card.json").is_file(), run.stdout[-3000:] + run.stderr[-3000:]
+        for _ in range(2):  # a second run only where the SuperLink lost the ServerApp's heartbeat (a loaded machine)
+            run = subprocess.run(
+                [bin_folder / "flwr", "run", str(Path(__file__).parents[1] / "federation"), "test", "--stream",
+                 "--run-config", f'sites=3 rounds=1 local-iterations=1 output="{output}" name="deployed" '
+                                 'patch-size="32 32 32" spacing="8 8 8"'],
+                env=env, cwd=tmp_path, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+            status = _run_status(bin_folder, env, run.stdout)
+            if "No heartbeat" not in status:
+                break
     finally:
         for process in processes:
             process.terminate()
         for process in processes:
             process.wait(timeout=30)
+        for log in logs.values():
+            log.close()
+    assert (output / "card.json").is_file(), "\n".join(
+        [f"flwr run exited with {run.returncode}; the run: {status}", run.stdout[-3000:], run.stderr[-3000:]] +
+        [f"--- {name}:\n" + (tmp_path / f"{name}.log").read_text(errors="replace")[-3000:] for name in logs])
     card = load_card(output / "card.json")
     assert card.name == "deployed" and card.data["training"]["federated"]["cases_per_site"] == \
         {"site_0": 1, "site_1": 2, "site_2": 1}
