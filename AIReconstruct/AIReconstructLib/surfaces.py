@@ -160,7 +160,7 @@ def shared_mesh(labelmap: Volume, values: list[int], smoothing: float = 0.5, coo
 
 def _patches(mesh: SharedMesh):
     """Split the mesh into patches, one per pair of touching labels (low, high), wound outward from low."""
-    low, high = mesh.pairs.min(axis=1), mesh.pairs.max(axis=1)
+    low, high = np.minimum(mesh.pairs[:, 0], mesh.pairs[:, 1]), np.maximum(mesh.pairs[:, 0], mesh.pairs[:, 1])
     triangles = np.where((mesh.pairs[:, 0] == low)[:, None], mesh.triangles, mesh.triangles[:, ::-1])
     key = low * (int(high.max()) + 1) + high
     order = np.argsort(key.astype(np.min_scalar_type(key.max())), kind="stable")  # a radix sort when small
@@ -221,8 +221,9 @@ def decimate(mesh: SharedMesh, reduction: dict[int, float]) -> SharedMesh:
 
 def triangle_counts(mesh: SharedMesh) -> dict[int, int]:
     """Triangles of each label's closed surface (a shared face counts for both sides)."""
-    values, counts = np.unique(mesh.pairs, return_counts=True)
-    return dict(zip(values.tolist(), counts.tolist()))
+    counts = np.bincount(mesh.pairs.ravel())
+    values = np.flatnonzero(counts)
+    return dict(zip(values.tolist(), counts[values].tolist()))
 
 
 def extract_surfaces(labelmap: Volume, labels: list[Label], smoothing: float = 0.5, decimate_fraction: float = 0.0,
