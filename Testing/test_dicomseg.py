@@ -52,31 +52,37 @@ def test_dicom_seg_refers_to_its_series_with_the_cards_segments(tmp_path, series
     np.testing.assert_array_equal(_labels_per_slice(path, series, labels.shape[0]), expected)
 
 
-def _measurement_groups(sr_path) -> dict:
-    """The SR's volumetric measurement groups by the segment number they refer to: {name: value}."""
+def _measurement_groups(sr_path) -> tuple:
+    """The SR, its volumetric measurement groups' volumes by the segment number they refer to, and
+    its planar groups' axes by their tracking identifier: {name: (long, short, long axis ends)}."""
     from pydicom.sr.codedict import codes
 
     sr = hd.sr.srread(sr_path)
     report = hd.sr.MeasurementReport.from_sequence([sr])  # the SR document is the root content item
-    groups = {}
-    for group in report.get_volumetric_roi_measurement_groups():
-        measured = {name: group.get_measurements(name=code) for name, code in
-                    (("volume", codes.SCT.Volume), ("long", codes.SCT.LongAxis), ("short", codes.SCT.ShortAxis))}
-        groups[group.referenced_segment.referenced_segment_numbers[0]] = {
-            name: found[0].value for name, found in measured.items() if found}
-    return sr, groups
+    volumes = {group.referenced_segment.referenced_segment_numbers[0]: [m.value for m in group.get_measurements()]
+               for group in report.get_volumetric_roi_measurement_groups()}
+    axes = {group.tracking_identifier: (group.get_measurements(name=codes.SCT.LongAxis)[0].value,
+                                        group.get_measurements(name=codes.SCT.ShortAxis)[0].value,
+                                        group.roi.value)
+            for group in report.get_planar_roi_measurement_groups()}
+    return sr, volumes, axes
 
 
-def test_a_measurement_report_refers_to_the_segments_with_their_volumes_and_a_lesions_axes(tmp_path, series):
-    """Beside the DICOM-SEG, a DICOM SR (TID 1500) gives each segment present its volume and a
-    lesion its axial long and short axes (the report's measurements), each group referring to its
-    segment of the SEG, the model as the observing device."""
-    from AIReconstructLib.measurements import measure
-
+def _card_with_a_lesion(tmp_path):
+    """The tiny test model's card with its second label a mass (a lesion, which is measured)."""
     card = tiny_card()
     card["labels"][1]["terminology"] = {"category": ["SCT", "49755003", "Morphologically Altered Structure"],
                                         "type": ["SCT", "4147007", "Mass"]}
-    card = load_card(write_model(tmp_path / "model", card))
+    return load_card(write_model(tmp_path / "model", card))
+
+
+def test_a_measurement_report_refers_to_the_segments_with_their_volumes_and_a_lesions_axes(tmp_path, series):
+    """Beside the DICOM-SEG, a DICOM SR (TID 1500) gives each segment present its volume, each group
+    referring to its segment of the SEG, and a lesion its axial long and short axes (the report's
+    measurements) in a planar group whose region is the long axis; the model as the observing device."""
+    from AIReconstructLib.measurements import measure
+
+    card = _card_with_a_lesion(tmp_path)
     image = read_volume(series)
     labels = np.zeros(image.array.shape, np.uint8)
     labels[2:14, 8:32, 10:38] = 1
@@ -84,23 +90,49 @@ def test_a_measurement_report_refers_to_the_segments_with_their_volumes_and_a_le
     labelmap = image.with_array(labels)
     measured = measure(labelmap, card.labels)
     write_dicom_seg(labelmap, card, series, tmp_path / "seg.dcm", tmp_path / "sr.dcm", measured)
-    sr, groups = _measurement_groups(tmp_path / "sr.dcm")
+    sr, volumes, axes = _measurement_groups(tmp_path / "sr.dcm")
     seg = hd.seg.segread(tmp_path / "seg.dcm")
     assert sr.StudyInstanceUID == seg.StudyInstanceUID and sr.SeriesInstanceUID != seg.SeriesInstanceUID
     assert seg.SOPInstanceUID in {item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
                                   for study in sr.CurrentRequestedProcedureEvidenceSequence
                                   for item in study.ReferencedSeriesSequence}
     voxel_ml = image.voxel_volume_ml
-    assert groups[1]["volume"] == pytest.approx((labels == 1).sum() * voxel_ml)  # segment 1: organ, no axes
-    assert set(groups[1]) == {"volume"}
+    assert {number: volume for number, (volume,) in volumes.items()} == pytest.approx(
+        {1: (labels == 1).sum() * voxel_ml, 2: (labels == 2).sum() * voxel_ml})  # segments: volume only
     (lesion,) = measured["lesions"]
-    assert groups[2] == pytest.approx({"volume": (labels == 2).sum() * voxel_ml,
-                                       "long": lesion["axial_axes"]["long_axis_mm"],
-                                       "short": lesion["axial_axes"]["short_axis_mm"]})
+    (name, (long, short, line)), = axes.items()
+    assert name == lesion["name"] and (long, short) == pytest.approx(
+        (lesion["axial_axes"]["long_axis_mm"], lesion["axial_axes"]["short_axis_mm"]))
+    np.testing.assert_allclose(line, lesion["axial_axes"]["long_axis_ends_mm"], atol=1e-6)  # LPS, as measured
 
     write_dicom_seg(image.with_array(np.where(labels == 2, 0, labels)), card, series, tmp_path / "seg2.dcm",
                     tmp_path / "sr2.dcm")
     assert list(_measurement_groups(tmp_path / "sr2.dcm")[1]) == [1]  # only segments present are measured
+
+
+def test_each_part_of_a_lesion_label_has_its_axes_in_the_measurement_report(tmp_path, series):
+    """Several lesions in one label (lung nodules, metastases): each part measured gets its own
+    planar group, named by its number (largest first), its long axis in the scan's patient
+    coordinates (LPS) also where the measurements were taken in RAS."""
+    from AIReconstructLib.measurements import measure
+
+    card = _card_with_a_lesion(tmp_path)
+    image = read_volume(series)
+    labels = np.zeros(image.array.shape, np.uint8)
+    labels[2:14, 4:30, 4:30] = 1
+    labels[4:10, 8:16, 8:20] = 2
+    labels[5:9, 20:26, 18:24] = 2
+    labelmap = image.with_array(labels)
+    measured = measure(labelmap, card.labels, coordinates="RAS")
+    write_dicom_seg(labelmap, card, series, tmp_path / "seg.dcm", tmp_path / "sr.dcm", measured)
+    _, _, axes = _measurement_groups(tmp_path / "sr.dcm")
+    (lesion,) = measured["lesions"]
+    assert [part["number"] for part in lesion["parts"]] == [1, 2] and "axial_axes" not in lesion
+    assert list(axes) == [f"{lesion['name']}, part 1", f"{lesion['name']}, part 2"]
+    for part, (long, short, line) in zip(lesion["parts"], axes.values()):
+        assert (long, short) == pytest.approx((part["axial_axes"]["long_axis_mm"], part["axial_axes"]["short_axis_mm"]))
+        np.testing.assert_allclose(line, np.asarray(part["axial_axes"]["long_axis_ends_mm"]) * [-1, -1, 1], atol=1e-6)
+    assert axes[f"{lesion['name']}, part 1"][0] > axes[f"{lesion['name']}, part 2"][0]
 
 
 def test_dicom_seg_needs_the_series_the_segmentation_lies_on(tmp_path, series, tiny_model):
@@ -124,8 +156,8 @@ def test_segment_writes_a_dicom_seg_of_its_dicom_input(tmp_path, series, tiny_mo
     summary = json.loads((out / "series_summary.json").read_text(encoding="utf-8"))
     assert "DICOM-SEG" in summary["seconds"]
     names = {label.value: label.name for label in load_card(tiny_model).labels}
-    _, groups = _measurement_groups(out / "series_sr.dcm")  # the volumes the summary gives, in the SR
-    assert {names[number]: group["volume"] for number, group in groups.items()} == pytest.approx(
+    _, volumes, _ = _measurement_groups(out / "series_sr.dcm")  # the volumes the summary gives, in the SR
+    assert {names[number]: volume for number, (volume,) in volumes.items()} == pytest.approx(
         {name: volume for name, volume in summary["volumes_ml"].items() if volume > 0})
     nifti = write_volume(ct_volume, tmp_path / "ct.nii.gz")
     capsys.readouterr()

@@ -2,7 +2,7 @@
 it was made from, so that it can be stored in a PACS beside the images and opened by DICOM viewers
 (3D Slicer reads it with its QuantitativeReporting extension), and beside it a DICOM SR measurement
 report (TID 1500, the form QuantitativeReporting and PACS viewers read) of each segment's volume and
-each lesion's axial long and short axes. Uses highdicom (the ``dicom`` extra).
+each lesion's (or lesion part's) axial long and short axes. Uses highdicom (the ``dicom`` extra).
 
 Each of the card's labels is one segment (numbered 1, 2, ... in the card's order), with the label's
 SNOMED CT category and type, its colour, and the model as the segmenting algorithm ("AUTOMATIC").
@@ -21,7 +21,7 @@ from .dataset import GENERIC_TISSUE
 from .errors import AIReconstructError, InputError, OutputError
 from .io import atomic_path
 from .modelcard import Label, ModelCard
-from .volume import Volume
+from .volume import LPS_TO_RAS, Volume
 
 
 def series_folder_of(path: str | os.PathLike) -> Path:
@@ -110,36 +110,62 @@ def _dicom_segmentation(labelmap: Volume, card: ModelCard, series_folder: Path):
     return segmentation, sources, labels
 
 
+def _axes_groups(segmentation, labels: list[Label], measured: dict, algorithm) -> list:
+    """TID 1410 planar measurement groups of the lesions' axial long and short axes (``measured``:
+    the report's measurements): one for each lesion, or for each part of a lesion label of several,
+    its region the long axis (a line on the axial slice, in the scan's frame of reference), named
+    after the lesion (and the part's number, largest first) and typed as its segment."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    to_lps = LPS_TO_RAS if measured["coordinates"] == "RAS" else np.eye(3)  # its own inverse
+    by_name = {label.name: label for label in labels}
+    groups = []
+    for lesion in measured["lesions"]:
+        several = len(lesion.get("parts") or []) > 1
+        for part in lesion.get("parts") or [lesion]:
+            axes = part.get("axial_axes")
+            if not axes:
+                continue
+            name = f"{lesion['name']}, part {part['number']}" if several else lesion["name"]
+            line = hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.POLYLINE,
+                                       graphic_data=np.asarray(axes["long_axis_ends_mm"]) @ to_lps,
+                                       frame_of_reference_uid=segmentation.FrameOfReferenceUID)
+            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=name[:64]), referenced_region=line,
+                finding_type=_coded(by_name[lesion["name"]].terminology, "type"),
+                measurements=[hd.sr.Measurement(name=code, value=float(axes[key]), unit=codes.UCUM.Millimeter,
+                                                algorithm_id=algorithm)
+                              for code, key in ((codes.SCT.LongAxis, "long_axis_mm"), (codes.SCT.ShortAxis, "short_axis_mm"))]))
+    return groups
+
+
 def _measurement_report(segmentation, sources: list, labels: list[Label], labelmap: Volume, card: ModelCard,
                         measured: dict | None):
     """A DICOM SR measurement report (TID 1500) of the DICOM-SEG ``segmentation``: for each segment
-    present, its volume, and for a lesion of one part measured (``measured``: the report's
-    measurements), its long and short axes on the axial slices; the model as the observing device
-    and the measurements' algorithm."""
+    present, its volume; with ``measured`` (the report's measurements), each lesion's (or lesion
+    part's) axial long and short axes (:func:`_axes_groups`); the model as the observing device and
+    the measurements' algorithm."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     millilitre = hd.sr.CodedConcept(value="ml", scheme_designator="UCUM", meaning="milliliter")
     algorithm = hd.sr.AlgorithmIdentification(name=card.name[:64], version=str(card.data.get("version", "")))
-    axes = {lesion["name"]: lesion["axial_axes"] for lesion in (measured or {}).get("lesions", [])
-            if lesion.get("axial_axes")}
     counts = np.bincount(labelmap.array.ravel(), minlength=labels[-1].value + 1)
     groups = []
     for number, label in enumerate(labels, start=1):
         if not counts[label.value]:
             continue
-        measurements = [hd.sr.Measurement(name=codes.SCT.Volume, value=float(counts[label.value]) * labelmap.voxel_volume_ml,
-                                          unit=millilitre, algorithm_id=algorithm)]
-        if label.name in axes:
-            measurements += [hd.sr.Measurement(name=name, value=float(axes[label.name][key]), unit=codes.UCUM.Millimeter,
-                                               algorithm_id=algorithm)
-                             for name, key in ((codes.SCT.LongAxis, "long_axis_mm"), (codes.SCT.ShortAxis, "short_axis_mm"))]
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=label.name[:64]),
             referenced_segment=hd.sr.ReferencedSegment(
                 sop_class_uid=segmentation.SOPClassUID, sop_instance_uid=segmentation.SOPInstanceUID,
                 segment_number=number, source_series=hd.sr.SourceSeriesForSegmentation(sources[0].SeriesInstanceUID)),
-            finding_type=_coded(label.terminology, "type"), measurements=measurements))
+            finding_type=_coded(label.terminology, "type"),
+            measurements=[hd.sr.Measurement(name=codes.SCT.Volume, value=float(counts[label.value]) * labelmap.voxel_volume_ml,
+                                            unit=millilitre, algorithm_id=algorithm)]))
+    if measured:
+        groups += _axes_groups(segmentation, labels, measured, algorithm)
     device = hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=(
         hd.sr.DeviceObserverIdentifyingAttributes(uid=hd.UID(), name="AIReconstruct", manufacturer_name="AIReconstruct",
                                                   model_name=card.name[:64])))
