@@ -20,6 +20,8 @@ Prints, for one realistic case measured in one run:
   image the engine runs it on), and the later Slicer run's ratio to that;
 - the peak RSS of that process, of a process that only imports the engine and loads the model, and
   the difference as a multiple of the input's float32 size.
+- how long a fresh process takes to write 300 MiB of new memory, before and after (on a virtual
+  machine whose host reclaims memory, a fresh run's stages pay for it: compare runs with care).
 ``--engine-only`` leaves out the Slicer run and the surfaces, for a machine that has only the
 engine's core libraries (a lent GPU machine: benchmarks/gpu_checks.sh). Not part of the test suite.
 """
@@ -58,6 +60,16 @@ def child_peak_rss_mib(command: list[str]) -> tuple[float, str, float]:
             raise RuntimeError(f"{' '.join(command[:4])} ... failed")
         output.seek(0)
         return seconds, output.read(), usage.ru_maxrss / 1024
+
+
+def first_touch_seconds(mib: int = 300) -> float:
+    """Seconds a fresh process takes to write ``mib`` MiB of new memory: on this virtual machine,
+    whose host reclaims guest memory, from 0.05 s to over 3 s for 300 MiB from one minute to the
+    next; a fresh run pays it in whichever stage first touches memory, so it is printed beside the
+    figures (once before and once after them)."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", f"import numpy; numpy.ones({mib * 2**20 // 8})"], check=True)
+    return time.perf_counter() - started
 
 
 def slicer_run_seconds(image_path: Path, model: str, device: str, fast: bool, runs: int = 5) -> tuple[list, float]:
@@ -138,6 +150,7 @@ def measure(args, work: Path) -> None:
     surfaces = [] if args.engine_only else ["--surfaces"]
     segment_command = engine + ["segment", str(image_path), "-m", args.model, "-o", str(work / "out"), *surfaces,
                                 "--json-progress", *options]
+    touch = [first_touch_seconds()]
     first_seconds, _, _ = child_peak_rss_mib(segment_command)  # the first run converts the network for OpenVINO
     e2e_seconds, stdout, e2e_rss = child_peak_rss_mib(segment_command)
     summary = json.loads(stdout.strip().splitlines()[-1])["summary"]
@@ -216,7 +229,9 @@ def measure(args, work: Path) -> None:
               f"({bare['torch'] / bare['openvino']:.2f}x faster), equal labels on the model grid: {agreement:.6%}")
     print(f"peak RSS: segment run {e2e_rss:.0f} MiB, libraries + model alone {model_rss:.0f} MiB; "
           f"(run - model) / input float32 = {(e2e_rss - model_rss) / input_mib:.2f}x")
-    print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}")
+    touch.append(first_touch_seconds())
+    print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}; "
+          f"a fresh process writing 300 MiB of new memory, before and after: {touch[0]:.2f} / {touch[1]:.2f} s")
 
 
 if __name__ == "__main__":
