@@ -54,17 +54,22 @@ def test_dicom_seg_refers_to_its_series_with_the_cards_segments(tmp_path, series
 
 def _measurement_groups(sr_path) -> tuple:
     """The SR, its volumetric measurement groups' volumes by the segment number they refer to, and
-    its planar groups' axes by their tracking identifier: {name: (long, short, long axis ends)}."""
+    its groups of lesion axes by their tracking identifier: {name: {"long": (length, its line),
+    "short": (length, its line), "mean": the mean diameter}}."""
     from pydicom.sr.codedict import codes
 
     sr = hd.sr.srread(sr_path)
     report = hd.sr.MeasurementReport.from_sequence([sr])  # the SR document is the root content item
     volumes = {group.referenced_segment.referenced_segment_numbers[0]: [m.value for m in group.get_measurements()]
                for group in report.get_volumetric_roi_measurement_groups()}
-    axes = {group.tracking_identifier: (group.get_measurements(name=codes.SCT.LongAxis)[0].value,
-                                        group.get_measurements(name=codes.SCT.ShortAxis)[0].value,
-                                        group.roi.value)
-            for group in report.get_planar_roi_measurement_groups()}
+    axes = {}
+    for group in report.get_image_measurement_groups():
+        (long,), (short,), (mean,) = (group.get_measurements(name=code) for code in
+                                      (codes.SCT.LongAxis, codes.SCT.ShortAxis, codes.SCT.Diameter))
+        assert mean.derivation == codes.SCT.Mean
+        axes[group.tracking_identifier] = {
+            "long": (long.value, long.referenced_coordinates[0].value),
+            "short": (short.value, short.referenced_coordinates[0].value), "mean": mean.value}
     return sr, volumes, axes
 
 
@@ -79,7 +84,8 @@ def _card_with_a_lesion(tmp_path):
 def test_a_measurement_report_refers_to_the_segments_with_their_volumes_and_a_lesions_axes(tmp_path, series):
     """Beside the DICOM-SEG, a DICOM SR (TID 1500) gives each segment present its volume, each group
     referring to its segment of the SEG, and a lesion its axial long and short axes (the report's
-    measurements) in a planar group whose region is the long axis; the model as the observing device."""
+    measurements), each along its line, and their mean, in a group of its own; the model as the
+    observing device."""
     from AIReconstructLib.measurements import measure
 
     card = _card_with_a_lesion(tmp_path)
@@ -100,10 +106,9 @@ def test_a_measurement_report_refers_to_the_segments_with_their_volumes_and_a_le
     assert {number: volume for number, (volume,) in volumes.items()} == pytest.approx(
         {1: (labels == 1).sum() * voxel_ml, 2: (labels == 2).sum() * voxel_ml})  # segments: volume only
     (lesion,) = measured["lesions"]
-    (name, (long, short, line)), = axes.items()
-    assert name == lesion["name"] and (long, short) == pytest.approx(
-        (lesion["axial_axes"]["long_axis_mm"], lesion["axial_axes"]["short_axis_mm"]))
-    np.testing.assert_allclose(line, lesion["axial_axes"]["long_axis_ends_mm"], atol=1e-6)  # LPS, as measured
+    (name, group), = axes.items()
+    assert name == lesion["name"]
+    _assert_axes_as_measured(group, lesion["axial_axes"], np.eye(3))  # LPS, as measured
 
     write_dicom_seg(image.with_array(np.where(labels == 2, 0, labels)), card, series, tmp_path / "seg2.dcm",
                     tmp_path / "sr2.dcm")
@@ -112,8 +117,8 @@ def test_a_measurement_report_refers_to_the_segments_with_their_volumes_and_a_le
 
 def test_each_part_of_a_lesion_label_has_its_axes_in_the_measurement_report(tmp_path, series):
     """Several lesions in one label (lung nodules, metastases): each part measured gets its own
-    planar group, named by its number (largest first), its long axis in the scan's patient
-    coordinates (LPS) also where the measurements were taken in RAS."""
+    group, named by its number (largest first), its axes' lines in the scan's patient coordinates
+    (LPS) also where the measurements were taken in RAS."""
     from AIReconstructLib.measurements import measure
 
     card = _card_with_a_lesion(tmp_path)
@@ -129,10 +134,17 @@ def test_each_part_of_a_lesion_label_has_its_axes_in_the_measurement_report(tmp_
     (lesion,) = measured["lesions"]
     assert [part["number"] for part in lesion["parts"]] == [1, 2] and "axial_axes" not in lesion
     assert list(axes) == [f"{lesion['name']}, part 1", f"{lesion['name']}, part 2"]
-    for part, (long, short, line) in zip(lesion["parts"], axes.values()):
-        assert (long, short) == pytest.approx((part["axial_axes"]["long_axis_mm"], part["axial_axes"]["short_axis_mm"]))
-        np.testing.assert_allclose(line, np.asarray(part["axial_axes"]["long_axis_ends_mm"]) * [-1, -1, 1], atol=1e-6)
-    assert axes[f"{lesion['name']}, part 1"][0] > axes[f"{lesion['name']}, part 2"][0]
+    for part, group in zip(lesion["parts"], axes.values()):
+        _assert_axes_as_measured(group, part["axial_axes"], np.diag([-1.0, -1.0, 1.0]))  # RAS measured, LPS written
+    assert axes[f"{lesion['name']}, part 1"]["long"][0] > axes[f"{lesion['name']}, part 2"]["long"][0]
+
+
+def _assert_axes_as_measured(group: dict, axes: dict, to_lps: np.ndarray) -> None:
+    """A group of the SR holds the measured axes, each along its own line, and their mean."""
+    for key in ("long", "short"):
+        assert group[key][0] == pytest.approx(axes[f"{key}_axis_mm"])
+        np.testing.assert_allclose(group[key][1], np.asarray(axes[f"{key}_axis_ends_mm"]) @ to_lps, atol=1e-6)
+    assert group["mean"] == pytest.approx((axes["long_axis_mm"] + axes["short_axis_mm"]) / 2)
 
 
 def test_dicom_seg_needs_the_series_the_segmentation_lies_on(tmp_path, series, tiny_model):

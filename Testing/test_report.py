@@ -74,7 +74,8 @@ def test_a_brain_tumour_is_shown_in_its_brain_and_gets_no_table_of_organs_around
     axes = measured["lesions"][0]["axial_axes"]  # a ball of radius 5 voxels (10 mm): its diameter both ways
     assert axes["long_axis_mm"] == pytest.approx(20.0, abs=2.0) and axes["short_axis_mm"] == pytest.approx(20.0, abs=2.0)
     assert "<h2>Lesion axes on the axial slices</h2>" in page
-    assert f"<td>whole tumour</td><td>{axes['long_axis_mm']:.1f}</td><td>{axes['short_axis_mm']:.1f}</td>" in page
+    assert (f"<td>whole tumour</td><td>{axes['long_axis_mm']:.1f}</td><td>{axes['short_axis_mm']:.1f}</td>"
+            f"<td>{(axes['long_axis_mm'] + axes['short_axis_mm']) / 2:.1f}</td>") in page  # and their mean
 
     second = tumour.with_array(tumour.array | ((z - 20) ** 2 + (y - 24) ** 2 + (x - 14) ** 2 < 9).astype(np.uint8))
     page, measured = build_report(image, second, card.labels, card.data)

@@ -111,10 +111,11 @@ def _dicom_segmentation(labelmap: Volume, card: ModelCard, series_folder: Path):
 
 
 def _axes_groups(segmentation, labels: list[Label], measured: dict, algorithm) -> list:
-    """TID 1410 planar measurement groups of the lesions' axial long and short axes (``measured``:
-    the report's measurements): one for each lesion, or for each part of a lesion label of several,
-    its region the long axis (a line on the axial slice, in the scan's frame of reference), named
-    after the lesion (and the part's number, largest first) and typed as its segment."""
+    """TID 1501 measurement groups of the lesions' axial long and short axes (``measured``: the
+    report's measurements) and their mean: one for each lesion, or for each part of a lesion label
+    of several, each axis measured along its own line (a two-point SCOORD3D polyline on the axial
+    slice, in the scan's frame of reference), named after the lesion (and the part's number,
+    largest first) and typed as its segment."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -128,15 +129,18 @@ def _axes_groups(segmentation, labels: list[Label], measured: dict, algorithm) -
             if not axes:
                 continue
             name = f"{lesion['name']}, part {part['number']}" if several else lesion["name"]
-            line = hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.POLYLINE,
-                                       graphic_data=np.asarray(axes["long_axis_ends_mm"]) @ to_lps,
-                                       frame_of_reference_uid=segmentation.FrameOfReferenceUID)
-            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=name[:64]), referenced_region=line,
-                finding_type=_coded(by_name[lesion["name"]].terminology, "type"),
-                measurements=[hd.sr.Measurement(name=code, value=float(axes[key]), unit=codes.UCUM.Millimeter,
-                                                algorithm_id=algorithm)
-                              for code, key in ((codes.SCT.LongAxis, "long_axis_mm"), (codes.SCT.ShortAxis, "short_axis_mm"))]))
+            lines = {key: np.asarray(axes[f"{key}_axis_ends_mm"]) @ to_lps for key in ("long", "short")}
+            measurements = [hd.sr.Measurement(
+                name=code, value=float(axes[f"{key}_axis_mm"]), unit=codes.UCUM.Millimeter, algorithm_id=algorithm,
+                referenced_coordinates=[hd.sr.CoordinatesForMeasurement3D(
+                    hd.sr.GraphicTypeValues3D.POLYLINE, lines[key], segmentation.FrameOfReferenceUID)])
+                for code, key in ((codes.SCT.LongAxis, "long"), (codes.SCT.ShortAxis, "short"))]
+            measurements.append(hd.sr.Measurement(  # the nodule size of Lung-RADS and the Fleischner Society
+                name=codes.SCT.Diameter, derivation=codes.SCT.Mean, unit=codes.UCUM.Millimeter, algorithm_id=algorithm,
+                value=(float(axes["long_axis_mm"]) + float(axes["short_axis_mm"])) / 2))
+            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=name[:64]),
+                finding_type=_coded(by_name[lesion["name"]].terminology, "type"), measurements=measurements))
     return groups
 
 

@@ -197,11 +197,13 @@ def _sections(image, labelmap, labels, measured, metrics, surfaces, context) -> 
             for lesion in measured["lesions"] for part in lesion.get("parts") or [lesion] if part.get("axial_axes")]
     if axes:
         parts += ["<h2>Lesion axes on the axial slices</h2>", _table(
-            ["Lesion", "Long axis (mm)", "Short axis (mm)", "Slice at S (mm)"],
+            ["Lesion", "Long axis (mm)", "Short axis (mm)", "Mean diameter (mm)", "Slice at S (mm)"],
             [[html.escape(name), f"{a['long_axis_mm']:.1f}", f"{a['short_axis_mm']:.1f}",
+              f"{(a['long_axis_mm'] + a['short_axis_mm']) / 2:.1f}",
               f"{np.mean([end[2] for end in a['long_axis_ends_mm']]):.1f}"] for name, a in axes]),
             "<p>As RECIST measures them: the longest diameter on any axial slice, and on that slice the "
-            "longest line across the lesion at right angles to it.</p>"]
+            "longest line across the lesion at right angles to it. The mean diameter, their average, is how "
+            "Lung-RADS and the Fleischner Society size a lung nodule.</p>"]
     if any(lesion["organ"] or lesion["distances_mm"] for lesion in measured["lesions"]):  # else only names
         rows = []
         for lesion in measured["lesions"]:
