@@ -69,7 +69,8 @@ def write_dicom_series(folder: Path, volume: Volume, series_uid: str = "1.2.826.
         tags = {"0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125", "0020|000e": series_uid,
                 "0020|0052": "1.2.826.0.1.3680043.2.1125.2",  # frame of reference
                 "0020|0013": str(k + 1), "0020|0032": "\\".join(map(str, position)),
-                "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": str(volume.spacing[2]),
+                "0020|0037": "\\".join(map(str, [*volume.direction[:, 0], *volume.direction[:, 1]])),
+                "0018|0050": str(volume.spacing[2]),
                 "0028|0030": f"{volume.spacing[1]}\\{volume.spacing[0]}"}
         if description:
             tags["0008|103e"] = description

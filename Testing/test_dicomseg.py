@@ -52,25 +52,40 @@ def test_dicom_seg_refers_to_its_series_with_the_cards_segments(tmp_path, series
     np.testing.assert_array_equal(_labels_per_slice(path, series, labels.shape[0]), expected)
 
 
-def _measurement_groups(sr_path) -> tuple:
+def _measurement_groups(sr_path, series_folder=None) -> tuple:
     """The SR, its volumetric measurement groups' volumes by the segment number they refer to, and
-    its groups of lesion axes by their tracking identifier: {name: {"long": (length, its line),
-    "short": (length, its line), "mean": the mean diameter}}."""
+    its groups of lesion axes by their tracking identifier: {name: {"long": (length, its line in
+    LPS, "SCOORD" or "SCOORD3D"), "short": (the same), "mean": the mean diameter}}; lines drawn on a
+    source image are taken to LPS through that image of ``series_folder``."""
     from pydicom.sr.codedict import codes
 
     sr = hd.sr.srread(sr_path)
     report = hd.sr.MeasurementReport.from_sequence([sr])  # the SR document is the root content item
     volumes = {group.referenced_segment.referenced_segment_numbers[0]: [m.value for m in group.get_measurements()]
                for group in report.get_volumetric_roi_measurement_groups()}
+    sources = {} if series_folder is None else {
+        dataset.SOPInstanceUID: dataset for dataset in (pydicom.dcmread(p, stop_before_pixels=True) for p in series_folder.iterdir())}
     axes = {}
     for group in report.get_image_measurement_groups():
         (long,), (short,), (mean,) = (group.get_measurements(name=code) for code in
                                       (codes.SCT.LongAxis, codes.SCT.ShortAxis, codes.SCT.Diameter))
         assert mean.derivation == codes.SCT.Mean
-        axes[group.tracking_identifier] = {
-            "long": (long.value, long.referenced_coordinates[0].value),
-            "short": (short.value, short.referenced_coordinates[0].value), "mean": mean.value}
+        axes[group.tracking_identifier] = {"mean": mean.value, **{
+            key: (measurement.value, *_line_in_lps(measurement.referenced_coordinates[0], sources))
+            for key, measurement in (("long", long), ("short", short))}}
     return sr, volumes, axes
+
+
+def _line_in_lps(coordinates, sources: dict) -> tuple[np.ndarray, str]:
+    """A measurement's line in patient coordinates (LPS), and whether it was given on an image."""
+    if coordinates.ValueType == "SCOORD3D":
+        return np.asarray(coordinates.value), "SCOORD3D"
+    image = sources[coordinates.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID]
+    along_row, along_column = np.reshape(np.asarray(image.ImageOrientationPatient, float), (2, 3))
+    between_rows, between_columns = map(float, image.PixelSpacing)
+    centres = np.asarray(coordinates.value) - 0.5  # (column, row) from the top left corner: pixel centres
+    return (np.asarray(image.ImagePositionPatient, float) + np.outer(centres[:, 0] * between_columns, along_row)
+            + np.outer(centres[:, 1] * between_rows, along_column)), "SCOORD"
 
 
 def _card_with_a_lesion(tmp_path):
@@ -96,7 +111,7 @@ def test_a_measurement_report_refers_to_the_segments_with_their_volumes_and_a_le
     labelmap = image.with_array(labels)
     measured = measure(labelmap, card.labels)
     write_dicom_seg(labelmap, card, series, tmp_path / "seg.dcm", tmp_path / "sr.dcm", measured)
-    sr, volumes, axes = _measurement_groups(tmp_path / "sr.dcm")
+    sr, volumes, axes = _measurement_groups(tmp_path / "sr.dcm", series)
     seg = hd.seg.segread(tmp_path / "seg.dcm")
     assert sr.StudyInstanceUID == seg.StudyInstanceUID and sr.SeriesInstanceUID != seg.SeriesInstanceUID
     assert seg.SOPInstanceUID in {item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
@@ -109,6 +124,7 @@ def test_a_measurement_report_refers_to_the_segments_with_their_volumes_and_a_le
     (name, group), = axes.items()
     assert name == lesion["name"]
     _assert_axes_as_measured(group, lesion["axial_axes"], np.eye(3))  # LPS, as measured
+    assert group["long"][2] == group["short"][2] == "SCOORD"  # an axial series: drawn on its slice
 
     write_dicom_seg(image.with_array(np.where(labels == 2, 0, labels)), card, series, tmp_path / "seg2.dcm",
                     tmp_path / "sr2.dcm")
@@ -130,7 +146,7 @@ def test_each_part_of_a_lesion_label_has_its_axes_in_the_measurement_report(tmp_
     labelmap = image.with_array(labels)
     measured = measure(labelmap, card.labels, coordinates="RAS")
     write_dicom_seg(labelmap, card, series, tmp_path / "seg.dcm", tmp_path / "sr.dcm", measured)
-    _, _, axes = _measurement_groups(tmp_path / "sr.dcm")
+    _, _, axes = _measurement_groups(tmp_path / "sr.dcm", series)
     (lesion,) = measured["lesions"]
     assert [part["number"] for part in lesion["parts"]] == [1, 2] and "axial_axes" not in lesion
     assert list(axes) == [f"{lesion['name']}, part 1", f"{lesion['name']}, part 2"]
@@ -139,11 +155,33 @@ def test_each_part_of_a_lesion_label_has_its_axes_in_the_measurement_report(tmp_
     assert axes[f"{lesion['name']}, part 1"]["long"][0] > axes[f"{lesion['name']}, part 2"]["long"][0]
 
 
+def test_axes_across_the_slices_of_a_coronal_series_are_given_in_patient_coordinates(tmp_path, ct_volume):
+    """On a coronal series the axial slice planes cut across its images: a line not on one image is
+    written as two points in patient coordinates (SCOORD3D) instead of on an image."""
+    from AIReconstructLib.measurements import measure
+
+    coronal = Volume(ct_volume.array, ct_volume.spacing, ct_volume.origin, np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]]))
+    series = write_dicom_series(tmp_path / "coronal", coronal)
+    image = read_volume(series)
+    np.testing.assert_allclose(image.direction, coronal.direction, atol=1e-6)
+    labels = np.zeros(image.array.shape, np.uint8)
+    labels[2:22, 8:32, 10:38] = 1
+    labels[4:20, 15:23, 20:26] = 2  # longest from slice to slice: along the series' slice axis
+    labelmap = image.with_array(labels)
+    card = _card_with_a_lesion(tmp_path)
+    measured = measure(labelmap, card.labels)
+    write_dicom_seg(labelmap, card, series, tmp_path / "seg.dcm", tmp_path / "sr.dcm", measured)
+    (lesion,) = measured["lesions"]
+    (group,) = _measurement_groups(tmp_path / "sr.dcm", series)[2].values()
+    _assert_axes_as_measured(group, lesion["axial_axes"], np.eye(3))
+    assert group["long"][2] == "SCOORD3D"
+
+
 def _assert_axes_as_measured(group: dict, axes: dict, to_lps: np.ndarray) -> None:
     """A group of the SR holds the measured axes, each along its own line, and their mean."""
     for key in ("long", "short"):
         assert group[key][0] == pytest.approx(axes[f"{key}_axis_mm"])
-        np.testing.assert_allclose(group[key][1], np.asarray(axes[f"{key}_axis_ends_mm"]) @ to_lps, atol=1e-6)
+        np.testing.assert_allclose(group[key][1], np.asarray(axes[f"{key}_axis_ends_mm"]) @ to_lps, atol=0.01)
     assert group["mean"] == pytest.approx((axes["long_axis_mm"] + axes["short_axis_mm"]) / 2)
 
 

@@ -110,12 +110,25 @@ def _dicom_segmentation(labelmap: Volume, card: ModelCard, series_folder: Path):
     return segmentation, sources, labels
 
 
-def _axes_groups(segmentation, labels: list[Label], measured: dict, algorithm) -> list:
+def _line_coordinates(ends_lps: np.ndarray, sources: list, labelmap: Volume):
+    """A line's coordinates for a TID 300 measurement: on the source image it lies in (SCOORD, in
+    that image's pixels: the form most DICOM viewers draw) where both ends lie on one slice of the
+    series, else as two points in the scan's patient coordinates (SCOORD3D)."""
+    import highdicom as hd
+
+    ijk = (np.linalg.inv(labelmap.ijk_to_lps()) @ np.c_[ends_lps, np.ones(2)].T)[:3].T
+    k = np.rint(ijk[:, 2])
+    if k[0] == k[1] and np.abs(ijk[:, 2] - k).max() < 0.01 and 0 <= k[0] < len(sources):
+        return hd.sr.CoordinatesForMeasurement(  # (column, row), a pixel's centre at +0.5
+            hd.sr.GraphicTypeValues.POLYLINE, ijk[:, :2] + 0.5, hd.sr.SourceImageForRegion.from_source_image(sources[int(k[0])]))
+    return hd.sr.CoordinatesForMeasurement3D(hd.sr.GraphicTypeValues3D.POLYLINE, ends_lps, sources[0].FrameOfReferenceUID)
+
+
+def _axes_groups(sources: list, labelmap: Volume, labels: list[Label], measured: dict, algorithm) -> list:
     """TID 1501 measurement groups of the lesions' axial long and short axes (``measured``: the
     report's measurements) and their mean: one for each lesion, or for each part of a lesion label
-    of several, each axis measured along its own line (a two-point SCOORD3D polyline on the axial
-    slice, in the scan's frame of reference), named after the lesion (and the part's number,
-    largest first) and typed as its segment."""
+    of several, each axis inferred from its own line (:func:`_line_coordinates`), named after the
+    lesion (and the part's number, largest first) and typed as its segment."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -129,11 +142,10 @@ def _axes_groups(segmentation, labels: list[Label], measured: dict, algorithm) -
             if not axes:
                 continue
             name = f"{lesion['name']}, part {part['number']}" if several else lesion["name"]
-            lines = {key: np.asarray(axes[f"{key}_axis_ends_mm"]) @ to_lps for key in ("long", "short")}
             measurements = [hd.sr.Measurement(
                 name=code, value=float(axes[f"{key}_axis_mm"]), unit=codes.UCUM.Millimeter, algorithm_id=algorithm,
-                referenced_coordinates=[hd.sr.CoordinatesForMeasurement3D(
-                    hd.sr.GraphicTypeValues3D.POLYLINE, lines[key], segmentation.FrameOfReferenceUID)])
+                referenced_coordinates=[_line_coordinates(np.asarray(axes[f"{key}_axis_ends_mm"]) @ to_lps, sources,
+                                                          labelmap)])
                 for code, key in ((codes.SCT.LongAxis, "long"), (codes.SCT.ShortAxis, "short"))]
             measurements.append(hd.sr.Measurement(  # the nodule size of Lung-RADS and the Fleischner Society
                 name=codes.SCT.Diameter, derivation=codes.SCT.Mean, unit=codes.UCUM.Millimeter, algorithm_id=algorithm,
@@ -169,7 +181,7 @@ def _measurement_report(segmentation, sources: list, labels: list[Label], labelm
             measurements=[hd.sr.Measurement(name=codes.SCT.Volume, value=float(counts[label.value]) * labelmap.voxel_volume_ml,
                                             unit=millilitre, algorithm_id=algorithm)]))
     if measured:
-        groups += _axes_groups(segmentation, labels, measured, algorithm)
+        groups += _axes_groups(sources, labelmap, labels, measured, algorithm)
     device = hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=(
         hd.sr.DeviceObserverIdentifyingAttributes(uid=hd.UID(), name="AIReconstruct", manufacturer_name="AIReconstruct",
                                                   model_name=card.name[:64])))
