@@ -19,6 +19,7 @@ import vtk
 from AIReconstructLib.dataset import save_case
 from AIReconstructLib.errors import InputError
 from AIReconstructLib.io import write_volume
+from AIReconstructLib.measurements import lesion_axes
 from AIReconstructLib.modelcard import Label
 from AIReconstructLib.scene import write_scene
 from AIReconstructLib.segnrrd import terminology_from_string
@@ -194,20 +195,16 @@ def add_axis_lines(scene, lesions: list[dict], colours: dict, coordinates: str =
     (the report's measurements), in the lesion's colour: the rulers a radiologist draws for RECIST,
     which Slicer labels with their length and which can be moved to adjust them."""
     lines = []
-    for lesion in lesions:
-        for part in lesion.get("parts") or [lesion]:
-            axes = part.get("axial_axes")
-            if not axes:
-                continue
-            name = f"{lesion['name']} {part['number']}" if "parts" in lesion else lesion["name"]
-            for axis in ("long", "short"):
-                line = scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", f"{name} {axis} axis")
-                for end in axes[f"{axis}_axis_ends_mm"]:
-                    line.AddControlPoint(_ras_point(end, coordinates))
-                line.CreateDefaultDisplayNodes()
-                if lesion["name"] in colours:
-                    line.GetDisplayNode().SetSelectedColor(*colours[lesion["name"]])
-                lines.append(line)
+    for lesion, number, axes in lesion_axes(lesions):
+        name = lesion["name"] if number is None else f"{lesion['name']} {number}"
+        for axis in ("long", "short"):
+            line = scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", f"{name} {axis} axis")
+            for end in axes[f"{axis}_axis_ends_mm"]:
+                line.AddControlPoint(_ras_point(end, coordinates))
+            line.CreateDefaultDisplayNodes()
+            if lesion["name"] in colours:
+                line.GetDisplayNode().SetSelectedColor(*colours[lesion["name"]])
+            lines.append(line)
     return lines
 
 

@@ -20,6 +20,7 @@ from . import __version__
 from .dataset import GENERIC_TISSUE
 from .errors import AIReconstructError, InputError, OutputError
 from .io import atomic_path
+from .measurements import lesion_axes
 from .modelcard import Label, ModelCard
 from .volume import LPS_TO_RAS, Volume
 
@@ -135,24 +136,17 @@ def _axes_groups(sources: list, labelmap: Volume, labels: list[Label], measured:
     to_lps = LPS_TO_RAS if measured["coordinates"] == "RAS" else np.eye(3)  # its own inverse
     by_name = {label.name: label for label in labels}
     groups = []
-    for lesion in measured["lesions"]:
-        several = len(lesion.get("parts") or []) > 1
-        for part in lesion.get("parts") or [lesion]:
-            axes = part.get("axial_axes")
-            if not axes:
-                continue
-            name = f"{lesion['name']}, part {part['number']}" if several else lesion["name"]
-            measurements = [hd.sr.Measurement(
-                name=code, value=float(axes[f"{key}_axis_mm"]), unit=codes.UCUM.Millimeter, algorithm_id=algorithm,
-                referenced_coordinates=[_line_coordinates(np.asarray(axes[f"{key}_axis_ends_mm"]) @ to_lps, sources,
-                                                          labelmap)])
-                for code, key in ((codes.SCT.LongAxis, "long"), (codes.SCT.ShortAxis, "short"))]
-            measurements.append(hd.sr.Measurement(  # the nodule size of Lung-RADS and the Fleischner Society
-                name=codes.SCT.Diameter, derivation=codes.SCT.Mean, unit=codes.UCUM.Millimeter, algorithm_id=algorithm,
-                value=(float(axes["long_axis_mm"]) + float(axes["short_axis_mm"])) / 2))
-            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=name[:64]),
-                finding_type=_coded(by_name[lesion["name"]].terminology, "type"), measurements=measurements))
+    for lesion, number, axes in lesion_axes(measured["lesions"]):
+        name = lesion["name"] if number is None else f"{lesion['name']}, part {number}"
+        measurements = [hd.sr.Measurement(
+            name=code, value=float(axes[f"{key}_axis_mm"]), unit=codes.UCUM.Millimeter, algorithm_id=algorithm,
+            referenced_coordinates=[_line_coordinates(np.asarray(axes[f"{key}_axis_ends_mm"]) @ to_lps, sources, labelmap)])
+            for code, key in ((codes.SCT.LongAxis, "long"), (codes.SCT.ShortAxis, "short"))]
+        measurements.append(hd.sr.Measurement(name=codes.SCT.Diameter, derivation=codes.SCT.Mean, algorithm_id=algorithm,
+                                              value=float(axes["mean_diameter_mm"]), unit=codes.UCUM.Millimeter))
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=name[:64]),
+            finding_type=_coded(by_name[lesion["name"]].terminology, "type"), measurements=measurements))
     return groups
 
 

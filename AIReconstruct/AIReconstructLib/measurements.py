@@ -128,8 +128,8 @@ def _longest_chord_across(segments: np.ndarray, along: np.ndarray, across: np.nd
 def axial_axes(points: np.ndarray, triangles: np.ndarray, planes: tuple[np.ndarray, float, float]) -> dict | None:
     """A lesion's long and short axes as RECIST measures them on axial slices: the longest diameter
     of its cut by any of ``planes`` (see :func:`_axial_planes`; cuts of its smoothed closed surface),
-    and on that slice the longest line across the lesion perpendicular to it; lengths (mm) and ends
-    (patient mm). None where no slice plane cuts the surface."""
+    and on that slice the longest line across the lesion perpendicular to it; lengths (mm), their
+    mean, and ends (patient mm). None where no slice plane cuts the surface."""
     normal, first, spacing = planes
     in_plane = np.linalg.svd(normal[None])[2][1:].T  # two unit vectors across the normal
     heights = (points @ normal)[triangles]
@@ -147,9 +147,19 @@ def axial_axes(points: np.ndarray, triangles: np.ndarray, planes: tuple[np.ndarr
     length, long_ends, segments = best
     along = (long_ends[1] - long_ends[0]) / max(length, 1e-12)
     short_ends = _longest_chord_across(segments, along, np.cross(normal, along))
-    return {"long_axis_mm": length, "short_axis_mm": float(np.linalg.norm(short_ends[1] - short_ends[0])),
+    short = float(np.linalg.norm(short_ends[1] - short_ends[0]))
+    return {"long_axis_mm": length, "short_axis_mm": short,
+            "mean_diameter_mm": (length + short) / 2,  # how Lung-RADS and the Fleischner Society size a nodule
             "long_axis_ends_mm": [[round(float(c), 2) for c in end] for end in long_ends],
             "short_axis_ends_mm": [[round(float(c), 2) for c in end] for end in short_ends]}
+
+
+def lesion_axes(lesions: list[dict]) -> list[tuple[dict, int | None, dict]]:
+    """The axial axes measured in ``lesions`` (the ``lesions`` of :func:`measure`): of each lesion,
+    or of each part of a lesion label of several, as (the lesion's entry, the part's number or None,
+    the axes); those no slice plane cut are left out."""
+    return [(lesion, part["number"] if "parts" in lesion else None, part["axial_axes"])
+            for lesion in lesions for part in lesion.get("parts") or [lesion] if part.get("axial_axes")]
 
 
 def mask_centre(mask: np.ndarray) -> np.ndarray:

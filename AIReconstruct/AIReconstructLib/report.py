@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import Cancelled, InputError, ModelCardError
 from .io import atomic_path
-from .measurements import is_lesion, mask_centre, measure
+from .measurements import is_lesion, lesion_axes, mask_centre, measure
 from .metrics import evaluate
 from .modelcard import Label, ModelCard, find_model
 from .preprocess import reorientation_of, to_canonical
@@ -193,13 +193,13 @@ def _sections(image, labelmap, labels, measured, metrics, surfaces, context) -> 
         ["Segment", "Volume (mL)", "Surface area (cm²)", "Largest diameter (mm)", f"Centroid {measured['coordinates']} (mm)"],
         [[_swatch(by_name.get(s["name"]), s["name"]), f"{s['volume_ml']:.2f}", f"{s['surface_area_cm2']:.1f}",
           f"{s['largest_diameter_mm']:.1f}", ", ".join(f"{c:.1f}" for c in s["centroid_mm"])] for s in measured["segments"]])]
-    axes = [(lesion["name"] if "parts" not in lesion else f"{lesion['name']} #{part['number']}", part["axial_axes"])
-            for lesion in measured["lesions"] for part in lesion.get("parts") or [lesion] if part.get("axial_axes")]
+    axes = [(lesion["name"] if number is None else f"{lesion['name']} #{number}", found)
+            for lesion, number, found in lesion_axes(measured["lesions"])]
     if axes:
         parts += ["<h2>Lesion axes on the axial slices</h2>", _table(
             ["Lesion", "Long axis (mm)", "Short axis (mm)", "Mean diameter (mm)", "Slice at S (mm)"],
             [[html.escape(name), f"{a['long_axis_mm']:.1f}", f"{a['short_axis_mm']:.1f}",
-              f"{(a['long_axis_mm'] + a['short_axis_mm']) / 2:.1f}",
+              f"{a['mean_diameter_mm']:.1f}",
               f"{np.mean([end[2] for end in a['long_axis_ends_mm']]):.1f}"] for name, a in axes]),
             "<p>As RECIST measures them: the longest diameter on any axial slice, and on that slice the "
             "longest line across the lesion at right angles to it. The mean diameter, their average, is how "
