@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test browser clean
+.PHONY: demo test debian-tools clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +22,16 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed-engine
 	$(BIN)/aireconstruct demo --output demo-output
 
-# Debian's Chromium, for the test that opens the HTML report in a real browser (skipped without it)
-browser:
-	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
-	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
-	  || echo "Chromium could not be installed: the report's browser test will be skipped"
+# Debian packages for tests that are skipped, with their reason, without them: Chromium opens the
+# HTML report in a real browser, dicom3tools' validators check the DICOM-SEG and SR (command:package)
+DEBIAN_TOOLS := chromium:chromium dciodvfy:dicom3tools
+debian-tools:
+	@missing="$$(for tool in $(DEBIAN_TOOLS); do command -v $${tool%%:*} >/dev/null || echo $${tool#*:}; done)"; \
+	[ -z "$$missing" ] || [ "$$(id -u)" != 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } \
+	  || echo "Could not install $$missing: the tests that need them will be skipped"
 
-test: $(VENV)/.installed-test browser
+test: $(VENV)/.installed-test debian-tools
 	$(BIN)/python -m pytest
 
 clean:

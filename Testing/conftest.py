@@ -66,7 +66,9 @@ def write_dicom_series(folder: Path, volume: Volume, series_uid: str = "1.2.826.
         position = list(image.TransformIndexToPhysicalPoint((0, 0, k)))
         if z_offsets is not None:
             position[2] += z_offsets[k]
-        tags = {"0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125", "0020|000e": series_uid,
+        tags = {"0010|0010": "Phantom^Test", "0010|0020": "PHANTOM-1", "0020|0010": "1", "0020|0011": "1",
+                "0008|0020": "20261203", "0008|0030": "120000", "0008|0021": "20261203", "0008|0031": "120000",
+                "0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125", "0020|000e": series_uid,
                 "0020|0052": "1.2.826.0.1.3680043.2.1125.2",  # frame of reference
                 "0020|0013": str(k + 1), "0020|0032": "\\".join(map(str, position)),
                 "0020|0037": "\\".join(map(str, [*volume.direction[:, 0], *volume.direction[:, 1]])),

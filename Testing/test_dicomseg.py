@@ -1,6 +1,8 @@
 """DICOM-SEG output: a segmentation that refers to its DICOM series, read back with highdicom."""
 
 import json
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -160,14 +162,8 @@ def test_axes_across_the_slices_of_a_coronal_series_are_given_in_patient_coordin
     written as two points in patient coordinates (SCOORD3D) instead of on an image."""
     from AIReconstructLib.measurements import measure
 
-    coronal = Volume(ct_volume.array, ct_volume.spacing, ct_volume.origin, np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]]))
-    series = write_dicom_series(tmp_path / "coronal", coronal)
-    image = read_volume(series)
-    np.testing.assert_allclose(image.direction, coronal.direction, atol=1e-6)
-    labels = np.zeros(image.array.shape, np.uint8)
-    labels[2:22, 8:32, 10:38] = 1
-    labels[4:20, 15:23, 20:26] = 2  # longest from slice to slice: along the series' slice axis
-    labelmap = image.with_array(labels)
+    series = _coronal_series(tmp_path, ct_volume)
+    labelmap = _coronal_labels(read_volume(series))
     card = _card_with_a_lesion(tmp_path)
     measured = measure(labelmap, card.labels)
     write_dicom_seg(labelmap, card, series, tmp_path / "seg.dcm", tmp_path / "sr.dcm", measured)
@@ -175,6 +171,52 @@ def test_axes_across_the_slices_of_a_coronal_series_are_given_in_patient_coordin
     (group,) = _measurement_groups(tmp_path / "sr.dcm", series)[2].values()
     _assert_axes_as_measured(group, lesion["axial_axes"], np.eye(3))
     assert group["long"][2] == "SCOORD3D"
+
+
+def _coronal_series(tmp_path, ct_volume):
+    coronal = Volume(ct_volume.array, ct_volume.spacing, ct_volume.origin, np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]]))
+    series = write_dicom_series(tmp_path / "coronal", coronal)
+    np.testing.assert_allclose(read_volume(series).direction, coronal.direction, atol=1e-6)
+    return series
+
+
+def _coronal_labels(image: Volume) -> Volume:
+    """A segment with a lesion inside whose longest axial axis runs across the coronal images."""
+    labels = np.zeros(image.array.shape, np.uint8)
+    labels[2:22, 8:32, 10:38] = 1
+    labels[4:20, 15:23, 20:26] = 2  # longest from slice to slice: along the series' slice axis
+    return image.with_array(labels)
+
+
+@pytest.mark.skipif(not (shutil.which("dciodvfy") and shutil.which("dcentvfy")),
+                    reason="dicom3tools' validators are not installed (make test installs Debian's dicom3tools as root)")
+@pytest.mark.parametrize("orientation", ["axial", "coronal"])
+def test_the_seg_and_the_measurement_report_pass_dicom3tools_validators(tmp_path, ct_volume, orientation):
+    """David Clunie's dicom3tools find nothing to report: dciodvfy checks the SEG and the SR against
+    their IODs (the lesion's lines on an image of an axial series, in patient coordinates for a
+    coronal one), dcentvfy that the series, its SEG and its SR agree on patient, study and frame of
+    reference."""
+    from AIReconstructLib.measurements import measure
+
+    if orientation == "axial":
+        series = write_dicom_series(tmp_path / "axial", ct_volume)
+        labels = np.zeros(ct_volume.array.shape, np.uint8)
+        labels[2:14, 8:32, 10:38], labels[6:10, 15:23, 18:28] = 1, 2
+        labelmap = read_volume(series).with_array(labels)
+    else:
+        series = _coronal_series(tmp_path, ct_volume)
+        labelmap = _coronal_labels(read_volume(series))
+    card = _card_with_a_lesion(tmp_path)
+    write_dicom_seg(labelmap, card, series, tmp_path / "seg.dcm", tmp_path / "sr.dcm", measure(labelmap, card.labels))
+    for path in ("seg.dcm", "sr.dcm"):
+        checked = subprocess.run(["dciodvfy", str(tmp_path / path)], capture_output=True, text=True)
+        findings = [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith(("Error", "Warning"))]
+        assert not findings, f"dciodvfy on the {path}:\n" + "\n".join(findings)
+    slices = sorted(str(path) for path in series.iterdir())
+    checked = subprocess.run(["dcentvfy", str(tmp_path / "seg.dcm"), str(tmp_path / "sr.dcm"), *slices],
+                             capture_output=True, text=True)
+    errors = [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+    assert not errors, "dcentvfy on the series, its SEG and its SR:\n" + "\n".join(errors[:20])
 
 
 def _assert_axes_as_measured(group: dict, axes: dict, to_lps: np.ndarray) -> None:
