@@ -57,8 +57,9 @@ def test_dicom_seg_refers_to_its_series_with_the_cards_segments(tmp_path, series
 def _measurement_groups(sr_path, series_folder=None) -> tuple:
     """The SR, its volumetric measurement groups' volumes by the segment number they refer to, and
     its groups of lesion axes by their tracking identifier: {name: {"long": (length, its line in
-    LPS, "SCOORD" or "SCOORD3D"), "short": (the same), "mean": the mean diameter}}; lines drawn on a
-    source image are taken to LPS through that image of ``series_folder``."""
+    LPS, "SCOORD" or "SCOORD3D"), "short": (the same), "mean": the mean diameter, "sites": the
+    finding sites' (code, laterality's meaning or None)}}; lines drawn on a source image are taken to
+    LPS through that image of ``series_folder``."""
     from pydicom.sr.codedict import codes
 
     sr = hd.sr.srread(sr_path)
@@ -72,7 +73,8 @@ def _measurement_groups(sr_path, series_folder=None) -> tuple:
         (long,), (short,), (mean,) = (group.get_measurements(name=code) for code in
                                       (codes.SCT.LongAxis, codes.SCT.ShortAxis, codes.SCT.Diameter))
         assert mean.derivation == codes.SCT.Mean
-        axes[group.tracking_identifier] = {"mean": mean.value, **{
+        sites = [(site.value.value, site.laterality.meaning if site.laterality else None) for site in group.finding_sites]
+        axes[group.tracking_identifier] = {"mean": mean.value, "sites": sites, **{
             key: (measurement.value, *_line_in_lps(measurement.referenced_coordinates[0], sources))
             for key, measurement in (("long", long), ("short", short))}}
     return sr, volumes, axes
@@ -127,6 +129,7 @@ def test_a_measurement_report_refers_to_the_segments_with_their_volumes_and_a_le
     assert name == lesion["name"]
     _assert_axes_as_measured(group, lesion["axial_axes"], np.eye(3))  # LPS, as measured
     assert group["long"][2] == group["short"][2] == "SCOORD"  # an axial series: drawn on its slice
+    assert lesion["organ"] == "organ" and group["sites"] == [("10200004", None)]  # in the segment coded Liver
 
     write_dicom_seg(image.with_array(np.where(labels == 2, 0, labels)), card, series, tmp_path / "seg2.dcm",
                     tmp_path / "sr2.dcm")
@@ -136,15 +139,18 @@ def test_a_measurement_report_refers_to_the_segments_with_their_volumes_and_a_le
 def test_each_part_of_a_lesion_label_has_its_axes_in_the_measurement_report(tmp_path, series):
     """Several lesions in one label (lung nodules, metastases): each part measured gets its own
     group, named by its number (largest first), its axes' lines in the scan's patient coordinates
-    (LPS) also where the measurements were taken in RAS."""
+    (LPS) also where the measurements were taken in RAS, and sited in the organ that part lies in
+    (with the organ's laterality), or in none outside it."""
     from AIReconstructLib.measurements import measure
 
     card = _card_with_a_lesion(tmp_path)
+    card.labels[0].terminology["type"], card.labels[0].terminology["type_modifier"] = \
+        ["SCT", "64033007", "Kidney"], ["SCT", "7771000", "Left"]
     image = read_volume(series)
     labels = np.zeros(image.array.shape, np.uint8)
-    labels[2:14, 4:30, 4:30] = 1
-    labels[4:10, 8:16, 8:20] = 2
-    labels[5:9, 20:26, 18:24] = 2
+    labels[2:14, 4:19, 4:30] = 1
+    labels[4:10, 8:16, 8:20] = 2  # in the organ
+    labels[5:9, 21:27, 18:24] = 2  # beside it
     labelmap = image.with_array(labels)
     measured = measure(labelmap, card.labels, coordinates="RAS")
     write_dicom_seg(labelmap, card, series, tmp_path / "seg.dcm", tmp_path / "sr.dcm", measured)
@@ -155,6 +161,28 @@ def test_each_part_of_a_lesion_label_has_its_axes_in_the_measurement_report(tmp_
     for part, group in zip(lesion["parts"], axes.values()):
         _assert_axes_as_measured(group, part["axial_axes"], np.diag([-1.0, -1.0, 1.0]))  # RAS measured, LPS written
     assert axes[f"{lesion['name']}, part 1"]["long"][0] > axes[f"{lesion['name']}, part 2"]["long"][0]
+    assert [part["organ"] for part in lesion["parts"]] == ["organ", None]
+    assert [group["sites"] for group in axes.values()] == [[("64033007", "Left")], []]
+
+
+def test_a_lesion_between_couinaud_segments_is_sited_in_the_liver(tmp_path, series):
+    """The liver that its Couinaud segments make up is no label of its own: a lesion in it is sited
+    in the liver (SNOMED CT 10200004)."""
+    from AIReconstructLib.measurements import measure
+
+    card = tiny_card()
+    card["labels"] = [{"value": value, "name": name, "color": [0.5, 0.5, 0.5]}
+                      for value, name in ((1, "liver_segment_7"), (2, "liver_segment_8"), (3, "tumour"))]
+    card["labels"][2]["terminology"] = {"category": ["SCT", "49755003", "Morphologically Altered Structure"],
+                                        "type": ["SCT", "4147007", "Mass"]}
+    card = load_card(write_model(tmp_path / "model", card))
+    image = read_volume(series)
+    labels = np.zeros(image.array.shape, np.uint8)
+    labels[2:14, 4:30, 4:17], labels[2:14, 4:30, 17:30], labels[6:10, 12:20, 12:22] = 1, 2, 3
+    measured = measure(image.with_array(labels), card.labels)
+    write_dicom_seg(image.with_array(labels), card, series, tmp_path / "seg.dcm", tmp_path / "sr.dcm", measured)
+    (group,) = _measurement_groups(tmp_path / "sr.dcm", series)[2].values()
+    assert measured["lesions"][0]["organ"] == "liver" and group["sites"] == [("10200004", None)]
 
 
 def test_axes_across_the_slices_of_a_coronal_series_are_given_in_patient_coordinates(tmp_path, ct_volume):

@@ -125,11 +125,34 @@ def _line_coordinates(ends_lps: np.ndarray, sources: list, labelmap: Volume):
     return hd.sr.CoordinatesForMeasurement3D(hd.sr.GraphicTypeValues3D.POLYLINE, ends_lps, sources[0].FrameOfReferenceUID)
 
 
+LATERALITIES = {"7771000", "24028007", "51440002"}  # SNOMED CT left, right, bilateral (DICOM CID 244)
+
+
+def _finding_site(organ: str | None, labels_by_name: dict[str, Label]):
+    """The organ a lesion lies in (its ``organ`` in the measurements) as a finding site: the organ
+    label's SNOMED CT type, with its laterality where its modifier is one, or the liver that its
+    Couinaud segments make up together; none where it lies in no organ or the organ has no code."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    if organ is None:
+        return None
+    if organ not in labels_by_name:  # the liver of its Couinaud segments, which is no label of its own
+        return hd.sr.FindingSite(codes.SCT.Liver)
+    terminology = labels_by_name[organ].terminology
+    if not terminology.get("type"):
+        return None
+    modifier = terminology.get("type_modifier")
+    return hd.sr.FindingSite(_coded(terminology, "type"), laterality=_coded(terminology, "type_modifier")
+                             if modifier and modifier[1] in LATERALITIES else None)
+
+
 def _axes_groups(sources: list, labelmap: Volume, labels: list[Label], measured: dict, algorithm) -> list:
     """TID 1501 measurement groups of the lesions' axial long and short axes (``measured``: the
     report's measurements) and their mean: one for each lesion, or for each part of a lesion label
     of several, each axis inferred from its own line (:func:`_line_coordinates`), named after the
-    lesion (and the part's number, largest first) and typed as its segment."""
+    lesion (and the part's number, largest first), typed as its segment and sited in the organ it
+    (or the part) lies in."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -144,9 +167,11 @@ def _axes_groups(sources: list, labelmap: Volume, labels: list[Label], measured:
             for code, key in ((codes.SCT.LongAxis, "long"), (codes.SCT.ShortAxis, "short"))]
         measurements.append(hd.sr.Measurement(name=codes.SCT.Diameter, derivation=codes.SCT.Mean, algorithm_id=algorithm,
                                               value=float(axes["mean_diameter_mm"]), unit=codes.UCUM.Millimeter))
+        site = _finding_site((lesion if number is None else lesion["parts"][number - 1])["organ"], by_name)
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=name[:64]),
-            finding_type=_coded(by_name[lesion["name"]].terminology, "type"), measurements=measurements))
+            finding_type=_coded(by_name[lesion["name"]].terminology, "type"), finding_sites=[site] if site else None,
+            measurements=measurements))
     return groups
 
 

@@ -279,11 +279,12 @@ def _parts(labelmap: Volume, lesion: _Lesion, organs: dict[int, str], mesh: Shar
     parts = []
     for number, (part_number, voxels, centre) in enumerate(lesion.ranked, start=1):
         points = mesh.points[vertices[nearest == part_number]]  # the vertices of this part's surface
+        around = lesion.bordering[lesion.bordering_part == part_number]
         part = {"number": number, "volume_ml": voxels * labelmap.voxel_volume_ml,
                 "largest_diameter_mm": largest_diameter(points),
                 "axial_axes": axial_axes(mesh.points, triangles[triangle_part == part_number], planes),
                 "centroid_mm": [round(float(c), 2) for c in kji_to_patient(centre, matrix)],
-                "bordering": _shares(lesion.bordering[lesion.bordering_part == part_number], organs)}
+                "organ": _organ(around, organs)[0], "bordering": _shares(around, organs)}
         if capsule is not None and len(points):
             part["capsule_distance_mm"] = _gap(points, capsule)
         parts.append(part)
