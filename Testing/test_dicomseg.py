@@ -130,6 +130,9 @@ def test_a_measurement_report_refers_to_the_segments_with_their_volumes_and_a_le
     _assert_axes_as_measured(group, lesion["axial_axes"], np.eye(3))  # LPS, as measured
     assert group["long"][2] == group["short"][2] == "SCOORD"  # an axial series: drawn on its slice
     assert lesion["organ"] == "organ" and group["sites"] == [("10200004", None)]  # in the segment coded Liver
+    segment_sites = {group.referenced_segment.referenced_segment_numbers[0]: [site.value.value for site in group.finding_sites]
+                     for group in hd.sr.MeasurementReport.from_sequence([sr]).get_volumetric_roi_measurement_groups()}
+    assert segment_sites == {1: [], 2: ["10200004"]}  # the lesion segment's volume is sited too
 
     write_dicom_seg(image.with_array(np.where(labels == 2, 0, labels)), card, series, tmp_path / "seg2.dcm",
                     tmp_path / "sr2.dcm")

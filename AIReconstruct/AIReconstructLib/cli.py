@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     segmenting.add_argument("--dicom-seg", action="store_true",
                             help="also write <name>_seg.dcm, a DICOM Segmentation referring to the input's DICOM "
                                  "series, and <name>_sr.dcm, a DICOM SR measurement report of its segments' volumes "
-                                 "(with --report also each lesion's axial long and short axes) (the input must be a "
+                                 "(with --report also each lesion's organ and axial long and short axes) (the input must be a "
                                  "DICOM series folder; needs the dicom extra)")
     add_mesh_options(segmenting)
 

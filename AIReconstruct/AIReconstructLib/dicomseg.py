@@ -178,25 +178,28 @@ def _axes_groups(sources: list, labelmap: Volume, labels: list[Label], measured:
 def _measurement_report(segmentation, sources: list, labels: list[Label], labelmap: Volume, card: ModelCard,
                         measured: dict | None):
     """A DICOM SR measurement report (TID 1500) of the DICOM-SEG ``segmentation``: for each segment
-    present, its volume; with ``measured`` (the report's measurements), each lesion's (or lesion
-    part's) axial long and short axes (:func:`_axes_groups`); the model as the observing device and
-    the measurements' algorithm."""
+    present, its volume; with ``measured`` (the report's measurements), a lesion segment's organ as
+    its finding site and each lesion's (or lesion part's) axial long and short axes
+    (:func:`_axes_groups`); the model as the observing device and the measurements' algorithm."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     millilitre = hd.sr.CodedConcept(value="ml", scheme_designator="UCUM", meaning="milliliter")
     algorithm = hd.sr.AlgorithmIdentification(name=card.name[:64], version=str(card.data.get("version", "")))
     counts = np.bincount(labelmap.array.ravel(), minlength=labels[-1].value + 1)
+    by_name = {label.name: label for label in labels}
+    lesion_sites = {lesion["name"]: _finding_site(lesion["organ"], by_name) for lesion in (measured or {}).get("lesions", [])}
     groups = []
     for number, label in enumerate(labels, start=1):
         if not counts[label.value]:
             continue
+        site = lesion_sites.get(label.name)
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=label.name[:64]),
             referenced_segment=hd.sr.ReferencedSegment(
                 sop_class_uid=segmentation.SOPClassUID, sop_instance_uid=segmentation.SOPInstanceUID,
                 segment_number=number, source_series=hd.sr.SourceSeriesForSegmentation(sources[0].SeriesInstanceUID)),
-            finding_type=_coded(label.terminology, "type"),
+            finding_type=_coded(label.terminology, "type"), finding_sites=[site] if site else None,
             measurements=[hd.sr.Measurement(name=codes.SCT.Volume, value=float(counts[label.value]) * labelmap.voxel_volume_ml,
                                             unit=millilitre, algorithm_id=algorithm)]))
     if measured:
