@@ -84,6 +84,8 @@ def test_a_brain_tumour_is_shown_in_its_brain_and_gets_no_table_of_organs_around
     assert [p["volume_ml"] for p in lesion["parts"]] == pytest.approx([tumour.array.sum() * 0.008,
                                                                        (second.array - tumour.array).sum() * 0.008])
     assert all(f"<td>{p['largest_diameter_mm']:.1f}</td>" in page for p in lesion["parts"])
+    assert all(", ".join(f"{c:.1f}" for c in p["centroid_mm"]) + "</td><td>—</td>" in page  # in no organ
+               for p in lesion["parts"]) and "<th>In organ</th>" in page
     assert all(f"<td>whole tumour #{p['number']}</td><td>{p['axial_axes']['long_axis_mm']:.1f}</td>" in page
                for p in lesion["parts"])
 

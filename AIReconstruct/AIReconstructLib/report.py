@@ -222,10 +222,10 @@ def _sections(image, labelmap, labels, measured, metrics, surfaces, context) -> 
         if "parts" in lesion:
             listed = "" if lesion["part_count"] == len(lesion["parts"]) else f", the largest {len(lesion['parts'])}"
             parts += [f"<h3>{html.escape(lesion['name'])}: {lesion['part_count']} separate parts{listed}</h3>", _table(
-                ["#", "Volume (mL)", "Largest diameter (mm)", f"Centroid {measured['coordinates']} (mm)", "Borders (%)",
-                 "To capsule (mm)"],
+                ["#", "Volume (mL)", "Largest diameter (mm)", f"Centroid {measured['coordinates']} (mm)", "In organ",
+                 "Borders (%)", "To capsule (mm)"],
                 [[str(p["number"]), f"{p['volume_ml']:.2f}", f"{p['largest_diameter_mm']:.1f}",
-                  ", ".join(f"{c:.1f}" for c in p["centroid_mm"]), _bordering(p),
+                  ", ".join(f"{c:.1f}" for c in p["centroid_mm"]), html.escape(p["organ"] or "—"), _bordering(p),
                   f"{p['capsule_distance_mm']:.1f}" if "capsule_distance_mm" in p else "—"] for p in lesion["parts"]])]
     if measured["liver_resections"]:
         parts += ["<h2>Liver resections by Couinaud segments</h2>", _table(
