@@ -147,17 +147,16 @@ def _finding_site(organ: str | None, labels_by_name: dict[str, Label]):
                              if modifier and modifier[1] in LATERALITIES else None)
 
 
-def _axes_groups(sources: list, labelmap: Volume, labels: list[Label], measured: dict, algorithm) -> list:
+def _axes_groups(sources: list, labelmap: Volume, by_name: dict[str, Label], measured: dict, algorithm) -> list:
     """TID 1501 measurement groups of the lesions' axial long and short axes (``measured``: the
-    report's measurements) and their mean: one for each lesion, or for each part of a lesion label
-    of several, each axis inferred from its own line (:func:`_line_coordinates`), named after the
-    lesion (and the part's number, largest first), typed as its segment and sited in the organ it
-    (or the part) lies in."""
+    report's measurements; ``by_name``: the card's labels by name) and their mean: one for each
+    lesion, or for each part of a lesion label of several, each axis inferred from its own line
+    (:func:`_line_coordinates`), named after the lesion (and the part's number, largest first),
+    typed as its segment and sited in the organ it (or the part) lies in."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     to_lps = LPS_TO_RAS if measured["coordinates"] == "RAS" else np.eye(3)  # its own inverse
-    by_name = {label.name: label for label in labels}
     groups = []
     for lesion, number, axes in lesion_axes(measured["lesions"]):
         name = lesion["name"] if number is None else f"{lesion['name']}, part {number}"
@@ -203,7 +202,7 @@ def _measurement_report(segmentation, sources: list, labels: list[Label], labelm
             measurements=[hd.sr.Measurement(name=codes.SCT.Volume, value=float(counts[label.value]) * labelmap.voxel_volume_ml,
                                             unit=millilitre, algorithm_id=algorithm)]))
     if measured:
-        groups += _axes_groups(sources, labelmap, labels, measured, algorithm)
+        groups += _axes_groups(sources, labelmap, by_name, measured, algorithm)
     device = hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=(
         hd.sr.DeviceObserverIdentifyingAttributes(uid=hd.UID(), name="AIReconstruct", manufacturer_name="AIReconstruct",
                                                   model_name=card.name[:64])))
