@@ -195,8 +195,8 @@ def add_axis_lines(scene, lesions: list[dict], colours: dict, coordinates: str =
     (the report's measurements), in the lesion's colour: the rulers a radiologist draws for RECIST,
     which Slicer labels with their length and which can be moved to adjust them."""
     lines = []
-    for lesion, number, axes in lesion_axes(lesions):
-        name = lesion["name"] if number is None else f"{lesion['name']} {number}"
+    for lesion, part, axes in lesion_axes(lesions):
+        name = lesion["name"] if part is None else f"{lesion['name']} {part['number']}"
         for axis in ("long", "short"):
             line = scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", f"{name} {axis} axis")
             for end in axes[f"{axis}_axis_ends_mm"]:

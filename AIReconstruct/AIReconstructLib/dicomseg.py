@@ -158,15 +158,15 @@ def _axes_groups(sources: list, labelmap: Volume, by_name: dict[str, Label], mea
 
     to_lps = LPS_TO_RAS if measured["coordinates"] == "RAS" else np.eye(3)  # its own inverse
     groups = []
-    for lesion, number, axes in lesion_axes(measured["lesions"]):
-        name = lesion["name"] if number is None else f"{lesion['name']}, part {number}"
+    for lesion, part, axes in lesion_axes(measured["lesions"]):
+        name = lesion["name"] if part is None else f"{lesion['name']}, part {part['number']}"
         measurements = [hd.sr.Measurement(
             name=code, value=float(axes[f"{key}_axis_mm"]), unit=codes.UCUM.Millimeter, algorithm_id=algorithm,
             referenced_coordinates=[_line_coordinates(np.asarray(axes[f"{key}_axis_ends_mm"]) @ to_lps, sources, labelmap)])
             for code, key in ((codes.SCT.LongAxis, "long"), (codes.SCT.ShortAxis, "short"))]
         measurements.append(hd.sr.Measurement(name=codes.SCT.Diameter, derivation=codes.SCT.Mean, algorithm_id=algorithm,
                                               value=float(axes["mean_diameter_mm"]), unit=codes.UCUM.Millimeter))
-        site = _finding_site((lesion if number is None else lesion["parts"][number - 1])["organ"], by_name)
+        site = _finding_site((part or lesion)["organ"], by_name)
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=name[:64]),
             finding_type=_coded(by_name[lesion["name"]].terminology, "type"), finding_sites=[site] if site else None,

@@ -154,11 +154,11 @@ def axial_axes(points: np.ndarray, triangles: np.ndarray, planes: tuple[np.ndarr
             "short_axis_ends_mm": [[round(float(c), 2) for c in end] for end in short_ends]}
 
 
-def lesion_axes(lesions: list[dict]) -> list[tuple[dict, int | None, dict]]:
+def lesion_axes(lesions: list[dict]) -> list[tuple[dict, dict | None, dict]]:
     """The axial axes measured in ``lesions`` (the ``lesions`` of :func:`measure`): of each lesion,
-    or of each part of a lesion label of several, as (the lesion's entry, the part's number or None,
+    or of each part of a lesion label of several, as (the lesion's entry, the part's entry or None,
     the axes); those no slice plane cut are left out."""
-    return [(lesion, part["number"] if "parts" in lesion else None, part["axial_axes"])
+    return [(lesion, part if "parts" in lesion else None, part["axial_axes"])
             for lesion in lesions for part in lesion.get("parts") or [lesion] if part.get("axial_axes")]
 
 

@@ -193,8 +193,8 @@ def _sections(image, labelmap, labels, measured, metrics, surfaces, context) -> 
         ["Segment", "Volume (mL)", "Surface area (cm²)", "Largest diameter (mm)", f"Centroid {measured['coordinates']} (mm)"],
         [[_swatch(by_name.get(s["name"]), s["name"]), f"{s['volume_ml']:.2f}", f"{s['surface_area_cm2']:.1f}",
           f"{s['largest_diameter_mm']:.1f}", ", ".join(f"{c:.1f}" for c in s["centroid_mm"])] for s in measured["segments"]])]
-    axes = [(lesion["name"] if number is None else f"{lesion['name']} #{number}", found)
-            for lesion, number, found in lesion_axes(measured["lesions"])]
+    axes = [(lesion["name"] if part is None else f"{lesion['name']} #{part['number']}", found)
+            for lesion, part, found in lesion_axes(measured["lesions"])]
     if axes:
         parts += ["<h2>Lesion axes on the axial slices</h2>", _table(
             ["Lesion", "Long axis (mm)", "Short axis (mm)", "Mean diameter (mm)", "Slice at S (mm)"],
