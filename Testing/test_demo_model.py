@@ -11,7 +11,7 @@ from AIReconstructLib.metrics import evaluate
 from AIReconstructLib.modelcard import find_model, sha256_of
 from AIReconstructLib.phantom import make_phantom
 from AIReconstructLib.pipeline import SegmentOptions, segment
-from AIReconstructLib.surfaces import mesh_file_name
+from AIReconstructLib.meshfiles import mesh_file_name
 
 
 def test_card_is_bundled_valid_and_honest():

@@ -66,7 +66,7 @@ def test_the_engine_never_imports_slicer():
 
 
 def test_the_export_menu_offers_the_engine_formats():
-    from AIReconstructLib.surfaces import MESH_FORMATS
+    from AIReconstructLib.meshfiles import MESH_FORMATS
 
     assignment = next(node for node in TREE.body if isinstance(node, ast.Assign) and node.targets[0].id == "MESH_FORMATS")
     assert ast.literal_eval(assignment.value) == list(MESH_FORMATS)

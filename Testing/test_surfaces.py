@@ -1,5 +1,10 @@
 """Surfaces: closed, where the voxels are (oblique, anisotropic), and exported in every format."""
 
+import resource
+import signal
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import vtk
@@ -7,14 +12,37 @@ from vtk.util import numpy_support
 
 from AIReconstructLib import surfaces as surfaces_module
 from AIReconstructLib.errors import OutputError
+from AIReconstructLib.meshfiles import write_mesh, write_scene
 from AIReconstructLib.modelcard import Label
 from AIReconstructLib.phantom import make_phantom, phantom_label_entries
-from AIReconstructLib.scene import write_scene
-from AIReconstructLib.surfaces import _polydata, extract_surfaces, mesh_checks, mesh_measurements, write_mesh
+from AIReconstructLib.surfaces import _polydata, extract_surfaces, mesh_checks, mesh_measurements
 from AIReconstructLib.volume import Volume
 from conftest import SHARED_DATA, oblique_direction
 
 LABELS = [Label(1, "ball", (1, 0, 0), {}, {}), Label(2, "shell", (0, 1, 0), {}, {})]
+WRITE_EACH_FORMAT = """
+import sys
+from pathlib import Path
+import vtk
+from AIReconstructLib.errors import OutputError
+from AIReconstructLib.meshfiles import write_mesh, write_scene
+from AIReconstructLib.modelcard import Label
+from AIReconstructLib.surfaces import Surface
+reader = vtk.vtkXMLPolyDataReader()
+reader.SetFileName(sys.argv[1])
+reader.Update()
+Path(sys.argv[2]).mkdir()
+vtk.vtkObject.GlobalWarningDisplayOff()
+for suffix in (".stl", ".ply", ".vtp", ".glb", ".obj"):
+    try:
+        if suffix in (".glb", ".obj"):
+            write_scene([Surface(Label(1, "ball", (1, 0, 0), {}, {}), reader.GetOutput(), "LPS")],
+                        Path(sys.argv[2]) / ("ball" + suffix))
+        else:
+            write_mesh(reader.GetOutput(), Path(sys.argv[2]) / ("ball" + suffix))
+    except OutputError as error:
+        print(error)
+"""
 
 
 def _two_spheres():
@@ -114,6 +142,46 @@ def test_every_format_is_written_and_reads_back(tmp_path, suffix, reader):
     r.Update()
     assert r.GetOutput().GetNumberOfPolys() == poly.GetNumberOfPolys()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_ply_files_hold_what_vtks_writer_writes_and_a_full_disk_leaves_no_file(tmp_path):
+    """The engine writes PLY itself (in one block): the same points, point normals and triangles as
+    VTK's writer; a mesh file that cannot be written completely (a full disk) is reported with its
+    reason and left out, in every format and scene (VTK's PLY writer wrote a cut-off file without a
+    word; an OBJ scene leaves neither its OBJ nor its materials)."""
+    volume, _ = _two_spheres()
+    poly = extract_surfaces(volume, LABELS[:1], decimate_fraction=0.5)[0].polydata
+    ours = write_mesh(poly, tmp_path / "ours.ply").read_bytes()
+    writer = vtk.vtkPLYWriter()
+    writer.SetFileName(str(tmp_path / "vtk.ply"))
+    writer.SetInputData(poly)
+    writer.Write()
+    header, data = ours.split(b"end_header\n", 1)
+    assert b"property float nx" in header and data == (tmp_path / "vtk.ply").read_bytes().split(b"end_header\n", 1)[1]
+
+    def limit_file_size():  # what a full disk does to the writes of a child process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+    write_mesh(poly, tmp_path / "ours.vtp")
+    full = subprocess.run([sys.executable, "-c", WRITE_EACH_FORMAT, str(tmp_path / "ours.vtp"), str(tmp_path / "full")],
+                          capture_output=True, text=True, preexec_fn=limit_file_size)
+    assert full.returncode == 0, full.stderr
+    errors = full.stdout.splitlines()
+    assert [error.split(": ")[0] for error in errors] == [f"Cannot write {tmp_path / 'full' / 'ball'}{suffix}"
+                                                         for suffix in (".stl", ".ply", ".vtp", ".glb", ".obj")]
+    assert all(error.split(": ", 1)[1] for error in errors), errors  # each with its reason
+    assert not list((tmp_path / "full").iterdir())
+
+
+def test_a_mesh_of_other_cells_than_triangles_is_refused(tmp_path):
+    square = vtk.vtkPolyData()
+    square.SetPoints(vtk.vtkPoints())
+    for corner in ((0, 0, 0), (1, 0, 0), (1, 1, 0), (0, 1, 0)):
+        square.GetPoints().InsertNextPoint(corner)
+    square.SetPolys(vtk.vtkCellArray())
+    square.GetPolys().InsertNextCell(4, [0, 1, 2, 3])
+    with pytest.raises(OutputError, match="square.stl: a surface mesh holds triangles only"):
+        write_mesh(square, tmp_path / "square.stl")
 
 
 def test_absent_labels_give_no_surface():

@@ -28,7 +28,8 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "AIReconstruct"))
 from AIReconstructLib.modelcard import Label, label_colour  # noqa: E402
-from AIReconstructLib.surfaces import extract_surfaces, mesh_checks, mesh_file_name, write_mesh  # noqa: E402
+from AIReconstructLib.meshfiles import mesh_file_name, write_mesh  # noqa: E402
+from AIReconstructLib.surfaces import extract_surfaces, mesh_checks  # noqa: E402
 from AIReconstructLib.volume import Volume  # noqa: E402
 
 SHAPE_KJI, SPACING = (300, 512, 512), (0.8, 0.8, 1.5)

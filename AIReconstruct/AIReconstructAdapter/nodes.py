@@ -19,11 +19,11 @@ import vtk
 from AIReconstructLib.dataset import save_case
 from AIReconstructLib.errors import InputError
 from AIReconstructLib.io import write_volume
+from AIReconstructLib.meshfiles import SCENE_FORMATS, mesh_file_name, write_mesh, write_scene
 from AIReconstructLib.measurements import lesion_axes
 from AIReconstructLib.modelcard import Label
-from AIReconstructLib.scene import write_scene
 from AIReconstructLib.segnrrd import terminology_from_string
-from AIReconstructLib.surfaces import SCENE_FORMATS, Surface, mesh_file_name, write_mesh
+from AIReconstructLib.surfaces import Surface
 from AIReconstructLib.volume import LPS_TO_RAS, Volume
 
 

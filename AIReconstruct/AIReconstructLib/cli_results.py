@@ -20,7 +20,7 @@ METRIC_COLUMNS = ("dice", "iou", "hd95_mm", "asd_mm", "sensitivity", "specificit
 
 def mesh_suffixes(formats: list[str]) -> list[str]:
     """File suffixes of the mesh formats asked for (``stl``, ``.VTP``...); unknown ones are an error."""
-    from .surfaces import MESH_FORMATS
+    from .meshfiles import MESH_FORMATS
 
     suffixes = ["." + f.lower().lstrip(".") for f in formats]
     for suffix in suffixes:

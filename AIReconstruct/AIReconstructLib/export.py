@@ -24,8 +24,8 @@ def export_surfaces(segmentation_labelmap, labels, out: StagedOutput, formats, s
                     stem: str = "surfaces", max_triangles: int | None = None) -> dict:
     """Build every label's surface in one pass and write it in each format: STL, PLY, VTP one file
     per segment, OBJ and GLB one scene ``<folder>/<stem>.obj|.glb``; returns the mesh measurements."""
-    from .scene import write_scene  # VTK: only for meshes
-    from .surfaces import SCENE_FORMATS, extract_surfaces, mesh_file_name, mesh_measurements, write_mesh
+    from .meshfiles import SCENE_FORMATS, mesh_file_name, write_mesh, write_scene  # VTK: only for meshes
+    from .surfaces import extract_surfaces, mesh_measurements
 
     surfaces = extract_surfaces(segmentation_labelmap, labels, smoothing, decimate, coordinates, max_triangles)
     for suffix in formats:

@@ -16,21 +16,14 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from vtkmodules.util import numpy_support
 from vtkmodules.vtkCommonCore import VTK_UNSIGNED_CHAR, VTK_UNSIGNED_SHORT, vtkPoints, vtkSMPTools
 from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkImageData, vtkPolyData
-from vtkmodules.vtkCommonMisc import vtkErrorCode
 from vtkmodules.vtkFiltersCore import (vtkDecimatePro, vtkMassProperties, vtkPolyDataNormals, vtkSurfaceNets3D,
                                        vtkWindowedSincPolyDataFilter)
-from vtkmodules.vtkIOGeometry import vtkSTLWriter
-from vtkmodules.vtkIOPLY import vtkPLYWriter
-from vtkmodules.vtkIOXML import vtkXMLPolyDataWriter
 
-from .errors import OutputError
-from .io import atomic_path
 from .manifold import manifold, used_points
 from .modelcard import Label
 from .volume import Volume
@@ -41,9 +34,6 @@ except ImportError:
     meshoptimizer = None
 
 INDEX = np.int32  # point and triangle indices of shared meshes (a label map gives far fewer than 2^31)
-SEGMENT_WRITERS = {".stl": vtkSTLWriter, ".ply": vtkPLYWriter, ".vtp": vtkXMLPolyDataWriter}
-SCENE_FORMATS = (".obj", ".glb")  # one file holding every segment, named and coloured (scene.py)
-MESH_FORMATS = (*SEGMENT_WRITERS, *SCENE_FORMATS)
 
 
 @dataclass
@@ -315,31 +305,3 @@ def mesh_measurements(poly: vtkPolyData) -> dict:
     mass.Update()
     return {"volume_ml": mass.GetVolume() / 1000.0, "area_cm2": mass.GetSurfaceArea() / 100.0,
             "triangles": poly.GetNumberOfPolys(), **mesh_checks(poly)}
-
-
-def write_mesh(poly: vtkPolyData, path: str | os.PathLike) -> Path:
-    """Write one mesh as STL, PLY or VTP (chosen by the suffix), atomically."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in SEGMENT_WRITERS:
-        raise OutputError(f"Unknown mesh format '{suffix}' (use {', '.join(SEGMENT_WRITERS)})")
-    writer = SEGMENT_WRITERS[suffix]()
-    if suffix == ".stl":
-        writer.SetFileTypeToBinary()
-    elif suffix == ".vtp":  # raw appended data, LZ4: ~25x faster to write than base64 + zlib, ~8 % larger
-        writer.EncodeAppendedDataOff()
-        writer.SetCompressorTypeToLZ4()
-    with atomic_path(path) as tmp:
-        writer.SetFileName(str(tmp))
-        writer.SetInputData(poly)
-        if not writer.Write() or writer.GetErrorCode():
-            reason = vtkErrorCode.GetStringFromErrorCode(writer.GetErrorCode())
-            raise OutputError(f"Cannot write {path}: {reason}")
-    return path
-
-
-def mesh_file_name(segment_name: str, suffix: str) -> str:
-    """A file name for a segment's mesh: the name with only letters, digits, - and _, plus the suffix."""
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in segment_name)
-    return f"{safe}{suffix}"
-
