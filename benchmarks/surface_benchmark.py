@@ -9,7 +9,8 @@ The benchmark paints ``--labels`` random touching ellipsoids into a 512 x 512 x 
 - the per-label path that tools commonly use: crop each label to its bounding box, discrete flying
   edges, windowed-sinc smoothing (same pass band), decimation to the same fraction, normals, write.
 It prints both times, their ratio, how many meshes each path left open and how many non-manifold
-edges (more than two triangles) they hold. Not part of the tests.
+edges (more than two triangles) they hold, then the time to write the engine's surfaces as one
+OBJ and one GLB scene. Not part of the tests.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "AIReconstruct"))
 from AIReconstructLib.modelcard import Label, label_colour  # noqa: E402
-from AIReconstructLib.meshfiles import mesh_file_name, write_mesh  # noqa: E402
+from AIReconstructLib.meshfiles import SCENE_FORMATS, mesh_file_name, write_mesh, write_scene  # noqa: E402
 from AIReconstructLib.surfaces import extract_surfaces, mesh_checks  # noqa: E402
 from AIReconstructLib.volume import Volume  # noqa: E402
 
@@ -112,6 +113,12 @@ def main() -> None:
         baseline = per_label_path(labelmap, labels, args.smoothing, args.decimate, baseline_folder)
         baseline_seconds = time.perf_counter() - started
 
+        scene_seconds = {}
+        for suffix in SCENE_FORMATS:  # every surface in one file (not part of either path above)
+            started = time.perf_counter()
+            write_scene(surfaces, engine_folder / f"scene{suffix}")
+            scene_seconds[suffix] = time.perf_counter() - started
+
         engine_triangles = sum(s.polydata.GetNumberOfPolys() for s in surfaces)
         baseline_triangles = sum(m.GetNumberOfPolys() for m in baseline)
         engine_checks = [mesh_checks(s.polydata) for s in surfaces]
@@ -123,6 +130,7 @@ def main() -> None:
         print(f"{name:<34} {seconds:8.2f} {meshes:7d} {triangles:10d} {sum(not c['closed'] for c in checks):5d} "
               f"{sum(c['non_manifold_edges'] for c in checks):19d}")
     print(f"per-label / engine: {baseline_seconds / engine_seconds:.2f}x")
+    print("the engine's surfaces as one scene: " + ", ".join(f"{suffix} {seconds:.2f} s" for suffix, seconds in scene_seconds.items()))
 
 
 if __name__ == "__main__":

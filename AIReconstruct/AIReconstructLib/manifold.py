@@ -88,22 +88,49 @@ def _sheets(twin: np.ndarray) -> np.ndarray:
     return (np.cumsum(first, dtype=twin.dtype) - 1)[smallest]
 
 
+def _opposite_pairs(triangles: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Of ``faces``, the triangles that pair up with another of the same corners wound the other
+    way: a sheet of no thickness, which decimation leaves where a label is thinner than its
+    triangles. Dropping both triangles of each pair takes one use each way from each of their
+    edges, so the surface stays closed and consistently oriented."""
+    faces = np.unique(faces)
+    corners = triangles[faces]
+    inversions = ((corners[:, 0] > corners[:, 1]).astype(int) + (corners[:, 0] > corners[:, 2])
+                  + (corners[:, 1] > corners[:, 2]))
+    forward = inversions % 2 == 0  # wound as its corners in increasing order
+    _, group = np.unique(np.sort(corners, axis=1), axis=0, return_inverse=True)
+    dropped = []
+    for same in np.flatnonzero(np.bincount(group.ravel()) > 1):
+        members = np.flatnonzero(group.ravel() == same)
+        ways = members[forward[members]], members[~forward[members]]
+        pairs = min(len(ways[0]), len(ways[1]))
+        dropped += [*faces[ways[0][:pairs]], *faces[ways[1][:pairs]]]
+    return np.array(dropped, np.int64)
+
+
 def manifold(points: np.ndarray, unsmoothed: np.ndarray, triangles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The surface with a copy of each vertex for each sheet through it, so that no edge has more
-    than two triangles and no vertex joins sheets that only touch there: the sheets are first
-    separated as the solid's inside suggests (on the ``unsmoothed`` points, where triangles around
-    an edge never fold), and at an edge where that leaves the sheets joined (the solid wraps around
-    the edge's ends) the other way. Returns only the points its triangles use, and the triangles
-    indexing them; nothing is split where the surface
-    is already manifold, or not closed and consistently oriented."""
+    than two triangles and no vertex joins sheets that only touch there: sheets of no thickness
+    (two triangles of the same corners wound opposite ways) are dropped, the others are separated
+    as the solid's inside suggests (on the ``unsmoothed`` points, where triangles around an edge
+    never fold), and at an edge where that leaves the sheets joined (the solid wraps around the
+    edge's ends) the other way. Returns only the points its triangles use, and the triangles
+    indexing them; nothing is split where the surface is already manifold, or not closed and
+    consistently oriented."""
     flipped: set = set()
     _, _, key = _edge_keys(points, triangles)
-    for _ in range(3):
+    for attempt in range(4):
         twins = _twins(unsmoothed, triangles, flipped)
         if twins is None:
             used, own = used_points(triangles, len(points))
             return points[used], own
         twin, shared_edges = twins
+        if attempt == 0 and len(shared_edges):
+            folded = _opposite_pairs(triangles, shared_edges // 3)
+            if len(folded):
+                triangles = np.delete(triangles, folded, axis=0)
+                _, _, key = _edge_keys(points, triangles)
+                continue
         sheet = _sheets(twin)  # a sheet's corners are all of one vertex: each sheet is a copy of it
         if not len(shared_edges):
             break
