@@ -213,10 +213,13 @@ def _sheets(poly) -> int:
 
 
 @pytest.mark.parametrize("touching", ["edge", "corner"])
-def test_voxels_touching_only_along_an_edge_or_at_a_corner_give_sheets_that_share_no_vertex(touching):
+def test_voxels_touching_only_along_an_edge_or_at_a_corner_give_sheets_that_share_no_vertex(touching, tmp_path):
     """Two blocks of one label that touch only along a voxel edge (or at a corner): a surface that is
     closed, consistently oriented and manifold (what 3D printing software expects), in two pieces
-    that touch but share no vertex, enclosing the voxels' volume."""
+    that share no vertex, enclosing the voxels' volume; also as STL, which keeps no shared vertices
+    (trimesh, as slicers do, joins corners at the same place: the pieces are moved apart there)."""
+    import trimesh
+
     array = np.zeros((20, 20, 20), np.uint8)
     array[4:10, 4:10, 4:10] = 1
     array[(slice(4, 10) if touching == "edge" else slice(10, 16)), 10:16, 10:16] = 1
@@ -227,6 +230,8 @@ def test_voxels_touching_only_along_an_edge_or_at_a_corner_give_sheets_that_shar
         assert measured["closed"] and measured["consistent_orientation"] and measured["non_manifold_edges"] == 0
         assert _sheets(surface.polydata) == 2
         assert measured["volume_ml"] == pytest.approx(np.count_nonzero(array) * volume.voxel_volume_ml, rel=0.03)
+        printed = trimesh.load(write_mesh(surface.polydata, tmp_path / f"blocks-{smoothing}.stl"))
+        assert printed.is_watertight and printed.is_winding_consistent and len(printed.split(only_watertight=False)) == 2
 
 
 def test_a_sheet_of_no_thickness_is_dropped_from_a_surface():
@@ -248,11 +253,15 @@ def test_a_sheet_of_no_thickness_is_dropped_from_a_surface():
 
 @pytest.mark.skipif(not (SHARED_DATA / "CT_TotalSegExample").is_dir(), reason="../shared/data is absent")
 @pytest.mark.parametrize("decimate", [0.0, 0.5])
-def test_the_surfaces_of_the_structures_of_a_real_ct_are_manifold(decimate):
+def test_the_surfaces_of_the_structures_of_a_real_ct_are_manifold(decimate, tmp_path):
     """TotalSegmentator's labels of the real CT at 3 mm (ribs, vertebrae, vessels: many voxels
     touching only along an edge): every surface closed, consistently oriented and manifold, also
     at half the triangles (where a structure is thinner than its triangles, decimation leaves
-    sheets of no thickness: 22 of the 61 surfaces had edges of more than two triangles)."""
+    sheets of no thickness: 22 of the 61 surfaces had edges of more than two triangles), and as
+    STL files read by software that joins corners at the same place (47 of 61 were not watertight
+    so before the copies of split vertices were moved apart)."""
+    import trimesh
+
     from AIReconstructLib.io import read_labelmap
 
     labelmap = read_labelmap(SHARED_DATA / "CT_TotalSegExample" / "reference_totalseg_fast.nii.gz")
@@ -263,6 +272,8 @@ def test_the_surfaces_of_the_structures_of_a_real_ct_are_manifold(decimate):
         checks = mesh_checks(surface.polydata)
         assert checks["closed"] and checks["consistent_orientation"], surface.label.name
         assert checks["non_manifold_edges"] == 0, surface.label.name
+        printed = trimesh.load(write_mesh(surface.polydata, tmp_path / f"{surface.label.value}.stl"))
+        assert printed.is_watertight and printed.is_winding_consistent, surface.label.name
 
 
 def test_checks_find_open_flipped_and_degenerate_meshes():

@@ -4,12 +4,16 @@ Where voxels of a label touch only along an edge or at a corner, surface nets gi
 triangles and vertices where two sheets of the surface meet; 3D printing software calls such a mesh
 non-manifold. :func:`manifold` pairs the triangles around each such edge (on the unsmoothed grid
 points, where their order around the edge is never folded) and gives each vertex one copy per sheet
-through it: the sheets then touch but share no vertex, and nothing moves.
+through it, each copy moved a twentieth of the way into its own sheet: the sheets then share no
+vertex and no point, also in an STL file (which keeps no shared vertices: the software that reads it
+joins corners at the same place), and nothing else moves.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+SPLIT_STEP = 0.05  # how far the copies of a split vertex move toward their own triangles' centre
 
 
 def used_points(triangles: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,4 +148,21 @@ def manifold(points: np.ndarray, unsmoothed: np.ndarray, triangles: np.ndarray) 
         flipped |= set(key[shared_edges[still]].tolist())
     vertex = np.empty(int(sheet.max()) + 1, np.int64)
     vertex[sheet] = triangles.ravel()
-    return points[vertex], sheet.reshape(-1, 3)
+    return _apart(points[vertex], sheet.reshape(-1, 3), vertex), sheet.reshape(-1, 3)
+
+
+def _apart(points: np.ndarray, triangles: np.ndarray, vertex: np.ndarray) -> np.ndarray:
+    """The copies of each split vertex moved ``SPLIT_STEP`` of the way toward the centre of their own
+    triangles, so that the sheets no longer touch: an STL file keeps no shared vertices, and the
+    software that reads it (3D printing slicers) joins corners at the same place into one vertex,
+    which would join the sheets again."""
+    split = np.bincount(vertex)[vertex] > 1
+    if not split.any():
+        return points
+    corners = triangles.ravel()
+    centres = np.repeat(points[triangles].mean(axis=1), 3, axis=0)  # of each corner's triangle
+    uses = np.bincount(corners, minlength=len(points))
+    around = np.stack([np.bincount(corners, centres[:, axis], len(points)) for axis in range(3)], axis=1)
+    moved = points.copy()
+    moved[split] += SPLIT_STEP * (around[split] / uses[split, None] - points[split])
+    return moved
