@@ -23,15 +23,21 @@ demo: $(VENV)/.installed-engine
 	$(BIN)/aireconstruct demo --output demo-output
 
 # Debian packages for tests that are skipped, with their reason, without them: Chromium opens the
-# HTML report in a real browser, dicom3tools' validators check the DICOM-SEG and SR (command:package)
-DEBIAN_TOOLS := chromium:chromium dciodvfy:dicom3tools
+# HTML report in a real browser, dicom3tools' validators check the DICOM-SEG and SR, npm installs
+# the Khronos glTF validator that checks the GLB scenes (command:package)
+DEBIAN_TOOLS := chromium:chromium dciodvfy:dicom3tools npm:npm
+GLTF_VALIDATOR := gltf-validator@2.0.0-dev.3.10
 debian-tools:
 	@missing="$$(for tool in $(DEBIAN_TOOLS); do command -v $${tool%%:*} >/dev/null || echo $${tool#*:}; done)"; \
 	[ -z "$$missing" ] || [ "$$(id -u)" != 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null \
 	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } \
 	  || echo "Could not install $$missing: the tests that need them will be skipped"
 
-test: $(VENV)/.installed-test debian-tools
+$(VENV)/node_modules/gltf-validator/package.json: | $(BIN)/python debian-tools
+	npm install --prefix $(VENV) --silent --no-audit --no-fund $(GLTF_VALIDATOR) \
+	  || echo "Could not install $(GLTF_VALIDATOR): the test that needs it will be skipped"
+
+test: $(VENV)/.installed-test debian-tools $(VENV)/node_modules/gltf-validator/package.json
 	$(BIN)/python -m pytest
 
 clean:

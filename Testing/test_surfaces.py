@@ -1,9 +1,12 @@
 """Surfaces: closed, where the voxels are (oblique, anisotropic), and exported in every format."""
 
+import json
 import resource
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,6 +48,10 @@ for suffix in (".stl", ".ply", ".vtp", ".glb", ".obj"):
     except OutputError as error:
         print(error)
 """
+
+
+def _phantom_labels() -> list[Label]:
+    return [Label(e["value"], e["name"], tuple(e["color"]), {}, {}) for e in phantom_label_entries()]
 
 
 def _two_spheres():
@@ -291,7 +298,7 @@ def test_checks_find_open_flipped_and_degenerate_meshes():
 
 def test_mesh_volumes_match_voxel_volumes_on_a_phantom_at_1mm():
     phantom = make_phantom(3, spacing=(1.0, 1.0, 1.0), direction=np.eye(3), field_of_view_mm=(200.0, 160.0, 160.0))
-    labels = [Label(e["value"], e["name"], tuple(e["color"]), {}, {}) for e in phantom_label_entries()]
+    labels = _phantom_labels()
     counts = np.bincount(phantom.labels.array.ravel(), minlength=len(labels) + 1)
     surfaces = extract_surfaces(phantom.labels, labels, smoothing=0.5)
     assert len(surfaces) >= 5
@@ -325,3 +332,25 @@ def test_scene_files_hold_every_segment_named_and_coloured(tmp_path):
     assert "newmtl ball\n" in materials and "Kd 1.0000 0.0000 0.0000" in materials
     with pytest.raises(OutputError, match="scene format"):
         write_scene(surfaces, tmp_path / "scene.fbx")
+
+
+GLTF_VALIDATOR = Path(sys.prefix) / "node_modules" / "gltf-validator"  # `make test` installs it with npm
+VALIDATE_GLB = """
+const validator = require(process.argv[1]);
+const bytes = new Uint8Array(require('fs').readFileSync(process.argv[2]));
+validator.validateBytes(bytes).then((report) => console.log(JSON.stringify(report.issues)));
+"""
+
+
+@pytest.mark.skipif(not (GLTF_VALIDATOR.is_dir() and shutil.which("node")),
+                    reason="the Khronos glTF validator (npm package gltf-validator) or Node.js is not installed")
+@pytest.mark.parametrize("coordinates", ["LPS", "RAS"])
+def test_the_glb_scene_passes_the_khronos_gltf_validator(tmp_path, coordinates):
+    phantom = make_phantom(3, (3.0, 3.0, 3.0))
+    surfaces = extract_surfaces(phantom.labels, _phantom_labels(), decimate_fraction=0.5, coordinates=coordinates)
+    write_scene(surfaces, tmp_path / "scene.glb")
+    checked = subprocess.run(["node", "-e", VALIDATE_GLB, str(GLTF_VALIDATOR), str(tmp_path / "scene.glb")],
+                             capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0, checked.stderr
+    issues = json.loads(checked.stdout)
+    assert (issues["numErrors"], issues["numWarnings"]) == (0, 0), issues["messages"]
