@@ -24,7 +24,7 @@ from slicer.util import VTKObservationMixin
 from AIReconstructAdapter.requirements import REQUIREMENTS_FILE, missing_requirements
 
 MAX_INPUTS = 4
-MESH_FORMATS = [".stl", ".ply", ".vtp", ".obj", ".glb"]  # as AIReconstructLib.meshfiles.MESH_FORMATS
+MESH_FORMATS = [".stl", ".ply", ".vtp", ".obj", ".glb", ".3mf"]  # as AIReconstructLib.meshfiles.MESH_FORMATS
 
 
 class AIReconstruct(ScriptedLoadableModule):

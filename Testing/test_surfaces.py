@@ -38,9 +38,9 @@ reader.SetFileName(sys.argv[1])
 reader.Update()
 Path(sys.argv[2]).mkdir()
 vtk.vtkObject.GlobalWarningDisplayOff()
-for suffix in (".stl", ".ply", ".vtp", ".glb", ".obj"):
+for suffix in (".stl", ".ply", ".vtp", ".glb", ".obj", ".3mf"):
     try:
-        if suffix in (".glb", ".obj"):
+        if suffix in (".glb", ".obj", ".3mf"):
             write_scene([Surface(Label(1, "ball", (1, 0, 0), {}, {}), reader.GetOutput(), "LPS")],
                         Path(sys.argv[2]) / ("ball" + suffix))
         else:
@@ -177,7 +177,7 @@ def test_ply_files_hold_what_vtks_writer_writes_and_a_full_disk_leaves_no_file(t
     assert full.returncode == 0, full.stderr
     errors = full.stdout.splitlines()
     assert [error.split(": ")[0] for error in errors] == [f"Cannot write {tmp_path / 'full' / 'ball'}{suffix}"
-                                                         for suffix in (".stl", ".ply", ".vtp", ".glb", ".obj")]
+                                                         for suffix in (".stl", ".ply", ".vtp", ".glb", ".obj", ".3mf")]
     assert all(error.split(": ", 1)[1] for error in errors), errors  # each with its reason
     assert not list((tmp_path / "full").iterdir())
 
@@ -354,3 +354,36 @@ def test_the_glb_scene_passes_the_khronos_gltf_validator(tmp_path, coordinates):
     assert checked.returncode == 0, checked.stderr
     issues = json.loads(checked.stdout)
     assert (issues["numErrors"], issues["numWarnings"]) == (0, 0), issues["messages"]
+
+
+def test_the_3mf_scene_reads_back_in_lib3mf_as_one_coloured_manifold_object_per_segment(tmp_path):
+    """The 3MF Consortium's library, in strict mode: no warning, millimetres, one object per segment
+    with its name, colour, points and triangles, each manifold, facing outwards and a build item."""
+    lib3mf = pytest.importorskip("lib3mf")
+    phantom = make_phantom(3, (3.0, 3.0, 3.0))
+    surfaces = extract_surfaces(phantom.labels, _phantom_labels(), decimate_fraction=0.5)
+    assert write_scene(surfaces, tmp_path / "scene.3mf") == [tmp_path / "scene.3mf"]
+    model = lib3mf.get_wrapper().CreateModel()
+    reader = model.QueryReader("3mf")
+    reader.SetStrictModeActive(True)
+    reader.ReadFromFile(str(tmp_path / "scene.3mf"))
+    assert reader.GetWarningCount() == 0 and model.GetUnit() == lib3mf.ModelUnit.MilliMeter
+    objects, items = model.GetMeshObjects(), model.GetBuildItems()
+    colours = {}
+    materials = model.GetBaseMaterialGroups()
+    while materials.MoveNext():
+        group = materials.GetCurrentBaseMaterialGroup()
+        for property_id in group.GetAllPropertyIDs():
+            colour = group.GetDisplayColor(property_id)
+            colours[group.GetName(property_id)] = (colour.Red, colour.Green, colour.Blue)
+    read = []
+    while objects.MoveNext():
+        mesh = objects.GetCurrentMeshObject()
+        assert mesh.IsManifoldAndOriented(), mesh.GetName()
+        points = np.array([list(vertex.Coordinates) for vertex in mesh.GetVertices()])
+        a, b, c = (points[[triangle.Indices[k] for triangle in mesh.GetTriangleIndices()]] for k in range(3))
+        assert np.einsum("ij,ij->", a, np.cross(b, c)) > 0, mesh.GetName()  # facing outwards, as 3MF requires
+        read.append((mesh.GetName(), mesh.GetVertexCount(), mesh.GetTriangleCount()))
+    assert read == [(s.label.name, s.polydata.GetNumberOfPoints(), s.polydata.GetNumberOfPolys()) for s in surfaces]
+    assert colours == {s.label.name: tuple(round(255 * c) for c in s.label.color) for s in surfaces}
+    assert items.Count() == len(surfaces)

@@ -32,7 +32,7 @@ def mesh_suffixes(formats: list[str]) -> list[str]:
 def add_mesh_options(p) -> None:
     """The surface options that segment and surfaces share."""
     p.add_argument("--format", "--surface-format", dest="surface_format", nargs="+", default=["stl", "vtp"],
-                   help="mesh formats: stl ply vtp (a file per segment), obj glb (one scene of all segments)")
+                   help="mesh formats: stl ply vtp (a file per segment), obj glb 3mf (one scene of all segments)")
     p.add_argument("--smoothing", type=number(at_least=0, at_most=1), default=0.5, help="surface smoothing, 0 (none) to 1 (strong)")
     p.add_argument("--decimate", type=number(at_least=0, at_most=0.95), default=0.0, help="fraction of triangles to remove (0-0.95)")
     p.add_argument("--max-triangles", type=number(int, above=0), help="at most about this many triangles per segment")
