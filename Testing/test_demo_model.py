@@ -41,7 +41,7 @@ def test_demo_command_writes_the_promised_files(tmp_path, capsys):
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     stem = "phantom_0007"
     assert {f"{stem}.seg.nrrd", f"{stem}_labels.nii.gz", f"{stem}_ct.nii.gz", "summary.md",
-            f"{stem}_summary.json", f"{stem}_report.html", f"surfaces/{stem}.glb"} <= names
+            f"{stem}_summary.json", f"{stem}_report.html", f"surfaces/{stem}.glb", f"surfaces/{stem}.3mf"} <= names
     summary = json.loads((out / f"{stem}_summary.json").read_text(encoding="utf-8"))
     assert len(summary["surfaces"]) == 9
     for name in summary["surfaces"]:

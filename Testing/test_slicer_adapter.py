@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -214,6 +215,8 @@ def test_background_run_creates_segments_surfaces_and_models(tmp_path, scene, ti
     assert files and all(f.stat().st_size > 0 for f in files)
     scene_files = export_to_files(node, tmp_path / "meshes", ".glb")
     assert [f.name for f in scene_files] == ["patient_CT_tiny-test-model.glb"] and scene_files[0].read_bytes()[:4] == b"glTF"
+    printable = export_to_files(node, tmp_path / "meshes", ".3mf")
+    assert [f.name for f in printable] == ["patient_CT_tiny-test-model.3mf"] and zipfile.is_zipfile(printable[0])
 
 
 def test_background_run_with_uncertainty_adds_the_map_and_the_regions_to_check(scene, tiny_model, oblique_ct):

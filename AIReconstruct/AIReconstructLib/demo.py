@@ -61,7 +61,7 @@ def run_demo(output: Path, seed: int = 7, extra_cases: int = 2, device: str = "a
             if index == 0:
                 stem = f"phantom_{case_seed:04d}"
                 write_volume(phantom.image, out.path(f"{stem}_ct.nii.gz"))
-                summary = export_segmentation(result, out, stem, (".stl", ".vtp", ".glb"))
+                summary = export_segmentation(result, out, stem, (".stl", ".vtp", ".glb", ".3mf"))
                 page, summary["measurements"] = build_report(phantom.image, result.labelmap, card.labels, card.data,
                                                              reference=phantom.labels, image_name=f"{stem}_ct.nii.gz")
                 write_report(page, out.path(f"{stem}_report.html"))
