@@ -2,8 +2,8 @@
 segment in one scene, named and coloured: glTF binary (.glb) for AR/VR headsets and web viewers,
 Wavefront OBJ with a material library (.obj + .mtl) for 3D software, 3MF (.3mf) for 3D printing
 (one object per segment with its colour, in millimetres: what multi-material printers' slicers
-take). Every file is written
-atomically; a full disk or any other failed write is an :class:`OutputError` and leaves nothing.
+take). Every file is written atomically; a full disk or any other failed write is an
+:class:`OutputError` and leaves nothing.
 
 PLY is written from the mesh's arrays in one block: VTK's PLY writer goes point by point (4x
 slower for a whole body's surfaces) and does not notice a failed write (a full disk left a cut-off
