@@ -8,7 +8,8 @@ pair of touching labels with the patch borders fixed, so neighbours stay sealed 
 simplifier, VTK's vtkDecimatePro where meshoptimizer is not installed). Each label's
 closed surface is then cut out of the shared mesh, oriented outwards and made manifold: where
 voxels of a label touch only along an edge or at a corner, the surface is split there into sheets
-that touch but share no vertex, as 3D printing software expects.
+that share no vertex, as 3D printing software expects (the copies of a split vertex move a
+twentieth of the way into their own sheet: there alone a surface leaves its neighbour's face).
 """
 
 from __future__ import annotations
