@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import trimesh
 from scipy import ndimage
 
 slicer = pytest.importorskip("slicer", reason="the slicer-core package (Slicer's MRML libraries) is not installed")
@@ -212,7 +213,10 @@ def test_background_run_creates_segments_surfaces_and_models(tmp_path, scene, ti
     models = export_to_models(scene, node)
     assert [m.GetName() for m in models] == _segment_names(node)[: len(models)]
     files = export_to_files(node, tmp_path / "meshes", ".stl")
-    assert files and all(f.stat().st_size > 0 for f in files)
+    assert [f.name for f in files] == [f"{name}.stl" for name in _segment_names(node)]
+    for file in files:  # the engine's surfaces: closed and manifold also as STL, which joins corners in one place
+        printed = trimesh.load(file)
+        assert printed.is_watertight and printed.is_winding_consistent and printed.volume > 0, file.name
     scene_files = export_to_files(node, tmp_path / "meshes", ".glb")
     assert [f.name for f in scene_files] == ["patient_CT_tiny-test-model.glb"] and scene_files[0].read_bytes()[:4] == b"glTF"
     printable = export_to_files(node, tmp_path / "meshes", ".3mf")

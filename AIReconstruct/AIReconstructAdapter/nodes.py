@@ -23,7 +23,7 @@ from AIReconstructLib.meshfiles import SCENE_FORMATS, mesh_file_name, write_mesh
 from AIReconstructLib.measurements import lesion_axes
 from AIReconstructLib.modelcard import Label
 from AIReconstructLib.segnrrd import terminology_from_string
-from AIReconstructLib.surfaces import Surface
+from AIReconstructLib.surfaces import extract_surfaces
 from AIReconstructLib.volume import LPS_TO_RAS, Volume
 
 
@@ -79,9 +79,10 @@ def add_volume_node(scene, volume: Volume, name: str = "Volume"):
     return node
 
 
-def segments_array(segmentation_node, segment_ids: list[str], reference_volume_node) -> np.ndarray:
-    """Segments on a volume node's grid as one label array ``[k, j, i]``, the n-th of ``segment_ids``
-    with the value n + 1 (where segments overlap, the later one's), through the Segmentations logic."""
+def segments_labelmap(segmentation_node, segment_ids: list[str], reference_volume_node=None) -> Volume:
+    """Segments as one label map, the n-th of ``segment_ids`` with the value n + 1 (where segments
+    overlap, the later one's), through the Segmentations logic: on a volume node's grid, or without
+    one on the segmentation's own grid around its segments."""
     scene = segmentation_node.GetScene()
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "AIReconstruct temporary")
     try:
@@ -90,16 +91,16 @@ def segments_array(segmentation_node, segment_ids: list[str], reference_volume_n
             ids.InsertNextValue(segment_id)
         if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
                 segmentation_node, ids, labelmap, reference_volume_node):
-            raise InputError(f"The segments of '{segmentation_node.GetName()}' cannot be read on the grid of "
-                             f"'{reference_volume_node.GetName()}'")
-        return slicer.util.arrayFromVolume(labelmap).copy()
+            grid = f" on the grid of '{reference_volume_node.GetName()}'" if reference_volume_node else ""
+            raise InputError(f"The segments of '{segmentation_node.GetName()}' cannot be read{grid}")
+        return volume_from_node(labelmap)
     finally:
         scene.RemoveNode(labelmap)
 
 
 def segment_mask(segmentation_node, segment_id: str, reference_volume_node) -> np.ndarray:
     """A segment's voxels on a volume node's grid (boolean ``[k, j, i]``)."""
-    return segments_array(segmentation_node, [segment_id], reference_volume_node) > 0
+    return segments_labelmap(segmentation_node, [segment_id], reference_volume_node).array > 0
 
 
 def set_segment_mask(segmentation_node, segment_id: str, reference_volume_node, mask: np.ndarray) -> None:
@@ -165,7 +166,7 @@ def segments_for_report(segmentation_node) -> tuple:
     if count == 0:
         raise InputError(f"'{segmentation_node.GetName()}' has no segments to report on")
     ids = [segmentation.GetNthSegmentID(index) for index in range(count)]
-    array = segments_array(segmentation_node, ids, volume_node)  # one export for all of them
+    array = segments_labelmap(segmentation_node, ids, volume_node).array  # one export for all of them
     labels = [Label(value, segment.GetName(), tuple(segment.GetColor()), terminology_from_string(segment.GetTerminology()), {})
               for value, segment in enumerate(map(segmentation.GetSegment, ids), start=1)]
     image = volume_from_node(volume_node)
@@ -309,19 +310,22 @@ def export_to_models(scene, segmentation_node) -> list:
 
 def export_to_files(segmentation_node, folder: str | Path, suffix: str = ".stl") -> list[Path]:
     """Write the segments' closed surfaces to ``folder`` in LPS millimetres (as Slicer reads them):
-    one file per segment (.stl, .ply, .vtp) or one scene named after the node (.obj + .mtl, .glb)."""
+    one file per segment (.stl, .ply, .vtp) or one scene named after the node (.obj + .mtl, .glb,
+    .3mf). The engine makes them from the segments as they are now (where segments overlap, the
+    later one's), smoothed by the segmentation's own smoothing factor: closed, manifold also as
+    STL, and touching segments sharing their faces, as on the command line."""
+    segmentation = segmentation_node.GetSegmentation()
+    ids = [segmentation.GetNthSegmentID(index) for index in range(segmentation.GetNumberOfSegments())]
+    if not ids:
+        raise InputError(f"'{segmentation_node.GetName()}' has no segments to export")
+    labelmap = segments_labelmap(segmentation_node, ids)
+    labels = [Label(value, segment.GetName(), tuple(segment.GetColor()), {}, {})
+              for value, segment in enumerate(map(segmentation.GetSegment, ids), start=1)]
+    smoothing = float(segmentation.GetConversionParameter("Smoothing factor") or 0.5)
+    surfaces = extract_surfaces(labelmap.with_array(labelmap.array.astype(np.uint16 if len(ids) > 255 else np.uint8)),
+                                labels, smoothing)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    to_lps = vtk.vtkTransform()
-    to_lps.Scale(-1, -1, 1)
-    surfaces = []
-    for value, (name, color, polydata) in enumerate(_closed_surfaces(segmentation_node), start=1):
-        flip = vtk.vtkTransformPolyDataFilter()
-        flip.SetTransform(to_lps)
-        flip.SetInputData(polydata)
-        flip.Update()
-        surfaces.append(Surface(Label(value, name, tuple(color), {}, {}), flip.GetOutput(), "LPS"))
     if suffix in SCENE_FORMATS:
         return write_scene(surfaces, folder / mesh_file_name(segmentation_node.GetName(), suffix))
     return [write_mesh(s.polydata, folder / mesh_file_name(s.label.name, suffix)) for s in surfaces]
-
