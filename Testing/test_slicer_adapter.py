@@ -214,9 +214,12 @@ def test_background_run_creates_segments_surfaces_and_models(tmp_path, scene, ti
     assert [m.GetName() for m in models] == _segment_names(node)[: len(models)]
     files = export_to_files(node, tmp_path / "meshes", ".stl")
     assert [f.name for f in files] == [f"{name}.stl" for name in _segment_names(node)]
-    for file in files:  # the engine's surfaces: closed and manifold also as STL, which joins corners in one place
-        printed = trimesh.load(file)
+    for file, model in zip(files, models):  # the engine's surfaces: closed and manifold also as STL,
+        printed = trimesh.load(file)        # which joins corners in one place; the models the same, in RAS
         assert printed.is_watertight and printed.is_winding_consistent and printed.volume > 0, file.name
+        ras = slicer.util.arrayFromModelPoints(model)
+        (low, high) = printed.bounds  # LPS
+        np.testing.assert_allclose(ras.min(axis=0), [-high[0], -high[1], low[2]], atol=1e-3)
     scene_files = export_to_files(node, tmp_path / "meshes", ".glb")
     assert [f.name for f in scene_files] == ["patient_CT_tiny-test-model.glb"] and scene_files[0].read_bytes()[:4] == b"glTF"
     printable = export_to_files(node, tmp_path / "meshes", ".3mf")

@@ -23,7 +23,7 @@ from AIReconstructLib.meshfiles import SCENE_FORMATS, mesh_file_name, write_mesh
 from AIReconstructLib.measurements import lesion_axes
 from AIReconstructLib.modelcard import Label
 from AIReconstructLib.segnrrd import terminology_from_string
-from AIReconstructLib.surfaces import extract_surfaces
+from AIReconstructLib.surfaces import Surface, extract_surfaces
 from AIReconstructLib.volume import LPS_TO_RAS, Volume
 
 
@@ -281,49 +281,39 @@ def show_3d(segmentation_node, smoothing: float = 0.5) -> None:
         display.SetVisibility3D(True)
 
 
-def _closed_surfaces(segmentation_node):
-    """(segment name, colour, polydata in RAS) for every segment, building surfaces if needed."""
-    ensure_converter_rules()
-    if not segmentation_node.GetSegmentation().ContainsRepresentation("Closed surface"):
-        segmentation_node.CreateClosedSurfaceRepresentation()
+def segment_surfaces(segmentation_node, coordinates: str) -> list[Surface]:
+    """The engine's closed surfaces of the segments as they are now (where segments overlap, the
+    later one's), smoothed by the segmentation's own smoothing factor, in ``coordinates`` ("LPS"
+    or "RAS") millimetres: closed, manifold also as STL, and touching segments sharing their
+    faces, as on the command line (Slicer's own 3D-view surfaces need not be)."""
     segmentation = segmentation_node.GetSegmentation()
-    for index in range(segmentation.GetNumberOfSegments()):
-        segment_id = segmentation.GetNthSegmentID(index)
-        segment = segmentation.GetSegment(segment_id)
-        polydata = vtk.vtkPolyData()
-        segmentation_node.GetClosedSurfaceRepresentation(segment_id, polydata)
-        if polydata.GetNumberOfPoints():
-            yield segment.GetName(), segment.GetColor(), polydata
+    ids = [segmentation.GetNthSegmentID(index) for index in range(segmentation.GetNumberOfSegments())]
+    if not ids:
+        raise InputError(f"'{segmentation_node.GetName()}' has no segments")
+    labelmap = segments_labelmap(segmentation_node, ids)
+    labels = [Label(value, segment.GetName(), tuple(segment.GetColor()), {}, {})
+              for value, segment in enumerate(map(segmentation.GetSegment, ids), start=1)]
+    smoothing = float(segmentation.GetConversionParameter("Smoothing factor") or 0.5)
+    array = labelmap.array.astype(np.uint16 if len(ids) > 255 else np.uint8)
+    return extract_surfaces(labelmap.with_array(array), labels, smoothing, coordinates=coordinates)
 
 
 def export_to_models(scene, segmentation_node) -> list:
-    """One model node per segment (its closed surface, name and colour); returns the nodes."""
+    """One model node per segment (its surface, name and colour); returns the nodes."""
     models = []
-    for name, color, polydata in _closed_surfaces(segmentation_node):
-        model = scene.AddNewNodeByClass("vtkMRMLModelNode", name)
-        model.SetAndObservePolyData(polydata)
+    for surface in segment_surfaces(segmentation_node, "RAS"):
+        model = scene.AddNewNodeByClass("vtkMRMLModelNode", surface.label.name)
+        model.SetAndObservePolyData(surface.polydata)
         model.CreateDefaultDisplayNodes()
-        model.GetDisplayNode().SetColor(color)
+        model.GetDisplayNode().SetColor(surface.label.color)
         models.append(model)
     return models
 
 
 def export_to_files(segmentation_node, folder: str | Path, suffix: str = ".stl") -> list[Path]:
-    """Write the segments' closed surfaces to ``folder`` in LPS millimetres (as Slicer reads them):
-    one file per segment (.stl, .ply, .vtp) or one scene named after the node (.obj + .mtl, .glb,
-    .3mf). The engine makes them from the segments as they are now (where segments overlap, the
-    later one's), smoothed by the segmentation's own smoothing factor: closed, manifold also as
-    STL, and touching segments sharing their faces, as on the command line."""
-    segmentation = segmentation_node.GetSegmentation()
-    ids = [segmentation.GetNthSegmentID(index) for index in range(segmentation.GetNumberOfSegments())]
-    if not ids:
-        raise InputError(f"'{segmentation_node.GetName()}' has no segments to export")
-    labelmap = segments_labelmap(segmentation_node, ids)
-    labels = [Label(value, segment.GetName(), tuple(segment.GetColor()), {}, {})
-              for value, segment in enumerate(map(segmentation.GetSegment, ids), start=1)]
-    smoothing = float(segmentation.GetConversionParameter("Smoothing factor") or 0.5)
-    surfaces = extract_surfaces(labelmap.with_array(labelmap.array.astype(np.uint16 if len(ids) > 255 else np.uint8)),
-                                labels, smoothing)
+    """Write the segments' surfaces to ``folder`` in LPS millimetres (as Slicer reads them): one
+    file per segment (.stl, .ply, .vtp) or one scene named after the node (.obj + .mtl, .glb, .3mf)."""
+    surfaces = segment_surfaces(segmentation_node, "LPS")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if suffix in SCENE_FORMATS:
