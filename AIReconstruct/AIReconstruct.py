@@ -518,6 +518,12 @@ class AIReconstructTest(ScriptedLoadableModuleTest):
         self.assertGreater(dice, 0.85)
         logic.adapter.showSurfaces(segmentationNode, 0.5)
         self.assertTrue(segmentation.ContainsRepresentation("Closed surface"))
+        models = logic.adapter.exportSurfacesToModels(slicer.mrmlScene, segmentationNode)
+        self.assertIn("liver", [model.GetName() for model in models])
+        self.assertLessEqual({model.GetName() for model in models}, set(names))
+        with tempfile.TemporaryDirectory() as folder:
+            written = logic.adapter.exportSurfacesToFiles(segmentationNode, folder, ".3mf")
+            self.assertTrue(written[0].stat().st_size > 0)
 
         self.delayDisplay(_("Correcting the liver with a point"))
         correction = logic.adapter.startCorrection(slicer.mrmlScene, segmentationNode, liverId, volumeNode)
