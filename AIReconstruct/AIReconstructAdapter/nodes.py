@@ -153,25 +153,31 @@ def save_for_training(segmentation_node, volume_nodes: list, card, folder: str |
     return save_case(folder, case_id, channels, channels[0].with_array(array), card)
 
 
-def segments_for_report(segmentation_node) -> tuple:
-    """Every segment as it is now (corrections included) as one label map on the volume the
-    segmentation was made on, for the engine's report: (that volume node, its image, the label map,
-    its labels with each segment's name, colour and own terminology, in the segments' order; where
-    segments overlap, the later one's)."""
-    volume_node = source_volume(segmentation_node)
-    if volume_node is None:
-        raise InputError(f"'{segmentation_node.GetName()}' has no volume it was made on; segment a volume first")
+def all_segments(segmentation_node, purpose: str, reference_volume_node=None) -> tuple[Volume, list[Label]]:
+    """Every segment as it is now (corrections included) as one label map (where segments overlap,
+    the later one's) on a volume node's grid, or without one on the segmentation's own, and its
+    labels with each segment's name, colour and own terminology, in the segments' order; no
+    segments is an error naming what they were wanted ``purpose`` for."""
     segmentation = segmentation_node.GetSegmentation()
     count = segmentation.GetNumberOfSegments()
     if count == 0:
-        raise InputError(f"'{segmentation_node.GetName()}' has no segments to report on")
+        raise InputError(f"'{segmentation_node.GetName()}' has no segments {purpose}")
     ids = [segmentation.GetNthSegmentID(index) for index in range(count)]
-    array = segments_labelmap(segmentation_node, ids, volume_node).array  # one export for all of them
+    labelmap = segments_labelmap(segmentation_node, ids, reference_volume_node)  # one export for all of them
     labels = [Label(value, segment.GetName(), tuple(segment.GetColor()), terminology_from_string(segment.GetTerminology()), {})
               for value, segment in enumerate(map(segmentation.GetSegment, ids), start=1)]
+    return labelmap.with_array(labelmap.array.astype(np.uint16 if count > 255 else np.uint8, copy=False)), labels
+
+
+def segments_for_report(segmentation_node) -> tuple:
+    """The segments (:func:`all_segments`) on the volume the segmentation was made on, for the
+    engine's report: (that volume node, its image, the label map, its labels)."""
+    volume_node = source_volume(segmentation_node)
+    if volume_node is None:
+        raise InputError(f"'{segmentation_node.GetName()}' has no volume it was made on; segment a volume first")
+    segments, labels = all_segments(segmentation_node, "to report on", volume_node)
     image = volume_from_node(volume_node)
-    labelmap = image.with_array(array.astype(np.uint16 if count > 255 else np.uint8, copy=False))
-    return volume_node, image, labelmap, labels
+    return volume_node, image, image.with_array(segments.array), labels
 
 
 def _ras_point(position, coordinates: str):
@@ -282,20 +288,13 @@ def show_3d(segmentation_node, smoothing: float = 0.5) -> None:
 
 
 def segment_surfaces(segmentation_node, coordinates: str) -> list[Surface]:
-    """The engine's closed surfaces of the segments as they are now (where segments overlap, the
-    later one's), smoothed by the segmentation's own smoothing factor, in ``coordinates`` ("LPS"
-    or "RAS") millimetres: closed, manifold also as STL, and touching segments sharing their
-    faces, as on the command line (Slicer's own 3D-view surfaces need not be)."""
-    segmentation = segmentation_node.GetSegmentation()
-    ids = [segmentation.GetNthSegmentID(index) for index in range(segmentation.GetNumberOfSegments())]
-    if not ids:
-        raise InputError(f"'{segmentation_node.GetName()}' has no segments")
-    labelmap = segments_labelmap(segmentation_node, ids)
-    labels = [Label(value, segment.GetName(), tuple(segment.GetColor()), {}, {})
-              for value, segment in enumerate(map(segmentation.GetSegment, ids), start=1)]
-    smoothing = float(segmentation.GetConversionParameter("Smoothing factor") or 0.5)
-    array = labelmap.array.astype(np.uint16 if len(ids) > 255 else np.uint8)
-    return extract_surfaces(labelmap.with_array(array), labels, smoothing, coordinates=coordinates)
+    """The engine's closed surfaces of the segments as they are now (:func:`all_segments`),
+    smoothed by the segmentation's own smoothing factor, in ``coordinates`` ("LPS" or "RAS")
+    millimetres: closed, manifold also as STL, and touching segments sharing their faces, as on
+    the command line (Slicer's own 3D-view surfaces need not be)."""
+    labelmap, labels = all_segments(segmentation_node, "to make surfaces of")
+    smoothing = float(segmentation_node.GetSegmentation().GetConversionParameter("Smoothing factor") or 0.5)
+    return extract_surfaces(labelmap, labels, smoothing, coordinates=coordinates)
 
 
 def export_to_models(scene, segmentation_node) -> list:

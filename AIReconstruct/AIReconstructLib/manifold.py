@@ -148,7 +148,8 @@ def manifold(points: np.ndarray, unsmoothed: np.ndarray, triangles: np.ndarray) 
         flipped |= set(key[shared_edges[still]].tolist())
     vertex = np.empty(int(sheet.max()) + 1, np.int64)
     vertex[sheet] = triangles.ravel()
-    return _apart(points[vertex], sheet.reshape(-1, 3), vertex), sheet.reshape(-1, 3)
+    own = sheet.reshape(-1, 3)
+    return _apart(points[vertex], own, vertex), own
 
 
 def _apart(points: np.ndarray, triangles: np.ndarray, vertex: np.ndarray) -> np.ndarray:
