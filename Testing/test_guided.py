@@ -156,6 +156,27 @@ def test_training_corrects_given_segments_and_needs_one_for_each_case(guided_mod
         train_guided(work / "data", base, work / "guided-missing", minutes=0.05, start_segments=segments)
 
 
+def test_a_guided_model_on_a_grid_of_its_own_from_the_command_line(guided_model, capsys):
+    """``train-guided --spacing --patch-size --radius``: a guided model that looks closer than its
+    base (a finer grid, a smaller patch) refines at that grid; a patch its network cannot take is
+    refused in one line before training."""
+    work, base, _ = guided_model
+    output = work / "guided-fine"
+    common = ["train-guided", str(work / "data"), "--base", str(base.folder), "--minutes", "0.05",
+              "--spacing", "3", "3", "3", "--radius", "4"]
+    assert main([*common, "--patch-size", "17", "16", "16", "-o", str(work / "guided-odd")]) == 2
+    assert "cannot take patches of 17 x 16 x 16 voxels" in capsys.readouterr().err
+    assert not (work / "guided-odd").exists()
+    assert main([*common, "--patch-size", "16", "16", "16", "-o", str(output)]) == 0
+    card = load_card(output / "card.json")
+    assert (card.spacing(), card.patch_size, card.data["guidance"]["radius_mm"]) == ((3.0, 3.0, 3.0), (16, 16, 16), 4.0)
+    phantom = make_phantom(7, spacing=(4.0, 4.0, 4.0))
+    mask = phantom.labels.array == 1
+    centre = tuple(np.argwhere(mask).mean(axis=0).astype(int))
+    refined = GuidedRefiner(card)(phantom.image, mask, [Click(centre, True)])
+    assert refined.shape == mask.shape and refined[centre]  # the point's own ball at least
+
+
 def test_the_guided_model_sees_the_image_as_in_training(guided_model, tmp_path):
     """The image z-scored over the whole volume, not over the box around the points (mostly lesion
     there), and enough of it around them to fill the model's patch instead of padding: both gave a

@@ -19,7 +19,8 @@ def cmd_train_guided(args, reporter: Reporter) -> None:
     from .modelcard import find_model
 
     card = train_guided(args.dataset, find_model(args.base), args.output, args.minutes, args.cases, args.seed,
-                        start_segments=args.start_segments, progress=reporter.progress, overwrite=args.overwrite)
+                        radius_mm=args.radius, start_segments=args.start_segments, spacing=args.spacing,
+                        patch_size=args.patch_size, progress=reporter.progress, overwrite=args.overwrite)
     reporter.result(f"wrote {card}", {"outputs": [str(card)]})
 
 
@@ -139,6 +140,9 @@ def add_training_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--start-segments", metavar="FOLDER",
                    help="each training case's segment to correct (CASE.nii.gz: a model's result on it from a model "
                         "that never saw it, e.g. cross-validation folds); half the patches correct these")
+    p.add_argument("--spacing", type=number(above=0), nargs=3, help="the guided model's spacing i j k (mm); default the base's")
+    p.add_argument("--patch-size", type=number(int, above=0), nargs=3, help="its patch size i j k (voxels); default the base's")
+    p.add_argument("--radius", type=number(above=0), default=3.0, help="radius of the balls that draw the points, mm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a model already in the output folder")
     p.set_defaults(func=cmd_train_guided)

@@ -29,7 +29,7 @@ from .errors import InputError
 from .interaction import Click, next_click
 from .io import write_csv
 from .modelcard import CARD_FILE, ModelCard, save_card, sha256_of
-from .networks import build_network, load_network, save_weights, unique_state
+from .networks import build_network, check_patch_size, load_network, save_weights, unique_state
 from .predict import Predictor
 from .preprocess import in_array_order, normalise, prepare, restore_labels
 from .training_data import PatchSampler, load_case
@@ -140,15 +140,15 @@ def warm_started_network(base: ModelCard) -> torch.nn.Module:
     return network
 
 
-def start_segments_on_grid(folder, dataset, cases, base: ModelCard) -> list[torch.Tensor]:
+def start_segments_on_grid(folder, dataset, cases, base: ModelCard, spacing) -> list[torch.Tensor]:
     """Each case's segment to correct from ``folder`` (``CASE<file ending>``: a model's result on the
-    case, from a model that never saw it), on the base model's grid (``[1, z, y, x]``, 1 inside)."""
+    case, from a model that never saw it), at ``spacing`` (``[1, z, y, x]``, 1 inside)."""
     segments = []
     for case in cases:
         path = Path(folder) / f"{case.case_id}{dataset.file_ending}"
         if not path.is_file():
             raise InputError(f"No segment to correct for case {case.case_id}: {path} is missing")
-        _, labels = load_case(dataclasses.replace(case, label=path), base.channels, base.spacing())
+        _, labels = load_case(dataclasses.replace(case, label=path), base.channels, spacing)
         segments.append((labels == base.labels[0].value).float())
     return segments
 
@@ -173,9 +173,10 @@ def _guided_batch(sampler: PatchSampler, size: int, rng, spacing_kji, radius_mm:
 
 def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=None, seed: int = 0,
                  radius_mm: float = 3.0, batch_size: int = 2, learning_rate: float = 1e-3,
-                 start_segments=None, progress=None, overwrite: bool = False) -> Path:
+                 start_segments=None, spacing=None, patch_size=None, progress=None, overwrite: bool = False) -> Path:
     """Train a guided model for ``minutes`` on a data set's cases (all, or ``cases``), started from the
-    ``base`` model (its image channels, spacing, patch size, architecture and weights), for the base's
+    ``base`` model (its image channels, architecture and weights, and its spacing and patch size
+    unless ``spacing`` and ``patch_size`` (x, y, z) give the guided model a grid of its own), for the base's
     first label (the others count as background); returns the card's path. With ``start_segments``
     (a folder of each case's segment to correct, see :func:`start_segments_on_grid`) half the patches
     correct those segments, and patches are centred on their misses and false parts as often as on
@@ -192,21 +193,24 @@ def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=
     chosen = [case for case in dataset.cases if not cases or case.case_id in cases]
     if not chosen:
         raise InputError(f"No training cases chosen from {dataset.folder.name}")
-    spacing_kji = in_array_order(base.spacing(), base.orientation)
-    patch = in_array_order(base.patch_size, base.orientation)
+    spacing = tuple(spacing or base.spacing())
+    patch_size = tuple(patch_size or base.patch_size)
+    spacing_kji = in_array_order(spacing, base.orientation)
+    patch = in_array_order(patch_size, base.orientation)
     value = base.labels[0].value
     loaded = [(image, (labels == value).float()) for image, labels in
-              (load_case(case, base.channels, base.spacing()) for case in chosen)]
+              (load_case(case, base.channels, spacing) for case in chosen)]
     if start_segments is None:
         sampler = PatchSampler(loaded, patch, 2)
     else:
-        given = start_segments_on_grid(start_segments, dataset, chosen, base)
+        given = start_segments_on_grid(start_segments, dataset, chosen, base, spacing)
         sampler = PatchSampler([(image, truth + 2 * segment) for (image, truth), segment in zip(loaded, given)], patch, 4)
     network = warm_started_network(base).train()
+    check_patch_size(network, base.data["architecture"]["name"], len(base.channels) + len(GUIDANCE), patch)
     optimiser = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=1e-5)
     loss_fn = segmentation_loss(base.data["architecture"].get("args"))
     history, step = [], 0
-    while time.time() - started < 60 * minutes:
+    while step == 0 or time.time() - started < 60 * minutes:  # at least one step, however short the time
         images, targets = _guided_batch(sampler, batch_size, rng, spacing_kji, radius_mm, "cpu")
         for group in optimiser.param_groups:
             group["lr"] = learning_rate * max(1 - (time.time() - started) / (60 * minutes), 0.02) ** 0.9
@@ -226,7 +230,7 @@ def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=
     data.update(name=f"{base.name}-guided", title=f"{base.data['title']}: corrected with points",
                 description="Guided model: image + include points + exclude points + current segment -> segment",
                 channels=[*base.channels, *({"name": name, "normalisation": {"scheme": "none"}} for name in GUIDANCE)],
-                guidance={"radius_mm": radius_mm}, labels=[{**base.data["labels"][0], "value": 1, "name": "segment"}],
+                guidance={"radius_mm": radius_mm}, spacing=list(spacing), patch_size=list(patch_size), labels=[{**base.data["labels"][0], "value": 1, "name": "segment"}],
                 weights=[{"file": "model.safetensors", "sha256": sha256_of(output / "model.safetensors")}],
                 training={"dataset": dataset.folder.name, "cases": [c.case_id for c in chosen], "steps": step,
                           "minutes": round((time.time() - started) / 60, 1), "seed": seed, "base_model": base.name,
@@ -238,8 +242,8 @@ def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=
 
 
 class GuidedRefiner:
-    """``refine`` with a guided model: the network sees a box around the segment and the points,
-    grown by ``reach_mm`` and to at least the model's patch (the image around them, as in training,
+    """``refine`` with a guided model: the network sees a box around the points, grown by
+    ``reach_mm`` and to at least the model's patch (the image around them, as in training,
     not padding: zeros are not background for every normalisation), and its answer changes the
     segment near the points as :func:`edit_as_the_points_ask` allows. The image is normalised over
     the whole volume before the box is cut out, as in training: a z-score over the box alone,
@@ -255,12 +259,9 @@ class GuidedRefiner:
 
     def __call__(self, volume: Volume, mask: np.ndarray, clicks: list[Click], box=None, reach_mm: float = 20.0):
         spacing = np.array(volume.spacing[::-1])
-        points = [np.array(c.kji) for c in clicks]
-        if mask.any():
-            filled = np.argwhere(mask)
-            points += [filled.min(axis=0), filled.max(axis=0)]
-        if not points:
+        if not clicks:
             return mask.copy()
+        points = [np.array(c.kji) for c in clicks]
         centre = (np.min(points, axis=0) + np.max(points, axis=0)) / 2
         half = (np.max(points, axis=0) - np.min(points, axis=0)) / 2 + reach_mm / spacing
         half = np.maximum(half, self.patch_mm / 2 / spacing)  # the image around, not padding, fills a window

@@ -62,7 +62,9 @@ def check_patch_size(network: torch.nn.Module, architecture_name: str, in_channe
     was_training = network.training
     try:
         with torch.no_grad():
-            network.eval()(torch.zeros(1, in_channels, *patch_zyx))
+            output = network.eval()(torch.zeros(1, in_channels, *patch_zyx))
+        if tuple(output.shape[2:]) != tuple(patch_zyx):
+            raise ValueError(f"its output has {' x '.join(str(n) for n in reversed(output.shape[2:]))} voxels")
     except (RuntimeError, ValueError) as error:
         sides = " x ".join(str(n) for n in reversed(patch_zyx))
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
