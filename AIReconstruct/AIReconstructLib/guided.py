@@ -6,7 +6,7 @@ and ``"guidance": {"radius_mm": R}``: points are drawn as balls of radius R. Tra
 users: the current segment is the truth damaged (parts of its border lost or grown irregularly,
 eroded, dilated, a part cut out or a false part added, or empty) or, where given, a model's own
 result on the case from a model that never saw it (its real errors); the points are placed, one
-after the other, in the largest error left, and in half the patches the image's evidence for what
+after the other, in the largest error left, and in nine patches of ten the image's evidence for what
 the points correct is weakened (:func:`weakened_evidence`). The network starts from the base model's weights
 (:func:`warm_started_network`), so it begins as good as the base model and learns what the points
 and the segment add.
@@ -100,7 +100,7 @@ def simulated_guidance(truth: np.ndarray, rng: np.random.Generator, spacing_kji,
 def weakened_evidence(image: np.ndarray, truth: np.ndarray, corrected: np.ndarray,
                       rng: np.random.Generator) -> np.ndarray:
     """The image (channels first) with the evidence for the points' corrections weakened: missed
-    tumour the points add is moved part of the way toward the intensity of the brain around the
+    tumour the points add is moved 70-100 % of the way toward the intensity of the brain around the
     tumour, wrongly added parts the points remove toward the tumour's. A network remembers its
     training cases' images, so without this the image alone would tell it what the points say; on a
     new case the points matter where the image is ambiguous (a faint oedema's edge, a bright region
@@ -109,7 +109,7 @@ def weakened_evidence(image: np.ndarray, truth: np.ndarray, corrected: np.ndarra
     result = image.copy()
     for region, like in ((corrected & truth, around), (corrected & ~truth, truth)):
         if region.any() and like.any():
-            weight = rng.uniform(0.4, 0.9) * np.clip(ndimage.gaussian_filter(region.astype(np.float32), 1.0), 0, 1)
+            weight = rng.uniform(0.7, 1.0) * np.clip(ndimage.gaussian_filter(region.astype(np.float32), 1.0), 0, 1)
             level = np.median(image[:, like], axis=1).reshape(-1, 1, 1, 1)
             result += weight * (level - result)
     return result
@@ -163,7 +163,7 @@ def _guided_batch(sampler: PatchSampler, size: int, rng, spacing_kji, radius_mm:
         truth, given = code % 2 == 1, code >= 2
         start = given if sampler.num_classes == 4 and rng.random() < 0.5 else None
         mask, clicks, corrected = simulated_guidance(truth, rng, spacing_kji, start)
-        if rng.random() < 0.5:
+        if rng.random() < 0.9:
             image = torch.from_numpy(weakened_evidence(image.numpy(), truth, corrected, rng))
         maps = guidance_maps(truth.shape, clicks, mask, spacing_kji, radius_mm)
         inputs.append(torch.cat([image, torch.from_numpy(np.stack(maps))]))
