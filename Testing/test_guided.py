@@ -46,29 +46,6 @@ def test_simulated_users_click_where_the_damaged_segment_is_wrong():
         assert not (corrected & (damaged == truth)).any()
 
 
-def test_the_damage_is_as_deep_in_millimetres_on_any_grid():
-    """The simulated misses lie as deep in mm on a 1 mm grid as on a 2 mm one (a guided model on a
-    finer grid than its base is taught the base's errors, not errors half as deep)."""
-    from scipy import ndimage
-
-    from AIReconstructLib.guided import damaged_segment
-
-    def depth(spacing):
-        n, low, high = int(80 / spacing), int(20 / spacing), int(60 / spacing)
-        truth = np.zeros((n, n, n), bool)
-        truth[low:high, low:high, low:high] = True  # a 4 cm cube
-        to_border = ndimage.distance_transform_edt(truth, sampling=spacing) + \
-            ndimage.distance_transform_edt(~truth, sampling=spacing)
-        rng, depths = np.random.default_rng(1), []
-        for _ in range(20):
-            changed = damaged_segment(truth, rng, (spacing,) * 3) != truth
-            if changed.any() and changed.sum() < truth.sum() / 2:  # not emptied
-                depths.append(np.median(to_border[changed]))
-        return np.mean(depths)
-
-    assert depth(1.0) == pytest.approx(depth(2.0), rel=0.15)  # counted in voxels: 1.6 mm against 2.5 mm
-
-
 def test_simulated_users_correct_a_given_segment():
     """With a segment to correct (a model's own result), the points go into its errors."""
     truth = np.zeros((24, 24, 24), bool)

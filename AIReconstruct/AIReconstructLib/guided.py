@@ -53,30 +53,28 @@ def guidance_maps(shape, clicks: list[Click], mask: np.ndarray, spacing_kji, rad
     return maps + [mask.astype(np.float32)]
 
 
-def damaged_segment(truth: np.ndarray, rng: np.random.Generator, spacing_kji) -> np.ndarray:
-    """The truth spoilt as a model spoils it, in millimetres whatever the grid: emptied; parts of its
-    border lost or grown irregularly (a smooth random field, thresholded, within 4-12 mm of the
-    border: a model's usual miss, such as oedema at a tumour's edge); or eroded or dilated by 2-6 mm,
-    with a ball cut out or added."""
+def damaged_segment(truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The truth spoilt as a model spoils it: emptied; parts of its border lost or grown irregularly
+    (a smooth random field, thresholded, within 2-6 voxels of the border: a model's usual miss, such
+    as oedema at a tumour's edge); or eroded or dilated by 1-3 voxels, with a ball cut out or added."""
     choice = rng.random()
     if choice < 0.2 or not truth.any():
         return np.zeros_like(truth)
-    spacing = np.asarray(spacing_kji, float)
-    depth_inside = ndimage.distance_transform_edt(truth, sampling=spacing)
-    depth_outside = ndimage.distance_transform_edt(~truth, sampling=spacing)
     if choice < 0.6:
         loss = rng.random() < 0.7
-        depth = rng.uniform(4.0, 12.0)
-        band = (truth & (depth_inside <= depth)) if loss else (~truth & (depth_outside <= depth))
-        field = ndimage.gaussian_filter(rng.standard_normal(truth.shape).astype(np.float32), 6.0 / spacing)
+        depth = int(rng.integers(2, 7))
+        band = truth & ~ndimage.binary_erosion(truth, iterations=depth) if loss else \
+            ndimage.binary_dilation(truth, iterations=depth) & ~truth
+        field = ndimage.gaussian_filter(rng.standard_normal(truth.shape).astype(np.float32), 3)
         blobs = band & (field > np.quantile(field, rng.uniform(0.2, 0.7)))
         return truth & ~blobs if loss else truth | blobs
-    steps = rng.uniform(2.0, 6.0)
-    mask = (depth_inside > steps) if rng.random() < 0.5 else (truth | (depth_outside <= steps))
+    steps = int(rng.integers(1, 4))
+    mask = ndimage.binary_erosion(truth, iterations=steps) if rng.random() < 0.5 else \
+        ndimage.binary_dilation(truth, iterations=steps)
     if rng.random() < 0.5:  # cut out or add a ball
-        centre = np.argwhere(truth)[rng.integers(truth.sum())] + rng.uniform(-12.0, 12.0, 3) / spacing
+        centre = np.argwhere(truth)[rng.integers(truth.sum())] + rng.integers(-6, 7, 3)
         grid = np.ogrid[tuple(slice(0, n) for n in truth.shape)]
-        ball = sum(((g - c) * d) ** 2 for g, c, d in zip(grid, centre, spacing)) < rng.uniform(6.0, 16.0) ** 2
+        ball = sum((g - c) ** 2 for g, c in zip(grid, centre)) < rng.integers(3, 9) ** 2
         mask = mask & ~ball if rng.random() < 0.5 else mask | ball
     return mask
 
@@ -86,7 +84,7 @@ def simulated_guidance(truth: np.ndarray, rng: np.random.Generator, spacing_kji,
     """A segment to correct (``start``, else the truth damaged: :func:`damaged_segment`), 1-5
     simulated points that correct it, each in the largest error left after the points before it,
     and the voxels those points corrected."""
-    mask = damaged_segment(truth, rng, spacing_kji) if start is None else start.copy()
+    mask = damaged_segment(truth, rng) if start is None else start.copy()
     clicks, virtual = [], mask.copy()
     for _ in range(int(rng.integers(1, 6))):
         click = next_click(virtual, truth, spacing_kji)
