@@ -197,6 +197,8 @@ def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=
     patch_size = tuple(patch_size or base.patch_size)
     spacing_kji = in_array_order(spacing, base.orientation)
     patch = in_array_order(patch_size, base.orientation)
+    network = warm_started_network(base).train()
+    check_patch_size(network, base.data["architecture"]["name"], len(base.channels) + len(GUIDANCE), patch)
     value = base.labels[0].value
     loaded = [(image, (labels == value).float()) for image, labels in
               (load_case(case, base.channels, spacing) for case in chosen)]
@@ -205,8 +207,6 @@ def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=
     else:
         given = start_segments_on_grid(start_segments, dataset, chosen, base, spacing)
         sampler = PatchSampler([(image, truth + 2 * segment) for (image, truth), segment in zip(loaded, given)], patch, 4)
-    network = warm_started_network(base).train()
-    check_patch_size(network, base.data["architecture"]["name"], len(base.channels) + len(GUIDANCE), patch)
     optimiser = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=1e-5)
     loss_fn = segmentation_loss(base.data["architecture"].get("args"))
     history, step = [], 0
@@ -230,7 +230,8 @@ def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=
     data.update(name=f"{base.name}-guided", title=f"{base.data['title']}: corrected with points",
                 description="Guided model: image + include points + exclude points + current segment -> segment",
                 channels=[*base.channels, *({"name": name, "normalisation": {"scheme": "none"}} for name in GUIDANCE)],
-                guidance={"radius_mm": radius_mm}, spacing=list(spacing), patch_size=list(patch_size), labels=[{**base.data["labels"][0], "value": 1, "name": "segment"}],
+                guidance={"radius_mm": radius_mm}, spacing=list(spacing), patch_size=list(patch_size),
+                labels=[{**base.data["labels"][0], "value": 1, "name": "segment"}],
                 weights=[{"file": "model.safetensors", "sha256": sha256_of(output / "model.safetensors")}],
                 training={"dataset": dataset.folder.name, "cases": [c.case_id for c in chosen], "steps": step,
                           "minutes": round((time.time() - started) / 60, 1), "seed": seed, "base_model": base.name,
