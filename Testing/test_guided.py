@@ -10,8 +10,9 @@ import torch
 from AIReconstructLib.cli import main
 from AIReconstructLib.dataset import write_phantom_dataset
 from AIReconstructLib.errors import InputError, OutputError
-from AIReconstructLib.guided import (GuidedRefiner, edit_as_the_points_ask, guidance_maps, simulated_guidance,
-                                     train_guided, warm_started_network, weakened_evidence)
+from AIReconstructLib.guided import (GuidedRefiner, edit_as_the_points_ask, edit_in_the_box, guidance_maps,
+                                     implied_centre_point, simulated_guidance, train_guided, warm_started_network,
+                                     weakened_evidence)
 from AIReconstructLib.interaction import Click
 from AIReconstructLib.io import read_labelmap, write_volume
 from AIReconstructLib.modelcard import load_card
@@ -94,6 +95,28 @@ def test_the_model_changes_only_what_the_points_ask_for():
     # a point the proposal disagrees with still gets its ball
     edited = edit_as_the_points_ask(mask, mask, [Click((15, 15, 30), True)], (1.0, 1.0, 1.0), 20.0, 1.0)
     assert edited[15, 15, 30] and edited.sum() == mask.sum() + 7
+
+
+def test_a_box_is_segmented_by_the_model_and_bounds_the_segment():
+    """Inside the box the proposal is the segment (with the points' balls); around it, within reach
+    of the box and the points, nothing else belongs to it; farther away the segment is kept."""
+    mask = np.zeros((30, 30, 80), bool)
+    mask[10:20, 10:20, 8:14] = True  # beside the box: removed
+    mask[10:20, 10:20, 70:78] = True  # far from it: kept
+    proposal = np.zeros_like(mask)
+    proposal[8:22, 8:22, 20:34] = True  # reaches out of the box
+    box = ((10, 10, 16), (19, 19, 30))
+    clicks = [Click((15, 15, 31), False), Click((15, 15, 40), True)]  # inside; outside the box: ignored
+    edited = edit_in_the_box(mask, proposal, clicks, box, (1.0, 1.0, 1.0), reach_mm=10.0, radius_mm=1.0)
+    expected = np.zeros_like(mask)
+    expected[10:20, 10:20, 20:31] = True  # the proposal within the box
+    expected[15, 15, 30] = False  # the exclude point's ball
+    expected[10:20, 10:20, 70:78] = True
+    np.testing.assert_array_equal(edited, expected)
+    # a box holding neither an include point nor any of the segment is assumed drawn around its centre
+    assert implied_centre_point(mask, [], box) == [Click((14, 14, 23), True)]
+    assert implied_centre_point(mask, [Click((12, 12, 20), True)], box) == []
+    assert implied_centre_point(mask, [], ((10, 10, 8), (12, 12, 10))) == []
 
 
 def test_the_guided_network_starts_as_the_base_model(tmp_path):
@@ -199,6 +222,26 @@ def test_the_guided_model_sees_the_image_as_in_training(guided_model, tmp_path):
     whole = normalise(array, {"scheme": "zscore_nonzero"})
     assert image.max() == pytest.approx(whole.max()) and image.min() == pytest.approx(whole.min())
     assert all(32 <= n <= 33 for n in image.shape)  # a patch (and its last voxel), cut from the image around the point
+
+
+def test_the_guided_model_segments_inside_a_box(guided_model):
+    """A box alone (no point, an empty segment): the network is told to look at the box's centre (an
+    include ball there in its input), and its answer is the segment inside the box, none outside."""
+    _, _, card_path = guided_model
+    refiner = GuidedRefiner(load_card(card_path))
+    network_input = []
+    predict = refiner.predictor
+    refiner.predictor = lambda tensor: network_input.append(tensor) or predict(tensor)
+    phantom = make_phantom(7, spacing=(4.0, 4.0, 4.0))
+    liver = phantom.labels.array == 1
+    corners = np.argwhere(liver)
+    box = (tuple(corners.min(axis=0)), tuple(corners.max(axis=0)))
+    refined = refiner(phantom.image, np.zeros_like(liver), [], box=box)
+    centre = tuple(int(round((a + b) / 2)) for a, b in zip(*box))
+    in_box = np.zeros_like(liver)
+    in_box[tuple(slice(a, b + 1) for a, b in zip(*box))] = True
+    assert refined[centre] and not (refined & ~in_box).any()
+    assert network_input[0][1].sum() > 0 and network_input[0][2].sum() == 0  # an include ball, no exclude
 
 
 def test_refine_with_the_guided_model_on_the_command_line(guided_model, tmp_path, capsys):

@@ -1,9 +1,10 @@
 """Clicks to correct the brain-tumour model on held-out BraTS cases, and the time of each interaction.
 
-    python benchmarks/interaction_benchmark.py [--cases BRATS_004 BRATS_005] [--clicks 10] [--start model|empty]
+    python benchmarks/interaction_benchmark.py [--cases BRATS_004 BRATS_005] [--clicks 10] [--start model|empty|box]
 
-For each case, the start is the bundled brain-tumour model's segmentation (or an empty mask); a
-simulated user then clicks in the largest error region each time (include where the tumour was
+For each case, the start is the bundled brain-tumour model's segmentation, an empty mask, or (``box``)
+what each method segments in a box drawn around the tumour (the expert mask's bounding box) from an
+empty mask; a simulated user then clicks in the largest error region each time (include where the tumour was
 missed, exclude where it was wrongly added), and ``refine`` corrects the segment. Prints the Dice
 after 1, 3, 5 and 10 clicks, the number of clicks to reach Dice 0.85 and 0.90 (NoC@85, NoC@90;
 the click budget plus one when never reached) and the time per interaction, for each method
@@ -45,7 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="+", default=["BRATS_004", "BRATS_005"])
     parser.add_argument("--clicks", type=int, default=10)
-    parser.add_argument("--start", choices=["model", "empty"], default="model")
+    parser.add_argument("--start", choices=["model", "empty", "box"], default="model")
     parser.add_argument("--reach", type=float, default=20.0, help="mm around each point that may change")
     parser.add_argument("--guided", help="also a guided model (its card), measured in the same run")
     args = parser.parse_args()
@@ -61,9 +62,13 @@ def main() -> None:
         truth = read_labelmap(DATA / "labelsTr" / f"{case}.nii.gz", like=image).array > 0
         start = (segment([image], card, SegmentOptions(device="cpu")).labelmap.array > 0
                  if args.start == "model" else np.zeros_like(truth))
+        corners = np.argwhere(truth)
+        box = (tuple(corners.min(axis=0)), tuple(corners.max(axis=0)))
         for name, method in methods.items():
-            scores = interaction.simulate(image, start, truth, args.clicks, reach_mm=args.reach,
-                                          method=timed(method, seconds[name]))
+            method = timed(method, seconds[name])
+            if args.start == "box":
+                start = method(image, np.zeros_like(truth), [], box=box, reach_mm=args.reach)
+            scores = interaction.simulate(image, start, truth, args.clicks, reach_mm=args.reach, method=method)
             first = interaction.dice(start, truth)
             reached = [interaction.clicks_to_reach(first, scores, target) for target in (0.85, 0.90)]
             rows.append((name, case, first, scores, [args.clicks + 1 if n is None else n for n in reached]))

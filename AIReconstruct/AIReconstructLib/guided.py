@@ -243,12 +243,13 @@ def train_guided(dataset_folder, base: ModelCard, output, minutes: float, cases=
 
 
 class GuidedRefiner:
-    """``refine`` with a guided model: the network sees a box around the points, grown by
-    ``reach_mm`` and to at least the model's patch (the image around them, as in training,
-    not padding: zeros are not background for every normalisation), and its answer changes the
-    segment near the points as :func:`edit_as_the_points_ask` allows. The image is normalised over
-    the whole volume before the box is cut out, as in training: a z-score over the box alone,
-    mostly tumour, would give the network another image."""
+    """``refine`` with a guided model: the network sees a box around the points (and the box given,
+    if any), grown by ``reach_mm`` and to at least the model's patch (the image around them, as in
+    training, not padding: zeros are not background for every normalisation), and its answer
+    changes the segment near the points as :func:`edit_as_the_points_ask` allows, or inside a given
+    box as :func:`edit_in_the_box` does. The image is normalised over the whole volume before the
+    window is cut out, as in training: a z-score over the window alone, mostly tumour, would give
+    the network another image."""
 
     def __init__(self, card: ModelCard, device: str = "cpu"):
         if "guidance" not in card.data:
@@ -259,12 +260,16 @@ class GuidedRefiner:
                                    card.inference["overlap"], device, sliding_window=card.inference.get("sliding_window"))
 
     def __call__(self, volume: Volume, mask: np.ndarray, clicks: list[Click], box=None, reach_mm: float = 20.0):
+        """The segment ``mask`` corrected by ``clicks`` and ``box`` ((k0, j0, i0), (k1, j1, i1), as
+        :func:`~AIReconstructLib.interaction.refine` takes them)."""
         spacing = np.array(volume.spacing[::-1])
+        if box is not None:
+            clicks = [*clicks, *implied_centre_point(mask, clicks, box)]
         if not clicks:
             return mask.copy()
-        points = [np.array(c.kji) for c in clicks]
-        centre = (np.min(points, axis=0) + np.max(points, axis=0)) / 2
-        half = (np.max(points, axis=0) - np.min(points, axis=0)) / 2 + reach_mm / spacing
+        corners = [np.array(c.kji) for c in clicks] + ([np.array(corner) for corner in box] if box else [])
+        centre = (np.min(corners, axis=0) + np.max(corners, axis=0)) / 2
+        half = (np.max(corners, axis=0) - np.min(corners, axis=0)) / 2 + reach_mm / spacing
         half = np.maximum(half, self.patch_mm / 2 / spacing)  # the image around, not padding, fills a window
         low = np.maximum(np.floor(centre - half).astype(int), 0)
         high = np.minimum(np.ceil(centre + half).astype(int) + 1, mask.shape)
@@ -273,16 +278,49 @@ class GuidedRefiner:
         image_spec = self.card.channels[0]
         crop = Volume(normalise(volume.array, image_spec["normalisation"])[region], volume.spacing, origin, volume.direction)
         local = [Click(tuple(np.array(c.kji) - low), c.positive) for c in clicks]
-        maps = guidance_maps(crop.array.shape, local, mask[region], spacing, self.card.data["guidance"]["radius_mm"])
+        radius_mm = self.card.data["guidance"]["radius_mm"]
+        maps = guidance_maps(crop.array.shape, local, mask[region], spacing, radius_mm)
         channels = [crop] + [crop.with_array(m) for m in maps]
         as_given = [{**spec, "normalisation": {"scheme": "none"}} for spec in self.card.channels]
         prepared = prepare(channels, as_given, self.card.spacing(), self.card.orientation,
                            self.card.inference.get("grid", "field_of_view"))
         proposal = restore_labels(self.predictor(prepared.tensor), prepared) == 1
         corrected = mask.copy()
-        corrected[region] = edit_as_the_points_ask(mask[region], proposal, local, spacing, reach_mm,
-                                                   self.card.data["guidance"]["radius_mm"])
+        if box is None:
+            corrected[region] = edit_as_the_points_ask(mask[region], proposal, local, spacing, reach_mm, radius_mm)
+        else:
+            local_box = tuple(tuple(np.array(corner) - low) for corner in box)
+            corrected[region] = edit_in_the_box(mask[region], proposal, local, local_box, spacing, reach_mm, radius_mm)
         return corrected
+
+
+def implied_centre_point(mask: np.ndarray, clicks: list[Click], box) -> list[Click]:
+    """An include point at the box's centre when the box holds neither an include point nor any of
+    the segment (the object it is drawn around is assumed there, as :func:`refine` assumes it): the
+    network is then told where to look. Empty otherwise."""
+    inside = tuple(slice(a, b + 1) for a, b in zip(*box))
+    holds_point = any(c.positive and all(a <= k <= b for k, a, b in zip(c.kji, *box)) for c in clicks)
+    if holds_point or mask[inside].any():
+        return []
+    return [Click(tuple(int(round((a + b) / 2)) for a, b in zip(*box)), True)]
+
+
+def edit_in_the_box(mask: np.ndarray, proposal: np.ndarray, clicks: list[Click], box, spacing_kji,
+                    reach_mm: float, radius_mm: float) -> np.ndarray:
+    """``mask`` with the box ((k0, j0, i0), (k1, j1, i1), inclusive) re-segmented by the guided
+    model's ``proposal``: inside the box the proposal is the segment, with the include points'
+    balls added and the exclude points' removed; outside it, within ``reach_mm`` of the box and the
+    points, nothing belongs to the segment any more (the box bounds it, whatever the points outside
+    it say), as in :func:`~AIReconstructLib.interaction.refine`; farther away it stays as it was."""
+    include, exclude, _ = guidance_maps(mask.shape, clicks, mask, spacing_kji, radius_mm)
+    margin = np.ceil(reach_mm / np.asarray(spacing_kji, float)).astype(int)
+    corners = np.array([*box, *(c.kji for c in clicks)])
+    inside = tuple(slice(a, b + 1) for a, b in zip(*box))
+    around = tuple(slice(max(a - m, 0), b + m + 1) for a, b, m in zip(corners.min(axis=0), corners.max(axis=0), margin))
+    result = mask.copy()
+    result[around] = False
+    result[inside] = (proposal | (include > 0))[inside] & ~(exclude > 0)[inside]
+    return result
 
 
 def edit_as_the_points_ask(mask: np.ndarray, proposal: np.ndarray, clicks: list[Click], spacing_kji,

@@ -44,8 +44,10 @@ def _distance_to(points: list[tuple[int, int, int]], shape, spacing_kji) -> np.n
 def refine(volume: Volume, mask: np.ndarray, clicks: list[Click], box: tuple | None = None,
            reach_mm: float = 20.0) -> np.ndarray:
     """The segment ``mask`` (boolean, on ``volume``'s grid) corrected by ``clicks``; only voxels
-    within ``reach_mm`` of a click change. ``box`` ((k0, j0, i0), (k1, j1, i1)), if given, bounds
-    the segment: nothing outside it belongs to the segment afterwards."""
+    within ``reach_mm`` of a click change. ``box`` ((k0, j0, i0), (k1, j1, i1), inclusive), if
+    given, is re-segmented from the segment's interior in it and the points (from its centre when
+    it holds neither), and bounds the segment: outside it, within ``reach_mm`` of the box and the
+    points, nothing belongs to the segment afterwards."""
     if mask.shape != volume.array.shape:
         raise InputError(f"The mask's shape {mask.shape} does not match the image's {volume.array.shape}")
     for click in clicks:
