@@ -109,6 +109,7 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.saveReportButton.connect("clicked(bool)", self.onSaveReport)
         self.ui.includePointsButton.connect("clicked(bool)", lambda: self.onPlacePoints(True))
         self.ui.excludePointsButton.connect("clicked(bool)", lambda: self.onPlacePoints(False))
+        self.ui.drawBoxButton.connect("clicked(bool)", self.onDrawBox)
         self.ui.undoCorrectionButton.connect("clicked(bool)", self.onUndoCorrection)
         self.ui.saveForTrainingButton.connect("clicked(bool)", self.onSaveForTraining)
         self.ui.fineTuneButton.connect("clicked(bool)", self.onFineTune)
@@ -200,7 +201,7 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.downloadModelButton.enabled = not running and self.ui.downloadTaskComboBox.count > 0
         hasResult = bool(self._parameterNode and self._parameterNode.outputSegmentation)
         for button in (self.ui.exportFilesButton, self.ui.exportModelsButton, self.ui.editButton,
-                       self.ui.saveReportButton, self.ui.includePointsButton, self.ui.excludePointsButton,
+                       self.ui.saveReportButton, self.ui.includePointsButton, self.ui.excludePointsButton, self.ui.drawBoxButton,
                        self.ui.undoCorrectionButton, self.ui.saveForTrainingButton):
             button.enabled = hasResult and not running
         self.refreshCorrectionSegments()
@@ -217,25 +218,37 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPlacePoints(self, include: bool) -> None:
         """Place include or exclude points on the selected segment; each one re-segments near it."""
+        with slicer.util.tryWithErrorDisplay(_("Points cannot be placed."), waitCursor=True):
+            self.startPlacing(self.selectedCorrection().points[include], persistent=True)
+
+    def onDrawBox(self) -> None:
+        """Draw a box around the selected segment (in place of the box before); inside it the segment is re-segmented."""
+        with slicer.util.tryWithErrorDisplay(_("A box cannot be drawn."), waitCursor=True):
+            self.startPlacing(self.selectedCorrection().new_box(), persistent=False)
+
+    def selectedCorrection(self):
+        """The correction of the segment chosen in the panel, started if it is not the current one."""
         segmentationNode = self._parameterNode.outputSegmentation
         segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(
             self.ui.correctionSegmentComboBox.currentText)
-        with slicer.util.tryWithErrorDisplay(_("Points cannot be placed."), waitCursor=True):
-            correction = self.logic.adapter.correction
-            if correction is None or correction.segmentation_node is not segmentationNode or correction.segment_id != segmentId:
-                correction = self.logic.adapter.startCorrection(
-                    slicer.mrmlScene, segmentationNode, segmentId, self._parameterNode.inputVolume0)
-            points = correction.points[include]
-            slicer.modules.markups.logic().SetActiveListID(points)
-            interaction = slicer.app.applicationLogic().GetInteractionNode()
-            interaction.SetPlaceModePersistence(1)
-            interaction.SetCurrentInteractionMode(interaction.Place)
+        correction = self.logic.adapter.correction
+        if correction is None or correction.segmentation_node is not segmentationNode or correction.segment_id != segmentId:
+            correction = self.logic.adapter.startCorrection(
+                slicer.mrmlScene, segmentationNode, segmentId, self._parameterNode.inputVolume0)
+        return correction
+
+    @staticmethod
+    def startPlacing(markupsNode, persistent: bool) -> None:
+        slicer.modules.markups.logic().SetActiveListID(markupsNode)
+        interaction = slicer.app.applicationLogic().GetInteractionNode()
+        interaction.SetPlaceModePersistence(1 if persistent else 0)
+        interaction.SetCurrentInteractionMode(interaction.Place)
 
     def onUndoCorrection(self) -> None:
         correction = self.logic.adapter.correction
         if correction is not None and not correction.undo():
             self.ui.logTextEdit.appendPlainText(
-                _("No point to undo, or the segment was edited since the last point (undo that in the Segment Editor)."))
+                _("No point or box to undo, or the segment was edited since (undo that in the Segment Editor)."))
 
     def onApply(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Segmentation could not start."), waitCursor=True):
@@ -466,7 +479,7 @@ class AIReconstructLogic(ScriptedLoadableModuleLogic):
 
 class AIReconstructTest(ScriptedLoadableModuleTest):
     """In-Slicer self-test: a phantom volume segmented end to end with the demo model, then a
-    segment corrected with a point and the point undone, then the report saved."""
+    segment corrected with a point and with a box, each undone, then the report saved."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -525,14 +538,19 @@ class AIReconstructTest(ScriptedLoadableModuleTest):
             written = logic.adapter.exportSurfacesToFiles(segmentationNode, folder, ".3mf")
             self.assertTrue(written[0].stat().st_size > 0)
 
-        self.delayDisplay(_("Correcting the liver with a point"))
+        self.delayDisplay(_("Correcting the liver with a point and a box"))
         correction = logic.adapter.startCorrection(slicer.mrmlScene, segmentationNode, liverId, volumeNode)
         centre = np.argwhere(truth).mean(axis=0).round().astype(int)  # (k, j, i)
         correction.points[True].AddControlPoint(vtk.vtkVector3d(*(phantom.image.ijk_to_ras() @ [*centre[::-1], 1])[:3]))
-        self.assertEqual(len(correction.clicks), 1)  # placing the point re-segmented the liver
+        self.assertEqual(len(correction.prompts), 1)  # placing the point re-segmented the liver
         self.assertTrue(correction.undo())
         np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, liverId, volumeNode),
                                       liver)
+        box = correction.new_box()  # drawn as the Box button lets one: two opposite corners
+        for corner in (np.argwhere(truth).min(axis=0) - 2, np.argwhere(truth).max(axis=0) + 2):
+            box.AddControlPoint(vtk.vtkVector3d(*(phantom.image.ijk_to_ras() @ [*corner[::-1], 1])[:3]))
+        self.assertEqual(len(correction.prompts), 1)  # drawing the box re-segmented the liver inside it
+        self.assertTrue(correction.undo())
         logic.endCorrection()
         self.assertIsNone(logic.adapter.correction)
 

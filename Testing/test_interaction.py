@@ -7,7 +7,7 @@ import pytest
 from AIReconstructLib.cli import main
 from AIReconstructLib.errors import InputError
 from AIReconstructLib.interaction import (Click, clicks_to_reach, dice, next_click, refine, refine_labelmap, simulate,
-                                          to_voxel)
+                                          to_voxel, to_voxel_box)
 from AIReconstructLib.io import read_labelmap, write_volume
 from AIReconstructLib.volume import Volume
 from conftest import oblique_direction
@@ -62,6 +62,20 @@ def test_a_box_alone_segments_what_is_inside_it():
     corners = np.argwhere(ball)
     box = (tuple(corners.min(axis=0) - 1), tuple(corners.max(axis=0) + 1))
     assert dice(refine(volume, np.zeros_like(ball), [], box=box), ball) > 0.9
+
+
+def test_a_box_larger_than_the_image_finds_the_object_against_its_faces():
+    """Drawn around more than the whole image (corners in patient mm, cut to the image): its faces,
+    not the rest of the image, are background, so the bright ball is found, not everything."""
+    volume, ball, _ = _scene()
+    matrix = volume.ijk_to_lps()
+    far = [matrix[:3, :3] @ np.array(corner) + matrix[:3, 3] for corner in ((-20, -20, -20), (90, 80, 50))]
+    box = to_voxel_box(volume, far)
+    assert box == ((0, 0, 0), tuple(n - 1 for n in ball.shape))
+    centre = tuple(int(v) for v in np.round(np.argwhere(ball).mean(axis=0)))
+    assert dice(refine(volume, np.zeros_like(ball), [Click(centre, True)], box=box), ball) > 0.9
+    with pytest.raises(InputError, match=r"The box from \(.*\) to \(.*\) mm \(LPS\) lies outside the image"):
+        to_voxel_box(volume, [far[1] + 500, far[1] + 600])
 
 
 def test_nothing_outside_the_box_belongs_to_the_segment_afterwards():

@@ -305,13 +305,13 @@ def test_points_correct_a_segment_in_place_and_undo_restores_it(scene):
 
     centre_ras = volume.ijk_to_ras() @ [30, 30, 15, 1]
     correction.points[True].AddControlPoint(vtk.vtkVector3d(*centre_ras[:3]))
-    assert len(correction.clicks) == 1 and not correction.update()  # done on placing, once per point
+    assert len(correction.prompts) == 1 and not correction.update()  # done on placing, once per point
     first = segment_mask(segmentation, segment_id, volume_node)
     assert dice(first, ball) > 0.9
 
     wrong_ras = volume.ijk_to_ras() @ [30, 35, 15, 1]  # inside the ball: excluding it removes a part
     correction.points[False].AddControlPoint(vtk.vtkVector3d(*wrong_ras[:3]))
-    assert len(correction.clicks) == 2
+    assert len(correction.prompts) == 2
     second = segment_mask(segmentation, segment_id, volume_node)
     assert second.sum() < first.sum()
 
@@ -322,6 +322,52 @@ def test_points_correct_a_segment_in_place_and_undo_restores_it(scene):
     correction.end(scene)
     assert scene.GetFirstNodeByName("tumour include") is None
     np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), first)  # the segment stays
+
+
+def _draw_box(box_node, corners_kji, volume):
+    """Draw a box as Slicer's placement does: two opposite corners (RAS) as control points."""
+    for corner in corners_kji:
+        box_node.AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [*corner[::-1], 1])[:3]))
+
+
+def test_a_box_drawn_around_a_segment_segments_it_and_undo_takes_it_back(scene):
+    """A box drawn on an empty segment grows it from the box's centre to the edges inside it; an
+    exclude point then cuts a part; undo takes back the point, then the box; a box drawn again
+    replaces the one before; a box resized (its handles dragged) is followed."""
+    from AIReconstructAdapter.correction import SegmentCorrection
+    from AIReconstructLib.interaction import dice
+
+    ball, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 5)
+    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
+    correction.observe()
+    box_node = correction.new_box()
+    assert box_node.GetName() == "tumour box" and not correction.prompts
+    corners = np.argwhere(ball)
+    _draw_box(box_node, [corners.min(axis=0) - 2, corners.max(axis=0) + 2], volume)
+    boxed = segment_mask(segmentation, segment_id, volume_node)
+    assert len(correction.prompts) == 1 and dice(boxed, ball) > 0.9
+
+    correction.points[False].AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 35, 15, 1])[:3]))
+    assert segment_mask(segmentation, segment_id, volume_node).sum() < boxed.sum()
+    assert correction.undo()
+    np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), boxed)
+    assert correction.undo() and correction.box is None and box_node.GetScene() is None
+    assert not segment_mask(segmentation, segment_id, volume_node).any() and not correction.prompts
+
+    half = correction.new_box()  # around the ball's lower half (j < 30) only
+    _draw_box(half, [corners.min(axis=0) - 2, [corners.max(axis=0)[0] + 2, 29, corners.max(axis=0)[2] + 2]], volume)
+    lower = segment_mask(segmentation, segment_id, volume_node)
+    assert 0.2 < lower.sum() / ball.sum() < 0.7 and not lower[:, 36:].any()  # the box is oblique on this grid
+    half.SetSize(*(np.array(half.GetSize()) * [1.0, 1.0, 1.0]))  # unchanged: nothing to follow
+    assert not correction.follow_points()
+    size = np.array(half.GetSize())
+    half.SetSize(*(size + 60))  # its handles dragged out around the whole ball
+    half.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
+    assert dice(segment_mask(segmentation, segment_id, volume_node), ball) > 0.9
+    replaced = correction.new_box()  # drawn again: the box before goes, and its correction with it
+    assert half.GetScene() is None and not segment_mask(segmentation, segment_id, volume_node).any()
+    correction.end(scene)
+    assert replaced.GetScene() is None and scene.GetNodesByClass("vtkMRMLMarkupsROINode").GetNumberOfItems() == 0
 
 
 def test_edits_made_elsewhere_between_points_are_kept(scene):
@@ -406,7 +452,7 @@ def test_points_removed_or_moved_in_the_markups_module_are_followed(scene):
     assert segment_mask(segmentation, segment_id, volume_node).sum() < only_include.sum()
     exclusions.RemoveNthControlPoint(0)  # as the Markups module's delete does
     np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), only_include)
-    assert len(correction.clicks) == 1
+    assert len(correction.prompts) == 1
 
     exclusions.AddControlPoint(vtk.vtkVector3d(*exclude))
     exclusions.SetNthControlPointPositionWorld(0, *moved)  # dragged on a slice: followed when the drag ends
@@ -423,7 +469,7 @@ def test_points_removed_or_moved_in_the_markups_module_are_followed(scene):
     for j in (20, 25, 40, 45, 50):  # more points than the history holds states, then the first one removed
         exclusions.AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, j, 15, 1])[:3]))
     correction.points[True].RemoveNthControlPoint(0)
-    assert len(correction.clicks) == 5 and not segment_mask(segmentation, segment_id, volume_node).any()
+    assert len(correction.prompts) == 5 and not segment_mask(segmentation, segment_id, volume_node).any()
 
 
 def test_save_for_training_adds_a_case_the_trainer_reads(scene, tmp_path, tiny_model, ct_volume):

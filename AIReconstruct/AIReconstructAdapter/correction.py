@@ -1,13 +1,15 @@
-"""Correct one segment with include / exclude points placed on the slices (markups point lists).
+"""Correct one segment with include / exclude points placed on the slices (markups point lists)
+and a box drawn around it (a markups ROI).
 
-Each newly placed point re-segments the segment near the points (the engine's ``refine``, a
-fraction of a second) and updates it in place; the segmentation's history (the one the Segment
-Editor uses) keeps every previous state, so ``undo`` restores the last one and forgets the last point.
-A point removed or moved afterwards (in the Markups module, or dragged on a slice) is followed: the
-segment goes back to its state before the first point (kept aside, as the history holds only the
-last few states) and is corrected again, point by point, with the points as they are now. Where the
-segment was edited elsewhere since the last point (painted in the Segment Editor), that edited
-segment is the one corrected again, and undo refuses: it would take the edit back with the point.
+Each newly placed point, and the box once drawn, re-segments the segment near them (the engine's
+``refine``, a fraction of a second) and updates it in place; the segmentation's history (the one
+the Segment Editor uses) keeps every previous state, so ``undo`` restores the last one and forgets
+the last point or the box. A point or box removed, moved or resized afterwards (in the Markups
+module, or dragged on a slice) is followed: the segment goes back to its state before the first
+prompt (kept aside, as the history holds only the last few states) and is corrected again, prompt
+by prompt, with the prompts as they are now. Where the segment was edited elsewhere since the last
+prompt (painted in the Segment Editor), that edited segment is the one corrected again, and undo
+refuses: it would take the edit back with the prompt.
 """
 
 from __future__ import annotations
@@ -16,37 +18,41 @@ import numpy as np
 import slicer
 
 from AIReconstructLib.errors import InputError
-from AIReconstructLib.interaction import Click, refine, to_voxel
+from AIReconstructLib.interaction import Click, refine, to_voxel, to_voxel_box
 
 from .nodes import segment_mask, set_segment_mask, volume_from_node
 
-INCLUDE_COLOUR, EXCLUDE_COLOUR = (0.1, 0.8, 0.2), (0.9, 0.2, 0.1)
+INCLUDE_COLOUR, EXCLUDE_COLOUR, BOX_COLOUR = (0.1, 0.8, 0.2), (0.9, 0.2, 0.1), (0.9, 0.8, 0.1)
+BOX = "box"  # the kind of the box's prompt, where a point's is True (include) or False (exclude)
 
 
 class SegmentCorrection:
-    """Include / exclude point lists bound to one segment of a segmentation node."""
+    """Include / exclude point lists and a box bound to one segment of a segmentation node."""
 
     def __init__(self, scene, segmentation_node, segment_id: str, volume_node, reach_mm: float = 20.0):
         segment = segmentation_node.GetSegmentation().GetSegment(segment_id) if segment_id else None
         if segment is None:
             raise InputError(f"Choose a segment of '{segmentation_node.GetName()}' to correct"
                              + (f" ('{segment_id}' is not one)" if segment_id else ""))
-        self.segmentation_node, self.segment_id, self.volume_node = segmentation_node, segment_id, volume_node
+        self.scene, self.segmentation_node, self.segment_id = scene, segmentation_node, segment_id
+        self.volume_node = volume_node
         self.volume = volume_from_node(volume_node)
         self.reach_mm = reach_mm
         self.history = slicer.vtkSegmentationHistory()
         self.history.SetSegmentation(segmentation_node.GetSegmentation())
-        name = segment.GetName()
-        self.points = {True: self._point_list(scene, f"{name} include", INCLUDE_COLOUR),
-                       False: self._point_list(scene, f"{name} exclude", EXCLUDE_COLOUR)}
-        self.clicks: list[tuple[bool, str, tuple]] = []  # (include?, point ID, RAS position), in the order placed
-        self.before_points = None  # the segment's mask before the first point
-        self.after_points = None  # the segment's mask as the last point left it
-        self.observers: list[tuple] = []  # (point list, observer tag) while placed points re-segment
+        self.name = segment.GetName()
+        self.points = {True: self._markups("vtkMRMLMarkupsFiducialNode", f"{self.name} include", INCLUDE_COLOUR),
+                       False: self._markups("vtkMRMLMarkupsFiducialNode", f"{self.name} exclude", EXCLUDE_COLOUR)}
+        self.box = None  # the markups ROI of the box, once one is to be drawn (new_box)
+        # (include? or BOX, ID, RAS position or the box's RAS bounds), in the order given
+        self.prompts: list[tuple] = []
+        self.before_points = None  # the segment's mask before the first prompt
+        self.after_points = None  # the segment's mask as the last prompt left it
+        self.observing = False  # whether placed prompts re-segment (in Slicer, after observe)
+        self.observers: list[tuple] = []  # (markups node, observer tag)
 
-    @staticmethod
-    def _point_list(scene, name: str, colour):
-        node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+    def _markups(self, node_class: str, name: str, colour):
+        node = self.scene.AddNewNodeByClass(node_class, name)
         node.CreateDefaultDisplayNodes()
         display = node.GetDisplayNode()
         if display is not None:
@@ -55,14 +61,57 @@ class SegmentCorrection:
         return node
 
     def observe(self) -> None:
-        """Re-segment whenever a point is placed, and follow points removed or moved (in Slicer)."""
+        """Re-segment whenever a point is placed or the box drawn, and follow points and the box
+        removed, moved or resized (in Slicer)."""
+        self.observing = True
+        for node in (*self.points.values(), *([self.box] if self.box is not None else [])):
+            self._observe(node)
+
+    def _observe(self, node) -> None:
         markups = slicer.vtkMRMLMarkupsNode
         events = {markups.PointPositionDefinedEvent: self.update, markups.PointRemovedEvent: self.follow_points,
                   markups.PointEndInteractionEvent: self.follow_points}
         self.observers += [(node, node.AddObserver(event, lambda caller, _event, react=react: react()))
-                           for node in self.points.values() for event, react in events.items()]
+                           for event, react in events.items()]
 
-    def _points_now(self, positive: bool) -> list[tuple[bool, str, tuple]]:
+    def new_box(self):
+        """A new, empty box (a markups ROI) to draw, in place of the box before, if any (the segment
+        is then corrected again without it); returns its node."""
+        self._remove_box()
+        self.follow_points()
+        self.box = self._markups("vtkMRMLMarkupsROINode", f"{self.name} box", BOX_COLOUR)
+        if self.observing:
+            self._observe(self.box)
+        return self.box
+
+    def _remove_box(self) -> None:
+        """Take the box's node, if any, out of the scene, without following it."""
+        if self.box is not None:
+            for node, tag in [entry for entry in self.observers if entry[0] is self.box]:
+                node.RemoveObserver(tag)
+            self.observers = [entry for entry in self.observers if entry[0] is not self.box]
+            self.scene.RemoveNode(self.box)
+            self.box = None
+
+    def _prompts_now(self) -> list[tuple]:
+        """Every point and the box as they are now (see ``prompts``), the box last."""
+        return [*self._points_now(True), *self._points_now(False), *self._box_now()]
+
+    def _box_now(self) -> list[tuple]:
+        """The box as it is now, as a prompt (none while it is not drawn). A box drawn on one slice,
+        flat, is taken to reach as deep through the slices as it is wide."""
+        if self.box is None or not self.box.GetNumberOfDefinedControlPoints():
+            return []
+        bounds = [0.0] * 6
+        self.box.GetRASBounds(bounds)
+        low, high = np.array(bounds[0::2]), np.array(bounds[1::2])
+        size = high - low
+        if (size > 0).sum() < 2:  # not drawn yet (a point, or a line while it is being placed)
+            return []
+        low, high = np.where(size > 0, low, low - size.max() / 2), np.where(size > 0, high, high + size.max() / 2)
+        return [(BOX, self.box.GetID(), (*low, *high))]
+
+    def _points_now(self, positive: bool) -> list[tuple]:
         """The points of one list as they are now: (include?, point ID, RAS position)."""
         node, ras = self.points[positive], [0.0, 0.0, 0.0]
         points = []
@@ -81,66 +130,74 @@ class SegmentCorrection:
         self.after_points = mask
 
     def _correct(self, current) -> None:
-        """Correct the segment, ``current`` as it is now, with every point in ``clicks``; saved in the
-        history first."""
-        clicks = [Click(to_voxel(self.volume, list(ras), "RAS"), positive) for positive, _, ras in self.clicks]
-        corrected = refine(self.volume, current, clicks, reach_mm=self.reach_mm)
+        """Correct the segment, ``current`` as it is now, with every prompt in ``prompts``; saved in
+        the history first."""
+        clicks = [Click(to_voxel(self.volume, list(ras), "RAS"), kind) for kind, _, ras in self.prompts if kind != BOX]
+        boxes = [to_voxel_box(self.volume, [bounds[:3], bounds[3:]], "RAS") for kind, _, bounds in self.prompts if kind == BOX]
+        corrected = refine(self.volume, current, clicks, box=boxes[0] if boxes else None, reach_mm=self.reach_mm)
         self.history.SaveState()
         self._show(corrected)
 
     def _edited_elsewhere(self, current) -> bool:
-        """Whether the segment (``current``) was changed since the last point, other than by points."""
+        """Whether the segment (``current``) was changed since the last prompt, other than by prompts."""
         return self.after_points is not None and not np.array_equal(current, self.after_points)
 
     def _start_from(self, current) -> None:
-        """Take ``current`` as the segment the points are replayed on when there are no points yet,
-        or when it was edited elsewhere since the last point (the edit is then kept)."""
-        if not self.clicks or self._edited_elsewhere(current):
+        """Take ``current`` as the segment the prompts are replayed on when there are none yet, or
+        when it was edited elsewhere since the last prompt (the edit is then kept)."""
+        if not self.prompts or self._edited_elsewhere(current):
             self.before_points = current
 
     def update(self) -> bool:
-        """Re-segment with every point placed so far; False if there was no new point."""
-        known = {(positive, point_id) for positive, point_id, _ in self.clicks}  # IDs are unique per list
-        new = [point for positive in self.points for point in self._points_now(positive) if point[:2] not in known]
+        """Re-segment with every point placed and the box drawn so far; False if there was no new one."""
+        known = {prompt[:2] for prompt in self.prompts}  # IDs are unique per list
+        new = [prompt for prompt in self._prompts_now() if prompt[:2] not in known]
         if not new:
             return False
         current = self._segment()
         self._start_from(current)
-        self.clicks += new
+        self.prompts += new
         self._correct(current)
         return True
 
     def follow_points(self) -> bool:
-        """After points were removed or moved: back to the segment as it was before the first point
-        (or as edited elsewhere since the last one), then corrected again with the remaining points,
-        in the order they were placed, at their positions now. False if every point is where it was."""
-        now = {point[:2]: point for positive in self.points for point in self._points_now(positive)}
-        remaining = [now[click[:2]] for click in self.clicks if click[:2] in now]
-        if remaining == self.clicks:
+        """After points or the box were removed, moved or resized: back to the segment as it was
+        before the first prompt (or as edited elsewhere since the last one), then corrected again
+        with the remaining prompts, in the order they were given, as they are now. False if every
+        prompt is as it was."""
+        now = {prompt[:2]: prompt for prompt in self._prompts_now()}
+        remaining = [now[prompt[:2]] for prompt in self.prompts if prompt[:2] in now]
+        if remaining == self.prompts:
             return False
         self._start_from(self._segment())
         self._show(self.before_points)
-        self.clicks = []
-        for point in remaining:
-            self.clicks.append(point)
+        self.prompts = []
+        for prompt in remaining:
+            self.prompts.append(prompt)
             self._correct(self.after_points)
         return True
 
     def undo(self) -> bool:
-        """Restore the segment as it was before the last point, and remove that point; False if there
-        is none, or if the segment was edited elsewhere since (undoing the point would undo the edit)."""
-        if not self.clicks or not self.history.IsRestorePreviousStateAvailable() or self._edited_elsewhere(self._segment()):
+        """Restore the segment as it was before the last prompt, and remove that point or the box;
+        False if there is none, or if the segment was edited elsewhere since (undoing the prompt
+        would undo the edit)."""
+        if not self.prompts or not self.history.IsRestorePreviousStateAvailable() or self._edited_elsewhere(self._segment()):
             return False
         self.history.RestorePreviousState()
-        positive, point_id, _ = self.clicks.pop()
-        node = self.points[positive]
-        node.RemoveNthControlPoint(node.GetNthControlPointIndexByID(point_id))  # already followed: no change
+        kind, prompt_id, _ = self.prompts.pop()
+        if kind == BOX:
+            self._remove_box()
+        else:
+            node = self.points[kind]
+            node.RemoveNthControlPoint(node.GetNthControlPointIndexByID(prompt_id))
         self.after_points = self._segment()
         return True
 
     def end(self, scene) -> None:
-        """Stop following the points and remove their lists from the scene (the corrected segment
-        stays): points left behind would otherwise put the segment back to its state before them."""
+        """Stop following the points and the box and remove them from the scene (the corrected
+        segment stays): prompts left behind would otherwise put the segment back to its state
+        before them."""
+        self._remove_box()
         for node, tag in self.observers:
             node.RemoveObserver(tag)
         self.observers = []

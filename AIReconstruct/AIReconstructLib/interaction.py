@@ -46,8 +46,8 @@ def refine(volume: Volume, mask: np.ndarray, clicks: list[Click], box: tuple | N
     """The segment ``mask`` (boolean, on ``volume``'s grid) corrected by ``clicks``; only voxels
     within ``reach_mm`` of a click change. ``box`` ((k0, j0, i0), (k1, j1, i1), inclusive), if
     given, is re-segmented from the segment's interior in it and the points (from its centre when
-    it holds neither), and bounds the segment: outside it, within ``reach_mm`` of the box and the
-    points, nothing belongs to the segment afterwards."""
+    it holds neither) against its faces, and bounds the segment: outside it, within ``reach_mm`` of
+    the box and the points, nothing belongs to the segment afterwards."""
     if mask.shape != volume.array.shape:
         raise InputError(f"The mask's shape {mask.shape} does not match the image's {volume.array.shape}")
     for click in clicks:
@@ -80,6 +80,7 @@ def refine(volume: Volume, mask: np.ndarray, clicks: list[Click], box: tuple | N
         in_box[tuple(slice(max(a - b, 0), c - b + 1) for a, c, b in zip(box[0], box[1], low))] = True
         markers[in_box] = 0
         markers[in_box & ndimage.binary_erosion(inside, iterations=2)] = 1
+        markers[in_box & ~ndimage.binary_erosion(in_box)] = 2  # its faces: what it is drawn around lies inside
     markers[near_include <= CLICK_RADIUS_MM] = 1
     markers[near_exclude <= CLICK_RADIUS_MM] = 2
     if box is not None:
@@ -167,6 +168,22 @@ def to_voxel(volume: Volume, point_mm, coordinates: str = "LPS") -> tuple[int, i
     return kji
 
 
+def to_voxel_box(volume: Volume, corners_mm, coordinates: str = "LPS") -> tuple[tuple, tuple]:
+    """The voxel box ((k0, j0, i0), (k1, j1, i1), inclusive) that holds the box with the two opposite
+    corners ``corners_mm`` (patient mm, LPS or RAS, its faces along the patient axes; on an oblique
+    grid the voxel box around it), cut to the image; refused if it lies outside the image."""
+    matrix = volume.ijk_to_lps() if coordinates == "LPS" else volume.ijk_to_ras()
+    corners = np.asarray(corners_mm, float)
+    every_corner = np.array(np.meshgrid(*zip(corners.min(axis=0), corners.max(axis=0)))).reshape(3, -1).T
+    kji = np.linalg.solve(matrix[:3, :3], (every_corner - matrix[:3, 3]).T).T[:, ::-1]
+    low, high = np.round(kji.min(axis=0)).astype(int), np.round(kji.max(axis=0)).astype(int)
+    if (high < 0).any() or (low >= volume.array.shape).any():
+        ends = " to ".join("(" + ", ".join(f"{v:g}" for v in corner) + ")" for corner in corners)
+        raise InputError(f"The box from {ends} mm ({coordinates}) lies outside the image")
+    last = np.array(volume.array.shape) - 1
+    return tuple(int(v) for v in np.clip(low, 0, last)), tuple(int(v) for v in np.clip(high, 0, last))
+
+
 def refine_labelmap(image: Volume, labelmap: Volume, value: int, include_mm=(), exclude_mm=(), box_mm=None,
                     coordinates: str = "LPS", reach_mm: float = 20.0, method=None) -> Volume:
     """The label map with segment ``value`` corrected by points (and a box: two opposite corners) in
@@ -177,10 +194,7 @@ def refine_labelmap(image: Volume, labelmap: Volume, value: int, include_mm=(), 
         raise InputError("The label map does not match its image (size, spacing, origin or direction differ)")
     clicks = [Click(to_voxel(image, p, coordinates), True) for p in include_mm]
     clicks += [Click(to_voxel(image, p, coordinates), False) for p in exclude_mm]
-    box = None
-    if box_mm is not None:
-        corners = np.array([to_voxel(image, corner, coordinates) for corner in box_mm])
-        box = (tuple(corners.min(axis=0)), tuple(corners.max(axis=0)))
+    box = None if box_mm is None else to_voxel_box(image, box_mm, coordinates)
     if not clicks and box is None:
         raise InputError("Give at least one include or exclude point, or a box")
     before = labelmap.array == value
