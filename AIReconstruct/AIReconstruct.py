@@ -39,7 +39,7 @@ class AIReconstruct(ScriptedLoadableModule):
             "smooth 3D surfaces for pre-surgical review. Pick a model (or download one of TotalSegmentator's: "
             "117 CT structures, MRI organs, lung nodules, airways and vessels, liver lesions, segments and "
             "vessels; or MONAI's whole-body model with the heart chambers) and an input volume, press Apply; "
-            "correct a segment with include/exclude points, save a report of the measurements, and save "
+            "correct a segment with include/exclude points and a box, save a report of the measurements, and save "
             "corrected cases to fine-tune the model. "
             'See the <a href="https://github.com/AIReconstruct/SlicerAIReconstruct#readme">user guide</a>.')
         self.parent.acknowledgementText = _(
