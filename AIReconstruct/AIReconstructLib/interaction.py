@@ -75,9 +75,11 @@ def refine(volume: Volume, mask: np.ndarray, clicks: list[Click], box: tuple | N
     near_exclude = _distance_to([c.kji for c in local if not c.positive], inside.shape, spacing)
     markers = np.where(inside, 1, 2).astype(np.int16)  # away from the points, the segment stays as it is
     markers[np.minimum(near_include, near_exclude) < reach_mm] = 0  # near them, the image's edges decide
+    flood = (slice(None),) * 3  # where the watershed runs: the region, or the box its faces seal
     if box is not None:  # inside the box the edges decide, from the segment's interior or the points
+        flood = tuple(slice(max(a - b, 0), c - b + 1) for a, c, b in zip(box[0], box[1], low))
         in_box = np.zeros(inside.shape, bool)
-        in_box[tuple(slice(max(a - b, 0), c - b + 1) for a, c, b in zip(box[0], box[1], low))] = True
+        in_box[flood] = True
         markers[in_box] = 0
         markers[in_box & ndimage.binary_erosion(inside, iterations=2)] = 1
         markers[in_box & ~ndimage.binary_erosion(in_box)] = 2  # its faces: what it is drawn around lies inside
@@ -86,12 +88,14 @@ def refine(volume: Volume, mask: np.ndarray, clicks: list[Click], box: tuple | N
     if box is not None:
         markers[~in_box] = 2  # the box bounds the segment, whatever the points outside it say
         if not (markers == 1).any():  # nothing inside the box to grow from: its centre
-            centre = tuple(int(round((a + c) / 2)) - b for a, c, b in zip(box[0], box[1], low))
-            markers[(_distance_to([centre], inside.shape, spacing) <= CLICK_RADIUS_MM) & (markers == 0)] = 1
-    if not (markers == 1).any():
-        corrected_region = np.zeros(inside.shape, bool)
-    else:
-        corrected_region = _settle_edges(ndimage.watershed_ift(landscape, markers) == 1, image, markers == 0)
+            grid = np.ogrid[flood]
+            centre = [(part.start + part.stop - 1) // 2 for part in flood]
+            seed = sum(((g - c) * step) ** 2 for g, c, step in zip(grid, centre, spacing)) <= CLICK_RADIUS_MM ** 2
+            markers[flood][seed & (markers[flood] == 0)] = 1
+    corrected_region = np.zeros(inside.shape, bool)
+    if (markers == 1).any():
+        corrected_region[flood] = _settle_edges(ndimage.watershed_ift(landscape[flood], markers[flood]) == 1,
+                                                image[flood], markers[flood] == 0)
     corrected = mask.copy()
     corrected[region] = corrected_region
     return corrected
