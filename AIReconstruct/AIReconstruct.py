@@ -235,6 +235,8 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if correction is None or correction.segmentation_node is not segmentationNode or correction.segment_id != segmentId:
             correction = self.logic.adapter.startCorrection(
                 slicer.mrmlScene, segmentationNode, segmentId, self._parameterNode.inputVolume0)
+            correction.guard = lambda: slicer.util.tryWithErrorDisplay(_("The segment could not be corrected."),
+                                                                       waitCursor=True)
         return correction
 
     @staticmethod

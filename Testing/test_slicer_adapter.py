@@ -370,6 +370,45 @@ def test_a_box_drawn_around_a_segment_segments_it_and_undo_takes_it_back(scene):
     assert replaced.GetScene() is None and scene.GetNodesByClass("vtkMRMLMarkupsROINode").GetNumberOfItems() == 0
 
 
+def test_corrections_started_by_placed_prompts_run_in_the_panels_guard(scene):
+    """The panel's guard (a wait cursor, and an error shown in a message) wraps each correction a
+    placed point starts; a point outside the image is refused there and changes nothing."""
+    import contextlib
+
+    from AIReconstructAdapter.correction import SegmentCorrection
+    from AIReconstructLib.errors import InputError
+
+    _, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 7)
+    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
+    correction.observe()
+    seen = []
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except InputError as error:  # as slicer.util.tryWithErrorDisplay shows it
+            seen.append(str(error))
+        else:
+            seen.append("done")
+
+    correction.guard = guard
+    include = correction.points[True]
+    include.AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 30, 15, 1])[:3]))
+    inside = segment_mask(segmentation, segment_id, volume_node)
+    include.AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [900, 30, 15, 1])[:3]))
+    assert seen[0] == "done" and seen[-1] == "Outside the image: 1 point or box taken off the slices"
+    np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), inside)
+    assert include.GetNumberOfControlPoints() == 1 and len(correction.prompts) == 1
+    correction.points[False].AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 35, 15, 1])[:3]))
+    assert seen[-1] == "done" and len(correction.prompts) == 2  # later points still correct
+    include.SetNthControlPointPositionWorld(0, *(volume.ijk_to_ras() @ [30, 30, 900, 1])[:3])
+    include.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)  # dragged off the image
+    assert seen[-1] == "Moved outside the image: 1 point or box taken off the slices"
+    assert include.GetNumberOfControlPoints() == 0 and [prompt[0] for prompt in correction.prompts] == [False]
+    correction.end(scene)
+
+
 def test_edits_made_elsewhere_between_points_are_kept(scene):
     """Painted in the Segment Editor after a point: a point moved afterwards corrects the painted
     segment (instead of the segment before the first point), and undo, which would take the paint

@@ -9,10 +9,13 @@ module, or dragged on a slice) is followed: the segment goes back to its state b
 prompt (kept aside, as the history holds only the last few states) and is corrected again, prompt
 by prompt, with the prompts as they are now. Where the segment was edited elsewhere since the last
 prompt (painted in the Segment Editor), that edited segment is the one corrected again, and undo
-refuses: it would take the edit back with the prompt.
+refuses: it would take the edit back with the prompt. A point or box placed or moved outside the
+image is taken off the slices and refused in one line (shown by the panel's ``guard``).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import slicer
@@ -50,6 +53,9 @@ class SegmentCorrection:
         self.after_points = None  # the segment's mask as the last prompt left it
         self.observing = False  # whether placed prompts re-segment (in Slicer, after observe)
         self.observers: list[tuple] = []  # (markups node, observer tag)
+        # what each correction a placed prompt starts runs in: the panel's shows a wait cursor, and
+        # an error (a point or box outside the image) in a message instead of the Python console only
+        self.guard = contextlib.nullcontext
 
     def _markups(self, node_class: str, name: str, colour):
         node = self.scene.AddNewNodeByClass(node_class, name)
@@ -71,8 +77,12 @@ class SegmentCorrection:
         markups = slicer.vtkMRMLMarkupsNode
         events = {markups.PointPositionDefinedEvent: self.update, markups.PointRemovedEvent: self.follow_points,
                   markups.PointEndInteractionEvent: self.follow_points}
-        self.observers += [(node, node.AddObserver(event, lambda caller, _event, react=react: react()))
+        self.observers += [(node, node.AddObserver(event, lambda caller, _event, react=react: self._guarded(react)))
                            for event, react in events.items()]
+
+    def _guarded(self, react) -> None:
+        with self.guard():
+            react()
 
     def new_box(self):
         """A new, empty box (a markups ROI) to draw, in place of the box before, if any (the segment
@@ -129,14 +139,40 @@ class SegmentCorrection:
         set_segment_mask(self.segmentation_node, self.segment_id, self.volume_node, mask)
         self.after_points = mask
 
+    def _in_voxels(self, prompts) -> tuple[list[Click], tuple | None]:
+        """The points as clicks and the box as a voxel box, on the image's grid; refused in one line
+        if one lies outside the image."""
+        clicks = [Click(to_voxel(self.volume, list(ras), "RAS"), kind) for kind, _, ras in prompts if kind != BOX]
+        boxes = [to_voxel_box(self.volume, [bounds[:3], bounds[3:]], "RAS") for kind, _, bounds in prompts if kind == BOX]
+        return clicks, boxes[0] if boxes else None
+
+    def _lies_in_image(self, prompt) -> bool:
+        try:
+            self._in_voxels([prompt])
+        except InputError:
+            return False
+        return True
+
     def _correct(self, current) -> None:
         """Correct the segment, ``current`` as it is now, with every prompt in ``prompts``; saved in
         the history first."""
-        clicks = [Click(to_voxel(self.volume, list(ras), "RAS"), kind) for kind, _, ras in self.prompts if kind != BOX]
-        boxes = [to_voxel_box(self.volume, [bounds[:3], bounds[3:]], "RAS") for kind, _, bounds in self.prompts if kind == BOX]
-        corrected = refine(self.volume, current, clicks, box=boxes[0] if boxes else None, reach_mm=self.reach_mm)
+        clicks, box = self._in_voxels(self.prompts)
+        corrected = refine(self.volume, current, clicks, box=box, reach_mm=self.reach_mm)
         self.history.SaveState()
         self._show(corrected)
+
+    def _take_back(self, prompts, why: str = "") -> None:
+        """Remove prompts' points (or the box) from the slices, without following them; with ``why``,
+        then say in one line why they were refused."""
+        for kind, prompt_id, _ in prompts:
+            if kind == BOX:
+                self._remove_box()
+            else:
+                node = self.points[kind]
+                node.RemoveNthControlPoint(node.GetNthControlPointIndexByID(prompt_id))  # followed: no change
+        if prompts and why:
+            raise InputError(f"{why}: {len(prompts)} {'point or box' if len(prompts) == 1 else 'points or boxes'} "
+                             "taken off the slices")
 
     def _edited_elsewhere(self, current) -> bool:
         """Whether the segment (``current``) was changed since the last prompt, other than by prompts."""
@@ -154,6 +190,7 @@ class SegmentCorrection:
         new = [prompt for prompt in self._prompts_now() if prompt[:2] not in known]
         if not new:
             return False
+        self._take_back([prompt for prompt in new if not self._lies_in_image(prompt)], "Outside the image")
         current = self._segment()
         self._start_from(current)
         self.prompts += new
@@ -173,8 +210,10 @@ class SegmentCorrection:
         self._show(self.before_points)
         self.prompts = []
         for prompt in remaining:
-            self.prompts.append(prompt)
-            self._correct(self.after_points)
+            if self._lies_in_image(prompt):
+                self.prompts.append(prompt)
+                self._correct(self.after_points)
+        self._take_back([prompt for prompt in remaining if prompt not in self.prompts], "Moved outside the image")
         return True
 
     def undo(self) -> bool:
@@ -184,12 +223,7 @@ class SegmentCorrection:
         if not self.prompts or not self.history.IsRestorePreviousStateAvailable() or self._edited_elsewhere(self._segment()):
             return False
         self.history.RestorePreviousState()
-        kind, prompt_id, _ = self.prompts.pop()
-        if kind == BOX:
-            self._remove_box()
-        else:
-            node = self.points[kind]
-            node.RemoveNthControlPoint(node.GetNthControlPointIndexByID(prompt_id))
+        self._take_back([self.prompts.pop()])
         self.after_points = self._segment()
         return True
 
