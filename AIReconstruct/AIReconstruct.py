@@ -232,7 +232,8 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(
             self.ui.correctionSegmentComboBox.currentText)
         correction = self.logic.adapter.correction
-        if correction is None or correction.segmentation_node is not segmentationNode or correction.segment_id != segmentId:
+        if (correction is None or not correction.intact or correction.segmentation_node is not segmentationNode
+                or correction.segment_id != segmentId):
             correction = self.logic.adapter.startCorrection(
                 slicer.mrmlScene, segmentationNode, segmentId, self._parameterNode.inputVolume0)
             correction.guard = lambda: slicer.util.tryWithErrorDisplay(_("The segment could not be corrected."),

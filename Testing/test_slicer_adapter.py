@@ -409,6 +409,31 @@ def test_corrections_started_by_placed_prompts_run_in_the_panels_guard(scene):
     correction.end(scene)
 
 
+def test_a_box_or_point_list_deleted_in_the_data_module_is_followed(scene):
+    """Once the box's node is deleted, the next prompt (here its event alone) corrects the segment
+    again without the box; a point list deleted, without its points, and the correction, no longer
+    intact, is to be started anew."""
+    from AIReconstructAdapter.correction import SegmentCorrection
+
+    ball, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 9)
+    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
+    correction.observe()
+    correction.points[True].AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 30, 15, 1])[:3]))
+    with_point = segment_mask(segmentation, segment_id, volume_node)
+    corners = np.argwhere(ball)
+    _draw_box(correction.new_box(), [corners.min(axis=0) - 2, [corners.max(axis=0)[0] + 2, 29, corners.max(axis=0)[2] + 2]],
+              volume)
+    assert len(correction.prompts) == 2
+    scene.RemoveNode(correction.box)  # as the Data module deletes it
+    assert not correction.update() and len(correction.prompts) == 1
+    np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), with_point)
+    assert correction.intact
+    scene.RemoveNode(correction.points[True])
+    assert not correction.update() and not correction.prompts and not correction.intact
+    assert not segment_mask(segmentation, segment_id, volume_node).any()  # as before the first point
+    correction.end(scene)
+
+
 def test_edits_made_elsewhere_between_points_are_kept(scene):
     """Painted in the Segment Editor after a point: a point moved afterwards corrects the painted
     segment (instead of the segment before the first point), and undo, which would take the paint

@@ -73,6 +73,11 @@ class SegmentCorrection:
         for node in (*self.points.values(), *([self.box] if self.box is not None else [])):
             self._observe(node)
 
+    @property
+    def intact(self) -> bool:
+        """Whether its point lists are still in the scene (not deleted in the Data or Markups module)."""
+        return all(node.GetScene() is not None for node in self.points.values())
+
     def _observe(self, node) -> None:
         markups = slicer.vtkMRMLMarkupsNode
         events = {markups.PointPositionDefinedEvent: self.update, markups.PointRemovedEvent: self.follow_points,
@@ -100,7 +105,8 @@ class SegmentCorrection:
             for node, tag in [entry for entry in self.observers if entry[0] is self.box]:
                 node.RemoveObserver(tag)
             self.observers = [entry for entry in self.observers if entry[0] is not self.box]
-            self.scene.RemoveNode(self.box)
+            if self.box.GetScene() is not None:  # not deleted already
+                self.scene.RemoveNode(self.box)
             self.box = None
 
     def _prompts_now(self) -> list[tuple]:
@@ -110,7 +116,7 @@ class SegmentCorrection:
     def _box_now(self) -> list[tuple]:
         """The box as it is now, as a prompt (none while it is not drawn). A box drawn on one slice,
         flat, is taken to reach as deep through the slices as it is wide."""
-        if self.box is None or not self.box.GetNumberOfDefinedControlPoints():
+        if self.box is None or self.box.GetScene() is None or not self.box.GetNumberOfDefinedControlPoints():
             return []
         bounds = [0.0] * 6
         self.box.GetRASBounds(bounds)
@@ -122,8 +128,11 @@ class SegmentCorrection:
         return [(BOX, self.box.GetID(), (*low, *high))]
 
     def _points_now(self, positive: bool) -> list[tuple]:
-        """The points of one list as they are now: (include?, point ID, RAS position)."""
+        """The points of one list as they are now: (include?, point ID, RAS position); none once
+        the list was deleted."""
         node, ras = self.points[positive], [0.0, 0.0, 0.0]
+        if node.GetScene() is None:
+            return []
         points = []
         for index in range(node.GetNumberOfControlPoints()):
             node.GetNthControlPointPositionWorld(index, ras)
@@ -186,6 +195,7 @@ class SegmentCorrection:
 
     def update(self) -> bool:
         """Re-segment with every point placed and the box drawn so far; False if there was no new one."""
+        self._follow_deleted()
         known = {prompt[:2] for prompt in self.prompts}  # IDs are unique per list
         new = [prompt for prompt in self._prompts_now() if prompt[:2] not in known]
         if not new:
@@ -196,6 +206,12 @@ class SegmentCorrection:
         self.prompts += new
         self._correct(current)
         return True
+
+    def _follow_deleted(self) -> None:
+        """Correct the segment again without the prompts of a point list or box deleted (in the Data
+        module) since the last prompt: no event tells of that."""
+        if {prompt[:2] for prompt in self.prompts} - {prompt[:2] for prompt in self._prompts_now()}:
+            self.follow_points()
 
     def follow_points(self) -> bool:
         """After points or the box were removed, moved or resized: back to the segment as it was
@@ -220,6 +236,7 @@ class SegmentCorrection:
         """Restore the segment as it was before the last prompt, and remove that point or the box;
         False if there is none, or if the segment was edited elsewhere since (undoing the prompt
         would undo the edit)."""
+        self._follow_deleted()
         if not self.prompts or not self.history.IsRestorePreviousStateAvailable() or self._edited_elsewhere(self._segment()):
             return False
         self.history.RestorePreviousState()
@@ -231,9 +248,10 @@ class SegmentCorrection:
         """Stop following the points and the box and remove them from the scene (the corrected
         segment stays): prompts left behind would otherwise put the segment back to its state
         before them."""
-        self._remove_box()
         for node, tag in self.observers:
             node.RemoveObserver(tag)
         self.observers = []
+        self._remove_box()
         for node in self.points.values():
-            scene.RemoveNode(node)
+            if node.GetScene() is not None:
+                scene.RemoveNode(node)
