@@ -51,8 +51,7 @@ class SegmentCorrection:
         self.prompts: list[tuple] = []
         self.before_points = None  # the segment's mask before the first prompt
         self.after_points = None  # the segment's mask as the last prompt left it
-        self.observing = False  # whether placed prompts re-segment (in Slicer, after observe)
-        self.observers: list[tuple] = []  # (markups node, observer tag)
+        self.observers: list[tuple] = []  # (markups node, observer tag), once placed prompts re-segment (observe)
         # what each correction a placed prompt starts runs in: the panel's shows a wait cursor, and
         # an error (a point or box outside the image) in a message instead of the Python console only
         self.guard = contextlib.nullcontext
@@ -69,7 +68,6 @@ class SegmentCorrection:
     def observe(self) -> None:
         """Re-segment whenever a point is placed or the box drawn, and follow points and the box
         removed, moved or resized (in Slicer)."""
-        self.observing = True
         for node in (*self.points.values(), *([self.box] if self.box is not None else [])):
             self._observe(node)
 
@@ -95,7 +93,7 @@ class SegmentCorrection:
         self._remove_box()
         self.follow_points()
         self.box = self._markups("vtkMRMLMarkupsROINode", f"{self.name} box", BOX_COLOUR)
-        if self.observing:
+        if self.observers:  # observing (in Slicer)
             self._observe(self.box)
         return self.box
 
@@ -195,7 +193,7 @@ class SegmentCorrection:
 
     def update(self) -> bool:
         """Re-segment with every point placed and the box drawn so far; False if there was no new one."""
-        self._follow_deleted()
+        self.follow_points()  # a point list or the box deleted (in the Data module) since: no event tells of that
         known = {prompt[:2] for prompt in self.prompts}  # IDs are unique per list
         new = [prompt for prompt in self._prompts_now() if prompt[:2] not in known]
         if not new:
@@ -206,12 +204,6 @@ class SegmentCorrection:
         self.prompts += new
         self._correct(current)
         return True
-
-    def _follow_deleted(self) -> None:
-        """Correct the segment again without the prompts of a point list or box deleted (in the Data
-        module) since the last prompt: no event tells of that."""
-        if {prompt[:2] for prompt in self.prompts} - {prompt[:2] for prompt in self._prompts_now()}:
-            self.follow_points()
 
     def follow_points(self) -> bool:
         """After points or the box were removed, moved or resized: back to the segment as it was
@@ -236,7 +228,7 @@ class SegmentCorrection:
         """Restore the segment as it was before the last prompt, and remove that point or the box;
         False if there is none, or if the segment was edited elsewhere since (undoing the prompt
         would undo the edit)."""
-        self._follow_deleted()
+        self.follow_points()  # a point list or the box deleted since
         if not self.prompts or not self.history.IsRestorePreviousStateAvailable() or self._edited_elsewhere(self._segment()):
             return False
         self.history.RestorePreviousState()

@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from .dataset import read_dataset
 from .errors import InputError
-from .interaction import Click, next_click
+from .interaction import Click, ball_in_window, box_centre, next_click
 from .io import write_csv
 from .modelcard import CARD_FILE, ModelCard, save_card, sha256_of
 from .networks import build_network, check_patch_size, load_network, save_weights, unique_state
@@ -40,16 +40,10 @@ GUIDANCE = ("include points", "exclude points", "current segment")
 
 def guidance_maps(shape, clicks: list[Click], mask: np.ndarray, spacing_kji, radius_mm: float) -> list[np.ndarray]:
     """Include balls, exclude balls and the current segment as float32 arrays of ``shape``."""
-    spacing = np.asarray(spacing_kji, float)
-    reach = np.ceil(radius_mm / spacing).astype(int)
     maps = [np.zeros(shape, np.float32), np.zeros(shape, np.float32)]
     for click in clicks:
-        low = np.maximum(np.array(click.kji) - reach, 0)
-        high = np.minimum(np.array(click.kji) + reach + 1, shape)
-        grid = np.ogrid[tuple(slice(a, b) for a, b in zip(low, high))]
-        distance = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, click.kji, spacing))
-        target = maps[0 if click.positive else 1][tuple(slice(a, b) for a, b in zip(low, high))]
-        target[distance <= radius_mm ** 2] = 1.0
+        window, ball = ball_in_window(shape, click.kji, spacing_kji, radius_mm)
+        maps[0 if click.positive else 1][window][ball] = 1.0
     return maps + [mask.astype(np.float32)]
 
 
@@ -302,7 +296,7 @@ def implied_centre_point(mask: np.ndarray, clicks: list[Click], box) -> list[Cli
     holds_point = any(c.positive and all(a <= k <= b for k, a, b in zip(c.kji, *box)) for c in clicks)
     if holds_point or mask[inside].any():
         return []
-    return [Click(tuple(int(round((a + b) / 2)) for a, b in zip(*box)), True)]
+    return [Click(box_centre(box), True)]
 
 
 def edit_in_the_box(mask: np.ndarray, proposal: np.ndarray, clicks: list[Click], box, spacing_kji,

@@ -41,6 +41,23 @@ def _distance_to(points: list[tuple[int, int, int]], shape, spacing_kji) -> np.n
     return ndimage.distance_transform_edt(seeds, sampling=spacing_kji)
 
 
+def ball_in_window(shape, centre_kji, spacing_kji, radius_mm: float) -> tuple[tuple, np.ndarray]:
+    """The window (slices of a grid of ``shape``) around a ball of ``radius_mm`` at ``centre_kji``,
+    and the ball in it (boolean, cut where the window meets the grid's edge)."""
+    spacing = np.asarray(spacing_kji, float)
+    reach = np.ceil(radius_mm / spacing).astype(int)
+    low = np.maximum(np.array(centre_kji) - reach, 0)
+    high = np.minimum(np.array(centre_kji) + reach + 1, shape)
+    window = tuple(slice(a, b) for a, b in zip(low, high))
+    distance = sum(((g - c) * s) ** 2 for g, c, s in zip(np.ogrid[window], centre_kji, spacing))
+    return window, distance <= radius_mm ** 2
+
+
+def box_centre(box) -> tuple[int, int, int]:
+    """The voxel at the centre of a box ((k0, j0, i0), (k1, j1, i1), inclusive)."""
+    return tuple(int(round((a + b) / 2)) for a, b in zip(*box))
+
+
 def refine(volume: Volume, mask: np.ndarray, clicks: list[Click], box: tuple | None = None,
            reach_mm: float = 20.0) -> np.ndarray:
     """The segment ``mask`` (boolean, on ``volume``'s grid) corrected by ``clicks``; only voxels
@@ -88,10 +105,9 @@ def refine(volume: Volume, mask: np.ndarray, clicks: list[Click], box: tuple | N
     if box is not None:
         markers[~in_box] = 2  # the box bounds the segment, whatever the points outside it say
         if not (markers == 1).any():  # nothing inside the box to grow from: its centre
-            grid = np.ogrid[flood]
-            centre = [(part.start + part.stop - 1) // 2 for part in flood]
-            seed = sum(((g - c) * step) ** 2 for g, c, step in zip(grid, centre, spacing)) <= CLICK_RADIUS_MM ** 2
-            markers[flood][seed & (markers[flood] == 0)] = 1
+            centre = np.array(box_centre(box)) - low
+            window, seed = ball_in_window(inside.shape, centre, spacing, CLICK_RADIUS_MM)
+            markers[window][seed & (markers[window] == 0)] = 1
     corrected_region = np.zeros(inside.shape, bool)
     if (markers == 1).any():
         corrected_region[flood] = _settle_edges(ndimage.watershed_ift(landscape[flood], markers[flood]) == 1,
