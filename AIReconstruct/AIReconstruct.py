@@ -87,6 +87,9 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer = qt.QTimer()
         self.timer.setInterval(250)
         self.timer.connect("timeout()", self.onPoll)
+        self.correctionTimer = qt.QTimer()  # polls the correction with points and a box while there is one
+        self.correctionTimer.setInterval(50)
+        self.correctionTimer.connect("timeout()", self.onCorrectionPoll)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -118,7 +121,9 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self.onCancel()
+        self.correctionTimer.stop()
         self.removeObservers()
+        self.logic.endCorrection()
         self.logic.shutdown()
 
     def enter(self) -> None:
@@ -235,10 +240,22 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if (correction is None or not correction.intact or correction.segmentation_node is not segmentationNode
                 or correction.segment_id != segmentId):
             correction = self.logic.adapter.startCorrection(
-                slicer.mrmlScene, segmentationNode, segmentId, self._parameterNode.inputVolume0)
-            correction.guard = lambda: slicer.util.tryWithErrorDisplay(_("The segment could not be corrected."),
-                                                                       waitCursor=True)
+                slicer.mrmlScene, segmentationNode, segmentId, self._parameterNode.inputVolume0,
+                **self.logic.engineProcess())
+            self.correctionTimer.start()
         return correction
+
+    def onCorrectionPoll(self) -> None:
+        """Start the correction of newly placed points (or the box) in the engine's worker, and show
+        its result once there; an error (a point outside the image) in a message."""
+        self.correctionTimer.stop()  # not again while a message is shown
+        correction = self.logic.adapter.correction  # the timer starts with one
+        if correction is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("The segment could not be corrected.")):
+            if correction.poll():
+                slicer.util.showStatusMessage(_("Correcting '{name}'...").format(name=correction.name), 500)
+        self.correctionTimer.start()
 
     @staticmethod
     def startPlacing(markupsNode, persistent: bool) -> None:
@@ -542,16 +559,19 @@ class AIReconstructTest(ScriptedLoadableModuleTest):
             self.assertTrue(written[0].stat().st_size > 0)
 
         self.delayDisplay(_("Correcting the liver with a point and a box"))
-        correction = logic.adapter.startCorrection(slicer.mrmlScene, segmentationNode, liverId, volumeNode)
+        correction = logic.adapter.startCorrection(slicer.mrmlScene, segmentationNode, liverId, volumeNode,
+                                                   **logic.engineProcess())
         centre = np.argwhere(truth).mean(axis=0).round().astype(int)  # (k, j, i)
         correction.points[True].AddControlPoint(vtk.vtkVector3d(*(phantom.image.ijk_to_ras() @ [*centre[::-1], 1])[:3]))
-        self.assertEqual(len(correction.prompts), 1)  # placing the point re-segmented the liver
+        correction.wait()  # as the panel's timer polls it
+        self.assertEqual(len(correction.prompts), 1)  # placing the point re-segmented the liver in the engine
         self.assertTrue(correction.undo())
         np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, liverId, volumeNode),
                                       liver)
         box = correction.new_box()  # drawn as the Box button lets one: two opposite corners
         for corner in (np.argwhere(truth).min(axis=0) - 2, np.argwhere(truth).max(axis=0) + 2):
             box.AddControlPoint(vtk.vtkVector3d(*(phantom.image.ijk_to_ras() @ [*corner[::-1], 1])[:3]))
+        correction.wait()
         self.assertEqual(len(correction.prompts), 1)  # drawing the box re-segmented the liver inside it
         self.assertTrue(correction.undo())
         logic.endCorrection()

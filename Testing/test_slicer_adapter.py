@@ -305,12 +305,16 @@ def test_points_correct_a_segment_in_place_and_undo_restores_it(scene):
 
     centre_ras = volume.ijk_to_ras() @ [30, 30, 15, 1]
     correction.points[True].AddControlPoint(vtk.vtkVector3d(*centre_ras[:3]))
-    assert len(correction.prompts) == 1 and not correction.update()  # done on placing, once per point
+    assert correction.poll() and not correction.prompts  # the panel's timer: started in the engine's worker
+    assert not segment_mask(segmentation, segment_id, volume_node).any()  # the segment changes once it is done
+    correction.wait()
+    assert len(correction.prompts) == 1 and not correction.sync()  # done once per point
     first = segment_mask(segmentation, segment_id, volume_node)
     assert dice(first, ball) > 0.9
 
     wrong_ras = volume.ijk_to_ras() @ [30, 35, 15, 1]  # inside the ball: excluding it removes a part
     correction.points[False].AddControlPoint(vtk.vtkVector3d(*wrong_ras[:3]))
+    correction.wait()
     assert len(correction.prompts) == 2
     second = segment_mask(segmentation, segment_id, volume_node)
     assert second.sum() < first.sum()
@@ -344,10 +348,12 @@ def test_a_box_drawn_around_a_segment_segments_it_and_undo_takes_it_back(scene):
     assert box_node.GetName() == "tumour box" and not correction.prompts
     corners = np.argwhere(ball)
     _draw_box(box_node, [corners.min(axis=0) - 2, corners.max(axis=0) + 2], volume)
+    correction.wait()
     boxed = segment_mask(segmentation, segment_id, volume_node)
     assert len(correction.prompts) == 1 and dice(boxed, ball) > 0.9
 
     correction.points[False].AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 35, 15, 1])[:3]))
+    correction.wait()
     assert segment_mask(segmentation, segment_id, volume_node).sum() < boxed.sum()
     assert correction.undo()
     np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), boxed)
@@ -356,55 +362,49 @@ def test_a_box_drawn_around_a_segment_segments_it_and_undo_takes_it_back(scene):
 
     half = correction.new_box()  # around the ball's lower half (j < 30) only
     _draw_box(half, [corners.min(axis=0) - 2, [corners.max(axis=0)[0] + 2, 29, corners.max(axis=0)[2] + 2]], volume)
+    correction.wait()
     lower = segment_mask(segmentation, segment_id, volume_node)
     assert 0.2 < lower.sum() / ball.sum() < 0.7 and not lower[:, 36:].any()  # the box is oblique on this grid
     half.SetSize(*(np.array(half.GetSize()) * [1.0, 1.0, 1.0]))  # unchanged: nothing to follow
-    assert not correction.follow_points()
+    assert not correction.sync()
     size = np.array(half.GetSize())
     half.SetSize(*(size + 60))  # its handles dragged out around the whole ball
     half.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
+    correction.wait()
     assert dice(segment_mask(segmentation, segment_id, volume_node), ball) > 0.9
     replaced = correction.new_box()  # drawn again: the box before goes, and its correction with it
+    correction.wait()
     assert half.GetScene() is None and not segment_mask(segmentation, segment_id, volume_node).any()
     correction.end(scene)
     assert replaced.GetScene() is None and scene.GetNodesByClass("vtkMRMLMarkupsROINode").GetNumberOfItems() == 0
 
 
-def test_corrections_started_by_placed_prompts_run_in_the_panels_guard(scene):
-    """The panel's guard (a wait cursor, and an error shown in a message) wraps each correction a
-    placed point starts; a point outside the image is refused there and changes nothing."""
-    import contextlib
-
+def test_a_point_placed_or_dragged_outside_the_image_is_refused_in_one_line(scene):
+    """The panel's poll shows the error in a message; the point is taken off the slices, changes
+    nothing, and later points still correct."""
     from AIReconstructAdapter.correction import SegmentCorrection
     from AIReconstructLib.errors import InputError
 
     _, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 7)
     correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
     correction.observe()
-    seen = []
-
-    @contextlib.contextmanager
-    def guard():
-        try:
-            yield
-        except InputError as error:  # as slicer.util.tryWithErrorDisplay shows it
-            seen.append(str(error))
-        else:
-            seen.append("done")
-
-    correction.guard = guard
     include = correction.points[True]
     include.AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 30, 15, 1])[:3]))
+    correction.wait()
     inside = segment_mask(segmentation, segment_id, volume_node)
     include.AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [900, 30, 15, 1])[:3]))
-    assert seen[0] == "done" and seen[-1] == "Outside the image: 1 point or box taken off the slices"
+    with pytest.raises(InputError, match="^Outside the image: 1 point or box taken off the slices$"):
+        correction.wait()
     np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), inside)
     assert include.GetNumberOfControlPoints() == 1 and len(correction.prompts) == 1
     correction.points[False].AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 35, 15, 1])[:3]))
-    assert seen[-1] == "done" and len(correction.prompts) == 2  # later points still correct
+    correction.wait()
+    assert len(correction.prompts) == 2  # later points still correct
     include.SetNthControlPointPositionWorld(0, *(volume.ijk_to_ras() @ [30, 30, 900, 1])[:3])
     include.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)  # dragged off the image
-    assert seen[-1] == "Moved outside the image: 1 point or box taken off the slices"
+    with pytest.raises(InputError, match="^Moved outside the image: 1 point or box taken off the slices$"):
+        correction.wait()
+    correction.wait()
     assert include.GetNumberOfControlPoints() == 0 and [prompt[0] for prompt in correction.prompts] == [False]
     correction.end(scene)
 
@@ -419,17 +419,22 @@ def test_a_box_or_point_list_deleted_in_the_data_module_is_followed(scene):
     correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
     correction.observe()
     correction.points[True].AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 30, 15, 1])[:3]))
+    correction.wait()
     with_point = segment_mask(segmentation, segment_id, volume_node)
     corners = np.argwhere(ball)
     _draw_box(correction.new_box(), [corners.min(axis=0) - 2, [corners.max(axis=0)[0] + 2, 29, corners.max(axis=0)[2] + 2]],
               volume)
+    correction.wait()
     assert len(correction.prompts) == 2
-    scene.RemoveNode(correction.box)  # as the Data module deletes it
-    assert not correction.update() and len(correction.prompts) == 1
+    scene.RemoveNode(correction.box)  # as the Data module deletes it: no event tells of that
+    assert correction.sync()  # as the next prompt or undo does
+    correction.wait()
+    assert len(correction.prompts) == 1
     np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), with_point)
     assert correction.intact
     scene.RemoveNode(correction.points[True])
-    assert not correction.update() and not correction.prompts and not correction.intact
+    assert correction.sync() and not correction.busy  # nothing left to correct with: as before the first point
+    assert not correction.prompts and not correction.intact
     assert not segment_mask(segmentation, segment_id, volume_node).any()  # as before the first point
     correction.end(scene)
 
@@ -446,6 +451,7 @@ def test_edits_made_elsewhere_between_points_are_kept(scene):
     correction.observe()
     include, moved = ((volume.ijk_to_ras() @ [30, j, 15, 1])[:3] for j in (30, 32))
     correction.points[True].AddControlPoint(vtk.vtkVector3d(*include))
+    correction.wait()
     painted = segment_mask(segmentation, segment_id, volume_node)
     painted[2:6, 50:56, 60:66] = True  # far from the ball and the points
     set_segment_mask(segmentation, segment_id, volume_node, painted)
@@ -454,6 +460,7 @@ def test_edits_made_elsewhere_between_points_are_kept(scene):
     np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), painted)
     correction.points[True].SetNthControlPointPositionWorld(0, *moved)
     correction.points[True].InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
+    correction.wait()
     after = segment_mask(segmentation, segment_id, volume_node)
     assert after[2:6, 50:56, 60:66].all() and dice(after, ball | painted) > 0.9
     correction.end(scene)
@@ -472,12 +479,14 @@ def test_one_correction_at_a_time_so_old_points_cannot_undo_later_work(scene):
     include, outside, elsewhere = ((volume.ijk_to_ras() @ [30, j, 15, 1])[:3] for j in (30, 55, 5))
     first = logic.startCorrection(scene, segmentation, segment_id, volume_node)
     first.points[True].AddControlPoint(vtk.vtkVector3d(*include))
+    first.wait()
     old_points = first.points[True]
 
     second = logic.startCorrection(scene, segmentation, segment_id, volume_node)
     assert logic.correction is second and old_points.GetScene() is None
     assert scene.GetNodesByClass("vtkMRMLMarkupsFiducialNode").GetNumberOfItems() == 2
     second.points[False].AddControlPoint(vtk.vtkVector3d(*outside))
+    second.wait()
     corrected = segment_mask(segmentation, segment_id, volume_node)
     assert dice(corrected, ball) > 0.9
 
@@ -511,21 +520,25 @@ def test_points_removed_or_moved_in_the_markups_module_are_followed(scene):
     exclusions = correction.points[False]
 
     correction.points[True].AddControlPoint(vtk.vtkVector3d(*include))
+    correction.wait()
     only_include = segment_mask(segmentation, segment_id, volume_node)
     exclusions.AddControlPoint(vtk.vtkVector3d(*exclude))
+    correction.wait()
     assert segment_mask(segmentation, segment_id, volume_node).sum() < only_include.sum()
     exclusions.RemoveNthControlPoint(0)  # as the Markups module's delete does
+    correction.wait()
     np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), only_include)
     assert len(correction.prompts) == 1
 
     exclusions.AddControlPoint(vtk.vtkVector3d(*exclude))
-    exclusions.SetNthControlPointPositionWorld(0, *moved)  # dragged on a slice: followed when the drag ends
+    exclusions.SetNthControlPointPositionWorld(0, *moved)  # dragged on a slice while it was being corrected for
     exclusions.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
+    correction.wait()
     clicks = [Click(to_voxel(volume, list(include), "RAS"), True)]
     expected = refine(volume, refine(volume, np.zeros_like(ball), clicks),
                       clicks + [Click(to_voxel(volume, list(moved), "RAS"), False)])
     np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), expected)
-    assert not correction.follow_points()  # nothing changed since
+    assert not correction.sync()  # nothing changed since
 
     assert correction.undo() and exclusions.GetNumberOfControlPoints() == 0
     np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), only_include)
@@ -533,7 +546,76 @@ def test_points_removed_or_moved_in_the_markups_module_are_followed(scene):
     for j in (20, 25, 40, 45, 50):  # more points than the history holds states, then the first one removed
         exclusions.AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, j, 15, 1])[:3]))
     correction.points[True].RemoveNthControlPoint(0)
+    correction.wait()
     assert len(correction.prompts) == 5 and not segment_mask(segmentation, segment_id, volume_node).any()
+    correction.end(scene)
+
+
+def test_prompts_placed_while_a_correction_runs_are_taken_one_after_the_other(scene):
+    """The panel stays free while the engine corrects: points placed meanwhile wait their turn, each
+    is its own step in the history (undo takes back one at a time, first the one still waiting),
+    and a paint made meanwhile in the Segment Editor is kept (the running correction, made on the
+    segment before the paint, is dropped and made again on the painted segment)."""
+    from AIReconstructAdapter.correction import SegmentCorrection
+    from AIReconstructLib.interaction import Click, dice, refine, to_voxel
+
+    ball, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 4)
+    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
+    correction.observe()
+    include, exclude, other = ((volume.ijk_to_ras() @ [30, j, 15, 1])[:3] for j in (30, 36, 24))
+    correction.points[True].AddControlPoint(vtk.vtkVector3d(*include))
+    assert correction.poll()
+    correction.points[False].AddControlPoint(vtk.vtkVector3d(*exclude))  # before the first is corrected for
+    assert correction.poll() and len(correction.step.prompts) == 1
+    correction.wait()
+    clicks = [Click(to_voxel(volume, list(include), "RAS"), True)]
+    first = refine(volume, np.zeros_like(ball), clicks)
+    both = refine(volume, first, clicks + [Click(to_voxel(volume, list(exclude), "RAS"), False)])
+    assert [prompt[0] for prompt in correction.prompts] == [True, False]
+    np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), both)
+    assert correction.undo()
+    np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), first)
+
+    correction.points[False].AddControlPoint(vtk.vtkVector3d(*other))
+    assert correction.poll()
+    correction.points[False].AddControlPoint(vtk.vtkVector3d(*exclude))
+    assert correction.undo() and correction.points[False].GetNumberOfControlPoints() == 1  # the one still waiting
+    correction.wait()
+    assert len(correction.prompts) == 2
+
+    correction.points[False].RemoveNthControlPoint(0)
+    assert correction.poll()
+    painted = segment_mask(segmentation, segment_id, volume_node)
+    painted[2:6, 50:56, 60:66] = True  # painted while the segment was being corrected again
+    set_segment_mask(segmentation, segment_id, volume_node, painted)
+    correction.wait()
+    after = segment_mask(segmentation, segment_id, volume_node)
+    assert after[2:6, 50:56, 60:66].all() and dice(after, ball | painted) > 0.9
+    correction.end(scene)
+
+
+def test_a_failed_correction_takes_its_point_back_and_says_why(scene):
+    """A correction the engine cannot make (here the image it reads is gone from the exchange
+    folder) leaves the segment as it was and takes the point back off the slices, with the reason
+    in one line; the exchange folder goes with the correction."""
+    from AIReconstructAdapter.correction import SegmentCorrection
+    from AIReconstructLib.errors import InputError
+
+    _, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 6)
+    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
+    correction.observe()
+    correction.points[True].AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 30, 15, 1])[:3]))
+    correction.wait()
+    corrected = segment_mask(segmentation, segment_id, volume_node)
+    (correction.workdir / "image.nrrd").unlink()
+    correction.points[False].AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 35, 15, 1])[:3]))
+    with pytest.raises(InputError, match="The correction failed and its point or box was taken off the slices: .*image"):
+        correction.wait()
+    assert correction.points[False].GetNumberOfControlPoints() == 0 and len(correction.prompts) == 1
+    np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), corrected)
+    workdir = correction.workdir
+    correction.end(scene)
+    assert correction.workdir is None and not workdir.exists()
 
 
 def test_save_for_training_adds_a_case_the_trainer_reads(scene, tmp_path, tiny_model, ct_volume):

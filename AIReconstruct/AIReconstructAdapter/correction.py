@@ -1,38 +1,67 @@
 """Correct one segment with include / exclude points placed on the slices (markups point lists)
 and a box drawn around it (a markups ROI).
 
-Each newly placed point, and the box once drawn, re-segments the segment near them (the engine's
-``refine``, a fraction of a second) and updates it in place; the segmentation's history (the one
-the Segment Editor uses) keeps every previous state, so ``undo`` restores the last one and forgets
-the last point or the box. A point or box removed, moved or resized afterwards (in the Markups
-module, or dragged on a slice) is followed: the segment goes back to its state before the first
-prompt (kept aside, as the history holds only the last few states) and is corrected again, prompt
-by prompt, with the prompts as they are now. Where the segment was edited elsewhere since the last
-prompt (painted in the Segment Editor), that edited segment is the one corrected again, and undo
-refuses: it would take the edit back with the prompt. A point or box placed or moved outside the
-image is taken off the slices and refused in one line (shown by the panel's ``guard``).
+Each newly placed point, and the box once drawn, re-segments the segment near them in the
+background: the markups' events mark the prompts as changed, the panel polls the correction from a
+timer (``poll``: it reads the prompts once the event's change is complete, a box drawn with both
+corners), and the engine's ``refine`` runs in the engine's worker process (``engine_run``) on the
+image, written once to an exchange folder, and the segment as it is, while Slicer stays responsive;
+the corrected segment then replaces the segment in place. Prompts placed while a correction runs
+are taken one after the other. The segmentation's
+history (the one the Segment Editor uses) keeps the state before each prompt, so ``undo`` restores
+the last one and forgets the last point or the box (or takes back a point not corrected for yet). A
+point or box removed, moved or resized afterwards (in the Markups module, or dragged on a slice) is
+followed: the segment goes back to its state before the first prompt (kept aside, as the history
+holds only the last few states) and is corrected again, prompt by prompt, with the prompts as they
+are now. Where the segment was edited elsewhere since the last prompt (painted in the Segment
+Editor), that edited segment is the one corrected again, and undo refuses: it would take the edit
+back with the prompt; a correction that was running meanwhile is dropped and started again on the
+edited segment. A point or box placed or moved outside the image is taken off the slices and
+refused in one line (``poll`` raises it; the panel shows it in a message).
 """
 
 from __future__ import annotations
 
-import contextlib
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import slicer
 
 from AIReconstructLib.errors import InputError
-from AIReconstructLib.interaction import Click, refine, to_voxel, to_voxel_box
+from AIReconstructLib.interaction import to_voxel, to_voxel_box
+from AIReconstructLib.io import read_volume, write_volume
+from AIReconstructLib.modelcard import Label
+from AIReconstructLib.segnrrd import write_seg_nrrd
 
+from .engine_run import EngineRun, exchange_folder
 from .nodes import segment_mask, set_segment_mask, volume_from_node
 
 INCLUDE_COLOUR, EXCLUDE_COLOUR, BOX_COLOUR = (0.1, 0.8, 0.2), (0.9, 0.2, 0.1), (0.9, 0.8, 0.1)
 BOX = "box"  # the kind of the box's prompt, where a point's is True (include) or False (exclude)
+SEGMENT_LABEL = Label(1, "segment", INCLUDE_COLOUR, {}, {})  # the segment, as the engine's refine reads it
+
+
+@dataclass
+class CorrectionStep:
+    """One correction running in the engine: the segment ``start`` corrected with ``prompts``
+    (the last one new); ``replay``: ``start`` is the segment before the first prompt; ``seen``: the
+    segment as it was when the step started (an edit elsewhere meanwhile makes the result stale)."""
+
+    prompts: list
+    replay: bool
+    seen: np.ndarray
+    run: EngineRun
+    output: Path
 
 
 class SegmentCorrection:
     """Include / exclude point lists and a box bound to one segment of a segmentation node."""
 
-    def __init__(self, scene, segmentation_node, segment_id: str, volume_node, reach_mm: float = 20.0):
+    def __init__(self, scene, segmentation_node, segment_id: str, volume_node, python: str | None = None,
+                 env: dict | None = None):
         segment = segmentation_node.GetSegmentation().GetSegment(segment_id) if segment_id else None
         if segment is None:
             raise InputError(f"Choose a segment of '{segmentation_node.GetName()}' to correct"
@@ -40,21 +69,22 @@ class SegmentCorrection:
         self.scene, self.segmentation_node, self.segment_id = scene, segmentation_node, segment_id
         self.volume_node = volume_node
         self.volume = volume_from_node(volume_node)
-        self.reach_mm = reach_mm
+        self.python, self.env = python, env  # how the engine's worker is started (as for the panel's jobs)
         self.history = slicer.vtkSegmentationHistory()
         self.history.SetSegmentation(segmentation_node.GetSegmentation())
         self.name = segment.GetName()
         self.points = {True: self._markups("vtkMRMLMarkupsFiducialNode", f"{self.name} include", INCLUDE_COLOUR),
                        False: self._markups("vtkMRMLMarkupsFiducialNode", f"{self.name} exclude", EXCLUDE_COLOUR)}
         self.box = None  # the markups ROI of the box, once one is to be drawn (new_box)
-        # (include? or BOX, ID, RAS position or the box's RAS bounds), in the order given
+        # the prompts the segment shows: (include? or BOX, ID, RAS position or the box's RAS bounds), in the order given
         self.prompts: list[tuple] = []
+        self.given: list[tuple] = []  # (kind, ID) of every prompt in the scene, in the order they were first seen
         self.before_points = None  # the segment's mask before the first prompt
         self.after_points = None  # the segment's mask as the last prompt left it
+        self.step: CorrectionStep | None = None  # the correction running in the engine, if any
+        self.workdir: Path | None = None  # the exchange folder with the image, from the first step on
         self.observers: list[tuple] = []  # (markups node, observer tag), once placed prompts re-segment (observe)
-        # what each correction a placed prompt starts runs in: the panel's shows a wait cursor, and
-        # an error (a point or box outside the image) in a message instead of the Python console only
-        self.guard = contextlib.nullcontext
+        self.changed = False  # the prompts changed since the last sync: the next poll syncs
 
     def _markups(self, node_class: str, name: str, colour):
         node = self.scene.AddNewNodeByClass(node_class, name)
@@ -66,8 +96,8 @@ class SegmentCorrection:
         return node
 
     def observe(self) -> None:
-        """Re-segment whenever a point is placed or the box drawn, and follow points and the box
-        removed, moved or resized (in Slicer)."""
+        """Re-segment (at the next ``poll``) whenever a point is placed or the box drawn, and follow
+        points and the box removed, moved or resized (in Slicer)."""
         for node in (*self.points.values(), *([self.box] if self.box is not None else [])):
             self._observe(node)
 
@@ -76,22 +106,24 @@ class SegmentCorrection:
         """Whether its point lists are still in the scene (not deleted in the Data or Markups module)."""
         return all(node.GetScene() is not None for node in self.points.values())
 
+    @property
+    def busy(self) -> bool:
+        """Whether a correction is running in the engine."""
+        return self.step is not None
+
     def _observe(self, node) -> None:
         markups = slicer.vtkMRMLMarkupsNode
-        events = {markups.PointPositionDefinedEvent: self.update, markups.PointRemovedEvent: self.follow_points,
-                  markups.PointEndInteractionEvent: self.follow_points}
-        self.observers += [(node, node.AddObserver(event, lambda caller, _event, react=react: self._guarded(react)))
-                           for event, react in events.items()]
+        events = (markups.PointPositionDefinedEvent, markups.PointRemovedEvent, markups.PointEndInteractionEvent)
+        self.observers += [(node, node.AddObserver(event, self._on_prompts_changed)) for event in events]
 
-    def _guarded(self, react) -> None:
-        with self.guard():
-            react()
+    def _on_prompts_changed(self, caller, event) -> None:
+        self.changed = True
 
     def new_box(self):
         """A new, empty box (a markups ROI) to draw, in place of the box before, if any (the segment
         is then corrected again without it); returns its node."""
         self._remove_box()
-        self.follow_points()
+        self.changed = True
         self.box = self._markups("vtkMRMLMarkupsROINode", f"{self.name} box", BOX_COLOUR)
         if self.observers:  # observing (in Slicer)
             self._observe(self.box)
@@ -108,8 +140,10 @@ class SegmentCorrection:
             self.box = None
 
     def _prompts_now(self) -> list[tuple]:
-        """Every point and the box as they are now (see ``prompts``), the box last."""
-        return [*self._points_now(True), *self._points_now(False), *self._box_now()]
+        """Every point and the box as they are now (see ``prompts``), in the order they were given."""
+        now = {prompt[:2]: prompt for prompt in [*self._points_now(True), *self._points_now(False), *self._box_now()]}
+        self.given = [key for key in self.given if key in now] + [key for key in now if key not in self.given]
+        return [now[key] for key in self.given]
 
     def _box_now(self) -> list[tuple]:
         """The box as it is now, as a prompt (none while it is not drawn). A box drawn on one slice,
@@ -146,40 +180,27 @@ class SegmentCorrection:
         set_segment_mask(self.segmentation_node, self.segment_id, self.volume_node, mask)
         self.after_points = mask
 
-    def _in_voxels(self, prompts) -> tuple[list[Click], tuple | None]:
-        """The points as clicks and the box as a voxel box, on the image's grid; refused in one line
-        if one lies outside the image."""
-        clicks = [Click(to_voxel(self.volume, list(ras), "RAS"), kind) for kind, _, ras in prompts if kind != BOX]
-        boxes = [to_voxel_box(self.volume, [bounds[:3], bounds[3:]], "RAS") for kind, _, bounds in prompts if kind == BOX]
-        return clicks, boxes[0] if boxes else None
-
     def _lies_in_image(self, prompt) -> bool:
+        kind, _, where = prompt
         try:
-            self._in_voxels([prompt])
+            if kind == BOX:
+                to_voxel_box(self.volume, [where[:3], where[3:]], "RAS")
+            else:
+                to_voxel(self.volume, where, "RAS")
         except InputError:
             return False
         return True
 
-    def _correct(self, current) -> None:
-        """Correct the segment, ``current`` as it is now, with every prompt in ``prompts``; saved in
-        the history first."""
-        clicks, box = self._in_voxels(self.prompts)
-        corrected = refine(self.volume, current, clicks, box=box, reach_mm=self.reach_mm)
-        self.history.SaveState()
-        self._show(corrected)
-
-    def _take_back(self, prompts, why: str = "") -> None:
-        """Remove prompts' points (or the box) from the slices, without following them; with ``why``,
-        then say in one line why they were refused."""
+    def _take_back(self, prompts) -> None:
+        """Remove prompts' points (or the box) from the slices."""
         for kind, prompt_id, _ in prompts:
             if kind == BOX:
                 self._remove_box()
-            else:
+            elif self.points[kind].GetScene() is not None:
                 node = self.points[kind]
-                node.RemoveNthControlPoint(node.GetNthControlPointIndexByID(prompt_id))  # followed: no change
-        if prompts and why:
-            raise InputError(f"{why}: {len(prompts)} {'point or box' if len(prompts) == 1 else 'points or boxes'} "
-                             "taken off the slices")
+                index = node.GetNthControlPointIndexByID(prompt_id)
+                if index >= 0:
+                    node.RemoveNthControlPoint(index)
 
     def _edited_elsewhere(self, current) -> bool:
         """Whether the segment (``current``) was changed since the last prompt, other than by prompts."""
@@ -191,55 +212,131 @@ class SegmentCorrection:
         if not self.prompts or self._edited_elsewhere(current):
             self.before_points = current
 
-    def update(self) -> bool:
-        """Re-segment with every point placed and the box drawn so far; False if there was no new one."""
-        self.follow_points()  # a point list or the box deleted (in the Data module) since: no event tells of that
-        known = {prompt[:2] for prompt in self.prompts}  # IDs are unique per list
-        new = [prompt for prompt in self._prompts_now() if prompt[:2] not in known]
-        if not new:
-            return False
-        self._take_back([prompt for prompt in new if not self._lies_in_image(prompt)], "Outside the image")
+    def sync(self) -> bool:
+        """Bring the segment in line with the prompts as they are now: start correcting it for the
+        next prompt not shown yet, in the engine (after a prompt was removed, moved or resized:
+        from the segment before the first prompt); while a correction runs, ``poll`` starts the next
+        one when it ends. False if the segment shows every prompt as it is. A point or box outside
+        the image is taken off the slices and refused in one line."""
+        self.changed = False
+        wanted = self._prompts_now()
+        outside = [prompt for prompt in wanted if not self._lies_in_image(prompt)]
+        self._take_back(outside)
+        wanted = [prompt for prompt in wanted if prompt not in outside]
+        in_line = wanted == self.prompts
+        if not in_line and self.step is None:
+            self._start_next(wanted)
+        if outside:
+            known = {prompt[:2] for prompt in self.prompts}
+            moved = any(prompt[:2] in known for prompt in outside)
+            raise InputError(f"{'Moved outside' if moved else 'Outside'} the image: {len(outside)} "
+                             f"{'point or box' if len(outside) == 1 else 'points or boxes'} taken off the slices")
+        return not in_line
+
+    def _start_next(self, wanted: list) -> None:
+        """Start the engine on the next prompt of ``wanted`` (on all of them, once, where the
+        prompts shown are no longer the first of them); where none is left, show the segment
+        before the first prompt."""
         current = self._segment()
         self._start_from(current)
-        self.prompts += new
-        self._correct(current)
-        return True
+        replay = wanted[:len(self.prompts)] != self.prompts
+        if replay and not wanted:
+            self._show(self.before_points)
+            self.prompts = []
+            return
+        prompts = wanted[:1] if replay else wanted[:len(self.prompts) + 1]
+        start = self.before_points if replay else current
+        folder = self._exchange_folder()
+        # a .seg.nrrd: it names the segment even while it is empty
+        segment = write_seg_nrrd(self.volume.with_array(start.astype(np.uint8)), [SEGMENT_LABEL],
+                                 folder / "segment.seg.nrrd", compress=False)
+        output = folder / "corrected.nrrd"
+        arguments = ["refine", str(folder / "image.nrrd"), str(segment), "--label", SEGMENT_LABEL.name,
+                     "--coordinates", "RAS", "-o", str(output)]
+        for kind, _, where in prompts:
+            flag = "--box" if kind == BOX else "--include" if kind else "--exclude"
+            arguments += [flag, *(f"{value:.4f}" for value in where)]  # "-1e-05" would read as an option
+        run = EngineRun(arguments, self.python, self.env)
+        run.start()
+        self.step = CorrectionStep(prompts, replay, current, run, output)
 
-    def follow_points(self) -> bool:
-        """After points or the box were removed, moved or resized: back to the segment as it was
-        before the first prompt (or as edited elsewhere since the last one), then corrected again
-        with the remaining prompts, in the order they were given, as they are now. False if every
-        prompt is as it was."""
-        now = {prompt[:2]: prompt for prompt in self._prompts_now()}
-        remaining = [now[prompt[:2]] for prompt in self.prompts if prompt[:2] in now]
-        if remaining == self.prompts:
-            return False
-        self._start_from(self._segment())
-        self._show(self.before_points)
-        self.prompts = []
-        for prompt in remaining:
-            if self._lies_in_image(prompt):
-                self.prompts.append(prompt)
-                self._correct(self.after_points)
-        self._take_back([prompt for prompt in remaining if prompt not in self.prompts], "Moved outside the image")
-        return True
+    def _exchange_folder(self) -> Path:
+        """The exchange folder, made (with the image) for the first step."""
+        if self.workdir is None:
+            self.workdir = exchange_folder(3 * self.volume.array.nbytes)
+            try:
+                write_volume(self.volume, self.workdir / "image.nrrd", compress=False)
+            except BaseException:
+                self._remove_workdir()
+                raise
+        return self.workdir
+
+    def poll(self) -> bool:
+        """Follow the prompts changed since the last poll, and once the running correction has
+        ended, show its result where it still holds (no prompt it used changed meanwhile and the
+        segment was not edited elsewhere), then start the next; never blocks (a correction starts
+        in a fraction of a second). True while a correction runs. A failed correction takes its
+        new prompt off the slices and is refused in one line."""
+        if self.step is not None:
+            state = self.step.run.poll()
+            if not state.finished:
+                return True
+            step, self.step = self.step, None
+            self.changed = True  # the next prompt, if any, or the same again on the segment as it is now
+            if state.status != "done":
+                self._take_back(step.prompts[-1:])
+                raise InputError(f"The correction failed and its point or box was taken off the slices: {state.error}")
+            self._show_if_it_holds(step, read_volume(step.output).array == 1)
+        if self.changed:
+            self.sync()
+        return self.step is not None
+
+    def _show_if_it_holds(self, step: CorrectionStep, corrected) -> None:
+        """Show a finished step's result unless a prompt it used changed or the segment was edited
+        elsewhere since it started."""
+        if self._prompts_now()[:len(step.prompts)] == step.prompts and np.array_equal(self._segment(), step.seen):
+            if step.replay:
+                self._show(self.before_points)
+            self.prompts = list(step.prompts)
+            self.history.SaveState()
+            self._show(corrected)
+
+    def wait(self, timeout: float = 300.0) -> None:
+        """Poll until every prompt is corrected for (for scripts and tests; the panel polls from a timer)."""
+        deadline = time.monotonic() + timeout
+        while self.poll():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"The correction of '{self.name}' took more than {timeout:.0f} s")
+            time.sleep(0.02)
 
     def undo(self) -> bool:
-        """Restore the segment as it was before the last prompt, and remove that point or the box;
-        False if there is none, or if the segment was edited elsewhere since (undoing the prompt
-        would undo the edit)."""
-        self.follow_points()  # a point list or the box deleted since
-        if not self.prompts or not self.history.IsRestorePreviousStateAvailable() or self._edited_elsewhere(self._segment()):
+        """Take back the last prompt: the last one placed while not corrected for yet, or else the
+        last one the segment shows, restoring the segment as it was before it. False if there is
+        none, or if the segment was edited elsewhere since (undoing the prompt would undo the edit)."""
+        shown = {prompt[:2] for prompt in self.prompts}
+        waiting = [prompt for prompt in self._prompts_now() if prompt[:2] not in shown]
+        if waiting:
+            self._take_back(waiting[-1:])
+        elif (not self.prompts or not self.history.IsRestorePreviousStateAvailable()
+              or self._edited_elsewhere(self._segment())):
+            self.changed = True  # a point list or the box deleted since: followed at the next poll
             return False
-        self.history.RestorePreviousState()
-        self._take_back([self.prompts.pop()])
-        self.after_points = self._segment()
+        else:
+            self.history.RestorePreviousState()
+            self._take_back([self.prompts.pop()])
+            self.after_points = self._segment()
+        self.changed = True
         return True
 
     def end(self, scene) -> None:
         """Stop following the points and the box and remove them from the scene (the corrected
-        segment stays): prompts left behind would otherwise put the segment back to its state
-        before them."""
+        segment stays; a correction still running is waited for and dropped): prompts left behind
+        would otherwise put the segment back to its state before them."""
+        if self.step is not None:
+            while not self.step.run.poll().finished:  # a single refine: a fraction of a second, seconds at most
+                time.sleep(0.02)
+            self.step = None
+        self._remove_workdir()
         for node, tag in self.observers:
             node.RemoveObserver(tag)
         self.observers = []
@@ -247,3 +344,8 @@ class SegmentCorrection:
         for node in self.points.values():
             if node.GetScene() is not None:
                 scene.RemoveNode(node)
+
+    def _remove_workdir(self) -> None:
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None

@@ -100,12 +100,15 @@ class AdapterLogic:
         """End the engine worker kept for the next run (it holds the libraries and the last model)."""
         WARM_ENGINE.shutdown()
 
-    def startCorrection(self, scene, segmentation_node, segment_id: str, volume_node) -> SegmentCorrection:
-        """Include / exclude point lists for one segment; each placed point re-segments near it, on
-        the image the segmentation was made on (``volume_node``, the input chosen now, only where it
-        does not say). The correction before, if any, ends first: one segment at a time."""
+    def startCorrection(self, scene, segmentation_node, segment_id: str, volume_node, python: str | None = None,
+                        env: dict | None = None) -> SegmentCorrection:
+        """Include / exclude point lists for one segment; each placed point re-segments near it in
+        the engine's worker, on the image the segmentation was made on (``volume_node``, the input
+        chosen now, only where it does not say); poll the returned correction. The correction
+        before, if any, ends first: one segment at a time."""
         image = nodes.source_volume(segmentation_node) or volume_node
-        correction = SegmentCorrection(scene, segmentation_node, segment_id, image)  # a missing segment: refused here
+        # a missing segment: refused here
+        correction = SegmentCorrection(scene, segmentation_node, segment_id, image, python, env)
         self.endCorrection(scene)
         correction.observe()
         self.correction = correction
