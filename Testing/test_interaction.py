@@ -6,8 +6,8 @@ import pytest
 
 from AIReconstructLib.cli import main
 from AIReconstructLib.errors import InputError
-from AIReconstructLib.interaction import (Click, clicks_to_reach, dice, next_click, refine, refine_labelmap, simulate,
-                                          to_voxel, to_voxel_box)
+from AIReconstructLib.interaction import (Click, clicks_to_reach, dice, next_click, refine, refine_labelmap,
+                                          refine_region, simulate, to_voxel, to_voxel_box)
 from AIReconstructLib.io import read_labelmap, write_volume
 from AIReconstructLib.volume import Volume
 from conftest import oblique_direction
@@ -55,6 +55,26 @@ def test_refine_changes_nothing_beyond_the_reach_of_the_points():
     centre = tuple(int(v) for v in np.round(np.argwhere(ball).mean(axis=0)))
     result = refine(volume, wrong, [Click(centre, True)], reach_mm=15.0)
     assert (result[2:6, 2:8, 2:8]).all()
+
+
+def test_refine_on_its_region_alone_gives_what_it_gives_on_the_whole_image():
+    """What the Slicer module sends the engine: the image and the segment cut to refine_region."""
+    volume, ball, blob = _scene()
+    clicks = [Click((15, 30, 25), True), Click((15, 20, 48), False)]
+    box = ((8, 18, 12), (22, 46, 40))
+    start = blob | (np.indices(ball.shape)[2] > 66)  # something to keep outside the reach
+    region = refine_region(ball.shape, SPACING[::-1], clicks, box, reach_mm=10.0)
+    low = np.array([part.start for part in region])
+    assert region[2].start > 0 and region[2].stop < ball.shape[2]  # a true block, cut on both sides
+    whole = refine(volume, start, clicks, box, reach_mm=10.0)
+    shifted = [Click(tuple(np.array(click.kji) - low), click.positive) for click in clicks]
+    block = refine(volume.cropped(region), start[region], shifted, tuple(tuple(np.array(b) - low) for b in box),
+                   reach_mm=10.0)
+    np.testing.assert_array_equal(block, whole[region])
+    outside = np.ones(ball.shape, bool)
+    outside[region] = False
+    np.testing.assert_array_equal(whole[outside], start[outside])
+    assert refine_region(ball.shape, SPACING[::-1], []) is None
 
 
 def test_a_box_alone_segments_what_is_inside_it():

@@ -595,9 +595,10 @@ def test_prompts_placed_while_a_correction_runs_are_taken_one_after_the_other(sc
 
 
 def test_a_failed_correction_takes_its_point_back_and_says_why(scene):
-    """A correction the engine cannot make (here the image it reads is gone from the exchange
-    folder) leaves the segment as it was and takes the point back off the slices, with the reason
-    in one line; the exchange folder goes with the correction."""
+    """An engine that dies during a correction (killed here, as the system kills a process out of
+    memory) leaves the segment as it was and takes the point back off the slices, with the reason
+    in one line; the next point is corrected by a fresh worker; the exchange folder goes with the
+    correction."""
     from AIReconstructAdapter.correction import SegmentCorrection
     from AIReconstructLib.errors import InputError
 
@@ -607,12 +608,17 @@ def test_a_failed_correction_takes_its_point_back_and_says_why(scene):
     correction.points[True].AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 30, 15, 1])[:3]))
     correction.wait()
     corrected = segment_mask(segmentation, segment_id, volume_node)
-    (correction.workdir / "image.nrrd").unlink()
     correction.points[False].AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 35, 15, 1])[:3]))
-    with pytest.raises(InputError, match="The correction failed and its point or box was taken off the slices: .*image"):
+    assert correction.poll()
+    correction.step.run.worker.process.kill()
+    with pytest.raises(InputError, match="^The correction failed and its point or box was taken off the slices: "
+                                         "The engine stopped unexpectedly"):
         correction.wait()
     assert correction.points[False].GetNumberOfControlPoints() == 0 and len(correction.prompts) == 1
     np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), corrected)
+    correction.points[False].AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 35, 15, 1])[:3]))
+    correction.wait()
+    assert len(correction.prompts) == 2 and segment_mask(segmentation, segment_id, volume_node).sum() < corrected.sum()
     workdir = correction.workdir
     correction.end(scene)
     assert correction.workdir is None and not workdir.exists()

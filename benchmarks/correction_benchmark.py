@@ -9,7 +9,8 @@ On Slicer's real MRML libraries (slicer-core, no Qt): a segment corrected throug
 (240 × 240 × 155) corrected from nothing by a simulated user's points toward the expert mask (each
 in the largest error left), and the shared CT resampled to 512 × 512 × 300 with a box drawn around
 its liver (TotalSegmentator's label). For each prompt: the main thread's longest hold (placing the
-prompt, or one poll), its total hold, and the time until the segment shows the correction; and the
+prompt, or one poll), its total hold, and the time until the segment shows the correction (on
+the CT, points toward the liver first, then the box); and the
 same correction on the main thread (the segment read, ``refine``, the result shown in a second
 segmentation node holding the same segment). Not a test.
 """
@@ -80,13 +81,11 @@ def held(place, correction) -> tuple[float, float, float]:
         time.sleep(0.02)
 
 
-def brain_case(clicks: int) -> list[dict]:
-    folder = DATA / "Dataset001_BrainTumourFLAIR"
-    volume = read_volume(folder / "imagesTr" / "BRATS_004_0000.nii.gz")
-    truth = read_labelmap(folder / "labelsTr" / "BRATS_004.nii.gz", like=volume).array > 0
-    scene, volume_node, ((segmentation, segment_id), baseline) = new_scene(volume)
-    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
-    correction.observe()
+def simulated_points(name: str, volume: Volume, truth, volume_node, segments, correction, clicks: int,
+                     box=None) -> list[dict]:
+    """Points placed one after the other by the simulated user (each in the largest error left,
+    toward ``truth``), after ``box`` if one was drawn: a row of figures per point."""
+    (segmentation, segment_id), baseline = segments
     rows, given = [], []
     for number in range(1, clicks + 1):
         current = segment_mask(segmentation, segment_id, volume_node)
@@ -95,17 +94,28 @@ def brain_case(clicks: int) -> list[dict]:
             break
         given.append(click)
         set_segment_mask(*baseline, volume_node, current)
-        main_thread = on_main_thread(volume, volume_node, baseline, given)
+        main_thread = on_main_thread(volume, volume_node, baseline, given, box)
         ras = (volume.ijk_to_ras() @ [*click.kji[::-1], 1])[:3]
         points = correction.points[click.positive]
         longest, total, until_done = held(lambda: points.AddControlPoint(vtk.vtkVector3d(*ras)), correction)
-        rows.append({"prompt": f"BRATS_004 point {number}", "main": main_thread, "longest": longest,
+        rows.append({"prompt": f"{name} point {number}", "main": main_thread, "longest": longest,
                      "total": total, "done": until_done})
+    return rows
+
+
+def brain_case(clicks: int) -> list[dict]:
+    folder = DATA / "Dataset001_BrainTumourFLAIR"
+    volume = read_volume(folder / "imagesTr" / "BRATS_004_0000.nii.gz")
+    truth = read_labelmap(folder / "labelsTr" / "BRATS_004.nii.gz", like=volume).array > 0
+    scene, volume_node, segments = new_scene(volume)
+    correction = SegmentCorrection(scene, *segments[0], volume_node)
+    correction.observe()
+    rows = simulated_points("BRATS_004", volume, truth, volume_node, segments, correction, clicks)
     correction.end(scene)
     return rows
 
 
-def liver_case() -> list[dict]:
+def liver_case(clicks: int) -> list[dict]:
     ct = read_volume(DATA / "CT_TotalSegExample" / "ct.nii.gz")
     labels = read_labelmap(DATA / "CT_TotalSegExample" / "reference_totalseg_fast.nii.gz", like=ct)
     factors = np.array([300, 512, 512]) / np.array(ct.array.shape)
@@ -114,10 +124,13 @@ def liver_case() -> list[dict]:
     liver = ndimage.zoom((labels.array == LIVER).astype(np.uint8), factors, order=0) > 0
     corners = np.argwhere(liver)
     box = (tuple(corners.min(axis=0)), tuple(corners.max(axis=0)))
-    scene, volume_node, ((segmentation, segment_id), baseline) = new_scene(volume)
-    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
+    scene, volume_node, segments = new_scene(volume)
+    correction = SegmentCorrection(scene, *segments[0], volume_node)
     correction.observe()
-    main_thread = on_main_thread(volume, volume_node, baseline, [], box)
+    rows = simulated_points("CT liver", volume, liver, volume_node, segments, correction, clicks)
+    clicks = [interaction.Click(interaction.to_voxel(volume, prompt[2], "RAS"), prompt[0]) for prompt in correction.prompts]
+    set_segment_mask(*segments[1], volume_node, segment_mask(*segments[0], volume_node))
+    main_thread = on_main_thread(volume, volume_node, segments[1], clicks, box)
     box_node = correction.new_box()
 
     def draw():
@@ -126,10 +139,10 @@ def liver_case() -> list[dict]:
 
     longest, total, until_done = held(draw, correction)
     size = " × ".join(str(b - a + 1) for a, b in zip(*box))
-    row = {"prompt": f"liver box ({size} voxels)", "main": main_thread, "longest": longest, "total": total,
-           "done": until_done}
+    rows.append({"prompt": f"CT liver box ({size} voxels), after the points", "main": main_thread, "longest": longest,
+                 "total": total, "done": until_done})
     correction.end(scene)
-    return [row]
+    return rows
 
 
 def main() -> None:
@@ -137,7 +150,7 @@ def main() -> None:
     parser.add_argument("--clicks", type=int, default=5)
     args = parser.parse_args()
     WARM_ENGINE.prepare()  # as the panel does when it is opened
-    rows = brain_case(args.clicks) + liver_case()
+    rows = brain_case(args.clicks) + liver_case(args.clicks)
     WARM_ENGINE.shutdown()
     print("| prompt | on the main thread, s | background: longest hold, s | total hold, s | "
           "until shown, s | longest hold / main thread |")

@@ -5,8 +5,8 @@ Each newly placed point, and the box once drawn, re-segments the segment near th
 background: the markups' events mark the prompts as changed, the panel polls the correction from a
 timer (``poll``: it reads the prompts once the event's change is complete, a box drawn with both
 corners), and the engine's ``refine`` runs in the engine's worker process (``engine_run``) on the
-image, written once to an exchange folder, and the segment as it is, while Slicer stays responsive;
-the corrected segment then replaces the segment in place. Prompts placed while a correction runs
+block of the image and of the segment it may change (``refine_region``), written to an exchange
+folder, while Slicer stays responsive; the corrected block then replaces that block of the segment. Prompts placed while a correction runs
 are taken one after the other. The segmentation's
 history (the one the Segment Editor uses) keeps the state before each prompt, so ``undo`` restores
 the last one and forgets the last point or the box (or takes back a point not corrected for yet). A
@@ -31,7 +31,7 @@ import numpy as np
 import slicer
 
 from AIReconstructLib.errors import InputError
-from AIReconstructLib.interaction import to_voxel, to_voxel_box
+from AIReconstructLib.interaction import REACH_MM, Click, refine_region, to_voxel, to_voxel_box
 from AIReconstructLib.io import read_volume, write_volume
 from AIReconstructLib.modelcard import Label
 from AIReconstructLib.segnrrd import write_seg_nrrd
@@ -47,11 +47,14 @@ SEGMENT_LABEL = Label(1, "segment", INCLUDE_COLOUR, {}, {})  # the segment, as t
 @dataclass
 class CorrectionStep:
     """One correction running in the engine: the segment ``start`` corrected with ``prompts``
-    (the last one new); ``replay``: ``start`` is the segment before the first prompt; ``seen``: the
-    segment as it was when the step started (an edit elsewhere meanwhile makes the result stale)."""
+    (the last one new) in its block ``region``; ``replay``: ``start`` is the segment before the
+    first prompt; ``seen``: the segment as it was when the step started (an edit elsewhere
+    meanwhile makes the result stale)."""
 
     prompts: list
     replay: bool
+    start: np.ndarray
+    region: tuple
     seen: np.ndarray
     run: EngineRun
     output: Path
@@ -82,7 +85,7 @@ class SegmentCorrection:
         self.before_points = None  # the segment's mask before the first prompt
         self.after_points = None  # the segment's mask as the last prompt left it
         self.step: CorrectionStep | None = None  # the correction running in the engine, if any
-        self.workdir: Path | None = None  # the exchange folder with the image, from the first step on
+        self.workdir: Path | None = None  # the exchange folder, from the first step on
         self.observers: list[tuple] = []  # (markups node, observer tag), once placed prompts re-segment (observe)
         self.changed = False  # the prompts changed since the last sync: the next poll syncs
 
@@ -180,13 +183,16 @@ class SegmentCorrection:
         set_segment_mask(self.segmentation_node, self.segment_id, self.volume_node, mask)
         self.after_points = mask
 
+    def _in_voxels(self, prompts) -> tuple[list[Click], tuple | None]:
+        """The points as clicks and the box as a voxel box, on the image's grid; refused in one line
+        if one lies outside the image."""
+        clicks = [Click(to_voxel(self.volume, list(ras), "RAS"), kind) for kind, _, ras in prompts if kind != BOX]
+        boxes = [to_voxel_box(self.volume, [bounds[:3], bounds[3:]], "RAS") for kind, _, bounds in prompts if kind == BOX]
+        return clicks, boxes[0] if boxes else None
+
     def _lies_in_image(self, prompt) -> bool:
-        kind, _, where = prompt
         try:
-            if kind == BOX:
-                to_voxel_box(self.volume, [where[:3], where[3:]], "RAS")
-            else:
-                to_voxel(self.volume, where, "RAS")
+            self._in_voxels([prompt])
         except InputError:
             return False
         return True
@@ -246,30 +252,23 @@ class SegmentCorrection:
             return
         prompts = wanted[:1] if replay else wanted[:len(self.prompts) + 1]
         start = self.before_points if replay else current
-        folder = self._exchange_folder()
+        region = refine_region(start.shape, self.volume.spacing[::-1], *self._in_voxels(prompts), REACH_MM)
+        if self.workdir is None:
+            self.workdir = exchange_folder(3 * self.volume.array.nbytes)
+        image = self.volume.cropped(region)
+        image_file = write_volume(image, self.workdir / "image.nrrd", compress=False)
         # a .seg.nrrd: it names the segment even while it is empty
-        segment = write_seg_nrrd(self.volume.with_array(start.astype(np.uint8)), [SEGMENT_LABEL],
-                                 folder / "segment.seg.nrrd", compress=False)
-        output = folder / "corrected.nrrd"
-        arguments = ["refine", str(folder / "image.nrrd"), str(segment), "--label", SEGMENT_LABEL.name,
+        segment = write_seg_nrrd(image.with_array(start[region].astype(np.uint8)), [SEGMENT_LABEL],
+                                 self.workdir / "segment.seg.nrrd", compress=False)
+        output = self.workdir / "corrected.nrrd"
+        arguments = ["refine", str(image_file), str(segment), "--label", SEGMENT_LABEL.name,
                      "--coordinates", "RAS", "-o", str(output)]
         for kind, _, where in prompts:
             flag = "--box" if kind == BOX else "--include" if kind else "--exclude"
             arguments += [flag, *(f"{value:.4f}" for value in where)]  # "-1e-05" would read as an option
         run = EngineRun(arguments, self.python, self.env)
         run.start()
-        self.step = CorrectionStep(prompts, replay, current, run, output)
-
-    def _exchange_folder(self) -> Path:
-        """The exchange folder, made (with the image) for the first step."""
-        if self.workdir is None:
-            self.workdir = exchange_folder(3 * self.volume.array.nbytes)
-            try:
-                write_volume(self.volume, self.workdir / "image.nrrd", compress=False)
-            except BaseException:
-                self._remove_workdir()
-                raise
-        return self.workdir
+        self.step = CorrectionStep(prompts, replay, start, region, current, run, output)
 
     def poll(self) -> bool:
         """Follow the prompts changed since the last poll, and once the running correction has
@@ -286,7 +285,9 @@ class SegmentCorrection:
             if state.status != "done":
                 self._take_back(step.prompts[-1:])
                 raise InputError(f"The correction failed and its point or box was taken off the slices: {state.error}")
-            self._show_if_it_holds(step, read_volume(step.output).array == 1)
+            corrected = step.start.copy()
+            corrected[step.region] = read_volume(step.output).array == 1
+            self._show_if_it_holds(step, corrected)
         if self.changed:
             self.sync()
         return self.step is not None

@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from .dataset import read_dataset
 from .errors import InputError
-from .interaction import Click, ball_in_window, box_centre, next_click
+from .interaction import REACH_MM, Click, ball_in_window, box_centre, next_click
 from .io import write_csv
 from .modelcard import CARD_FILE, ModelCard, save_card, sha256_of
 from .networks import build_network, check_patch_size, load_network, save_weights, unique_state
@@ -253,7 +253,7 @@ class GuidedRefiner:
         self.predictor = Predictor(self.network, in_array_order(card.patch_size, card.orientation),
                                    card.inference["overlap"], device, sliding_window=card.inference.get("sliding_window"))
 
-    def __call__(self, volume: Volume, mask: np.ndarray, clicks: list[Click], box=None, reach_mm: float = 20.0):
+    def __call__(self, volume: Volume, mask: np.ndarray, clicks: list[Click], box=None, reach_mm: float = REACH_MM):
         """The segment ``mask`` corrected by ``clicks`` and ``box`` ((k0, j0, i0), (k1, j1, i1), as
         :func:`~AIReconstructLib.interaction.refine` takes them)."""
         spacing = np.array(volume.spacing[::-1])

@@ -21,6 +21,7 @@ from .errors import InputError
 from .volume import Volume
 
 CLICK_RADIUS_MM = 3.0
+REACH_MM = 20.0  # how far from a point (or the box) a correction may change the segment
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,22 @@ def box_centre(box) -> tuple[int, int, int]:
     return tuple(int(round((a + b) / 2)) for a, b in zip(*box))
 
 
+def refine_region(shape, spacing_kji, clicks: list[Click], box: tuple | None = None,
+                  reach_mm: float = REACH_MM) -> tuple[slice, slice, slice] | None:
+    """The block of a grid of ``shape`` that ``refine`` reads and may change: around the clicks and
+    the box, grown by ``reach_mm``, cut to the grid; None without a click or a box. ``refine`` of
+    the image and the segment cut to this block gives the same block as on the whole."""
+    margin = np.ceil(reach_mm / np.asarray(spacing_kji, float)).astype(int)
+    corners = [np.array(c.kji) for c in clicks] + ([np.array(b) for b in box] if box else [])
+    if not corners:
+        return None
+    low = np.maximum(np.min(corners, axis=0) - margin, 0)
+    high = np.minimum(np.max(corners, axis=0) + margin + 1, shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(low, high))
+
+
 def refine(volume: Volume, mask: np.ndarray, clicks: list[Click], box: tuple | None = None,
-           reach_mm: float = 20.0) -> np.ndarray:
+           reach_mm: float = REACH_MM) -> np.ndarray:
     """The segment ``mask`` (boolean, on ``volume``'s grid) corrected by ``clicks``; only voxels
     within ``reach_mm`` of a click change. ``box`` ((k0, j0, i0), (k1, j1, i1), inclusive), if
     given, is re-segmented from the segment's interior in it and the points (from its centre when
@@ -71,13 +86,10 @@ def refine(volume: Volume, mask: np.ndarray, clicks: list[Click], box: tuple | N
         if not all(0 <= c < n for c, n in zip(click.kji, mask.shape)):
             raise InputError(f"Point {click.kji} lies outside the image (size {mask.shape})")
     spacing = np.array(volume.spacing[::-1])
-    margin = np.ceil(reach_mm / spacing).astype(int)
-    corners = [np.array(c.kji) for c in clicks] + ([np.array(b) for b in box] if box else [])
-    if not corners:
+    region = refine_region(mask.shape, spacing, clicks, box, reach_mm)
+    if region is None:
         return mask.copy()
-    low = np.maximum(np.min(corners, axis=0) - margin, 0)
-    high = np.minimum(np.max(corners, axis=0) + margin + 1, mask.shape)
-    region = tuple(slice(a, b) for a, b in zip(low, high))
+    low = np.array([part.start for part in region])
     local = [Click(tuple(np.array(c.kji) - low), c.positive) for c in clicks]
 
     image = volume.array[region].astype(np.float32)
@@ -155,7 +167,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2.0 * (a & b).sum() / total)
 
 
-def simulate(volume: Volume, start: np.ndarray, truth: np.ndarray, clicks: int = 10, reach_mm: float = 20.0,
+def simulate(volume: Volume, start: np.ndarray, truth: np.ndarray, clicks: int = 10, reach_mm: float = REACH_MM,
              method=None) -> list[float]:
     """Correct ``start`` toward ``truth`` with simulated clicks, each in the largest error left, by
     ``method`` (``refine`` or a guided model's refiner); returns the Dice after each click."""
@@ -205,7 +217,7 @@ def to_voxel_box(volume: Volume, corners_mm, coordinates: str = "LPS") -> tuple[
 
 
 def refine_labelmap(image: Volume, labelmap: Volume, value: int, include_mm=(), exclude_mm=(), box_mm=None,
-                    coordinates: str = "LPS", reach_mm: float = 20.0, method=None) -> Volume:
+                    coordinates: str = "LPS", reach_mm: float = REACH_MM, method=None) -> Volume:
     """The label map with segment ``value`` corrected by points (and a box: two opposite corners) in
     patient millimetres, by ``method`` (``refine``, or a guided model's refiner). Added voxels take
     the label only where there was background, so other segments are never overwritten; removed
