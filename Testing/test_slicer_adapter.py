@@ -624,6 +624,23 @@ def test_a_failed_correction_takes_its_point_back_and_says_why(scene):
     assert correction.workdir is None and not workdir.exists()
 
 
+def test_ending_a_correction_while_one_runs_drops_it(scene):
+    """A correction still running when the correction ends (a new result arrives, the scene
+    closes) changes nothing: waited for up to a limit, then its worker is ended."""
+    from AIReconstructAdapter.correction import SegmentCorrection
+
+    _, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 8)
+    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
+    correction.observe()
+    correction.points[True].AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 30, 15, 1])[:3]))
+    assert correction.poll()
+    run, workdir = correction.step.run, correction.workdir
+    correction.end(scene, wait_seconds=0.0)
+    assert run.poll().finished and not correction.busy and not workdir.exists()
+    assert not segment_mask(segmentation, segment_id, volume_node).any()
+    assert scene.GetNodesByClass("vtkMRMLMarkupsFiducialNode").GetNumberOfItems() == 0
+
+
 def test_save_for_training_adds_a_case_the_trainer_reads(scene, tmp_path, tiny_model, ct_volume):
     from AIReconstructAdapter.nodes import save_for_training, set_segment_mask
     from AIReconstructLib.dataset import read_dataset

@@ -329,13 +329,16 @@ class SegmentCorrection:
         self.changed = True
         return True
 
-    def end(self, scene) -> None:
+    def end(self, scene, wait_seconds: float = 10.0) -> None:
         """Stop following the points and the box and remove them from the scene (the corrected
-        segment stays; a correction still running is waited for and dropped): prompts left behind
-        would otherwise put the segment back to its state before them."""
+        segment stays; a correction still running is dropped: waited for up to ``wait_seconds``,
+        so that its worker stays for the next run, then ended): prompts left behind would otherwise
+        put the segment back to its state before them."""
         if self.step is not None:
-            while not self.step.run.poll().finished:  # a single refine: a fraction of a second, seconds at most
+            deadline = time.monotonic() + wait_seconds
+            while not self.step.run.poll().finished and time.monotonic() < deadline:
                 time.sleep(0.02)
+            self.step.run.cancel(grace_seconds=0.0)  # nothing to do where it has ended
             self.step = None
         self._remove_workdir()
         for node, tag in self.observers:
