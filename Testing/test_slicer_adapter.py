@@ -23,7 +23,7 @@ from AIReconstructAdapter.nodes import (add_volume_node, ensure_converter_rules,
                                         export_to_models, import_segmentation, segment_mask, set_segment_mask, show_3d,
                                         volume_from_node)
 from AIReconstructLib.io import write_volume  # noqa: E402
-from AIReconstructLib.modelcard import load_card  # noqa: E402
+from AIReconstructLib.modelcard import Label, load_card  # noqa: E402
 from AIReconstructLib.segnrrd import write_seg_nrrd  # noqa: E402
 from AIReconstructLib.volume import Volume  # noqa: E402
 from conftest import noise_ct, oblique_direction, tiny_card, write_model  # noqa: E402
@@ -622,6 +622,54 @@ def test_a_failed_correction_takes_its_point_back_and_says_why(scene):
     workdir = correction.workdir
     correction.end(scene)
     assert correction.workdir is None and not workdir.exists()
+
+
+def test_the_segment_and_the_others_read_straight_from_the_layers_as_the_segmentations_logic_reads_them(scene, tmp_path):
+    """segment_and_others reads the labelmap layers of a segmentation made on the volume directly
+    (shared layers, a segment moved to a layer of its own, overlapping segments, a cropped layer);
+    on another grid it goes through the Segmentations logic; both agree with segment_mask."""
+    from AIReconstructAdapter.nodes import _layers_on_grid, segment_and_others
+
+    ball, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 11)
+    k, j, i = np.indices(ball.shape)
+    ids = [segment_id] + [segmentation.GetSegmentation().AddEmptySegment("", name) for name in ("left", "right")]
+    set_segment_mask(segmentation, ids[1], volume_node, ball & (i < 30))
+    set_segment_mask(segmentation, ids[2], volume_node, (i > 50) & (j < 20))
+    set_segment_mask(segmentation, segment_id, volume_node, ball & (i > 25))  # overlaps "left"
+    shared = np.where((k < 10) & (j > 40), 1, np.where((k > 20) & (j > 40), 2, 0)).astype(np.uint8)
+    write_seg_nrrd(volume.with_array(shared), [Label(1, "top", (1, 0, 0), {}, {}), Label(2, "bottom", (0, 1, 0), {}, {})],
+                   tmp_path / "shared.seg.nrrd")
+    import_segmentation(scene, tmp_path / "shared.seg.nrrd", volume_node, segmentation)  # one layer for both, cropped
+    ids += [segmentation.GetSegmentation().GetSegmentIdBySegmentName(name) for name in ("top", "bottom")]
+    layers = segmentation.GetSegmentation()
+    assert any(len(layers.GetSegmentIDsForLayer(n)) == 2 for n in range(layers.GetNumberOfLayers()))
+    other_grid = add_volume_node(scene, Volume(volume.array[::2, ::2, ::2].copy(), (2.0, 2.4, 4.0), volume.origin,
+                                               volume.direction), "coarser")
+    for reference in (volume_node, other_grid):
+        masks = {i: segment_mask(segmentation, i, reference) for i in ids}
+        for chosen in ids:
+            expected = np.where(masks[chosen], 1, np.where(np.any(list(masks.values()), axis=0), 2, 0))
+            np.testing.assert_array_equal(segment_and_others(segmentation, chosen, reference), expected)
+    assert _layers_on_grid(segmentation, volume_node) and _layers_on_grid(segmentation, other_grid) is None
+
+
+def test_a_correction_never_takes_the_voxels_of_another_segment(scene):
+    """As the engine's refine command: an include point grows the segment only where there is no
+    other segment; the neighbour keeps every voxel and the two do not overlap."""
+    from AIReconstructAdapter.correction import SegmentCorrection
+
+    ball, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 10)
+    neighbour = ball & (np.indices(ball.shape)[1] >= 34)  # the far part of the ball belongs to another segment
+    neighbour_id = segmentation.GetSegmentation().AddEmptySegment("", "neighbour")
+    set_segment_mask(segmentation, neighbour_id, volume_node, neighbour)
+    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
+    correction.observe()
+    correction.points[True].AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 28, 15, 1])[:3]))
+    correction.wait()
+    grown = segment_mask(segmentation, segment_id, volume_node)
+    assert (grown == (ball & ~neighbour)).mean() > 0.99 and not (grown & neighbour).any()
+    np.testing.assert_array_equal(segment_mask(segmentation, neighbour_id, volume_node), neighbour)
+    correction.end(scene)
 
 
 def test_ending_a_correction_while_one_runs_drops_it(scene):

@@ -5,20 +5,22 @@ own process, as the panel did before), measured in the same run.
     python benchmarks/correction_benchmark.py [--clicks 5]
 
 On Slicer's real MRML libraries (slicer-core, no Qt): a segment corrected through the adapter's
-``SegmentCorrection`` as the panel's timer polls it (every 20 ms here). Two scenes: BRATS_004's FLAIR
-(240 × 240 × 155) corrected from nothing by a simulated user's points toward the expert mask (each
-in the largest error left), and the shared CT resampled to 512 × 512 × 300 with a box drawn around
-its liver (TotalSegmentator's label). For each prompt: the main thread's longest hold (placing the
-prompt, or one poll), its total hold, and the time until the segment shows the correction (on
-the CT, points toward the liver first, then the box); and the
-same correction on the main thread (the segment read, ``refine``, the result shown in a second
-segmentation node holding the same segment). Not a test.
+``SegmentCorrection`` as the panel's timer polls it (every 20 ms here). Two scenes: BRATS_004's
+FLAIR (240 × 240 × 155) corrected from nothing by a simulated user's points toward the expert mask
+(each in the largest error left), and the shared CT resampled to 512 × 512 × 300, its other
+structures (TotalSegmentator's labels) as segments, its liver corrected from nothing by such points
+and then a box drawn around it. For each prompt: the main thread's longest hold (placing the prompt,
+or one poll), its total hold, and the time until the segment shows the correction; and the same
+correction on the main thread, as the panel made it before (the segment read, ``refine``, the
+result shown, in a second segmentation node holding the same segments). Not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,20 +33,22 @@ import vtk  # noqa: E402
 
 from AIReconstructAdapter.correction import SegmentCorrection  # noqa: E402
 from AIReconstructAdapter.engine_run import WARM_ENGINE  # noqa: E402
-from AIReconstructAdapter.nodes import (add_volume_node, ensure_converter_rules, segment_mask,  # noqa: E402
-                                        set_segment_mask)
+from AIReconstructAdapter.nodes import (add_volume_node, ensure_converter_rules, import_segmentation,  # noqa: E402
+                                        segment_mask, set_segment_mask)
 from AIReconstructLib import interaction  # noqa: E402
 from AIReconstructLib.io import read_labelmap, read_volume  # noqa: E402
+from AIReconstructLib.modelcard import Label  # noqa: E402
+from AIReconstructLib.segnrrd import write_seg_nrrd  # noqa: E402
 from AIReconstructLib.volume import Volume  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LIVER = 5  # in TotalSegmentator's labels of the shared CT
 
 
-def new_scene(volume: Volume):
-    """A scene with the volume and two segmentations with one empty segment each, one for the
-    correction in the background, one for the same on the main thread: (scene, volume node,
-    (segmentation, segment ID) twice)."""
+def new_scene(volume: Volume, others: Path | None = None):
+    """A scene with the volume and two segmentations with one empty segment each (and the segments
+    of the .seg.nrrd ``others``), one for the correction in the background, one for the same on the
+    main thread: (scene, volume node, (segmentation, segment ID) twice)."""
     scene = slicer.vtkMRMLScene()
     slicer.mrmlScene = scene
     ensure_converter_rules()
@@ -53,6 +57,8 @@ def new_scene(volume: Volume):
     for _ in range(2):
         segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        if others is not None:
+            import_segmentation(scene, others, volume_node, segmentation)
         segments.append((segmentation, segmentation.GetSegmentation().AddEmptySegment("", "segment")))
     return scene, volume_node, segments
 
@@ -115,16 +121,22 @@ def brain_case(clicks: int) -> list[dict]:
     return rows
 
 
-def liver_case(clicks: int) -> list[dict]:
+def liver_case(clicks: int, folder: Path) -> list[dict]:
     ct = read_volume(DATA / "CT_TotalSegExample" / "ct.nii.gz")
     labels = read_labelmap(DATA / "CT_TotalSegExample" / "reference_totalseg_fast.nii.gz", like=ct)
     factors = np.array([300, 512, 512]) / np.array(ct.array.shape)
     spacing = tuple(np.array(ct.spacing) / factors[::-1])
     volume = Volume(ndimage.zoom(ct.array.astype(np.int16), factors, order=1), spacing, ct.origin, ct.direction)
-    liver = ndimage.zoom((labels.array == LIVER).astype(np.uint8), factors, order=0) > 0
+    structures = ndimage.zoom(labels.array, factors, order=0)
+    liver = structures == LIVER
     corners = np.argwhere(liver)
     box = (tuple(corners.min(axis=0)), tuple(corners.max(axis=0)))
-    scene, volume_node, segments = new_scene(volume)
+    names = json.loads((DATA / "CT_TotalSegExample" / "labels.json").read_text())
+    present = sorted(set(np.unique(structures).tolist()) - {0, LIVER})
+    others = write_seg_nrrd(volume.with_array(np.where(liver, 0, structures).astype(np.uint8)),
+                            [Label(value, names[str(value)], (0.5, 0.5, 0.5), {}, {}) for value in present],
+                            folder / "others.seg.nrrd")
+    scene, volume_node, segments = new_scene(volume, others)
     correction = SegmentCorrection(scene, *segments[0], volume_node)
     correction.observe()
     rows = simulated_points("CT liver", volume, liver, volume_node, segments, correction, clicks)
@@ -150,7 +162,8 @@ def main() -> None:
     parser.add_argument("--clicks", type=int, default=5)
     args = parser.parse_args()
     WARM_ENGINE.prepare()  # as the panel does when it is opened
-    rows = brain_case(args.clicks) + liver_case(args.clicks)
+    with tempfile.TemporaryDirectory() as folder:
+        rows = brain_case(args.clicks) + liver_case(args.clicks, Path(folder))
     WARM_ENGINE.shutdown()
     print("| prompt | on the main thread, s | background: longest hold, s | total hold, s | "
           "until shown, s | longest hold / main thread |")

@@ -6,7 +6,9 @@ background: the markups' events mark the prompts as changed, the panel polls the
 timer (``poll``: it reads the prompts once the event's change is complete, a box drawn with both
 corners), and the engine's ``refine`` runs in the engine's worker process (``engine_run``) on the
 block of the image and of the segment it may change (``refine_region``), written to an exchange
-folder, while Slicer stays responsive; the corrected block then replaces that block of the segment. Prompts placed while a correction runs
+folder, while Slicer stays responsive; the corrected block then replaces that block of the segment.
+As with the engine's ``refine`` command, voxels are added to the segment only where there is none
+of the segmentation's other segments: a correction never overwrites or overlaps a neighbour. Prompts placed while a correction runs
 are taken one after the other. The segmentation's
 history (the one the Segment Editor uses) keeps the state before each prompt, so ``undo`` restores
 the last one and forgets the last point or the box (or takes back a point not corrected for yet). A
@@ -37,19 +39,22 @@ from AIReconstructLib.modelcard import Label
 from AIReconstructLib.segnrrd import write_seg_nrrd
 
 from .engine_run import EngineRun, exchange_folder
-from .nodes import segment_mask, set_segment_mask, volume_from_node
+from .nodes import segment_and_others, set_segment_mask, volume_from_node
 
 INCLUDE_COLOUR, EXCLUDE_COLOUR, BOX_COLOUR = (0.1, 0.8, 0.2), (0.9, 0.2, 0.1), (0.9, 0.8, 0.1)
 BOX = "box"  # the kind of the box's prompt, where a point's is True (include) or False (exclude)
-SEGMENT_LABEL = Label(1, "segment", INCLUDE_COLOUR, {}, {})  # the segment, as the engine's refine reads it
+# the segment and the segmentation's other segments, as the engine's refine reads them: it adds
+# voxels to the segment only where there is none of the others
+SEGMENT_LABEL = Label(1, "segment", INCLUDE_COLOUR, {}, {})
+OTHERS_LABEL = Label(2, "other segments", EXCLUDE_COLOUR, {}, {})
 
 
 @dataclass
 class CorrectionStep:
     """One correction running in the engine: the segment ``start`` corrected with ``prompts``
     (the last one new) in its block ``region``; ``replay``: ``start`` is the segment before the
-    first prompt; ``seen``: the segment as it was when the step started (an edit elsewhere
-    meanwhile makes the result stale)."""
+    first prompt; ``seen``: the segments as they were when the step started (``_labelmap``: an
+    edit elsewhere meanwhile makes the result stale)."""
 
     prompts: list
     replay: bool
@@ -174,9 +179,14 @@ class SegmentCorrection:
             points.append((positive, node.GetNthControlPointID(index), tuple(ras)))
         return points
 
+    def _labelmap(self) -> np.ndarray:
+        """The segmentation as it is now on the image's grid: the segment 1 (where segments overlap
+        too), the other segments 2."""
+        return segment_and_others(self.segmentation_node, self.segment_id, self.volume_node)
+
     def _segment(self):
         """The segment's mask as it is now."""
-        return segment_mask(self.segmentation_node, self.segment_id, self.volume_node)
+        return self._labelmap() == SEGMENT_LABEL.value
 
     def _show(self, mask) -> None:
         """Make ``mask`` the segment, as the points leave it."""
@@ -243,7 +253,8 @@ class SegmentCorrection:
         """Start the engine on the next prompt of ``wanted`` (on all of them, once, where the
         prompts shown are no longer the first of them); where none is left, show the segment
         before the first prompt."""
-        current = self._segment()
+        labelmap = self._labelmap()
+        current = labelmap == SEGMENT_LABEL.value
         self._start_from(current)
         replay = wanted[:len(self.prompts)] != self.prompts
         if replay and not wanted:
@@ -257,8 +268,10 @@ class SegmentCorrection:
             self.workdir = exchange_folder(3 * self.volume.array.nbytes)
         image = self.volume.cropped(region)
         image_file = write_volume(image, self.workdir / "image.nrrd", compress=False)
+        block = np.where(start[region], SEGMENT_LABEL.value, np.where(labelmap[region] == OTHERS_LABEL.value,
+                                                                      OTHERS_LABEL.value, 0)).astype(np.uint8)
         # a .seg.nrrd: it names the segment even while it is empty
-        segment = write_seg_nrrd(image.with_array(start[region].astype(np.uint8)), [SEGMENT_LABEL],
+        segment = write_seg_nrrd(image.with_array(block), [SEGMENT_LABEL, OTHERS_LABEL],
                                  self.workdir / "segment.seg.nrrd", compress=False)
         output = self.workdir / "corrected.nrrd"
         arguments = ["refine", str(image_file), str(segment), "--label", SEGMENT_LABEL.name,
@@ -268,7 +281,7 @@ class SegmentCorrection:
             arguments += [flag, *(f"{value:.4f}" for value in where)]  # "-1e-05" would read as an option
         run = EngineRun(arguments, self.python, self.env)
         run.start()
-        self.step = CorrectionStep(prompts, replay, start, region, current, run, output)
+        self.step = CorrectionStep(prompts, replay, start, region, labelmap, run, output)
 
     def poll(self) -> bool:
         """Follow the prompts changed since the last poll, and once the running correction has
@@ -286,7 +299,7 @@ class SegmentCorrection:
                 self._take_back(step.prompts[-1:])
                 raise InputError(f"The correction failed and its point or box was taken off the slices: {state.error}")
             corrected = step.start.copy()
-            corrected[step.region] = read_volume(step.output).array == 1
+            corrected[step.region] = read_volume(step.output).array == SEGMENT_LABEL.value
             self._show_if_it_holds(step, corrected)
         if self.changed:
             self.sync()
@@ -295,7 +308,7 @@ class SegmentCorrection:
     def _show_if_it_holds(self, step: CorrectionStep, corrected) -> None:
         """Show a finished step's result unless a prompt it used changed or the segment was edited
         elsewhere since it started."""
-        if self._prompts_now()[:len(step.prompts)] == step.prompts and np.array_equal(self._segment(), step.seen):
+        if self._prompts_now()[:len(step.prompts)] == step.prompts and np.array_equal(self._labelmap(), step.seen):
             if step.replay:
                 self._show(self.before_points)
             self.prompts = list(step.prompts)
