@@ -8,11 +8,11 @@ corners), and the engine's ``refine`` runs in the engine's worker process (``eng
 block of the image and of the segment it may change (``refine_region``), written to an exchange
 folder, while Slicer stays responsive; the corrected block then replaces that block of the segment.
 As with the engine's ``refine`` command, voxels are added to the segment only where there is none
-of the segmentation's other segments: a correction never overwrites or overlaps a neighbour. Prompts placed while a correction runs
-are taken one after the other. The segmentation's
-history (the one the Segment Editor uses) keeps the state before each prompt, so ``undo`` restores
-the last one and forgets the last point or the box (or takes back a point not corrected for yet). A
-point or box removed, moved or resized afterwards (in the Markups module, or dragged on a slice) is
+of the segmentation's other segments: a correction never overwrites or overlaps a neighbour.
+Prompts placed while a correction runs are taken one after the other. The segmentation's history
+(the one the Segment Editor uses) keeps the state before each prompt, so ``undo`` restores the last
+one and forgets the last point or the box (or takes back a point not corrected for yet). A point or
+box removed, moved or resized afterwards (in the Markups module, or dragged on a slice) is
 followed: the segment goes back to its state before the first prompt (kept aside, as the history
 holds only the last few states) and is corrected again, prompt by prompt, with the prompts as they
 are now. Where the segment was edited elsewhere since the last prompt (painted in the Segment
@@ -43,8 +43,8 @@ from .nodes import segment_and_others, set_segment_mask, volume_from_node
 
 INCLUDE_COLOUR, EXCLUDE_COLOUR, BOX_COLOUR = (0.1, 0.8, 0.2), (0.9, 0.2, 0.1), (0.9, 0.8, 0.1)
 BOX = "box"  # the kind of the box's prompt, where a point's is True (include) or False (exclude)
-# the segment and the segmentation's other segments, as the engine's refine reads them: it adds
-# voxels to the segment only where there is none of the others
+# the segment and the segmentation's other segments (the values nodes.segment_and_others gives them),
+# as the engine's refine reads them: it adds voxels to the segment only where there is none of the others
 SEGMENT_LABEL = Label(1, "segment", INCLUDE_COLOUR, {}, {})
 OTHERS_LABEL = Label(2, "other segments", EXCLUDE_COLOUR, {}, {})
 
