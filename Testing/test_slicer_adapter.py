@@ -328,6 +328,22 @@ def test_points_correct_a_segment_in_place_and_undo_restores_it(scene):
     np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), first)  # the segment stays
 
 
+def _correcting(scene, seed: int):
+    """``_ball_to_correct``'s scene and a correction of its segment that follows its points and box,
+    as the panel starts one: (ball, volume, volume node, segmentation node, segment ID, correction)."""
+    from AIReconstructAdapter.correction import SegmentCorrection
+
+    ball, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, seed)
+    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
+    correction.observe()
+    return ball, volume, volume_node, segmentation, segment_id, correction
+
+
+def _place(correction, include: bool, volume, ijk) -> None:
+    """Place an include or exclude point on voxel ``ijk`` (i, j, k), as a click on a slice does."""
+    correction.points[include].AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [*ijk, 1])[:3]))
+
+
 def _draw_box(box_node, corners_kji, volume):
     """Draw a box as Slicer's placement does: two opposite corners (RAS) as control points."""
     for corner in corners_kji:
@@ -338,12 +354,9 @@ def test_a_box_drawn_around_a_segment_segments_it_and_undo_takes_it_back(scene):
     """A box drawn on an empty segment grows it from the box's centre to the edges inside it; an
     exclude point then cuts a part; undo takes back the point, then the box; a box drawn again
     replaces the one before; a box resized (its handles dragged) is followed."""
-    from AIReconstructAdapter.correction import SegmentCorrection
     from AIReconstructLib.interaction import dice
 
-    ball, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 5)
-    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
-    correction.observe()
+    ball, volume, volume_node, segmentation, segment_id, correction = _correcting(scene, 5)
     box_node = correction.new_box()
     assert box_node.GetName() == "tumour box" and not correction.prompts
     corners = np.argwhere(ball)
@@ -352,7 +365,7 @@ def test_a_box_drawn_around_a_segment_segments_it_and_undo_takes_it_back(scene):
     boxed = segment_mask(segmentation, segment_id, volume_node)
     assert len(correction.prompts) == 1 and dice(boxed, ball) > 0.9
 
-    correction.points[False].AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 35, 15, 1])[:3]))
+    _place(correction, False, volume, (30, 35, 15))
     correction.wait()
     assert segment_mask(segmentation, segment_id, volume_node).sum() < boxed.sum()
     assert correction.undo()
@@ -382,12 +395,9 @@ def test_a_box_drawn_around_a_segment_segments_it_and_undo_takes_it_back(scene):
 def test_a_point_placed_or_dragged_outside_the_image_is_refused_in_one_line(scene):
     """The panel's poll shows the error in a message; the point is taken off the slices, changes
     nothing, and later points still correct."""
-    from AIReconstructAdapter.correction import SegmentCorrection
     from AIReconstructLib.errors import InputError
 
-    _, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 7)
-    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
-    correction.observe()
+    _, volume, volume_node, segmentation, segment_id, correction = _correcting(scene, 7)
     include = correction.points[True]
     include.AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 30, 15, 1])[:3]))
     correction.wait()
@@ -397,7 +407,7 @@ def test_a_point_placed_or_dragged_outside_the_image_is_refused_in_one_line(scen
         correction.wait()
     np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), inside)
     assert include.GetNumberOfControlPoints() == 1 and len(correction.prompts) == 1
-    correction.points[False].AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 35, 15, 1])[:3]))
+    _place(correction, False, volume, (30, 35, 15))
     correction.wait()
     assert len(correction.prompts) == 2  # later points still correct
     include.SetNthControlPointPositionWorld(0, *(volume.ijk_to_ras() @ [30, 30, 900, 1])[:3])
@@ -413,12 +423,8 @@ def test_a_box_or_point_list_deleted_in_the_data_module_is_followed(scene):
     """Once the box's node is deleted, the next prompt (here its event alone) corrects the segment
     again without the box; a point list deleted, without its points, and the correction, no longer
     intact, is to be started anew."""
-    from AIReconstructAdapter.correction import SegmentCorrection
-
-    ball, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 9)
-    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
-    correction.observe()
-    correction.points[True].AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 30, 15, 1])[:3]))
+    ball, volume, volume_node, segmentation, segment_id, correction = _correcting(scene, 9)
+    _place(correction, True, volume, (30, 30, 15))
     correction.wait()
     with_point = segment_mask(segmentation, segment_id, volume_node)
     corners = np.argwhere(ball)
@@ -443,12 +449,9 @@ def test_edits_made_elsewhere_between_points_are_kept(scene):
     """Painted in the Segment Editor after a point: a point moved afterwards corrects the painted
     segment (instead of the segment before the first point), and undo, which would take the paint
     back with the point, refuses."""
-    from AIReconstructAdapter.correction import SegmentCorrection
     from AIReconstructLib.interaction import dice
 
-    ball, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 3)
-    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
-    correction.observe()
+    ball, volume, volume_node, segmentation, segment_id, correction = _correcting(scene, 3)
     include, moved = ((volume.ijk_to_ras() @ [30, j, 15, 1])[:3] for j in (30, 32))
     correction.points[True].AddControlPoint(vtk.vtkVector3d(*include))
     correction.wait()
@@ -510,12 +513,9 @@ def test_one_correction_at_a_time_so_old_points_cannot_undo_later_work(scene):
 def test_points_removed_or_moved_in_the_markups_module_are_followed(scene):
     """A point removed in the Markups module leaves the segment as if it had never been placed; a
     point dragged elsewhere, as if it had been placed there; undo still steps back a point."""
-    from AIReconstructAdapter.correction import SegmentCorrection
     from AIReconstructLib.interaction import Click, refine, to_voxel
 
-    ball, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 1)
-    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
-    correction.observe()
+    ball, volume, volume_node, segmentation, segment_id, correction = _correcting(scene, 1)
     include, exclude, moved = ((volume.ijk_to_ras() @ [30, j, 15, 1])[:3] for j in (30, 35, 38))
     exclusions = correction.points[False]
 
@@ -556,12 +556,9 @@ def test_prompts_placed_while_a_correction_runs_are_taken_one_after_the_other(sc
     is its own step in the history (undo takes back one at a time, first the one still waiting),
     and a paint made meanwhile in the Segment Editor is kept (the running correction, made on the
     segment before the paint, is dropped and made again on the painted segment)."""
-    from AIReconstructAdapter.correction import SegmentCorrection
     from AIReconstructLib.interaction import Click, dice, refine, to_voxel
 
-    ball, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 4)
-    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
-    correction.observe()
+    ball, volume, volume_node, segmentation, segment_id, correction = _correcting(scene, 4)
     include, exclude, other = ((volume.ijk_to_ras() @ [30, j, 15, 1])[:3] for j in (30, 36, 24))
     correction.points[True].AddControlPoint(vtk.vtkVector3d(*include))
     assert correction.poll()
@@ -599,16 +596,13 @@ def test_a_failed_correction_takes_its_point_back_and_says_why(scene):
     memory) leaves the segment as it was and takes the point back off the slices, with the reason
     in one line; the next point is corrected by a fresh worker; the exchange folder goes with the
     correction."""
-    from AIReconstructAdapter.correction import SegmentCorrection
     from AIReconstructLib.errors import InputError
 
-    _, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 6)
-    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
-    correction.observe()
-    correction.points[True].AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 30, 15, 1])[:3]))
+    _, volume, volume_node, segmentation, segment_id, correction = _correcting(scene, 6)
+    _place(correction, True, volume, (30, 30, 15))
     correction.wait()
     corrected = segment_mask(segmentation, segment_id, volume_node)
-    correction.points[False].AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 35, 15, 1])[:3]))
+    _place(correction, False, volume, (30, 35, 15))
     assert correction.poll()
     correction.step.run.worker.process.kill()
     with pytest.raises(InputError, match="^The correction failed and its point or box was taken off the slices: "
@@ -616,7 +610,7 @@ def test_a_failed_correction_takes_its_point_back_and_says_why(scene):
         correction.wait()
     assert correction.points[False].GetNumberOfControlPoints() == 0 and len(correction.prompts) == 1
     np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), corrected)
-    correction.points[False].AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 35, 15, 1])[:3]))
+    _place(correction, False, volume, (30, 35, 15))
     correction.wait()
     assert len(correction.prompts) == 2 and segment_mask(segmentation, segment_id, volume_node).sum() < corrected.sum()
     workdir = correction.workdir
@@ -664,7 +658,7 @@ def test_a_correction_never_takes_the_voxels_of_another_segment(scene):
     set_segment_mask(segmentation, neighbour_id, volume_node, neighbour)
     correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
     correction.observe()
-    correction.points[True].AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 28, 15, 1])[:3]))
+    _place(correction, True, volume, (30, 28, 15))
     correction.wait()
     grown = segment_mask(segmentation, segment_id, volume_node)
     assert (grown == (ball & ~neighbour)).mean() > 0.99 and not (grown & neighbour).any()
@@ -675,12 +669,8 @@ def test_a_correction_never_takes_the_voxels_of_another_segment(scene):
 def test_ending_a_correction_while_one_runs_drops_it(scene):
     """A correction still running when the correction ends (a new result arrives, the scene
     closes) changes nothing: waited for up to a limit, then its worker is ended."""
-    from AIReconstructAdapter.correction import SegmentCorrection
-
-    _, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 8)
-    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
-    correction.observe()
-    correction.points[True].AddControlPoint(vtk.vtkVector3d(*(volume.ijk_to_ras() @ [30, 30, 15, 1])[:3]))
+    _, volume, volume_node, segmentation, segment_id, correction = _correcting(scene, 8)
+    _place(correction, True, volume, (30, 30, 15))
     assert correction.poll()
     run, workdir = correction.step.run, correction.workdir
     correction.end(scene, wait_seconds=0.0)
