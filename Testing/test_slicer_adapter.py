@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -593,9 +594,9 @@ def test_prompts_placed_while_a_correction_runs_are_taken_one_after_the_other(sc
 
 def test_a_failed_correction_takes_its_point_back_and_says_why(scene):
     """An engine that dies during a correction (killed here, as the system kills a process out of
-    memory) leaves the segment as it was and takes the point back off the slices, with the reason
-    in one line; the next point is corrected by a fresh worker; the exchange folder goes with the
-    correction."""
+    memory), or a result that cannot be read, leaves the segment as it was and takes the point
+    back off the slices, with the reason in one line; the next point is corrected by a fresh
+    worker; the exchange folder goes with the correction."""
     from AIReconstructLib.errors import InputError
 
     _, volume, volume_node, segmentation, segment_id, correction = _correcting(scene, 6)
@@ -613,6 +614,17 @@ def test_a_failed_correction_takes_its_point_back_and_says_why(scene):
     _place(correction, False, volume, (30, 35, 15))
     correction.wait()
     assert len(correction.prompts) == 2 and segment_mask(segmentation, segment_id, volume_node).sum() < corrected.sum()
+
+    before = segment_mask(segmentation, segment_id, volume_node)
+    _place(correction, True, volume, (30, 26, 15))
+    assert correction.poll()
+    while not correction.step.run.poll().finished:
+        time.sleep(0.02)
+    correction.step.output.write_bytes(b"NRRD0004\nnot what the engine wrote\n")  # its result damaged
+    with pytest.raises(InputError, match="^The correction failed and its point or box was taken off the slices: .+"):
+        correction.wait()
+    assert correction.points[True].GetNumberOfControlPoints() == 1 and len(correction.prompts) == 2
+    np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), before)
     workdir = correction.workdir
     correction.end(scene)
     assert correction.workdir is None and not workdir.exists()

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import slicer
 
-from AIReconstructLib.errors import InputError
+from AIReconstructLib.errors import AIReconstructError, InputError
 from AIReconstructLib.interaction import REACH_MM, Click, refine_region, to_voxel, to_voxel_box
 from AIReconstructLib.io import read_volume, write_volume
 from AIReconstructLib.modelcard import Label
@@ -295,15 +295,29 @@ class SegmentCorrection:
                 return True
             step, self.step = self.step, None
             self.changed = True  # the next prompt, if any, or the same again on the segment as it is now
-            if state.status != "done":
+            try:
+                block = self._result(step, state)
+            except AIReconstructError as error:  # not tried again: its prompt goes
                 self._take_back(step.prompts[-1:])
-                raise InputError(f"The correction failed and its point or box was taken off the slices: {state.error}")
+                raise InputError(f"The correction failed and its point or box was taken off the slices: {error}") from None
             corrected = step.start.copy()
-            corrected[step.region] = read_volume(step.output).array == SEGMENT_LABEL.value
+            corrected[step.region] = block
             self._show_if_it_holds(step, corrected)
         if self.changed:
             self.sync()
         return self.step is not None
+
+    @staticmethod
+    def _result(step: CorrectionStep, state) -> np.ndarray:
+        """The corrected block of a finished step; refused in one line if the engine failed or its
+        result does not fit the block sent."""
+        if state.status != "done":
+            raise AIReconstructError(state.error)
+        block = read_volume(step.output).array == SEGMENT_LABEL.value
+        expected = tuple(part.stop - part.start for part in step.region)
+        if block.shape != expected:
+            raise AIReconstructError(f"the engine's result has the size {block.shape}, not {expected}")
+        return block
 
     def _show_if_it_holds(self, step: CorrectionStep, corrected) -> None:
         """Show a finished step's result unless a prompt it used changed or the segment was edited
