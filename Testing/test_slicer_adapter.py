@@ -43,6 +43,11 @@ def _segment_names(node):
     return [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
 
 
+# the environment corrections start the engine's worker in, the same for every run as Slicer's start-up
+# environment is for the panel (the runner's own changes with each test, which would start a new worker)
+STARTUP_ENVIRONMENT = {name: value for name, value in os.environ.items() if name != "PYTEST_CURRENT_TEST"}
+
+
 @pytest.fixture(scope="module", autouse=True)
 def end_the_engine_worker():
     """The runs here share one engine worker, as a Slicer session does; it ends with the module."""
@@ -300,7 +305,7 @@ def test_points_correct_a_segment_in_place_and_undo_restores_it(scene):
     from AIReconstructLib.interaction import dice
 
     ball, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 0)
-    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
+    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node, env=STARTUP_ENVIRONMENT)
     assert correction.points[True].GetName() == "tumour include"
     correction.observe()  # as the panel does: placing a point re-segments
 
@@ -335,7 +340,7 @@ def _correcting(scene, seed: int):
     from AIReconstructAdapter.correction import SegmentCorrection
 
     ball, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, seed)
-    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
+    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node, env=STARTUP_ENVIRONMENT)
     correction.observe()
     return ball, volume, volume_node, segmentation, segment_id, correction
 
@@ -481,12 +486,12 @@ def test_one_correction_at_a_time_so_old_points_cannot_undo_later_work(scene):
     ball, volume, volume_node, segmentation, segment_id = _ball_to_correct(scene, 2)
     logic = AdapterLogic()
     include, outside, elsewhere = ((volume.ijk_to_ras() @ [30, j, 15, 1])[:3] for j in (30, 55, 5))
-    first = logic.startCorrection(scene, segmentation, segment_id, volume_node)
+    first = logic.startCorrection(scene, segmentation, segment_id, volume_node, env=STARTUP_ENVIRONMENT)
     first.points[True].AddControlPoint(vtk.vtkVector3d(*include))
     first.wait()
     old_points = first.points[True]
 
-    second = logic.startCorrection(scene, segmentation, segment_id, volume_node)
+    second = logic.startCorrection(scene, segmentation, segment_id, volume_node, env=STARTUP_ENVIRONMENT)
     assert logic.correction is second and old_points.GetScene() is None
     assert scene.GetNodesByClass("vtkMRMLMarkupsFiducialNode").GetNumberOfItems() == 2
     second.points[False].AddControlPoint(vtk.vtkVector3d(*outside))
@@ -668,7 +673,7 @@ def test_a_correction_never_takes_the_voxels_of_another_segment(scene):
     neighbour = ball & (np.indices(ball.shape)[1] >= 34)  # the far part of the ball belongs to another segment
     neighbour_id = segmentation.GetSegmentation().AddEmptySegment("", "neighbour")
     set_segment_mask(segmentation, neighbour_id, volume_node, neighbour)
-    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node)
+    correction = SegmentCorrection(scene, segmentation, segment_id, volume_node, env=STARTUP_ENVIRONMENT)
     correction.observe()
     _place(correction, True, volume, (30, 28, 15))
     correction.wait()
