@@ -398,6 +398,33 @@ def test_a_box_drawn_around_a_segment_segments_it_and_undo_takes_it_back(scene):
     assert replaced.GetScene() is None and scene.GetNodesByClass("vtkMRMLMarkupsROINode").GetNumberOfItems() == 0
 
 
+def test_a_point_after_the_box_corrects_near_it_and_the_box_still_bounds_the_segment(scene):
+    """The box is not re-segmented for each later point (around a liver that takes seconds): the
+    engine corrects near the point only, and the box, drawn before, still bounds the segment."""
+    from AIReconstructLib.interaction import Click, box_slices, refine, to_voxel, to_voxel_box
+
+    ball, volume, volume_node, segmentation, segment_id, correction = _correcting(scene, 12)
+    corners = np.argwhere(ball)
+    _draw_box(correction.new_box(), [corners.min(axis=0) - 2, corners.max(axis=0) + 2], volume)
+    correction.wait()
+    boxed = segment_mask(segmentation, segment_id, volume_node)
+    bounds = correction.prompts[0][2]
+    in_box = np.zeros(ball.shape, bool)
+    in_box[box_slices(to_voxel_box(volume, [bounds[:3], bounds[3:]], "RAS"), (0, 0, 0))] = True
+
+    for include, ijk in ((False, (30, 35, 15)), (True, (60, 8, 4))):  # the second outside the box
+        before = segment_mask(segmentation, segment_id, volume_node)
+        _place(correction, include, volume, ijk)
+        assert correction.poll() and "--box" not in correction.step.run.arguments
+        correction.wait()
+        click = Click(to_voxel(volume, list((volume.ijk_to_ras() @ [*ijk, 1])[:3]), "RAS"), include)
+        clicks = [Click(to_voxel(volume, list(prompt[2]), "RAS"), prompt[0]) for prompt in correction.prompts[1:-1]]
+        expected = refine(volume, before, [*clicks, click]) & in_box
+        np.testing.assert_array_equal(segment_mask(segmentation, segment_id, volume_node), expected)
+    assert segment_mask(segmentation, segment_id, volume_node).sum() < boxed.sum()
+    correction.end(scene)
+
+
 def test_a_point_placed_or_dragged_outside_the_image_is_refused_in_one_line(scene):
     """The panel's poll shows the error in a message; the point is taken off the slices, changes
     nothing, and later points still correct."""

@@ -8,8 +8,8 @@ On Slicer's real MRML libraries (slicer-core, no Qt): a segment corrected throug
 ``SegmentCorrection`` as the panel's timer polls it (every 20 ms here). Two scenes: BRATS_004's
 FLAIR (240 × 240 × 155) corrected from nothing by a simulated user's points toward the expert mask
 (each in the largest error left), and the shared CT resampled to 512 × 512 × 300, its other
-structures (TotalSegmentator's labels) as segments, its liver corrected from nothing by such points
-and then a box drawn around it. For each prompt: the main thread's longest hold (placing the prompt,
+structures (TotalSegmentator's labels) as segments, its liver corrected from nothing by such points,
+then a box drawn around it, then two more points. For each prompt: the main thread's longest hold (placing the prompt,
 or one poll), its total hold, and the time until the segment shows the correction; and the same
 correction on the main thread, as the panel made it before (the segment read, ``refine``, the
 result shown, in a second segmentation node holding the same segments). Not a test.
@@ -88,11 +88,12 @@ def held(place, correction) -> tuple[float, float, float]:
 
 
 def simulated_points(name: str, volume: Volume, truth, volume_node, segments, correction, clicks: int,
-                     box=None) -> list[dict]:
+                     given=(), box=None) -> list[dict]:
     """Points placed one after the other by the simulated user (each in the largest error left,
-    toward ``truth``), after ``box`` if one was drawn: a row of figures per point."""
+    toward ``truth``), after the points ``given`` and ``box`` if one was drawn: a row of figures
+    per point."""
     (segmentation, segment_id), baseline = segments
-    rows, given = [], []
+    rows, given = [], list(given)
     for number in range(1, clicks + 1):
         current = segment_mask(segmentation, segment_id, volume_node)
         click = interaction.next_click(current, truth, volume.spacing[::-1])
@@ -153,6 +154,8 @@ def liver_case(clicks: int, folder: Path) -> list[dict]:
     size = " × ".join(str(b - a + 1) for a, b in zip(*box))
     rows.append({"prompt": f"CT liver box ({size} voxels), after the points", "main": main_thread, "longest": longest,
                  "total": total, "done": until_done})
+    rows += simulated_points("CT liver, after the box,", volume, liver, volume_node, segments, correction, 2,
+                             clicks, box)
     correction.end(scene)
     return rows
 

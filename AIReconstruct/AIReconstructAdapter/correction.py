@@ -33,7 +33,7 @@ import numpy as np
 import slicer
 
 from AIReconstructLib.errors import AIReconstructError, InputError
-from AIReconstructLib.interaction import REACH_MM, Click, refine_region, to_voxel, to_voxel_box
+from AIReconstructLib.interaction import REACH_MM, Click, box_slices, refine_region, to_voxel, to_voxel_box
 from AIReconstructLib.io import read_volume, write_volume
 from AIReconstructLib.modelcard import Label
 from AIReconstructLib.segnrrd import write_seg_nrrd
@@ -54,7 +54,8 @@ class CorrectionStep:
     """One correction running in the engine: the segment ``start`` corrected with ``prompts``
     (the last one new) in its block ``region``; ``replay``: ``start`` is the segment before the
     first prompt; ``seen``: the segments as they were when the step started (``_labelmap``: an
-    edit elsewhere meanwhile makes the result stale)."""
+    edit elsewhere meanwhile makes the result stale); ``bound``: the voxel box of a box drawn at an
+    earlier step, which the result is cut to (the engine corrects near the points only)."""
 
     prompts: list
     replay: bool
@@ -63,6 +64,7 @@ class CorrectionStep:
     seen: np.ndarray
     run: EngineRun
     output: Path
+    bound: tuple | None
 
 
 class SegmentCorrection:
@@ -263,7 +265,11 @@ class SegmentCorrection:
             return
         prompts = wanted[:1] if replay else wanted[:len(self.prompts) + 1]
         start = self.before_points if replay else current
-        region = refine_region(start.shape, self.volume.spacing[::-1], *self._in_voxels(prompts), REACH_MM)
+        clicks, box = self._in_voxels(prompts)
+        # a box drawn at an earlier step is not re-segmented for a new point (a liver-sized box takes
+        # seconds): the engine corrects near the points, and the box still bounds the segment
+        bound = box if box is not None and prompts[-1][0] != BOX else None
+        region = refine_region(start.shape, self.volume.spacing[::-1], clicks, None if bound else box, REACH_MM)
         if self.workdir is None:
             self.workdir = exchange_folder(3 * self.volume.array.nbytes)
         image = self.volume.cropped(region)
@@ -277,11 +283,12 @@ class SegmentCorrection:
         arguments = ["refine", str(image_file), str(segment), "--label", SEGMENT_LABEL.name,
                      "--coordinates", "RAS", "-o", str(output)]
         for kind, _, where in prompts:
-            flag = "--box" if kind == BOX else "--include" if kind else "--exclude"
-            arguments += [flag, *(f"{value:.4f}" for value in where)]  # "-1e-05" would read as an option
+            if kind != BOX or not bound:
+                flag = "--box" if kind == BOX else "--include" if kind else "--exclude"
+                arguments += [flag, *(f"{value:.4f}" for value in where)]  # "-1e-05" would read as an option
         run = EngineRun(arguments, self.python, self.env)
         run.start()
-        self.step = CorrectionStep(prompts, replay, start, region, labelmap, run, output)
+        self.step = CorrectionStep(prompts, replay, start, region, labelmap, run, output, bound)
 
     def poll(self) -> bool:
         """Follow the prompts changed since the last poll, and once the running correction has
@@ -317,6 +324,10 @@ class SegmentCorrection:
         expected = tuple(part.stop - part.start for part in step.region)
         if block.shape != expected:
             raise AIReconstructError(f"the engine's result has the size {block.shape}, not {expected}")
+        if step.bound is not None:
+            inside = np.zeros(block.shape, bool)
+            inside[box_slices(step.bound, [part.start for part in step.region])] = True
+            block &= inside
         return block
 
     def _show_if_it_holds(self, step: CorrectionStep, corrected) -> None:

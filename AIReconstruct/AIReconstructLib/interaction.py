@@ -59,6 +59,12 @@ def box_centre(box) -> tuple[int, int, int]:
     return tuple(int(round((a + b) / 2)) for a, b in zip(*box))
 
 
+def box_slices(box, low) -> tuple[slice, slice, slice]:
+    """A voxel box ((k0, j0, i0), (k1, j1, i1), inclusive) as slices of a block of the grid that
+    starts at voxel ``low`` (empty where the box lies before the block)."""
+    return tuple(slice(max(a - o, 0), max(b - o + 1, 0)) for a, b, o in zip(box[0], box[1], low))
+
+
 def refine_region(shape, spacing_kji, clicks: list[Click], box: tuple | None = None,
                   reach_mm: float = REACH_MM) -> tuple[slice, slice, slice] | None:
     """The block of a grid of ``shape`` that ``refine`` reads and may change: around the clicks and
@@ -106,7 +112,7 @@ def refine(volume: Volume, mask: np.ndarray, clicks: list[Click], box: tuple | N
     markers[np.minimum(near_include, near_exclude) < reach_mm] = 0  # near them, the image's edges decide
     flood = (slice(None),) * 3  # where the watershed runs: the region, or the box its faces seal
     if box is not None:  # inside the box the edges decide, from the segment's interior or the points
-        flood = tuple(slice(max(a - b, 0), c - b + 1) for a, c, b in zip(box[0], box[1], low))
+        flood = box_slices(box, low)
         in_box = np.zeros(inside.shape, bool)
         in_box[flood] = True
         markers[in_box] = 0
