@@ -8,8 +8,9 @@ corners), and the engine's ``refine`` runs in the engine's worker process (``eng
 block of the image and of the segment it may change (``refine_region``), written to an exchange
 folder, while Slicer stays responsive; the corrected block then replaces that block of the segment.
 As with the engine's ``refine`` command, voxels are added to the segment only where there is none
-of the segmentation's other segments: a correction never overwrites or overlaps a neighbour.
-Prompts placed while a correction runs are taken one after the other. The segmentation's history
+of the segmentation's other segments: a correction never overwrites or overlaps a neighbour. The
+box is re-segmented when it is drawn or resized; a later point is corrected near the points, and
+the box still bounds the segment. Prompts placed while a correction runs are taken one after the other. The segmentation's history
 (the one the Segment Editor uses) keeps the state before each prompt, so ``undo`` restores the last
 one and forgets the last point or the box (or takes back a point not corrected for yet). A point or
 box removed, moved or resized afterwards (in the Markups module, or dragged on a slice) is
