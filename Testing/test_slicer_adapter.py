@@ -43,7 +43,7 @@ def _segment_names(node):
     return [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
 
 
-# the environment corrections start the engine's worker in, the same for every run as Slicer's start-up
+# the environment the runs here start the engine's worker in, the same for every run as Slicer's start-up
 # environment is for the panel (the runner's own changes with each test, which would start a new worker)
 STARTUP_ENVIRONMENT = {name: value for name, value in os.environ.items() if name != "PYTEST_CURRENT_TEST"}
 
@@ -201,7 +201,7 @@ def test_exchange_folder_is_in_memory_where_there_is_room(tmp_path, monkeypatch)
 
 def test_background_run_creates_segments_surfaces_and_models(tmp_path, scene, tiny_model, oblique_ct):
     volume_node = add_volume_node(scene, oblique_ct, "patient CT")
-    job = SegmentationJob(scene, [volume_node], str(tiny_model), device="cpu")
+    job = SegmentationJob(scene, [volume_node], str(tiny_model), device="cpu", env=STARTUP_ENVIRONMENT)
     job.start()
     workdir = job.workdir
     state = job.wait(timeout=300)
@@ -234,7 +234,8 @@ def test_background_run_creates_segments_surfaces_and_models(tmp_path, scene, ti
 
 def test_background_run_with_uncertainty_adds_the_map_and_the_regions_to_check(scene, tiny_model, oblique_ct):
     volume_node = add_volume_node(scene, oblique_ct, "patient CT")
-    job = SegmentationJob(scene, [volume_node], str(tiny_model), device="cpu", uncertainty=True)
+    job = SegmentationJob(scene, [volume_node], str(tiny_model), device="cpu", uncertainty=True,
+                          env=STARTUP_ENVIRONMENT)
     job.start()
     state = job.wait(timeout=300)
     assert state.status == "done", state.error
@@ -252,7 +253,7 @@ def test_background_run_with_uncertainty_adds_the_map_and_the_regions_to_check(s
 
     for uncertainty_again in (True, False):  # runs into the same segmentation: the last run's map, or none
         again = SegmentationJob(scene, [volume_node], str(tiny_model), device="cpu", uncertainty=uncertainty_again,
-                                target_segmentation=job.segmentation_node)
+                                target_segmentation=job.segmentation_node, env=STARTUP_ENVIRONMENT)
         again.start()
         assert again.wait(timeout=300).status == "done"
         maps = [n for n in scene.GetNodesByClass("vtkMRMLScalarVolumeNode") if n.GetName().endswith("uncertainty")]
@@ -264,7 +265,8 @@ def test_background_run_with_uncertainty_adds_the_map_and_the_regions_to_check(s
 def test_failed_run_leaves_the_scene_unchanged(scene, ct_volume):
     add_volume_node(scene, ct_volume)
     before = [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
-    job = SegmentationJob(scene, [scene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")], "no-such-model")
+    job = SegmentationJob(scene, [scene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")], "no-such-model",
+                          env=STARTUP_ENVIRONMENT)
     job.start()
     state = job.wait(timeout=120)
     assert state.status == "failed" and "No installed model named 'no-such-model'" in state.error
@@ -276,7 +278,7 @@ def test_cancelled_run_leaves_the_scene_unchanged(scene, tiny_model):
     big = noise_ct((120, 120, 120), spacing=(3, 3, 3))
     volume_node = add_volume_node(scene, big)
     count = scene.GetNumberOfNodes()
-    job = SegmentationJob(scene, [volume_node], str(tiny_model), device="cpu", tta=True)
+    job = SegmentationJob(scene, [volume_node], str(tiny_model), device="cpu", tta=True, env=STARTUP_ENVIRONMENT)
     job.start()
     while "window" not in job.poll().message:
         assert not job.engine.state.finished, job.engine.state.error
@@ -782,7 +784,7 @@ def test_report_of_the_segmentation_as_corrected_names_its_scan_and_the_model_th
         set_segment_mask(segmentation, segmentation.GetSegmentation().AddEmptySegment("", name), volume_node, mask)
     voxel_ml = np.prod(ct_volume.spacing) / 1000
 
-    job = AdapterLogic().startReport(segmentation, tmp_path / "report.html")
+    job = AdapterLogic().startReport(segmentation, tmp_path / "report.html", env=STARTUP_ENVIRONMENT)
     workdir = job.workdir
     assert job.wait(timeout=300).status == "done" and not workdir.exists()  # made in the engine's worker
     page = job.report_path.read_text(encoding="utf-8")
@@ -808,7 +810,7 @@ def test_report_of_the_segmentation_as_corrected_names_its_scan_and_the_model_th
     unsure[8:12, 14:21, 14:21] = 0.9
     uncertainty = add_volume_node(scene, ct_volume.with_array(unsure), "CT uncertainty")
     segmentation.SetNodeReferenceID("AIReconstructUncertainty", uncertainty.GetID())  # as a run with Uncertainty does
-    job = AdapterLogic().startReport(segmentation, tmp_path / "with uncertainty.html")
+    job = AdapterLogic().startReport(segmentation, tmp_path / "with uncertainty.html", env=STARTUP_ENVIRONMENT)
     assert job.wait(timeout=300).status == "done"
     assert "<h2>Regions to check (uncertainty above 0.5)</h2>" in job.report_path.read_text(encoding="utf-8")
     assert all(line.GetScene() is None for line in lines.values())  # a later report's axes replace them
@@ -828,14 +830,14 @@ def test_report_of_the_segmentation_as_corrected_names_its_scan_and_the_model_th
     drawn.GetSegmentation().GetSegment(segment_id).SetTag(
         "TerminologyEntry", slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(entry))
     set_segment_mask(drawn, drawn.GetSegmentation().AddEmptySegment("", "lung"), volume_node, liver & ~tumour)
-    job = AdapterLogic().startReport(drawn, tmp_path / "drawn.html")
+    job = AdapterLogic().startReport(drawn, tmp_path / "drawn.html", env=STARTUP_ENVIRONMENT)
     assert job.wait(timeout=300).status == "done"
     page = job.report_path.read_text(encoding="utf-8")
     assert "(drawn by hand.seg.nrrd)" in page and "without a model card" in page and "version" not in page.split("<h2>")[0]
     assert "<h2>Lesions" in page  # the segment's own terminology: a nodule, inside the lung
     unplaced = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "loaded from a file")
     with pytest.raises(InputError, match="'loaded from a file' has no volume it was made on"):
-        AdapterLogic().startReport(unplaced, tmp_path / "none.html")
+        AdapterLogic().startReport(unplaced, tmp_path / "none.html", env=STARTUP_ENVIRONMENT)
     assert not (tmp_path / "none.html").exists()
 
 
@@ -850,7 +852,7 @@ def test_a_cancelled_report_writes_nothing(scene, tmp_path):
     for n, name in enumerate(("organ", "lesion", "vessel")):
         ball = (k - 80) ** 2 + (j - 50 - 45 * n) ** 2 + (i - 96) ** 2 < 40 ** 2
         set_segment_mask(segmentation, segmentation.GetSegmentation().AddEmptySegment("", name), volume_node, ball)
-    job = AdapterLogic().startReport(segmentation, tmp_path / "report.html")
+    job = AdapterLogic().startReport(segmentation, tmp_path / "report.html", env=STARTUP_ENVIRONMENT)
     workdir = job.workdir
     job.cancel()
     state = job.wait(timeout=120)
@@ -906,14 +908,14 @@ def test_saved_corrections_fine_tune_the_model_into_a_new_installed_version(scen
 
     models = tmp_path / "models"
     failed = logic.startFineTuning("brain-tumour-flair", tmp_path / "corrections", device="cpu",
-                                   models_folder=models).wait(timeout=300)
+                                   models_folder=models, env=STARTUP_ENVIRONMENT).wait(timeout=300)
     assert failed.status == "failed" and "is not label 1 of model 'brain-tumour-flair'" in failed.error
     assert list(models.iterdir()) == []  # nothing installed, no partial folder left
 
     (tmp_path / "earlier").mkdir()  # an earlier scan to rehearse, labelled by the model itself
     write_volume(ct_volume, tmp_path / "earlier" / "earlier_ct.nii.gz")
     job = logic.startFineTuning(str(tiny_model), tmp_path / "corrections", device="cpu", models_folder=models,
-                                rehearse=tmp_path / "earlier")
+                                rehearse=tmp_path / "earlier", env=STARTUP_ENVIRONMENT)
     state = job.wait(timeout=300)
     assert state.status == "done", state.error
     assert [p.name for p in models.iterdir()] == ["tiny-test-model-0.1.0"] == [job.model_folder.name]
@@ -1053,7 +1055,7 @@ def test_the_parts_of_each_lesion_become_points_to_review(scene):
 
     phantom = make_phantom(7)  # the demo's phantom: two liver tumours of 32 and 4 mL
     volume_node = add_volume_node(scene, phantom.image, "CT")
-    job = SegmentationJob(scene, [volume_node], "demo-abdomen-ct", device="cpu")
+    job = SegmentationJob(scene, [volume_node], "demo-abdomen-ct", device="cpu", env=STARTUP_ENVIRONMENT)
     job.start()
     state = job.wait(timeout=300)
     assert state.status == "done", state.error
@@ -1073,7 +1075,8 @@ def test_the_parts_of_each_lesion_become_points_to_review(scene):
     distances = [[np.linalg.norm(np.subtract(f, t[:3])) for t in truth] for f in found]
     assert [np.argmin(d) for d in distances] == [0, 1] and max(min(d) for d in distances) < 3.0  # mm, largest first
 
-    again = SegmentationJob(scene, [volume_node], "demo-abdomen-ct", device="cpu", target_segmentation=job.segmentation_node)
+    again = SegmentationJob(scene, [volume_node], "demo-abdomen-ct", device="cpu",
+                            target_segmentation=job.segmentation_node, env=STARTUP_ENVIRONMENT)
     again.start()
     assert again.wait(timeout=300).status == "done"
     lists = [n for n in scene.GetNodesByClass("vtkMRMLMarkupsFiducialNode") if n.GetName().endswith("lesions")]
