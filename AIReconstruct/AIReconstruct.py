@@ -206,7 +206,8 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.downloadModelButton.enabled = not running and self.ui.downloadTaskComboBox.count > 0
         hasResult = bool(self._parameterNode and self._parameterNode.outputSegmentation)
         for button in (self.ui.exportFilesButton, self.ui.exportModelsButton, self.ui.editButton,
-                       self.ui.saveReportButton, self.ui.includePointsButton, self.ui.excludePointsButton, self.ui.drawBoxButton,
+                       self.ui.saveReportButton, self.ui.includePointsButton, self.ui.excludePointsButton,
+                       self.ui.drawBoxButton,
                        self.ui.undoCorrectionButton, self.ui.saveForTrainingButton):
             button.enabled = hasResult and not running
         self.refreshCorrectionSegments()
@@ -227,7 +228,8 @@ class AIReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.startPlacing(self.selectedCorrection().points[include], persistent=True)
 
     def onDrawBox(self) -> None:
-        """Draw a box around the selected segment (in place of the box before); inside it the segment is re-segmented."""
+        """Draw a box around the selected segment (in place of the box before); inside it the segment
+        is re-segmented."""
         with slicer.util.tryWithErrorDisplay(_("A box cannot be drawn."), waitCursor=True):
             self.startPlacing(self.selectedCorrection().new_box(), persistent=False)
 

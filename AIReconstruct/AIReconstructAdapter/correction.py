@@ -10,17 +10,18 @@ folder, while Slicer stays responsive; the corrected block then replaces that bl
 As with the engine's ``refine`` command, voxels are added to the segment only where there is none
 of the segmentation's other segments: a correction never overwrites or overlaps a neighbour. The
 box is re-segmented when it is drawn or resized; a later point is corrected near the points, and
-the box still bounds the segment. Prompts placed while a correction runs are taken one after the other. The segmentation's history
-(the one the Segment Editor uses) keeps the state before each prompt, so ``undo`` restores the last
-one and forgets the last point or the box (or takes back a point not corrected for yet). A point or
-box removed, moved or resized afterwards (in the Markups module, or dragged on a slice) is
-followed: the segment goes back to its state before the first prompt (kept aside, as the history
-holds only the last few states) and is corrected again, prompt by prompt, with the prompts as they
-are now. Where the segment was edited elsewhere since the last prompt (painted in the Segment
-Editor), that edited segment is the one corrected again, and undo refuses: it would take the edit
-back with the prompt; a correction that was running meanwhile is dropped and started again on the
-edited segment. A point or box placed or moved outside the image is taken off the slices and
-refused in one line (``poll`` raises it; the panel shows it in a message).
+the box still bounds the segment. Prompts placed while a correction runs are taken one after the
+other. The segmentation's history (the one the Segment Editor uses) keeps the state before each
+prompt, so ``undo`` restores the last one and forgets the last point or the box (or takes back a
+point not corrected for yet). A point or box removed, moved or resized afterwards (in the Markups
+module, or dragged on a slice) is followed: the segment goes back to its state before the first
+prompt (kept aside, as the history holds only the last few states) and is corrected again, prompt
+by prompt, with the prompts as they are now. Where the segment was edited elsewhere since the last
+prompt (painted in the Segment Editor), that edited segment is the one corrected again, and undo
+refuses: it would take the edit back with the prompt; a correction that was running meanwhile is
+dropped and started again on the edited segment. A point or box placed or moved outside the image
+is taken off the slices and refused in one line (``poll`` raises it; the panel shows it in a
+message).
 """
 
 from __future__ import annotations
@@ -200,7 +201,8 @@ class SegmentCorrection:
         """The points as clicks and the box as a voxel box, on the image's grid; refused in one line
         if one lies outside the image."""
         clicks = [Click(to_voxel(self.volume, list(ras), "RAS"), kind) for kind, _, ras in prompts if kind != BOX]
-        boxes = [to_voxel_box(self.volume, [bounds[:3], bounds[3:]], "RAS") for kind, _, bounds in prompts if kind == BOX]
+        boxes = [to_voxel_box(self.volume, [bounds[:3], bounds[3:]], "RAS")
+                 for kind, _, bounds in prompts if kind == BOX]
         return clicks, boxes[0] if boxes else None
 
     def _lies_in_image(self, prompt) -> bool:
@@ -307,7 +309,8 @@ class SegmentCorrection:
                 block = self._result(step, state)
             except AIReconstructError as error:  # not tried again: its prompt goes
                 self._take_back(step.prompts[-1:])
-                raise InputError(f"The correction failed and its point or box was taken off the slices: {error}") from None
+                raise InputError("The correction failed and its point or box was taken off the slices: "
+                                 f"{error}") from None
             corrected = step.start.copy()
             corrected[step.region] = block
             self._show_if_it_holds(step, corrected)

@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from .dataset import read_dataset
 from .errors import InputError
-from .interaction import REACH_MM, Click, ball_in_window, box_centre, next_click
+from .interaction import REACH_MM, Click, ball_in_window, box_centre, box_slices, next_click, refine_region
 from .io import write_csv
 from .modelcard import CARD_FILE, ModelCard, save_card, sha256_of
 from .networks import build_network, check_patch_size, load_network, save_weights, unique_state
@@ -292,7 +292,7 @@ def implied_centre_point(mask: np.ndarray, clicks: list[Click], box) -> list[Cli
     """An include point at the box's centre when the box holds neither an include point nor any of
     the segment (the object it is drawn around is assumed there, as :func:`refine` assumes it): the
     network is then told where to look. Empty otherwise."""
-    inside = tuple(slice(a, b + 1) for a, b in zip(*box))
+    inside = box_slices(box, (0, 0, 0))
     holds_point = any(c.positive and all(a <= k <= b for k, a, b in zip(c.kji, *box)) for c in clicks)
     if holds_point or mask[inside].any():
         return []
@@ -307,10 +307,8 @@ def edit_in_the_box(mask: np.ndarray, proposal: np.ndarray, clicks: list[Click],
     points, nothing belongs to the segment any more (the box bounds it, whatever the points outside
     it say), as in :func:`~AIReconstructLib.interaction.refine`; farther away it stays as it was."""
     include, exclude, _ = guidance_maps(mask.shape, clicks, mask, spacing_kji, radius_mm)
-    margin = np.ceil(reach_mm / np.asarray(spacing_kji, float)).astype(int)
-    corners = np.array([*box, *(c.kji for c in clicks)])
-    inside = tuple(slice(a, b + 1) for a, b in zip(*box))
-    around = tuple(slice(max(a - m, 0), b + m + 1) for a, b, m in zip(corners.min(axis=0), corners.max(axis=0), margin))
+    inside = box_slices(box, (0, 0, 0))
+    around = refine_region(mask.shape, spacing_kji, clicks, box, reach_mm)
     result = mask.copy()
     result[around] = False
     result[inside] = (proposal | (include > 0))[inside] & ~(exclude > 0)[inside]
